@@ -1,0 +1,344 @@
+//! The wire format of Decap's HTTP API (`../shared/API.md` is the contract).
+//!
+//! The server serialises these types and decapctl and bctool deserialise them,
+//! so the format has one definition. Field names are camelCase and times are
+//! RFC 3339, as the API document says.
+#![deny(missing_docs)]
+
+use decap_core::build::Build;
+use decap_core::ports::{DeferredEntry, Lock};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// A build, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildView {
+    /// The build id.
+    pub id: String,
+    /// The pipeline run the build belongs to.
+    pub pipeline_run_id: String,
+    /// The team.
+    pub team: String,
+    /// The project.
+    pub project: String,
+    /// `team/project`.
+    pub project_key: String,
+    /// The branch or tag (short name).
+    pub branch: String,
+    /// The full ref.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// The commit, when known.
+    pub commit: Option<String>,
+    /// `webhook`, `manual`, `api` or `rerun`.
+    pub trigger: String,
+    /// The status.
+    pub status: String,
+    /// The script's exit code.
+    pub exit_code: Option<i32>,
+    /// When it was accepted.
+    #[serde(with = "time::serde::rfc3339")]
+    pub queued_at: OffsetDateTime,
+    /// When it started.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub start_time: Option<OffsetDateTime>,
+    /// When it ended.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub end_time: Option<OffsetDateTime>,
+    /// How long it ran.
+    pub duration_ms: Option<i64>,
+    /// The build-scripts commit pinned at launch.
+    pub scripts_commit: Option<String>,
+    /// `local` or `kubernetes`.
+    pub executor: Option<String>,
+    /// The sandbox (`bubblewrap`, `none`).
+    pub sandbox: Option<String>,
+    /// Why it waits or how it ended.
+    pub message: Option<String>,
+    /// The build this one reruns.
+    pub rerun_of: Option<String>,
+    /// The build's page.
+    pub url: String,
+}
+
+impl BuildView {
+    /// The view of a build, with `base_url` the server's public URL.
+    pub fn from_build(b: &Build, base_url: &str) -> Self {
+        BuildView {
+            id: b.id.to_string(),
+            pipeline_run_id: b.pipeline_run_id.to_string(),
+            team: b.project.team.clone(),
+            project: b.project.project.clone(),
+            project_key: b.project.to_string(),
+            branch: b.branch.clone(),
+            git_ref: b.git_ref.clone(),
+            commit: b.commit.clone(),
+            trigger: b.trigger.as_str().to_owned(),
+            status: b.status.as_str().to_owned(),
+            exit_code: b.exit_code,
+            queued_at: b.queued_at,
+            start_time: b.start_time,
+            end_time: b.end_time,
+            duration_ms: b.duration_ms(),
+            scripts_commit: b.scripts_commit.clone(),
+            executor: b.executor.clone(),
+            sandbox: b.sandbox.clone(),
+            message: b.message.clone(),
+            rerun_of: b.rerun_of.map(|id| id.to_string()),
+            url: format!("{}/builds/{}", base_url.trim_end_matches('/'), b.id),
+        }
+    }
+
+    /// Whether the build has ended.
+    pub fn is_final(&self) -> bool {
+        self.status
+            .parse::<decap_core::BuildStatus>()
+            .map(|s| s.is_final())
+            .unwrap_or(false)
+    }
+}
+
+/// `GET /api/v1/builds/{team}/{project}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildsPage {
+    /// Newest first.
+    pub builds: Vec<BuildView>,
+    /// Pass as `cursor` for the next page.
+    pub next_cursor: Option<String>,
+}
+
+/// `POST /api/v1/builds/{team}/{project}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildsCreated {
+    /// One build per requested branch.
+    pub builds: Vec<BuildView>,
+}
+
+/// The answer to a webhook.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebhookAnswer {
+    /// `X-GitHub-Delivery`.
+    pub delivery: String,
+    /// The builds it started (or started the first time it was delivered).
+    pub builds: Vec<String>,
+    /// Why nothing was built.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ignored: Option<String>,
+}
+
+/// `GET /api/v1/version`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Version {
+    /// The release.
+    pub version: String,
+    /// The source commit, when known.
+    pub commit: String,
+}
+
+/// A team.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Team {
+    /// Its name.
+    pub name: String,
+}
+
+/// `GET /api/v1/teams`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Teams {
+    /// Sorted, unique.
+    pub teams: Vec<Team>,
+}
+
+/// A project's descriptor fields, as the API shows them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DescriptorView {
+    /// The build image.
+    pub build_image: String,
+    /// The repository manager.
+    pub repo_manager: Option<String>,
+    /// The repository URL.
+    pub repo_url: Option<String>,
+    /// The description.
+    pub repo_description: Option<String>,
+    /// The managed ref regex.
+    pub managed_ref_regex: Option<String>,
+    /// The build timeout.
+    pub build_timeout_seconds: u64,
+}
+
+/// A project.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProjectView {
+    /// The team.
+    pub team: String,
+    /// The project.
+    pub project: String,
+    /// The descriptor, when valid.
+    pub descriptor: Option<DescriptorView>,
+    /// The sidecar container specs.
+    pub sidecars: Vec<serde_json::Value>,
+    /// Why the project cannot build; null when it can.
+    pub error: Option<String>,
+}
+
+/// `GET /api/v1/projects`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Projects {
+    /// Sorted by key.
+    pub projects: Vec<ProjectView>,
+    /// The build-scripts commit the list was read at.
+    pub scripts_commit: String,
+}
+
+/// A ref of a project.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefView {
+    /// Short name.
+    #[serde(rename = "ref")]
+    pub name: String,
+    /// `branch` or `tag`.
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// `GET /api/v1/projects/{team}/{project}/refs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Refs {
+    /// Branches, then tags.
+    pub refs: Vec<RefView>,
+}
+
+/// A deferred build.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeferredView {
+    /// The build id.
+    pub id: String,
+    /// The team.
+    pub team: String,
+    /// The project.
+    pub project: String,
+    /// The branch or tag.
+    pub branch: String,
+    /// The full ref.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// The commit, when known.
+    pub commit: Option<String>,
+    /// When it was deferred.
+    #[serde(with = "time::serde::rfc3339")]
+    pub deferred_at: OffsetDateTime,
+    /// Why it waits.
+    pub reason: String,
+}
+
+impl From<&DeferredEntry> for DeferredView {
+    fn from(e: &DeferredEntry) -> Self {
+        DeferredView {
+            id: e.build_id.to_string(),
+            team: e.project.team.clone(),
+            project: e.project.project.clone(),
+            branch: e.branch.clone(),
+            git_ref: e.git_ref.clone(),
+            commit: e.commit.clone(),
+            deferred_at: e.deferred_at,
+            reason: e.reason.clone(),
+        }
+    }
+}
+
+/// `GET /api/v1/deferred`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeferredList {
+    /// Oldest first.
+    pub deferred: Vec<DeferredView>,
+}
+
+/// A held lock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LockView {
+    /// `team/project/branch`.
+    pub key: String,
+    /// The build holding it.
+    pub build_id: String,
+    /// The fencing token.
+    pub fencing_token: u64,
+    /// When it was taken.
+    #[serde(with = "time::serde::rfc3339")]
+    pub acquired_at: OffsetDateTime,
+    /// When it lapses.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+impl From<&Lock> for LockView {
+    fn from(l: &Lock) -> Self {
+        LockView {
+            key: l.key.to_string(),
+            build_id: l.owner.to_string(),
+            fencing_token: l.fencing_token,
+            acquired_at: l.acquired_at,
+            expires_at: l.expires_at,
+        }
+    }
+}
+
+/// `GET /api/v1/locks`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Locks {
+    /// Sorted by key.
+    pub locks: Vec<LockView>,
+}
+
+/// `GET`/`PUT /api/v1/queue`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    /// Open or closed.
+    pub state: QueueOpen,
+}
+
+/// Whether the queue takes new builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueOpen {
+    /// Builds run as usual.
+    Open,
+    /// Every new build is deferred until opened.
+    Closed,
+}
+
+/// `PUT /api/v1/loglevel`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogLevel {
+    /// A level (`info`) or a filter (`decap_server=debug,info`).
+    pub level: String,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, for a person.
+    pub error: String,
+}
+
+/// `POST /api/v1/build/{id}/result`, from bctool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildResult {
+    /// The script's exit code (128 + signal when it was killed).
+    pub exit_code: i32,
+    /// Whether bctool stopped the script at its timeout.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// Notes (upload failures, truncated log) to keep on the build.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// The name of the header bctool sends to resume a live log stream.
+pub const LOG_OFFSET_HEADER: &str = "x-decap-log-offset";

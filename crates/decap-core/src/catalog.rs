@@ -1,0 +1,74 @@
+//! The in-memory view of the build-scripts repo at one commit.
+//!
+//! A catalog is immutable: a refresh builds a new one and swaps it in, so a
+//! build launched from a catalog runs exactly the scripts of the commit it
+//! recorded, whatever happens to the repo meanwhile.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::descriptor::ProjectDescriptor;
+use crate::names::ProjectKey;
+
+/// One file of a project's folder, kept in memory (scripts are small).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptFile {
+    /// Path relative to the project folder, `/`-separated, validated.
+    pub path: String,
+    /// Whether the file is executable.
+    pub executable: bool,
+    /// The content.
+    pub content: Arc<[u8]>,
+}
+
+/// One `team/project` folder of the build-scripts repo.
+#[derive(Debug, Clone)]
+pub struct ProjectEntry {
+    /// The project key (folder names).
+    pub key: ProjectKey,
+    /// The parsed descriptor, when `project.json` is valid.
+    pub descriptor: Option<ProjectDescriptor>,
+    /// The sidecar specs (`*-sidecar.json`), each a Kubernetes `Container`.
+    pub sidecars: Vec<serde_json::Value>,
+    /// The folder's files, `build.sh` among them.
+    pub files: Vec<ScriptFile>,
+    /// Why the project cannot build, when its files are invalid.
+    pub error: Option<String>,
+}
+
+impl ProjectEntry {
+    /// The descriptor of a valid project.
+    pub fn valid_descriptor(&self) -> Option<&ProjectDescriptor> {
+        if self.error.is_some() {
+            None
+        } else {
+            self.descriptor.as_ref()
+        }
+    }
+}
+
+/// The build-scripts repo at one commit.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    /// The commit (git) or content hash (`sha256:…`, plain folders) it was read at.
+    pub commit: String,
+    /// Projects by key.
+    pub projects: BTreeMap<ProjectKey, ProjectEntry>,
+    /// Problems with the repo as a whole (e.g. a folder that is not a valid
+    /// team name), listed so operators see them.
+    pub problems: Vec<String>,
+}
+
+impl Catalog {
+    /// The team names, sorted and unique.
+    pub fn teams(&self) -> Vec<String> {
+        let mut teams: Vec<String> = self.projects.keys().map(|k| k.team.clone()).collect();
+        teams.dedup();
+        teams
+    }
+
+    /// A project by key.
+    pub fn project(&self, key: &ProjectKey) -> Option<&ProjectEntry> {
+        self.projects.get(key)
+    }
+}

@@ -1,0 +1,30 @@
+//! Decap's functional core.
+//!
+//! Everything in this crate is a pure decision or a plain data type: it does no
+//! IO and knows no SDK (no tokio networking, no kube, no AWS, no axum). The
+//! adapters around it (the embedded SQLite/file/process backends, the cloud
+//! backends) implement the port traits in [`ports`]; the server wires them
+//! together and asks this crate what to do.
+//!
+//! * [`names`] validates the names that end up in paths, lock keys and labels.
+//! * [`refs`] parses git refs and [`descriptor`] parses `project.json` and
+//!   matches refs against `managedRefRegex`.
+//! * [`build`] holds the build record and its state machine.
+//! * [`schedule`] decides whether a request runs now or is deferred, and which
+//!   deferred build runs next.
+//! * [`catalog`] is the in-memory view of the build-scripts repo.
+//! * [`ports`] declares the traits the adapters implement.
+#![deny(missing_docs)]
+
+pub mod build;
+pub mod catalog;
+pub mod descriptor;
+pub mod error;
+pub mod names;
+pub mod ports;
+pub mod refs;
+pub mod schedule;
+
+pub use build::{Build, BuildId, BuildStatus, Trigger};
+pub use error::{Error, Result};
+pub use names::{LockKey, ProjectKey};

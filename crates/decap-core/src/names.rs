@@ -1,0 +1,216 @@
+//! Validation of the names that Decap turns into paths, lock keys and labels.
+//!
+//! Team and project names come from webhooks, URLs and the build-scripts repo;
+//! branch names come from webhooks and users. They end up in file paths, SQL
+//! keys, Kubernetes labels and environment variables, so they are checked once,
+//! here, and every other layer can rely on them.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The longest team or project name accepted (GitHub allows 100 characters).
+pub const MAX_NAME_LEN: usize = 100;
+/// The longest branch or tag name accepted.
+pub const MAX_BRANCH_LEN: usize = 255;
+
+/// Checks a team or project name: ASCII letters, digits, `.`, `-`, `_`; not
+/// starting with `.` or `-` (no hidden files, no option injection); at most
+/// [`MAX_NAME_LEN`] characters.
+pub fn validate_name(what: &'static str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid(what, "must not be empty"));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::invalid(
+            what,
+            format!("longer than {MAX_NAME_LEN} characters"),
+        ));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(Error::invalid(
+            what,
+            format!("{name:?} must not start with '.' or '-'"),
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+    {
+        return Err(Error::invalid(
+            what,
+            format!("{name:?} contains {c:?}; only letters, digits, '.', '-' and '_' are allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a branch or tag name with git's own rules (`git check-ref-format`)
+/// plus a few of Decap's: no leading `-`, no control characters or spaces, no
+/// `..` path component, at most [`MAX_BRANCH_LEN`] bytes.
+pub fn validate_branch(branch: &str) -> Result<()> {
+    let what = "branch";
+    if branch.is_empty() {
+        return Err(Error::invalid(what, "must not be empty"));
+    }
+    if branch.len() > MAX_BRANCH_LEN {
+        return Err(Error::invalid(
+            what,
+            format!("longer than {MAX_BRANCH_LEN} bytes"),
+        ));
+    }
+    if branch.starts_with('-') || branch.starts_with('/') || branch.ends_with('/') {
+        return Err(Error::invalid(
+            what,
+            format!("{branch:?} must not start with '-' or '/' nor end with '/'"),
+        ));
+    }
+    if branch.ends_with('.') || branch.ends_with(".lock") {
+        return Err(Error::invalid(
+            what,
+            format!("{branch:?} must not end with '.' or '.lock'"),
+        ));
+    }
+    if branch.contains("..") || branch.contains("//") || branch.contains("@{") || branch == "@" {
+        return Err(Error::invalid(
+            what,
+            format!("{branch:?} must not contain '..', '//' or '@{{'"),
+        ));
+    }
+    if let Some(c) = branch.chars().find(|c| {
+        c.is_control() || c.is_whitespace() || matches!(c, '~' | '^' | ':' | '?' | '*' | '[' | '\\')
+    }) {
+        return Err(Error::invalid(
+            what,
+            format!("{branch:?} contains {c:?}, which git does not allow in a ref"),
+        ));
+    }
+    if branch.split('/').any(|part| part.starts_with('.')) {
+        return Err(Error::invalid(
+            what,
+            format!("{branch:?} has a path component starting with '.'"),
+        ));
+    }
+    Ok(())
+}
+
+/// A project key, `team/project`: for GitHub, the owner and the repository.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ProjectKey {
+    /// The team (GitHub owner).
+    pub team: String,
+    /// The project (GitHub repository).
+    pub project: String,
+}
+
+impl ProjectKey {
+    /// Builds a key from validated names.
+    pub fn new(team: &str, project: &str) -> Result<Self> {
+        validate_name("team", team)?;
+        validate_name("project", project)?;
+        Ok(ProjectKey {
+            team: team.to_owned(),
+            project: project.to_owned(),
+        })
+    }
+
+    /// Parses `team/project`.
+    pub fn parse(key: &str) -> Result<Self> {
+        let (team, project) = key
+            .split_once('/')
+            .ok_or_else(|| Error::invalid("project key", format!("{key:?} is not team/project")))?;
+        ProjectKey::new(team, project)
+    }
+
+    /// The lock key of a branch of this project.
+    pub fn lock_key(&self, branch: &str) -> LockKey {
+        LockKey(format!("{}/{}/{}", self.team, self.project, branch))
+    }
+}
+
+impl fmt::Display for ProjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.team, self.project)
+    }
+}
+
+/// A lock key, `team/project/branch`: at most one build of a key runs at a time.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LockKey(pub String);
+
+impl LockKey {
+    /// Parses and validates `team/project/branch` (the branch may contain `/`).
+    pub fn parse(key: &str) -> Result<Self> {
+        let mut parts = key.splitn(3, '/');
+        let (Some(team), Some(project), Some(branch)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(Error::invalid(
+                "lock key",
+                format!("{key:?} is not team/project/branch"),
+            ));
+        };
+        validate_name("team", team)?;
+        validate_name("project", project)?;
+        validate_branch(branch)?;
+        Ok(LockKey(key.to_owned()))
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for LockKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_accept_github_style_names() {
+        for ok in ["acme", "widgets", "my-repo", "my_repo", "repo.js", "A1"] {
+            validate_name("team", ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn names_reject_traversal_and_odd_characters() {
+        for bad in ["", ".", "..", ".hidden", "-rf", "a/b", "a b", "a\0b", "é", "a%2f"] {
+            assert!(validate_name("team", bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_name("team", &"x".repeat(101)).is_err());
+    }
+
+    #[test]
+    fn branches_follow_git_rules() {
+        for ok in ["main", "feature/x", "issue/1", "v1.2.3", "release-2024_01", "a@b"] {
+            validate_branch(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "", "../etc", "a/../b", "a..b", "-x", "/a", "a/", "a//b", "a.lock", "a.", "a b",
+            "a\nb", "a:b", "a~1", "a^", "a*", "a[", "a\\b", "@", "a@{1}", ".a", "a/.b",
+        ] {
+            assert!(validate_branch(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn project_and_lock_keys_parse() {
+        let key = ProjectKey::parse("acme/widgets").expect("valid");
+        assert_eq!(key.to_string(), "acme/widgets");
+        assert_eq!(key.lock_key("feature/x").as_str(), "acme/widgets/feature/x");
+        assert!(ProjectKey::parse("acme").is_err());
+        assert!(ProjectKey::parse("../widgets").is_err());
+        assert!(LockKey::parse("acme/widgets/feature/x").is_ok());
+        assert!(LockKey::parse("acme/widgets").is_err());
+        assert!(LockKey::parse("acme/widgets/../x").is_err());
+    }
+}

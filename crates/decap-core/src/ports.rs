@@ -1,0 +1,304 @@
+//! The ports: traits shaped by the domain that the adapters implement.
+//!
+//! Every port has one contract suite (crate `decap-contract-tests`) that every
+//! adapter passes; the embedded adapters are the reference. Adapters are held
+//! as `Arc<dyn Port>` and must be safe to call from many tasks at once.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+use time::OffsetDateTime;
+
+use crate::build::{Build, BuildId, BuildStatus};
+use crate::catalog::Catalog;
+use crate::error::Result;
+use crate::names::{LockKey, ProjectKey};
+
+/// A stream of bytes, for logs and artifacts, so that no adapter has to hold a
+/// whole file in memory.
+pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+/// A query over build history. Results are newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BuildQuery {
+    /// Only this project.
+    pub project: Option<ProjectKey>,
+    /// Only this branch (needs `project`).
+    pub branch: Option<String>,
+    /// Only these statuses (any when empty).
+    pub statuses: Vec<BuildStatus>,
+    /// Only builds queued at or after this instant.
+    pub since: Option<OffsetDateTime>,
+    /// At most this many (the adapter may cap it).
+    pub limit: usize,
+    /// Continue after this cursor (from a previous page).
+    pub cursor: Option<String>,
+}
+
+/// A page of builds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BuildPage {
+    /// The builds, newest first.
+    pub builds: Vec<Build>,
+    /// The cursor of the next page, if there is one.
+    pub next_cursor: Option<String>,
+}
+
+/// The outcome of recording a webhook delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// First time seen: the delivery and its builds were stored.
+    New,
+    /// Seen before: nothing was stored; these are the first delivery's builds.
+    Duplicate(Vec<BuildId>),
+}
+
+/// A webhook delivery to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// `X-GitHub-Delivery`.
+    pub id: String,
+    /// `X-GitHub-Event`.
+    pub event: String,
+    /// What Decap did with it (`built`, `ignored: <reason>`).
+    pub outcome: String,
+    /// When it arrived.
+    pub received_at: OffsetDateTime,
+}
+
+/// Build records and webhook deliveries.
+///
+/// Contract: every write returns only once it is durable. `insert` of an
+/// existing id and `update` of a missing id are errors. `update` is a
+/// compare-and-set on the status, so two writers racing to finish a build
+/// cannot both win.
+#[async_trait]
+pub trait BuildStore: Send + Sync {
+    /// Stores a new build.
+    async fn insert(&self, build: &Build) -> Result<()>;
+    /// Records a delivery and its builds atomically, unless the delivery id
+    /// was seen before (then stores nothing).
+    async fn insert_delivery(&self, delivery: &Delivery, builds: &[Build])
+        -> Result<DeliveryOutcome>;
+    /// A build by id.
+    async fn get(&self, id: BuildId) -> Result<Option<Build>>;
+    /// Replaces a build if its stored status is `expected`; returns whether it did.
+    async fn update(&self, build: &Build, expected: BuildStatus) -> Result<bool>;
+    /// History, newest first, paginated.
+    async fn list(&self, query: &BuildQuery) -> Result<BuildPage>;
+    /// Every build in one of these statuses (for recovery at start-up), oldest first.
+    async fn with_status(&self, statuses: &[BuildStatus]) -> Result<Vec<Build>>;
+    /// How many builds are in each status (for metrics).
+    async fn count_by_status(&self) -> Result<Vec<(BuildStatus, u64)>>;
+}
+
+/// A held lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lock {
+    /// The lock key.
+    pub key: LockKey,
+    /// The build holding it.
+    pub owner: BuildId,
+    /// A number that grows with every acquisition of any key, so that a
+    /// writer can tell a stale holder from the current one.
+    pub fencing_token: u64,
+    /// When it was taken.
+    pub acquired_at: OffsetDateTime,
+    /// When it lapses if not released or renewed.
+    pub expires_at: OffsetDateTime,
+}
+
+/// Locks per `team/project/branch`.
+///
+/// Contract: at most one unexpired lock per key at any instant; an expired
+/// lock can be taken by anyone; only the owner releases or renews; the fencing
+/// token of each successful acquisition is greater than every token handed
+/// out before. `now` is passed in so that expiry is testable.
+#[async_trait]
+pub trait LockStore: Send + Sync {
+    /// Takes the lock, or returns the current holder's lock.
+    async fn acquire(
+        &self,
+        key: &LockKey,
+        owner: BuildId,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Result<Lock, Lock>>;
+    /// Releases the lock if `owner` holds it; returns whether it did.
+    async fn release(&self, key: &LockKey, owner: BuildId) -> Result<bool>;
+    /// Extends the owner's lock; returns false if it is not the owner's.
+    async fn renew(
+        &self,
+        key: &LockKey,
+        owner: BuildId,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<bool>;
+    /// Releases whatever holds the key (operators); returns what was released.
+    async fn force_release(&self, key: &LockKey) -> Result<Option<Lock>>;
+    /// The locks held (expired ones included until taken over).
+    async fn list(&self) -> Result<Vec<Lock>>;
+}
+
+/// A deferred build in the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeferredEntry {
+    /// The build.
+    pub build_id: BuildId,
+    /// Its project.
+    pub project: ProjectKey,
+    /// Its branch.
+    pub branch: String,
+    /// Its full ref.
+    pub git_ref: String,
+    /// Its commit, when known.
+    pub commit: Option<String>,
+    /// When it was deferred.
+    pub deferred_at: OffsetDateTime,
+    /// Why it waits.
+    pub reason: String,
+}
+
+impl DeferredEntry {
+    /// Its lock key.
+    pub fn lock_key(&self) -> LockKey {
+        self.project.lock_key(&self.branch)
+    }
+}
+
+/// The outcome of deferring a build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Queued.
+    Added,
+    /// The same team/project/branch/commit already waits as this build.
+    AlreadyWaiting(BuildId),
+}
+
+/// The durable FIFO deferral queue.
+///
+/// Contract: entries come back in the order they were pushed; a push is
+/// durable when it returns; the same project, branch and commit never waits
+/// twice (a build without a commit counts as one commit); `remove` of a
+/// missing entry returns false.
+#[async_trait]
+pub trait DeferralQueue: Send + Sync {
+    /// Adds an entry at the back, unless its project/branch/commit waits already.
+    async fn push(&self, entry: &DeferredEntry) -> Result<PushOutcome>;
+    /// Every waiting entry, oldest first.
+    async fn list(&self) -> Result<Vec<DeferredEntry>>;
+    /// Removes one entry; returns whether it was there.
+    async fn remove(&self, build_id: BuildId) -> Result<bool>;
+    /// Updates the reason an entry waits (shown to users).
+    async fn set_reason(&self, build_id: BuildId, reason: &str) -> Result<()>;
+    /// Whether the queue is open; a closed queue (maintenance) defers every
+    /// new build. The state is durable. A new queue is open.
+    async fn is_open(&self) -> Result<bool>;
+    /// Opens or closes the queue.
+    async fn set_open(&self, open: bool) -> Result<()>;
+}
+
+/// Which blob of a build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlobKind {
+    /// The console log, gzip-compressed.
+    LogGz,
+    /// The artifacts, a gzip-compressed tar.
+    ArtifactsTarGz,
+}
+
+impl BlobKind {
+    /// A file-name-like name for the blob.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            BlobKind::LogGz => "console.log.gz",
+            BlobKind::ArtifactsTarGz => "artifacts.tar.gz",
+        }
+    }
+}
+
+/// Logs and artifacts.
+///
+/// Contract: `put` replaces the blob atomically (a reader sees the old or the
+/// new one, never a part); `get` of a missing blob is `Ok(None)`; nothing is
+/// held whole in memory.
+#[async_trait]
+pub trait BlobStore: Send + Sync {
+    /// Stores a blob from a stream; returns its size in bytes.
+    async fn put(&self, build: BuildId, kind: BlobKind, data: ByteStream) -> Result<u64>;
+    /// Reads a blob, with its size.
+    async fn get(&self, build: BuildId, kind: BlobKind) -> Result<Option<(u64, ByteStream)>>;
+    /// Deletes a blob; returns whether it existed.
+    async fn delete(&self, build: BuildId, kind: BlobKind) -> Result<bool>;
+}
+
+/// What an executor needs to start a build.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// The build (status `running`, fencing token set).
+    pub build: Build,
+    /// The project's folder at the pinned scripts commit.
+    pub project: crate::catalog::ProjectEntry,
+    /// The per-build token for bctool (secret: never logged).
+    pub build_token: String,
+    /// How bctool reaches the server.
+    pub decap_url: String,
+    /// The build timeout.
+    pub timeout: Duration,
+}
+
+/// What an executor knows once it has started a build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launched {
+    /// The sandbox in use (`bubblewrap`, `none`, `pod`).
+    pub sandbox: String,
+}
+
+/// How a build environment ended, as its executor saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvironmentExit {
+    /// The build.
+    pub build_id: BuildId,
+    /// Why it ended, in words.
+    pub reason: String,
+}
+
+/// Receives what executors see happen to build environments.
+pub trait ExecutorEvents: Send + Sync {
+    /// A build's environment is gone. If the build has not recorded a result,
+    /// the controller finishes it as errored with this reason.
+    fn environment_exited(&self, exit: EnvironmentExit);
+}
+
+/// Runs builds.
+///
+/// Contract: `launch` returns once the environment exists (it does not wait
+/// for the build); launching an id that is already live adopts it instead of
+/// starting a second one; `cancel` stops the environment (politely, then by
+/// force) and is a no-op for an unknown id; every environment that ends is
+/// reported once through [`ExecutorEvents`].
+#[async_trait]
+pub trait Executor: Send + Sync {
+    /// The executor's name, recorded on builds (`local`, `kubernetes`).
+    fn name(&self) -> &'static str;
+    /// Starts a build.
+    async fn launch(&self, spec: LaunchSpec) -> Result<Launched>;
+    /// Stops a build's environment.
+    async fn cancel(&self, build: BuildId) -> Result<()>;
+    /// The builds whose environments are alive.
+    async fn live(&self) -> Result<Vec<BuildId>>;
+}
+
+/// The build-scripts repo.
+#[async_trait]
+pub trait ScriptsRepo: Send + Sync {
+    /// The current catalog.
+    fn catalog(&self) -> Arc<Catalog>;
+    /// Reads the repo again (fetching it first when it is remote) and swaps in
+    /// the new catalog. A failed refresh keeps the previous catalog.
+    async fn refresh(&self) -> Result<Arc<Catalog>>;
+}

@@ -1,0 +1,37 @@
+//! The embedded default: everything Decap needs on one machine, with no
+//! configuration.
+//!
+//! * [`SqliteDb`] is one SQLite database (WAL, `synchronous=FULL`) with a
+//!   single writer thread that commits many writers' work in one transaction
+//!   (group commit), so that each accepted request is durable when answered
+//!   without paying one fsync per request.
+//! * [`SqliteBuildStore`], [`SqliteLockStore`] and [`SqliteDeferralQueue`]
+//!   implement the core's ports on it.
+//! * [`FileBlobStore`] keeps logs and artifacts under the data dir.
+//! * [`LocalExecutor`] runs each build under bctool as a child process in a
+//!   fresh workspace, sandboxed with bubblewrap when it is installed.
+#![deny(missing_docs)]
+
+mod blobs;
+mod builds;
+mod db;
+mod executor;
+mod locks;
+mod queue;
+
+pub use blobs::FileBlobStore;
+pub use builds::SqliteBuildStore;
+pub use db::SqliteDb;
+pub use executor::{LocalExecutor, LocalExecutorConfig, SandboxMode};
+pub use locks::SqliteLockStore;
+pub use queue::SqliteDeferralQueue;
+
+pub(crate) fn nanos(t: time::OffsetDateTime) -> i64 {
+    // i64 nanoseconds cover the years 1678 to 2262.
+    t.unix_timestamp_nanos() as i64
+}
+
+pub(crate) fn from_nanos(n: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(n))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}

@@ -1,0 +1,48 @@
+//! The port contracts on the embedded adapters.
+
+use std::sync::Arc;
+
+use decap_embedded::{FileBlobStore, SqliteBuildStore, SqliteDb, SqliteDeferralQueue, SqliteLockStore};
+
+fn db() -> (tempfile::TempDir, SqliteDb) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = SqliteDb::open(&dir.path().join("decap.db")).expect("opens");
+    (dir, db)
+}
+
+#[tokio::test]
+async fn sqlite_build_store_keeps_the_contract() {
+    let (_dir, db) = db();
+    decap_contract_tests::build_store_suite(Arc::new(SqliteBuildStore::new(db))).await;
+}
+
+#[tokio::test]
+async fn sqlite_lock_store_keeps_the_contract() {
+    let (_dir, db) = db();
+    decap_contract_tests::lock_store_suite(Arc::new(SqliteLockStore::new(db))).await;
+}
+
+#[tokio::test]
+async fn sqlite_deferral_queue_keeps_the_contract() {
+    let (_dir, db) = db();
+    decap_contract_tests::deferral_queue_suite(Arc::new(SqliteDeferralQueue::new(db))).await;
+}
+
+#[tokio::test]
+async fn file_blob_store_keeps_the_contract() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    decap_contract_tests::blob_store_suite(Arc::new(FileBlobStore::new(dir.path().join("blobs")))).await;
+}
+
+#[tokio::test]
+async fn the_database_survives_reopening() {
+    use decap_core::ports::DeferralQueue;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("decap.db");
+    {
+        let q = SqliteDeferralQueue::new(SqliteDb::open(&path).expect("opens"));
+        q.set_open(false).await.expect("writes");
+    }
+    let q = SqliteDeferralQueue::new(SqliteDb::open(&path).expect("reopens"));
+    assert!(!q.is_open().await.expect("reads"), "the queue state is durable");
+}
