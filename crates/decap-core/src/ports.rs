@@ -251,13 +251,6 @@ pub struct LaunchSpec {
     pub timeout: Duration,
 }
 
-/// What an executor knows once it has started a build.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Launched {
-    /// The sandbox in use (`bubblewrap`, `none`, `pod`).
-    pub sandbox: String,
-}
-
 /// How a build environment ended, as its executor saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvironmentExit {
@@ -285,8 +278,10 @@ pub trait ExecutorEvents: Send + Sync {
 pub trait Executor: Send + Sync {
     /// The executor's name, recorded on builds (`local`, `kubernetes`).
     fn name(&self) -> &'static str;
+    /// The isolation builds get (`bubblewrap`, `none`, `pod`), recorded on each build.
+    fn sandbox(&self) -> &'static str;
     /// Starts a build.
-    async fn launch(&self, spec: LaunchSpec) -> Result<Launched>;
+    async fn launch(&self, spec: LaunchSpec) -> Result<()>;
     /// Stops a build's environment.
     async fn cancel(&self, build: BuildId) -> Result<()>;
     /// The builds whose environments are alive.

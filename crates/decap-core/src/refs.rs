@@ -13,6 +13,8 @@ pub enum RefKind {
     Branch,
     /// `refs/tags/...`
     Tag,
+    /// `refs/pull/N/head`: a pull request's head, built as branch `pull/N`.
+    Pull,
 }
 
 /// A validated branch or tag.
@@ -44,6 +46,14 @@ impl GitRef {
         })
     }
 
+    /// A pull request's head.
+    pub fn pull(number: u64) -> Self {
+        GitRef {
+            kind: RefKind::Pull,
+            name: format!("pull/{number}"),
+        }
+    }
+
     /// Parses a full ref (`refs/heads/x`, `refs/tags/v1`) or a short name,
     /// which is taken to be a branch.
     pub fn parse(full_or_short: &str) -> Result<Self> {
@@ -51,6 +61,14 @@ impl GitRef {
             GitRef::branch(name)
         } else if let Some(name) = full_or_short.strip_prefix("refs/tags/") {
             GitRef::tag(name)
+        } else if let Some(number) = full_or_short
+            .strip_prefix("refs/pull/")
+            .and_then(|rest| rest.strip_suffix("/head"))
+        {
+            number
+                .parse::<u64>()
+                .map(GitRef::pull)
+                .map_err(|_| crate::Error::invalid("ref", format!("{full_or_short:?} is not a pull request ref")))
         } else {
             GitRef::branch(full_or_short)
         }
@@ -61,6 +79,7 @@ impl GitRef {
         match self.kind {
             RefKind::Branch => format!("refs/heads/{}", self.name),
             RefKind::Tag => format!("refs/tags/{}", self.name),
+            RefKind::Pull => format!("refs/{}/head", self.name),
         }
     }
 }
@@ -80,5 +99,8 @@ mod tests {
         assert_eq!(s.full(), "refs/heads/main");
         assert!(GitRef::parse("refs/heads/../x").is_err());
         assert!(GitRef::parse("refs/heads/").is_err());
+        let p = GitRef::parse("refs/pull/12/head").expect("valid");
+        assert_eq!((p.kind, p.name.as_str(), p.full()), (RefKind::Pull, "pull/12", "refs/pull/12/head".to_owned()));
+        assert!(GitRef::parse("refs/pull/x/head").is_err());
     }
 }

@@ -67,7 +67,7 @@ impl fmt::Display for DeferReason {
 /// What runs on this controller now.
 #[derive(Debug, Clone, Default)]
 pub struct RunningSet {
-    builds: HashMap<BuildId, (ProjectKey, LockKey)>,
+    builds: HashMap<BuildId, (ProjectKey, Option<LockKey>)>,
     by_project: HashMap<ProjectKey, usize>,
     keys: HashMap<LockKey, BuildId>,
 }
@@ -122,8 +122,24 @@ impl RunningSet {
         }
         *self.by_project.entry(project.clone()).or_default() += 1;
         self.keys.insert(key.clone(), id);
-        self.builds.insert(id, (project, key));
+        self.builds.insert(id, (project, Some(key)));
         true
+    }
+
+    /// Lets another build of a running build's key start (the build released
+    /// its lock early, as the original `unlock` allowed); the build still
+    /// counts against the caps until it finishes.
+    pub fn release_key(&mut self, id: BuildId) -> bool {
+        let Some((_, key)) = self.builds.get_mut(&id) else {
+            return false;
+        };
+        match key.take() {
+            Some(k) => {
+                self.keys.remove(&k);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Forgets a build. Returns whether it was running.
@@ -137,7 +153,11 @@ impl RunningSet {
                 self.by_project.remove(&project);
             }
         }
-        self.keys.remove(&key);
+        if let Some(key) = key {
+            if self.keys.get(&key) == Some(&id) {
+                self.keys.remove(&key);
+            }
+        }
         true
     }
 }
@@ -351,7 +371,7 @@ mod tests {
             }
         }
         fn finish(&mut self, id: BuildId) {
-            let key = self.running.builds.get(&id).map(|(_, k)| k.clone()).expect("running");
+            let key = self.running.builds.get(&id).and_then(|(_, k)| k.clone()).expect("running");
             self.running.finish(id);
             self.locks.remove(&key);
             self.finished += 1;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use decap_core::build::BuildId;
-use decap_core::ports::{EnvironmentExit, Executor, ExecutorEvents, LaunchSpec, Launched};
+use decap_core::ports::{EnvironmentExit, Executor, ExecutorEvents, LaunchSpec};
 use decap_core::{Error, Result};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -111,11 +111,6 @@ impl LocalExecutor {
             children: Arc::new(Mutex::new(HashMap::new())),
             events,
         })
-    }
-
-    /// The sandbox builds get: `bubblewrap` or `none`.
-    pub fn sandbox(&self) -> &'static str {
-        if self.bwrap.is_some() { "bubblewrap" } else { "none" }
     }
 
     fn write_workspace(&self, spec: &LaunchSpec, ws: &Path) -> Result<()> {
@@ -228,13 +223,14 @@ impl Executor for LocalExecutor {
         "local"
     }
 
-    async fn launch(&self, spec: LaunchSpec) -> Result<Launched> {
+    fn sandbox(&self) -> &'static str {
+        if self.bwrap.is_some() { "bubblewrap" } else { "none" }
+    }
+
+    async fn launch(&self, spec: LaunchSpec) -> Result<()> {
         let id = spec.build.id;
-        let launched = Launched {
-            sandbox: self.sandbox().to_owned(),
-        };
         if self.children.lock().map_err(exec_err)?.contains_key(&id) {
-            return Ok(launched); // already running: adopt, never duplicate
+            return Ok(()); // already running: adopt, never duplicate
         }
         let ws = self.config.work_root.join(id.to_string());
         self.write_workspace(&spec, &ws)?;
@@ -275,7 +271,7 @@ impl Executor for LocalExecutor {
                 reason,
             });
         });
-        Ok(launched)
+        Ok(())
     }
 
     async fn cancel(&self, build: BuildId) -> Result<()> {

@@ -1,0 +1,473 @@
+//! bctool: the companion binary inside every build environment.
+//!
+//! `bctool run -- CMD…` runs the build script in its own process group,
+//! captures its console (stdout and stderr, interleaved as written) to a
+//! local file, streams that file to the server as it grows (so live logs work
+//! for every executor and outlive the environment), enforces the timeout
+//! (TERM, then KILL after a grace period), then uploads the gzipped log and
+//! the artifacts tarball, records the result and exits with the script's own
+//! exit code. An upload that fails is noted on the result; the result is
+//! always recorded if the server can be reached at all.
+//!
+//! bctool never prints its token or the environment.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use decap_api_types::BuildResult;
+use decap_client::{Client, ClientError};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::watch;
+
+/// bctool's command line.
+#[derive(Parser, Debug)]
+#[command(name = "bctool", version, about = "Decap's build companion: runs a build script and ships its log, artifacts and result")]
+pub struct Cli {
+    #[command(flatten)]
+    build: BuildArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+struct BuildArgs {
+    /// The Decap server.
+    #[arg(long, env = "DECAP_URL", global = true, default_value = "http://127.0.0.1:9090")]
+    server: String,
+    /// The build.
+    #[arg(long, env = "BUILD_ID", global = true)]
+    build_id: Option<String>,
+    /// The build's own token (never printed).
+    #[arg(long, env = "DECAP_BUILD_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs a build command and ships everything it produces.
+    Run(RunArgs),
+    /// Releases the build's branch lock early, so the next build of the branch may start.
+    Unlock,
+    /// Uploads a file as the build's console log (gzipped on the way).
+    PutLog {
+        /// The log file.
+        file: PathBuf,
+    },
+    /// Uploads a folder as the build's artifacts (a tar.gz).
+    PutArtifacts {
+        /// The folder.
+        dir: PathBuf,
+    },
+    /// Records the build's result.
+    RecordBuildMetadata {
+        /// The script's exit code.
+        #[arg(long)]
+        exit_code: i32,
+        /// The build ran out of time.
+        #[arg(long)]
+        timed_out: bool,
+        /// A note to keep on the build.
+        #[arg(long)]
+        message: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Files left here become the artifacts.
+    #[arg(long, env = "ARTIFACTS_DIR")]
+    artifacts_dir: Option<PathBuf>,
+    /// Stop the command after this many seconds.
+    #[arg(long, env = "DECAP_BUILD_TIMEOUT_SECS", default_value_t = 1800)]
+    timeout_secs: u64,
+    /// Seconds between TERM and KILL when stopping the command.
+    #[arg(long, default_value_t = 10)]
+    kill_grace_secs: u64,
+    /// The console log is kept up to this many bytes, then marked truncated.
+    #[arg(long, env = "DECAP_MAX_LOG_BYTES", default_value_t = 32 * 1024 * 1024)]
+    max_log_bytes: u64,
+    /// Stop the build if bctool's parent dies (the local executor sets this).
+    #[arg(long)]
+    exit_with_parent: bool,
+    /// Also copy the console to bctool's own stdout.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    echo: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// Runs bctool; returns the process exit code.
+pub async fn main(cli: Cli) -> Result<i32> {
+    let client = Client::new(&cli.build.server, cli.build.token.clone())?;
+    let id = cli
+        .build
+        .build_id
+        .clone()
+        .context("no build id: set BUILD_ID or pass --build-id")?;
+    match cli.command {
+        Command::Run(args) => run(client, id, args).await,
+        Command::Unlock => {
+            let released = retry(|| client.unlock_build(&id)).await?;
+            eprintln!("bctool: {}", if released { "lock released" } else { "the lock was not held" });
+            Ok(0)
+        }
+        Command::PutLog { file } => {
+            let gz = gzip_to_temp(&file).await?;
+            retry(|| async { client.put_log(&id, file_body(gz.path()).await?).await }).await?;
+            Ok(0)
+        }
+        Command::PutArtifacts { dir } => {
+            let Some(tgz) = tar_to_temp(&dir).await? else {
+                bail!("{} holds no files", dir.display());
+            };
+            retry(|| async { client.put_artifacts(&id, file_body(tgz.path()).await?).await }).await?;
+            Ok(0)
+        }
+        Command::RecordBuildMetadata { exit_code, timed_out, message } => {
+            let result = BuildResult { exit_code, timed_out, message };
+            retry(|| client.post_result(&id, &result)).await?;
+            Ok(0)
+        }
+    }
+}
+
+/// Retries transient failures (server down, 5xx, 429) with backoff.
+async fn retry<T, F, Fut>(mut f: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Err(e) if e.is_transient() && attempt < 6 => {
+                attempt += 1;
+                eprintln!("bctool: {e}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn file_body(path: &Path) -> Result<reqwest::Body, ClientError> {
+    let file = tokio::fs::File::open(path).await?;
+    Ok(reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024)))
+}
+
+async fn gzip_to_temp(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || -> Result<tempfile::NamedTempFile> {
+        let mut input = std::fs::File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let out = tempfile::NamedTempFile::new()?;
+        let mut enc = flate2::write::GzEncoder::new(out.reopen()?, flate2::Compression::fast());
+        std::io::copy(&mut input, &mut enc)?;
+        enc.finish()?.sync_all()?;
+        Ok(out)
+    })
+    .await?
+}
+
+/// Tars and gzips a folder (links kept as links, never followed); `None` when
+/// it holds nothing.
+async fn tar_to_temp(dir: &Path) -> Result<Option<tempfile::NamedTempFile>> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || -> Result<Option<tempfile::NamedTempFile>> {
+        let empty = match std::fs::read_dir(&dir) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+        };
+        if empty {
+            return Ok(None);
+        }
+        let out = tempfile::NamedTempFile::new()?;
+        let enc = flate2::write::GzEncoder::new(out.reopen()?, flate2::Compression::fast());
+        let mut tar = tar::Builder::new(enc);
+        tar.follow_symlinks(false);
+        tar.append_dir_all(".", &dir)?;
+        tar.into_inner()?.finish()?.sync_all()?;
+        Ok(Some(out))
+    })
+    .await?
+}
+
+/// The local console file: appended by the reader, followed by the streamer.
+struct Console {
+    path: PathBuf,
+    progress: watch::Sender<(u64, bool)>,
+}
+
+async fn run(client: Client, id: String, args: RunArgs) -> Result<i32> {
+    let started_parent = std::os::unix::process::parent_id();
+    let work = tempfile::tempdir().context("cannot make a temporary folder")?;
+    let console = Arc::new(Console {
+        path: work.path().join("console.log"),
+        progress: watch::channel((0, false)).0,
+    });
+    let mut log_file = std::fs::File::create(&console.path)?;
+
+    // One pipe for stdout and stderr, so the log interleaves them as written.
+    let (mut reader, writer) = std::io::pipe()?;
+    let mut cmd = tokio::process::Command::new(&args.command[0]);
+    cmd.args(&args.command[1..])
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone()?)
+        .stderr(writer)
+        .process_group(0);
+    let spawned = cmd.spawn();
+    drop(cmd); // closes bctool's copies of the pipe's write end
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            let note = format!("bctool could not start {:?}: {e}\n", args.command[0]);
+            log_file.write_all(note.as_bytes())?;
+            let len = note.len() as u64;
+            console.progress.send_replace((len, true));
+            eprint!("{note}");
+            return finish(&client, &id, &console, args.artifacts_dir.as_deref(), 127, false, vec![note.trim().to_owned()], None).await;
+        }
+    };
+    let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
+
+    // Reader: pipe → local file (capped) → watchers; echo to stdout.
+    let cap = args.max_log_bytes;
+    let echo = args.echo;
+    let reader_console = console.clone();
+    let reader_task = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut stored = 0u64;
+        let mut truncated = false;
+        let stdout = std::io::stdout();
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if echo {
+                let mut out = stdout.lock();
+                let _ = out.write_all(&buf[..n]);
+                let _ = out.flush();
+            }
+            if truncated {
+                continue;
+            }
+            let room = cap.saturating_sub(stored) as usize;
+            let take = room.min(n);
+            log_file.write_all(&buf[..take])?;
+            stored += take as u64;
+            if take < n {
+                let marker = format!("\n[decap: the console log reached its cap of {cap} bytes; the rest is not kept]\n");
+                log_file.write_all(marker.as_bytes())?;
+                stored += marker.len() as u64;
+                truncated = true;
+            }
+            reader_console.progress.send_replace((stored, false));
+        }
+        reader_console.progress.send_modify(|p| p.1 = true);
+        Ok(truncated)
+    });
+
+    let streamer = tokio::spawn(stream_console(client.clone(), id.clone(), console.clone()));
+
+    // Wait for the command, its timeout, a cancel (TERM), or the parent's death.
+    let timeout = Duration::from_secs(args.timeout_secs.max(1));
+    let grace = Duration::from_secs(args.kill_grace_secs.max(1));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let parent_gone = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if args.exit_with_parent && std::os::unix::process::parent_id() != started_parent {
+                return;
+            }
+        }
+    };
+    let mut notes = Vec::new();
+    let mut timed_out = false;
+    let status = tokio::select! {
+        s = child.wait() => s?,
+        () = tokio::time::sleep(timeout) => {
+            timed_out = true;
+            let note = format!("bctool: the build ran past its timeout of {}s; stopping it", timeout.as_secs());
+            eprintln!("{note}");
+            notes.push(note);
+            stop(&mut child, pgid, grace).await?
+        }
+        _ = term.recv() => {
+            notes.push("bctool: stopped by a TERM signal (cancelled)".into());
+            stop(&mut child, pgid, grace).await?
+        }
+        _ = int.recv() => {
+            notes.push("bctool: stopped by an INT signal".into());
+            stop(&mut child, pgid, grace).await?
+        }
+        () = parent_gone => {
+            notes.push("bctool: the process that started it died; stopping the build".into());
+            stop(&mut child, pgid, grace).await?
+        }
+    };
+    // Background processes the script left behind would hold the pipe open
+    // and outlive the build; end them.
+    let _ = killpg(pgid, Signal::SIGKILL);
+    let exit_code = match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+        (Some(c), _) => c,
+        (None, Some(sig)) => 128 + sig,
+        (None, None) => 1,
+    };
+    let truncated = reader_task.await?.unwrap_or_else(|e| {
+        notes.push(format!("bctool: reading the console failed: {e}"));
+        false
+    });
+    if truncated {
+        notes.push(format!("the console log was truncated at {} bytes", args.max_log_bytes));
+    }
+    finish(&client, &id, &console, args.artifacts_dir.as_deref(), exit_code, timed_out, notes, Some(streamer)).await
+}
+
+/// TERM the process group, wait the grace period, then KILL it.
+async fn stop(child: &mut tokio::process::Child, pgid: Pid, grace: Duration) -> Result<std::process::ExitStatus> {
+    let _ = killpg(pgid, Signal::SIGTERM);
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => Ok(status?),
+        Err(_) => {
+            let _ = killpg(pgid, Signal::SIGKILL);
+            Ok(child.wait().await?)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    client: &Client,
+    id: &str,
+    console: &Console,
+    artifacts_dir: Option<&Path>,
+    exit_code: i32,
+    timed_out: bool,
+    mut notes: Vec<String>,
+    streamer: Option<tokio::task::JoinHandle<()>>,
+) -> Result<i32> {
+    if let Some(s) = streamer {
+        // The live stream ends once the reader has closed the console.
+        if tokio::time::timeout(Duration::from_secs(15), s).await.is_err() {
+            notes.push("bctool: the live console stream did not finish in time".into());
+        }
+    }
+    match gzip_to_temp(&console.path).await {
+        Ok(gz) => {
+            let upload = retry(|| async { client.put_log(id, file_body(gz.path()).await?).await }).await;
+            if let Err(e) = upload {
+                notes.push(format!("uploading the console log failed: {e}"));
+            }
+        }
+        Err(e) => notes.push(format!("compressing the console log failed: {e}")),
+    }
+    if let Some(dir) = artifacts_dir {
+        match tar_to_temp(dir).await {
+            Ok(None) => {}
+            Ok(Some(tgz)) => {
+                let upload = retry(|| async { client.put_artifacts(id, file_body(tgz.path()).await?).await }).await;
+                if let Err(e) = upload {
+                    notes.push(format!("uploading the artifacts failed: {e}"));
+                }
+            }
+            Err(e) => notes.push(format!("packing the artifacts failed: {e}")),
+        }
+    }
+    for n in &notes {
+        eprintln!("bctool: {n}");
+    }
+    let result = BuildResult {
+        exit_code,
+        timed_out,
+        message: (!notes.is_empty()).then(|| notes.join("; ")),
+    };
+    if let Err(e) = retry(|| client.post_result(id, &result)).await {
+        eprintln!("bctool: recording the result failed: {e}");
+    }
+    Ok(exit_code)
+}
+
+/// Streams the console file to the server as it grows, reconnecting (and
+/// resending from the start, which the server trims) if the stream breaks.
+async fn stream_console(client: Client, id: String, console: Arc<Console>) {
+    for attempt in 0..6u32 {
+        let rx = console.progress.subscribe();
+        let body = reqwest::Body::wrap_stream(follow(console.path.clone(), rx));
+        match client.stream_log(&id, 0, body).await {
+            Ok(()) => return,
+            Err(e) => {
+                if matches!(&e, ClientError::Api { status, .. } if status.as_u16() == 409) {
+                    return; // the build is no longer running (cancelled)
+                }
+                eprintln!("bctool: live console stream broke ({e}); reconnecting");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
+            }
+        }
+    }
+}
+
+fn follow(
+    path: PathBuf,
+    rx: watch::Receiver<(u64, bool)>,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    struct St {
+        path: PathBuf,
+        file: Option<tokio::fs::File>,
+        pos: u64,
+        rx: watch::Receiver<(u64, bool)>,
+        buf: Vec<u8>,
+    }
+    let st = St { path, file: None, pos: 0, rx, buf: vec![0; 64 * 1024] };
+    futures::stream::unfold(st, |mut st| async move {
+        loop {
+            let (len, closed) = *st.rx.borrow_and_update();
+            if st.pos < len {
+                if st.file.is_none() {
+                    match tokio::fs::File::open(&st.path).await {
+                        Ok(f) => st.file = Some(f),
+                        Err(e) => return Some((Err(e), st)),
+                    }
+                }
+                let want = ((len - st.pos) as usize).min(st.buf.len());
+                let pos = st.pos;
+                let St { file, buf, .. } = &mut st;
+                let read = async {
+                    let f = file.as_mut().ok_or_else(|| std::io::Error::other("no file"))?;
+                    f.seek(std::io::SeekFrom::Start(pos)).await?;
+                    f.read(&mut buf[..want]).await
+                }
+                .await;
+                match read {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        st.pos += n as u64;
+                        let chunk = Bytes::copy_from_slice(&st.buf[..n]);
+                        return Some((Ok(chunk), st));
+                    }
+                    Err(e) => return Some((Err(e), st)),
+                }
+            }
+            if closed && st.pos >= len {
+                return None;
+            }
+            if st.rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    })
+}

@@ -1,0 +1,431 @@
+//! decapctl: the operator CLI. Tables for people, `--json` for scripts.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use decap_api_types::{BuildView, QueueOpen};
+use decap_client::Client;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+
+/// decapctl's command line.
+#[derive(Parser, Debug)]
+#[command(name = "decapctl", version, about = "Operate a Decap server: builds, logs, artifacts, the queue and locks")]
+pub struct Cli {
+    /// The Decap server.
+    #[arg(long, env = "DECAP_URL", global = true, default_value = "http://127.0.0.1:9090")]
+    server: String,
+    /// The API token (needed for changes).
+    #[arg(long, env = "DECAP_API_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Build history and single builds.
+    #[command(subcommand)]
+    Builds(BuildsCmd),
+    /// Build branches of a project now: `decapctl build acme/widgets main dev`.
+    Build {
+        /// team/project
+        project: String,
+        /// Branches or tags (`refs/tags/v1` or a short name).
+        #[arg(required = true)]
+        branches: Vec<String>,
+    },
+    /// Cancel a running or waiting build.
+    Cancel {
+        /// The build id.
+        id: String,
+    },
+    /// Build the same ref and commit again.
+    Rerun {
+        /// The build id.
+        id: String,
+    },
+    /// The projects in the build scripts.
+    Projects,
+    /// Deferred builds.
+    #[command(subcommand)]
+    Deferred(DeferredCmd),
+    /// Branch locks.
+    #[command(subcommand)]
+    Locks(LocksCmd),
+    /// Open or close the queue for maintenance.
+    #[command(subcommand)]
+    Queue(QueueCmd),
+    /// Change the server's log level (`info`, `debug`, or a filter such as `decap_server=debug,info`).
+    Loglevel {
+        /// The level or filter.
+        level: String,
+    },
+    /// The server's version.
+    Version,
+}
+
+#[derive(Subcommand, Debug)]
+enum BuildsCmd {
+    /// Builds of a project, newest first.
+    List {
+        /// team/project
+        project: String,
+        /// Only this branch.
+        #[arg(long)]
+        branch: Option<String>,
+        /// Only these statuses (comma-separated).
+        #[arg(long)]
+        status: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Continue from a previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// One build.
+    Show {
+        /// The build id.
+        id: String,
+    },
+    /// A build's console log.
+    Logs {
+        /// The build id.
+        id: String,
+        /// Keep streaming until the build ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// A build's artifacts: the tarball, one file, or the list of files.
+    Artifacts(ArtifactsArgs),
+}
+
+#[derive(Args, Debug)]
+struct ArtifactsArgs {
+    /// The build id.
+    id: String,
+    /// One file out of the artifacts.
+    path: Option<String>,
+    /// List the files instead of downloading.
+    #[arg(long)]
+    list: bool,
+    /// Where to write (default: `<id>-artifacts.tar.gz`, or the file's name; `-` for stdout).
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum DeferredCmd {
+    /// Waiting builds, oldest first.
+    List,
+    /// Remove a waiting build (it ends cancelled).
+    Remove {
+        /// The build id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LocksCmd {
+    /// Held locks.
+    List,
+    /// Force-release a lock: `decapctl locks unlock acme/widgets/main`.
+    Unlock {
+        /// team/project/branch
+        key: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum QueueCmd {
+    /// Whether the queue is open.
+    Status,
+    /// Let builds run again.
+    Open,
+    /// Defer every new build until opened.
+    Close,
+}
+
+fn split_project(p: &str) -> Result<(&str, &str)> {
+    p.split_once('/').filter(|(t, p)| !t.is_empty() && !p.is_empty() && !p.contains('/')).context(format!("{p:?} is not team/project"))
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// A plain aligned table.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(headers.iter().map(|h| h.to_uppercase()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn time_of(t: Option<time::OffsetDateTime>) -> String {
+    t.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()).unwrap_or_else(|| "-".into())
+}
+
+fn duration(ms: Option<i64>) -> String {
+    match ms {
+        None => "-".into(),
+        Some(ms) if ms < 1000 => format!("{ms}ms"),
+        Some(ms) if ms < 60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        Some(ms) => format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000),
+    }
+}
+
+fn build_rows(builds: &[BuildView]) -> Vec<Vec<String>> {
+    builds
+        .iter()
+        .map(|b| {
+            vec![
+                b.id.clone(),
+                b.branch.clone(),
+                b.status.clone(),
+                b.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                b.trigger.clone(),
+                time_of(Some(b.queued_at)),
+                duration(b.duration_ms),
+            ]
+        })
+        .collect()
+}
+
+const BUILD_HEADERS: &[&str] = &["id", "branch", "status", "exit", "trigger", "queued", "duration"];
+
+fn show_build(b: &BuildView) {
+    let rows = [
+        ("id", b.id.clone()),
+        ("project", b.project_key.clone()),
+        ("branch", b.branch.clone()),
+        ("ref", b.git_ref.clone()),
+        ("commit", b.commit.clone().unwrap_or_else(|| "-".into())),
+        ("trigger", b.trigger.clone()),
+        ("status", b.status.clone()),
+        ("exit code", b.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into())),
+        ("queued", time_of(Some(b.queued_at))),
+        ("started", time_of(b.start_time)),
+        ("ended", time_of(b.end_time)),
+        ("duration", duration(b.duration_ms)),
+        ("scripts commit", b.scripts_commit.clone().unwrap_or_else(|| "-".into())),
+        ("executor", b.executor.clone().unwrap_or_else(|| "-".into())),
+        ("sandbox", b.sandbox.clone().unwrap_or_else(|| "-".into())),
+        ("message", b.message.clone().unwrap_or_else(|| "-".into())),
+        ("url", b.url.clone()),
+    ];
+    for (k, v) in rows {
+        println!("{k:<15} {v}");
+    }
+}
+
+async fn write_stream<S>(mut stream: S, output: &std::path::Path) -> Result<u64>
+where
+    S: futures::Stream<Item = decap_client::Result<bytes::Bytes>> + Unpin,
+{
+    let mut written = 0u64;
+    if output == std::path::Path::new("-") {
+        let mut out = tokio::io::stdout();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            written += chunk.len() as u64;
+            out.write_all(&chunk).await?;
+        }
+        out.flush().await?;
+        return Ok(written);
+    }
+    let tmp = output.with_extension("part");
+    let mut file = tokio::fs::File::create(&tmp).await.with_context(|| format!("cannot write {}", tmp.display()))?;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e.into());
+            }
+        };
+        written += chunk.len() as u64;
+        file.write_all(&chunk).await?;
+    }
+    file.sync_all().await?;
+    tokio::fs::rename(&tmp, output).await?;
+    Ok(written)
+}
+
+/// Runs decapctl; returns the exit code.
+pub async fn main(cli: Cli) -> Result<i32> {
+    let client = Client::new(&cli.server, cli.token.clone())?;
+    let json = cli.json;
+    match cli.command {
+        Command::Builds(BuildsCmd::List { project, branch, status, limit, cursor }) => {
+            let (team, project) = split_project(&project)?;
+            let page = client.builds(team, project, branch.as_deref(), status.as_deref(), limit, cursor.as_deref()).await?;
+            if json {
+                print_json(&page)?;
+            } else {
+                table(BUILD_HEADERS, build_rows(&page.builds));
+                if let Some(c) = page.next_cursor {
+                    println!("\nmore: --cursor {c}");
+                }
+            }
+        }
+        Command::Builds(BuildsCmd::Show { id }) => {
+            let b = client.build(&id).await?;
+            if json { print_json(&b)? } else { show_build(&b) }
+        }
+        Command::Builds(BuildsCmd::Logs { id, follow }) => {
+            let mut stream = Box::pin(client.log(&id, follow).await?);
+            let mut out = tokio::io::stdout();
+            while let Some(chunk) = stream.next().await {
+                out.write_all(&chunk?).await?;
+                out.flush().await?;
+            }
+            if follow {
+                let b = client.build(&id).await?;
+                eprintln!("decapctl: build {} ended {}", b.id, b.status);
+                return Ok(if b.status == "succeeded" { 0 } else { 1 });
+            }
+        }
+        Command::Builds(BuildsCmd::Artifacts(a)) => {
+            if a.list {
+                let names = client.artifact_names(&a.id).await?;
+                if json { print_json(&names)? } else { names.iter().for_each(|n| println!("{n}")) }
+            } else if let Some(path) = a.path {
+                let name = path.rsplit('/').next().unwrap_or("artifact").to_owned();
+                let output = a.output.unwrap_or_else(|| PathBuf::from(name));
+                let stream = Box::pin(client.artifact_file(&a.id, &path).await?);
+                let n = write_stream(stream, &output).await?;
+                if output != std::path::Path::new("-") {
+                    eprintln!("decapctl: wrote {} ({n} bytes)", output.display());
+                }
+            } else {
+                let output = a.output.unwrap_or_else(|| PathBuf::from(format!("{}-artifacts.tar.gz", a.id)));
+                let stream = Box::pin(client.artifacts(&a.id).await?);
+                let n = write_stream(stream, &output).await?;
+                if output != std::path::Path::new("-") {
+                    eprintln!("decapctl: wrote {} ({n} bytes)", output.display());
+                }
+            }
+        }
+        Command::Build { project, branches } => {
+            let (team, project) = split_project(&project)?;
+            let created = client.create_builds(team, project, &branches).await?;
+            if json { print_json(&created)? } else { table(BUILD_HEADERS, build_rows(&created.builds)) }
+        }
+        Command::Cancel { id } => {
+            let b = client.cancel(&id).await?;
+            if json { print_json(&b)? } else { println!("build {} is {}", b.id, b.status) }
+        }
+        Command::Rerun { id } => {
+            let b = client.rerun(&id).await?;
+            if json { print_json(&b)? } else { println!("build {} ({}) reruns {id}", b.id, b.status) }
+        }
+        Command::Projects => {
+            let p = client.projects().await?;
+            if json {
+                print_json(&p)?;
+            } else {
+                let rows = p
+                    .projects
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            format!("{}/{}", p.team, p.project),
+                            p.descriptor.as_ref().and_then(|d| d.managed_ref_regex.clone()).unwrap_or_else(|| "(all)".into()),
+                            p.error.clone().map(|e| format!("ERROR: {e}")).unwrap_or_else(|| {
+                                p.descriptor.as_ref().and_then(|d| d.repo_description.clone()).unwrap_or_default()
+                            }),
+                        ]
+                    })
+                    .collect();
+                table(&["project", "managed refs", "description"], rows);
+            }
+        }
+        Command::Deferred(DeferredCmd::List) => {
+            let d = client.deferred().await?;
+            if json {
+                print_json(&d)?;
+            } else {
+                let rows = d
+                    .deferred
+                    .iter()
+                    .map(|e| vec![e.id.clone(), format!("{}/{}", e.team, e.project), e.branch.clone(), time_of(Some(e.deferred_at)), e.reason.clone()])
+                    .collect();
+                table(&["id", "project", "branch", "deferred", "reason"], rows);
+            }
+        }
+        Command::Deferred(DeferredCmd::Remove { id }) => {
+            client.remove_deferred(&id).await?;
+            if !json {
+                println!("removed {id}");
+            }
+        }
+        Command::Locks(LocksCmd::List) => {
+            let l = client.locks().await?;
+            if json {
+                print_json(&l)?;
+            } else {
+                let rows = l
+                    .locks
+                    .iter()
+                    .map(|l| vec![l.key.clone(), l.build_id.clone(), l.fencing_token.to_string(), time_of(Some(l.acquired_at)), time_of(Some(l.expires_at))])
+                    .collect();
+                table(&["key", "build", "token", "acquired", "expires"], rows);
+            }
+        }
+        Command::Locks(LocksCmd::Unlock { key }) => {
+            if key.split('/').count() < 3 {
+                bail!("{key:?} is not team/project/branch");
+            }
+            client.unlock(&key).await?;
+            if !json {
+                println!("unlocked {key}");
+            }
+        }
+        Command::Queue(cmd) => {
+            let state = match cmd {
+                QueueCmd::Status => client.queue().await?,
+                QueueCmd::Open => client.set_queue(QueueOpen::Open).await?,
+                QueueCmd::Close => client.set_queue(QueueOpen::Closed).await?,
+            };
+            if json {
+                print_json(&state)?;
+            } else {
+                println!("queue is {}", if state.state == QueueOpen::Open { "open" } else { "closed" });
+            }
+        }
+        Command::Loglevel { level } => {
+            let l = client.set_log_level(&level).await?;
+            if json { print_json(&l)? } else { println!("log level: {}", l.level) }
+        }
+        Command::Version => {
+            let v = client.version().await?;
+            if json { print_json(&v)? } else { println!("decap {} ({})", v.version, v.commit) }
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,740 @@
+//! The controller: drives the ports through the core's decisions.
+//!
+//! Every change to what runs (launch, finish, defer, drain) happens under one
+//! async mutex, so this process never double-books a cap or a lock key; the
+//! lock store still arbitrates between processes. Requests are made durable
+//! before they are answered; everything after that (scheduling, launching)
+//! can be redone from the stores by [`Controller::recover`] after a crash.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use decap_core::build::{Build, BuildId, BuildStatus, Trigger};
+use decap_core::catalog::ProjectEntry;
+use decap_core::descriptor::DEFAULT_BUILD_TIMEOUT;
+use decap_core::names::{LockKey, ProjectKey};
+use decap_core::ports::{
+    BlobKind, BlobStore, BuildStore, DeferralQueue, DeferredEntry, EnvironmentExit, Executor,
+    ExecutorEvents, LaunchSpec, Lock, LockStore, PushOutcome, ScriptsRepo,
+};
+use decap_core::refs::GitRef;
+use decap_core::schedule::{Caps, Decision, DeferReason, RunningSet, Waiting, admit, next_candidate};
+use decap_core::{Error, Result};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio::sync::{Mutex, broadcast, mpsc};
+
+use crate::livelog::{LiveLogs, gzip_file};
+use crate::metrics::{Metrics, StatusLabel};
+
+/// The adapters the controller drives.
+#[derive(Clone)]
+pub struct Ports {
+    /// Build records and webhook deliveries.
+    pub builds: Arc<dyn BuildStore>,
+    /// Branch locks.
+    pub locks: Arc<dyn LockStore>,
+    /// The deferral queue.
+    pub queue: Arc<dyn DeferralQueue>,
+    /// Logs and artifacts.
+    pub blobs: Arc<dyn BlobStore>,
+    /// What runs builds.
+    pub executor: Arc<dyn Executor>,
+    /// The build-scripts repo.
+    pub scripts: Arc<dyn ScriptsRepo>,
+}
+
+/// The controller's settings.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// The server's public URL, for links to builds.
+    pub public_url: String,
+    /// How builds reach the server (`DECAP_URL` inside builds).
+    pub decap_url: String,
+    /// Concurrency caps.
+    pub caps: Caps,
+    /// How long a stopped build gets between TERM and KILL.
+    pub kill_grace: Duration,
+    /// How long a lock outlives its build's timeout before it lapses.
+    pub lock_margin: Duration,
+    /// How often the deferral queue is retried besides the moments room frees
+    /// (catches locks that lapsed or were freed by another replica).
+    pub drain_interval: Duration,
+}
+
+/// How a build ends.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    /// The final status.
+    pub status: BuildStatus,
+    /// The script's exit code, when it has one.
+    pub exit_code: Option<i32>,
+    /// Why, in words.
+    pub message: Option<String>,
+}
+
+struct Sched {
+    running: RunningSet,
+    open: bool,
+    /// How many deferred entries wait per lock key (mirrors the queue, so
+    /// admitting a request does not have to list the queue).
+    waiting_keys: HashMap<LockKey, usize>,
+}
+
+impl Sched {
+    fn key_added(&mut self, key: LockKey) {
+        *self.waiting_keys.entry(key).or_default() += 1;
+    }
+
+    fn key_removed(&mut self, key: &LockKey) {
+        if let Some(n) = self.waiting_keys.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.waiting_keys.remove(key);
+            }
+        }
+    }
+}
+
+/// The controller.
+pub struct Controller {
+    /// The adapters.
+    pub ports: Ports,
+    /// Settings.
+    pub config: ControllerConfig,
+    /// Live console logs.
+    pub live: LiveLogs,
+    /// Metrics.
+    pub metrics: Metrics,
+    sched: Mutex<Sched>,
+    status_tx: broadcast::Sender<Build>,
+}
+
+/// Delivers executor events to the controller through a channel, so the
+/// executor can be built before the controller exists.
+pub struct ExecutorEventsChannel(mpsc::UnboundedSender<EnvironmentExit>);
+
+impl ExecutorEventsChannel {
+    /// A channel; give the receiver to [`Controller::start`].
+    pub fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<EnvironmentExit>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Arc::new(ExecutorEventsChannel(tx)), rx)
+    }
+}
+
+impl ExecutorEvents for ExecutorEventsChannel {
+    fn environment_exited(&self, exit: EnvironmentExit) {
+        let _ = self.0.send(exit);
+    }
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+/// A new secret for a build's bctool: 256 random bits, hex.
+fn new_build_token() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// SHA-256 of a token, hex; only the hash is stored.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+impl Controller {
+    /// A controller over `ports`. Call [`Controller::start`] before serving.
+    pub fn new(ports: Ports, config: ControllerConfig, live: LiveLogs) -> Arc<Self> {
+        let (status_tx, _) = broadcast::channel(1024);
+        Arc::new(Controller {
+            ports,
+            config,
+            live,
+            metrics: Metrics::default(),
+            sched: Mutex::new(Sched {
+                running: RunningSet::default(),
+                open: true,
+                waiting_keys: HashMap::new(),
+            }),
+            status_tx,
+        })
+    }
+
+    /// Recovers from whatever the last run left, then starts the background
+    /// tasks: executor events and the periodic queue drain.
+    pub async fn start(
+        self: &Arc<Self>,
+        mut exits: mpsc::UnboundedReceiver<EnvironmentExit>,
+    ) -> Result<()> {
+        self.recover().await?;
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some(exit) = exits.recv().await {
+                this.environment_exited(exit).await;
+            }
+        });
+        let this = Arc::downgrade(self);
+        let every = self.config.drain_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(this) = this.upgrade() else { break };
+                if let Err(e) = this.drain().await {
+                    tracing::warn!(error = %e, "periodic drain failed");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Status changes of every build, for live views.
+    pub fn subscribe(&self) -> broadcast::Receiver<Build> {
+        self.status_tx.subscribe()
+    }
+
+    fn publish(&self, build: &Build) {
+        let _ = self.status_tx.send(build.clone());
+    }
+
+    fn timeout_of(&self, project: &ProjectKey) -> Duration {
+        self.ports
+            .scripts
+            .catalog()
+            .project(project)
+            .and_then(|p| p.valid_descriptor().map(|d| d.timeout()))
+            .unwrap_or(DEFAULT_BUILD_TIMEOUT)
+    }
+
+    fn lock_ttl(&self, project: &ProjectKey) -> Duration {
+        self.timeout_of(project) + self.config.kill_grace + self.config.lock_margin
+    }
+
+    /// A build by id, or `NotFound`.
+    pub async fn build(&self, id: BuildId) -> Result<Build> {
+        self.ports
+            .builds
+            .get(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("build {id}")))
+    }
+
+    /// The project's catalog entry, or `NotFound`.
+    pub fn project(&self, key: &ProjectKey) -> Result<ProjectEntry> {
+        self.ports
+            .scripts
+            .catalog()
+            .project(key)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("project {key}")))
+    }
+
+    /// Manual or API builds of some refs of a project: all are validated, then
+    /// all stored durably, then scheduled. Returns them as they stand after
+    /// scheduling.
+    pub async fn request_builds(
+        &self,
+        project: &ProjectKey,
+        refs: &[String],
+        trigger: Trigger,
+    ) -> Result<Vec<Build>> {
+        let entry = self.project(project)?;
+        if let Some(err) = &entry.error {
+            return Err(Error::invalid("project", format!("{project} cannot build: {err}")));
+        }
+        if refs.is_empty() {
+            return Err(Error::invalid("branch", "name at least one branch to build"));
+        }
+        let parsed: Vec<GitRef> = refs.iter().map(|r| GitRef::parse(r)).collect::<Result<_>>()?;
+        let at = now();
+        let builds: Vec<Build> = parsed
+            .iter()
+            .map(|r| Build::new(project.clone(), r, None, trigger, at))
+            .collect();
+        for b in &builds {
+            self.ports.builds.insert(b).await?;
+        }
+        self.schedule_ids(builds.iter().map(|b| b.id).collect()).await;
+        let mut out = Vec::with_capacity(builds.len());
+        for b in builds {
+            out.push(self.build(b.id).await?);
+        }
+        Ok(out)
+    }
+
+    /// A new build of the same ref and commit as `id`.
+    pub async fn rerun(&self, id: BuildId) -> Result<Build> {
+        let old = self.build(id).await?;
+        self.project(&old.project)?;
+        let git_ref = GitRef::parse(&old.git_ref)?;
+        let mut b = Build::new(old.project.clone(), &git_ref, old.commit.clone(), Trigger::Rerun, now());
+        b.rerun_of = Some(old.id);
+        self.ports.builds.insert(&b).await?;
+        self.schedule_ids(vec![b.id]).await;
+        self.build(b.id).await
+    }
+
+    /// Schedules builds that are stored `queued` (webhooks call this after answering).
+    pub async fn schedule_ids(&self, ids: Vec<BuildId>) {
+        let mut s = self.sched.lock().await;
+        for id in ids {
+            let result = match self.ports.builds.get(id).await {
+                Ok(Some(b)) if b.status == BuildStatus::Queued => self.schedule_locked(&mut s, b).await,
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                tracing::error!(build_id = %id, error = %e, "scheduling failed; the build stays queued until the next drain or restart");
+            }
+        }
+    }
+
+    async fn schedule_locked(&self, s: &mut Sched, b: Build) -> Result<()> {
+        let key = b.lock_key();
+        let key_waiting = s.waiting_keys.contains_key(&key);
+        match admit(&s.running, self.config.caps, s.open, &b.project, &key, key_waiting) {
+            Decision::Defer(reason) => self.defer_locked(s, b, reason).await,
+            Decision::TryLaunch => {
+                let ttl = self.lock_ttl(&b.project);
+                match self.ports.locks.acquire(&key, b.id, ttl, now()).await? {
+                    Ok(lock) => self.launch_locked(s, b, lock, BuildStatus::Queued).await,
+                    Err(held) => {
+                        self.defer_locked(s, b, DeferReason::LockHeld(Some(held.owner))).await
+                    }
+                }
+            }
+        }
+    }
+
+    async fn defer_locked(&self, s: &mut Sched, mut b: Build, reason: DeferReason) -> Result<()> {
+        let at = now();
+        let entry = DeferredEntry {
+            build_id: b.id,
+            project: b.project.clone(),
+            branch: b.branch.clone(),
+            git_ref: b.git_ref.clone(),
+            commit: b.commit.clone(),
+            deferred_at: at,
+            reason: reason.to_string(),
+        };
+        match self.ports.queue.push(&entry).await? {
+            PushOutcome::Added => {
+                s.key_added(entry.lock_key());
+                b.transition(BuildStatus::Deferred, at)?;
+                b.message = Some(entry.reason.clone());
+                if self.ports.builds.update(&b, BuildStatus::Queued).await? {
+                    tracing::info!(build_id = %b.id, reason = %entry.reason, "build deferred");
+                    self.publish(&b);
+                } else if self.ports.queue.remove(b.id).await? {
+                    s.key_removed(&entry.lock_key());
+                }
+            }
+            PushOutcome::AlreadyWaiting(other) => {
+                b.transition(BuildStatus::Cancelled, at)?;
+                b.message = Some(format!(
+                    "not queued: the same branch and commit already waits as build {other}"
+                ));
+                if self.ports.builds.update(&b, BuildStatus::Queued).await? {
+                    self.publish(&b);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn launch_locked(
+        &self,
+        s: &mut Sched,
+        mut b: Build,
+        lock: Lock,
+        expected: BuildStatus,
+    ) -> Result<()> {
+        let at = now();
+        let catalog = self.ports.scripts.catalog();
+        let entry = catalog.project(&b.project).cloned();
+        let problem = match &entry {
+            None => Some(format!("project {} is no longer in the build scripts", b.project)),
+            Some(e) => e.error.as_ref().map(|err| format!("project {} cannot build: {err}", b.project)),
+        };
+        let (Some(entry), None) = (entry, problem.clone()) else {
+            self.ports.locks.release(&lock.key, b.id).await?;
+            let message = problem.unwrap_or_default();
+            b.transition(BuildStatus::Errored, at)?;
+            b.message = Some(message);
+            if self.ports.builds.update(&b, expected).await? {
+                self.count_finished(&b);
+                self.publish(&b);
+            }
+            return Ok(());
+        };
+        let timeout = entry.valid_descriptor().map(|d| d.timeout()).unwrap_or(DEFAULT_BUILD_TIMEOUT);
+        let token = new_build_token();
+        if b.status == BuildStatus::Deferred {
+            b.transition(BuildStatus::Queued, at)?;
+        }
+        b.transition(BuildStatus::Running, at)?;
+        b.scripts_commit = Some(catalog.commit.clone());
+        b.executor = Some(self.ports.executor.name().to_owned());
+        b.sandbox = Some(self.ports.executor.sandbox().to_owned());
+        b.fencing_token = Some(lock.fencing_token);
+        b.token_sha256 = Some(token_hash(&token));
+        b.message = None;
+        if !self.ports.builds.update(&b, expected).await? {
+            // Cancelled meanwhile.
+            self.ports.locks.release(&lock.key, b.id).await?;
+            return Ok(());
+        }
+        s.running.start(b.id, b.project.clone(), lock.key.clone());
+        self.metrics.running.set(s.running.len() as i64);
+        if let Err(e) = self.live.open(b.id) {
+            tracing::warn!(build_id = %b.id, error = %e, "cannot open the live log spool");
+        }
+        let waited = (at - b.queued_at).as_seconds_f64().max(0.0);
+        self.metrics.launch_seconds.observe(waited);
+        self.publish(&b);
+        let spec = LaunchSpec {
+            build: b.clone(),
+            project: entry,
+            build_token: token,
+            decap_url: self.config.decap_url.clone(),
+            timeout,
+        };
+        tracing::info!(build_id = %b.id, project = %b.project, branch = %b.branch, "launching build");
+        if let Err(e) = self.ports.executor.launch(spec).await {
+            tracing::error!(build_id = %b.id, error = %e, "launch failed");
+            self.finish_locked(
+                s,
+                b.id,
+                Finish {
+                    status: BuildStatus::Errored,
+                    exit_code: None,
+                    message: Some(format!("the executor could not start the build: {e}")),
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Finishes a build (idempotent: a final build stays as it is and `None`
+    /// is returned), releases its lock and resubmits deferred builds at once.
+    pub async fn finish(&self, id: BuildId, f: Finish) -> Result<Option<Build>> {
+        let mut s = self.sched.lock().await;
+        let done = self.finish_locked(&mut s, id, f).await?;
+        if done.is_some() {
+            self.drain_locked(&mut s).await?;
+        }
+        Ok(done)
+    }
+
+    async fn finish_locked(&self, s: &mut Sched, id: BuildId, f: Finish) -> Result<Option<Build>> {
+        let mut b = self.build(id).await?;
+        if b.status.is_final() {
+            return Ok(None);
+        }
+        let prev = b.status;
+        b.transition(f.status, now())?;
+        if f.exit_code.is_some() {
+            b.exit_code = f.exit_code;
+        }
+        b.message = f.message.or(if prev == BuildStatus::Deferred { None } else { b.message.take() });
+        if !self.ports.builds.update(&b, prev).await? {
+            return Ok(None); // someone else finished it first
+        }
+        match prev {
+            BuildStatus::Running => {
+                self.ports.locks.release(&b.lock_key(), id).await?;
+                s.running.finish(id);
+                self.metrics.running.set(s.running.len() as i64);
+                self.keep_log(id).await;
+            }
+            BuildStatus::Deferred => {
+                if self.ports.queue.remove(id).await? {
+                    s.key_removed(&b.lock_key());
+                }
+            }
+            _ => {}
+        }
+        tracing::info!(build_id = %id, status = %b.status, exit_code = ?b.exit_code, "build finished");
+        self.count_finished(&b);
+        self.publish(&b);
+        Ok(Some(b))
+    }
+
+    fn count_finished(&self, b: &Build) {
+        self.metrics
+            .builds_finished
+            .get_or_create(&StatusLabel {
+                status: b.status.as_str().to_owned(),
+            })
+            .inc();
+        if let Some(ms) = b.duration_ms() {
+            self.metrics.build_seconds.observe(ms as f64 / 1000.0);
+        }
+    }
+
+    /// Stores the spool as the build's log when bctool did not upload one
+    /// (the environment died), then drops the spool.
+    async fn keep_log(&self, id: BuildId) {
+        let spool = self
+            .live
+            .get(id)
+            .map(|l| l.path().to_owned())
+            .or_else(|| self.live.leftover(id));
+        if let Some(path) = spool {
+            let stored = matches!(self.ports.blobs.get(id, BlobKind::LogGz).await, Ok(Some(_)));
+            if !stored {
+                match tokio::task::spawn_blocking(move || gzip_file(&path)).await {
+                    Ok(Ok(gz)) => {
+                        let stream: decap_core::ports::ByteStream =
+                            Box::pin(futures::stream::once(async move { Ok(bytes::Bytes::from(gz)) }));
+                        if let Err(e) = self.ports.blobs.put(id, BlobKind::LogGz, stream).await {
+                            tracing::warn!(build_id = %id, error = %e, "cannot store the console log");
+                        }
+                    }
+                    Ok(Err(e)) => tracing::warn!(build_id = %id, error = %e, "cannot read the spool"),
+                    Err(e) => tracing::warn!(build_id = %id, error = %e, "spool task failed"),
+                }
+            }
+        }
+        self.live.remove(id);
+    }
+
+    /// Resubmits deferred builds while there is room.
+    pub async fn drain(&self) -> Result<()> {
+        let mut s = self.sched.lock().await;
+        self.drain_locked(&mut s).await
+    }
+
+    async fn drain_locked(&self, s: &mut Sched) -> Result<()> {
+        if !s.open || s.waiting_keys.is_empty() {
+            return Ok(());
+        }
+        let mut entries = self.ports.queue.list().await?;
+        let mut waiting: Vec<Waiting> = entries
+            .iter()
+            .map(|e| Waiting {
+                build_id: e.build_id,
+                project: e.project.clone(),
+                lock_key: e.lock_key(),
+                deferred_at: e.deferred_at,
+            })
+            .collect();
+        let mut blocked = HashSet::new();
+        while let Some(i) = next_candidate(&waiting, &s.running, self.config.caps, s.open, &blocked) {
+            let w = waiting.remove(i);
+            let entry = entries.remove(i);
+            let b = match self.ports.builds.get(w.build_id).await? {
+                Some(b) if b.status == BuildStatus::Deferred => b,
+                _ => {
+                    // A leftover of a crash between launch and removal.
+                    if self.ports.queue.remove(w.build_id).await? {
+                        s.key_removed(&w.lock_key);
+                    }
+                    continue;
+                }
+            };
+            let ttl = self.lock_ttl(&b.project);
+            match self.ports.locks.acquire(&w.lock_key, b.id, ttl, now()).await? {
+                Err(held) => {
+                    blocked.insert(w.lock_key.clone());
+                    let reason = DeferReason::LockHeld(Some(held.owner)).to_string();
+                    if entry.reason != reason {
+                        self.ports.queue.set_reason(b.id, &reason).await?;
+                    }
+                }
+                Ok(lock) => {
+                    self.launch_locked(s, b, lock, BuildStatus::Deferred).await?;
+                    if self.ports.queue.remove(w.build_id).await? {
+                        s.key_removed(&w.lock_key);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Cancels a queued, deferred or running build.
+    pub async fn cancel(&self, id: BuildId) -> Result<Build> {
+        let b = self.build(id).await?;
+        if b.status.is_final() {
+            return Err(Error::Conflict(format!("build {id} has already ended ({})", b.status)));
+        }
+        let was_running = b.status == BuildStatus::Running;
+        let done = self
+            .finish(
+                id,
+                Finish {
+                    status: BuildStatus::Cancelled,
+                    exit_code: None,
+                    message: Some("cancelled".into()),
+                },
+            )
+            .await?;
+        if was_running {
+            let executor = self.ports.executor.clone();
+            tokio::spawn(async move {
+                if let Err(e) = executor.cancel(id).await {
+                    tracing::warn!(build_id = %id, error = %e, "stopping the build environment failed");
+                }
+            });
+        }
+        match done {
+            Some(b) => Ok(b),
+            None => self.build(id).await,
+        }
+    }
+
+    /// Removes a deferred build from the queue (it ends cancelled).
+    pub async fn remove_deferred(&self, id: BuildId) -> Result<()> {
+        let b = self.build(id).await?;
+        if b.status != BuildStatus::Deferred {
+            return Err(Error::NotFound(format!("deferred build {id}")));
+        }
+        self.cancel(id).await.map(|_| ())
+    }
+
+    /// A build's script released its lock early (bctool `unlock`).
+    pub async fn release_own_lock(&self, id: BuildId) -> Result<bool> {
+        let b = self.build(id).await?;
+        let mut s = self.sched.lock().await;
+        let released = self.ports.locks.release(&b.lock_key(), id).await?;
+        s.running.release_key(id);
+        self.drain_locked(&mut s).await?;
+        Ok(released)
+    }
+
+    /// Operators: releases a lock whoever holds it. A build still running on
+    /// this controller keeps its key here until it ends, so this frees locks
+    /// whose holder is gone (another replica, a lost environment).
+    pub async fn force_unlock(&self, key: &LockKey) -> Result<Option<Lock>> {
+        let mut s = self.sched.lock().await;
+        let released = self.ports.locks.force_release(key).await?;
+        self.drain_locked(&mut s).await?;
+        Ok(released)
+    }
+
+    /// Whether new builds run (open) or wait (closed).
+    pub async fn queue_open(&self) -> bool {
+        self.sched.lock().await.open
+    }
+
+    /// Opens or closes the queue; opening resubmits what waits.
+    pub async fn set_queue_open(&self, open: bool) -> Result<()> {
+        let mut s = self.sched.lock().await;
+        self.ports.queue.set_open(open).await?;
+        s.open = open;
+        tracing::info!(open, "queue state changed");
+        self.drain_locked(&mut s).await
+    }
+
+    /// Builds running on this controller.
+    pub async fn running_count(&self) -> usize {
+        self.sched.lock().await.running.len()
+    }
+
+    async fn environment_exited(&self, exit: EnvironmentExit) {
+        let result = self
+            .finish(
+                exit.build_id,
+                Finish {
+                    status: BuildStatus::Errored,
+                    exit_code: None,
+                    message: Some(format!(
+                        "the build environment ended without reporting a result: {}",
+                        exit.reason
+                    )),
+                },
+            )
+            .await;
+        match result {
+            Ok(Some(_)) => tracing::warn!(build_id = %exit.build_id, reason = %exit.reason, "build environment died"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(build_id = %exit.build_id, error = %e, "cannot finish a build whose environment ended"),
+        }
+    }
+
+    /// Rebuilds the controller's state from the stores after a start or a
+    /// crash: running builds whose environment is gone end as errored (lock
+    /// released, log kept), builds accepted but never scheduled are scheduled,
+    /// the queue is reconciled with the build records, stale locks are freed,
+    /// and deferred builds resume.
+    pub async fn recover(&self) -> Result<()> {
+        let mut s = self.sched.lock().await;
+        s.open = self.ports.queue.is_open().await?;
+        let live: HashSet<BuildId> = self.ports.executor.live().await?.into_iter().collect();
+        for b in self.ports.builds.with_status(&[BuildStatus::Running]).await? {
+            if live.contains(&b.id) {
+                s.running.start(b.id, b.project.clone(), b.lock_key());
+                let _ = self.live.open(b.id);
+            } else {
+                tracing::warn!(build_id = %b.id, "build was running when Decap stopped; finishing it as errored");
+                self.finish_locked(
+                    &mut s,
+                    b.id,
+                    Finish {
+                        status: BuildStatus::Errored,
+                        exit_code: None,
+                        message: Some("Decap stopped while this build ran; its build environment is gone".into()),
+                    },
+                )
+                .await?;
+            }
+        }
+        let entries = self.ports.queue.list().await?;
+        let mut queued_ids = HashSet::new();
+        for e in entries {
+            match self.ports.builds.get(e.build_id).await? {
+                Some(b) if b.status == BuildStatus::Deferred => {
+                    queued_ids.insert(e.build_id);
+                    s.key_added(e.lock_key());
+                }
+                _ => {
+                    self.ports.queue.remove(e.build_id).await?;
+                }
+            }
+        }
+        for b in self.ports.builds.with_status(&[BuildStatus::Deferred]).await? {
+            if !queued_ids.contains(&b.id) {
+                // Deferred in the record but not in the queue: put it back.
+                let entry = DeferredEntry {
+                    build_id: b.id,
+                    project: b.project.clone(),
+                    branch: b.branch.clone(),
+                    git_ref: b.git_ref.clone(),
+                    commit: b.commit.clone(),
+                    deferred_at: now(),
+                    reason: b.message.clone().unwrap_or_else(|| "resubmitted after a restart".into()),
+                };
+                if self.ports.queue.push(&entry).await? == PushOutcome::Added {
+                    s.key_added(entry.lock_key());
+                }
+            }
+        }
+        for lock in self.ports.locks.list().await? {
+            if s.running.contains(lock.owner) {
+                continue;
+            }
+            let stale = match self.ports.builds.get(lock.owner).await? {
+                None => true,
+                Some(b) => b.status.is_final(),
+            };
+            if stale {
+                tracing::warn!(key = %lock.key, owner = %lock.owner, "releasing a lock left by an ended build");
+                self.ports.locks.release(&lock.key, lock.owner).await?;
+            }
+        }
+        for b in self.ports.builds.with_status(&[BuildStatus::Queued]).await? {
+            self.schedule_locked(&mut s, b).await?;
+        }
+        self.drain_locked(&mut s).await?;
+        self.metrics.running.set(s.running.len() as i64);
+        Ok(())
+    }
+}

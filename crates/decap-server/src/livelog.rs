@@ -1,0 +1,344 @@
+//! Live console logs: what bctool streams while a build runs.
+//!
+//! Each running build has a spool file under the data dir; bctool's chunks are
+//! appended to it and followers (text `follow`, SSE) read it from any offset,
+//! woken by a watch channel when it grows. Reading from the file instead of
+//! fanning out bytes keeps memory flat however many people watch, and lets a
+//! reconnecting viewer resume from its last offset. The spool outlives the
+//! build environment; once the final log is stored in the blob store the
+//! spool is dropped.
+
+use std::collections::HashMap;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use decap_core::build::BuildId;
+use futures::Stream;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::watch;
+
+/// The spool files of running builds.
+pub struct LiveLogs {
+    dir: PathBuf,
+    cap: u64,
+    logs: Mutex<HashMap<BuildId, Arc<LiveLog>>>,
+}
+
+/// One build's live log.
+pub struct LiveLog {
+    path: PathBuf,
+    cap: u64,
+    state: Mutex<State>,
+    watch: watch::Sender<Progress>,
+}
+
+struct State {
+    file: std::fs::File,
+    /// Bytes received from bctool (its offsets count these).
+    received: u64,
+    /// Bytes in the spool file (capped).
+    stored: u64,
+    truncated: bool,
+}
+
+/// How far a live log has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes readable from the spool.
+    pub len: u64,
+    /// Whether the log is complete.
+    pub closed: bool,
+}
+
+impl LiveLogs {
+    /// Spool files live in `dir`; each is capped at `cap` bytes.
+    pub fn new(dir: PathBuf, cap: u64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(LiveLogs {
+            dir,
+            cap,
+            logs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn spool_path(&self, id: BuildId) -> PathBuf {
+        self.dir.join(format!("{id}.log"))
+    }
+
+    /// The live log of a build, created (or reopened after a restart) if needed.
+    pub fn open(&self, id: BuildId) -> std::io::Result<Arc<LiveLog>> {
+        let mut logs = self.logs.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        if let Some(log) = logs.get(&id) {
+            return Ok(log.clone());
+        }
+        let path = self.spool_path(id);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&path)?;
+        let len = file.metadata()?.len();
+        let (tx, _) = watch::channel(Progress { len, closed: false });
+        let log = Arc::new(LiveLog {
+            path,
+            cap: self.cap,
+            state: Mutex::new(State {
+                file,
+                received: len,
+                stored: len,
+                truncated: len >= self.cap,
+            }),
+            watch: tx,
+        });
+        logs.insert(id, log.clone());
+        Ok(log)
+    }
+
+    /// The live log of a build, if it has one.
+    pub fn get(&self, id: BuildId) -> Option<Arc<LiveLog>> {
+        self.logs.lock().ok().and_then(|l| l.get(&id).cloned())
+    }
+
+    /// The spool left by an earlier run of the server, if any.
+    pub fn leftover(&self, id: BuildId) -> Option<PathBuf> {
+        let p = self.spool_path(id);
+        p.is_file().then_some(p)
+    }
+
+    /// Forgets a build's live log and deletes its spool (open readers keep
+    /// reading what they have open).
+    pub fn remove(&self, id: BuildId) {
+        let removed = self.logs.lock().ok().and_then(|mut l| l.remove(&id));
+        if let Some(log) = removed {
+            log.close();
+        }
+        let _ = std::fs::remove_file(self.spool_path(id));
+    }
+}
+
+impl LiveLog {
+    /// Appends a chunk that starts at `offset` of bctool's stream. A chunk that
+    /// overlaps what was received (a resent chunk after a reconnect) is trimmed;
+    /// one that leaves a gap is refused. Returns the received length after.
+    pub fn append_at(&self, offset: u64, data: &[u8]) -> std::io::Result<u64> {
+        let mut st = self.state.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        if offset > st.received {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("chunk at offset {offset} leaves a gap after {} bytes", st.received),
+            ));
+        }
+        let skip = (st.received - offset).min(data.len() as u64) as usize;
+        let data = &data[skip..];
+        if data.is_empty() {
+            return Ok(st.received);
+        }
+        st.received += data.len() as u64;
+        if !st.truncated {
+            let room = self.cap.saturating_sub(st.stored) as usize;
+            let take = room.min(data.len());
+            st.file.write_all(&data[..take])?;
+            st.stored += take as u64;
+            if take < data.len() {
+                let marker = format!(
+                    "\n[decap: the console log reached its cap of {} bytes; the rest is not kept]\n",
+                    self.cap
+                );
+                st.file.write_all(marker.as_bytes())?;
+                st.stored += marker.len() as u64;
+                st.truncated = true;
+            }
+            let len = st.stored;
+            self.watch.send_modify(|p| p.len = len);
+        }
+        Ok(st.received)
+    }
+
+    /// How many bytes of bctool's stream have arrived.
+    pub fn received(&self) -> u64 {
+        self.state.lock().map(|s| s.received).unwrap_or(0)
+    }
+
+    /// Marks the log complete: followers end once they have read it all.
+    pub fn close(&self) {
+        self.watch.send_modify(|p| p.closed = true);
+    }
+
+    /// The spool file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the log from `from`, following it until it is closed.
+    pub fn follow(&self, from: u64) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+        follow_file(self.path.clone(), from, self.watch.subscribe())
+    }
+
+    /// Whether the spool is complete.
+    pub fn is_closed(&self) -> bool {
+        self.watch.borrow().closed
+    }
+}
+
+struct Follow {
+    path: PathBuf,
+    file: Option<tokio::fs::File>,
+    pos: u64,
+    rx: watch::Receiver<Progress>,
+    buf: Vec<u8>,
+}
+
+fn follow_file(
+    path: PathBuf,
+    from: u64,
+    rx: watch::Receiver<Progress>,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    let state = Follow {
+        path,
+        file: None,
+        pos: from,
+        rx,
+        buf: vec![0; 64 * 1024],
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        loop {
+            let progress = *st.rx.borrow_and_update();
+            if st.pos < progress.len {
+                if st.file.is_none() {
+                    match tokio::fs::File::open(&st.path).await {
+                        Ok(f) => st.file = Some(f),
+                        Err(e) => return Some((Err(e), st)),
+                    }
+                }
+                let want = ((progress.len - st.pos) as usize).min(st.buf.len());
+                let pos = st.pos;
+                let Follow { file, buf, .. } = &mut st;
+                let read = async {
+                    let f = file.as_mut().ok_or_else(|| std::io::Error::other("no file"))?;
+                    f.seek(SeekFrom::Start(pos)).await?;
+                    f.read(&mut buf[..want]).await
+                }
+                .await;
+                match read {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        st.pos += n as u64;
+                        let chunk = Bytes::copy_from_slice(&st.buf[..n]);
+                        return Some((Ok(chunk), st));
+                    }
+                    Err(e) => return Some((Err(e), st)),
+                }
+            }
+            if progress.closed && st.pos >= progress.len {
+                return None;
+            }
+            if st.rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    })
+}
+
+/// Splits a byte stream into lines (without their ends), carrying partial
+/// lines across chunks; each line comes with the stream offset just after it.
+#[derive(Default)]
+pub struct LineSplitter {
+    partial: Vec<u8>,
+    offset: u64,
+}
+
+impl LineSplitter {
+    /// Starts counting offsets at `offset`.
+    pub fn at(offset: u64) -> Self {
+        LineSplitter {
+            partial: Vec::new(),
+            offset,
+        }
+    }
+
+    /// Feeds a chunk; returns the complete lines in it.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        for &b in chunk {
+            self.offset += 1;
+            if b == b'\n' {
+                let mut line = std::mem::take(&mut self.partial);
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                out.push((self.offset, String::from_utf8_lossy(&line).into_owned()));
+            } else {
+                self.partial.push(b);
+            }
+        }
+        out
+    }
+
+    /// The last line if it had no newline.
+    pub fn finish(&mut self) -> Option<(u64, String)> {
+        if self.partial.is_empty() {
+            return None;
+        }
+        let line = std::mem::take(&mut self.partial);
+        Some((self.offset, String::from_utf8_lossy(&line).into_owned()))
+    }
+}
+
+/// Copies a spool into memory-light gzip, for storing a log whose build
+/// environment died before uploading it.
+pub fn gzip_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut input = std::fs::File::open(path)?;
+    input.seek(SeekFrom::Start(0))?;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::copy(&mut input, &mut enc)?;
+    enc.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[test]
+    fn lines_split_across_chunks_with_offsets() {
+        let mut s = LineSplitter::default();
+        assert_eq!(s.push(b"hel"), vec![]);
+        assert_eq!(s.push(b"lo\r\nworld\n"), vec![(7, "hello".into()), (13, "world".into())]);
+        assert_eq!(s.push(b"tail"), vec![]);
+        assert_eq!(s.finish(), Some((17, "tail".into())));
+    }
+
+    #[tokio::test]
+    async fn followers_see_every_byte_once_and_resent_chunks_are_trimmed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let logs = LiveLogs::new(dir.path().to_owned(), 1 << 20).expect("spool dir");
+        let id = BuildId::new();
+        let log = logs.open(id).expect("opens");
+        let follower = log.follow(0);
+        log.append_at(0, b"one\n").expect("appends");
+        log.append_at(0, b"one\ntwo\n").expect("a resent chunk is trimmed");
+        assert!(log.append_at(100, b"gap").is_err(), "a gap is refused");
+        log.close();
+        let got: Vec<u8> = follower
+            .map(|c| c.expect("reads").to_vec())
+            .concat()
+            .await;
+        assert_eq!(got, b"one\ntwo\n");
+        let late = log.follow(4).map(|c| c.expect("reads").to_vec()).concat().await;
+        assert_eq!(late, b"two\n", "a follower resumes from an offset");
+    }
+
+    #[tokio::test]
+    async fn a_flood_is_capped_with_a_marker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let logs = LiveLogs::new(dir.path().to_owned(), 10).expect("spool dir");
+        let log = logs.open(BuildId::new()).expect("opens");
+        log.append_at(0, b"0123456789abcdef").expect("appends");
+        log.append_at(16, b"more").expect("appends past the cap");
+        assert_eq!(log.received(), 20);
+        let text = std::fs::read_to_string(log.path()).expect("reads");
+        assert!(text.starts_with("0123456789\n[decap: the console log reached its cap"));
+    }
+}

@@ -1,0 +1,269 @@
+//! `POST /hooks/github`: verified, de-duplicated, recorded, answered at once.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use decap_api_types::WebhookAnswer;
+use decap_core::build::{Build, Trigger};
+use decap_core::catalog::Catalog;
+use decap_core::names::ProjectKey;
+use decap_core::ports::{Delivery, DeliveryOutcome};
+use decap_core::refs::GitRef;
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+#[derive(Deserialize)]
+struct Owner {
+    login: Option<String>,
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Repository {
+    name: String,
+    owner: Owner,
+}
+
+impl Repository {
+    fn key(&self) -> Result<ProjectKey, ApiError> {
+        let team = self
+            .owner
+            .login
+            .as_deref()
+            .or(self.owner.name.as_deref())
+            .ok_or_else(|| ApiError::bad_request("repository.owner has neither login nor name"))?;
+        ProjectKey::new(team, &self.name).map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+}
+
+#[derive(Deserialize)]
+struct PushEvent {
+    #[serde(rename = "ref")]
+    git_ref: String,
+    after: Option<String>,
+    #[serde(default)]
+    deleted: bool,
+    repository: Repository,
+}
+
+#[derive(Deserialize)]
+struct CreateEvent {
+    #[serde(rename = "ref")]
+    git_ref: String,
+    ref_type: String,
+    repository: Repository,
+}
+
+#[derive(Deserialize)]
+struct Head {
+    sha: String,
+}
+
+#[derive(Deserialize)]
+struct Base {
+    repo: Repository,
+}
+
+#[derive(Deserialize)]
+struct PullRequest {
+    head: Head,
+    base: Base,
+}
+
+#[derive(Deserialize)]
+struct PullRequestEvent {
+    action: String,
+    number: u64,
+    pull_request: PullRequest,
+}
+
+enum Plan {
+    Build(Build),
+    Ignore(String),
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("malformed payload: {e}")))
+}
+
+fn valid_commit(sha: &str) -> Result<String, ApiError> {
+    if (7..=64).contains(&sha.len()) && sha.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(sha.to_ascii_lowercase())
+    } else {
+        Err(ApiError::bad_request(format!("{sha:?} is not a commit id")))
+    }
+}
+
+/// What a delivery asks for, checked against the build scripts.
+fn plan(event: &str, body: &[u8], catalog: &Catalog, now: OffsetDateTime) -> Result<Plan, ApiError> {
+    let bad = |e: decap_core::Error| ApiError::bad_request(e.to_string());
+    let (key, git_ref, commit, gated) = match event {
+        "push" => {
+            let p: PushEvent = parse(body)?;
+            let key = p.repository.key()?;
+            let deleted = p.deleted || p.after.as_deref().is_some_and(|a| a.chars().all(|c| c == '0'));
+            if deleted {
+                return Ok(Plan::Ignore(format!("{} was deleted", p.git_ref)));
+            }
+            let git_ref = GitRef::parse(&p.git_ref).map_err(bad)?;
+            let commit = p.after.as_deref().map(valid_commit).transpose()?;
+            (key, git_ref, commit, true)
+        }
+        "create" => {
+            let c: CreateEvent = parse(body)?;
+            let key = c.repository.key()?;
+            let git_ref = match c.ref_type.as_str() {
+                "branch" => GitRef::branch(&c.git_ref).map_err(bad)?,
+                "tag" => GitRef::tag(&c.git_ref).map_err(bad)?,
+                other => return Ok(Plan::Ignore(format!("ref type {other:?} is not built"))),
+            };
+            (key, git_ref, None, true)
+        }
+        "pull_request" => {
+            let pr: PullRequestEvent = parse(body)?;
+            if !matches!(pr.action.as_str(), "opened" | "synchronize" | "reopened") {
+                return Ok(Plan::Ignore(format!("pull request action {:?} is not built", pr.action)));
+            }
+            let key = pr.pull_request.base.repo.key()?;
+            let commit = valid_commit(&pr.pull_request.head.sha)?;
+            (key, GitRef::pull(pr.number), Some(commit), false)
+        }
+        other => return Ok(Plan::Ignore(format!("event {other:?} is not handled"))),
+    };
+    let Some(entry) = catalog.project(&key) else {
+        return Ok(Plan::Ignore(format!("no project {key} in the build scripts")));
+    };
+    let Some(descriptor) = entry.valid_descriptor() else {
+        return Ok(Plan::Ignore(format!(
+            "project {key} cannot build: {}",
+            entry.error.as_deref().unwrap_or("invalid")
+        )));
+    };
+    if gated && !descriptor.manages(&git_ref.name) {
+        return Ok(Plan::Ignore(format!("{} does not match managedRefRegex", git_ref.name)));
+    }
+    Ok(Plan::Build(Build::new(key, &git_ref, commit, Trigger::Webhook, now)))
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| ApiError::bad_request(format!("missing header {name}")))
+}
+
+/// The handler.
+pub async fn github(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    let (outcome, response) = match handle(&app, &headers, &body).await {
+        Ok((outcome, r)) => (outcome, r),
+        Err(e) => {
+            let outcome = match e.status {
+                StatusCode::UNAUTHORIZED => "unauthorized",
+                StatusCode::BAD_REQUEST => "malformed",
+                _ => "error",
+            };
+            (outcome, e.into_response())
+        }
+    };
+    app.controller.metrics.webhook(outcome);
+    app.controller
+        .metrics
+        .webhook_seconds
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn handle(app: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(&'static str, Response), ApiError> {
+    if app.auth.webhook_secrets.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "webhooks are refused: no secret is configured (set DECAP_GITHUB_WEBHOOK_SECRET)",
+        ));
+    }
+    let event = header(headers, "x-github-event")?.to_owned();
+    let delivery = header(headers, "x-github-delivery")?.to_owned();
+    if delivery.len() > 128 {
+        return Err(ApiError::bad_request("X-GitHub-Delivery is longer than 128 characters"));
+    }
+    app.auth.verify_signature(headers, body)?;
+    if event == "ping" {
+        let _: serde_json::Value = parse(body)?;
+        let answer = WebhookAnswer { delivery, builds: vec![], ignored: Some("ping".into()) };
+        return Ok(("ping", (StatusCode::OK, Json(answer)).into_response()));
+    }
+    let now = OffsetDateTime::now_utc();
+    let catalog = app.controller.ports.scripts.catalog();
+    let plan = plan(&event, body, &catalog, now)?;
+    let (builds, ignored) = match plan {
+        Plan::Build(mut b) => {
+            b.delivery = Some(delivery.clone());
+            (vec![b], None)
+        }
+        Plan::Ignore(reason) => (vec![], Some(reason)),
+    };
+    let record = Delivery {
+        id: delivery.clone(),
+        event,
+        outcome: match &ignored {
+            None => "built".into(),
+            Some(r) => format!("ignored: {r}"),
+        },
+        received_at: now,
+    };
+    match app.controller.ports.builds.insert_delivery(&record, &builds).await? {
+        DeliveryOutcome::Duplicate(first) => {
+            let answer = WebhookAnswer {
+                delivery,
+                builds: first.iter().map(|id| id.to_string()).collect(),
+                ignored: Some("repeated delivery".into()),
+            };
+            Ok(("duplicate", (StatusCode::OK, Json(answer)).into_response()))
+        }
+        DeliveryOutcome::New => {
+            let ids: Vec<_> = builds.iter().map(|b| b.id).collect();
+            if !ids.is_empty() {
+                let controller = app.controller.clone();
+                tokio::spawn(async move { controller.schedule_ids(ids).await });
+            }
+            let outcome = if ignored.is_some() { "ignored" } else { "built" };
+            let answer = WebhookAnswer {
+                delivery,
+                builds: builds.iter().map(|b| b.id.to_string()).collect(),
+                ignored,
+            };
+            Ok((outcome, (StatusCode::ACCEPTED, Json(answer)).into_response()))
+        }
+    }
+}
+
+/// `POST /hooks/buildscripts`: refresh the build scripts now. Accepted when
+/// signed with a webhook secret or authorized like any mutating call.
+pub async fn buildscripts(State(app): State<AppState>, req: axum::extract::Request) -> Result<Response, ApiError> {
+    let peer = crate::auth::peer(&req);
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body over 1 MiB"))?;
+    let signed = parts.headers.contains_key("x-hub-signature-256")
+        && app.auth.verify_signature(&parts.headers, &body).is_ok();
+    if !signed {
+        app.auth.authorize(&parts.headers, peer)?;
+    }
+    let scripts = app.controller.ports.scripts.clone();
+    tokio::spawn(async move {
+        if let Err(e) = scripts.refresh().await {
+            tracing::warn!(error = %e, "refreshing the build scripts failed; keeping the previous catalog");
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"refresh": "started"}))).into_response())
+}
+

@@ -1,0 +1,298 @@
+//! The `decap` binary's library: command-line parsing, validation into a
+//! typed configuration, and the wiring of adapters into the server.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use decap_core::schedule::Caps;
+use decap_embedded::{
+    FileBlobStore, LocalExecutor, LocalExecutorConfig, SandboxMode, SqliteBuildStore, SqliteDb,
+    SqliteDeferralQueue, SqliteLockStore,
+};
+use decap_scripts::{FsScriptsRepo, ScriptsSource};
+use decap_server::livelog::LiveLogs;
+use decap_server::{AuthConfig, Controller, ControllerConfig, ExecutorEventsChannel, Ports, Server};
+use secrecy::SecretString;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// `decap`'s command line.
+#[derive(Parser, Debug)]
+#[command(name = "decap", version, about = "Decap, a Kubernetes-native build orchestrator")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the API, webhooks and UI, and run builds.
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Sandbox {
+    Auto,
+    Bubblewrap,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// `decap serve`.
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, env = "DECAP_LISTEN", default_value = "127.0.0.1:9090")]
+    listen: SocketAddr,
+    /// Where Decap keeps its database, logs, artifacts and workspaces.
+    #[arg(long, env = "DECAP_DATA_DIR", default_value = "./.decap")]
+    data_dir: PathBuf,
+    /// The build-scripts repo: a folder or a git URL (default: the checkout's examples/build-scripts).
+    #[arg(long, env = "DECAP_SCRIPTS")]
+    scripts: Option<String>,
+    /// The branch of a git build-scripts repo.
+    #[arg(long, env = "DECAP_SCRIPTS_BRANCH", default_value = "main")]
+    scripts_branch: String,
+    /// How often the build scripts are read again, besides POST /hooks/buildscripts.
+    #[arg(long, env = "DECAP_SCRIPTS_REFRESH_SECS", default_value_t = 300)]
+    scripts_refresh_secs: u64,
+    /// The URL people reach this server at (for links); default http://LISTEN.
+    #[arg(long, env = "DECAP_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Let loopback clients make changes without the API token.
+    #[arg(long, env = "DECAP_INSECURE_LOCAL")]
+    insecure_local: bool,
+    /// Builds running at once.
+    #[arg(long, env = "DECAP_MAX_BUILDS", default_value_t = 8)]
+    max_builds: usize,
+    /// Builds of one project running at once.
+    #[arg(long, env = "DECAP_MAX_BUILDS_PER_PROJECT", default_value_t = 4)]
+    max_builds_per_project: usize,
+    /// Sandbox builds with bubblewrap: auto (when installed), bubblewrap (required) or none.
+    #[arg(long, env = "DECAP_SANDBOX", value_enum, default_value_t = Sandbox::Auto)]
+    sandbox: Sandbox,
+    /// The bctool binary (default: next to this one).
+    #[arg(long, env = "DECAP_BCTOOL")]
+    bctool: Option<PathBuf>,
+    /// Seconds a stopped build gets between TERM and KILL.
+    #[arg(long, env = "DECAP_KILL_GRACE_SECS", default_value_t = 10)]
+    kill_grace_secs: u64,
+    /// Console logs are kept up to this many bytes.
+    #[arg(long, env = "DECAP_MAX_LOG_BYTES", default_value_t = 32 * 1024 * 1024)]
+    max_log_bytes: u64,
+    /// Log filter (`info`, `decap_server=debug,info`); changeable at run time.
+    #[arg(long, env = "DECAP_LOG", default_value = "info")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, env = "DECAP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    log_format: LogFormat,
+    /// The GitHub webhook secret.
+    #[arg(long, env = "DECAP_GITHUB_WEBHOOK_SECRET", hide_env_values = true)]
+    github_webhook_secret: Option<String>,
+    /// A previous webhook secret, still accepted while GitHub is switched over.
+    #[arg(long, env = "DECAP_GITHUB_WEBHOOK_SECRET_PREVIOUS", hide_env_values = true)]
+    github_webhook_secret_previous: Option<String>,
+    /// The API token for changes.
+    #[arg(long, env = "DECAP_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+}
+
+/// Runs the command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .max_blocking_threads(64)
+                .enable_all()
+                .build()?;
+            runtime.block_on(serve(*args))
+        }
+    }
+}
+
+/// Finds `examples/build-scripts` above the working directory or the binary.
+fn default_scripts() -> Option<PathBuf> {
+    let mut starts = vec![];
+    if let Ok(cwd) = std::env::current_dir() {
+        starts.push(cwd);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        starts.push(exe);
+    }
+    for start in starts {
+        for dir in start.ancestors() {
+            let candidate = dir.join("examples/build-scripts");
+            if candidate.is_dir() {
+                return Some(candidate);
+            }
+        }
+    }
+    None
+}
+
+fn secret(s: Option<String>) -> Option<SecretString> {
+    s.filter(|s| !s.is_empty()).map(SecretString::from)
+}
+
+fn install_tracing(level: &str, format: LogFormat) -> Result<decap_server::LogLevelSetter> {
+    let filter = EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    if format == LogFormat::Json {
+        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()?;
+    } else {
+        registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init()?;
+    }
+    Ok(Arc::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    }))
+}
+
+fn bctool_path(arg: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = arg {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("cannot find this binary's path")?;
+    let dir = exe.parent().context("this binary has no folder")?;
+    Ok(dir.join("bctool"))
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_owned())
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let set_level = install_tracing(&args.log_level, args.log_format)?;
+    if args.max_builds == 0 || args.max_builds_per_project == 0 {
+        bail!("--max-builds and --max-builds-per-project must be at least 1");
+    }
+    let data_dir = absolute(&args.data_dir)?;
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let scripts_spec = match args.scripts.clone() {
+        Some(s) => s,
+        None => default_scripts()
+            .context("no build scripts: pass --scripts PATH_OR_GIT_URL (or run from a Decap checkout, which ships examples/build-scripts)")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let source = ScriptsSource::parse(&scripts_spec, &args.scripts_branch, &data_dir)?;
+    let scripts = Arc::new(FsScriptsRepo::open(source).await.context("cannot read the build scripts")?);
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listener.local_addr()?;
+    let public_url = args.public_url.clone().unwrap_or_else(|| format!("http://{local}"));
+    let decap_url = format!("http://{local}");
+
+    let db = SqliteDb::open(&data_dir.join("decap.db"))?;
+    let (events, exits) = ExecutorEventsChannel::new();
+    let executor = LocalExecutor::new(
+        LocalExecutorConfig {
+            work_root: data_dir.join("work"),
+            hide: vec![data_dir.clone()],
+            bctool: bctool_path(args.bctool.clone())?,
+            sandbox: match args.sandbox {
+                Sandbox::Auto => SandboxMode::Auto,
+                Sandbox::Bubblewrap => SandboxMode::Bubblewrap,
+                Sandbox::None => SandboxMode::None,
+            },
+            kill_grace: Duration::from_secs(args.kill_grace_secs.max(1)),
+            path: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        },
+        events,
+    )?;
+    let ports = Ports {
+        builds: Arc::new(SqliteBuildStore::new(db.clone())),
+        locks: Arc::new(SqliteLockStore::new(db.clone())),
+        queue: Arc::new(SqliteDeferralQueue::new(db.clone())),
+        blobs: Arc::new(FileBlobStore::new(data_dir.join("blobs"))),
+        executor: Arc::new(executor),
+        scripts: scripts.clone(),
+    };
+    let live = LiveLogs::new(data_dir.join("live"), args.max_log_bytes)?;
+    let controller = Controller::new(
+        ports,
+        ControllerConfig {
+            public_url: public_url.clone(),
+            decap_url,
+            caps: Caps { global: args.max_builds, per_project: args.max_builds_per_project },
+            kill_grace: Duration::from_secs(args.kill_grace_secs.max(1)),
+            lock_margin: Duration::from_secs(600),
+            drain_interval: Duration::from_secs(5),
+        },
+        live,
+    );
+    controller.start(exits).await.context("recovering state")?;
+
+    let webhook_secrets: Vec<SecretString> =
+        [secret(args.github_webhook_secret.clone()), secret(args.github_webhook_secret_previous.clone())]
+            .into_iter()
+            .flatten()
+            .collect();
+    if webhook_secrets.is_empty() {
+        tracing::warn!("no DECAP_GITHUB_WEBHOOK_SECRET: GitHub webhooks are refused");
+    }
+    let api_token = secret(args.api_token.clone());
+    if api_token.is_none() && !args.insecure_local {
+        tracing::warn!("no DECAP_API_TOKEN and no --insecure-local: the API is read-only");
+    }
+    let server = Arc::new(Server {
+        controller: controller.clone(),
+        auth: AuthConfig { api_token, insecure_local: args.insecure_local, webhook_secrets },
+        version: decap_api_types::Version {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            commit: option_env!("DECAP_GIT_COMMIT").unwrap_or("unknown").to_owned(),
+        },
+        set_log_level: Some(set_level),
+    });
+
+    // Periodic refresh of the build scripts.
+    let refresh = Duration::from_secs(args.scripts_refresh_secs.max(5));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(refresh);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = decap_core::ports::ScriptsRepo::refresh(&*scripts).await {
+                tracing::warn!(error = %e, "refreshing the build scripts failed; keeping the previous catalog");
+            }
+        }
+    });
+
+    let app = decap_server::router(server);
+    tracing::info!(%local, %public_url, data_dir = %data_dir.display(), scripts = %scripts_spec, "decap is serving");
+    println!("decap: serving {public_url}");
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown())
+        .await?;
+    tracing::info!("decap stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
