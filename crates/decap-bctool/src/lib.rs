@@ -29,7 +29,11 @@ use tokio::sync::watch;
 
 /// bctool's command line.
 #[derive(Parser, Debug)]
-#[command(name = "bctool", version, about = "Decap's build companion: runs a build script and ships its log, artifacts and result")]
+#[command(
+    name = "bctool",
+    version,
+    about = "Decap's build companion: runs a build script and ships its log, artifacts and result"
+)]
 pub struct Cli {
     #[command(flatten)]
     build: BuildArgs,
@@ -40,7 +44,12 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 struct BuildArgs {
     /// The Decap server.
-    #[arg(long, env = "DECAP_URL", global = true, default_value = "http://127.0.0.1:9090")]
+    #[arg(
+        long,
+        env = "DECAP_URL",
+        global = true,
+        default_value = "http://127.0.0.1:9090"
+    )]
     server: String,
     /// The build.
     #[arg(long, env = "BUILD_ID", global = true)]
@@ -117,7 +126,14 @@ pub async fn main(cli: Cli) -> Result<i32> {
         Command::Run(args) => run(client, id, args).await,
         Command::Unlock => {
             let released = retry(|| client.unlock_build(&id)).await?;
-            eprintln!("bctool: {}", if released { "lock released" } else { "the lock was not held" });
+            eprintln!(
+                "bctool: {}",
+                if released {
+                    "lock released"
+                } else {
+                    "the lock was not held"
+                }
+            );
             Ok(0)
         }
         Command::PutLog { file } => {
@@ -129,11 +145,24 @@ pub async fn main(cli: Cli) -> Result<i32> {
             let Some(tgz) = tar_to_temp(&dir).await? else {
                 bail!("{} holds no files", dir.display());
             };
-            retry(|| async { client.put_artifacts(&id, file_body(tgz.path()).await?).await }).await?;
+            retry(|| async {
+                client
+                    .put_artifacts(&id, file_body(tgz.path()).await?)
+                    .await
+            })
+            .await?;
             Ok(0)
         }
-        Command::RecordBuildMetadata { exit_code, timed_out, message } => {
-            let result = BuildResult { exit_code, timed_out, message };
+        Command::RecordBuildMetadata {
+            exit_code,
+            timed_out,
+            message,
+        } => {
+            let result = BuildResult {
+                exit_code,
+                timed_out,
+                message,
+            };
             retry(|| client.post_result(&id, &result)).await?;
             Ok(0)
         }
@@ -163,13 +192,16 @@ where
 
 async fn file_body(path: &Path) -> Result<reqwest::Body, ClientError> {
     let file = tokio::fs::File::open(path).await?;
-    Ok(reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024)))
+    Ok(reqwest::Body::wrap_stream(
+        tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024),
+    ))
 }
 
 async fn gzip_to_temp(path: &Path) -> Result<tempfile::NamedTempFile> {
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || -> Result<tempfile::NamedTempFile> {
-        let mut input = std::fs::File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut input = std::fs::File::open(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         let out = tempfile::NamedTempFile::new()?;
         let mut enc = flate2::write::GzEncoder::new(out.reopen()?, flate2::Compression::fast());
         std::io::copy(&mut input, &mut enc)?;
@@ -236,7 +268,17 @@ async fn run(client: Client, id: String, args: RunArgs) -> Result<i32> {
             let len = note.len() as u64;
             console.progress.send_replace((len, true));
             eprint!("{note}");
-            return finish(&client, &id, &console, args.artifacts_dir.as_deref(), 127, false, vec![note.trim().to_owned()], None).await;
+            return finish(
+                &client,
+                &id,
+                &console,
+                args.artifacts_dir.as_deref(),
+                127,
+                false,
+                vec![note.trim().to_owned()],
+                None,
+            )
+            .await;
         }
     };
     let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
@@ -270,7 +312,9 @@ async fn run(client: Client, id: String, args: RunArgs) -> Result<i32> {
             log_file.write_all(&buf[..take])?;
             stored += take as u64;
             if take < n {
-                let marker = format!("\n[decap: the console log reached its cap of {cap} bytes; the rest is not kept]\n");
+                let marker = format!(
+                    "\n[decap: the console log reached its cap of {cap} bytes; the rest is not kept]\n"
+                );
                 log_file.write_all(marker.as_bytes())?;
                 stored += marker.len() as u64;
                 truncated = true;
@@ -302,44 +346,62 @@ async fn run(client: Client, id: String, args: RunArgs) -> Result<i32> {
         s = child.wait() => s?,
         () = tokio::time::sleep(timeout) => {
             timed_out = true;
-            let note = format!("bctool: the build ran past its timeout of {}s; stopping it", timeout.as_secs());
-            eprintln!("{note}");
-            notes.push(note);
+            notes.push(format!("the build ran past its timeout of {}s and was stopped", timeout.as_secs()));
             stop(&mut child, pgid, grace).await?
         }
         _ = term.recv() => {
-            notes.push("bctool: stopped by a TERM signal (cancelled)".into());
+            notes.push("stopped by a TERM signal (cancelled)".into());
             stop(&mut child, pgid, grace).await?
         }
         _ = int.recv() => {
-            notes.push("bctool: stopped by an INT signal".into());
+            notes.push("stopped by an INT signal".into());
             stop(&mut child, pgid, grace).await?
         }
         () = parent_gone => {
-            notes.push("bctool: the process that started it died; stopping the build".into());
+            notes.push("the process that started bctool died; the build was stopped".into());
             stop(&mut child, pgid, grace).await?
         }
     };
     // Background processes the script left behind would hold the pipe open
     // and outlive the build; end them.
     let _ = killpg(pgid, Signal::SIGKILL);
-    let exit_code = match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+    let exit_code = match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
         (Some(c), _) => c,
         (None, Some(sig)) => 128 + sig,
         (None, None) => 1,
     };
     let truncated = reader_task.await?.unwrap_or_else(|e| {
-        notes.push(format!("bctool: reading the console failed: {e}"));
+        notes.push(format!("reading the console failed: {e}"));
         false
     });
     if truncated {
-        notes.push(format!("the console log was truncated at {} bytes", args.max_log_bytes));
+        notes.push(format!(
+            "the console log was truncated at {} bytes",
+            args.max_log_bytes
+        ));
     }
-    finish(&client, &id, &console, args.artifacts_dir.as_deref(), exit_code, timed_out, notes, Some(streamer)).await
+    finish(
+        &client,
+        &id,
+        &console,
+        args.artifacts_dir.as_deref(),
+        exit_code,
+        timed_out,
+        notes,
+        Some(streamer),
+    )
+    .await
 }
 
 /// TERM the process group, wait the grace period, then KILL it.
-async fn stop(child: &mut tokio::process::Child, pgid: Pid, grace: Duration) -> Result<std::process::ExitStatus> {
+async fn stop(
+    child: &mut tokio::process::Child,
+    pgid: Pid,
+    grace: Duration,
+) -> Result<std::process::ExitStatus> {
     let _ = killpg(pgid, Signal::SIGTERM);
     match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => Ok(status?),
@@ -363,13 +425,17 @@ async fn finish(
 ) -> Result<i32> {
     if let Some(s) = streamer {
         // The live stream ends once the reader has closed the console.
-        if tokio::time::timeout(Duration::from_secs(15), s).await.is_err() {
-            notes.push("bctool: the live console stream did not finish in time".into());
+        if tokio::time::timeout(Duration::from_secs(15), s)
+            .await
+            .is_err()
+        {
+            notes.push("the live console stream did not finish in time".into());
         }
     }
     match gzip_to_temp(&console.path).await {
         Ok(gz) => {
-            let upload = retry(|| async { client.put_log(id, file_body(gz.path()).await?).await }).await;
+            let upload =
+                retry(|| async { client.put_log(id, file_body(gz.path()).await?).await }).await;
             if let Err(e) = upload {
                 notes.push(format!("uploading the console log failed: {e}"));
             }
@@ -380,7 +446,10 @@ async fn finish(
         match tar_to_temp(dir).await {
             Ok(None) => {}
             Ok(Some(tgz)) => {
-                let upload = retry(|| async { client.put_artifacts(id, file_body(tgz.path()).await?).await }).await;
+                let upload = retry(|| async {
+                    client.put_artifacts(id, file_body(tgz.path()).await?).await
+                })
+                .await;
                 if let Err(e) = upload {
                     notes.push(format!("uploading the artifacts failed: {e}"));
                 }
@@ -432,7 +501,13 @@ fn follow(
         rx: watch::Receiver<(u64, bool)>,
         buf: Vec<u8>,
     }
-    let st = St { path, file: None, pos: 0, rx, buf: vec![0; 64 * 1024] };
+    let st = St {
+        path,
+        file: None,
+        pos: 0,
+        rx,
+        buf: vec![0; 64 * 1024],
+    };
     futures::stream::unfold(st, |mut st| async move {
         loop {
             let (len, closed) = *st.rx.borrow_and_update();
@@ -447,7 +522,9 @@ fn follow(
                 let pos = st.pos;
                 let St { file, buf, .. } = &mut st;
                 let read = async {
-                    let f = file.as_mut().ok_or_else(|| std::io::Error::other("no file"))?;
+                    let f = file
+                        .as_mut()
+                        .ok_or_else(|| std::io::Error::other("no file"))?;
                     f.seek(std::io::SeekFrom::Start(pos)).await?;
                     f.read(&mut buf[..want]).await
                 }

@@ -20,7 +20,9 @@ use serde::de::DeserializeOwned;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server could not be reached.
-    #[error("cannot reach Decap at {url}: {reason}. Is `decap serve` running there? Point at another server with --server or DECAP_URL.")]
+    #[error(
+        "cannot reach Decap at {url}: {reason}. Is `decap serve` running there? Point at another server with --server or DECAP_URL."
+    )]
     Unreachable {
         /// The server URL.
         url: String,
@@ -48,7 +50,9 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         match self {
             ClientError::Unreachable { .. } => true,
-            ClientError::Api { status, .. } => status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS,
+            ClientError::Api { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
             _ => false,
         }
     }
@@ -118,7 +122,10 @@ impl Client {
                 reason = format!("{reason}: {s}");
                 source = s.source();
             }
-            ClientError::Unreachable { url: self.base.clone(), reason }
+            ClientError::Unreachable {
+                url: self.base.clone(),
+                reason,
+            }
         })?;
         if resp.status().is_success() {
             return Ok(resp);
@@ -127,24 +134,35 @@ impl Client {
         let text = resp.text().await.unwrap_or_default();
         let message = serde_json::from_str::<ErrorBody>(&text)
             .map(|e| e.error)
-            .unwrap_or_else(|_| if text.is_empty() { status.to_string() } else { text.trim().to_owned() });
+            .unwrap_or_else(|_| {
+                if text.is_empty() {
+                    status.to_string()
+                } else {
+                    text.trim().to_owned()
+                }
+            });
         Err(ClientError::Api { status, message })
     }
 
     async fn json<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T> {
         let resp = self.send(rb).await?;
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// `GET /api/v1/version`.
     pub async fn version(&self) -> Result<Version> {
-        self.json(self.request(Method::GET, "/api/v1/version")).await
+        self.json(self.request(Method::GET, "/api/v1/version"))
+            .await
     }
 
     /// `GET /api/v1/projects`.
     pub async fn projects(&self) -> Result<Projects> {
-        self.json(self.request(Method::GET, "/api/v1/projects")).await
+        self.json(self.request(Method::GET, "/api/v1/projects"))
+            .await
     }
 
     /// `GET /api/v1/builds/{team}/{project}`.
@@ -167,43 +185,74 @@ impl Client {
         if let Some(c) = cursor {
             q.push(format!("cursor={}", query_value(c)));
         }
-        let path = format!("/api/v1/builds/{}/{}?{}", enc(team), enc(project), q.join("&"));
+        let path = format!(
+            "/api/v1/builds/{}/{}?{}",
+            enc(team),
+            enc(project),
+            q.join("&")
+        );
         self.json(self.request(Method::GET, &path)).await
     }
 
     /// `POST /api/v1/builds/{team}/{project}?branch=…`.
-    pub async fn create_builds(&self, team: &str, project: &str, branches: &[String]) -> Result<BuildsCreated> {
-        let q: Vec<String> = branches.iter().map(|b| format!("branch={}", query_value(b))).collect();
-        let path = format!("/api/v1/builds/{}/{}?{}", enc(team), enc(project), q.join("&"));
+    pub async fn create_builds(
+        &self,
+        team: &str,
+        project: &str,
+        branches: &[String],
+    ) -> Result<BuildsCreated> {
+        let q: Vec<String> = branches
+            .iter()
+            .map(|b| format!("branch={}", query_value(b)))
+            .collect();
+        let path = format!(
+            "/api/v1/builds/{}/{}?{}",
+            enc(team),
+            enc(project),
+            q.join("&")
+        );
         self.json(self.request(Method::POST, &path)).await
     }
 
     /// `GET /api/v1/build/{id}`.
     pub async fn build(&self, id: &str) -> Result<BuildView> {
-        self.json(self.request(Method::GET, &format!("/api/v1/build/{}", enc(id)))).await
+        self.json(self.request(Method::GET, &format!("/api/v1/build/{}", enc(id))))
+            .await
     }
 
     /// `DELETE /api/v1/build/{id}`.
     pub async fn cancel(&self, id: &str) -> Result<BuildView> {
-        self.json(self.request(Method::DELETE, &format!("/api/v1/build/{}", enc(id)))).await
+        self.json(self.request(Method::DELETE, &format!("/api/v1/build/{}", enc(id))))
+            .await
     }
 
     /// `POST /api/v1/build/{id}/rerun`.
     pub async fn rerun(&self, id: &str) -> Result<BuildView> {
-        self.json(self.request(Method::POST, &format!("/api/v1/build/{}/rerun", enc(id)))).await
+        self.json(self.request(Method::POST, &format!("/api/v1/build/{}/rerun", enc(id))))
+            .await
     }
 
     /// `GET /api/v1/logs/{id}`, as a byte stream.
-    pub async fn log(&self, id: &str, follow: bool) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
+    pub async fn log(
+        &self,
+        id: &str,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
         let path = format!("/api/v1/logs/{}?follow={follow}", enc(id));
         let resp = self.send(self.request(Method::GET, &path)).await?;
-        Ok(resp.bytes_stream().map_err(|e| ClientError::Protocol(format!("the log stream broke: {e}"))))
+        Ok(resp
+            .bytes_stream()
+            .map_err(|e| ClientError::Protocol(format!("the log stream broke: {e}"))))
     }
 
     /// `GET /api/v1/artifacts/{id}`, as a byte stream.
     pub async fn artifacts(&self, id: &str) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
-        let resp = self.send(self.request(Method::GET, &format!("/api/v1/artifacts/{}", enc(id)))).await?;
-        Ok(resp.bytes_stream().map_err(|e| ClientError::Protocol(format!("the download broke: {e}"))))
+        let resp = self
+            .send(self.request(Method::GET, &format!("/api/v1/artifacts/{}", enc(id))))
+            .await?;
+        Ok(resp
+            .bytes_stream()
+            .map_err(|e| ClientError::Protocol(format!("the download broke: {e}"))))
     }
 
     /// `GET /api/v1/artifacts/{id}` with `Accept: text/plain`.
@@ -211,27 +260,44 @@ impl Client {
         let rb = self
             .request(Method::GET, &format!("/api/v1/artifacts/{}", enc(id)))
             .header(reqwest::header::ACCEPT, "text/plain");
-        let text = self.send(rb).await?.text().await.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let text = self
+            .send(rb)
+            .await?
+            .text()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(text.lines().map(str::to_owned).collect())
     }
 
     /// `GET /api/v1/artifacts/{id}/{path}`, as a byte stream.
-    pub async fn artifact_file(&self, id: &str, path: &str) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
+    pub async fn artifact_file(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
         let p: Vec<String> = path.split('/').map(enc).collect();
         let resp = self
-            .send(self.request(Method::GET, &format!("/api/v1/artifacts/{}/{}", enc(id), p.join("/"))))
+            .send(self.request(
+                Method::GET,
+                &format!("/api/v1/artifacts/{}/{}", enc(id), p.join("/")),
+            ))
             .await?;
-        Ok(resp.bytes_stream().map_err(|e| ClientError::Protocol(format!("the download broke: {e}"))))
+        Ok(resp
+            .bytes_stream()
+            .map_err(|e| ClientError::Protocol(format!("the download broke: {e}"))))
     }
 
     /// `GET /api/v1/deferred`.
     pub async fn deferred(&self) -> Result<DeferredList> {
-        self.json(self.request(Method::GET, "/api/v1/deferred")).await
+        self.json(self.request(Method::GET, "/api/v1/deferred"))
+            .await
     }
 
     /// `DELETE /api/v1/deferred/{id}`.
     pub async fn remove_deferred(&self, id: &str) -> Result<()> {
-        self.send(self.request(Method::DELETE, &format!("/api/v1/deferred/{}", enc(id)))).await.map(|_| ())
+        self.send(self.request(Method::DELETE, &format!("/api/v1/deferred/{}", enc(id))))
+            .await
+            .map(|_| ())
     }
 
     /// `GET /api/v1/locks`.
@@ -242,7 +308,9 @@ impl Client {
     /// `DELETE /api/v1/locks?key=…`.
     pub async fn unlock(&self, key: &str) -> Result<()> {
         let path = format!("/api/v1/locks?key={}", query_value(key));
-        self.send(self.request(Method::DELETE, &path)).await.map(|_| ())
+        self.send(self.request(Method::DELETE, &path))
+            .await
+            .map(|_| ())
     }
 
     /// `GET /api/v1/queue`.
@@ -252,19 +320,31 @@ impl Client {
 
     /// `PUT /api/v1/queue`.
     pub async fn set_queue(&self, state: QueueOpen) -> Result<QueueState> {
-        self.json(self.request(Method::PUT, "/api/v1/queue").json(&QueueState { state })).await
+        self.json(
+            self.request(Method::PUT, "/api/v1/queue")
+                .json(&QueueState { state }),
+        )
+        .await
     }
 
     /// `PUT /api/v1/loglevel`.
     pub async fn set_log_level(&self, level: &str) -> Result<LogLevel> {
-        self.json(self.request(Method::PUT, "/api/v1/loglevel").json(&LogLevel { level: level.to_owned() }))
-            .await
+        self.json(
+            self.request(Method::PUT, "/api/v1/loglevel")
+                .json(&LogLevel {
+                    level: level.to_owned(),
+                }),
+        )
+        .await
     }
 
     /// bctool: streams console bytes starting at `offset`.
     pub async fn stream_log(&self, id: &str, offset: u64, body: reqwest::Body) -> Result<()> {
         let rb = self
-            .request(Method::POST, &format!("/api/v1/build/{}/log/stream", enc(id)))
+            .request(
+                Method::POST,
+                &format!("/api/v1/build/{}/log/stream", enc(id)),
+            )
             .header(decap_api_types::LOG_OFFSET_HEADER, offset.to_string())
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(body);
@@ -291,8 +371,11 @@ impl Client {
 
     /// bctool: records the result.
     pub async fn post_result(&self, id: &str, result: &BuildResult) -> Result<BuildView> {
-        self.json(self.request(Method::POST, &format!("/api/v1/build/{}/result", enc(id))).json(result))
-            .await
+        self.json(
+            self.request(Method::POST, &format!("/api/v1/build/{}/result", enc(id)))
+                .json(result),
+        )
+        .await
     }
 
     /// bctool: releases the build's lock early.

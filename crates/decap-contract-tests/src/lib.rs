@@ -47,18 +47,38 @@ pub async fn build_store_suite(store: Arc<dyn BuildStore>) {
     let mut first = build_at("alpha", "main", t0);
     first.message = Some("hello".into());
     store.insert(&first).await.unwrap();
-    assert_eq!(store.get(first.id).await.unwrap().as_ref(), Some(&first), "get returns what insert stored");
-    assert!(store.insert(&first).await.is_err(), "inserting an existing id is an error");
-    assert_eq!(store.get(BuildId::new()).await.unwrap(), None, "an unknown id is None");
+    assert_eq!(
+        store.get(first.id).await.unwrap().as_ref(),
+        Some(&first),
+        "get returns what insert stored"
+    );
+    assert!(
+        store.insert(&first).await.is_err(),
+        "inserting an existing id is an error"
+    );
+    assert_eq!(
+        store.get(BuildId::new()).await.unwrap(),
+        None,
+        "an unknown id is None"
+    );
 
     // update is a compare-and-set on the status
     let mut running = first.clone();
     running.transition(BuildStatus::Running, t0).unwrap();
-    assert!(store.update(&running, BuildStatus::Queued).await.unwrap(), "update from the stored status wins");
+    assert!(
+        store.update(&running, BuildStatus::Queued).await.unwrap(),
+        "update from the stored status wins"
+    );
     let mut stale = first.clone();
     stale.transition(BuildStatus::Cancelled, t0).unwrap();
-    assert!(!store.update(&stale, BuildStatus::Queued).await.unwrap(), "update from a stale status loses");
-    assert_eq!(store.get(first.id).await.unwrap().unwrap().status, BuildStatus::Running);
+    assert!(
+        !store.update(&stale, BuildStatus::Queued).await.unwrap(),
+        "update from a stale status loses"
+    );
+    assert_eq!(
+        store.get(first.id).await.unwrap().unwrap().status,
+        BuildStatus::Running
+    );
 
     // history: newest first, filters, pagination to the end
     let mut ids = vec![first.id];
@@ -73,7 +93,12 @@ pub async fn build_store_suite(store: Arc<dyn BuildStore>) {
     let mut cursor = None;
     loop {
         let page = store
-            .list(&BuildQuery { project: Some(project("alpha")), limit: 10, cursor: cursor.clone(), ..Default::default() })
+            .list(&BuildQuery {
+                project: Some(project("alpha")),
+                limit: 10,
+                cursor: cursor.clone(),
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert!(page.builds.len() <= 10, "a page respects its limit");
@@ -85,18 +110,33 @@ pub async fn build_store_suite(store: Arc<dyn BuildStore>) {
     }
     let mut newest_first = ids.clone();
     newest_first.reverse();
-    assert_eq!(seen, newest_first, "paging visits every build once, newest first");
+    assert_eq!(
+        seen, newest_first,
+        "paging visits every build once, newest first"
+    );
     let dev = store
-        .list(&BuildQuery { project: Some(project("alpha")), branch: Some("dev".into()), limit: 100, ..Default::default() })
+        .list(&BuildQuery {
+            project: Some(project("alpha")),
+            branch: Some("dev".into()),
+            limit: 100,
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(dev.builds.len(), 12);
     assert!(dev.builds.iter().all(|b| b.branch == "dev"));
     let running_only = store
-        .list(&BuildQuery { statuses: vec![BuildStatus::Running], limit: 100, ..Default::default() })
+        .list(&BuildQuery {
+            statuses: vec![BuildStatus::Running],
+            limit: 100,
+            ..Default::default()
+        })
         .await
         .unwrap();
-    assert_eq!(running_only.builds.iter().map(|b| b.id).collect::<Vec<_>>(), vec![first.id]);
+    assert_eq!(
+        running_only.builds.iter().map(|b| b.id).collect::<Vec<_>>(),
+        vec![first.id]
+    );
     let since = store
         .list(&BuildQuery {
             project: Some(project("alpha")),
@@ -106,33 +146,94 @@ pub async fn build_store_suite(store: Arc<dyn BuildStore>) {
         })
         .await
         .unwrap();
-    assert_eq!(since.builds.len(), 5, "since keeps builds queued at or after it");
-    assert!(store.list(&BuildQuery { cursor: Some("garbage".into()), limit: 1, ..Default::default() }).await.is_err(), "a bad cursor is an error");
+    assert_eq!(
+        since.builds.len(),
+        5,
+        "since keeps builds queued at or after it"
+    );
+    assert!(
+        store
+            .list(&BuildQuery {
+                cursor: Some("garbage".into()),
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .is_err(),
+        "a bad cursor is an error"
+    );
 
-    let with = store.with_status(&[BuildStatus::Running, BuildStatus::Queued]).await.unwrap();
+    let with = store
+        .with_status(&[BuildStatus::Running, BuildStatus::Queued])
+        .await
+        .unwrap();
     assert_eq!(with.len(), 26);
     assert_eq!(with.first().map(|b| b.id), Some(first.id), "oldest first");
     let counts = store.count_by_status().await.unwrap();
-    let count = |s| counts.iter().find(|(st, _)| *st == s).map(|(_, n)| *n).unwrap_or(0);
-    assert_eq!((count(BuildStatus::Running), count(BuildStatus::Queued)), (1, 25));
+    let count = |s| {
+        counts
+            .iter()
+            .find(|(st, _)| *st == s)
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        (count(BuildStatus::Running), count(BuildStatus::Queued)),
+        (1, 25)
+    );
 
     // deliveries: recorded with their builds atomically, once
-    let delivery = Delivery { id: "d-1".into(), event: "push".into(), outcome: "built".into(), received_at: t0 };
+    let delivery = Delivery {
+        id: "d-1".into(),
+        event: "push".into(),
+        outcome: "built".into(),
+        received_at: t0,
+    };
     let b1 = build_at("gamma", "main", t0);
-    assert_eq!(store.insert_delivery(&delivery, std::slice::from_ref(&b1)).await.unwrap(), DeliveryOutcome::New);
-    assert!(store.get(b1.id).await.unwrap().is_some(), "the delivery's builds are stored");
+    assert_eq!(
+        store
+            .insert_delivery(&delivery, std::slice::from_ref(&b1))
+            .await
+            .unwrap(),
+        DeliveryOutcome::New
+    );
+    assert!(
+        store.get(b1.id).await.unwrap().is_some(),
+        "the delivery's builds are stored"
+    );
     let b2 = build_at("gamma", "main", t0);
     assert_eq!(
-        store.insert_delivery(&delivery, std::slice::from_ref(&b2)).await.unwrap(),
+        store
+            .insert_delivery(&delivery, std::slice::from_ref(&b2))
+            .await
+            .unwrap(),
         DeliveryOutcome::Duplicate(vec![b1.id]),
         "a repeated delivery returns the first delivery's builds"
     );
-    assert!(store.get(b2.id).await.unwrap().is_none(), "a repeated delivery stores nothing");
+    assert!(
+        store.get(b2.id).await.unwrap().is_none(),
+        "a repeated delivery stores nothing"
+    );
     // a failing delivery stores nothing either: its build collides with an existing id
-    let bad = Delivery { id: "d-2".into(), ..delivery.clone() };
-    assert!(store.insert_delivery(&bad, std::slice::from_ref(&first)).await.is_err());
+    let bad = Delivery {
+        id: "d-2".into(),
+        ..delivery.clone()
+    };
+    assert!(
+        store
+            .insert_delivery(&bad, std::slice::from_ref(&first))
+            .await
+            .is_err()
+    );
     let retry = build_at("gamma", "main", t0);
-    assert_eq!(store.insert_delivery(&bad, std::slice::from_ref(&retry)).await.unwrap(), DeliveryOutcome::New, "a failed delivery left no trace");
+    assert_eq!(
+        store
+            .insert_delivery(&bad, std::slice::from_ref(&retry))
+            .await
+            .unwrap(),
+        DeliveryOutcome::New,
+        "a failed delivery left no trace"
+    );
 
     // concurrent writers all land
     let mut tasks = Vec::new();
@@ -149,7 +250,10 @@ pub async fn build_store_suite(store: Arc<dyn BuildStore>) {
         written.insert(t.await.unwrap());
     }
     for id in written {
-        assert!(store.get(id).await.unwrap().is_some(), "a concurrent insert was lost");
+        assert!(
+            store.get(id).await.unwrap().is_some(),
+            "a concurrent insert was lost"
+        );
     }
 }
 
@@ -159,32 +263,81 @@ pub async fn lock_store_suite(store: Arc<dyn LockStore>) {
     let key = LockKey::parse("contract/locks/main").unwrap();
     let (a, b) = (BuildId::new(), BuildId::new());
     let ttl = Duration::from_secs(60);
-    let la = store.acquire(&key, a, ttl, t0).await.unwrap().expect("a free key is taken");
+    let la = store
+        .acquire(&key, a, ttl, t0)
+        .await
+        .unwrap()
+        .expect("a free key is taken");
     assert_eq!((la.owner, la.key.clone()), (a, key.clone()));
-    let held = store.acquire(&key, b, ttl, t0).await.unwrap().expect_err("a held key is refused");
+    let held = store
+        .acquire(&key, b, ttl, t0)
+        .await
+        .unwrap()
+        .expect_err("a held key is refused");
     assert_eq!(held.owner, a, "the refusal names the holder");
-    assert_eq!(store.acquire(&key, a, ttl, t0).await.unwrap().map(|l| l.owner), Ok(a), "the owner re-acquiring keeps it");
-    assert!(!store.release(&key, b).await.unwrap(), "only the owner releases");
+    assert_eq!(
+        store
+            .acquire(&key, a, ttl, t0)
+            .await
+            .unwrap()
+            .map(|l| l.owner),
+        Ok(a),
+        "the owner re-acquiring keeps it"
+    );
+    assert!(
+        !store.release(&key, b).await.unwrap(),
+        "only the owner releases"
+    );
     assert!(store.release(&key, a).await.unwrap());
-    assert!(!store.release(&key, a).await.unwrap(), "a second release is a no-op");
+    assert!(
+        !store.release(&key, a).await.unwrap(),
+        "a second release is a no-op"
+    );
 
     // fencing tokens grow
-    let lb = store.acquire(&key, b, ttl, t0).await.unwrap().expect("free again");
-    assert!(lb.fencing_token > la.fencing_token, "fencing tokens increase");
+    let lb = store
+        .acquire(&key, b, ttl, t0)
+        .await
+        .unwrap()
+        .expect("free again");
+    assert!(
+        lb.fencing_token > la.fencing_token,
+        "fencing tokens increase"
+    );
 
     // expiry: an expired lock can be taken over; renewal extends it
     let later = t0 + time::Duration::seconds(61);
-    assert!(store.renew(&key, b, ttl, t0 + time::Duration::seconds(30)).await.unwrap(), "the owner renews");
-    assert!(store.acquire(&key, a, ttl, later).await.unwrap().is_err(), "a renewed lock is still held");
+    assert!(
+        store
+            .renew(&key, b, ttl, t0 + time::Duration::seconds(30))
+            .await
+            .unwrap(),
+        "the owner renews"
+    );
+    assert!(
+        store.acquire(&key, a, ttl, later).await.unwrap().is_err(),
+        "a renewed lock is still held"
+    );
     let much_later = t0 + time::Duration::seconds(200);
-    let lc = store.acquire(&key, a, ttl, much_later).await.unwrap().expect("an expired lock is taken over");
+    let lc = store
+        .acquire(&key, a, ttl, much_later)
+        .await
+        .unwrap()
+        .expect("an expired lock is taken over");
     assert!(lc.fencing_token > lb.fencing_token);
-    assert!(!store.renew(&key, b, ttl, much_later).await.unwrap(), "a former owner cannot renew");
+    assert!(
+        !store.renew(&key, b, ttl, much_later).await.unwrap(),
+        "a former owner cannot renew"
+    );
 
     // operators force-release
     let listed = store.list().await.unwrap();
     assert!(listed.iter().any(|l| l.key == key && l.owner == a));
-    let released = store.force_release(&key).await.unwrap().expect("it was held");
+    let released = store
+        .force_release(&key)
+        .await
+        .unwrap()
+        .expect("it was held");
     assert_eq!(released.owner, a);
     assert!(store.force_release(&key).await.unwrap().is_none());
     assert!(store.list().await.unwrap().iter().all(|l| l.key != key));
@@ -195,7 +348,13 @@ pub async fn lock_store_suite(store: Arc<dyn LockStore>) {
     for _ in 0..64 {
         let store = store.clone();
         let key = contended.clone();
-        tasks.push(tokio::spawn(async move { store.acquire(&key, BuildId::new(), ttl, t0).await.unwrap().is_ok() }));
+        tasks.push(tokio::spawn(async move {
+            store
+                .acquire(&key, BuildId::new(), ttl, t0)
+                .await
+                .unwrap()
+                .is_ok()
+        }));
     }
     let mut winners = 0;
     for t in tasks {
@@ -221,7 +380,13 @@ pub async fn deferral_queue_suite(queue: Arc<dyn DeferralQueue>) {
     let t0 = now();
     assert!(queue.is_open().await.unwrap(), "a new queue is open");
     let entries: Vec<DeferredEntry> = (0..20)
-        .map(|i| entry(if i % 2 == 0 { "main" } else { "dev" }, Some(&format!("c{i}")), t0))
+        .map(|i| {
+            entry(
+                if i % 2 == 0 { "main" } else { "dev" },
+                Some(&format!("c{i}")),
+                t0,
+            )
+        })
         .collect();
     for e in &entries {
         assert_eq!(queue.push(e).await.unwrap(), PushOutcome::Added);
@@ -234,7 +399,11 @@ pub async fn deferral_queue_suite(queue: Arc<dyn DeferralQueue>) {
     );
     assert_eq!(listed[0], entries[0], "entries round-trip");
     let again = entry("main", Some("c0"), t0);
-    assert_eq!(queue.push(&again).await.unwrap(), PushOutcome::AlreadyWaiting(entries[0].build_id), "the same commit never waits twice");
+    assert_eq!(
+        queue.push(&again).await.unwrap(),
+        PushOutcome::AlreadyWaiting(entries[0].build_id),
+        "the same commit never waits twice"
+    );
     let no_commit = entry("feature", None, t0);
     assert_eq!(queue.push(&no_commit).await.unwrap(), PushOutcome::Added);
     assert_eq!(
@@ -242,14 +411,31 @@ pub async fn deferral_queue_suite(queue: Arc<dyn DeferralQueue>) {
         PushOutcome::AlreadyWaiting(no_commit.build_id),
         "a branch without a commit waits once"
     );
-    queue.set_reason(entries[3].build_id, "the queue is closed").await.unwrap();
+    queue
+        .set_reason(entries[3].build_id, "the queue is closed")
+        .await
+        .unwrap();
     assert!(queue.remove(entries[0].build_id).await.unwrap());
-    assert!(!queue.remove(entries[0].build_id).await.unwrap(), "removing twice is a no-op");
+    assert!(
+        !queue.remove(entries[0].build_id).await.unwrap(),
+        "removing twice is a no-op"
+    );
     let listed = queue.list().await.unwrap();
     assert_eq!(listed.len(), 20);
     assert_eq!(listed[0].build_id, entries[1].build_id);
-    assert_eq!(listed.iter().find(|e| e.build_id == entries[3].build_id).unwrap().reason, "the queue is closed");
-    assert_eq!(queue.push(&again).await.unwrap(), PushOutcome::Added, "once removed, the commit may wait again");
+    assert_eq!(
+        listed
+            .iter()
+            .find(|e| e.build_id == entries[3].build_id)
+            .unwrap()
+            .reason,
+        "the queue is closed"
+    );
+    assert_eq!(
+        queue.push(&again).await.unwrap(),
+        PushOutcome::Added,
+        "once removed, the commit may wait again"
+    );
 
     queue.set_open(false).await.unwrap();
     assert!(!queue.is_open().await.unwrap());
@@ -277,22 +463,52 @@ async fn read_all(stream: ByteStream) -> Vec<u8> {
 /// The [`BlobStore`] contract.
 pub async fn blob_store_suite(store: Arc<dyn BlobStore>) {
     let id = BuildId::new();
-    assert!(store.get(id, BlobKind::LogGz).await.unwrap().is_none(), "a missing blob is None");
+    assert!(
+        store.get(id, BlobKind::LogGz).await.unwrap().is_none(),
+        "a missing blob is None"
+    );
     // several MiB in many chunks
     let chunk: Vec<u8> = (0..=255u8).cycle().take(64 * 1024).collect();
     let chunks: Vec<Bytes> = (0..80).map(|_| Bytes::from(chunk.clone())).collect();
     let total = 80 * chunk.len() as u64;
-    assert_eq!(store.put(id, BlobKind::ArtifactsTarGz, stream_of(chunks)).await.unwrap(), total);
-    let (size, stream) = store.get(id, BlobKind::ArtifactsTarGz).await.unwrap().expect("stored");
+    assert_eq!(
+        store
+            .put(id, BlobKind::ArtifactsTarGz, stream_of(chunks))
+            .await
+            .unwrap(),
+        total
+    );
+    let (size, stream) = store
+        .get(id, BlobKind::ArtifactsTarGz)
+        .await
+        .unwrap()
+        .expect("stored");
     assert_eq!(size, total);
     let back = read_all(stream).await;
     assert_eq!(back.len() as u64, total);
-    assert!(back.chunks(chunk.len()).all(|c| c == chunk.as_slice()), "content round-trips");
-    assert!(store.get(id, BlobKind::LogGz).await.unwrap().is_none(), "kinds are separate");
+    assert!(
+        back.chunks(chunk.len()).all(|c| c == chunk.as_slice()),
+        "content round-trips"
+    );
+    assert!(
+        store.get(id, BlobKind::LogGz).await.unwrap().is_none(),
+        "kinds are separate"
+    );
 
     // replace
-    store.put(id, BlobKind::ArtifactsTarGz, stream_of(vec![Bytes::from_static(b"new")])).await.unwrap();
-    let (_, s) = store.get(id, BlobKind::ArtifactsTarGz).await.unwrap().unwrap();
+    store
+        .put(
+            id,
+            BlobKind::ArtifactsTarGz,
+            stream_of(vec![Bytes::from_static(b"new")]),
+        )
+        .await
+        .unwrap();
+    let (_, s) = store
+        .get(id, BlobKind::ArtifactsTarGz)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(read_all(s).await, b"new");
 
     // a failing upload leaves the previous blob
@@ -300,11 +516,30 @@ pub async fn blob_store_suite(store: Arc<dyn BlobStore>) {
         Ok(Bytes::from_static(b"partial")),
         Err(std::io::Error::other("the client went away")),
     ]));
-    assert!(store.put(id, BlobKind::ArtifactsTarGz, failing).await.is_err());
-    let (_, s) = store.get(id, BlobKind::ArtifactsTarGz).await.unwrap().unwrap();
-    assert_eq!(read_all(s).await, b"new", "a failed put leaves the old blob whole");
+    assert!(
+        store
+            .put(id, BlobKind::ArtifactsTarGz, failing)
+            .await
+            .is_err()
+    );
+    let (_, s) = store
+        .get(id, BlobKind::ArtifactsTarGz)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        read_all(s).await,
+        b"new",
+        "a failed put leaves the old blob whole"
+    );
 
     assert!(store.delete(id, BlobKind::ArtifactsTarGz).await.unwrap());
     assert!(!store.delete(id, BlobKind::ArtifactsTarGz).await.unwrap());
-    assert!(store.get(id, BlobKind::ArtifactsTarGz).await.unwrap().is_none());
+    assert!(
+        store
+            .get(id, BlobKind::ArtifactsTarGz)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }

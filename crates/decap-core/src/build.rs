@@ -324,12 +324,19 @@ mod tests {
     #[test]
     fn the_state_machine_allows_only_forward_moves() {
         let mut b = build();
-        b.transition(BuildStatus::Deferred, OffsetDateTime::UNIX_EPOCH).expect("ok");
-        b.transition(BuildStatus::Queued, OffsetDateTime::UNIX_EPOCH).expect("ok");
-        b.transition(BuildStatus::Running, OffsetDateTime::UNIX_EPOCH).expect("ok");
+        b.transition(BuildStatus::Deferred, OffsetDateTime::UNIX_EPOCH)
+            .expect("ok");
+        b.transition(BuildStatus::Queued, OffsetDateTime::UNIX_EPOCH)
+            .expect("ok");
+        b.transition(BuildStatus::Running, OffsetDateTime::UNIX_EPOCH)
+            .expect("ok");
         assert!(b.start_time.is_some());
-        assert!(b.transition(BuildStatus::Queued, OffsetDateTime::UNIX_EPOCH).is_err());
-        b.transition(BuildStatus::Succeeded, OffsetDateTime::UNIX_EPOCH).expect("ok");
+        assert!(
+            b.transition(BuildStatus::Queued, OffsetDateTime::UNIX_EPOCH)
+                .is_err()
+        );
+        b.transition(BuildStatus::Succeeded, OffsetDateTime::UNIX_EPOCH)
+            .expect("ok");
         for next in BuildStatus::ALL {
             assert!(!b.status.can_become(next), "final states never change");
         }
@@ -340,7 +347,10 @@ mod tests {
     fn statuses_round_trip_through_text() {
         for st in BuildStatus::ALL {
             assert_eq!(st.as_str().parse::<BuildStatus>().expect("parses"), st);
-            assert_eq!(serde_json::to_string(&st).expect("json"), format!("\"{st}\""));
+            assert_eq!(
+                serde_json::to_string(&st).expect("json"),
+                format!("\"{st}\"")
+            );
         }
         assert!("done".parse::<BuildStatus>().is_err());
     }

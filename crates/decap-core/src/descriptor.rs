@@ -87,18 +87,21 @@ impl ProjectDescriptor {
         let descriptor: Descriptor = serde_json::from_slice(json)
             .map_err(|e| Error::invalid("project.json", e.to_string()))?;
         if descriptor.build_image.trim().is_empty() {
-            return Err(Error::invalid("project.json", "buildImage must not be empty"));
+            return Err(Error::invalid(
+                "project.json",
+                "buildImage must not be empty",
+            ));
         }
-        if let Some(secs) = descriptor.build_timeout_seconds {
-            if secs == 0 || Duration::from_secs(secs) > MAX_BUILD_TIMEOUT {
-                return Err(Error::invalid(
-                    "project.json",
-                    format!(
-                        "buildTimeoutSeconds must be between 1 and {}",
-                        MAX_BUILD_TIMEOUT.as_secs()
-                    ),
-                ));
-            }
+        if let Some(secs) = descriptor.build_timeout_seconds
+            && (secs == 0 || Duration::from_secs(secs) > MAX_BUILD_TIMEOUT)
+        {
+            return Err(Error::invalid(
+                "project.json",
+                format!(
+                    "buildTimeoutSeconds must be between 1 and {}",
+                    MAX_BUILD_TIMEOUT.as_secs()
+                ),
+            ));
         }
         for name in descriptor.env.keys() {
             let valid = !name.is_empty()
@@ -194,14 +197,28 @@ mod tests {
             (b"{", "EOF"),
             (br#"{"repoUrl": "x"}"#, "buildImage"),
             (br#"{"buildImage": " "}"#, "buildImage"),
-            (br#"{"buildImage": "x", "managedRefRegex": "(unclosed"}"#, "managedRefRegex"),
-            (br#"{"buildImage": "x", "managed-branch-regex": "x"}"#, "unknown field"),
-            (br#"{"buildImage": "x", "buildTimeoutSeconds": 0}"#, "buildTimeoutSeconds"),
-            (br#"{"buildImage": "x", "env": {"BUILD_ID": "1"}}"#, "BUILD_ID"),
+            (
+                br#"{"buildImage": "x", "managedRefRegex": "(unclosed"}"#,
+                "managedRefRegex",
+            ),
+            (
+                br#"{"buildImage": "x", "managed-branch-regex": "x"}"#,
+                "unknown field",
+            ),
+            (
+                br#"{"buildImage": "x", "buildTimeoutSeconds": 0}"#,
+                "buildTimeoutSeconds",
+            ),
+            (
+                br#"{"buildImage": "x", "env": {"BUILD_ID": "1"}}"#,
+                "BUILD_ID",
+            ),
             (br#"{"buildImage": "x", "env": {"A-B": "1"}}"#, "A-B"),
         ];
         for (json, needle) in cases {
-            let err = ProjectDescriptor::parse(json).expect_err("must fail").to_string();
+            let err = ProjectDescriptor::parse(json)
+                .expect_err("must fail")
+                .to_string();
             assert!(err.contains(needle), "{err:?} should mention {needle:?}");
         }
     }

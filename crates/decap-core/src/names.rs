@@ -183,7 +183,9 @@ mod tests {
 
     #[test]
     fn names_reject_traversal_and_odd_characters() {
-        for bad in ["", ".", "..", ".hidden", "-rf", "a/b", "a b", "a\0b", "é", "a%2f"] {
+        for bad in [
+            "", ".", "..", ".hidden", "-rf", "a/b", "a b", "a\0b", "é", "a%2f",
+        ] {
             assert!(validate_name("team", bad).is_err(), "{bad:?} accepted");
         }
         assert!(validate_name("team", &"x".repeat(101)).is_err());
@@ -191,7 +193,14 @@ mod tests {
 
     #[test]
     fn branches_follow_git_rules() {
-        for ok in ["main", "feature/x", "issue/1", "v1.2.3", "release-2024_01", "a@b"] {
+        for ok in [
+            "main",
+            "feature/x",
+            "issue/1",
+            "v1.2.3",
+            "release-2024_01",
+            "a@b",
+        ] {
             validate_branch(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         for bad in [

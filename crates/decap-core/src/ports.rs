@@ -82,8 +82,11 @@ pub trait BuildStore: Send + Sync {
     async fn insert(&self, build: &Build) -> Result<()>;
     /// Records a delivery and its builds atomically, unless the delivery id
     /// was seen before (then stores nothing).
-    async fn insert_delivery(&self, delivery: &Delivery, builds: &[Build])
-        -> Result<DeliveryOutcome>;
+    async fn insert_delivery(
+        &self,
+        delivery: &Delivery,
+        builds: &[Build],
+    ) -> Result<DeliveryOutcome>;
     /// A build by id.
     async fn get(&self, id: BuildId) -> Result<Option<Build>>;
     /// Replaces a build if its stored status is `expected`; returns whether it did.
@@ -249,6 +252,8 @@ pub struct LaunchSpec {
     pub decap_url: String,
     /// The build timeout.
     pub timeout: Duration,
+    /// The console log is kept up to this many bytes.
+    pub max_log_bytes: u64,
 }
 
 /// How a build environment ended, as its executor saw it.

@@ -65,10 +65,12 @@ impl GitRef {
             .strip_prefix("refs/pull/")
             .and_then(|rest| rest.strip_suffix("/head"))
         {
-            number
-                .parse::<u64>()
-                .map(GitRef::pull)
-                .map_err(|_| crate::Error::invalid("ref", format!("{full_or_short:?} is not a pull request ref")))
+            number.parse::<u64>().map(GitRef::pull).map_err(|_| {
+                crate::Error::invalid(
+                    "ref",
+                    format!("{full_or_short:?} is not a pull request ref"),
+                )
+            })
         } else {
             GitRef::branch(full_or_short)
         }
@@ -100,7 +102,10 @@ mod tests {
         assert!(GitRef::parse("refs/heads/../x").is_err());
         assert!(GitRef::parse("refs/heads/").is_err());
         let p = GitRef::parse("refs/pull/12/head").expect("valid");
-        assert_eq!((p.kind, p.name.as_str(), p.full()), (RefKind::Pull, "pull/12", "refs/pull/12/head".to_owned()));
+        assert_eq!(
+            (p.kind, p.name.as_str(), p.full()),
+            (RefKind::Pull, "pull/12", "refs/pull/12/head".to_owned())
+        );
         assert!(GitRef::parse("refs/pull/x/head").is_err());
     }
 }

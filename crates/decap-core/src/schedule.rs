@@ -53,13 +53,14 @@ impl fmt::Display for DeferReason {
             DeferReason::QueueClosed => f.write_str("the queue is closed for maintenance"),
             DeferReason::GlobalCap(cap) => write!(f, "{cap} builds are running (the global cap)"),
             DeferReason::ProjectCap(cap) => {
-                write!(f, "{cap} builds of this project are running (the project cap)")
+                write!(
+                    f,
+                    "{cap} builds of this project are running (the project cap)"
+                )
             }
             DeferReason::LockHeld(Some(id)) => write!(f, "the branch is locked by build {id}"),
             DeferReason::LockHeld(None) => f.write_str("the branch is locked"),
-            DeferReason::BehindEarlier => {
-                f.write_str("an earlier build of this branch is waiting")
-            }
+            DeferReason::BehindEarlier => f.write_str("an earlier build of this branch is waiting"),
         }
     }
 }
@@ -153,10 +154,10 @@ impl RunningSet {
                 self.by_project.remove(&project);
             }
         }
-        if let Some(key) = key {
-            if self.keys.get(&key) == Some(&id) {
-                self.keys.remove(&key);
-            }
+        if let Some(key) = key
+            && self.keys.get(&key) == Some(&id)
+        {
+            self.keys.remove(&key);
         }
         true
     }
@@ -272,25 +273,49 @@ mod tests {
 
     #[test]
     fn admit_defers_for_each_reason() {
-        let caps = Caps { global: 2, per_project: 1 };
+        let caps = Caps {
+            global: 2,
+            per_project: 1,
+        };
         let mut running = RunningSet::default();
         let p0 = pk(0);
         let key = p0.lock_key("main");
-        assert_eq!(admit(&running, caps, false, &p0, &key, false), Decision::Defer(DeferReason::QueueClosed));
-        assert_eq!(admit(&running, caps, true, &p0, &key, true), Decision::Defer(DeferReason::BehindEarlier));
-        assert_eq!(admit(&running, caps, true, &p0, &key, false), Decision::TryLaunch);
+        assert_eq!(
+            admit(&running, caps, false, &p0, &key, false),
+            Decision::Defer(DeferReason::QueueClosed)
+        );
+        assert_eq!(
+            admit(&running, caps, true, &p0, &key, true),
+            Decision::Defer(DeferReason::BehindEarlier)
+        );
+        assert_eq!(
+            admit(&running, caps, true, &p0, &key, false),
+            Decision::TryLaunch
+        );
         let id = BuildId::new();
         assert!(running.start(id, p0.clone(), key.clone()));
-        assert_eq!(admit(&running, caps, true, &p0, &key, false), Decision::Defer(DeferReason::LockHeld(Some(id))));
-        assert_eq!(admit(&running, caps, true, &p0, &p0.lock_key("dev"), false), Decision::Defer(DeferReason::ProjectCap(1)));
+        assert_eq!(
+            admit(&running, caps, true, &p0, &key, false),
+            Decision::Defer(DeferReason::LockHeld(Some(id)))
+        );
+        assert_eq!(
+            admit(&running, caps, true, &p0, &p0.lock_key("dev"), false),
+            Decision::Defer(DeferReason::ProjectCap(1))
+        );
         let p1 = pk(1);
         assert!(running.start(BuildId::new(), p1.clone(), p1.lock_key("main")));
-        assert_eq!(admit(&running, caps, true, &pk(2), &pk(2).lock_key("main"), false), Decision::Defer(DeferReason::GlobalCap(2)));
+        assert_eq!(
+            admit(&running, caps, true, &pk(2), &pk(2).lock_key("main"), false),
+            Decision::Defer(DeferReason::GlobalCap(2))
+        );
     }
 
     #[test]
     fn projects_take_turns() {
-        let caps = Caps { global: 8, per_project: 8 };
+        let caps = Caps {
+            global: 8,
+            per_project: 8,
+        };
         let mut running = RunningSet::default();
         // project 0 floods the queue first, project 1 asks later
         let mut queue: Vec<Waiting> = (0..5).map(|b| waiting(0, b, b as i64)).collect();
@@ -311,7 +336,10 @@ mod tests {
         let b = waiting(0, 0, 2);
         let mut blocked = HashSet::new();
         blocked.insert(a.lock_key.clone());
-        assert_eq!(next_candidate(&[a, b], &running, caps, true, &blocked), None);
+        assert_eq!(
+            next_candidate(&[a, b], &running, caps, true, &blocked),
+            None
+        );
     }
 
     #[derive(Debug, Clone)]
@@ -349,29 +377,50 @@ mod tests {
             self.check();
         }
         fn check(&self) {
-            assert!(self.running.len() <= self.caps.global, "global cap exceeded");
+            assert!(
+                self.running.len() <= self.caps.global,
+                "global cap exceeded"
+            );
             for n in self.running.by_project.values() {
                 assert!(*n <= self.caps.per_project, "project cap exceeded");
             }
-            assert_eq!(self.running.keys.len(), self.running.len(), "two builds of one key");
+            assert_eq!(
+                self.running.keys.len(),
+                self.running.len(),
+                "two builds of one key"
+            );
         }
         fn submit(&mut self, w: Waiting) {
             self.accepted += 1;
             let key_waiting = self.queue.iter().any(|q| q.lock_key == w.lock_key);
-            match admit(&self.running, self.caps, self.open, &w.project, &w.lock_key, key_waiting) {
+            match admit(
+                &self.running,
+                self.caps,
+                self.open,
+                &w.project,
+                &w.lock_key,
+                key_waiting,
+            ) {
                 Decision::TryLaunch if !self.locks.contains_key(&w.lock_key) => self.launch(w),
                 _ => self.queue.push(w),
             }
         }
         fn drain(&mut self) {
             let blocked = HashSet::new();
-            while let Some(i) = next_candidate(&self.queue, &self.running, self.caps, self.open, &blocked) {
+            while let Some(i) =
+                next_candidate(&self.queue, &self.running, self.caps, self.open, &blocked)
+            {
                 let w = self.queue.remove(i);
                 self.launch(w);
             }
         }
         fn finish(&mut self, id: BuildId) {
-            let key = self.running.builds.get(&id).and_then(|(_, k)| k.clone()).expect("running");
+            let key = self
+                .running
+                .builds
+                .get(&id)
+                .and_then(|(_, k)| k.clone())
+                .expect("running");
             self.running.finish(id);
             self.locks.remove(&key);
             self.finished += 1;

@@ -12,10 +12,19 @@ use tokio::io::AsyncWriteExt;
 
 /// decapctl's command line.
 #[derive(Parser, Debug)]
-#[command(name = "decapctl", version, about = "Operate a Decap server: builds, logs, artifacts, the queue and locks")]
+#[command(
+    name = "decapctl",
+    version,
+    about = "Operate a Decap server: builds, logs, artifacts, the queue and locks"
+)]
 pub struct Cli {
     /// The Decap server.
-    #[arg(long, env = "DECAP_URL", global = true, default_value = "http://127.0.0.1:9090")]
+    #[arg(
+        long,
+        env = "DECAP_URL",
+        global = true,
+        default_value = "http://127.0.0.1:9090"
+    )]
     server: String,
     /// The API token (needed for changes).
     #[arg(long, env = "DECAP_API_TOKEN", global = true, hide_env_values = true)]
@@ -153,7 +162,9 @@ enum QueueCmd {
 }
 
 fn split_project(p: &str) -> Result<(&str, &str)> {
-    p.split_once('/').filter(|(t, p)| !t.is_empty() && !p.is_empty() && !p.contains('/')).context(format!("{p:?} is not team/project"))
+    p.split_once('/')
+        .filter(|(t, p)| !t.is_empty() && !p.is_empty() && !p.contains('/'))
+        .context(format!("{p:?} is not team/project"))
 }
 
 fn print_json<T: Serialize>(v: &T) -> Result<()> {
@@ -187,7 +198,11 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
 }
 
 fn time_of(t: Option<time::OffsetDateTime>) -> String {
-    t.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()).unwrap_or_else(|| "-".into())
+    t.and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
+    .unwrap_or_else(|| "-".into())
 }
 
 fn duration(ms: Option<i64>) -> String {
@@ -207,7 +222,9 @@ fn build_rows(builds: &[BuildView]) -> Vec<Vec<String>> {
                 b.id.clone(),
                 b.branch.clone(),
                 b.status.clone(),
-                b.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                b.exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 b.trigger.clone(),
                 time_of(Some(b.queued_at)),
                 duration(b.duration_ms),
@@ -216,7 +233,9 @@ fn build_rows(builds: &[BuildView]) -> Vec<Vec<String>> {
         .collect()
 }
 
-const BUILD_HEADERS: &[&str] = &["id", "branch", "status", "exit", "trigger", "queued", "duration"];
+const BUILD_HEADERS: &[&str] = &[
+    "id", "branch", "status", "exit", "trigger", "queued", "duration",
+];
 
 fn show_build(b: &BuildView) {
     let rows = [
@@ -227,12 +246,20 @@ fn show_build(b: &BuildView) {
         ("commit", b.commit.clone().unwrap_or_else(|| "-".into())),
         ("trigger", b.trigger.clone()),
         ("status", b.status.clone()),
-        ("exit code", b.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into())),
+        (
+            "exit code",
+            b.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
         ("queued", time_of(Some(b.queued_at))),
         ("started", time_of(b.start_time)),
         ("ended", time_of(b.end_time)),
         ("duration", duration(b.duration_ms)),
-        ("scripts commit", b.scripts_commit.clone().unwrap_or_else(|| "-".into())),
+        (
+            "scripts commit",
+            b.scripts_commit.clone().unwrap_or_else(|| "-".into()),
+        ),
         ("executor", b.executor.clone().unwrap_or_else(|| "-".into())),
         ("sandbox", b.sandbox.clone().unwrap_or_else(|| "-".into())),
         ("message", b.message.clone().unwrap_or_else(|| "-".into())),
@@ -259,7 +286,9 @@ where
         return Ok(written);
     }
     let tmp = output.with_extension("part");
-    let mut file = tokio::fs::File::create(&tmp).await.with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut file = tokio::fs::File::create(&tmp)
+        .await
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
             Ok(c) => c,
@@ -281,9 +310,24 @@ pub async fn main(cli: Cli) -> Result<i32> {
     let client = Client::new(&cli.server, cli.token.clone())?;
     let json = cli.json;
     match cli.command {
-        Command::Builds(BuildsCmd::List { project, branch, status, limit, cursor }) => {
+        Command::Builds(BuildsCmd::List {
+            project,
+            branch,
+            status,
+            limit,
+            cursor,
+        }) => {
             let (team, project) = split_project(&project)?;
-            let page = client.builds(team, project, branch.as_deref(), status.as_deref(), limit, cursor.as_deref()).await?;
+            let page = client
+                .builds(
+                    team,
+                    project,
+                    branch.as_deref(),
+                    status.as_deref(),
+                    limit,
+                    cursor.as_deref(),
+                )
+                .await?;
             if json {
                 print_json(&page)?;
             } else {
@@ -295,7 +339,11 @@ pub async fn main(cli: Cli) -> Result<i32> {
         }
         Command::Builds(BuildsCmd::Show { id }) => {
             let b = client.build(&id).await?;
-            if json { print_json(&b)? } else { show_build(&b) }
+            if json {
+                print_json(&b)?
+            } else {
+                show_build(&b)
+            }
         }
         Command::Builds(BuildsCmd::Logs { id, follow }) => {
             let mut stream = Box::pin(client.log(&id, follow).await?);
@@ -313,7 +361,11 @@ pub async fn main(cli: Cli) -> Result<i32> {
         Command::Builds(BuildsCmd::Artifacts(a)) => {
             if a.list {
                 let names = client.artifact_names(&a.id).await?;
-                if json { print_json(&names)? } else { names.iter().for_each(|n| println!("{n}")) }
+                if json {
+                    print_json(&names)?
+                } else {
+                    names.iter().for_each(|n| println!("{n}"))
+                }
             } else if let Some(path) = a.path {
                 let name = path.rsplit('/').next().unwrap_or("artifact").to_owned();
                 let output = a.output.unwrap_or_else(|| PathBuf::from(name));
@@ -323,7 +375,9 @@ pub async fn main(cli: Cli) -> Result<i32> {
                     eprintln!("decapctl: wrote {} ({n} bytes)", output.display());
                 }
             } else {
-                let output = a.output.unwrap_or_else(|| PathBuf::from(format!("{}-artifacts.tar.gz", a.id)));
+                let output = a
+                    .output
+                    .unwrap_or_else(|| PathBuf::from(format!("{}-artifacts.tar.gz", a.id)));
                 let stream = Box::pin(client.artifacts(&a.id).await?);
                 let n = write_stream(stream, &output).await?;
                 if output != std::path::Path::new("-") {
@@ -334,15 +388,27 @@ pub async fn main(cli: Cli) -> Result<i32> {
         Command::Build { project, branches } => {
             let (team, project) = split_project(&project)?;
             let created = client.create_builds(team, project, &branches).await?;
-            if json { print_json(&created)? } else { table(BUILD_HEADERS, build_rows(&created.builds)) }
+            if json {
+                print_json(&created)?
+            } else {
+                table(BUILD_HEADERS, build_rows(&created.builds))
+            }
         }
         Command::Cancel { id } => {
             let b = client.cancel(&id).await?;
-            if json { print_json(&b)? } else { println!("build {} is {}", b.id, b.status) }
+            if json {
+                print_json(&b)?
+            } else {
+                println!("build {} is {}", b.id, b.status)
+            }
         }
         Command::Rerun { id } => {
             let b = client.rerun(&id).await?;
-            if json { print_json(&b)? } else { println!("build {} ({}) reruns {id}", b.id, b.status) }
+            if json {
+                print_json(&b)?
+            } else {
+                println!("build {} ({}) reruns {id}", b.id, b.status)
+            }
         }
         Command::Projects => {
             let p = client.projects().await?;
@@ -355,10 +421,19 @@ pub async fn main(cli: Cli) -> Result<i32> {
                     .map(|p| {
                         vec![
                             format!("{}/{}", p.team, p.project),
-                            p.descriptor.as_ref().and_then(|d| d.managed_ref_regex.clone()).unwrap_or_else(|| "(all)".into()),
-                            p.error.clone().map(|e| format!("ERROR: {e}")).unwrap_or_else(|| {
-                                p.descriptor.as_ref().and_then(|d| d.repo_description.clone()).unwrap_or_default()
-                            }),
+                            p.descriptor
+                                .as_ref()
+                                .and_then(|d| d.managed_ref_regex.clone())
+                                .unwrap_or_else(|| "(all)".into()),
+                            p.error
+                                .clone()
+                                .map(|e| format!("ERROR: {e}"))
+                                .unwrap_or_else(|| {
+                                    p.descriptor
+                                        .as_ref()
+                                        .and_then(|d| d.repo_description.clone())
+                                        .unwrap_or_default()
+                                }),
                         ]
                     })
                     .collect();
@@ -373,7 +448,15 @@ pub async fn main(cli: Cli) -> Result<i32> {
                 let rows = d
                     .deferred
                     .iter()
-                    .map(|e| vec![e.id.clone(), format!("{}/{}", e.team, e.project), e.branch.clone(), time_of(Some(e.deferred_at)), e.reason.clone()])
+                    .map(|e| {
+                        vec![
+                            e.id.clone(),
+                            format!("{}/{}", e.team, e.project),
+                            e.branch.clone(),
+                            time_of(Some(e.deferred_at)),
+                            e.reason.clone(),
+                        ]
+                    })
                     .collect();
                 table(&["id", "project", "branch", "deferred", "reason"], rows);
             }
@@ -392,7 +475,15 @@ pub async fn main(cli: Cli) -> Result<i32> {
                 let rows = l
                     .locks
                     .iter()
-                    .map(|l| vec![l.key.clone(), l.build_id.clone(), l.fencing_token.to_string(), time_of(Some(l.acquired_at)), time_of(Some(l.expires_at))])
+                    .map(|l| {
+                        vec![
+                            l.key.clone(),
+                            l.build_id.clone(),
+                            l.fencing_token.to_string(),
+                            time_of(Some(l.acquired_at)),
+                            time_of(Some(l.expires_at)),
+                        ]
+                    })
                     .collect();
                 table(&["key", "build", "token", "acquired", "expires"], rows);
             }
@@ -415,16 +506,31 @@ pub async fn main(cli: Cli) -> Result<i32> {
             if json {
                 print_json(&state)?;
             } else {
-                println!("queue is {}", if state.state == QueueOpen::Open { "open" } else { "closed" });
+                println!(
+                    "queue is {}",
+                    if state.state == QueueOpen::Open {
+                        "open"
+                    } else {
+                        "closed"
+                    }
+                );
             }
         }
         Command::Loglevel { level } => {
             let l = client.set_log_level(&level).await?;
-            if json { print_json(&l)? } else { println!("log level: {}", l.level) }
+            if json {
+                print_json(&l)?
+            } else {
+                println!("log level: {}", l.level)
+            }
         }
         Command::Version => {
             let v = client.version().await?;
-            if json { print_json(&v)? } else { println!("decap {} ({})", v.version, v.commit) }
+            if json {
+                print_json(&v)?
+            } else {
+                println!("decap {} ({})", v.version, v.commit)
+            }
         }
     }
     Ok(0)

@@ -37,9 +37,16 @@ impl FileBlobStore {
 impl BlobStore for FileBlobStore {
     async fn put(&self, build: BuildId, kind: BlobKind, mut data: ByteStream) -> Result<u64> {
         let target = self.path(build, kind);
-        let dir = target.parent().ok_or_else(|| io_err("blob path has no parent"))?.to_owned();
+        let dir = target
+            .parent()
+            .ok_or_else(|| io_err("blob path has no parent"))?
+            .to_owned();
         tokio::fs::create_dir_all(&dir).await.map_err(io_err)?;
-        let tmp = dir.join(format!(".{}.{}.tmp", kind.file_name(), uuid::Uuid::now_v7()));
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            kind.file_name(),
+            uuid::Uuid::now_v7()
+        ));
         let result: Result<u64> = async {
             let mut file = tokio::fs::File::create(&tmp).await.map_err(io_err)?;
             let mut size = 0u64;

@@ -70,9 +70,11 @@ impl BuildStore for SqliteBuildStore {
         self.db
             .write(move |c| {
                 let seen: Option<String> = c
-                    .query_row("SELECT builds FROM deliveries WHERE id = ?1", [&d.id], |r| {
-                        r.get(0)
-                    })
+                    .query_row(
+                        "SELECT builds FROM deliveries WHERE id = ?1",
+                        [&d.id],
+                        |r| r.get(0),
+                    )
                     .optional()?;
                 if let Some(json) = seen {
                     let ids: Vec<BuildId> = serde_json::from_str(&json).unwrap_or_default();
@@ -98,9 +100,11 @@ impl BuildStore for SqliteBuildStore {
         self.db
             .read(move |c| {
                 let text: Option<String> = c
-                    .query_row("SELECT record FROM builds WHERE id = ?1", [id.to_string()], |r| {
-                        r.get(0)
-                    })
+                    .query_row(
+                        "SELECT record FROM builds WHERE id = ?1",
+                        [id.to_string()],
+                        |r| r.get(0),
+                    )
                     .optional()?;
                 text.map(|t| from_json(&t)).transpose()
             })
@@ -113,7 +117,12 @@ impl BuildStore for SqliteBuildStore {
             .write(move |c| {
                 let n = c.execute(
                     "UPDATE builds SET status = ?1, record = ?2 WHERE id = ?3 AND status = ?4",
-                    params![b.status.as_str(), to_json(&b)?, b.id.to_string(), expected.as_str()],
+                    params![
+                        b.status.as_str(),
+                        to_json(&b)?,
+                        b.id.to_string(),
+                        expected.as_str()
+                    ],
                 )?;
                 Ok(n == 1)
             })
@@ -126,7 +135,10 @@ impl BuildStore for SqliteBuildStore {
             return Err(Error::invalid("branch", "a branch filter needs a project"));
         }
         let cursor = match &q.cursor {
-            Some(c) => Some(BuildId::parse(c).map_err(|_| Error::invalid("cursor", "not a cursor from this server"))?),
+            Some(c) => Some(
+                BuildId::parse(c)
+                    .map_err(|_| Error::invalid("cursor", "not a cursor from this server"))?,
+            ),
             None => None,
         };
         let limit = q.limit.clamp(1, MAX_PAGE);
@@ -162,9 +174,8 @@ impl BuildStore for SqliteBuildStore {
                 sql.push_str(" ORDER BY id DESC LIMIT ?");
                 args.push(((limit + 1) as i64).into());
                 let mut stmt = c.prepare_cached(&sql)?;
-                let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
-                    r.get::<_, String>(0)
-                })?;
+                let rows =
+                    stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(0))?;
                 let mut builds = Vec::new();
                 for row in rows {
                     builds.push(from_json(&row?)?);
@@ -204,8 +215,10 @@ impl BuildStore for SqliteBuildStore {
     async fn count_by_status(&self) -> Result<Vec<(BuildStatus, u64)>> {
         self.db
             .read(|c| {
-                let mut stmt = c.prepare_cached("SELECT status, COUNT(*) FROM builds GROUP BY status")?;
-                let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+                let mut stmt =
+                    c.prepare_cached("SELECT status, COUNT(*) FROM builds GROUP BY status")?;
+                let rows =
+                    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
                 let mut out = Vec::new();
                 for row in rows {
                     let (status, n) = row?;

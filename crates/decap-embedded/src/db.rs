@@ -161,10 +161,10 @@ impl SqliteDb {
                 None => open_connection(&inner.path).map_err(sql_err)?,
             };
             let result = f(&conn).map_err(sql_err);
-            if let Ok(mut pool) = inner.readers.lock() {
-                if pool.len() < 8 {
-                    pool.push(conn);
-                }
+            if let Ok(mut pool) = inner.readers.lock()
+                && pool.len() < 8
+            {
+                pool.push(conn);
             }
             result
         })
@@ -176,8 +176,10 @@ impl SqliteDb {
     pub async fn setting(&self, key: &'static str) -> Result<Option<String>> {
         self.read(move |c| {
             use rusqlite::OptionalExtension;
-            c.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0))
-                .optional()
+            c.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()
         })
         .await
     }

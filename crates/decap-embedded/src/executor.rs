@@ -73,7 +73,17 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 fn probe_bwrap() -> Option<PathBuf> {
     let bwrap = find_in_path("bwrap")?;
     let ok = std::process::Command::new(&bwrap)
-        .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid", "true"])
+        .args([
+            "--ro-bind",
+            "/",
+            "/",
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+            "--unshare-pid",
+            "true",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -123,7 +133,11 @@ impl LocalExecutor {
         for file in &spec.project.files {
             // Paths come from the catalog, which only holds plain relative
             // paths read from the scripts folder; check again all the same.
-            if file.path.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+            if file
+                .path
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
+            {
                 return Err(exec_err(format!("unsafe script path {:?}", file.path)));
             }
             let path = ws.join("scripts").join(&file.path);
@@ -131,7 +145,11 @@ impl LocalExecutor {
                 std::fs::create_dir_all(parent).map_err(exec_err)?;
             }
             std::fs::write(&path, &file.content).map_err(exec_err)?;
-            let mode = if file.executable || file.path == "build.sh" { 0o755 } else { 0o644 };
+            let mode = if file.executable || file.path == "build.sh" {
+                0o755
+            } else {
+                0o644
+            };
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
                 .map_err(exec_err)?;
         }
@@ -154,6 +172,8 @@ impl LocalExecutor {
             spec.timeout.as_secs().max(1).to_string(),
             "--kill-grace-secs".into(),
             self.config.kill_grace.as_secs().max(1).to_string(),
+            "--max-log-bytes".into(),
+            spec.max_log_bytes.to_string(),
             "--".into(),
         ];
         if !shebang {
@@ -169,13 +189,31 @@ impl LocalExecutor {
             }
             Some(bwrap) => {
                 let mut c = tokio::process::Command::new(bwrap);
-                c.args(["--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc", "--unshare-uts"])
-                    .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);
+                c.args([
+                    "--die-with-parent",
+                    "--new-session",
+                    "--unshare-pid",
+                    "--unshare-ipc",
+                    "--unshare-uts",
+                ])
+                .args([
+                    "--ro-bind",
+                    "/",
+                    "/",
+                    "--dev",
+                    "/dev",
+                    "--proc",
+                    "/proc",
+                    "--tmpfs",
+                    "/tmp",
+                ]);
                 for hidden in &self.config.hide {
                     c.arg("--tmpfs").arg(hidden);
                 }
                 c.arg("--bind").arg(ws).arg(ws);
-                c.arg("--ro-bind").arg(&self.config.bctool).arg(&self.config.bctool);
+                c.arg("--ro-bind")
+                    .arg(&self.config.bctool)
+                    .arg(&self.config.bctool);
                 c.arg("--chdir").arg(ws.join("src"));
                 c.arg("--").arg(&self.config.bctool).args(&bctool_args);
                 c
@@ -187,7 +225,13 @@ impl LocalExecutor {
             .env("HOME", ws.join("home"))
             .env("TMPDIR", ws.join("tmp"))
             .env("LANG", "C.UTF-8");
-        for (k, v) in &spec.project.descriptor.as_ref().map(|d| d.descriptor.env.clone()).unwrap_or_default() {
+        for (k, v) in &spec
+            .project
+            .descriptor
+            .as_ref()
+            .map(|d| d.descriptor.env.clone())
+            .unwrap_or_default()
+        {
             cmd.env(k, v);
         }
         cmd.env("BUILD_ID", build.id.to_string())
@@ -198,7 +242,10 @@ impl LocalExecutor {
             .env("ARTIFACTS_DIR", ws.join("artifacts"))
             .env("DECAP_URL", &spec.decap_url)
             .env("DECAP_BUILD_TOKEN", &spec.build_token)
-            .env("DECAP_SCRIPTS_COMMIT", build.scripts_commit.as_deref().unwrap_or(""))
+            .env(
+                "DECAP_SCRIPTS_COMMIT",
+                build.scripts_commit.as_deref().unwrap_or(""),
+            )
             .env("DECAP_BUILD_SCRIPTS", ws.join("scripts"));
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -209,7 +256,11 @@ impl LocalExecutor {
     }
 
     fn signal(&self, build: BuildId, signal: Signal) -> bool {
-        let pgid = self.children.lock().ok().and_then(|c| c.get(&build).copied());
+        let pgid = self
+            .children
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&build).copied());
         match pgid {
             Some(pgid) => killpg(pgid, signal).is_ok(),
             None => false,
@@ -224,7 +275,11 @@ impl Executor for LocalExecutor {
     }
 
     fn sandbox(&self) -> &'static str {
-        if self.bwrap.is_some() { "bubblewrap" } else { "none" }
+        if self.bwrap.is_some() {
+            "bubblewrap"
+        } else {
+            "none"
+        }
     }
 
     async fn launch(&self, spec: LaunchSpec) -> Result<()> {
@@ -238,7 +293,9 @@ impl Executor for LocalExecutor {
             let _ = std::fs::remove_dir_all(&ws);
             exec_err(format!("cannot start bctool: {e}"))
         })?;
-        let pid = child.id().ok_or_else(|| exec_err("bctool exited at once"))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| exec_err("bctool exited at once"))?;
         let pgid = Pid::from_raw(pid as i32);
         self.children.lock().map_err(exec_err)?.insert(id, pgid);
 
@@ -291,6 +348,12 @@ impl Executor for LocalExecutor {
     }
 
     async fn live(&self) -> Result<Vec<BuildId>> {
-        Ok(self.children.lock().map_err(exec_err)?.keys().copied().collect())
+        Ok(self
+            .children
+            .lock()
+            .map_err(exec_err)?
+            .keys()
+            .copied()
+            .collect())
     }
 }

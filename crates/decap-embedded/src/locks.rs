@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use decap_core::Result;
 use decap_core::build::BuildId;
 use decap_core::names::LockKey;
 use decap_core::ports::{Lock, LockStore};
-use decap_core::Result;
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 

@@ -1,10 +1,10 @@
 //! The deferral queue in SQLite.
 
 use async_trait::async_trait;
+use decap_core::Result;
 use decap_core::build::BuildId;
 use decap_core::names::ProjectKey;
 use decap_core::ports::{DeferralQueue, DeferredEntry, PushOutcome};
-use decap_core::Result;
 use rusqlite::{OptionalExtension, params};
 
 use crate::db::SqliteDb;
@@ -97,7 +97,10 @@ impl DeferralQueue for SqliteDeferralQueue {
     async fn remove(&self, build_id: BuildId) -> Result<bool> {
         self.db
             .write(move |c| {
-                let n = c.execute("DELETE FROM deferred WHERE build_id = ?1", [build_id.to_string()])?;
+                let n = c.execute(
+                    "DELETE FROM deferred WHERE build_id = ?1",
+                    [build_id.to_string()],
+                )?;
                 Ok(n == 1)
             })
             .await

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use decap_embedded::{FileBlobStore, SqliteBuildStore, SqliteDb, SqliteDeferralQueue, SqliteLockStore};
+use decap_embedded::{
+    FileBlobStore, SqliteBuildStore, SqliteDb, SqliteDeferralQueue, SqliteLockStore,
+};
 
 fn db() -> (tempfile::TempDir, SqliteDb) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -31,7 +33,8 @@ async fn sqlite_deferral_queue_keeps_the_contract() {
 #[tokio::test]
 async fn file_blob_store_keeps_the_contract() {
     let dir = tempfile::tempdir().expect("tempdir");
-    decap_contract_tests::blob_store_suite(Arc::new(FileBlobStore::new(dir.path().join("blobs")))).await;
+    decap_contract_tests::blob_store_suite(Arc::new(FileBlobStore::new(dir.path().join("blobs"))))
+        .await;
 }
 
 #[tokio::test]
@@ -44,5 +47,8 @@ async fn the_database_survives_reopening() {
         q.set_open(false).await.expect("writes");
     }
     let q = SqliteDeferralQueue::new(SqliteDb::open(&path).expect("reopens"));
-    assert!(!q.is_open().await.expect("reads"), "the queue state is durable");
+    assert!(
+        !q.is_open().await.expect("reads"),
+        "the queue state is durable"
+    );
 }

@@ -56,7 +56,10 @@ impl ScriptsSource {
             || (spec.contains('@') && spec.contains(':') && !spec.starts_with('/'));
         if looks_git {
             if spec.starts_with('-') {
-                return Err(Error::invalid("scripts", "a git URL must not start with '-'"));
+                return Err(Error::invalid(
+                    "scripts",
+                    "a git URL must not start with '-'",
+                ));
             }
             decap_core::names::validate_branch(branch)?;
             Ok(ScriptsSource::Git {
@@ -172,8 +175,16 @@ async fn git(args: &[&str], cwd: Option<&Path>) -> Result<String> {
 /// Clones or fast-forwards the checkout to the branch's tip; returns its commit.
 async fn sync_git(url: &str, branch: &str, checkout: &Path) -> Result<String> {
     if checkout.join(".git").is_dir() {
-        git(&["fetch", "--quiet", "--depth", "1", "origin", branch], Some(checkout)).await?;
-        git(&["reset", "--quiet", "--hard", "FETCH_HEAD"], Some(checkout)).await?;
+        git(
+            &["fetch", "--quiet", "--depth", "1", "origin", branch],
+            Some(checkout),
+        )
+        .await?;
+        git(
+            &["reset", "--quiet", "--hard", "FETCH_HEAD"],
+            Some(checkout),
+        )
+        .await?;
     } else {
         if checkout.exists() {
             std::fs::remove_dir_all(checkout).map_err(|e| Error::backend("scripts", e))?;
@@ -181,8 +192,16 @@ async fn sync_git(url: &str, branch: &str, checkout: &Path) -> Result<String> {
         let dest = checkout.to_string_lossy().into_owned();
         git(
             &[
-                "clone", "--quiet", "--depth", "1", "--single-branch", "--branch", branch, "--",
-                url, &dest,
+                "clone",
+                "--quiet",
+                "--depth",
+                "1",
+                "--single-branch",
+                "--branch",
+                branch,
+                "--",
+                url,
+                &dest,
             ],
             None,
         )
@@ -196,9 +215,8 @@ async fn sync_git(url: &str, branch: &str, checkout: &Path) -> Result<String> {
 pub fn load_catalog(root: &Path, commit: Option<String>) -> Result<Catalog> {
     let mut catalog = Catalog::default();
     let mut hasher = Sha256::new();
-    let teams = sorted_dir(root).map_err(|e| {
-        Error::backend("scripts", format!("cannot read {}: {e}", root.display()))
-    })?;
+    let teams = sorted_dir(root)
+        .map_err(|e| Error::backend("scripts", format!("cannot read {}: {e}", root.display())))?;
     for (team, team_path) in teams {
         if team.starts_with('.') || !team_path.is_dir() || is_symlink(&team_path) {
             continue;
@@ -221,7 +239,9 @@ pub fn load_catalog(root: &Path, commit: Option<String>) -> Result<Catalog> {
             let key = match ProjectKey::new(&team, &project) {
                 Ok(k) => k,
                 Err(e) => {
-                    catalog.problems.push(format!("folder {team}/{project:?}: {e}"));
+                    catalog
+                        .problems
+                        .push(format!("folder {team}/{project:?}: {e}"));
                     continue;
                 }
             };
@@ -333,7 +353,11 @@ fn parse_sidecar(content: &[u8]) -> std::result::Result<serde_json::Value, Strin
             "sidecar name {name:?} must be a DNS label (lowercase letters, digits, '-', at most 63)"
         ));
     }
-    if obj.get("image").and_then(|v| v.as_str()).is_none_or(str::is_empty) {
+    if obj
+        .get("image")
+        .and_then(|v| v.as_str())
+        .is_none_or(str::is_empty)
+    {
         return Err("a sidecar needs a string \"image\"".to_owned());
     }
     Ok(spec)
@@ -360,7 +384,9 @@ fn read_files(
         if meta.file_type().is_symlink() {
             // A link could point anywhere on the controller's disk; scripts
             // must be plain files.
-            return Err(format!("{rel} is a symbolic link, which build scripts may not contain"));
+            return Err(format!(
+                "{rel} is a symbolic link, which build scripts may not contain"
+            ));
         }
         if meta.is_dir() {
             if depth + 1 >= MAX_DEPTH {
@@ -377,7 +403,9 @@ fn read_files(
         }
         *total += meta.len();
         if *total > MAX_PROJECT_BYTES {
-            return Err(format!("the project folder holds more than {MAX_PROJECT_BYTES} bytes"));
+            return Err(format!(
+                "the project folder holds more than {MAX_PROJECT_BYTES} bytes"
+            ));
         }
         let content = std::fs::read(&path).map_err(|e| format!("{rel}: {e}"))?;
         out.push(ScriptFile {
@@ -405,17 +433,33 @@ mod tests {
         let root = dir.path();
         write(root, "acme/good/project.json", r#"{"buildImage": "img"}"#);
         write(root, "acme/good/build.sh", "echo hi\n");
-        write(root, "acme/good/mysql-sidecar.json", r#"{"name": "mysql", "image": "mysql:8"}"#);
+        write(
+            root,
+            "acme/good/mysql-sidecar.json",
+            r#"{"name": "mysql", "image": "mysql:8"}"#,
+        );
         write(root, "acme/badjson/project.json", "{");
         write(root, "acme/badjson/build.sh", "true\n");
-        write(root, "acme/badregex/project.json", r#"{"buildImage": "i", "managedRefRegex": "("}"#);
+        write(
+            root,
+            "acme/badregex/project.json",
+            r#"{"buildImage": "i", "managedRefRegex": "("}"#,
+        );
         write(root, "acme/badregex/build.sh", "true\n");
         write(root, "acme/noimage/project.json", r#"{"repoUrl": "x"}"#);
         write(root, "acme/noimage/build.sh", "true\n");
         write(root, "acme/noscript/project.json", r#"{"buildImage": "i"}"#);
-        write(root, "acme/badsidecar/project.json", r#"{"buildImage": "i"}"#);
+        write(
+            root,
+            "acme/badsidecar/project.json",
+            r#"{"buildImage": "i"}"#,
+        );
         write(root, "acme/badsidecar/build.sh", "true\n");
-        write(root, "acme/badsidecar/redis-sidecar.json", r#"{"image": "redis"}"#);
+        write(
+            root,
+            "acme/badsidecar/redis-sidecar.json",
+            r#"{"image": "redis"}"#,
+        );
         write(root, "acme/not-a-project/README.md", "docs");
         write(root, "bad team/x/project.json", r#"{"buildImage": "i"}"#);
         let catalog = load_catalog(root, None).expect("loads");
@@ -427,14 +471,32 @@ mod tests {
                 .clone()
         };
         assert_eq!(error("good"), None);
-        let good = catalog.project(&ProjectKey::new("acme", "good").expect("valid")).expect("listed");
+        let good = catalog
+            .project(&ProjectKey::new("acme", "good").expect("valid"))
+            .expect("listed");
         assert_eq!(good.sidecars.len(), 1);
         assert!(error("badjson").expect("error").contains("project.json"));
-        assert!(error("badregex").expect("error").contains("managedRefRegex"));
+        assert!(
+            error("badregex")
+                .expect("error")
+                .contains("managedRefRegex")
+        );
         assert!(error("noimage").expect("error").contains("buildImage"));
-        assert!(error("noscript").expect("error").contains("build.sh is missing"));
-        assert!(error("badsidecar").expect("error").contains("redis-sidecar.json"));
-        assert!(catalog.project(&ProjectKey::new("acme", "not-a-project").expect("valid")).is_none());
+        assert!(
+            error("noscript")
+                .expect("error")
+                .contains("build.sh is missing")
+        );
+        assert!(
+            error("badsidecar")
+                .expect("error")
+                .contains("redis-sidecar.json")
+        );
+        assert!(
+            catalog
+                .project(&ProjectKey::new("acme", "not-a-project").expect("valid"))
+                .is_none()
+        );
         assert_eq!(catalog.problems.len(), 1, "{:?}", catalog.problems);
         assert!(catalog.commit.starts_with("sha256:"));
         assert_eq!(catalog.teams(), vec!["acme".to_owned()]);
@@ -458,8 +520,16 @@ mod tests {
         write(dir.path(), "a/b/build.sh", "true\n");
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join("a/b/passwd")).expect("link");
         let catalog = load_catalog(dir.path(), None).expect("loads");
-        let entry = catalog.project(&ProjectKey::new("a", "b").expect("valid")).expect("listed");
-        assert!(entry.error.as_deref().expect("error").contains("symbolic link"));
+        let entry = catalog
+            .project(&ProjectKey::new("a", "b").expect("valid"))
+            .expect("listed");
+        assert!(
+            entry
+                .error
+                .as_deref()
+                .expect("error")
+                .contains("symbolic link")
+        );
     }
 
     #[tokio::test]
@@ -492,9 +562,20 @@ mod tests {
         assert_ne!(first.commit, second.commit);
         let key = ProjectKey::new("acme", "app").expect("valid");
         let script = |c: &Catalog| {
-            c.project(&key).expect("listed").files.iter().find(|f| f.path == "build.sh").expect("script").content.clone()
+            c.project(&key)
+                .expect("listed")
+                .files
+                .iter()
+                .find(|f| f.path == "build.sh")
+                .expect("script")
+                .content
+                .clone()
         };
-        assert_eq!(&*script(&first), b"echo one\n", "the old catalog keeps its scripts");
+        assert_eq!(
+            &*script(&first),
+            b"echo one\n",
+            "the old catalog keeps its scripts"
+        );
         assert_eq!(&*script(&second), b"echo two\n");
     }
 }

@@ -43,7 +43,8 @@ async fn load(app: &AppState, id: &str) -> ApiResult<Build> {
 fn query_pairs(raw: &Option<String>) -> ApiResult<Vec<(String, String)>> {
     match raw {
         None => Ok(vec![]),
-        Some(q) => serde_urlencoded::from_str(q).map_err(|e| ApiError::bad_request(format!("bad query string: {e}"))),
+        Some(q) => serde_urlencoded::from_str(q)
+            .map_err(|e| ApiError::bad_request(format!("bad query string: {e}"))),
     }
 }
 
@@ -61,16 +62,24 @@ pub async fn version(State(app): State<AppState>) -> Json<Version> {
 pub async fn teams(State(app): State<AppState>) -> Json<Teams> {
     let catalog = app.controller.ports.scripts.catalog();
     Json(Teams {
-        teams: catalog.teams().into_iter().map(|name| Team { name }).collect(),
+        teams: catalog
+            .teams()
+            .into_iter()
+            .map(|name| Team { name })
+            .collect(),
     })
 }
 
-pub async fn projects(State(app): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Projects>> {
+pub async fn projects(
+    State(app): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Projects>> {
     let mut team = None;
     for (k, v) in query_pairs(&q)? {
         match k.as_str() {
             "team" => {
-                decap_core::names::validate_name("team", &v).map_err(|e| ApiError::bad_request(e.to_string()))?;
+                decap_core::names::validate_name("team", &v)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
                 team = Some(v);
             }
             other => return Err(unknown_param(other, &["team"])),
@@ -107,16 +116,27 @@ fn project_key(team: &str, project: &str) -> ApiResult<ProjectKey> {
 }
 
 /// Branches and tags of a project's repository, from `git ls-remote`.
-pub async fn refs(State(app): State<AppState>, Path((team, project)): Path<(String, String)>) -> ApiResult<Json<Refs>> {
+pub async fn refs(
+    State(app): State<AppState>,
+    Path((team, project)): Path<(String, String)>,
+) -> ApiResult<Json<Refs>> {
     let key = project_key(&team, &project)?;
     let entry = app.controller.project(&key)?;
     let url = entry
         .descriptor
         .as_ref()
         .and_then(|d| d.descriptor.repo_url.clone())
-        .ok_or_else(|| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("project {key} has no repoUrl")))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("project {key} has no repoUrl"),
+            )
+        })?;
     if url.starts_with('-') {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "repoUrl must not start with '-'"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "repoUrl must not start with '-'",
+        ));
     }
     let mut cmd = tokio::process::Command::new("git");
     cmd.args(["ls-remote", "--heads", "--tags", "--", &url])
@@ -125,27 +145,45 @@ pub async fn refs(State(app): State<AppState>, Path((team, project)): Path<(Stri
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(15), cmd.output())
         .await
-        .map_err(|_| ApiError::new(StatusCode::BAD_GATEWAY, format!("{url} did not answer within 15 s")))?
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("{url} did not answer within 15 s"),
+            )
+        })?
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("cannot run git: {e}")))?;
     if !out.status.success() {
         return Err(ApiError::new(
             StatusCode::BAD_GATEWAY,
-            format!("cannot list the refs of {url}: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            format!(
+                "cannot list the refs of {url}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         ));
     }
     let mut refs = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some((_, name)) = line.split_once('\t') else { continue };
+        let Some((_, name)) = line.split_once('\t') else {
+            continue;
+        };
         if name.ends_with("^{}") {
             continue;
         }
         if let Some(b) = name.strip_prefix("refs/heads/") {
-            refs.push(RefView { name: b.to_owned(), kind: "branch".into() });
+            refs.push(RefView {
+                name: b.to_owned(),
+                kind: "branch".into(),
+            });
         } else if let Some(t) = name.strip_prefix("refs/tags/") {
-            refs.push(RefView { name: t.to_owned(), kind: "tag".into() });
+            refs.push(RefView {
+                name: t.to_owned(),
+                kind: "tag".into(),
+            });
         }
     }
-    refs.sort_by(|a, b| (a.kind.as_str(), a.name.as_str()).cmp(&(b.kind.as_str(), b.name.as_str())));
+    refs.sort_by(|a, b| {
+        (a.kind.as_str(), a.name.as_str()).cmp(&(b.kind.as_str(), b.name.as_str()))
+    });
     Ok(Json(Refs { refs }))
 }
 
@@ -155,28 +193,42 @@ pub async fn list_builds(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<BuildsPage>> {
     let key = project_key(&team, &project)?;
-    let mut query = BuildQuery { project: Some(key), limit: 50, ..Default::default() };
+    let mut query = BuildQuery {
+        project: Some(key),
+        limit: 50,
+        ..Default::default()
+    };
     const ALLOWED: &[&str] = &["branch", "status", "since", "limit", "cursor"];
     for (k, v) in query_pairs(&q)? {
         match k.as_str() {
             "branch" => {
-                decap_core::names::validate_branch(&v).map_err(|e| ApiError::bad_request(e.to_string()))?;
+                decap_core::names::validate_branch(&v)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
                 query.branch = Some(v);
             }
             "status" => {
                 for s in v.split(',').filter(|s| !s.is_empty()) {
-                    query.statuses.push(s.parse::<BuildStatus>().map_err(|e| ApiError::bad_request(e.to_string()))?);
+                    query.statuses.push(
+                        s.parse::<BuildStatus>()
+                            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+                    );
                 }
             }
             "since" => {
                 let t = OffsetDateTime::parse(&v, &time::format_description::well_known::Rfc3339)
-                    .map_err(|_| ApiError::bad_request(format!("invalid since: {v:?} is not an RFC 3339 time")))?;
+                    .map_err(|_| {
+                    ApiError::bad_request(format!("invalid since: {v:?} is not an RFC 3339 time"))
+                })?;
                 query.since = Some(t);
             }
             "limit" => {
-                let n: usize = v.parse().map_err(|_| ApiError::bad_request(format!("invalid limit: {v:?} is not a number")))?;
+                let n: usize = v.parse().map_err(|_| {
+                    ApiError::bad_request(format!("invalid limit: {v:?} is not a number"))
+                })?;
                 if !(1..=500).contains(&n) {
-                    return Err(ApiError::bad_request("invalid limit: must be between 1 and 500"));
+                    return Err(ApiError::bad_request(
+                        "invalid limit: must be between 1 and 500",
+                    ));
                 }
                 query.limit = n;
             }
@@ -186,7 +238,10 @@ pub async fn list_builds(
     }
     // History outlives a project's removal from the scripts: only names
     // that are neither in the scripts nor in the history are unknown.
-    let exists_in_scripts = query.project.as_ref().is_some_and(|k| app.controller.project(k).is_ok());
+    let exists_in_scripts = query
+        .project
+        .as_ref()
+        .is_some_and(|k| app.controller.project(k).is_ok());
     let page = app.controller.ports.builds.list(&query).await?;
     if page.builds.is_empty() && query.cursor.is_none() && !exists_in_scripts {
         return Err(ApiError::not_found(format!("project {team}/{project}")));
@@ -223,24 +278,40 @@ pub async fn create_builds(
     if branches.len() > 64 {
         return Err(ApiError::bad_request("at most 64 branches per request"));
     }
-    let builds = app.controller.request_builds(&key, &branches, trigger).await?;
-    let body = BuildsCreated { builds: builds.iter().map(|b| view(&app, b)).collect() };
+    let builds = app
+        .controller
+        .request_builds(&key, &branches, trigger)
+        .await?;
+    let body = BuildsCreated {
+        builds: builds.iter().map(|b| view(&app, b)).collect(),
+    };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
-pub async fn get_build(State(app): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<BuildView>> {
+pub async fn get_build(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<BuildView>> {
     let b = load(&app, &id).await?;
     Ok(Json(view(&app, &b)))
 }
 
-pub async fn cancel_build(State(app): State<AppState>, Path(id): Path<String>, req: Request) -> ApiResult<Response> {
+pub async fn cancel_build(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
     app.auth.authorize(req.headers(), peer(&req))?;
     let id = build_id(&id)?;
     let b = app.controller.cancel(id).await?;
     Ok((StatusCode::ACCEPTED, Json(view(&app, &b))).into_response())
 }
 
-pub async fn rerun_build(State(app): State<AppState>, Path(id): Path<String>, req: Request) -> ApiResult<Response> {
+pub async fn rerun_build(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
     app.auth.authorize(req.headers(), peer(&req))?;
     let id = build_id(&id)?;
     let b = app.controller.rerun(id).await?;
@@ -283,25 +354,38 @@ async fn wait_for_log(app: &AppState, id: BuildId) -> ApiResult<LogSource> {
 
 fn gunzip(gz: ByteStream) -> ByteStream {
     let reader = tokio_util::io::StreamReader::new(gz);
-    let decoder = async_compression::tokio::bufread::GzipDecoder::new(tokio::io::BufReader::new(reader));
+    let decoder =
+        async_compression::tokio::bufread::GzipDecoder::new(tokio::io::BufReader::new(reader));
     Box::pin(tokio_util::io::ReaderStream::new(decoder))
 }
 
 fn log_gone(b: &Build) -> ApiError {
     if b.status.is_final() {
-        ApiError::not_found(format!("the console log of build {} (it is gone or was never stored)", b.id))
+        ApiError::not_found(format!(
+            "the console log of build {} (it is gone or was never stored)",
+            b.id
+        ))
     } else {
-        ApiError::not_found(format!("a console log for build {} yet (it is {})", b.id, b.status))
+        ApiError::not_found(format!(
+            "a console log for build {} yet (it is {})",
+            b.id, b.status
+        ))
     }
 }
 
-pub async fn get_log(State(app): State<AppState>, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult<Response> {
+pub async fn get_log(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Response> {
     let b = load(&app, &id).await?;
     let mut follow = false;
     for (k, v) in query_pairs(&q)? {
         match k.as_str() {
             "follow" => {
-                follow = v.parse().map_err(|_| ApiError::bad_request("invalid follow: true or false"))?;
+                follow = v
+                    .parse()
+                    .map_err(|_| ApiError::bad_request("invalid follow: true or false"))?;
             }
             other => return Err(unknown_param(other, &["follow"])),
         }
@@ -317,16 +401,18 @@ pub async fn get_log(State(app): State<AppState>, Path(id): Path<String>, RawQue
         LogSource::Live(live) if follow => Body::from_stream(live.follow(0)),
         LogSource::Live(live) => {
             // A snapshot of what has arrived so far.
-            let bytes = tokio::fs::read(live.path()).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+            let bytes = tokio::fs::read(live.path())
+                .await
+                .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
             Body::from(bytes)
         }
     };
-    Ok(Response::builder()
+    Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .header(header::CACHE_CONTROL, "no-cache")
         .header("x-content-type-options", "nosniff")
         .body(body)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 fn status_event(app: &AppState, b: &Build) -> Event {
@@ -357,7 +443,9 @@ pub async fn log_events(
         let source = match wait_for_log(&app2, b.id).await {
             Ok(s) => s,
             Err(e) => {
-                let _ = tx.send(Event::default().event("error").data(e.message)).await;
+                let _ = tx
+                    .send(Event::default().event("error").data(e.message))
+                    .await;
                 return;
             }
         };
@@ -366,20 +454,42 @@ pub async fn log_events(
             LogSource::Live(live) => Box::pin(live.follow(resume)),
             LogSource::Stored(s) => skip_bytes(s, resume),
             LogSource::None => {
-                let _ = tx.send(Event::default().event("error").data("the console log is gone")).await;
+                let _ = tx
+                    .send(
+                        Event::default()
+                            .event("error")
+                            .data("the console log is gone"),
+                    )
+                    .await;
                 Box::pin(futures::stream::empty())
             }
         };
         while let Some(chunk) = stream.next().await {
             let Ok(chunk) = chunk else { break };
             for (offset, line) in splitter.push(&chunk) {
-                if tx.send(Event::default().event("log").id(offset.to_string()).data(line)).await.is_err() {
+                if tx
+                    .send(
+                        Event::default()
+                            .event("log")
+                            .id(offset.to_string())
+                            .data(line),
+                    )
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
         }
         if let Some((offset, line)) = splitter.finish() {
-            let _ = tx.send(Event::default().event("log").id(offset.to_string()).data(line)).await;
+            let _ = tx
+                .send(
+                    Event::default()
+                        .event("log")
+                        .id(offset.to_string())
+                        .data(line),
+                )
+                .await;
         }
         // The log ends when the build does; report where it ended.
         let mut changes = app2.controller.subscribe();
@@ -430,25 +540,34 @@ fn body_stream(body: Body) -> ByteStream {
 
 /// `POST /api/v1/build/{id}/log/stream` — bctool streams the console; the
 /// `x-decap-log-offset` header says where this request's bytes start.
-pub async fn stream_log(State(app): State<AppState>, Path(id): Path<String>, req: Request) -> ApiResult<Response> {
+pub async fn stream_log(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
     let b = load(&app, &id).await?;
     app.auth.authorize_build(req.headers(), peer(&req), &b)?;
     let offset: u64 = req
         .headers()
         .get(decap_api_types::LOG_OFFSET_HEADER)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.parse().map_err(|_| ApiError::bad_request("invalid x-decap-log-offset")))
+        .map(|v| {
+            v.parse()
+                .map_err(|_| ApiError::bad_request("invalid x-decap-log-offset"))
+        })
         .transpose()?
         .unwrap_or(0);
-    let live = app
-        .controller
-        .live
-        .get(b.id)
-        .ok_or_else(|| ApiError::new(StatusCode::CONFLICT, format!("build {} is not running ({})", b.id, b.status)))?;
+    let live = app.controller.live.get(b.id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            format!("build {} is not running ({})", b.id, b.status),
+        )
+    })?;
     let mut at = offset;
     let mut body = req.into_body().into_data_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("the log stream broke: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("the log stream broke: {e}")))?;
         at = live
             .append_at(at, &chunk)
             .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
@@ -457,30 +576,52 @@ pub async fn stream_log(State(app): State<AppState>, Path(id): Path<String>, req
 }
 
 /// `PUT /api/v1/logs/{id}` — the gzipped console log.
-pub async fn put_log(State(app): State<AppState>, Path(id): Path<String>, req: Request) -> ApiResult<Response> {
+pub async fn put_log(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
     put_blob(app, id, req, BlobKind::LogGz).await
 }
 
 /// `PUT /api/v1/artifacts/{id}` — the artifacts tar.gz.
-pub async fn put_artifacts(State(app): State<AppState>, Path(id): Path<String>, req: Request) -> ApiResult<Response> {
+pub async fn put_artifacts(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
     put_blob(app, id, req, BlobKind::ArtifactsTarGz).await
 }
 
 async fn put_blob(app: AppState, id: String, req: Request, kind: BlobKind) -> ApiResult<Response> {
     let b = load(&app, &id).await?;
     app.auth.authorize_build(req.headers(), peer(&req), &b)?;
-    let size = app.controller.ports.blobs.put(b.id, kind, body_stream(req.into_body())).await?;
-    Ok((StatusCode::CREATED, Json(serde_json::json!({ "bytes": size }))).into_response())
+    let size = app
+        .controller
+        .ports
+        .blobs
+        .put(b.id, kind, body_stream(req.into_body()))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "bytes": size })),
+    )
+        .into_response())
 }
 
 /// `POST /api/v1/build/{id}/result` — bctool records how the build ended.
-pub async fn put_result(State(app): State<AppState>, Path(id): Path<String>, req: Request) -> ApiResult<Json<BuildView>> {
+pub async fn put_result(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Json<BuildView>> {
     let b = load(&app, &id).await?;
     app.auth.authorize_build(req.headers(), peer(&req), &b)?;
     let body = axum::body::to_bytes(req.into_body(), 64 * 1024)
         .await
         .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "a result is at most 64 KiB"))?;
-    let result: BuildResult = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed result: {e}")))?;
+    let result: BuildResult = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("malformed result: {e}")))?;
     let status = if result.timed_out {
         BuildStatus::TimedOut
     } else {
@@ -488,7 +629,14 @@ pub async fn put_result(State(app): State<AppState>, Path(id): Path<String>, req
     };
     let finished = app
         .controller
-        .finish(b.id, Finish { status, exit_code: Some(result.exit_code), message: result.message })
+        .finish(
+            b.id,
+            Finish {
+                status,
+                exit_code: Some(result.exit_code),
+                message: result.message,
+            },
+        )
         .await?;
     let now = match finished {
         Some(b) => b,
@@ -498,7 +646,11 @@ pub async fn put_result(State(app): State<AppState>, Path(id): Path<String>, req
 }
 
 /// `POST /api/v1/build/{id}/unlock` — the script releases its lock early.
-pub async fn unlock_build(State(app): State<AppState>, Path(id): Path<String>, req: Request) -> ApiResult<Response> {
+pub async fn unlock_build(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
     let b = load(&app, &id).await?;
     app.auth.authorize_build(req.headers(), peer(&req), &b)?;
     let released = app.controller.release_own_lock(b.id).await?;
@@ -516,7 +668,9 @@ fn safe_artifact_path(path: &str) -> ApiResult<String> {
         || p.split('/').any(|c| c == ".." || c == "." || c.is_empty())
         || p.chars().any(|c| c.is_control())
     {
-        return Err(ApiError::bad_request(format!("invalid artifact path {path:?}")));
+        return Err(ApiError::bad_request(format!(
+            "invalid artifact path {path:?}"
+        )));
     }
     Ok(p.to_owned())
 }
@@ -527,9 +681,19 @@ fn entry_name(entry: &tar::Entry<'_, impl std::io::Read>) -> Option<String> {
     Some(s.trim_start_matches("./").to_owned())
 }
 
-pub async fn get_artifacts(State(app): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Response> {
+pub async fn get_artifacts(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     let b = load(&app, &id).await?;
-    let Some((size, stream)) = app.controller.ports.blobs.get(b.id, BlobKind::ArtifactsTarGz).await? else {
+    let Some((size, stream)) = app
+        .controller
+        .ports
+        .blobs
+        .get(b.id, BlobKind::ArtifactsTarGz)
+        .await?
+    else {
         return Err(ApiError::not_found(format!("artifacts of build {}", b.id)));
     };
     let wants_names = headers
@@ -537,16 +701,19 @@ pub async fn get_artifacts(State(app): State<AppState>, Path(id): Path<String>, 
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/plain"));
     if !wants_names {
-        return Ok(Response::builder()
+        return Response::builder()
             .header(header::CONTENT_TYPE, "application/gzip")
             .header(header::CONTENT_LENGTH, size)
             .header(
                 header::CONTENT_DISPOSITION,
-                HeaderValue::from_str(&format!("attachment; filename=\"{}-artifacts.tar.gz\"", b.id))
-                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+                HeaderValue::from_str(&format!(
+                    "attachment; filename=\"{}-artifacts.tar.gz\"",
+                    b.id
+                ))
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
             )
             .body(Body::from_stream(stream))
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?);
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
     }
     let names = tokio::task::spawn_blocking(move || -> Result<Vec<String>, String> {
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
@@ -554,17 +721,22 @@ pub async fn get_artifacts(State(app): State<AppState>, Path(id): Path<String>, 
         let mut names = Vec::new();
         for entry in archive.entries().map_err(|e| e.to_string())? {
             let entry = entry.map_err(|e| e.to_string())?;
-            if entry.header().entry_type().is_file() {
-                if let Some(n) = entry_name(&entry) {
-                    names.push(n);
-                }
+            if entry.header().entry_type().is_file()
+                && let Some(n) = entry_name(&entry)
+            {
+                names.push(n);
             }
         }
         Ok(names)
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("the artifacts archive is corrupt: {e}")))?;
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the artifacts archive is corrupt: {e}"),
+        )
+    })?;
     let mut text = names.join("\n");
     if !text.is_empty() {
         text.push('\n');
@@ -578,7 +750,13 @@ pub async fn get_artifact_file(
 ) -> ApiResult<Response> {
     let b = load(&app, &id).await?;
     let wanted = safe_artifact_path(&path)?;
-    let Some((_, stream)) = app.controller.ports.blobs.get(b.id, BlobKind::ArtifactsTarGz).await? else {
+    let Some((_, stream)) = app
+        .controller
+        .ports
+        .blobs
+        .get(b.id, BlobKind::ArtifactsTarGz)
+        .await?
+    else {
         return Err(ApiError::not_found(format!("artifacts of build {}", b.id)));
     };
     let (found_tx, found_rx) = tokio::sync::oneshot::channel::<Result<u64, ApiError>>();
@@ -587,7 +765,12 @@ pub async fn get_artifact_file(
     tokio::task::spawn_blocking(move || {
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
         let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(reader));
-        let corrupt = |e: std::io::Error| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("the artifacts archive is corrupt: {e}"));
+        let corrupt = |e: std::io::Error| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("the artifacts archive is corrupt: {e}"),
+            )
+        };
         let entries = match archive.entries() {
             Ok(e) => e,
             Err(e) => {
@@ -603,7 +786,9 @@ pub async fn get_artifact_file(
                     return;
                 }
             };
-            if !entry.header().entry_type().is_file() || entry_name(&entry).as_deref() != Some(wanted2.as_str()) {
+            if !entry.header().entry_type().is_file()
+                || entry_name(&entry).as_deref() != Some(wanted2.as_str())
+            {
                 continue;
             }
             let _ = found_tx.send(Ok(entry.size()));
@@ -613,7 +798,10 @@ pub async fn get_artifact_file(
                 match entry.read(&mut buf) {
                     Ok(0) => return,
                     Ok(n) => {
-                        if data_tx.blocking_send(Ok(Bytes::copy_from_slice(&buf[..n]))).is_err() {
+                        if data_tx
+                            .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -624,13 +812,20 @@ pub async fn get_artifact_file(
                 }
             }
         }
-        let _ = found_tx.send(Err(ApiError::not_found(format!("artifact {wanted2:?} in build {}", b.id))));
+        let _ = found_tx.send(Err(ApiError::not_found(format!(
+            "artifact {wanted2:?} in build {}",
+            b.id
+        ))));
     });
-    let size = found_rx
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "artifact reader failed"))??;
-    let file_name = wanted.rsplit('/').next().unwrap_or("artifact").replace('"', "");
-    Ok(Response::builder()
+    let size = found_rx.await.map_err(|_| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "artifact reader failed")
+    })??;
+    let file_name = wanted
+        .rsplit('/')
+        .next()
+        .unwrap_or("artifact")
+        .replace('"', "");
+    Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, size)
         .header(
@@ -639,15 +834,21 @@ pub async fn get_artifact_file(
                 .unwrap_or(HeaderValue::from_static("attachment")),
         )
         .body(Body::from_stream(ReceiverStream::new(data_rx)))
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 pub async fn list_deferred(State(app): State<AppState>) -> ApiResult<Json<DeferredList>> {
     let entries = app.controller.ports.queue.list().await?;
-    Ok(Json(DeferredList { deferred: entries.iter().map(DeferredView::from).collect() }))
+    Ok(Json(DeferredList {
+        deferred: entries.iter().map(DeferredView::from).collect(),
+    }))
 }
 
-pub async fn remove_deferred(State(app): State<AppState>, Path(id): Path<String>, req: Request) -> ApiResult<StatusCode> {
+pub async fn remove_deferred(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<StatusCode> {
     app.auth.authorize(req.headers(), peer(&req))?;
     let id = build_id(&id)?;
     app.controller.remove_deferred(id).await?;
@@ -656,15 +857,23 @@ pub async fn remove_deferred(State(app): State<AppState>, Path(id): Path<String>
 
 pub async fn list_locks(State(app): State<AppState>) -> ApiResult<Json<Locks>> {
     let locks = app.controller.ports.locks.list().await?;
-    Ok(Json(Locks { locks: locks.iter().map(LockView::from).collect() }))
+    Ok(Json(Locks {
+        locks: locks.iter().map(LockView::from).collect(),
+    }))
 }
 
-pub async fn unlock(State(app): State<AppState>, RawQuery(q): RawQuery, req: Request) -> ApiResult<StatusCode> {
+pub async fn unlock(
+    State(app): State<AppState>,
+    RawQuery(q): RawQuery,
+    req: Request,
+) -> ApiResult<StatusCode> {
     app.auth.authorize(req.headers(), peer(&req))?;
     let mut key = None;
     for (k, v) in query_pairs(&q)? {
         match k.as_str() {
-            "key" => key = Some(LockKey::parse(&v).map_err(|e| ApiError::bad_request(e.to_string()))?),
+            "key" => {
+                key = Some(LockKey::parse(&v).map_err(|e| ApiError::bad_request(e.to_string()))?)
+            }
             other => return Err(unknown_param(other, &["key"])),
         }
     }
@@ -680,7 +889,13 @@ pub async fn unlock(State(app): State<AppState>, RawQuery(q): RawQuery, req: Req
 
 pub async fn get_queue(State(app): State<AppState>) -> Json<QueueState> {
     let open = app.controller.queue_open().await;
-    Json(QueueState { state: if open { QueueOpen::Open } else { QueueOpen::Closed } })
+    Json(QueueState {
+        state: if open {
+            QueueOpen::Open
+        } else {
+            QueueOpen::Closed
+        },
+    })
 }
 
 pub async fn put_queue(State(app): State<AppState>, req: Request) -> ApiResult<Json<QueueState>> {
@@ -688,9 +903,12 @@ pub async fn put_queue(State(app): State<AppState>, req: Request) -> ApiResult<J
     let body = axum::body::to_bytes(req.into_body(), 4096)
         .await
         .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body too large"))?;
-    let state: QueueState = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("expected {{\"state\": \"open\"|\"closed\"}}: {e}")))?;
-    app.controller.set_queue_open(state.state == QueueOpen::Open).await?;
+    let state: QueueState = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("expected {{\"state\": \"open\"|\"closed\"}}: {e}"))
+    })?;
+    app.controller
+        .set_queue_open(state.state == QueueOpen::Open)
+        .await?;
     Ok(Json(state))
 }
 
@@ -702,7 +920,10 @@ pub async fn put_loglevel(State(app): State<AppState>, req: Request) -> ApiResul
     let level: LogLevel = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("expected {{\"level\": \"info\"}}: {e}")))?;
     match &app.set_log_level {
-        None => Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, "this server was started without a reloadable log filter")),
+        None => Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "this server was started without a reloadable log filter",
+        )),
         Some(set) => {
             set(&level.level).map_err(|e| ApiError::bad_request(format!("invalid level: {e}")))?;
             tracing::info!(level = %level.level, "log level changed");
@@ -724,13 +945,20 @@ pub async fn metrics(State(app): State<AppState>) -> ApiResult<Response> {
     let m = &app.controller.metrics;
     for (status, n) in app.controller.ports.builds.count_by_status().await? {
         m.builds
-            .get_or_create(&crate::metrics::StatusLabel { status: status.as_str().to_owned() })
+            .get_or_create(&crate::metrics::StatusLabel {
+                status: status.as_str().to_owned(),
+            })
             .set(n as i64);
     }
-    m.queue_depth.set(app.controller.ports.queue.list().await?.len() as i64);
-    m.locks_held.set(app.controller.ports.locks.list().await?.len() as i64);
+    m.queue_depth
+        .set(app.controller.ports.queue.list().await?.len() as i64);
+    m.locks_held
+        .set(app.controller.ports.locks.list().await?.len() as i64);
     Ok((
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         m.encode(),
     )
         .into_response())

@@ -27,7 +27,9 @@ pub struct AuthConfig {
 
 /// The client's address, when the server was started with connect info.
 pub fn peer<B>(req: &Request<B>) -> Option<SocketAddr> {
-    req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -73,13 +75,16 @@ impl AuthConfig {
         peer: Option<SocketAddr>,
         build: &Build,
     ) -> Result<(), ApiError> {
-        if let (Some(expected), Some(given)) = (&build.token_sha256, bearer(headers)) {
-            if same(expected, &token_hash(given)) {
-                return Ok(());
-            }
+        if let (Some(expected), Some(given)) = (&build.token_sha256, bearer(headers))
+            && same(expected, &token_hash(given))
+        {
+            return Ok(());
         }
-        self.authorize(headers, peer)
-            .map_err(|_| ApiError::unauthorized("this call needs the build's own token (DECAP_BUILD_TOKEN) or the API token"))
+        self.authorize(headers, peer).map_err(|_| {
+            ApiError::unauthorized(
+                "this call needs the build's own token (DECAP_BUILD_TOKEN) or the API token",
+            )
+        })
     }
 
     /// Checks `X-Hub-Signature-256` against every configured secret, in
@@ -95,7 +100,8 @@ impl AuthConfig {
         let given = hex::decode(hex_sig)
             .map_err(|_| ApiError::unauthorized("X-Hub-Signature-256 is not hex"))?;
         for secret in &self.webhook_secrets {
-            let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes()) else {
+            let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
+            else {
                 continue;
             };
             mac.update(body);
@@ -103,7 +109,9 @@ impl AuthConfig {
                 return Ok(());
             }
         }
-        Err(ApiError::unauthorized("the webhook signature does not match"))
+        Err(ApiError::unauthorized(
+            "the webhook signature does not match",
+        ))
     }
 }
 

@@ -19,7 +19,9 @@ use decap_core::ports::{
     ExecutorEvents, LaunchSpec, Lock, LockStore, PushOutcome, ScriptsRepo,
 };
 use decap_core::refs::GitRef;
-use decap_core::schedule::{Caps, Decision, DeferReason, RunningSet, Waiting, admit, next_candidate};
+use decap_core::schedule::{
+    Caps, Decision, DeferReason, RunningSet, Waiting, admit, next_candidate,
+};
 use decap_core::{Error, Result};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -58,6 +60,8 @@ pub struct ControllerConfig {
     pub kill_grace: Duration,
     /// How long a lock outlives its build's timeout before it lapses.
     pub lock_margin: Duration,
+    /// The console log is kept up to this many bytes.
+    pub max_log_bytes: u64,
     /// How often the deferral queue is retried besides the moments room frees
     /// (catches locks that lapsed or were freed by another replica).
     pub drain_interval: Duration,
@@ -246,12 +250,21 @@ impl Controller {
     ) -> Result<Vec<Build>> {
         let entry = self.project(project)?;
         if let Some(err) = &entry.error {
-            return Err(Error::invalid("project", format!("{project} cannot build: {err}")));
+            return Err(Error::invalid(
+                "project",
+                format!("{project} cannot build: {err}"),
+            ));
         }
         if refs.is_empty() {
-            return Err(Error::invalid("branch", "name at least one branch to build"));
+            return Err(Error::invalid(
+                "branch",
+                "name at least one branch to build",
+            ));
         }
-        let parsed: Vec<GitRef> = refs.iter().map(|r| GitRef::parse(r)).collect::<Result<_>>()?;
+        let parsed: Vec<GitRef> = refs
+            .iter()
+            .map(|r| GitRef::parse(r))
+            .collect::<Result<_>>()?;
         let at = now();
         let builds: Vec<Build> = parsed
             .iter()
@@ -260,7 +273,8 @@ impl Controller {
         for b in &builds {
             self.ports.builds.insert(b).await?;
         }
-        self.schedule_ids(builds.iter().map(|b| b.id).collect()).await;
+        self.schedule_ids(builds.iter().map(|b| b.id).collect())
+            .await;
         let mut out = Vec::with_capacity(builds.len());
         for b in builds {
             out.push(self.build(b.id).await?);
@@ -273,7 +287,13 @@ impl Controller {
         let old = self.build(id).await?;
         self.project(&old.project)?;
         let git_ref = GitRef::parse(&old.git_ref)?;
-        let mut b = Build::new(old.project.clone(), &git_ref, old.commit.clone(), Trigger::Rerun, now());
+        let mut b = Build::new(
+            old.project.clone(),
+            &git_ref,
+            old.commit.clone(),
+            Trigger::Rerun,
+            now(),
+        );
         b.rerun_of = Some(old.id);
         self.ports.builds.insert(&b).await?;
         self.schedule_ids(vec![b.id]).await;
@@ -285,7 +305,9 @@ impl Controller {
         let mut s = self.sched.lock().await;
         for id in ids {
             let result = match self.ports.builds.get(id).await {
-                Ok(Some(b)) if b.status == BuildStatus::Queued => self.schedule_locked(&mut s, b).await,
+                Ok(Some(b)) if b.status == BuildStatus::Queued => {
+                    self.schedule_locked(&mut s, b).await
+                }
                 Ok(_) => Ok(()),
                 Err(e) => Err(e),
             };
@@ -298,14 +320,22 @@ impl Controller {
     async fn schedule_locked(&self, s: &mut Sched, b: Build) -> Result<()> {
         let key = b.lock_key();
         let key_waiting = s.waiting_keys.contains_key(&key);
-        match admit(&s.running, self.config.caps, s.open, &b.project, &key, key_waiting) {
+        match admit(
+            &s.running,
+            self.config.caps,
+            s.open,
+            &b.project,
+            &key,
+            key_waiting,
+        ) {
             Decision::Defer(reason) => self.defer_locked(s, b, reason).await,
             Decision::TryLaunch => {
                 let ttl = self.lock_ttl(&b.project);
                 match self.ports.locks.acquire(&key, b.id, ttl, now()).await? {
                     Ok(lock) => self.launch_locked(s, b, lock, BuildStatus::Queued).await,
                     Err(held) => {
-                        self.defer_locked(s, b, DeferReason::LockHeld(Some(held.owner))).await
+                        self.defer_locked(s, b, DeferReason::LockHeld(Some(held.owner)))
+                            .await
                     }
                 }
             }
@@ -359,8 +389,14 @@ impl Controller {
         let catalog = self.ports.scripts.catalog();
         let entry = catalog.project(&b.project).cloned();
         let problem = match &entry {
-            None => Some(format!("project {} is no longer in the build scripts", b.project)),
-            Some(e) => e.error.as_ref().map(|err| format!("project {} cannot build: {err}", b.project)),
+            None => Some(format!(
+                "project {} is no longer in the build scripts",
+                b.project
+            )),
+            Some(e) => e
+                .error
+                .as_ref()
+                .map(|err| format!("project {} cannot build: {err}", b.project)),
         };
         let (Some(entry), None) = (entry, problem.clone()) else {
             self.ports.locks.release(&lock.key, b.id).await?;
@@ -373,7 +409,10 @@ impl Controller {
             }
             return Ok(());
         };
-        let timeout = entry.valid_descriptor().map(|d| d.timeout()).unwrap_or(DEFAULT_BUILD_TIMEOUT);
+        let timeout = entry
+            .valid_descriptor()
+            .map(|d| d.timeout())
+            .unwrap_or(DEFAULT_BUILD_TIMEOUT);
         let token = new_build_token();
         if b.status == BuildStatus::Deferred {
             b.transition(BuildStatus::Queued, at)?;
@@ -404,6 +443,7 @@ impl Controller {
             build_token: token,
             decap_url: self.config.decap_url.clone(),
             timeout,
+            max_log_bytes: self.config.max_log_bytes,
         };
         tracing::info!(build_id = %b.id, project = %b.project, branch = %b.branch, "launching build");
         if let Err(e) = self.ports.executor.launch(spec).await {
@@ -443,7 +483,11 @@ impl Controller {
         if f.exit_code.is_some() {
             b.exit_code = f.exit_code;
         }
-        b.message = f.message.or(if prev == BuildStatus::Deferred { None } else { b.message.take() });
+        b.message = f.message.or(if prev == BuildStatus::Deferred {
+            None
+        } else {
+            b.message.take()
+        });
         if !self.ports.builds.update(&b, prev).await? {
             return Ok(None); // someone else finished it first
         }
@@ -454,10 +498,8 @@ impl Controller {
                 self.metrics.running.set(s.running.len() as i64);
                 self.keep_log(id).await;
             }
-            BuildStatus::Deferred => {
-                if self.ports.queue.remove(id).await? {
-                    s.key_removed(&b.lock_key());
-                }
+            BuildStatus::Deferred if self.ports.queue.remove(id).await? => {
+                s.key_removed(&b.lock_key());
             }
             _ => {}
         }
@@ -492,13 +534,16 @@ impl Controller {
             if !stored {
                 match tokio::task::spawn_blocking(move || gzip_file(&path)).await {
                     Ok(Ok(gz)) => {
-                        let stream: decap_core::ports::ByteStream =
-                            Box::pin(futures::stream::once(async move { Ok(bytes::Bytes::from(gz)) }));
+                        let stream: decap_core::ports::ByteStream = Box::pin(
+                            futures::stream::once(async move { Ok(bytes::Bytes::from(gz)) }),
+                        );
                         if let Err(e) = self.ports.blobs.put(id, BlobKind::LogGz, stream).await {
                             tracing::warn!(build_id = %id, error = %e, "cannot store the console log");
                         }
                     }
-                    Ok(Err(e)) => tracing::warn!(build_id = %id, error = %e, "cannot read the spool"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(build_id = %id, error = %e, "cannot read the spool")
+                    }
                     Err(e) => tracing::warn!(build_id = %id, error = %e, "spool task failed"),
                 }
             }
@@ -527,7 +572,8 @@ impl Controller {
             })
             .collect();
         let mut blocked = HashSet::new();
-        while let Some(i) = next_candidate(&waiting, &s.running, self.config.caps, s.open, &blocked) {
+        while let Some(i) = next_candidate(&waiting, &s.running, self.config.caps, s.open, &blocked)
+        {
             let w = waiting.remove(i);
             let entry = entries.remove(i);
             let b = match self.ports.builds.get(w.build_id).await? {
@@ -541,7 +587,12 @@ impl Controller {
                 }
             };
             let ttl = self.lock_ttl(&b.project);
-            match self.ports.locks.acquire(&w.lock_key, b.id, ttl, now()).await? {
+            match self
+                .ports
+                .locks
+                .acquire(&w.lock_key, b.id, ttl, now())
+                .await?
+            {
                 Err(held) => {
                     blocked.insert(w.lock_key.clone());
                     let reason = DeferReason::LockHeld(Some(held.owner)).to_string();
@@ -550,7 +601,8 @@ impl Controller {
                     }
                 }
                 Ok(lock) => {
-                    self.launch_locked(s, b, lock, BuildStatus::Deferred).await?;
+                    self.launch_locked(s, b, lock, BuildStatus::Deferred)
+                        .await?;
                     if self.ports.queue.remove(w.build_id).await? {
                         s.key_removed(&w.lock_key);
                     }
@@ -564,7 +616,10 @@ impl Controller {
     pub async fn cancel(&self, id: BuildId) -> Result<Build> {
         let b = self.build(id).await?;
         if b.status.is_final() {
-            return Err(Error::Conflict(format!("build {id} has already ended ({})", b.status)));
+            return Err(Error::Conflict(format!(
+                "build {id} has already ended ({})",
+                b.status
+            )));
         }
         let was_running = b.status == BuildStatus::Running;
         let done = self
@@ -654,9 +709,13 @@ impl Controller {
             )
             .await;
         match result {
-            Ok(Some(_)) => tracing::warn!(build_id = %exit.build_id, reason = %exit.reason, "build environment died"),
+            Ok(Some(_)) => {
+                tracing::warn!(build_id = %exit.build_id, reason = %exit.reason, "build environment died")
+            }
             Ok(None) => {}
-            Err(e) => tracing::error!(build_id = %exit.build_id, error = %e, "cannot finish a build whose environment ended"),
+            Err(e) => {
+                tracing::error!(build_id = %exit.build_id, error = %e, "cannot finish a build whose environment ended")
+            }
         }
     }
 
@@ -669,7 +728,12 @@ impl Controller {
         let mut s = self.sched.lock().await;
         s.open = self.ports.queue.is_open().await?;
         let live: HashSet<BuildId> = self.ports.executor.live().await?.into_iter().collect();
-        for b in self.ports.builds.with_status(&[BuildStatus::Running]).await? {
+        for b in self
+            .ports
+            .builds
+            .with_status(&[BuildStatus::Running])
+            .await?
+        {
             if live.contains(&b.id) {
                 s.running.start(b.id, b.project.clone(), b.lock_key());
                 let _ = self.live.open(b.id);
@@ -681,7 +745,10 @@ impl Controller {
                     Finish {
                         status: BuildStatus::Errored,
                         exit_code: None,
-                        message: Some("Decap stopped while this build ran; its build environment is gone".into()),
+                        message: Some(
+                            "Decap stopped while this build ran; its build environment is gone"
+                                .into(),
+                        ),
                     },
                 )
                 .await?;
@@ -700,7 +767,12 @@ impl Controller {
                 }
             }
         }
-        for b in self.ports.builds.with_status(&[BuildStatus::Deferred]).await? {
+        for b in self
+            .ports
+            .builds
+            .with_status(&[BuildStatus::Deferred])
+            .await?
+        {
             if !queued_ids.contains(&b.id) {
                 // Deferred in the record but not in the queue: put it back.
                 let entry = DeferredEntry {
@@ -710,7 +782,10 @@ impl Controller {
                     git_ref: b.git_ref.clone(),
                     commit: b.commit.clone(),
                     deferred_at: now(),
-                    reason: b.message.clone().unwrap_or_else(|| "resubmitted after a restart".into()),
+                    reason: b
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "resubmitted after a restart".into()),
                 };
                 if self.ports.queue.push(&entry).await? == PushOutcome::Added {
                     s.key_added(entry.lock_key());
@@ -730,7 +805,12 @@ impl Controller {
                 self.ports.locks.release(&lock.key, lock.owner).await?;
             }
         }
-        for b in self.ports.builds.with_status(&[BuildStatus::Queued]).await? {
+        for b in self
+            .ports
+            .builds
+            .with_status(&[BuildStatus::Queued])
+            .await?
+        {
             self.schedule_locked(&mut s, b).await?;
         }
         self.drain_locked(&mut s).await?;

@@ -63,7 +63,13 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = %self.status, error = %self.message, "request refused");
         }
-        (self.status, Json(ErrorBody { error: self.message })).into_response()
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
     }
 }
 

@@ -51,7 +51,10 @@ pub fn router(state: AppState) -> Router {
         .route("/teams", get(api::teams))
         .route("/projects", get(api::projects))
         .route("/projects/{team}/{project}/refs", get(api::refs))
-        .route("/builds/{team}/{project}", get(api::list_builds).post(api::create_builds))
+        .route(
+            "/builds/{team}/{project}",
+            get(api::list_builds).post(api::create_builds),
+        )
         .route("/build/{id}", get(api::get_build).delete(api::cancel_build))
         .route("/build/{id}/rerun", post(api::rerun_build))
         .route("/build/{id}/result", post(api::put_result))
@@ -60,10 +63,16 @@ pub fn router(state: AppState) -> Router {
         .route("/build/{id}/log/stream", post(api::stream_log))
         .route("/logs/{id}", get(api::get_log).put(api::put_log))
         .route("/logs/{id}/events", get(api::log_events))
-        .route("/artifacts/{id}", get(api::get_artifacts).put(api::put_artifacts))
+        .route(
+            "/artifacts/{id}",
+            get(api::get_artifacts).put(api::put_artifacts),
+        )
         .route("/artifacts/{id}/{*path}", get(api::get_artifact_file))
         .route("/deferred", get(api::list_deferred))
-        .route("/deferred/{id}", axum::routing::delete(api::remove_deferred))
+        .route(
+            "/deferred/{id}",
+            axum::routing::delete(api::remove_deferred),
+        )
         .route("/locks", get(api::list_locks).delete(api::unlock))
         .route("/queue", get(api::get_queue).put(api::put_queue))
         .route("/loglevel", put(api::put_loglevel));
@@ -77,7 +86,9 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
-        .fallback(|| async { error::ApiError::new(axum::http::StatusCode::NOT_FOUND, "no such page") })
+        .fallback(|| async {
+            error::ApiError::new(axum::http::StatusCode::NOT_FOUND, "no such page")
+        })
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -69,7 +69,10 @@ impl LiveLogs {
 
     /// The live log of a build, created (or reopened after a restart) if needed.
     pub fn open(&self, id: BuildId) -> std::io::Result<Arc<LiveLog>> {
-        let mut logs = self.logs.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        let mut logs = self
+            .logs
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
         if let Some(log) = logs.get(&id) {
             return Ok(log.clone());
         }
@@ -123,11 +126,17 @@ impl LiveLog {
     /// overlaps what was received (a resent chunk after a reconnect) is trimmed;
     /// one that leaves a gap is refused. Returns the received length after.
     pub fn append_at(&self, offset: u64, data: &[u8]) -> std::io::Result<u64> {
-        let mut st = self.state.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
         if offset > st.received {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                format!("chunk at offset {offset} leaves a gap after {} bytes", st.received),
+                format!(
+                    "chunk at offset {offset} leaves a gap after {} bytes",
+                    st.received
+                ),
             ));
         }
         let skip = (st.received - offset).min(data.len() as u64) as usize;
@@ -216,7 +225,9 @@ fn follow_file(
                 let pos = st.pos;
                 let Follow { file, buf, .. } = &mut st;
                 let read = async {
-                    let f = file.as_mut().ok_or_else(|| std::io::Error::other("no file"))?;
+                    let f = file
+                        .as_mut()
+                        .ok_or_else(|| std::io::Error::other("no file"))?;
                     f.seek(SeekFrom::Start(pos)).await?;
                     f.read(&mut buf[..want]).await
                 }
@@ -305,7 +316,10 @@ mod tests {
     fn lines_split_across_chunks_with_offsets() {
         let mut s = LineSplitter::default();
         assert_eq!(s.push(b"hel"), vec![]);
-        assert_eq!(s.push(b"lo\r\nworld\n"), vec![(7, "hello".into()), (13, "world".into())]);
+        assert_eq!(
+            s.push(b"lo\r\nworld\n"),
+            vec![(7, "hello".into()), (13, "world".into())]
+        );
         assert_eq!(s.push(b"tail"), vec![]);
         assert_eq!(s.finish(), Some((17, "tail".into())));
     }
@@ -318,15 +332,17 @@ mod tests {
         let log = logs.open(id).expect("opens");
         let follower = log.follow(0);
         log.append_at(0, b"one\n").expect("appends");
-        log.append_at(0, b"one\ntwo\n").expect("a resent chunk is trimmed");
+        log.append_at(0, b"one\ntwo\n")
+            .expect("a resent chunk is trimmed");
         assert!(log.append_at(100, b"gap").is_err(), "a gap is refused");
         log.close();
-        let got: Vec<u8> = follower
+        let got: Vec<u8> = follower.map(|c| c.expect("reads").to_vec()).concat().await;
+        assert_eq!(got, b"one\ntwo\n");
+        let late = log
+            .follow(4)
             .map(|c| c.expect("reads").to_vec())
             .concat()
             .await;
-        assert_eq!(got, b"one\ntwo\n");
-        let late = log.follow(4).map(|c| c.expect("reads").to_vec()).concat().await;
         assert_eq!(late, b"two\n", "a follower resumes from an offset");
     }
 

@@ -62,14 +62,38 @@ impl Default for Metrics {
         };
         if let Ok(mut r) = m.registry.lock() {
             r.register("builds", "Builds by status", m.builds.clone());
-            r.register("builds_finished", "Builds finished, by final status", m.builds_finished.clone());
-            r.register("queue_depth", "Deferred builds waiting", m.queue_depth.clone());
+            r.register(
+                "builds_finished",
+                "Builds finished, by final status",
+                m.builds_finished.clone(),
+            );
+            r.register(
+                "queue_depth",
+                "Deferred builds waiting",
+                m.queue_depth.clone(),
+            );
             r.register("locks_held", "Branch locks held", m.locks_held.clone());
-            r.register("running_builds", "Builds running on this controller", m.running.clone());
+            r.register(
+                "running_builds",
+                "Builds running on this controller",
+                m.running.clone(),
+            );
             r.register("webhooks", "GitHub webhooks by outcome", m.webhooks.clone());
-            r.register("webhook_duration_seconds", "Time to accept a webhook", m.webhook_seconds.clone());
-            r.register("launch_delay_seconds", "Time from acceptance to launch", m.launch_seconds.clone());
-            r.register("build_duration_seconds", "Build run time", m.build_seconds.clone());
+            r.register(
+                "webhook_duration_seconds",
+                "Time to accept a webhook",
+                m.webhook_seconds.clone(),
+            );
+            r.register(
+                "launch_delay_seconds",
+                "Time from acceptance to launch",
+                m.launch_seconds.clone(),
+            );
+            r.register(
+                "build_duration_seconds",
+                "Build run time",
+                m.build_seconds.clone(),
+            );
         }
         m
     }

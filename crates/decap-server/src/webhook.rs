@@ -85,12 +85,13 @@ struct PullRequestEvent {
 }
 
 enum Plan {
-    Build(Build),
+    Build(Box<Build>),
     Ignore(String),
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("malformed payload: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("malformed payload: {e}")))
 }
 
 fn valid_commit(sha: &str) -> Result<String, ApiError> {
@@ -102,13 +103,21 @@ fn valid_commit(sha: &str) -> Result<String, ApiError> {
 }
 
 /// What a delivery asks for, checked against the build scripts.
-fn plan(event: &str, body: &[u8], catalog: &Catalog, now: OffsetDateTime) -> Result<Plan, ApiError> {
+fn plan(
+    event: &str,
+    body: &[u8],
+    catalog: &Catalog,
+    now: OffsetDateTime,
+) -> Result<Plan, ApiError> {
     let bad = |e: decap_core::Error| ApiError::bad_request(e.to_string());
     let (key, git_ref, commit, gated) = match event {
         "push" => {
             let p: PushEvent = parse(body)?;
             let key = p.repository.key()?;
-            let deleted = p.deleted || p.after.as_deref().is_some_and(|a| a.chars().all(|c| c == '0'));
+            let deleted = p.deleted
+                || p.after
+                    .as_deref()
+                    .is_some_and(|a| a.chars().all(|c| c == '0'));
             if deleted {
                 return Ok(Plan::Ignore(format!("{} was deleted", p.git_ref)));
             }
@@ -129,7 +138,10 @@ fn plan(event: &str, body: &[u8], catalog: &Catalog, now: OffsetDateTime) -> Res
         "pull_request" => {
             let pr: PullRequestEvent = parse(body)?;
             if !matches!(pr.action.as_str(), "opened" | "synchronize" | "reopened") {
-                return Ok(Plan::Ignore(format!("pull request action {:?} is not built", pr.action)));
+                return Ok(Plan::Ignore(format!(
+                    "pull request action {:?} is not built",
+                    pr.action
+                )));
             }
             let key = pr.pull_request.base.repo.key()?;
             let commit = valid_commit(&pr.pull_request.head.sha)?;
@@ -138,7 +150,9 @@ fn plan(event: &str, body: &[u8], catalog: &Catalog, now: OffsetDateTime) -> Res
         other => return Ok(Plan::Ignore(format!("event {other:?} is not handled"))),
     };
     let Some(entry) = catalog.project(&key) else {
-        return Ok(Plan::Ignore(format!("no project {key} in the build scripts")));
+        return Ok(Plan::Ignore(format!(
+            "no project {key} in the build scripts"
+        )));
     };
     let Some(descriptor) = entry.valid_descriptor() else {
         return Ok(Plan::Ignore(format!(
@@ -147,9 +161,13 @@ fn plan(event: &str, body: &[u8], catalog: &Catalog, now: OffsetDateTime) -> Res
         )));
     };
     if gated && !descriptor.manages(&git_ref.name) {
-        return Ok(Plan::Ignore(format!("{} does not match managedRefRegex", git_ref.name)));
+        return Ok(Plan::Ignore(format!(
+            "{} does not match managedRefRegex",
+            git_ref.name
+        )));
     }
-    Ok(Plan::Build(Build::new(key, &git_ref, commit, Trigger::Webhook, now)))
+    let build = Build::new(key, &git_ref, commit, Trigger::Webhook, now);
+    Ok(Plan::Build(Box::new(build)))
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
@@ -182,7 +200,11 @@ pub async fn github(State(app): State<AppState>, headers: HeaderMap, body: Bytes
     response
 }
 
-async fn handle(app: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(&'static str, Response), ApiError> {
+async fn handle(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(&'static str, Response), ApiError> {
     if app.auth.webhook_secrets.is_empty() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -192,12 +214,18 @@ async fn handle(app: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(&'s
     let event = header(headers, "x-github-event")?.to_owned();
     let delivery = header(headers, "x-github-delivery")?.to_owned();
     if delivery.len() > 128 {
-        return Err(ApiError::bad_request("X-GitHub-Delivery is longer than 128 characters"));
+        return Err(ApiError::bad_request(
+            "X-GitHub-Delivery is longer than 128 characters",
+        ));
     }
     app.auth.verify_signature(headers, body)?;
     if event == "ping" {
         let _: serde_json::Value = parse(body)?;
-        let answer = WebhookAnswer { delivery, builds: vec![], ignored: Some("ping".into()) };
+        let answer = WebhookAnswer {
+            delivery,
+            builds: vec![],
+            ignored: Some("ping".into()),
+        };
         return Ok(("ping", (StatusCode::OK, Json(answer)).into_response()));
     }
     let now = OffsetDateTime::now_utc();
@@ -206,7 +234,7 @@ async fn handle(app: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(&'s
     let (builds, ignored) = match plan {
         Plan::Build(mut b) => {
             b.delivery = Some(delivery.clone());
-            (vec![b], None)
+            (vec![*b], None)
         }
         Plan::Ignore(reason) => (vec![], Some(reason)),
     };
@@ -219,7 +247,13 @@ async fn handle(app: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(&'s
         },
         received_at: now,
     };
-    match app.controller.ports.builds.insert_delivery(&record, &builds).await? {
+    match app
+        .controller
+        .ports
+        .builds
+        .insert_delivery(&record, &builds)
+        .await?
+    {
         DeliveryOutcome::Duplicate(first) => {
             let answer = WebhookAnswer {
                 delivery,
@@ -234,20 +268,30 @@ async fn handle(app: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(&'s
                 let controller = app.controller.clone();
                 tokio::spawn(async move { controller.schedule_ids(ids).await });
             }
-            let outcome = if ignored.is_some() { "ignored" } else { "built" };
+            let outcome = if ignored.is_some() {
+                "ignored"
+            } else {
+                "built"
+            };
             let answer = WebhookAnswer {
                 delivery,
                 builds: builds.iter().map(|b| b.id.to_string()).collect(),
                 ignored,
             };
-            Ok((outcome, (StatusCode::ACCEPTED, Json(answer)).into_response()))
+            Ok((
+                outcome,
+                (StatusCode::ACCEPTED, Json(answer)).into_response(),
+            ))
         }
     }
 }
 
 /// `POST /hooks/buildscripts`: refresh the build scripts now. Accepted when
 /// signed with a webhook secret or authorized like any mutating call.
-pub async fn buildscripts(State(app): State<AppState>, req: axum::extract::Request) -> Result<Response, ApiError> {
+pub async fn buildscripts(
+    State(app): State<AppState>,
+    req: axum::extract::Request,
+) -> Result<Response, ApiError> {
     let peer = crate::auth::peer(&req);
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 1 << 20)
@@ -264,6 +308,9 @@ pub async fn buildscripts(State(app): State<AppState>, req: axum::extract::Reque
             tracing::warn!(error = %e, "refreshing the build scripts failed; keeping the previous catalog");
         }
     });
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"refresh": "started"}))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"refresh": "started"})),
+    )
+        .into_response())
 }
-

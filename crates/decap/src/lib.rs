@@ -15,7 +15,9 @@ use decap_embedded::{
 };
 use decap_scripts::{FsScriptsRepo, ScriptsSource};
 use decap_server::livelog::LiveLogs;
-use decap_server::{AuthConfig, Controller, ControllerConfig, ExecutorEventsChannel, Ports, Server};
+use decap_server::{
+    AuthConfig, Controller, ControllerConfig, ExecutorEventsChannel, Ports, Server,
+};
 use secrecy::SecretString;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -23,7 +25,11 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 /// `decap`'s command line.
 #[derive(Parser, Debug)]
-#[command(name = "decap", version, about = "Decap, a Kubernetes-native build orchestrator")]
+#[command(
+    name = "decap",
+    version,
+    about = "Decap, a Kubernetes-native build orchestrator"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -100,7 +106,11 @@ struct ServeArgs {
     #[arg(long, env = "DECAP_GITHUB_WEBHOOK_SECRET", hide_env_values = true)]
     github_webhook_secret: Option<String>,
     /// A previous webhook secret, still accepted while GitHub is switched over.
-    #[arg(long, env = "DECAP_GITHUB_WEBHOOK_SECRET_PREVIOUS", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DECAP_GITHUB_WEBHOOK_SECRET_PREVIOUS",
+        hide_env_values = true
+    )]
     github_webhook_secret_previous: Option<String>,
     /// The API token for changes.
     #[arg(long, env = "DECAP_API_TOKEN", hide_env_values = true)]
@@ -146,13 +156,22 @@ fn secret(s: Option<String>) -> Option<SecretString> {
 }
 
 fn install_tracing(level: &str, format: LogFormat) -> Result<decap_server::LogLevelSetter> {
-    let filter = EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?;
+    let filter =
+        EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?;
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     if format == LogFormat::Json {
-        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()?;
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()?;
     } else {
-        registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init()?;
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init()?;
     }
     Ok(Arc::new(move |level: &str| {
         let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
@@ -183,7 +202,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         bail!("--max-builds and --max-builds-per-project must be at least 1");
     }
     let data_dir = absolute(&args.data_dir)?;
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let scripts_spec = match args.scripts.clone() {
         Some(s) => s,
         None => default_scripts()
@@ -192,13 +212,20 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .into_owned(),
     };
     let source = ScriptsSource::parse(&scripts_spec, &args.scripts_branch, &data_dir)?;
-    let scripts = Arc::new(FsScriptsRepo::open(source).await.context("cannot read the build scripts")?);
+    let scripts = Arc::new(
+        FsScriptsRepo::open(source)
+            .await
+            .context("cannot read the build scripts")?,
+    );
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let local = listener.local_addr()?;
-    let public_url = args.public_url.clone().unwrap_or_else(|| format!("http://{local}"));
+    let public_url = args
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
     let decap_url = format!("http://{local}");
 
     let db = SqliteDb::open(&data_dir.join("decap.db"))?;
@@ -232,20 +259,26 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ControllerConfig {
             public_url: public_url.clone(),
             decap_url,
-            caps: Caps { global: args.max_builds, per_project: args.max_builds_per_project },
+            caps: Caps {
+                global: args.max_builds,
+                per_project: args.max_builds_per_project,
+            },
             kill_grace: Duration::from_secs(args.kill_grace_secs.max(1)),
             lock_margin: Duration::from_secs(600),
+            max_log_bytes: args.max_log_bytes,
             drain_interval: Duration::from_secs(5),
         },
         live,
     );
     controller.start(exits).await.context("recovering state")?;
 
-    let webhook_secrets: Vec<SecretString> =
-        [secret(args.github_webhook_secret.clone()), secret(args.github_webhook_secret_previous.clone())]
-            .into_iter()
-            .flatten()
-            .collect();
+    let webhook_secrets: Vec<SecretString> = [
+        secret(args.github_webhook_secret.clone()),
+        secret(args.github_webhook_secret_previous.clone()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     if webhook_secrets.is_empty() {
         tracing::warn!("no DECAP_GITHUB_WEBHOOK_SECRET: GitHub webhooks are refused");
     }
@@ -255,10 +288,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     let server = Arc::new(Server {
         controller: controller.clone(),
-        auth: AuthConfig { api_token, insecure_local: args.insecure_local, webhook_secrets },
+        auth: AuthConfig {
+            api_token,
+            insecure_local: args.insecure_local,
+            webhook_secrets,
+        },
         version: decap_api_types::Version {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            commit: option_env!("DECAP_GIT_COMMIT").unwrap_or("unknown").to_owned(),
+            commit: option_env!("DECAP_GIT_COMMIT")
+                .unwrap_or("unknown")
+                .to_owned(),
         },
         set_log_level: Some(set_level),
     });
@@ -279,9 +318,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let app = decap_server::router(server);
     tracing::info!(%local, %public_url, data_dir = %data_dir.display(), scripts = %scripts_spec, "decap is serving");
     println!("decap: serving {public_url}");
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown())
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown())
+    .await?;
     tracing::info!("decap stopped");
     Ok(())
 }

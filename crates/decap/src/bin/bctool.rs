@@ -4,7 +4,10 @@ use clap::Parser;
 
 fn main() {
     let cli = decap_bctool::Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("bctool: cannot start: {e}");

@@ -1,0 +1,215 @@
+//! Shared helpers of the `decap` tests: a scripts folder, signed webhooks and
+//! a real `decap serve` process.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SECRET: &str = "test-webhook-secret";
+pub const TOKEN: &str = "test-api-token";
+
+/// Writes a project into a scripts folder.
+pub fn project(root: &Path, key: &str, descriptor: &str, script: &str) {
+    let dir = root.join(key);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("project.json"), descriptor).unwrap();
+    std::fs::write(dir.join("build.sh"), script).unwrap();
+}
+
+/// A push payload from the real GitHub fixture, rewritten to `team/project`,
+/// `ref` and `after`.
+pub fn push_payload(team: &str, project: &str, git_ref: &str, after: &str) -> Vec<u8> {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/github/push-with-new-branch.payload.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
+    v["ref"] = git_ref.into();
+    v["after"] = after.into();
+    v["deleted"] = false.into();
+    v["repository"]["name"] = project.into();
+    v["repository"]["owner"]["login"] = team.into();
+    v["repository"]["owner"]["name"] = team.into();
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// `sha256=<hex>` of the body.
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A running `decap serve`, killed on drop.
+pub struct Decap {
+    pub child: Child,
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub scripts: PathBuf,
+}
+
+impl Decap {
+    pub fn start(data_dir: &Path, scripts: &Path, extra: &[&str]) -> Decap {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_decap"))
+            .arg("serve")
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--sandbox",
+                "none",
+                "--kill-grace-secs",
+                "1",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--scripts")
+            .arg(scripts)
+            .args(extra)
+            .env("DECAP_GITHUB_WEBHOOK_SECRET", SECRET)
+            .env("DECAP_API_TOKEN", TOKEN)
+            .env("DECAP_LOG", "warn")
+            .env("DECAP_BCTOOL", env!("CARGO_BIN_EXE_bctool"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("decap starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(url) = line.strip_prefix("decap: serving ") {
+                        break url.to_owned();
+                    }
+                }
+                _ => panic!("decap exited before serving"),
+            }
+        };
+        Decap {
+            child,
+            url,
+            data_dir: data_dir.to_owned(),
+            scripts: scripts.to_owned(),
+        }
+    }
+
+    pub fn api(&self) -> Api {
+        Api {
+            http: reqwest::Client::new(),
+            base: self.url.clone(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Decap {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` until it returns Some or the time is up.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A small HTTP helper for the tests.
+#[derive(Clone)]
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+}
+
+impl Api {
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn json(&self, path: &str) -> serde_json::Value {
+        let r = self.get(path).await;
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    pub async fn send(&self, method: reqwest::Method, path: &str) -> reqwest::Response {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn webhook(&self, event: &str, delivery: &str, body: &[u8]) -> reqwest::Response {
+        self.http
+            .post(format!("{}/hooks/github", self.base))
+            .header("x-github-event", event)
+            .header("x-github-delivery", delivery)
+            .header("x-hub-signature-256", sign(SECRET, body))
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn build(&self, id: &str) -> serde_json::Value {
+        self.json(&format!("/api/v1/build/{id}")).await
+    }
+
+    /// Waits for a build to reach a final status and returns it.
+    pub async fn finished(&self, id: &str, limit: Duration) -> serde_json::Value {
+        let api = self.clone();
+        let id = id.to_owned();
+        eventually(&format!("build {id} to finish"), limit, move || {
+            let api = api.clone();
+            let id = id.clone();
+            async move {
+                let b = api.build(&id).await;
+                let st = b["status"].as_str().unwrap().to_owned();
+                (!matches!(st.as_str(), "queued" | "deferred" | "running")).then_some(b)
+            }
+        })
+        .await
+    }
+
+    /// Requests manual builds; returns their ids.
+    pub async fn request(&self, project: &str, branches: &[&str]) -> Vec<String> {
+        let q: Vec<String> = branches.iter().map(|b| format!("branch={b}")).collect();
+        let r = self
+            .send(
+                reqwest::Method::POST,
+                &format!("/api/v1/builds/{project}?{}", q.join("&")),
+            )
+            .await;
+        assert_eq!(r.status(), 202, "requesting builds of {project}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        v["builds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}

@@ -1,0 +1,483 @@
+//! End to end: the real `decap` binary, real HTTP, real child processes.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use common::{Decap, eventually, project, push_payload};
+use reqwest::Method;
+
+const SHA: &str = "6113728f27ae82c7b1a177c8d03f9e96e0adf246";
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn dirs() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    let data = dir.path().join("data");
+    (dir, scripts, data)
+}
+
+#[tokio::test]
+async fn a_signed_push_runs_a_build_whose_log_artifacts_and_result_are_kept() {
+    let (_dir, scripts, data) = dirs();
+    project(
+        &scripts,
+        "acme/widgets",
+        r#"{"buildImage": "x", "managedRefRegex": "main"}"#,
+        "#!/bin/sh\necho \"building $PROJECT_KEY $BRANCH_TO_BUILD $COMMIT_SHA\"\necho to-stderr >&2\nmkdir -p \"$ARTIFACTS_DIR/sub\"\necho report > \"$ARTIFACTS_DIR/sub/report.txt\"\necho \"lock=$BUILD_LOCK_KEY url=$DECAP_URL id=$BUILD_ID\"\ntest -z \"$DECAP_API_TOKEN\" && echo no-api-token-here\n",
+    );
+    let decap = Decap::start(&data, &scripts, &[]);
+    let api = decap.api();
+    let body = push_payload("acme", "widgets", "refs/heads/main", SHA);
+    let resp = api.webhook("push", "e2e-1", &body).await;
+    assert_eq!(resp.status(), 202);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    let id = v["builds"][0].as_str().unwrap().to_owned();
+
+    let b = api.finished(&id, MINUTE).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert_eq!(b["exitCode"], 0);
+    assert_eq!(b["executor"], "local");
+    assert_eq!(b["sandbox"], "none");
+    assert!(b["scriptsCommit"].as_str().unwrap().starts_with("sha256:"));
+    assert!(b["durationMs"].as_i64().is_some());
+
+    let log = api
+        .get(&format!("/api/v1/logs/{id}"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        log.contains(&format!("building acme/widgets main {SHA}")),
+        "{log}"
+    );
+    assert!(log.contains("to-stderr"), "stderr is in the log");
+    assert!(
+        log.contains(&format!("lock=acme/widgets/main url={} id={id}", decap.url)),
+        "{log}"
+    );
+    assert!(
+        log.contains("no-api-token-here"),
+        "the server's secrets do not reach builds"
+    );
+
+    let names = api
+        .http
+        .get(format!("{}/api/v1/artifacts/{id}", decap.url))
+        .header("accept", "text/plain")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(names.trim(), "sub/report.txt");
+    let file = api
+        .get(&format!("/api/v1/artifacts/{id}/sub/report.txt"))
+        .await;
+    assert_eq!(file.status(), 200);
+    assert_eq!(file.text().await.unwrap(), "report\n");
+    assert_eq!(
+        api.get(&format!("/api/v1/artifacts/{id}/sub/../../etc/passwd"))
+            .await
+            .status(),
+        400
+    );
+    assert_eq!(
+        api.get(&format!("/api/v1/artifacts/{id}/nope.txt"))
+            .await
+            .status(),
+        404
+    );
+    let tarball = api
+        .get(&format!("/api/v1/artifacts/{id}"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&tarball[..]));
+    let mut found = false;
+    for entry in archive.entries().unwrap() {
+        let mut e = entry.unwrap();
+        if e.path().unwrap().ends_with("sub/report.txt") {
+            let mut s = String::new();
+            e.read_to_string(&mut s).unwrap();
+            found = s == "report\n";
+        }
+    }
+    assert!(found, "the tarball holds the artifact");
+
+    let history = api.json("/api/v1/builds/acme/widgets").await;
+    assert_eq!(history["builds"][0]["id"], id.as_str());
+    let locks = api.json("/api/v1/locks").await;
+    assert!(
+        locks["locks"].as_array().unwrap().is_empty(),
+        "the lock is released"
+    );
+
+    // SSE replays the stored log with offsets and ends
+    let sse = api
+        .get(&format!("/api/v1/logs/{id}/events"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(sse.contains("event: status"));
+    assert!(sse.contains(&format!("data: building acme/widgets main {SHA}")));
+    assert!(sse.contains("event: end"));
+
+    // rerun: same ref and commit
+    let r = api
+        .send(Method::POST, &format!("/api/v1/build/{id}/rerun"))
+        .await;
+    assert_eq!(r.status(), 202);
+    let rerun: serde_json::Value = r.json().await.unwrap();
+    let again = api.finished(rerun["id"].as_str().unwrap(), MINUTE).await;
+    assert_eq!(
+        (
+            again["commit"].as_str(),
+            again["trigger"].as_str(),
+            again["rerunOf"].as_str()
+        ),
+        (Some(SHA), Some("rerun"), Some(id.as_str()))
+    );
+    assert_eq!(again["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn failures_timeouts_and_cancels_end_as_they_should() {
+    let (_dir, scripts, data) = dirs();
+    project(
+        &scripts,
+        "acme/fails",
+        r#"{"buildImage": "x"}"#,
+        "echo about to fail\nexit 3\n",
+    );
+    project(
+        &scripts,
+        "acme/hangs",
+        r#"{"buildImage": "x", "buildTimeoutSeconds": 1}"#,
+        "echo started\nsleep 600\n",
+    );
+    project(
+        &scripts,
+        "acme/long",
+        r#"{"buildImage": "x"}"#,
+        "echo started\nsleep 600\n",
+    );
+    let decap = Decap::start(&data, &scripts, &[]);
+    let api = decap.api();
+
+    let failed = api.request("acme/fails", &["main"]).await;
+    let b = api.finished(&failed[0], MINUTE).await;
+    assert_eq!(
+        (b["status"].as_str(), b["exitCode"].as_i64()),
+        (Some("failed"), Some(3))
+    );
+
+    let hung = api.request("acme/hangs", &["main"]).await;
+    let b = api.finished(&hung[0], MINUTE).await;
+    assert_eq!(b["status"], "timed_out", "{b}");
+    let log = api
+        .get(&format!("/api/v1/logs/{}", hung[0]))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(log.contains("started"));
+
+    let long = api.request("acme/long", &["main"]).await;
+    let id = &long[0];
+    eventually("the long build to print", MINUTE, || async {
+        let text = api
+            .get(&format!("/api/v1/logs/{id}"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        text.contains("started").then_some(())
+    })
+    .await;
+    let r = api
+        .send(Method::DELETE, &format!("/api/v1/build/{id}"))
+        .await;
+    assert_eq!(r.status(), 202);
+    let b = api.build(id).await;
+    assert_eq!(b["status"], "cancelled");
+    // the environment goes: no sleep of this build survives
+    let work = data.join("work").join(id);
+    eventually("the workspace to be removed", MINUTE, || async {
+        (!work.exists()).then_some(())
+    })
+    .await;
+    assert!(
+        api.json("/api/v1/locks").await["locks"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_flood_of_output_is_capped_and_the_server_stays_responsive() {
+    let (_dir, scripts, data) = dirs();
+    project(
+        &scripts,
+        "acme/flood",
+        r#"{"buildImage": "x"}"#,
+        "head -c 20000000 /dev/zero | tr '\\0' 'x'\necho\necho done\n",
+    );
+    let decap = Decap::start(&data, &scripts, &["--max-log-bytes", "1000000"]);
+    let api = decap.api();
+    let ids = api.request("acme/flood", &["main"]).await;
+    let mut worst = Duration::ZERO;
+    loop {
+        let t = Instant::now();
+        assert_eq!(api.get("/healthz").await.status(), 200);
+        worst = worst.max(t.elapsed());
+        let b = api.build(&ids[0]).await;
+        if b["status"] != "running" && b["status"] != "queued" {
+            assert_eq!(b["status"], "succeeded");
+            assert!(
+                b["message"].as_str().unwrap_or("").contains("truncated"),
+                "{b}"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        worst < Duration::from_secs(2),
+        "healthz took {worst:?} during the flood"
+    );
+    let log = api
+        .get(&format!("/api/v1/logs/{}", ids[0]))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        log.len() < 1_100_000,
+        "the log is capped ({} bytes)",
+        log.len()
+    );
+    assert!(
+        log.contains("[decap: the console log reached its cap"),
+        "with a clear marker"
+    );
+}
+
+#[tokio::test]
+async fn caps_defer_builds_and_finishing_builds_resubmit_them_at_once() {
+    let (_dir, scripts, data) = dirs();
+    for p in ["a", "b", "c"] {
+        project(
+            &scripts,
+            &format!("acme/{p}"),
+            r#"{"buildImage": "x"}"#,
+            "sleep 0.3\necho ran\n",
+        );
+    }
+    let decap = Decap::start(&data, &scripts, &["--max-builds", "1"]);
+    let api = decap.api();
+    let mut ids = Vec::new();
+    for p in ["a", "b", "c"] {
+        ids.extend(api.request(&format!("acme/{p}"), &["main"]).await);
+    }
+    let deferred = api.json("/api/v1/deferred").await;
+    let waiting = deferred["deferred"].as_array().unwrap();
+    assert_eq!(waiting.len(), 2, "{deferred}");
+    assert!(
+        waiting[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("global cap")
+    );
+    let mut spans = Vec::new();
+    for id in &ids {
+        let b = api.finished(id, MINUTE).await;
+        assert_eq!(b["status"], "succeeded");
+        spans.push((
+            b["startTime"].as_str().unwrap().to_owned(),
+            b["endTime"].as_str().unwrap().to_owned(),
+        ));
+    }
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].0,
+            "builds overlapped under a cap of one: {spans:?}"
+        );
+    }
+
+    // the queue closed for maintenance defers, and opening it resumes
+    let close = api
+        .http
+        .put(format!("{}/api/v1/queue", decap.url))
+        .bearer_auth(common::TOKEN)
+        .json(&serde_json::json!({"state": "closed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(close.status(), 200);
+    let held = api.request("acme/a", &["main"]).await;
+    assert_eq!(api.build(&held[0]).await["status"], "deferred");
+    let open = api
+        .http
+        .put(format!("{}/api/v1/queue", decap.url))
+        .bearer_auth(common::TOKEN)
+        .json(&serde_json::json!({"state": "open"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status(), 200);
+    assert_eq!(api.finished(&held[0], MINUTE).await["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn a_killed_server_finishes_its_running_builds_as_errored_on_restart_and_resumes_the_queue() {
+    let (_dir, scripts, data) = dirs();
+    project(
+        &scripts,
+        "acme/slow",
+        r#"{"buildImage": "x"}"#,
+        "echo first line\nsleep 600\n",
+    );
+    project(
+        &scripts,
+        "acme/quick",
+        r#"{"buildImage": "x"}"#,
+        "echo quick\n",
+    );
+    let mut decap = Decap::start(&data, &scripts, &[]);
+    let api = decap.api();
+    let slow = api.request("acme/slow", &["main"]).await;
+    eventually("the slow build to print", MINUTE, || async {
+        let text = api
+            .get(&format!("/api/v1/logs/{}", slow[0]))
+            .await
+            .text()
+            .await
+            .unwrap();
+        text.contains("first line").then_some(())
+    })
+    .await;
+    // a second build of the same branch waits behind the lock
+    let waiting = api.request("acme/slow", &["main"]).await;
+    assert_eq!(api.build(&waiting[0]).await["status"], "deferred");
+    decap.kill();
+
+    let decap = Decap::start(&data, &scripts, &[]);
+    let api = decap.api();
+    let b = api.build(&slow[0]).await;
+    assert_eq!(b["status"], "errored", "{b}");
+    assert!(b["message"].as_str().unwrap().contains("stopped"), "{b}");
+    let log = api
+        .get(&format!("/api/v1/logs/{}", slow[0]))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(log.contains("first line"), "the live log was kept");
+    // the deferred build resumed: it runs (and would run 600 s), so cancel it
+    eventually("the deferred build to resume", MINUTE, || async {
+        (api.build(&waiting[0]).await["status"] == "running").then_some(())
+    })
+    .await;
+    let locks = api.json("/api/v1/locks").await;
+    assert_eq!(
+        locks["locks"][0]["buildId"],
+        waiting[0].as_str(),
+        "the old lock was released and taken by the next build"
+    );
+    assert_eq!(
+        api.send(Method::DELETE, &format!("/api/v1/build/{}", waiting[0]))
+            .await
+            .status(),
+        202
+    );
+    let quick = api.request("acme/quick", &["main"]).await;
+    assert_eq!(api.finished(&quick[0], MINUTE).await["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn live_logs_stream_while_the_build_runs() {
+    let (_dir, scripts, data) = dirs();
+    project(
+        &scripts,
+        "acme/live",
+        r#"{"buildImage": "x"}"#,
+        "echo one\nsleep 1\necho two\n",
+    );
+    let decap = Decap::start(&data, &scripts, &[]);
+    let api = decap.api();
+    let ids = api.request("acme/live", &["main"]).await;
+    let mut resp = api
+        .get(&format!("/api/v1/logs/{}?follow=true", ids[0]))
+        .await;
+    let mut text = String::new();
+    let mut saw_one_while_running = false;
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if text.contains("one") && !text.contains("two") {
+            saw_one_while_running = api.build(&ids[0]).await["status"] == "running";
+        }
+    }
+    assert!(
+        saw_one_while_running,
+        "the first line arrived while the build ran"
+    );
+    assert_eq!(text, "one\ntwo\n");
+}
+
+#[tokio::test]
+async fn decapctl_talks_to_the_server_and_explains_when_it_is_down() {
+    let (_dir, scripts, data) = dirs();
+    project(
+        &scripts,
+        "acme/ctl",
+        r#"{"buildImage": "x"}"#,
+        "echo from-ctl\n",
+    );
+    let decap = Decap::start(&data, &scripts, &[]);
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_decapctl"))
+            .args(["--server", &decap.url, "--token", common::TOKEN])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = ctl(&["--json", "build", "acme/ctl", "main"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = created["builds"][0]["id"].as_str().unwrap().to_owned();
+    let out = ctl(&["builds", "logs", "--follow", &id]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-ctl\n");
+    let out = ctl(&["builds", "list", "acme/ctl"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(table.contains("succeeded"));
+    let out = ctl(&["builds", "show", "00000000-0000-0000-0000-000000000000"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+
+    let down = std::process::Command::new(env!("CARGO_BIN_EXE_decapctl"))
+        .args(["--server", "http://127.0.0.1:9", "locks", "list"])
+        .output()
+        .unwrap();
+    assert!(!down.status.success());
+    let err = String::from_utf8_lossy(&down.stderr);
+    assert!(
+        err.contains("cannot reach Decap at http://127.0.0.1:9"),
+        "{err}"
+    );
+    assert!(err.contains("decap serve"), "{err}");
+}

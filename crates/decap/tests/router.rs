@@ -1,0 +1,638 @@
+//! The HTTP surface through `Router::oneshot`, on the real embedded adapters:
+//! every bad input gets its status and loses nothing.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::{SECRET, TOKEN, project, push_payload, sign};
+use decap_core::schedule::Caps;
+use decap_embedded::{
+    FileBlobStore, LocalExecutor, LocalExecutorConfig, SandboxMode, SqliteBuildStore, SqliteDb,
+    SqliteDeferralQueue, SqliteLockStore,
+};
+use decap_scripts::{FsScriptsRepo, ScriptsSource};
+use decap_server::livelog::LiveLogs;
+use decap_server::{
+    AuthConfig, Controller, ControllerConfig, ExecutorEventsChannel, Ports, Server,
+};
+use http_body_util_shim::collect;
+use secrecy::SecretString;
+use tower::ServiceExt;
+
+mod http_body_util_shim {
+    use axum::body::Body;
+    pub async fn collect(body: Body) -> Vec<u8> {
+        axum::body::to_bytes(body, usize::MAX)
+            .await
+            .unwrap()
+            .to_vec()
+    }
+}
+
+struct TestApp {
+    router: Router,
+    controller: Arc<Controller>,
+    _dir: tempfile::TempDir,
+}
+
+async fn app_with(secrets: &[&str]) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    project(
+        &scripts,
+        "acme/widgets",
+        r#"{"buildImage": "x", "managedRefRegex": "main|release/.*"}"#,
+        "echo built\n",
+    );
+    project(
+        &scripts,
+        "acme/broken",
+        r#"{"buildImage": "x", "managedRefRegex": "("}"#,
+        "true\n",
+    );
+    let data = dir.path().join("data");
+    let db = SqliteDb::open(&data.join("decap.db")).unwrap();
+    let (events, exits) = ExecutorEventsChannel::new();
+    let executor = LocalExecutor::new(
+        LocalExecutorConfig {
+            work_root: data.join("work"),
+            hide: vec![],
+            bctool: env!("CARGO_BIN_EXE_bctool").into(),
+            sandbox: SandboxMode::None,
+            kill_grace: Duration::from_secs(1),
+            path: std::env::var("PATH").unwrap(),
+        },
+        events,
+    )
+    .unwrap();
+    let repo = FsScriptsRepo::open(ScriptsSource::Folder(scripts))
+        .await
+        .unwrap();
+    let ports = Ports {
+        builds: Arc::new(SqliteBuildStore::new(db.clone())),
+        locks: Arc::new(SqliteLockStore::new(db.clone())),
+        queue: Arc::new(SqliteDeferralQueue::new(db.clone())),
+        blobs: Arc::new(FileBlobStore::new(data.join("blobs"))),
+        executor: Arc::new(executor),
+        scripts: Arc::new(repo),
+    };
+    let controller = Controller::new(
+        ports,
+        ControllerConfig {
+            public_url: "http://decap.test".into(),
+            decap_url: "http://127.0.0.1:9".into(),
+            caps: Caps::default(),
+            kill_grace: Duration::from_secs(1),
+            lock_margin: Duration::from_secs(60),
+            max_log_bytes: 1 << 20,
+            drain_interval: Duration::from_secs(3600),
+        },
+        LiveLogs::new(data.join("live"), 1 << 20).unwrap(),
+    );
+    controller.start(exits).await.unwrap();
+    // Builds stay deferred: these tests look at the HTTP surface, not at runs.
+    controller.set_queue_open(false).await.unwrap();
+    let server = Arc::new(Server {
+        controller: controller.clone(),
+        auth: AuthConfig {
+            api_token: Some(SecretString::from(TOKEN)),
+            insecure_local: false,
+            webhook_secrets: secrets.iter().map(|s| SecretString::from(*s)).collect(),
+        },
+        version: decap_api_types::Version {
+            version: "test".into(),
+            commit: "test".into(),
+        },
+        set_log_level: None,
+    });
+    TestApp {
+        router: decap_server::router(server),
+        controller,
+        _dir: dir,
+    }
+}
+
+async fn app() -> TestApp {
+    app_with(&[SECRET]).await
+}
+
+async fn call(app: &TestApp, req: Request<Body>) -> (StatusCode, serde_json::Value) {
+    let resp = app.router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = collect(resp.into_body()).await;
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+fn hook(event: &str, delivery: &str, body: &[u8], signature: Option<String>) -> Request<Body> {
+    let mut b = Request::post("/hooks/github")
+        .header("x-github-event", event)
+        .header("x-github-delivery", delivery);
+    if let Some(sig) = signature {
+        b = b.header("x-hub-signature-256", sig);
+    }
+    b.body(Body::from(body.to_vec())).unwrap()
+}
+
+fn get(path: &str) -> Request<Body> {
+    Request::get(path).body(Body::empty()).unwrap()
+}
+
+fn authed(method: &str, path: &str) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::empty())
+        .unwrap()
+}
+
+async fn history(app: &TestApp) -> usize {
+    let (status, v) = call(app, get("/api/v1/builds/acme/widgets?limit=500")).await;
+    assert_eq!(status, StatusCode::OK);
+    v["builds"].as_array().unwrap().len()
+}
+
+const SHA: &str = "6113728f27ae82c7b1a177c8d03f9e96e0adf246";
+
+#[tokio::test]
+async fn a_signed_push_is_accepted_durably_and_builds_once() {
+    let app = app().await;
+    let body = push_payload("acme", "widgets", "refs/heads/main", SHA);
+    let (status, v) = call(&app, hook("push", "d-1", &body, Some(sign(SECRET, &body)))).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let ids = v["builds"].as_array().unwrap().clone();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(v["delivery"], "d-1");
+    // recorded before the answer: the build is there at once
+    let id = ids[0].as_str().unwrap();
+    let (status, b) = call(&app, get(&format!("/api/v1/build/{id}"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (
+            b["branch"].as_str(),
+            b["commit"].as_str(),
+            b["trigger"].as_str()
+        ),
+        (Some("main"), Some(SHA), Some("webhook"))
+    );
+
+    // a repeated delivery answers 200 with the first builds and starts nothing
+    let (status, again) = call(&app, hook("push", "d-1", &body, Some(sign(SECRET, &body)))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(again["builds"].as_array().unwrap(), &ids);
+    assert_eq!(history(&app).await, 1);
+}
+
+#[tokio::test]
+async fn wrong_or_missing_signatures_are_refused_and_record_nothing() {
+    let app = app().await;
+    let body = push_payload("acme", "widgets", "refs/heads/main", SHA);
+    let (status, v) = call(
+        &app,
+        hook("push", "d-2", &body, Some(sign("wrong secret", &body))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(v["error"].as_str().unwrap().contains("signature"));
+    let (status, _) = call(&app, hook("push", "d-2", &body, None)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = call(&app, hook("push", "d-2", &body, Some("sha256=zz".into()))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(history(&app).await, 0, "nothing recorded");
+    // the delivery id was not burnt: the genuine delivery still builds
+    let (status, _) = call(&app, hook("push", "d-2", &body, Some(sign(SECRET, &body)))).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(history(&app).await, 1);
+}
+
+#[tokio::test]
+async fn a_previous_secret_is_accepted_during_rotation() {
+    let app = app_with(&["new-secret", "old-secret"]).await;
+    let body = push_payload("acme", "widgets", "refs/heads/main", SHA);
+    let (status, _) = call(
+        &app,
+        hook("push", "d-rot", &body, Some(sign("old-secret", &body))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn webhooks_without_a_configured_secret_are_refused() {
+    let app = app_with(&[]).await;
+    let body = push_payload("acme", "widgets", "refs/heads/main", SHA);
+    let (status, v) = call(&app, hook("push", "d-3", &body, Some(sign(SECRET, &body)))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("DECAP_GITHUB_WEBHOOK_SECRET")
+    );
+}
+
+#[tokio::test]
+async fn malformed_and_incomplete_webhooks_are_bad_requests() {
+    let app = app().await;
+    let junk = b"{not json";
+    let (status, v) = call(&app, hook("push", "d-4", junk, Some(sign(SECRET, junk)))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(v["error"].as_str().unwrap().contains("malformed"));
+    let body = push_payload("acme", "widgets", "refs/heads/main", SHA);
+    let missing_event = Request::post("/hooks/github")
+        .header("x-github-delivery", "d-5")
+        .header("x-hub-signature-256", sign(SECRET, &body))
+        .body(Body::from(body.clone()))
+        .unwrap();
+    let (status, v) = call(&app, missing_event).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(v["error"].as_str().unwrap().contains("x-github-event"));
+    let missing_delivery = Request::post("/hooks/github")
+        .header("x-github-event", "push")
+        .header("x-hub-signature-256", sign(SECRET, &body))
+        .body(Body::from(body.clone()))
+        .unwrap();
+    assert_eq!(
+        call(&app, missing_delivery).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    // names that could escape a path
+    for (team, project, git_ref) in [
+        ("acme", "../../etc", "refs/heads/main"),
+        ("ac me", "widgets", "refs/heads/main"),
+        ("acme", "widgets", "refs/heads/../../x"),
+        ("acme", "widgets", "refs/heads/a b"),
+    ] {
+        let body = push_payload(team, project, git_ref, SHA);
+        let (status, _) = call(
+            &app,
+            hook(
+                "push",
+                &format!("d-{team}-{project}-{git_ref}"),
+                &body,
+                Some(sign(SECRET, &body)),
+            ),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{team}/{project} {git_ref}"
+        );
+    }
+    assert_eq!(history(&app).await, 0);
+}
+
+#[tokio::test]
+async fn bodies_over_25_mib_are_refused() {
+    let app = app().await;
+    let body = vec![b' '; 25 * 1024 * 1024 + 1];
+    let resp = app
+        .router
+        .clone()
+        .oneshot(hook("push", "d-big", &body, Some(sign(SECRET, &body))))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn ignored_deliveries_say_why() {
+    let app = app().await;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("issues", br#"{"action": "opened"}"#.to_vec(), "not handled"),
+        (
+            "push",
+            push_payload("acme", "widgets", "refs/heads/experiment", SHA),
+            "managedRefRegex",
+        ),
+        (
+            "push",
+            push_payload("acme", "unknown", "refs/heads/main", SHA),
+            "no project",
+        ),
+        (
+            "push",
+            push_payload("acme", "broken", "refs/heads/main", SHA),
+            "cannot build",
+        ),
+        (
+            "push",
+            {
+                let mut v: serde_json::Value = serde_json::from_slice(&push_payload(
+                    "acme",
+                    "widgets",
+                    "refs/heads/main",
+                    SHA,
+                ))
+                .unwrap();
+                v["deleted"] = true.into();
+                v["after"] = "0000000000000000000000000000000000000000".into();
+                serde_json::to_vec(&v).unwrap()
+            },
+            "deleted",
+        ),
+    ];
+    for (i, (event, body, why)) in cases.into_iter().enumerate() {
+        let (status, v) = call(
+            &app,
+            hook(event, &format!("ign-{i}"), &body, Some(sign(SECRET, &body))),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{why}");
+        assert!(v["builds"].as_array().unwrap().is_empty());
+        assert!(v["ignored"].as_str().unwrap().contains(why), "{v}");
+    }
+    assert_eq!(history(&app).await, 0);
+    let ping = br#"{"zen": "Keep it logically awesome."}"#;
+    let (status, _) = call(&app, hook("ping", "ping-1", ping, Some(sign(SECRET, ping)))).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn create_and_pull_request_events_build() {
+    let app = app().await;
+    let fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/github");
+    let mut create: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("create-payload.json")).unwrap())
+            .unwrap();
+    create["ref"] = "release/1.0".into();
+    create["ref_type"] = "branch".into();
+    create["repository"]["name"] = "widgets".into();
+    create["repository"]["owner"]["login"] = "acme".into();
+    let body = serde_json::to_vec(&create).unwrap();
+    let (status, v) = call(
+        &app,
+        hook("create", "c-1", &body, Some(sign(SECRET, &body))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["builds"].as_array().unwrap().len(), 1);
+
+    let mut pr: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixtures.join("pull_request-opened.payload.json")).unwrap(),
+    )
+    .unwrap();
+    pr["pull_request"]["base"]["repo"]["name"] = "widgets".into();
+    pr["pull_request"]["base"]["repo"]["owner"]["login"] = "acme".into();
+    let body = serde_json::to_vec(&pr).unwrap();
+    let (status, v) = call(
+        &app,
+        hook("pull_request", "pr-1", &body, Some(sign(SECRET, &body))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    let id = v["builds"][0].as_str().unwrap();
+    let (_, b) = call(&app, get(&format!("/api/v1/build/{id}"))).await;
+    assert_eq!(b["ref"], "refs/pull/2/head");
+    assert_eq!(b["commit"], "ec26c3e57ca3a959ca5aad62de7213c562f8c821");
+
+    pr["action"] = "closed".into();
+    let body = serde_json::to_vec(&pr).unwrap();
+    let (_, v) = call(
+        &app,
+        hook("pull_request", "pr-2", &body, Some(sign(SECRET, &body))),
+    )
+    .await;
+    assert!(v["builds"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn unknown_things_are_404_and_odd_names_400() {
+    let app = app().await;
+    let unknown = decap_core::build::BuildId::new();
+    for path in [
+        format!("/api/v1/build/{unknown}"),
+        format!("/api/v1/logs/{unknown}"),
+        format!("/api/v1/artifacts/{unknown}"),
+        "/api/v1/builds/acme/nothing".to_owned(),
+        "/api/v1/projects/acme/nothing/refs".to_owned(),
+        "/no/such/page".to_owned(),
+    ] {
+        let (status, v) = call(&app, get(&path)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert!(v["error"].is_string(), "{path}: errors are JSON");
+    }
+    for path in [
+        "/api/v1/build/not-a-uuid",
+        "/api/v1/builds/acme/wid%20gets",
+        "/api/v1/builds/..%2F..%2Fetc/x",
+        "/api/v1/builds/acme/widgets?limit=abc",
+        "/api/v1/builds/acme/widgets?limit=0",
+        "/api/v1/builds/acme/widgets?status=done",
+        "/api/v1/builds/acme/widgets?since=yesterday",
+        "/api/v1/builds/acme/widgets?branch=../x",
+        "/api/v1/builds/acme/widgets?cursor=garbage",
+        "/api/v1/builds/acme/widgets?brnch=main",
+    ] {
+        let (status, v) = call(&app, get(path)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {v}");
+    }
+    let (status, v) = call(&app, get("/api/v1/builds/acme/widgets?limit=abc")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        v["error"].as_str().unwrap().contains("limit"),
+        "the error names the parameter"
+    );
+    for (method, path) in [
+        ("POST", "/api/v1/builds/acme/widgets?branch=../../etc"),
+        ("POST", "/api/v1/builds/acme/widgets?branch=-rf"),
+        ("DELETE", "/api/v1/locks?key=acme/../x/main"),
+        ("DELETE", "/api/v1/locks?key=acme"),
+    ] {
+        let (status, _) = call(&app, authed(method, path)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {path}");
+    }
+    let (status, _) = call(
+        &app,
+        authed("POST", "/api/v1/builds/acme/nothing?branch=main"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call(
+        &app,
+        authed("POST", "/api/v1/builds/acme/broken?branch=main"),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "an invalid project cannot build"
+    );
+    assert_eq!(history(&app).await, 0, "nothing is half-done on an error");
+}
+
+#[tokio::test]
+async fn changes_need_the_token() {
+    let app = app().await;
+    let (status, v) = call(
+        &app,
+        Request::post("/api/v1/builds/acme/widgets?branch=main")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(v["error"].as_str().unwrap().contains("Bearer"));
+    let wrong = Request::post("/api/v1/builds/acme/widgets?branch=main")
+        .header("authorization", "Bearer nope")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(call(&app, wrong).await.0, StatusCode::UNAUTHORIZED);
+    let (status, v) = call(
+        &app,
+        authed(
+            "POST",
+            "/api/v1/builds/acme/widgets?branch=main&branch=feature/x",
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(
+        v["builds"].as_array().unwrap().len(),
+        2,
+        "manual builds take any ref"
+    );
+    assert_eq!(
+        v["builds"][0]["status"], "deferred",
+        "the queue is closed in these tests"
+    );
+    assert!(
+        v["builds"][0]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://decap.test/builds/")
+    );
+}
+
+#[tokio::test]
+async fn the_queue_lists_and_removes_deferred_builds_and_dedups_commits() {
+    let app = app().await;
+    let body = push_payload("acme", "widgets", "refs/heads/main", SHA);
+    let (_, first) = call(&app, hook("push", "q-1", &body, Some(sign(SECRET, &body)))).await;
+    let (_, second) = call(&app, hook("push", "q-2", &body, Some(sign(SECRET, &body)))).await;
+    let first_id = first["builds"][0].as_str().unwrap().to_owned();
+    let second_id = second["builds"][0].as_str().unwrap().to_owned();
+    // scheduling happens after the answer
+    common::eventually("both deliveries scheduled", Duration::from_secs(5), || {
+        let app = &app;
+        let second_id = second_id.clone();
+        async move {
+            let (_, b) = call(app, get(&format!("/api/v1/build/{second_id}"))).await;
+            (b["status"] != "queued").then_some(())
+        }
+    })
+    .await;
+    let (_, list) = call(&app, get("/api/v1/deferred")).await;
+    let waiting: Vec<&str> = list["deferred"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        waiting,
+        vec![first_id.as_str()],
+        "the same commit never waits twice"
+    );
+    assert!(
+        list["deferred"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("closed")
+    );
+    let (_, dup) = call(&app, get(&format!("/api/v1/build/{second_id}"))).await;
+    assert_eq!(dup["status"], "cancelled");
+    assert!(dup["message"].as_str().unwrap().contains(&first_id));
+
+    let (status, _) = call(
+        &app,
+        authed("DELETE", &format!("/api/v1/deferred/{first_id}")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, list) = call(&app, get("/api/v1/deferred")).await;
+    assert!(list["deferred"].as_array().unwrap().is_empty());
+    let (status, _) = call(
+        &app,
+        authed("DELETE", &format!("/api/v1/deferred/{first_id}")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, b) = call(&app, get(&format!("/api/v1/build/{first_id}"))).await;
+    assert_eq!(b["status"], "cancelled");
+    let (status, _) = call(&app, authed("DELETE", &format!("/api/v1/build/{first_id}"))).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a finished build cannot be cancelled"
+    );
+}
+
+#[tokio::test]
+async fn queue_state_locks_and_health() {
+    let app = app().await;
+    let (_, q) = call(&app, get("/api/v1/queue")).await;
+    assert_eq!(q["state"], "closed");
+    let open = Request::put("/api/v1/queue")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::from(r#"{"state": "open"}"#))
+        .unwrap();
+    assert_eq!(call(&app, open).await.0, StatusCode::OK);
+    assert!(app.controller.queue_open().await);
+    let bad = Request::put("/api/v1/queue")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::from(r#"{"state": "ajar"}"#))
+        .unwrap();
+    assert_eq!(call(&app, bad).await.0, StatusCode::BAD_REQUEST);
+    let (status, _) = call(
+        &app,
+        authed("DELETE", "/api/v1/locks?key=acme/widgets/main"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "no such lock");
+    let (_, locks) = call(&app, get("/api/v1/locks")).await;
+    assert!(locks["locks"].as_array().unwrap().is_empty());
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/api/v1/version",
+        "/api/v1/teams",
+        "/api/v1/projects?team=acme",
+    ] {
+        let resp = app.router.clone().oneshot(get(path)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+    }
+    let (_, projects) = call(&app, get("/api/v1/projects")).await;
+    let broken = projects["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["project"] == "broken")
+        .unwrap();
+    assert!(
+        broken["error"]
+            .as_str()
+            .unwrap()
+            .contains("managedRefRegex")
+    );
+    let resp = app.router.clone().oneshot(get("/metrics")).await.unwrap();
+    let text = String::from_utf8(collect(resp.into_body()).await).unwrap();
+    for metric in [
+        "decap_queue_depth",
+        "decap_locks_held",
+        "decap_webhook_duration_seconds",
+        "decap_running_builds",
+    ] {
+        assert!(text.contains(metric), "{metric} missing from /metrics");
+    }
+}
