@@ -33,8 +33,9 @@ pub struct LocalExecutorConfig {
     /// Folders the sandbox hides from builds (the data dir: other builds'
     /// logs, the database).
     pub hide: Vec<PathBuf>,
-    /// The bctool binary.
-    pub bctool: PathBuf,
+    /// How to run bctool: a program and its leading arguments (`[bctool]`,
+    /// or `[decap, bctool]` when the controller binary carries it).
+    pub bctool: Vec<std::ffi::OsString>,
     /// Sandboxing.
     pub sandbox: SandboxMode,
     /// How long a stopped build gets between TERM and KILL.
@@ -95,12 +96,15 @@ fn probe_bwrap() -> Option<PathBuf> {
 impl LocalExecutor {
     /// Makes an executor, probing for bubblewrap as `config.sandbox` asks.
     pub fn new(config: LocalExecutorConfig, events: Arc<dyn ExecutorEvents>) -> Result<Self> {
-        if !config.bctool.is_file() {
+        let Some(program) = config.bctool.first() else {
+            return Err(Error::invalid("bctool", "no bctool command given"));
+        };
+        if !Path::new(program).is_file() {
             return Err(Error::invalid(
                 "bctool",
                 format!(
                     "{} does not exist; build it with `cargo build --bin bctool` or pass --bctool",
-                    config.bctool.display()
+                    Path::new(program).display()
                 ),
             ));
         }
@@ -181,10 +185,12 @@ impl LocalExecutor {
         }
         bctool_args.push(script.to_string_lossy().into_owned());
 
+        let program = &self.config.bctool[0];
+        let lead = &self.config.bctool[1..];
         let mut cmd = match &self.bwrap {
             None => {
-                let mut c = tokio::process::Command::new(&self.config.bctool);
-                c.args(&bctool_args);
+                let mut c = tokio::process::Command::new(program);
+                c.args(lead).args(&bctool_args);
                 c
             }
             Some(bwrap) => {
@@ -211,11 +217,9 @@ impl LocalExecutor {
                     c.arg("--tmpfs").arg(hidden);
                 }
                 c.arg("--bind").arg(ws).arg(ws);
-                c.arg("--ro-bind")
-                    .arg(&self.config.bctool)
-                    .arg(&self.config.bctool);
+                c.arg("--ro-bind").arg(program).arg(program);
                 c.arg("--chdir").arg(ws.join("src"));
-                c.arg("--").arg(&self.config.bctool).args(&bctool_args);
+                c.arg("--").arg(program).args(lead).args(&bctool_args);
                 c
             }
         };

@@ -87,7 +87,7 @@ struct ServeArgs {
     /// Sandbox builds with bubblewrap: auto (when installed), bubblewrap (required) or none.
     #[arg(long, env = "DECAP_SANDBOX", value_enum, default_value_t = Sandbox::Auto)]
     sandbox: Sandbox,
-    /// The bctool binary (default: next to this one).
+    /// The bctool binary (default: this binary's own `bctool` subcommand).
     #[arg(long, env = "DECAP_BCTOOL")]
     bctool: Option<PathBuf>,
     /// Seconds a stopped build gets between TERM and KILL.
@@ -179,13 +179,41 @@ fn install_tracing(level: &str, format: LogFormat) -> Result<decap_server::LogLe
     }))
 }
 
-fn bctool_path(arg: Option<PathBuf>) -> Result<PathBuf> {
+/// How builds run bctool: `--bctool PATH`, or this very binary, which
+/// carries bctool as its hidden `bctool` subcommand (so the two never skew).
+fn bctool_command(arg: Option<PathBuf>) -> Result<Vec<std::ffi::OsString>> {
     if let Some(p) = arg {
-        return Ok(p);
+        return Ok(vec![p.into_os_string()]);
     }
     let exe = std::env::current_exe().context("cannot find this binary's path")?;
-    let dir = exe.parent().context("this binary has no folder")?;
-    Ok(dir.join("bctool"))
+    Ok(vec![exe.into_os_string(), "bctool".into()])
+}
+
+/// Runs bctool from inside the `decap` binary (`decap bctool run -- …`);
+/// returns the exit code.
+pub fn run_bctool(args: Vec<std::ffi::OsString>) -> i32 {
+    use clap::Parser;
+    let cli = match decap_bctool::Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bctool: cannot start: {e}");
+            return 70;
+        }
+    };
+    match runtime.block_on(decap_bctool::main(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bctool: {e:#}");
+            70
+        }
+    }
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -234,7 +262,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         LocalExecutorConfig {
             work_root: data_dir.join("work"),
             hide: vec![data_dir.clone()],
-            bctool: bctool_path(args.bctool.clone())?,
+            bctool: bctool_command(args.bctool.clone())?,
             sandbox: match args.sandbox {
                 Sandbox::Auto => SandboxMode::Auto,
                 Sandbox::Bubblewrap => SandboxMode::Bubblewrap,

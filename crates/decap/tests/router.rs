@@ -63,7 +63,7 @@ async fn app_with(secrets: &[&str]) -> TestApp {
         LocalExecutorConfig {
             work_root: data.join("work"),
             hide: vec![],
-            bctool: env!("CARGO_BIN_EXE_bctool").into(),
+            bctool: vec![env!("CARGO_BIN_EXE_bctool").into()],
             sandbox: SandboxMode::None,
             kill_grace: Duration::from_secs(1),
             path: std::env::var("PATH").unwrap(),

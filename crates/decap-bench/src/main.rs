@@ -1,0 +1,606 @@
+//! `decap-bench`: measures the figures of `docs/PERFORMANCE.md` against the
+//! real `decap` binary (built in the same target folder), on loopback.
+//!
+//! `cargo run --release -p decap-bench -- all` runs every benchmark. Each
+//! prints medians and p99s; the machine is shared, so compare ratios taken in
+//! one run.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+const SECRET: &str = "bench-secret";
+const TOKEN: &str = "bench-token";
+
+#[derive(Parser)]
+#[command(about = "Decap benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum What {
+    /// Signed push webhooks accepted per second, with latency percentiles.
+    Webhooks,
+    /// Webhook sent → first line of build.sh running.
+    FirstLine,
+    /// A trivial build end to end against `sh build.sh` alone.
+    EndToEnd,
+    /// 1,000 requests over 100 projects with a cap of 8.
+    Drain,
+    /// Resident memory of an idle `decap serve`.
+    IdleMemory,
+    /// Everything.
+    All,
+}
+
+fn target_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().context("no folder")?.to_owned())
+}
+
+struct Server {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+    scripts: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_project(root: &Path, key: &str, descriptor: &str, script: &str) -> Result<()> {
+    let dir = root.join(key);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("project.json"), descriptor)?;
+    std::fs::write(dir.join("build.sh"), script)?;
+    Ok(())
+}
+
+fn start(setup: impl FnOnce(&Path) -> Result<()>, extra: &[&str]) -> Result<Server> {
+    let dir = tempfile::tempdir()?;
+    let scripts = dir.path().join("scripts");
+    std::fs::create_dir_all(&scripts)?;
+    setup(&scripts)?;
+    let decap = target_dir()?.join("decap");
+    if !decap.is_file() {
+        bail!(
+            "{} is missing: cargo build --release --bin decap",
+            decap.display()
+        );
+    }
+    let mut child = Command::new(decap)
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "warn"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--scripts")
+        .arg(&scripts)
+        .args(extra)
+        .env("DECAP_GITHUB_WEBHOOK_SECRET", SECRET)
+        .env("DECAP_API_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                if let Some(u) = l.strip_prefix("decap: serving ") {
+                    break u.to_owned();
+                }
+            }
+            _ => bail!("decap exited before serving"),
+        }
+    };
+    Ok(Server {
+        child,
+        url,
+        _dir: dir,
+        scripts,
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn summary(name: &str, mut ms: Vec<f64>) -> (f64, f64) {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let (p50, p99) = (percentile(&ms, 0.5), percentile(&ms, 0.99));
+    println!(
+        "{name}: n={} p50={p50:.2} ms p99={p99:.2} ms max={:.2} ms",
+        ms.len(),
+        ms.last().copied().unwrap_or(f64::NAN)
+    );
+    (p50, p99)
+}
+
+fn push_body(team: &str, project: &str, branch: &str, commit: &str) -> Vec<u8> {
+    // The shape of a real push payload, trimmed to what a large one carries.
+    let v = serde_json::json!({
+        "ref": format!("refs/heads/{branch}"),
+        "before": "0000000000000000000000000000000000000000",
+        "after": commit,
+        "created": false, "deleted": false, "forced": false,
+        "compare": "https://github.com/x/y/compare/a...b",
+        "commits": [{"id": commit, "message": "Update README.md", "author": {"name": "A", "email": "a@example.com"}}],
+        "repository": {"name": project, "full_name": format!("{team}/{project}"), "owner": {"login": team, "name": team}},
+        "pusher": {"name": team}, "sender": {"login": team}
+    });
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+async fn send_hook(
+    http: &reqwest::Client,
+    url: &str,
+    delivery: &str,
+    body: Vec<u8>,
+) -> Result<reqwest::StatusCode> {
+    let sig = decap_server::auth::sign(SECRET, &body);
+    let r = http
+        .post(format!("{url}/hooks/github"))
+        .header("x-github-event", "push")
+        .header("x-github-delivery", delivery)
+        .header("x-hub-signature-256", sig)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await?;
+    Ok(r.status())
+}
+
+async fn webhooks() -> Result<()> {
+    for (label, branch) in [
+        (
+            "accepted and recorded, ref not managed (no build)",
+            "unmanaged",
+        ),
+        (
+            "accepted with a build each (queue closed: every build deferred)",
+            "main",
+        ),
+    ] {
+        let server = start(
+            |s| {
+                write_project(
+                    s,
+                    "bench/app",
+                    r#"{"buildImage": "x", "managedRefRegex": "main"}"#,
+                    "true\n",
+                )
+            },
+            &[],
+        )?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()?;
+        if branch == "main" {
+            http.put(format!("{}/api/v1/queue", server.url))
+                .bearer_auth(TOKEN)
+                .json(&serde_json::json!({"state": "closed"}))
+                .send()
+                .await?;
+        }
+        let connections = 32;
+        let duration = Duration::from_secs(10);
+        let counter = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..connections {
+            let http = http.clone();
+            let url = server.url.clone();
+            let counter = counter.clone();
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    let commit = format!("{:040x}", (c as u128) << 64 | n as u128);
+                    let body = push_body("bench", "app", branch, &commit);
+                    let t = Instant::now();
+                    match send_hook(&http, &url, &format!("bench-{n}"), body).await {
+                        Ok(s) if s.as_u16() == 202 => lat.push(t.elapsed().as_secs_f64() * 1000.0),
+                        _ => errors += 1,
+                    }
+                }
+                (lat, errors)
+            }));
+        }
+        tokio::time::sleep(duration).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        let mut errors = 0;
+        for t in tasks {
+            let (l, e) = t.await?;
+            all.extend(l);
+            errors += e;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "webhooks {label}: {} accepted in {secs:.1} s = {:.0}/s, {errors} errors, {connections} connections",
+            all.len(),
+            all.len() as f64 / secs
+        );
+        summary("  webhook answer latency", all);
+        if branch == "main" {
+            // every accepted build must be durable and end up deferred
+            let page: serde_json::Value = http
+                .get(format!("{}/api/v1/builds/bench/app?limit=1", server.url))
+                .send()
+                .await?
+                .json()
+                .await?;
+            println!(
+                "  newest build after the run: {}",
+                page["builds"][0]["status"]
+            );
+        }
+    }
+    Ok(())
+}
+
+fn epoch_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+async fn wait_file(path: &Path, limit: Duration) -> Result<String> {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && s.ends_with('\n')
+        {
+            return Ok(s);
+        }
+        if start.elapsed() > limit {
+            bail!("{} did not appear", path.display());
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+async fn first_line(sandbox: &str, runs: usize) -> Result<(f64, f64)> {
+    let marks = tempfile::tempdir()?;
+    let marks_path = marks.path().to_owned();
+    let script = "#!/bin/bash\necho \"$EPOCHREALTIME\" > \"$MARKS/$BUILD_ID.tmp\" && mv \"$MARKS/$BUILD_ID.tmp\" \"$MARKS/$BUILD_ID\"\n";
+    let descriptor = format!(
+        r#"{{"buildImage": "x", "env": {{"MARKS": "{}"}}}}"#,
+        marks_path.display()
+    );
+    let server = start(
+        |s| write_project(s, "bench/first", &descriptor, script),
+        &["--sandbox", sandbox],
+    )?;
+    let http = reqwest::Client::new();
+    let mut lat = Vec::new();
+    for i in 0..runs {
+        let body = push_body("bench", "first", "main", &format!("{:040x}", i + 1));
+        let t0 = epoch_ms();
+        let resp = http
+            .post(format!("{}/hooks/github", server.url))
+            .header("x-github-event", "push")
+            .header("x-github-delivery", format!("first-{i}"))
+            .header(
+                "x-hub-signature-256",
+                decap_server::auth::sign(SECRET, &body),
+            )
+            .body(body)
+            .send()
+            .await?;
+        let v: serde_json::Value = resp.json().await?;
+        let id = v["builds"][0].as_str().context("no build")?.to_owned();
+        let mark = wait_file(&marks_path.join(&id), Duration::from_secs(10)).await?;
+        let ran: f64 = mark.trim().replace(',', ".").parse::<f64>()? * 1000.0;
+        lat.push(ran - t0);
+        // let it finish before the next, so each run starts idle
+        wait_final(&http, &server.url, &id).await?;
+    }
+    Ok(summary(
+        &format!("webhook → first line of build.sh (sandbox {sandbox})"),
+        lat,
+    ))
+}
+
+async fn wait_final(http: &reqwest::Client, url: &str, id: &str) -> Result<serde_json::Value> {
+    let start = Instant::now();
+    loop {
+        let b: serde_json::Value = http
+            .get(format!("{url}/api/v1/build/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if let Some(st) = b["status"].as_str()
+            && !matches!(st, "queued" | "deferred" | "running")
+        {
+            return Ok(b);
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("build {id} did not finish");
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
+fn shell_alone(script: &Path, runs: usize) -> Result<Vec<f64>> {
+    let mut v = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let st = Command::new("sh")
+            .arg(script)
+            .stdout(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("the script failed");
+        }
+        v.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(v)
+}
+
+fn bwrap_alone(runs: usize) -> Result<Option<Vec<f64>>> {
+    let ok = Command::new("bwrap")
+        .args([
+            "--ro-bind",
+            "/",
+            "/",
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+            "--unshare-pid",
+            "true",
+        ])
+        .status();
+    if !matches!(ok, Ok(s) if s.success()) {
+        return Ok(None);
+    }
+    let mut v = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        Command::new("bwrap")
+            .args([
+                "--die-with-parent",
+                "--new-session",
+                "--unshare-pid",
+                "--unshare-ipc",
+                "--unshare-uts",
+                "--ro-bind",
+                "/",
+                "/",
+                "--dev",
+                "/dev",
+                "--proc",
+                "/proc",
+                "--tmpfs",
+                "/tmp",
+                "true",
+            ])
+            .status()?;
+        v.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(Some(v))
+}
+
+async fn end_to_end(runs: usize) -> Result<()> {
+    let script = "echo hello\n";
+    let server = start(
+        |s| write_project(s, "bench/e2e", r#"{"buildImage": "x"}"#, script),
+        &["--sandbox", "none"],
+    )?;
+    let http = reqwest::Client::new();
+    let mut lat = Vec::new();
+    for i in 0..runs {
+        let body = push_body("bench", "e2e", "main", &format!("{:040x}", i + 1));
+        let t = Instant::now();
+        let resp = http
+            .post(format!("{}/hooks/github", server.url))
+            .header("x-github-event", "push")
+            .header("x-github-delivery", format!("e2e-{i}"))
+            .header(
+                "x-hub-signature-256",
+                decap_server::auth::sign(SECRET, &body),
+            )
+            .body(body)
+            .send()
+            .await?;
+        let v: serde_json::Value = resp.json().await?;
+        let id = v["builds"][0].as_str().context("no build")?.to_owned();
+        let b = wait_final(&http, &server.url, &id).await?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        if b["status"] != "succeeded" {
+            bail!("build {id} ended {}", b["status"]);
+        }
+    }
+    let (e2e, e2e99) = summary(
+        "trivial build end to end (webhook → log and result stored)",
+        lat,
+    );
+    let sh = server.scripts.join("bench/e2e/build.sh");
+    let (alone, alone99) = summary("sh build.sh alone", shell_alone(&sh, runs)?);
+    println!(
+        "  overhead over sh build.sh: p50 {:.2} ms, p99 {:.2} ms",
+        e2e - alone,
+        e2e99 - alone99
+    );
+    Ok(())
+}
+
+async fn drain() -> Result<()> {
+    let projects = 100;
+    let requests = 1000;
+    let server = start(
+        |s| {
+            for p in 0..projects {
+                write_project(
+                    s,
+                    &format!("bench/p{p}"),
+                    r#"{"buildImage": "x"}"#,
+                    "true\n",
+                )?;
+            }
+            Ok(())
+        },
+        &[
+            "--sandbox",
+            "none",
+            "--max-builds",
+            "8",
+            "--max-builds-per-project",
+            "8",
+        ],
+    )?;
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..requests {
+        let p = i % projects;
+        let branch = format!("b{}", (i / projects) % 3);
+        let r = http
+            .post(format!(
+                "{}/api/v1/builds/bench/p{p}?branch={branch}",
+                server.url
+            ))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+        if r.status() != 202 {
+            bail!("request {i}: {}", r.status());
+        }
+        let v: serde_json::Value = r.json().await?;
+        ids.push(v["builds"][0]["id"].as_str().context("no id")?.to_owned());
+    }
+    let mut spans: Vec<(String, i128, i128)> = Vec::new();
+    let mut statuses = std::collections::BTreeMap::new();
+    for id in &ids {
+        let b = wait_final(&http, &server.url, id).await?;
+        *statuses
+            .entry(b["status"].as_str().unwrap_or("?").to_owned())
+            .or_insert(0) += 1;
+        let parse = |k: &str| {
+            b[k].as_str()
+                .and_then(|s| {
+                    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .map(|t| t.unix_timestamp_nanos())
+        };
+        if let (Some(s), Some(e)) = (parse("startTime"), parse("endTime")) {
+            spans.push((
+                format!(
+                    "{}/{}",
+                    b["projectKey"].as_str().unwrap_or(""),
+                    b["branch"].as_str().unwrap_or("")
+                ),
+                s,
+                e,
+            ));
+        }
+    }
+    let elapsed = t.elapsed();
+    // count violations from the recorded intervals
+    let mut events: Vec<(i128, i32)> = spans
+        .iter()
+        .flat_map(|(_, s, e)| [(*s, 1), (*e, -1)])
+        .collect();
+    events.sort_by_key(|(t, d)| (*t, *d));
+    let (mut now, mut peak) = (0, 0);
+    for (_, d) in events {
+        now += d;
+        peak = peak.max(now);
+    }
+    let mut by_key: std::collections::HashMap<&str, Vec<(i128, i128)>> =
+        std::collections::HashMap::new();
+    for (k, s, e) in &spans {
+        by_key.entry(k.as_str()).or_default().push((*s, *e));
+    }
+    let mut lock_violations = 0;
+    for v in by_key.values_mut() {
+        v.sort();
+        lock_violations += v.windows(2).filter(|w| w[1].0 < w[0].1).count();
+    }
+    println!(
+        "drain: {requests} requests over {projects} projects, cap 8: all ended in {:.1} s; statuses {statuses:?}; peak concurrency {peak} (cap violations {}); lock violations {lock_violations}",
+        elapsed.as_secs_f64(),
+        usize::from(peak > 8),
+    );
+    Ok(())
+}
+
+fn idle_memory() -> Result<()> {
+    let server = start(
+        |s| write_project(s, "bench/idle", r#"{"buildImage": "x"}"#, "true\n"),
+        &[],
+    )?;
+    let _ = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", &format!("{}/healthz", server.url)])
+        .status();
+    std::thread::sleep(Duration::from_secs(3));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id()))?;
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap_or("VmRSS: ?");
+    println!(
+        "idle decap serve: {}",
+        rss.split_whitespace().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let all = matches!(cli.what, What::All);
+    if all || matches!(cli.what, What::IdleMemory) {
+        idle_memory()?;
+    }
+    if all || matches!(cli.what, What::FirstLine) {
+        let (none50, none99) = first_line("none", 200).await?;
+        match bwrap_alone(100)? {
+            None => println!(
+                "bubblewrap: not usable here (not installed or no user namespaces); sandboxed figure not measured"
+            ),
+            Some(b) => {
+                let (b50, b99) = summary("bwrap true alone", b);
+                let (s50, s99) = first_line("bubblewrap", 200).await?;
+                println!(
+                    "  sandboxed over bubblewrap's own start-up: p50 {:.2} ms, p99 {:.2} ms",
+                    s50 - b50,
+                    s99 - b99
+                );
+            }
+        }
+        let _ = (none50, none99);
+    }
+    if all || matches!(cli.what, What::EndToEnd) {
+        end_to_end(200).await?;
+    }
+    if all || matches!(cli.what, What::Drain) {
+        drain().await?;
+    }
+    if all || matches!(cli.what, What::Webhooks) {
+        webhooks().await?;
+    }
+    Ok(())
+}
