@@ -342,3 +342,31 @@ pub struct BuildResult {
 
 /// The name of the header bctool sends to resume a live log stream.
 pub const LOG_OFFSET_HEADER: &str = "x-decap-log-offset";
+
+/// What the local executor sends a warm bctool (`bctool standby`) on its
+/// standard input, as one JSON line, to start a build. Sent over a pipe, so
+/// the token never shows in a process listing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StandbyLaunch {
+    /// The Decap server.
+    pub server: String,
+    /// The build.
+    pub build_id: String,
+    /// The build's own token.
+    pub token: String,
+    /// The command and its arguments.
+    pub command: Vec<String>,
+    /// The command's whole environment.
+    pub env: Vec<(String, String)>,
+    /// The command's working directory.
+    pub cwd: String,
+    /// Files left here become the artifacts.
+    pub artifacts_dir: String,
+    /// Stop the command after this many seconds.
+    pub timeout_secs: u64,
+    /// Seconds between TERM and KILL.
+    pub kill_grace_secs: u64,
+    /// The console log is kept up to this many bytes.
+    pub max_log_bytes: u64,
+}

@@ -18,13 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use decap_api_types::BuildResult;
 use decap_client::{Client, ClientError};
+use decap_tail::Progress;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
 
 /// bctool's command line.
@@ -75,6 +74,14 @@ enum Command {
         /// The folder.
         dir: PathBuf,
     },
+    /// Waits, warm, for the local executor to send a build on standard input
+    /// (one JSON line), then runs it as `run` would.
+    #[command(hide = true)]
+    Standby {
+        /// Stop the build if bctool's parent dies.
+        #[arg(long)]
+        exit_with_parent: bool,
+    },
     /// Records the build's result.
     RecordBuildMetadata {
         /// The script's exit code.
@@ -112,19 +119,68 @@ struct RunArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
+    /// The command's whole environment (standby launches); inherited when unset.
+    #[arg(skip)]
+    env: Option<Vec<(String, String)>>,
+    /// The command's working directory (standby launches).
+    #[arg(skip)]
+    cwd: Option<PathBuf>,
+}
+
+/// Reads the launch from standard input and runs it.
+async fn standby(exit_with_parent: bool) -> Result<i32> {
+    use tokio::io::AsyncBufReadExt;
+    let prepared = prepare()?;
+    let mut line = String::new();
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    if stdin.read_line(&mut line).await? == 0 {
+        // The executor went away without a build for us.
+        return Ok(0);
+    }
+    let launch: decap_api_types::StandbyLaunch =
+        serde_json::from_str(&line).context("the standby launch is not valid JSON")?;
+    if launch.command.is_empty() {
+        bail!("the standby launch has no command");
+    }
+    let args = RunArgs {
+        artifacts_dir: Some(PathBuf::from(&launch.artifacts_dir)),
+        timeout_secs: launch.timeout_secs,
+        kill_grace_secs: launch.kill_grace_secs,
+        max_log_bytes: launch.max_log_bytes,
+        exit_with_parent,
+        echo: false,
+        command: launch.command,
+        env: Some(launch.env),
+        cwd: Some(PathBuf::from(&launch.cwd)),
+    };
+    let (server, token) = (launch.server, launch.token);
+    run_prepared(
+        prepared,
+        || Client::new(&server, Some(token)),
+        launch.build_id,
+        args,
+    )
+    .await
 }
 
 /// Runs bctool; returns the process exit code.
 pub async fn main(cli: Cli) -> Result<i32> {
-    let client = Client::new(&cli.build.server, cli.build.token.clone())?;
+    if let Command::Standby { exit_with_parent } = cli.command {
+        return standby(exit_with_parent).await;
+    }
+    let connect = || Client::new(&cli.build.server, cli.build.token.clone());
     let id = cli
         .build
         .build_id
         .clone()
         .context("no build id: set BUILD_ID or pass --build-id")?;
     match cli.command {
-        Command::Run(args) => run(client, id, args).await,
+        // The client is made after the command starts: the build's first
+        // line should not wait for TLS roots to load.
+        Command::Run(args) => run(connect, id, args).await,
+        Command::Standby { .. } => unreachable!("handled above"),
         Command::Unlock => {
+            let client = connect()?;
             let released = retry(|| client.unlock_build(&id)).await?;
             eprintln!(
                 "bctool: {}",
@@ -137,11 +193,13 @@ pub async fn main(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::PutLog { file } => {
+            let client = connect()?;
             let gz = gzip_to_temp(&file).await?;
             retry(|| async { client.put_log(&id, file_body(gz.path()).await?).await }).await?;
             Ok(0)
         }
         Command::PutArtifacts { dir } => {
+            let client = connect()?;
             let Some(tgz) = tar_to_temp(&dir).await? else {
                 bail!("{} holds no files", dir.display());
             };
@@ -158,6 +216,7 @@ pub async fn main(cli: Cli) -> Result<i32> {
             timed_out,
             message,
         } => {
+            let client = connect()?;
             let result = BuildResult {
                 exit_code,
                 timed_out,
@@ -238,21 +297,74 @@ async fn tar_to_temp(dir: &Path) -> Result<Option<tempfile::NamedTempFile>> {
 /// The local console file: appended by the reader, followed by the streamer.
 struct Console {
     path: PathBuf,
-    progress: watch::Sender<(u64, bool)>,
+    progress: watch::Sender<Progress>,
 }
 
-async fn run(client: Client, id: String, args: RunArgs) -> Result<i32> {
-    let started_parent = std::os::unix::process::parent_id();
+/// What a run needs before its command starts: made ahead of time by a
+/// warm bctool, so that the build's first line waits for none of it.
+struct Prepared {
+    started_parent: u32,
+    _work: tempfile::TempDir,
+    console: Arc<Console>,
+    log_file: std::fs::File,
+    reader: std::io::PipeReader,
+    writer: std::io::PipeWriter,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+fn prepare() -> Result<Prepared> {
     let work = tempfile::tempdir().context("cannot make a temporary folder")?;
     let console = Arc::new(Console {
         path: work.path().join("console.log"),
-        progress: watch::channel((0, false)).0,
+        progress: watch::channel(Progress::default()).0,
     });
-    let mut log_file = std::fs::File::create(&console.path)?;
-
+    let log_file = std::fs::File::create(&console.path)?;
     // One pipe for stdout and stderr, so the log interleaves them as written.
-    let (mut reader, writer) = std::io::pipe()?;
+    let (reader, writer) = std::io::pipe()?;
+    Ok(Prepared {
+        started_parent: std::os::unix::process::parent_id(),
+        _work: work,
+        console,
+        log_file,
+        reader,
+        writer,
+        term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        int: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?,
+    })
+}
+
+async fn run(
+    connect: impl FnOnce() -> Result<Client, ClientError>,
+    id: String,
+    args: RunArgs,
+) -> Result<i32> {
+    run_prepared(prepare()?, connect, id, args).await
+}
+
+async fn run_prepared(
+    prepared: Prepared,
+    connect: impl FnOnce() -> Result<Client, ClientError>,
+    id: String,
+    args: RunArgs,
+) -> Result<i32> {
+    let Prepared {
+        started_parent,
+        _work,
+        console,
+        mut log_file,
+        mut reader,
+        writer,
+        mut term,
+        mut int,
+    } = prepared;
     let mut cmd = tokio::process::Command::new(&args.command[0]);
+    if let Some(env) = &args.env {
+        cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+    }
+    if let Some(cwd) = &args.cwd {
+        cmd.current_dir(cwd);
+    }
     cmd.args(&args.command[1..])
         .stdin(Stdio::null())
         .stdout(writer.try_clone()?)
@@ -260,13 +372,16 @@ async fn run(client: Client, id: String, args: RunArgs) -> Result<i32> {
         .process_group(0);
     let spawned = cmd.spawn();
     drop(cmd); // closes bctool's copies of the pipe's write end
+    let client = connect()?;
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let note = format!("bctool could not start {:?}: {e}\n", args.command[0]);
             log_file.write_all(note.as_bytes())?;
             let len = note.len() as u64;
-            console.progress.send_replace((len, true));
+            console
+                .progress
+                .send_replace(Progress { len, closed: true });
             eprint!("{note}");
             return finish(
                 &client,
@@ -319,9 +434,12 @@ async fn run(client: Client, id: String, args: RunArgs) -> Result<i32> {
                 stored += marker.len() as u64;
                 truncated = true;
             }
-            reader_console.progress.send_replace((stored, false));
+            reader_console.progress.send_replace(Progress {
+                len: stored,
+                closed: false,
+            });
         }
-        reader_console.progress.send_modify(|p| p.1 = true);
+        reader_console.progress.send_modify(|p| p.closed = true);
         Ok(truncated)
     });
 
@@ -330,8 +448,6 @@ async fn run(client: Client, id: String, args: RunArgs) -> Result<i32> {
     // Wait for the command, its timeout, a cancel (TERM), or the parent's death.
     let timeout = Duration::from_secs(args.timeout_secs.max(1));
     let grace = Duration::from_secs(args.kill_grace_secs.max(1));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let parent_gone = async {
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -476,7 +592,14 @@ async fn finish(
 async fn stream_console(client: Client, id: String, console: Arc<Console>) {
     for attempt in 0..6u32 {
         let rx = console.progress.subscribe();
-        let body = reqwest::Body::wrap_stream(follow(console.path.clone(), rx));
+        let file = match std::fs::File::open(&console.path) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("bctool: cannot read the console file: {e}");
+                return;
+            }
+        };
+        let body = reqwest::Body::wrap_stream(decap_tail::follow(file, 0, rx));
         match client.stream_log(&id, 0, body).await {
             Ok(()) => return,
             Err(e) => {
@@ -488,63 +611,4 @@ async fn stream_console(client: Client, id: String, console: Arc<Console>) {
             }
         }
     }
-}
-
-fn follow(
-    path: PathBuf,
-    rx: watch::Receiver<(u64, bool)>,
-) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
-    struct St {
-        path: PathBuf,
-        file: Option<tokio::fs::File>,
-        pos: u64,
-        rx: watch::Receiver<(u64, bool)>,
-        buf: Vec<u8>,
-    }
-    let st = St {
-        path,
-        file: None,
-        pos: 0,
-        rx,
-        buf: vec![0; 64 * 1024],
-    };
-    futures::stream::unfold(st, |mut st| async move {
-        loop {
-            let (len, closed) = *st.rx.borrow_and_update();
-            if st.pos < len {
-                if st.file.is_none() {
-                    match tokio::fs::File::open(&st.path).await {
-                        Ok(f) => st.file = Some(f),
-                        Err(e) => return Some((Err(e), st)),
-                    }
-                }
-                let want = ((len - st.pos) as usize).min(st.buf.len());
-                let pos = st.pos;
-                let St { file, buf, .. } = &mut st;
-                let read = async {
-                    let f = file
-                        .as_mut()
-                        .ok_or_else(|| std::io::Error::other("no file"))?;
-                    f.seek(std::io::SeekFrom::Start(pos)).await?;
-                    f.read(&mut buf[..want]).await
-                }
-                .await;
-                match read {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        st.pos += n as u64;
-                        let chunk = Bytes::copy_from_slice(&st.buf[..n]);
-                        return Some((Ok(chunk), st));
-                    }
-                    Err(e) => return Some((Err(e), st)),
-                }
-            }
-            if closed && st.pos >= len {
-                return None;
-            }
-            if st.rx.changed().await.is_err() {
-                return None;
-            }
-        }
-    })
 }

@@ -1,6 +1,7 @@
 //! Builds as local child processes.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -8,11 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use decap_api_types::StandbyLaunch;
 use decap_core::build::BuildId;
 use decap_core::ports::{EnvironmentExit, Executor, ExecutorEvents, LaunchSpec};
 use decap_core::{Error, Result};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use tokio::io::AsyncWriteExt;
 
 /// Whether builds run inside bubblewrap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,20 +31,25 @@ pub enum SandboxMode {
 /// How the local executor runs builds.
 #[derive(Debug, Clone)]
 pub struct LocalExecutorConfig {
-    /// Where each build's fresh workspace is made (`ROOT/<build id>`).
+    /// Where each build's fresh workspace is made. Emptied at start-up: what
+    /// is left there belongs to builds of an earlier run, which are gone.
     pub work_root: PathBuf,
     /// Folders the sandbox hides from builds (the data dir: other builds'
     /// logs, the database).
     pub hide: Vec<PathBuf>,
     /// How to run bctool: a program and its leading arguments (`[bctool]`,
     /// or `[decap, bctool]` when the controller binary carries it).
-    pub bctool: Vec<std::ffi::OsString>,
+    pub bctool: Vec<OsString>,
     /// Sandboxing.
     pub sandbox: SandboxMode,
     /// How long a stopped build gets between TERM and KILL.
     pub kill_grace: Duration,
     /// `PATH` inside builds.
     pub path: String,
+    /// How many warm bctools (each in its own fresh workspace and sandbox)
+    /// wait for the next builds, so that a launch does not pay for starting
+    /// bctool and the sandbox. 0 starts every build cold.
+    pub warm: usize,
 }
 
 /// [`Executor`] that runs each build under bctool as a child process in its
@@ -50,11 +58,29 @@ pub struct LocalExecutorConfig {
 /// The environment is cleared: a build sees the documented variables, the
 /// descriptor's `env`, `PATH`, `HOME` and `TMPDIR`, and none of the server's
 /// own secrets.
+///
+/// A small pool of warm bctools (`bctool standby`) waits, each already in
+/// its workspace and sandbox; a launch writes the scripts into a warm
+/// workspace and hands bctool the build over its standard input. With the
+/// pool empty, a launch starts bctool cold; both paths run the same bctool.
 pub struct LocalExecutor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     config: LocalExecutorConfig,
     bwrap: Option<PathBuf>,
-    children: Arc<Mutex<HashMap<BuildId, Pid>>>,
+    children: Mutex<HashMap<BuildId, Pid>>,
+    warm: Mutex<Vec<Warm>>,
     events: Arc<dyn ExecutorEvents>,
+}
+
+/// A bctool waiting for a build.
+struct Warm {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    ws: PathBuf,
+    pgid: Pid,
 }
 
 fn exec_err(e: impl std::fmt::Display) -> Error {
@@ -93,8 +119,47 @@ fn probe_bwrap() -> Option<PathBuf> {
     ok.then_some(bwrap)
 }
 
+/// Makes a fresh, empty workspace.
+fn make_workspace(ws: &Path) -> Result<()> {
+    if ws.exists() {
+        std::fs::remove_dir_all(ws).map_err(exec_err)?;
+    }
+    for sub in ["scripts", "src", "artifacts", "home", "tmp"] {
+        std::fs::create_dir_all(ws.join(sub)).map_err(exec_err)?;
+    }
+    Ok(())
+}
+
+/// Writes the project's files (at the pinned scripts commit) into `ws/scripts`.
+fn write_scripts(spec: &LaunchSpec, ws: &Path) -> Result<()> {
+    for file in &spec.project.files {
+        // Paths come from the catalog, which only holds plain relative paths
+        // read from the scripts folder; check again all the same.
+        if file
+            .path
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+        {
+            return Err(exec_err(format!("unsafe script path {:?}", file.path)));
+        }
+        let path = ws.join("scripts").join(&file.path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(exec_err)?;
+        }
+        std::fs::write(&path, &file.content).map_err(exec_err)?;
+        let mode = if file.executable || file.path == "build.sh" {
+            0o755
+        } else {
+            0o644
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(exec_err)?;
+    }
+    Ok(())
+}
+
 impl LocalExecutor {
-    /// Makes an executor, probing for bubblewrap as `config.sandbox` asks.
+    /// Makes an executor, probing for bubblewrap as `config.sandbox` asks,
+    /// and starts the warm pool.
     pub fn new(config: LocalExecutorConfig, events: Arc<dyn ExecutorEvents>) -> Result<Self> {
         let Some(program) = config.bctool.first() else {
             return Err(Error::invalid("bctool", "no bctool command given"));
@@ -118,79 +183,39 @@ impl LocalExecutor {
                 )
             })?),
         };
+        if config.work_root.exists() {
+            std::fs::remove_dir_all(&config.work_root).map_err(exec_err)?;
+        }
         std::fs::create_dir_all(&config.work_root).map_err(exec_err)?;
-        Ok(LocalExecutor {
+        let inner = Arc::new(Inner {
             config,
             bwrap,
-            children: Arc::new(Mutex::new(HashMap::new())),
+            children: Mutex::new(HashMap::new()),
+            warm: Mutex::new(Vec::new()),
             events,
-        })
-    }
-
-    fn write_workspace(&self, spec: &LaunchSpec, ws: &Path) -> Result<()> {
-        if ws.exists() {
-            std::fs::remove_dir_all(ws).map_err(exec_err)?;
-        }
-        for sub in ["scripts", "src", "artifacts", "home", "tmp"] {
-            std::fs::create_dir_all(ws.join(sub)).map_err(exec_err)?;
-        }
-        for file in &spec.project.files {
-            // Paths come from the catalog, which only holds plain relative
-            // paths read from the scripts folder; check again all the same.
-            if file
-                .path
-                .split('/')
-                .any(|p| p.is_empty() || p == "." || p == "..")
-            {
-                return Err(exec_err(format!("unsafe script path {:?}", file.path)));
+        });
+        for _ in 0..inner.config.warm {
+            match inner.start_warm() {
+                Ok(w) => inner.park(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a warm bctool; builds start cold");
+                    break;
+                }
             }
-            let path = ws.join("scripts").join(&file.path);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(exec_err)?;
-            }
-            std::fs::write(&path, &file.content).map_err(exec_err)?;
-            let mode = if file.executable || file.path == "build.sh" {
-                0o755
-            } else {
-                0o644
-            };
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-                .map_err(exec_err)?;
         }
-        Ok(())
+        Ok(LocalExecutor { inner })
     }
+}
 
-    fn command(&self, spec: &LaunchSpec, ws: &Path) -> tokio::process::Command {
-        let build = &spec.build;
-        let script = ws.join("scripts/build.sh");
-        let shebang = spec
-            .project
-            .files
-            .iter()
-            .find(|f| f.path == "build.sh")
-            .is_some_and(|f| f.content.starts_with(b"#!"));
-        let mut bctool_args: Vec<String> = vec![
-            "run".into(),
-            "--exit-with-parent".into(),
-            "--timeout-secs".into(),
-            spec.timeout.as_secs().max(1).to_string(),
-            "--kill-grace-secs".into(),
-            self.config.kill_grace.as_secs().max(1).to_string(),
-            "--max-log-bytes".into(),
-            spec.max_log_bytes.to_string(),
-            "--".into(),
-        ];
-        if !shebang {
-            bctool_args.push("/bin/sh".into());
-        }
-        bctool_args.push(script.to_string_lossy().into_owned());
-
+impl Inner {
+    /// bctool's command line, wrapped in bubblewrap when sandboxing.
+    fn bctool_command(&self, ws: &Path, bctool_args: &[String]) -> tokio::process::Command {
         let program = &self.config.bctool[0];
         let lead = &self.config.bctool[1..];
         let mut cmd = match &self.bwrap {
             None => {
                 let mut c = tokio::process::Command::new(program);
-                c.args(lead).args(&bctool_args);
+                c.args(lead).args(bctool_args);
                 c
             }
             Some(bwrap) => {
@@ -219,7 +244,7 @@ impl LocalExecutor {
                 c.arg("--bind").arg(ws).arg(ws);
                 c.arg("--ro-bind").arg(program).arg(program);
                 c.arg("--chdir").arg(ws.join("src"));
-                c.arg("--").arg(program).args(lead).args(&bctool_args);
+                c.arg("--").arg(program).args(lead).args(bctool_args);
                 c
             }
         };
@@ -228,35 +253,183 @@ impl LocalExecutor {
             .env("PATH", &self.config.path)
             .env("HOME", ws.join("home"))
             .env("TMPDIR", ws.join("tmp"))
-            .env("LANG", "C.UTF-8");
-        for (k, v) in &spec
-            .project
-            .descriptor
-            .as_ref()
-            .map(|d| d.descriptor.env.clone())
-            .unwrap_or_default()
-        {
-            cmd.env(k, v);
-        }
-        cmd.env("BUILD_ID", build.id.to_string())
-            .env("PROJECT_KEY", build.project.to_string())
-            .env("BRANCH_TO_BUILD", &build.branch)
-            .env("BUILD_LOCK_KEY", build.lock_key().as_str())
-            .env("COMMIT_SHA", build.commit.as_deref().unwrap_or(""))
-            .env("ARTIFACTS_DIR", ws.join("artifacts"))
-            .env("DECAP_URL", &spec.decap_url)
-            .env("DECAP_BUILD_TOKEN", &spec.build_token)
-            .env(
-                "DECAP_SCRIPTS_COMMIT",
-                build.scripts_commit.as_deref().unwrap_or(""),
-            )
-            .env("DECAP_BUILD_SCRIPTS", ws.join("scripts"));
-        cmd.stdin(Stdio::null())
+            .env("LANG", "C.UTF-8")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .process_group(0)
             .kill_on_drop(false);
         cmd
+    }
+
+    /// The build's environment: cleared, then the documented variables.
+    fn build_env(&self, spec: &LaunchSpec, ws: &Path) -> Vec<(String, String)> {
+        let build = &spec.build;
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), self.config.path.clone()),
+            ("HOME".into(), path(ws.join("home"))),
+            ("TMPDIR".into(), path(ws.join("tmp"))),
+            ("LANG".into(), "C.UTF-8".into()),
+        ];
+        if let Some(d) = &spec.project.descriptor {
+            env.extend(d.descriptor.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        env.extend([
+            ("BUILD_ID".into(), build.id.to_string()),
+            ("PROJECT_KEY".into(), build.project.to_string()),
+            ("BRANCH_TO_BUILD".into(), build.branch.clone()),
+            ("BUILD_LOCK_KEY".into(), build.lock_key().to_string()),
+            (
+                "COMMIT_SHA".into(),
+                build.commit.clone().unwrap_or_default(),
+            ),
+            ("ARTIFACTS_DIR".into(), path(ws.join("artifacts"))),
+            ("DECAP_URL".into(), spec.decap_url.clone()),
+            ("DECAP_BUILD_TOKEN".into(), spec.build_token.clone()),
+            (
+                "DECAP_SCRIPTS_COMMIT".into(),
+                build.scripts_commit.clone().unwrap_or_default(),
+            ),
+            ("DECAP_BUILD_SCRIPTS".into(), path(ws.join("scripts"))),
+        ]);
+        env
+    }
+
+    /// The script's command line: run directly when it has a shebang, with
+    /// `sh` otherwise.
+    fn script_command(spec: &LaunchSpec, ws: &Path) -> Vec<String> {
+        let shebang = spec
+            .project
+            .files
+            .iter()
+            .find(|f| f.path == "build.sh")
+            .is_some_and(|f| f.content.starts_with(b"#!"));
+        let script = ws.join("scripts/build.sh").to_string_lossy().into_owned();
+        if shebang {
+            vec![script]
+        } else {
+            vec!["/bin/sh".into(), script]
+        }
+    }
+
+    fn start_warm(&self) -> Result<Warm> {
+        let ws = self
+            .config
+            .work_root
+            .join(format!("warm-{}", uuid::Uuid::now_v7()));
+        make_workspace(&ws)?;
+        let mut cmd = self.bctool_command(&ws, &["standby".into(), "--exit-with-parent".into()]);
+        cmd.stdin(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| {
+            let _ = std::fs::remove_dir_all(&ws);
+            exec_err(format!("cannot start bctool: {e}"))
+        })?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| exec_err("bctool has no stdin"))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| exec_err("bctool exited at once"))?;
+        Ok(Warm {
+            child,
+            stdin,
+            ws,
+            pgid: Pid::from_raw(pid as i32),
+        })
+    }
+
+    fn park(&self, warm: Warm) {
+        if let Ok(mut pool) = self.warm.lock() {
+            pool.push(warm);
+        }
+    }
+
+    /// Starts a warm bctool in the background to replace one taken.
+    fn replenish(self: &Arc<Self>) {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || match this.start_warm() {
+            Ok(w) => this.park(w),
+            Err(e) => tracing::warn!(error = %e, "cannot start a warm bctool"),
+        });
+    }
+
+    /// Hands a build to a warm bctool; gives the spec back when none could take it.
+    async fn launch_warm(
+        self: &Arc<Self>,
+        spec: &LaunchSpec,
+    ) -> Result<Option<(tokio::process::Child, Pid, PathBuf)>> {
+        loop {
+            let Some(mut warm) = self.warm.lock().ok().and_then(|mut p| p.pop()) else {
+                return Ok(None);
+            };
+            self.replenish();
+            write_scripts(spec, &warm.ws)?;
+            let launch = StandbyLaunch {
+                server: spec.decap_url.clone(),
+                build_id: spec.build.id.to_string(),
+                token: spec.build_token.clone(),
+                command: Self::script_command(spec, &warm.ws),
+                env: self.build_env(spec, &warm.ws),
+                cwd: warm.ws.join("src").to_string_lossy().into_owned(),
+                artifacts_dir: warm.ws.join("artifacts").to_string_lossy().into_owned(),
+                timeout_secs: spec.timeout.as_secs().max(1),
+                kill_grace_secs: self.config.kill_grace.as_secs().max(1),
+                max_log_bytes: spec.max_log_bytes,
+            };
+            let mut line = serde_json::to_vec(&launch).map_err(exec_err)?;
+            line.push(b'\n');
+            let sent = async {
+                warm.stdin.write_all(&line).await?;
+                warm.stdin.flush().await
+            }
+            .await;
+            match sent {
+                Ok(()) => {
+                    drop(warm.stdin);
+                    return Ok(Some((warm.child, warm.pgid, warm.ws)));
+                }
+                Err(e) => {
+                    // That one died while waiting; try the next.
+                    tracing::warn!(error = %e, "a warm bctool was gone");
+                    let _ = killpg(warm.pgid, Signal::SIGKILL);
+                    let _ = warm.child.wait().await;
+                    let _ = std::fs::remove_dir_all(&warm.ws);
+                }
+            }
+        }
+    }
+
+    fn launch_cold(&self, spec: &LaunchSpec) -> Result<(tokio::process::Child, Pid, PathBuf)> {
+        let ws = self.config.work_root.join(spec.build.id.to_string());
+        make_workspace(&ws)?;
+        write_scripts(spec, &ws)?;
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--exit-with-parent".into(),
+            "--echo".into(),
+            "false".into(),
+            "--timeout-secs".into(),
+            spec.timeout.as_secs().max(1).to_string(),
+            "--kill-grace-secs".into(),
+            self.config.kill_grace.as_secs().max(1).to_string(),
+            "--max-log-bytes".into(),
+            spec.max_log_bytes.to_string(),
+            "--".into(),
+        ];
+        args.extend(Self::script_command(spec, &ws));
+        let mut cmd = self.bctool_command(&ws, &args);
+        cmd.stdin(Stdio::null());
+        // bctool passes its own environment on to the script.
+        cmd.env_clear().envs(self.build_env(spec, &ws));
+        let child = cmd.spawn().map_err(|e| {
+            let _ = std::fs::remove_dir_all(&ws);
+            exec_err(format!("cannot start bctool: {e}"))
+        })?;
+        let pid = child
+            .id()
+            .ok_or_else(|| exec_err("bctool exited at once"))?;
+        Ok((child, Pid::from_raw(pid as i32), ws))
     }
 
     fn signal(&self, build: BuildId, signal: Signal) -> bool {
@@ -279,7 +452,7 @@ impl Executor for LocalExecutor {
     }
 
     fn sandbox(&self) -> &'static str {
-        if self.bwrap.is_some() {
+        if self.inner.bwrap.is_some() {
             "bubblewrap"
         } else {
             "none"
@@ -287,27 +460,21 @@ impl Executor for LocalExecutor {
     }
 
     async fn launch(&self, spec: LaunchSpec) -> Result<()> {
+        let inner = &self.inner;
         let id = spec.build.id;
-        if self.children.lock().map_err(exec_err)?.contains_key(&id) {
+        if inner.children.lock().map_err(exec_err)?.contains_key(&id) {
             return Ok(()); // already running: adopt, never duplicate
         }
-        let ws = self.config.work_root.join(id.to_string());
-        self.write_workspace(&spec, &ws)?;
-        let mut child = self.command(&spec, &ws).spawn().map_err(|e| {
-            let _ = std::fs::remove_dir_all(&ws);
-            exec_err(format!("cannot start bctool: {e}"))
-        })?;
-        let pid = child
-            .id()
-            .ok_or_else(|| exec_err("bctool exited at once"))?;
-        let pgid = Pid::from_raw(pid as i32);
-        self.children.lock().map_err(exec_err)?.insert(id, pgid);
+        let (mut child, pgid, ws) = match inner.launch_warm(&spec).await? {
+            Some(started) => started,
+            None => inner.launch_cold(&spec)?,
+        };
+        inner.children.lock().map_err(exec_err)?.insert(id, pgid);
 
         // A backstop in case bctool itself hangs: its own timeout plus grace
         // plus a minute, then the whole process group is killed.
-        let backstop = spec.timeout + self.config.kill_grace * 2 + Duration::from_secs(60);
-        let children = self.children.clone();
-        let events = self.events.clone();
+        let backstop = spec.timeout + inner.config.kill_grace * 2 + Duration::from_secs(60);
+        let inner = inner.clone();
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,
@@ -319,7 +486,7 @@ impl Executor for LocalExecutor {
             };
             // Whatever the script left behind in its group goes too.
             let _ = killpg(pgid, Signal::SIGKILL);
-            if let Ok(mut c) = children.lock() {
+            if let Ok(mut c) = inner.children.lock() {
                 c.remove(&id);
             }
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&ws)).await;
@@ -327,7 +494,7 @@ impl Executor for LocalExecutor {
                 Ok(s) => format!("the build process exited ({s})"),
                 Err(e) => format!("the build process could not be awaited: {e}"),
             };
-            events.environment_exited(EnvironmentExit {
+            inner.events.environment_exited(EnvironmentExit {
                 build_id: id,
                 reason,
             });
@@ -336,28 +503,46 @@ impl Executor for LocalExecutor {
     }
 
     async fn cancel(&self, build: BuildId) -> Result<()> {
-        if !self.signal(build, Signal::SIGTERM) {
+        let inner = &self.inner;
+        if !inner.signal(build, Signal::SIGTERM) {
             return Ok(());
         }
-        let deadline = tokio::time::Instant::now() + self.config.kill_grace;
+        let deadline = tokio::time::Instant::now() + inner.config.kill_grace;
         while tokio::time::Instant::now() < deadline {
-            let alive = self.children.lock().map_err(exec_err)?.contains_key(&build);
+            let alive = inner
+                .children
+                .lock()
+                .map_err(exec_err)?
+                .contains_key(&build);
             if !alive {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.signal(build, Signal::SIGKILL);
+        inner.signal(build, Signal::SIGKILL);
         Ok(())
     }
 
     async fn live(&self) -> Result<Vec<BuildId>> {
         Ok(self
+            .inner
             .children
             .lock()
             .map_err(exec_err)?
             .keys()
             .copied()
             .collect())
+    }
+}
+
+impl Drop for LocalExecutor {
+    fn drop(&mut self) {
+        // Warm bctools see their standard input close and exit; make sure.
+        if let Ok(mut pool) = self.inner.warm.lock() {
+            for w in pool.drain(..) {
+                let _ = killpg(w.pgid, Signal::SIGKILL);
+                let _ = std::fs::remove_dir_all(&w.ws);
+            }
+        }
     }
 }

@@ -320,13 +320,13 @@ pub async fn rerun_build(
 
 /// Where a build's log can be read from.
 enum LogSource {
-    Live(std::sync::Arc<crate::livelog::LiveLog>),
+    Live(crate::livelog::LiveReader),
     Stored(ByteStream),
     None,
 }
 
 async fn log_source(app: &AppState, id: BuildId) -> ApiResult<LogSource> {
-    if let Some(live) = app.controller.live.get(id) {
+    if let Some(live) = app.controller.live.reader(id) {
         return Ok(LogSource::Live(live));
     }
     match app.controller.ports.blobs.get(id, BlobKind::LogGz).await? {
@@ -401,8 +401,9 @@ pub async fn get_log(
         LogSource::Live(live) if follow => Body::from_stream(live.follow(0)),
         LogSource::Live(live) => {
             // A snapshot of what has arrived so far.
-            let bytes = tokio::fs::read(live.path())
+            let bytes = tokio::task::spawn_blocking(move || live.snapshot())
                 .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
                 .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
             Body::from(bytes)
         }
@@ -546,7 +547,11 @@ pub async fn stream_log(
     req: Request,
 ) -> ApiResult<Response> {
     let b = load(&app, &id).await?;
-    app.auth.authorize_build(req.headers(), peer(&req), &b)?;
+    app.auth.authorize_build(
+        req.headers(),
+        peer(&req),
+        app.controller.build_token_hash(&b).await.as_deref(),
+    )?;
     let offset: u64 = req
         .headers()
         .get(decap_api_types::LOG_OFFSET_HEADER)
@@ -595,7 +600,11 @@ pub async fn put_artifacts(
 
 async fn put_blob(app: AppState, id: String, req: Request, kind: BlobKind) -> ApiResult<Response> {
     let b = load(&app, &id).await?;
-    app.auth.authorize_build(req.headers(), peer(&req), &b)?;
+    app.auth.authorize_build(
+        req.headers(),
+        peer(&req),
+        app.controller.build_token_hash(&b).await.as_deref(),
+    )?;
     let size = app
         .controller
         .ports
@@ -616,7 +625,11 @@ pub async fn put_result(
     req: Request,
 ) -> ApiResult<Json<BuildView>> {
     let b = load(&app, &id).await?;
-    app.auth.authorize_build(req.headers(), peer(&req), &b)?;
+    app.auth.authorize_build(
+        req.headers(),
+        peer(&req),
+        app.controller.build_token_hash(&b).await.as_deref(),
+    )?;
     let body = axum::body::to_bytes(req.into_body(), 64 * 1024)
         .await
         .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "a result is at most 64 KiB"))?;
@@ -652,7 +665,11 @@ pub async fn unlock_build(
     req: Request,
 ) -> ApiResult<Response> {
     let b = load(&app, &id).await?;
-    app.auth.authorize_build(req.headers(), peer(&req), &b)?;
+    app.auth.authorize_build(
+        req.headers(),
+        peer(&req),
+        app.controller.build_token_hash(&b).await.as_deref(),
+    )?;
     let released = app.controller.release_own_lock(b.id).await?;
     Ok(Json(serde_json::json!({ "released": released })).into_response())
 }

@@ -112,7 +112,9 @@ pub struct Controller {
     /// Metrics.
     pub metrics: Metrics,
     sched: Mutex<Sched>,
+    schedule_tx: std::sync::OnceLock<mpsc::UnboundedSender<BuildId>>,
     status_tx: broadcast::Sender<Build>,
+    pending_tokens: std::sync::Mutex<HashMap<BuildId, String>>,
 }
 
 /// Delivers executor events to the controller through a channel, so the
@@ -165,7 +167,9 @@ impl Controller {
                 open: true,
                 waiting_keys: HashMap::new(),
             }),
+            schedule_tx: std::sync::OnceLock::new(),
             status_tx,
+            pending_tokens: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -176,6 +180,22 @@ impl Controller {
         mut exits: mpsc::UnboundedReceiver<EnvironmentExit>,
     ) -> Result<()> {
         self.recover().await?;
+        // One scheduler takes the ids webhooks accepted, many at a time.
+        let (tx, mut rx) = mpsc::unbounded_channel::<BuildId>();
+        let _ = self.schedule_tx.set(tx);
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut ids = vec![first];
+                while ids.len() < 1024 {
+                    match rx.try_recv() {
+                        Ok(id) => ids.push(id),
+                        Err(_) => break,
+                    }
+                }
+                this.schedule_ids(ids).await;
+            }
+        });
         let this = self.clone();
         tokio::spawn(async move {
             while let Some(exit) = exits.recv().await {
@@ -243,7 +263,7 @@ impl Controller {
     /// all stored durably, then scheduled. Returns them as they stand after
     /// scheduling.
     pub async fn request_builds(
-        &self,
+        self: &Arc<Self>,
         project: &ProjectKey,
         refs: &[String],
         trigger: Trigger,
@@ -283,7 +303,7 @@ impl Controller {
     }
 
     /// A new build of the same ref and commit as `id`.
-    pub async fn rerun(&self, id: BuildId) -> Result<Build> {
+    pub async fn rerun(self: &Arc<Self>, id: BuildId) -> Result<Build> {
         let old = self.build(id).await?;
         self.project(&old.project)?;
         let git_ref = GitRef::parse(&old.git_ref)?;
@@ -300,21 +320,121 @@ impl Controller {
         self.build(b.id).await
     }
 
-    /// Schedules builds that are stored `queued` (webhooks call this after answering).
-    pub async fn schedule_ids(&self, ids: Vec<BuildId>) {
-        let mut s = self.sched.lock().await;
-        for id in ids {
-            let result = match self.ports.builds.get(id).await {
-                Ok(Some(b)) if b.status == BuildStatus::Queued => {
-                    self.schedule_locked(&mut s, b).await
+    /// Schedules accepted builds in the background (webhooks call this after
+    /// answering).
+    pub fn schedule_soon(self: &Arc<Self>, ids: Vec<BuildId>) {
+        match self.schedule_tx.get() {
+            Some(tx) => {
+                for id in ids {
+                    let _ = tx.send(id);
                 }
-                Ok(_) => Ok(()),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
-                tracing::error!(build_id = %id, error = %e, "scheduling failed; the build stays queued until the next drain or restart");
+            }
+            None => {
+                let this = self.clone();
+                tokio::spawn(async move { this.schedule_ids(ids).await });
             }
         }
+    }
+
+    /// Schedules builds that are stored `queued`. A build whose scheduling fails (a store is down) is tried
+    /// again a few seconds later, until it is scheduled.
+    pub async fn schedule_ids(self: &Arc<Self>, ids: Vec<BuildId>) {
+        let failed = self.schedule_once(ids).await;
+        if !failed.is_empty() {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let mut failed = failed;
+                while !failed.is_empty() {
+                    tokio::time::sleep(this.config.drain_interval).await;
+                    failed = this.schedule_once(failed).await;
+                }
+            });
+        }
+    }
+
+    /// Schedules what it can; returns the ids whose scheduling failed.
+    ///
+    /// Decisions are taken one build at a time in memory; the deferrals they
+    /// lead to are then written concurrently, so that a burst of webhooks is
+    /// deferred in a few group commits rather than one commit per build.
+    async fn schedule_once(&self, ids: Vec<BuildId>) -> Vec<BuildId> {
+        let reads =
+            futures::future::join_all(ids.iter().map(|id| self.ports.builds.get(*id))).await;
+        let mut failed = Vec::new();
+        let mut s = self.sched.lock().await;
+        let mut deferrals = Vec::new();
+        for (id, read) in ids.into_iter().zip(reads) {
+            let b = match read {
+                Ok(Some(b)) if b.status == BuildStatus::Queued && !s.running.contains(id) => b,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::error!(build_id = %id, error = %e, "scheduling failed; trying again shortly");
+                    failed.push(id);
+                    continue;
+                }
+            };
+            let key = b.lock_key();
+            let key_waiting = s.waiting_keys.contains_key(&key);
+            let reason = match admit(
+                &s.running,
+                self.config.caps,
+                s.open,
+                &b.project,
+                &key,
+                key_waiting,
+            ) {
+                Decision::Defer(reason) => reason,
+                Decision::TryLaunch => {
+                    let ttl = self.lock_ttl(&b.project);
+                    let launched = match self.ports.locks.acquire(&key, b.id, ttl, now()).await {
+                        Ok(Ok(lock)) => self
+                            .launch_locked(&mut s, b, lock, BuildStatus::Queued)
+                            .await
+                            .map(|()| None),
+                        Ok(Err(held)) => Ok(Some((b, DeferReason::LockHeld(Some(held.owner))))),
+                        Err(e) => Err(e),
+                    };
+                    match launched {
+                        Ok(None) => continue,
+                        Ok(Some((build, reason))) => {
+                            s.key_added(key.clone());
+                            deferrals.push((build, reason));
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::error!(build_id = %id, error = %e, "scheduling failed; trying again shortly");
+                            failed.push(id);
+                            continue;
+                        }
+                    }
+                }
+            };
+            // Counted as waiting at once, so later builds of the batch queue behind it.
+            s.key_added(key);
+            deferrals.push((b, reason));
+        }
+        let keys: Vec<(BuildId, LockKey)> = deferrals
+            .iter()
+            .map(|(b, _)| (b.id, b.lock_key()))
+            .collect();
+        let results = futures::future::join_all(
+            deferrals
+                .into_iter()
+                .map(|(b, reason)| self.record_deferral(b, reason)),
+        )
+        .await;
+        for ((id, key), result) in keys.into_iter().zip(results) {
+            match result {
+                Ok(true) => {}
+                Ok(false) => s.key_removed(&key),
+                Err(e) => {
+                    s.key_removed(&key);
+                    tracing::error!(build_id = %id, error = %e, "deferring failed; trying again shortly");
+                    failed.push(id);
+                }
+            }
+        }
+        failed
     }
 
     async fn schedule_locked(&self, s: &mut Sched, b: Build) -> Result<()> {
@@ -342,7 +462,27 @@ impl Controller {
         }
     }
 
-    async fn defer_locked(&self, s: &mut Sched, mut b: Build, reason: DeferReason) -> Result<()> {
+    async fn defer_locked(&self, s: &mut Sched, b: Build, reason: DeferReason) -> Result<()> {
+        let key = b.lock_key();
+        s.key_added(key.clone());
+        match self.record_deferral(b, reason).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                s.key_removed(&key);
+                Ok(())
+            }
+            Err(e) => {
+                s.key_removed(&key);
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts a queued build on the deferral queue and records it deferred.
+    /// Returns whether it waits now (false: the same commit already waited,
+    /// so it ended cancelled, or it changed meanwhile). The caller has
+    /// counted its key as waiting and uncounts it on false or an error.
+    async fn record_deferral(&self, mut b: Build, reason: DeferReason) -> Result<bool> {
         let at = now();
         let entry = DeferredEntry {
             build_id: b.id,
@@ -355,14 +495,15 @@ impl Controller {
         };
         match self.ports.queue.push(&entry).await? {
             PushOutcome::Added => {
-                s.key_added(entry.lock_key());
                 b.transition(BuildStatus::Deferred, at)?;
                 b.message = Some(entry.reason.clone());
                 if self.ports.builds.update(&b, BuildStatus::Queued).await? {
-                    tracing::info!(build_id = %b.id, reason = %entry.reason, "build deferred");
+                    tracing::debug!(build_id = %b.id, reason = %entry.reason, "build deferred");
                     self.publish(&b);
-                } else if self.ports.queue.remove(b.id).await? {
-                    s.key_removed(&entry.lock_key());
+                    Ok(true)
+                } else {
+                    self.ports.queue.remove(b.id).await?;
+                    Ok(false)
                 }
             }
             PushOutcome::AlreadyWaiting(other) => {
@@ -373,9 +514,9 @@ impl Controller {
                 if self.ports.builds.update(&b, BuildStatus::Queued).await? {
                     self.publish(&b);
                 }
+                Ok(false)
             }
         }
-        Ok(())
     }
 
     async fn launch_locked(
@@ -424,11 +565,11 @@ impl Controller {
         b.fencing_token = Some(lock.fencing_token);
         b.token_sha256 = Some(token_hash(&token));
         b.message = None;
-        if !self.ports.builds.update(&b, expected).await? {
-            // Cancelled meanwhile.
-            self.ports.locks.release(&lock.key, b.id).await?;
-            return Ok(());
-        }
+        // The record moves to running while the environment starts. Both
+        // happen under the scheduling mutex, so nothing in this process can
+        // cancel the build in between; the token is known in memory
+        // meanwhile, so bctool's first calls are accepted even if they beat
+        // the commit.
         s.running.start(b.id, b.project.clone(), lock.key.clone());
         self.metrics.running.set(s.running.len() as i64);
         if let Err(e) = self.live.open(b.id) {
@@ -436,7 +577,9 @@ impl Controller {
         }
         let waited = (at - b.queued_at).as_seconds_f64().max(0.0);
         self.metrics.launch_seconds.observe(waited);
-        self.publish(&b);
+        if let Ok(mut pending) = self.pending_tokens.lock() {
+            pending.insert(b.id, token_hash(&token));
+        }
         let spec = LaunchSpec {
             build: b.clone(),
             project: entry,
@@ -446,7 +589,31 @@ impl Controller {
             max_log_bytes: self.config.max_log_bytes,
         };
         tracing::info!(build_id = %b.id, project = %b.project, branch = %b.branch, "launching build");
-        if let Err(e) = self.ports.executor.launch(spec).await {
+        let (updated, launched) = tokio::join!(
+            self.ports.builds.update(&b, expected),
+            self.ports.executor.launch(spec)
+        );
+        if let Ok(mut pending) = self.pending_tokens.lock() {
+            pending.remove(&b.id);
+        }
+        if !matches!(updated, Ok(true)) {
+            // The record did not move (it was changed elsewhere, or the store
+            // failed): take the launch back.
+            if launched.is_ok() {
+                let executor = self.ports.executor.clone();
+                let id = b.id;
+                tokio::spawn(async move {
+                    let _ = executor.cancel(id).await;
+                });
+            }
+            s.running.finish(b.id);
+            self.metrics.running.set(s.running.len() as i64);
+            self.live.remove(b.id);
+            self.ports.locks.release(&lock.key, b.id).await?;
+            return updated.map(|_| ());
+        }
+        self.publish(&b);
+        if let Err(e) = launched {
             tracing::error!(build_id = %b.id, error = %e, "launch failed");
             self.finish_locked(
                 s,
@@ -460,6 +627,30 @@ impl Controller {
             .await?;
         }
         Ok(())
+    }
+
+    /// The hash of a build's token: from its record, from memory while its
+    /// launch is being recorded, or from the record again (the launch was
+    /// recorded after `build` was read).
+    pub async fn build_token_hash(&self, build: &Build) -> Option<String> {
+        if let Some(h) = &build.token_sha256 {
+            return Some(h.clone());
+        }
+        let pending = self
+            .pending_tokens
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&build.id).cloned());
+        if pending.is_some() {
+            return pending;
+        }
+        self.ports
+            .builds
+            .get(build.id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|b| b.token_sha256)
     }
 
     /// Finishes a build (idempotent: a final build stays as it is and `None`

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use decap_core::build::BuildId;
 use futures::Stream;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
 
 /// The spool files of running builds.
@@ -34,6 +33,27 @@ pub struct LiveLog {
     watch: watch::Sender<Progress>,
 }
 
+/// A live log with its spool open.
+pub struct LiveReader {
+    log: Arc<LiveLog>,
+    file: std::fs::File,
+}
+
+impl LiveReader {
+    /// Reads the log from `from`, following it until it is closed.
+    pub fn follow(self, from: u64) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+        decap_tail::follow(self.file, from, self.log.watch.subscribe())
+    }
+
+    /// What has arrived so far.
+    pub fn snapshot(mut self) -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        let mut out = Vec::new();
+        self.file.read_to_end(&mut out)?;
+        Ok(out)
+    }
+}
+
 struct State {
     file: std::fs::File,
     /// Bytes received from bctool (its offsets count these).
@@ -43,14 +63,7 @@ struct State {
     truncated: bool,
 }
 
-/// How far a live log has got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Progress {
-    /// Bytes readable from the spool.
-    pub len: u64,
-    /// Whether the log is complete.
-    pub closed: bool,
-}
+pub use decap_tail::Progress;
 
 impl LiveLogs {
     /// Spool files live in `dir`; each is capped at `cap` bytes.
@@ -104,6 +117,16 @@ impl LiveLogs {
         self.logs.lock().ok().and_then(|l| l.get(&id).cloned())
     }
 
+    /// The live log of a build with its spool opened for reading. Opening
+    /// under the same lock as [`LiveLogs::remove`] means a reader never finds
+    /// a live log whose spool is already gone.
+    pub fn reader(&self, id: BuildId) -> Option<LiveReader> {
+        let logs = self.logs.lock().ok()?;
+        let log = logs.get(&id)?.clone();
+        let file = std::fs::File::open(&log.path).ok()?;
+        Some(LiveReader { log, file })
+    }
+
     /// The spool left by an earlier run of the server, if any.
     pub fn leftover(&self, id: BuildId) -> Option<PathBuf> {
         let p = self.spool_path(id);
@@ -113,8 +136,10 @@ impl LiveLogs {
     /// Forgets a build's live log and deletes its spool (open readers keep
     /// reading what they have open).
     pub fn remove(&self, id: BuildId) {
-        let removed = self.logs.lock().ok().and_then(|mut l| l.remove(&id));
-        if let Some(log) = removed {
+        let Ok(mut logs) = self.logs.lock() else {
+            return;
+        };
+        if let Some(log) = logs.remove(&id) {
             log.close();
         }
         let _ = std::fs::remove_file(self.spool_path(id));
@@ -180,76 +205,10 @@ impl LiveLog {
         &self.path
     }
 
-    /// Reads the log from `from`, following it until it is closed.
-    pub fn follow(&self, from: u64) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
-        follow_file(self.path.clone(), from, self.watch.subscribe())
-    }
-
     /// Whether the spool is complete.
     pub fn is_closed(&self) -> bool {
         self.watch.borrow().closed
     }
-}
-
-struct Follow {
-    path: PathBuf,
-    file: Option<tokio::fs::File>,
-    pos: u64,
-    rx: watch::Receiver<Progress>,
-    buf: Vec<u8>,
-}
-
-fn follow_file(
-    path: PathBuf,
-    from: u64,
-    rx: watch::Receiver<Progress>,
-) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
-    let state = Follow {
-        path,
-        file: None,
-        pos: from,
-        rx,
-        buf: vec![0; 64 * 1024],
-    };
-    futures::stream::unfold(state, |mut st| async move {
-        loop {
-            let progress = *st.rx.borrow_and_update();
-            if st.pos < progress.len {
-                if st.file.is_none() {
-                    match tokio::fs::File::open(&st.path).await {
-                        Ok(f) => st.file = Some(f),
-                        Err(e) => return Some((Err(e), st)),
-                    }
-                }
-                let want = ((progress.len - st.pos) as usize).min(st.buf.len());
-                let pos = st.pos;
-                let Follow { file, buf, .. } = &mut st;
-                let read = async {
-                    let f = file
-                        .as_mut()
-                        .ok_or_else(|| std::io::Error::other("no file"))?;
-                    f.seek(SeekFrom::Start(pos)).await?;
-                    f.read(&mut buf[..want]).await
-                }
-                .await;
-                match read {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        st.pos += n as u64;
-                        let chunk = Bytes::copy_from_slice(&st.buf[..n]);
-                        return Some((Ok(chunk), st));
-                    }
-                    Err(e) => return Some((Err(e), st)),
-                }
-            }
-            if progress.closed && st.pos >= progress.len {
-                return None;
-            }
-            if st.rx.changed().await.is_err() {
-                return None;
-            }
-        }
-    })
 }
 
 /// Splits a byte stream into lines (without their ends), carrying partial
@@ -330,7 +289,7 @@ mod tests {
         let logs = LiveLogs::new(dir.path().to_owned(), 1 << 20).expect("spool dir");
         let id = BuildId::new();
         let log = logs.open(id).expect("opens");
-        let follower = log.follow(0);
+        let follower = logs.reader(id).expect("live").follow(0);
         log.append_at(0, b"one\n").expect("appends");
         log.append_at(0, b"one\ntwo\n")
             .expect("a resent chunk is trimmed");
@@ -338,7 +297,9 @@ mod tests {
         log.close();
         let got: Vec<u8> = follower.map(|c| c.expect("reads").to_vec()).concat().await;
         assert_eq!(got, b"one\ntwo\n");
-        let late = log
+        let late = logs
+            .reader(id)
+            .expect("still live")
             .follow(4)
             .map(|c| c.expect("reads").to_vec())
             .concat()

@@ -265,8 +265,7 @@ async fn handle(
         DeliveryOutcome::New => {
             let ids: Vec<_> = builds.iter().map(|b| b.id).collect();
             if !ids.is_empty() {
-                let controller = app.controller.clone();
-                tokio::spawn(async move { controller.schedule_ids(ids).await });
+                app.controller.schedule_soon(ids);
             }
             let outcome = if ignored.is_some() {
                 "ignored"

@@ -90,6 +90,10 @@ struct ServeArgs {
     /// The bctool binary (default: this binary's own `bctool` subcommand).
     #[arg(long, env = "DECAP_BCTOOL")]
     bctool: Option<PathBuf>,
+    /// Warm bctools kept ready (each in a fresh workspace and sandbox), so
+    /// builds start without waiting for bctool or the sandbox; 0 disables.
+    #[arg(long, env = "DECAP_WARM_STANDBYS", default_value_t = 2)]
+    warm_standbys: usize,
     /// Seconds a stopped build gets between TERM and KILL.
     #[arg(long, env = "DECAP_KILL_GRACE_SECS", default_value_t = 10)]
     kill_grace_secs: u64,
@@ -270,6 +274,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             },
             kill_grace: Duration::from_secs(args.kill_grace_secs.max(1)),
             path: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+            warm: args.warm_standbys,
         },
         events,
     )?;

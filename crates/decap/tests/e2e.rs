@@ -230,7 +230,12 @@ async fn a_flood_of_output_is_capped_and_the_server_stays_responsive() {
         r#"{"buildImage": "x"}"#,
         "head -c 20000000 /dev/zero | tr '\\0' 'x'\necho\necho done\n",
     );
-    let decap = Decap::start(&data, &scripts, &["--max-log-bytes", "1000000"]);
+    // With no warm bctools, every build starts cold: that path is tested here.
+    let decap = Decap::start(
+        &data,
+        &scripts,
+        &["--max-log-bytes", "1000000", "--warm-standbys", "0"],
+    );
     let api = decap.api();
     let ids = api.request("acme/flood", &["main"]).await;
     let mut worst = Duration::ZERO;
@@ -480,4 +485,74 @@ async fn decapctl_talks_to_the_server_and_explains_when_it_is_down() {
         "{err}"
     );
     assert!(err.contains("decap serve"), "{err}");
+}
+
+#[tokio::test]
+async fn a_sandboxed_build_cannot_see_the_data_dir_and_says_it_was_sandboxed() {
+    let usable = std::process::Command::new("bwrap")
+        .args([
+            "--ro-bind",
+            "/",
+            "/",
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+            "--unshare-pid",
+            "true",
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        usable,
+        "bubblewrap is needed for this test: apt-get install bubblewrap (tests/run installs it)"
+    );
+    let (_dir, scripts, data) = dirs();
+    let descriptor = format!(
+        r#"{{"buildImage": "x", "env": {{"DATA": "{}"}}}}"#,
+        data.display()
+    );
+    project(
+        &scripts,
+        "acme/boxed",
+        &descriptor,
+        "#!/bin/sh
+if ls \"$DATA/decap.db\" >/dev/null 2>&1; then echo data-visible; else echo data-hidden; fi
+echo pid=$$
+echo boxed > \"$ARTIFACTS_DIR/out.txt\"
+",
+    );
+    let decap = Decap::start(&data, &scripts, &["--sandbox", "bubblewrap"]);
+    let api = decap.api();
+    let ids = api.request("acme/boxed", &["main"]).await;
+    let b = api.finished(&ids[0], MINUTE).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert_eq!(
+        b["sandbox"], "bubblewrap",
+        "the record says the build was sandboxed"
+    );
+    let log = api
+        .get(&format!("/api/v1/logs/{}", ids[0]))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        log.contains("data-hidden"),
+        "the data dir is hidden from builds: {log}"
+    );
+    let pid: u32 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("pid="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pid < 10, "the build has its own PID namespace (pid {pid})");
+    let file = api
+        .get(&format!("/api/v1/artifacts/{}/out.txt", ids[0]))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(file, "boxed\n");
 }

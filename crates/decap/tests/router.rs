@@ -67,6 +67,7 @@ async fn app_with(secrets: &[&str]) -> TestApp {
             sandbox: SandboxMode::None,
             kill_grace: Duration::from_secs(1),
             path: std::env::var("PATH").unwrap(),
+            warm: 1,
         },
         events,
     )

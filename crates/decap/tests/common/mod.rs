@@ -52,16 +52,15 @@ pub struct Decap {
 
 impl Decap {
     pub fn start(data_dir: &Path, scripts: &Path, extra: &[&str]) -> Decap {
+        let sandbox: &[&str] = if extra.contains(&"--sandbox") {
+            &[]
+        } else {
+            &["--sandbox", "none"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_decap"))
             .arg("serve")
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--sandbox",
-                "none",
-                "--kill-grace-secs",
-                "1",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--kill-grace-secs", "1"])
+            .args(sandbox)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--scripts")
