@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
@@ -165,112 +165,137 @@ async fn send_hook(
     Ok(r.status())
 }
 
-async fn webhooks() -> Result<()> {
-    for (label, branch) in [
-        (
-            "accepted and recorded, ref not managed (no build)",
-            "unmanaged",
-        ),
-        (
-            "accepted with a build each (queue closed: every build deferred)",
-            "main",
-        ),
-    ] {
-        let server = start(
-            |s| {
-                write_project(
-                    s,
-                    "bench/app",
-                    r#"{"buildImage": "x", "managedRefRegex": "main"}"#,
-                    "true\n",
-                )
-            },
-            &[],
-        )?;
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
-            .build()?;
-        if branch == "main" {
-            http.put(format!("{}/api/v1/queue", server.url))
-                .bearer_auth(TOKEN)
-                .json(&serde_json::json!({"state": "closed"}))
-                .send()
-                .await?;
-        }
-        let connections = 32;
-        let duration = Duration::from_secs(10);
-        let counter = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for c in 0..connections {
-            let http = http.clone();
-            let url = server.url.clone();
-            let counter = counter.clone();
-            let stop = stop.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let mut errors = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let n = counter.fetch_add(1, Ordering::Relaxed);
-                    let commit = format!("{:040x}", (c as u128) << 64 | n as u128);
-                    let body = push_body("bench", "app", branch, &commit);
-                    let t = Instant::now();
-                    match send_hook(&http, &url, &format!("bench-{n}"), body).await {
-                        Ok(s) if s.as_u16() == 202 => lat.push(t.elapsed().as_secs_f64() * 1000.0),
-                        _ => errors += 1,
-                    }
-                }
-                (lat, errors)
-            }));
-        }
-        tokio::time::sleep(duration).await;
-        stop.store(true, Ordering::Relaxed);
-        let mut all = Vec::new();
-        let mut errors = 0;
-        for t in tasks {
-            let (l, e) = t.await?;
-            all.extend(l);
-            errors += e;
-        }
-        let secs = started.elapsed().as_secs_f64();
-        println!(
-            "webhooks {label}: {} accepted in {secs:.1} s = {:.0}/s, {errors} errors, {connections} connections",
-            all.len(),
-            all.len() as f64 / secs
-        );
-        let accepted = all.len();
-        summary("  webhook answer latency", all);
-        if branch == "main" {
-            // Scheduling runs behind the answers: time how long it takes to
-            // catch up (every accepted build deferred, none left queued).
-            let caught_up = Instant::now();
+/// Sends signed pushes from `connections` workers for `duration`: as fast as
+/// they are answered (`rate` None), or paced to `rate` per second in all with
+/// each latency counted from the moment the request was due, so that a slow
+/// answer cannot hide the requests it delayed.
+async fn load(
+    url: &str,
+    branch: &'static str,
+    connections: usize,
+    duration: Duration,
+    rate: Option<f64>,
+) -> Result<(Vec<f64>, u64, f64)> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .build()?;
+    let counter = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let http = http.clone();
+        let url = url.to_owned();
+        let counter = counter.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
+            let first = tokio::time::Instant::now()
+                + interval
+                    .map(|i| i.mul_f64(c as f64 / connections as f64))
+                    .unwrap_or_default();
+            let mut k = 0u32;
             loop {
-                let metrics = http
-                    .get(format!("{}/metrics", server.url))
-                    .send()
-                    .await?
-                    .text()
-                    .await?;
-                let queued = metrics
-                    .lines()
-                    .find(|l| l.starts_with("decap_builds{status=\"queued\"}"))
-                    .and_then(|l| l.split_whitespace().last())
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0);
-                if queued == 0 {
+                let due = match interval {
+                    Some(i) => first + i * k,
+                    None => tokio::time::Instant::now(),
+                };
+                if due >= deadline {
                     break;
                 }
-                if caught_up.elapsed() > Duration::from_secs(600) {
-                    bail!("{queued} builds still queued after 10 minutes");
+                if interval.is_some() {
+                    tokio::time::sleep_until(due).await;
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                k += 1;
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let commit = format!("{:040x}", (c as u128) << 64 | n as u128);
+                let body = push_body("bench", "app", branch, &commit);
+                match send_hook(&http, &url, &format!("bench-{c}-{n}"), body).await {
+                    Ok(s) if s.as_u16() == 202 => lat.push(due.elapsed().as_secs_f64() * 1000.0),
+                    _ => errors += 1,
+                }
             }
-            let behind = caught_up.elapsed().as_secs_f64();
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        all.extend(l);
+        errors += e;
+    }
+    Ok((all, errors, started.elapsed().as_secs_f64()))
+}
+
+async fn webhooks() -> Result<()> {
+    for (label, branch) in [
+        ("ref not managed (recorded, no build)", "unmanaged"),
+        ("a build each (queue closed: every build deferred)", "main"),
+    ] {
+        for rate in [None, Some(5000.0)] {
+            let server = start(
+                |s| {
+                    write_project(
+                        s,
+                        "bench/app",
+                        r#"{"buildImage": "x", "managedRefRegex": "main"}"#,
+                        "true\n",
+                    )
+                },
+                &[],
+            )?;
+            let http = reqwest::Client::new();
+            if branch == "main" {
+                http.put(format!("{}/api/v1/queue", server.url))
+                    .bearer_auth(TOKEN)
+                    .json(&serde_json::json!({"state": "closed"}))
+                    .send()
+                    .await?;
+            }
+            let (all, errors, secs) =
+                load(&server.url, branch, 32, Duration::from_secs(10), rate).await?;
+            let accepted = all.len();
+            let mode = match rate {
+                None => "as fast as answered".to_owned(),
+                Some(r) => format!("paced at {r:.0}/s"),
+            };
             println!(
-                "  scheduling caught up {behind:.1} s after the load stopped: {:.0} builds/s scheduled (deferred) behind the answers",
-                accepted as f64 / (secs + behind)
+                "webhooks, {label}, {mode}: {accepted} accepted in {secs:.1} s = {:.0}/s, {errors} errors",
+                accepted as f64 / secs
             );
+            summary("  answer latency", all);
+            if branch == "main" {
+                // Scheduling runs behind the answers: time how long it takes
+                // to catch up (every accepted build deferred, none queued).
+                let caught_up = Instant::now();
+                loop {
+                    let metrics = http
+                        .get(format!("{}/metrics", server.url))
+                        .send()
+                        .await?
+                        .text()
+                        .await?;
+                    let queued = metrics
+                        .lines()
+                        .find(|l| l.starts_with("decap_builds{status=\"queued\"}"))
+                        .and_then(|l| l.split_whitespace().last())
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    if queued == 0 {
+                        break;
+                    }
+                    if caught_up.elapsed() > Duration::from_secs(600) {
+                        bail!("{queued} builds still queued after 10 minutes");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                println!(
+                    "  every build deferred {:.1} s after the load stopped",
+                    caught_up.elapsed().as_secs_f64()
+                );
+            }
         }
     }
     Ok(())

@@ -6,7 +6,7 @@ use decap_core::ports::{BuildPage, BuildQuery, BuildStore, Delivery, DeliveryOut
 use decap_core::{Error, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::db::SqliteDb;
+use crate::db::{SqliteDb, exec, query_row};
 use crate::nanos;
 
 /// The most builds one page returns.
@@ -37,7 +37,8 @@ fn from_json(text: &str) -> rusqlite::Result<Build> {
 }
 
 fn insert_row(c: &Connection, b: &Build) -> rusqlite::Result<()> {
-    c.execute(
+    exec(
+        c,
         "INSERT INTO builds (id, team, project, branch, status, queued_at, record)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
@@ -69,13 +70,13 @@ impl BuildStore for SqliteBuildStore {
         let builds = builds.to_vec();
         self.db
             .write(move |c| {
-                let seen: Option<String> = c
-                    .query_row(
-                        "SELECT builds FROM deliveries WHERE id = ?1",
-                        [&d.id],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
+                let seen: Option<String> = query_row(
+                    c,
+                    "SELECT builds FROM deliveries WHERE id = ?1",
+                    [&d.id],
+                    |r| r.get(0),
+                )
+                .optional()?;
                 if let Some(json) = seen {
                     let ids: Vec<BuildId> = serde_json::from_str(&json).unwrap_or_default();
                     return Ok(DeliveryOutcome::Duplicate(ids));
@@ -83,7 +84,8 @@ impl BuildStore for SqliteBuildStore {
                 let ids: Vec<BuildId> = builds.iter().map(|b| b.id).collect();
                 let ids_json = serde_json::to_string(&ids)
                     .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                c.execute(
+                exec(
+                    c,
                     "INSERT INTO deliveries (id, event, outcome, received_at, builds)
                      VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![d.id, d.event, d.outcome, nanos(d.received_at), ids_json],
@@ -99,13 +101,13 @@ impl BuildStore for SqliteBuildStore {
     async fn get(&self, id: BuildId) -> Result<Option<Build>> {
         self.db
             .read(move |c| {
-                let text: Option<String> = c
-                    .query_row(
-                        "SELECT record FROM builds WHERE id = ?1",
-                        [id.to_string()],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
+                let text: Option<String> = query_row(
+                    c,
+                    "SELECT record FROM builds WHERE id = ?1",
+                    [id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
                 text.map(|t| from_json(&t)).transpose()
             })
             .await
@@ -115,7 +117,8 @@ impl BuildStore for SqliteBuildStore {
         let b = build.clone();
         self.db
             .write(move |c| {
-                let n = c.execute(
+                let n = exec(
+                    c,
                     "UPDATE builds SET status = ?1, record = ?2 WHERE id = ?3 AND status = ?4",
                     params![
                         b.status.as_str(),

@@ -10,7 +10,7 @@ use decap_core::ports::{Lock, LockStore};
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
-use crate::db::SqliteDb;
+use crate::db::{SqliteDb, exec, query_row};
 use crate::{from_nanos, nanos};
 
 /// [`LockStore`] on [`SqliteDb`]. Acquisition is a read-check-write inside the
@@ -43,7 +43,8 @@ fn row_to_lock(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lock> {
 }
 
 fn current(c: &Connection, key: &str) -> rusqlite::Result<Option<Lock>> {
-    c.query_row(
+    query_row(
+        c,
         "SELECT key, owner, token, acquired_at, expires_at FROM locks WHERE key = ?1",
         [key],
         row_to_lock,
@@ -75,7 +76,8 @@ impl LockStore for SqliteLockStore {
                         return Ok(Err(held));
                     }
                 }
-                let token: i64 = c.query_row(
+                let token: i64 = query_row(
+                    c,
                     "UPDATE fencing SET last = last + 1 WHERE id = 1 RETURNING last",
                     [],
                     |r| r.get(0),
@@ -87,7 +89,8 @@ impl LockStore for SqliteLockStore {
                     acquired_at: now,
                     expires_at: expiry(now, ttl),
                 };
-                c.execute(
+                exec(
+                    c,
                     "INSERT INTO locks (key, owner, token, acquired_at, expires_at)
                      VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, token = excluded.token,
@@ -109,7 +112,8 @@ impl LockStore for SqliteLockStore {
         let key = key.clone();
         self.db
             .write(move |c| {
-                let n = c.execute(
+                let n = exec(
+                    c,
                     "DELETE FROM locks WHERE key = ?1 AND owner = ?2",
                     params![key.as_str(), owner.to_string()],
                 )?;
@@ -128,7 +132,8 @@ impl LockStore for SqliteLockStore {
         let key = key.clone();
         self.db
             .write(move |c| {
-                let n = c.execute(
+                let n = exec(
+                    c,
                     "UPDATE locks SET expires_at = ?1 WHERE key = ?2 AND owner = ?3",
                     params![nanos(expiry(now, ttl)), key.as_str(), owner.to_string()],
                 )?;
@@ -142,7 +147,7 @@ impl LockStore for SqliteLockStore {
         self.db
             .write(move |c| {
                 let held = current(c, key.as_str())?;
-                c.execute("DELETE FROM locks WHERE key = ?1", [key.as_str()])?;
+                exec(c, "DELETE FROM locks WHERE key = ?1", [key.as_str()])?;
                 Ok(held)
             })
             .await

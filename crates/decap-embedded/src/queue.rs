@@ -7,7 +7,7 @@ use decap_core::names::ProjectKey;
 use decap_core::ports::{DeferralQueue, DeferredEntry, PushOutcome};
 use rusqlite::{OptionalExtension, params};
 
-use crate::db::SqliteDb;
+use crate::db::{SqliteDb, exec, query_row};
 use crate::{from_nanos, nanos};
 
 /// [`DeferralQueue`] on [`SqliteDb`]: FIFO by an autoincrement sequence; a
@@ -35,8 +35,7 @@ impl DeferralQueue for SqliteDeferralQueue {
         self.db
             .write(move |c| {
                 let commit = e.commit.clone().unwrap_or_default();
-                let waiting: Option<String> = c
-                    .query_row(
+                let waiting: Option<String> = query_row(c,
                         "SELECT build_id FROM deferred
                          WHERE team = ?1 AND project = ?2 AND branch = ?3 AND commit_sha = ?4",
                         params![e.project.team, e.project.project, e.branch, commit],
@@ -47,7 +46,7 @@ impl DeferralQueue for SqliteDeferralQueue {
                     let id = BuildId::parse(&id).map_err(conversion)?;
                     return Ok(PushOutcome::AlreadyWaiting(id));
                 }
-                c.execute(
+                exec(c,
                     "INSERT INTO deferred (build_id, team, project, branch, git_ref, commit_sha, deferred_at, reason)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                      ON CONFLICT (build_id) DO UPDATE SET reason = excluded.reason",
@@ -97,7 +96,8 @@ impl DeferralQueue for SqliteDeferralQueue {
     async fn remove(&self, build_id: BuildId) -> Result<bool> {
         self.db
             .write(move |c| {
-                let n = c.execute(
+                let n = exec(
+                    c,
                     "DELETE FROM deferred WHERE build_id = ?1",
                     [build_id.to_string()],
                 )?;
@@ -119,7 +119,8 @@ impl DeferralQueue for SqliteDeferralQueue {
         let reason = reason.to_owned();
         self.db
             .write(move |c| {
-                c.execute(
+                exec(
+                    c,
                     "UPDATE deferred SET reason = ?1 WHERE build_id = ?2",
                     params![reason, build_id.to_string()],
                 )

@@ -960,7 +960,13 @@ pub async fn readyz(State(app): State<AppState>) -> ApiResult<&'static str> {
 
 pub async fn metrics(State(app): State<AppState>) -> ApiResult<Response> {
     let m = &app.controller.metrics;
-    for (status, n) in app.controller.ports.builds.count_by_status().await? {
+    let counts = app.controller.ports.builds.count_by_status().await?;
+    for status in BuildStatus::ALL {
+        let n = counts
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map(|(_, n)| *n)
+            .unwrap_or(0);
         m.builds
             .get_or_create(&crate::metrics::StatusLabel {
                 status: status.as_str().to_owned(),
@@ -968,7 +974,7 @@ pub async fn metrics(State(app): State<AppState>) -> ApiResult<Response> {
             .set(n as i64);
     }
     m.queue_depth
-        .set(app.controller.ports.queue.list().await?.len() as i64);
+        .set(app.controller.waiting_count().await as i64);
     m.locks_held
         .set(app.controller.ports.locks.list().await?.len() as i64);
     Ok((

@@ -112,7 +112,7 @@ pub struct Controller {
     /// Metrics.
     pub metrics: Metrics,
     sched: Mutex<Sched>,
-    schedule_tx: std::sync::OnceLock<mpsc::UnboundedSender<BuildId>>,
+    schedule_tx: std::sync::OnceLock<mpsc::UnboundedSender<Build>>,
     status_tx: broadcast::Sender<Build>,
     pending_tokens: std::sync::Mutex<HashMap<BuildId, String>>,
 }
@@ -181,19 +181,22 @@ impl Controller {
     ) -> Result<()> {
         self.recover().await?;
         // One scheduler takes the ids webhooks accepted, many at a time.
-        let (tx, mut rx) = mpsc::unbounded_channel::<BuildId>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Build>();
         let _ = self.schedule_tx.set(tx);
         let this = self.clone();
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
-                let mut ids = vec![first];
-                while ids.len() < 1024 {
+                let mut builds = vec![first];
+                while builds.len() < 1024 {
                     match rx.try_recv() {
-                        Ok(id) => ids.push(id),
+                        Ok(b) => builds.push(b),
                         Err(_) => break,
                     }
                 }
-                this.schedule_ids(ids).await;
+                let failed = this.schedule_batch(builds).await;
+                if !failed.is_empty() {
+                    this.schedule_ids(failed).await;
+                }
             }
         });
         let this = self.clone();
@@ -322,16 +325,21 @@ impl Controller {
 
     /// Schedules accepted builds in the background (webhooks call this after
     /// answering).
-    pub fn schedule_soon(self: &Arc<Self>, ids: Vec<BuildId>) {
+    pub fn schedule_soon(self: &Arc<Self>, builds: Vec<Build>) {
         match self.schedule_tx.get() {
             Some(tx) => {
-                for id in ids {
-                    let _ = tx.send(id);
+                for b in builds {
+                    let _ = tx.send(b);
                 }
             }
             None => {
                 let this = self.clone();
-                tokio::spawn(async move { this.schedule_ids(ids).await });
+                tokio::spawn(async move {
+                    let failed = this.schedule_batch(builds).await;
+                    if !failed.is_empty() {
+                        this.schedule_ids(failed).await;
+                    }
+                });
             }
         }
     }
@@ -361,18 +369,33 @@ impl Controller {
         let reads =
             futures::future::join_all(ids.iter().map(|id| self.ports.builds.get(*id))).await;
         let mut failed = Vec::new();
-        let mut s = self.sched.lock().await;
-        let mut deferrals = Vec::new();
+        let mut builds = Vec::new();
         for (id, read) in ids.into_iter().zip(reads) {
-            let b = match read {
-                Ok(Some(b)) if b.status == BuildStatus::Queued && !s.running.contains(id) => b,
-                Ok(_) => continue,
+            match read {
+                Ok(Some(b)) => builds.push(b),
+                Ok(None) => {}
                 Err(e) => {
                     tracing::error!(build_id = %id, error = %e, "scheduling failed; trying again shortly");
                     failed.push(id);
-                    continue;
                 }
-            };
+            }
+        }
+        failed.extend(self.schedule_batch(builds).await);
+        failed
+    }
+
+    /// Schedules builds as read from the store (or just stored); a copy that
+    /// is stale does no harm, since every write is a compare-and-set on the
+    /// status. Returns the ids whose scheduling failed.
+    async fn schedule_batch(&self, builds: Vec<Build>) -> Vec<BuildId> {
+        let mut failed = Vec::new();
+        let mut s = self.sched.lock().await;
+        let mut deferrals = Vec::new();
+        for b in builds {
+            let id = b.id;
+            if b.status != BuildStatus::Queued || s.running.contains(id) {
+                continue;
+            }
             let key = b.lock_key();
             let key_waiting = s.waiting_keys.contains_key(&key);
             let reason = match admit(
@@ -493,26 +516,40 @@ impl Controller {
             deferred_at: at,
             reason: reason.to_string(),
         };
-        match self.ports.queue.push(&entry).await? {
-            PushOutcome::Added => {
-                b.transition(BuildStatus::Deferred, at)?;
-                b.message = Some(entry.reason.clone());
-                if self.ports.builds.update(&b, BuildStatus::Queued).await? {
-                    tracing::debug!(build_id = %b.id, reason = %entry.reason, "build deferred");
-                    self.publish(&b);
-                    Ok(true)
-                } else {
-                    self.ports.queue.remove(b.id).await?;
-                    Ok(false)
-                }
+        // The queue entry and the record are written together (one group
+        // commit); in the rare case the commit already waited, the record
+        // is corrected after.
+        let queued = b.clone();
+        b.transition(BuildStatus::Deferred, at)?;
+        b.message = Some(entry.reason.clone());
+        let (pushed, updated) = tokio::join!(
+            self.ports.queue.push(&entry),
+            self.ports.builds.update(&b, BuildStatus::Queued)
+        );
+        match (pushed?, updated?) {
+            (PushOutcome::Added, true) => {
+                tracing::debug!(build_id = %b.id, reason = %entry.reason, "build deferred");
+                self.publish(&b);
+                Ok(true)
             }
-            PushOutcome::AlreadyWaiting(other) => {
-                b.transition(BuildStatus::Cancelled, at)?;
-                b.message = Some(format!(
+            (PushOutcome::Added, false) => {
+                // The build changed meanwhile (cancelled): it does not wait.
+                self.ports.queue.remove(b.id).await?;
+                Ok(false)
+            }
+            (PushOutcome::AlreadyWaiting(other), updated) => {
+                let mut dup = queued;
+                dup.transition(BuildStatus::Cancelled, at)?;
+                dup.message = Some(format!(
                     "not queued: the same branch and commit already waits as build {other}"
                 ));
-                if self.ports.builds.update(&b, BuildStatus::Queued).await? {
-                    self.publish(&b);
+                let from = if updated {
+                    BuildStatus::Deferred
+                } else {
+                    BuildStatus::Queued
+                };
+                if self.ports.builds.update(&dup, from).await? {
+                    self.publish(&dup);
                 }
                 Ok(false)
             }
@@ -878,6 +915,11 @@ impl Controller {
         s.open = open;
         tracing::info!(open, "queue state changed");
         self.drain_locked(&mut s).await
+    }
+
+    /// Deferred builds waiting (kept in memory beside the queue).
+    pub async fn waiting_count(&self) -> usize {
+        self.sched.lock().await.waiting_keys.values().sum()
     }
 
     /// Builds running on this controller.

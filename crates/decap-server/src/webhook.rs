@@ -263,9 +263,9 @@ async fn handle(
             Ok(("duplicate", (StatusCode::OK, Json(answer)).into_response()))
         }
         DeliveryOutcome::New => {
-            let ids: Vec<_> = builds.iter().map(|b| b.id).collect();
-            if !ids.is_empty() {
-                app.controller.schedule_soon(ids);
+            let answer_ids: Vec<String> = builds.iter().map(|b| b.id.to_string()).collect();
+            if !builds.is_empty() {
+                app.controller.schedule_soon(builds);
             }
             let outcome = if ignored.is_some() {
                 "ignored"
@@ -274,7 +274,7 @@ async fn handle(
             };
             let answer = WebhookAnswer {
                 delivery,
-                builds: builds.iter().map(|b| b.id.to_string()).collect(),
+                builds: answer_ids,
                 ignored,
             };
             Ok((
