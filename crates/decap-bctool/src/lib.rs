@@ -311,6 +311,9 @@ struct Prepared {
     writer: std::io::PipeWriter,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    /// Installs the SIGCHLD handler tokio's child reaping needs before the
+    /// command starts, rather than while it starts.
+    _child: tokio::signal::unix::Signal,
 }
 
 fn prepare() -> Result<Prepared> {
@@ -331,6 +334,7 @@ fn prepare() -> Result<Prepared> {
         writer,
         term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
         int: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?,
+        _child: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?,
     })
 }
 
@@ -357,6 +361,7 @@ async fn run_prepared(
         writer,
         mut term,
         mut int,
+        _child,
     } = prepared;
     let mut cmd = tokio::process::Command::new(&args.command[0]);
     if let Some(env) = &args.env {

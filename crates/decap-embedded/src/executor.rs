@@ -348,9 +348,15 @@ impl Inner {
     /// Starts a warm bctool in the background to replace one taken.
     fn replenish(self: &Arc<Self>) {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || match this.start_warm() {
-            Ok(w) => this.park(w),
-            Err(e) => tracing::warn!(error = %e, "cannot start a warm bctool"),
+        tokio::spawn(async move {
+            // Not at the same instant as the build it replaces is starting:
+            // the two would compete for the CPU.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = tokio::task::spawn_blocking(move || match this.start_warm() {
+                Ok(w) => this.park(w),
+                Err(e) => tracing::warn!(error = %e, "cannot start a warm bctool"),
+            })
+            .await;
         });
     }
 
