@@ -165,6 +165,27 @@ async fn send_hook(
     Ok(r.status())
 }
 
+/// Sends one signed push of `team/project` at `main` and returns the build it started.
+async fn push_build(http: &reqwest::Client, url: &str, project: &str, n: usize) -> Result<String> {
+    let body = push_body("bench", project, "main", &format!("{:040x}", n + 1));
+    let resp = http
+        .post(format!("{url}/hooks/github"))
+        .header("x-github-event", "push")
+        .header("x-github-delivery", format!("{project}-{n}"))
+        .header(
+            "x-hub-signature-256",
+            decap_server::auth::sign(SECRET, &body),
+        )
+        .body(body)
+        .send()
+        .await?;
+    let v: serde_json::Value = resp.json().await?;
+    Ok(v["builds"][0]
+        .as_str()
+        .context("no build started")?
+        .to_owned())
+}
+
 /// Sends signed pushes from `connections` workers for `duration`: as fast as
 /// they are answered (`rate` None), or paced to `rate` per second in all with
 /// each latency counted from the moment the request was due, so that a slow
@@ -320,21 +341,8 @@ async fn first_line(sandbox: &str, runs: usize) -> Result<(f64, f64)> {
     let mut lat = Vec::new();
     let mut launch = Vec::new();
     for i in 0..runs {
-        let body = push_body("bench", "first", "main", &format!("{:040x}", i + 1));
         let t0 = epoch_ms();
-        let resp = http
-            .post(format!("{}/hooks/github", server.url))
-            .header("x-github-event", "push")
-            .header("x-github-delivery", format!("first-{i}"))
-            .header(
-                "x-hub-signature-256",
-                decap_server::auth::sign(SECRET, &body),
-            )
-            .body(body)
-            .send()
-            .await?;
-        let v: serde_json::Value = resp.json().await?;
-        let id = v["builds"][0].as_str().context("no build")?.to_owned();
+        let id = push_build(&http, &server.url, "first", i).await?;
         let b = wait_final(&http, &server.url, &id).await?;
         if b["status"] != "succeeded" || b["sandbox"] != sandbox {
             bail!("build {id}: {b}");
@@ -466,21 +474,8 @@ async fn end_to_end(runs: usize) -> Result<()> {
     let http = reqwest::Client::new();
     let mut lat = Vec::new();
     for i in 0..runs {
-        let body = push_body("bench", "e2e", "main", &format!("{:040x}", i + 1));
         let t = Instant::now();
-        let resp = http
-            .post(format!("{}/hooks/github", server.url))
-            .header("x-github-event", "push")
-            .header("x-github-delivery", format!("e2e-{i}"))
-            .header(
-                "x-hub-signature-256",
-                decap_server::auth::sign(SECRET, &body),
-            )
-            .body(body)
-            .send()
-            .await?;
-        let v: serde_json::Value = resp.json().await?;
-        let id = v["builds"][0].as_str().context("no build")?.to_owned();
+        let id = push_build(&http, &server.url, "e2e", i).await?;
         let b = wait_final(&http, &server.url, &id).await?;
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
         if b["status"] != "succeeded" {

@@ -40,6 +40,19 @@ async fn load(app: &AppState, id: &str) -> ApiResult<Build> {
     Ok(app.controller.build(id).await?)
 }
 
+/// Loads a build for a call from its own bctool (or an operator).
+async fn load_as_build(
+    app: &AppState,
+    id: &str,
+    headers: HeaderMap,
+    from: Option<std::net::SocketAddr>,
+) -> ApiResult<Build> {
+    let b = load(app, id).await?;
+    let token = app.controller.build_token_hash(&b).await;
+    app.auth.authorize_build(&headers, from, token.as_deref())?;
+    Ok(b)
+}
+
 fn query_pairs(raw: &Option<String>) -> ApiResult<Vec<(String, String)>> {
     match raw {
         None => Ok(vec![]),
@@ -546,12 +559,7 @@ pub async fn stream_log(
     Path(id): Path<String>,
     req: Request,
 ) -> ApiResult<Response> {
-    let b = load(&app, &id).await?;
-    app.auth.authorize_build(
-        req.headers(),
-        peer(&req),
-        app.controller.build_token_hash(&b).await.as_deref(),
-    )?;
+    let b = load_as_build(&app, &id, req.headers().clone(), peer(&req)).await?;
     let offset: u64 = req
         .headers()
         .get(decap_api_types::LOG_OFFSET_HEADER)
@@ -599,12 +607,7 @@ pub async fn put_artifacts(
 }
 
 async fn put_blob(app: AppState, id: String, req: Request, kind: BlobKind) -> ApiResult<Response> {
-    let b = load(&app, &id).await?;
-    app.auth.authorize_build(
-        req.headers(),
-        peer(&req),
-        app.controller.build_token_hash(&b).await.as_deref(),
-    )?;
+    let b = load_as_build(&app, &id, req.headers().clone(), peer(&req)).await?;
     let size = app
         .controller
         .ports
@@ -624,12 +627,7 @@ pub async fn put_result(
     Path(id): Path<String>,
     req: Request,
 ) -> ApiResult<Json<BuildView>> {
-    let b = load(&app, &id).await?;
-    app.auth.authorize_build(
-        req.headers(),
-        peer(&req),
-        app.controller.build_token_hash(&b).await.as_deref(),
-    )?;
+    let b = load_as_build(&app, &id, req.headers().clone(), peer(&req)).await?;
     let body = axum::body::to_bytes(req.into_body(), 64 * 1024)
         .await
         .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "a result is at most 64 KiB"))?;
@@ -664,12 +662,7 @@ pub async fn unlock_build(
     Path(id): Path<String>,
     req: Request,
 ) -> ApiResult<Response> {
-    let b = load(&app, &id).await?;
-    app.auth.authorize_build(
-        req.headers(),
-        peer(&req),
-        app.controller.build_token_hash(&b).await.as_deref(),
-    )?;
+    let b = load_as_build(&app, &id, req.headers().clone(), peer(&req)).await?;
     let released = app.controller.release_own_lock(b.id).await?;
     Ok(Json(serde_json::json!({ "released": released })).into_response())
 }
