@@ -264,7 +264,7 @@ async fn gzip_to_temp(path: &Path) -> Result<tempfile::NamedTempFile> {
         let out = tempfile::NamedTempFile::new()?;
         let mut enc = flate2::write::GzEncoder::new(out.reopen()?, flate2::Compression::fast());
         std::io::copy(&mut input, &mut enc)?;
-        enc.finish()?.sync_all()?;
+        enc.finish()?.flush()?;
         Ok(out)
     })
     .await?
@@ -288,7 +288,7 @@ async fn tar_to_temp(dir: &Path) -> Result<Option<tempfile::NamedTempFile>> {
         let mut tar = tar::Builder::new(enc);
         tar.follow_symlinks(false);
         tar.append_dir_all(".", &dir)?;
-        tar.into_inner()?.finish()?.sync_all()?;
+        tar.into_inner()?.finish()?.flush()?;
         Ok(Some(out))
     })
     .await?

@@ -716,12 +716,24 @@ impl Controller {
         } else {
             b.message.take()
         });
-        if !self.ports.builds.update(&b, prev).await? {
+        if prev == BuildStatus::Running {
+            // The record and the lock are written together (one group
+            // commit). If the record was finished by someone else first, they
+            // released the lock too.
+            let key = b.lock_key();
+            let (updated, released) = tokio::join!(
+                self.ports.builds.update(&b, prev),
+                self.ports.locks.release(&key, id)
+            );
+            released?;
+            if !updated? {
+                return Ok(None);
+            }
+        } else if !self.ports.builds.update(&b, prev).await? {
             return Ok(None); // someone else finished it first
         }
         match prev {
             BuildStatus::Running => {
-                self.ports.locks.release(&b.lock_key(), id).await?;
                 s.running.finish(id);
                 self.metrics.running.set(s.running.len() as i64);
                 self.keep_log(id).await;
