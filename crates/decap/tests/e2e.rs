@@ -128,6 +128,32 @@ async fn a_signed_push_runs_a_build_whose_log_artifacts_and_result_are_kept() {
     assert!(sse.contains("event: status"));
     assert!(sse.contains(&format!("data: building acme/widgets main {SHA}")));
     assert!(sse.contains("event: end"));
+    // a viewer that reconnects with Last-Event-ID resumes after the lines it had
+    let first_id: u64 = sse
+        .lines()
+        .skip_while(|l| *l != "event: log")
+        .find_map(|l| l.strip_prefix("id: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let resumed = api
+        .http
+        .get(format!("{}/api/v1/logs/{id}/events", decap.url))
+        .header("last-event-id", first_id.to_string())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !resumed.contains("data: building"),
+        "no line is sent twice: {resumed}"
+    );
+    assert!(
+        resumed.contains("data: to-stderr"),
+        "the rest follows: {resumed}"
+    );
 
     // rerun: same ref and commit
     let r = api
@@ -445,7 +471,7 @@ async fn decapctl_talks_to_the_server_and_explains_when_it_is_down() {
         &scripts,
         "acme/ctl",
         r#"{"buildImage": "x"}"#,
-        "echo from-ctl\n",
+        "echo from-ctl\necho made by ctl > \"$ARTIFACTS_DIR/ctl.txt\"\n",
     );
     let decap = Decap::start(&data, &scripts, &[]);
     let ctl = |args: &[&str]| {
@@ -470,6 +496,47 @@ async fn decapctl_talks_to_the_server_and_explains_when_it_is_down() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.starts_with("ID"), "{table}");
     assert!(table.contains("succeeded"));
+    let out = ctl(&["builds", "artifacts", &id, "--list"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ctl.txt\n");
+    let target = data.join("ctl-download.txt");
+    let out = ctl(&[
+        "builds",
+        "artifacts",
+        &id,
+        "ctl.txt",
+        "-o",
+        target.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "made by ctl\n");
+    let tarball = data.join("all.tar.gz");
+    let out = ctl(&["builds", "artifacts", &id, "-o", tarball.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(std::fs::metadata(&tarball).unwrap().len() > 0);
+    let out = ctl(&["loglevel", "debug"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ctl(&["loglevel", "no such level=="]);
+    assert!(!out.status.success(), "an invalid level is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid level"));
+    let out = ctl(&["--json", "queue", "close"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("closed"));
+    let out = ctl(&["queue", "open"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "queue is open\n");
+    let no_token = std::process::Command::new(env!("CARGO_BIN_EXE_decapctl"))
+        .args(["--server", &decap.url, "cancel", &id])
+        .env_remove("DECAP_API_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!no_token.status.success());
+    assert!(String::from_utf8_lossy(&no_token.stderr).contains("HTTP 401"));
     let out = ctl(&["builds", "show", "00000000-0000-0000-0000-000000000000"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
