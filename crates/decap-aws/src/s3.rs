@@ -1,0 +1,315 @@
+//! Logs and artifacts in S3.
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::primitives::ByteStream as S3Bytes;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::{Bytes, BytesMut};
+use decap_core::build::BuildId;
+use decap_core::ports::{BlobKind, BlobStore, ByteStream};
+use decap_core::{Error, Result};
+use futures::StreamExt;
+
+/// The size of each part of a multipart upload (S3's minimum is 5 MiB).
+pub const PART_BYTES: usize = 8 * 1024 * 1024;
+
+/// Where the blobs go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    /// The bucket of console logs.
+    pub logs_bucket: String,
+    /// The bucket of artifacts.
+    pub artifacts_bucket: String,
+    /// A prefix for every key (e.g. `team-a/`), empty by default.
+    pub key_prefix: String,
+    /// Address buckets by path (`http://host/bucket/key`), as local S3
+    /// servers need.
+    pub force_path_style: bool,
+    /// Talk to this endpoint instead of AWS (a local S3 server).
+    pub endpoint_url: Option<String>,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            logs_bucket: "decap-console-logs".into(),
+            artifacts_bucket: "decap-build-artifacts".into(),
+            key_prefix: String::new(),
+            force_path_style: false,
+            endpoint_url: None,
+        }
+    }
+}
+
+/// [`BlobStore`] on S3.
+#[derive(Clone)]
+pub struct S3BlobStore {
+    client: Client,
+    config: S3Config,
+}
+
+fn s3_err<E, R>(what: &str, e: SdkError<E, R>) -> Error
+where
+    E: std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    Error::backend("s3", format!("{what}: {}", DisplayErrorContext(e)))
+}
+
+impl S3BlobStore {
+    /// A store from an SDK configuration (region, credentials), checking at
+    /// once that both buckets exist and can be reached, so that a missing
+    /// bucket or a denied access is a clear error at start-up.
+    pub async fn connect(sdk: &aws_config::SdkConfig, config: S3Config) -> Result<Self> {
+        let mut builder = aws_sdk_s3::config::Builder::from(sdk)
+            .force_path_style(config.force_path_style)
+            // S3-compatible servers do not all accept the newer checksums.
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            );
+        if let Some(url) = &config.endpoint_url {
+            builder = builder.endpoint_url(url);
+        }
+        let store = S3BlobStore {
+            client: Client::from_conf(builder.build()),
+            config,
+        };
+        for bucket in [&store.config.logs_bucket, &store.config.artifacts_bucket] {
+            store
+                .client
+                .head_bucket()
+                .bucket(bucket)
+                .send()
+                .await
+                .map_err(|e| {
+                    let hint = match e.raw_response().map(|r| r.status().as_u16()) {
+                        Some(404) => "it does not exist (aws-resources/ creates it)".to_owned(),
+                        Some(403) => "access is denied to these credentials".to_owned(),
+                        _ => DisplayErrorContext(&e).to_string(),
+                    };
+                    Error::backend("s3", format!("bucket {bucket}: {hint}"))
+                })?;
+        }
+        Ok(store)
+    }
+
+    /// Where the blobs go.
+    pub fn config(&self) -> &S3Config {
+        &self.config
+    }
+
+    /// The underlying client (for set-up scripts and tests).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn location(&self, build: BuildId, kind: BlobKind) -> (&str, String) {
+        let bucket = match kind {
+            BlobKind::LogGz => &self.config.logs_bucket,
+            BlobKind::ArtifactsTarGz => &self.config.artifacts_bucket,
+        };
+        let key = format!("{}v1/{build}/{}", self.config.key_prefix, kind.file_name());
+        (bucket, key)
+    }
+
+    async fn multipart(
+        &self,
+        bucket: &str,
+        key: &str,
+        first: Bytes,
+        data: &mut ByteStream,
+    ) -> Result<u64> {
+        let upload = self
+            .client
+            .create_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| s3_err("starting a multipart upload", e))?;
+        let upload_id = upload
+            .upload_id()
+            .ok_or_else(|| Error::backend("s3", "no upload id in the answer"))?
+            .to_owned();
+        let result = self
+            .upload_parts(bucket, key, &upload_id, first, data)
+            .await;
+        if result.is_err() {
+            let aborted = self
+                .client
+                .abort_multipart_upload()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+            if let Err(e) = aborted {
+                tracing::warn!(bucket, key, error = %DisplayErrorContext(e), "cannot abort a failed multipart upload");
+            }
+        }
+        result
+    }
+
+    async fn upload_parts(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        first: Bytes,
+        data: &mut ByteStream,
+    ) -> Result<u64> {
+        let mut parts = Vec::new();
+        let mut total = self
+            .put_part(bucket, key, upload_id, &mut parts, first)
+            .await?;
+        let mut buf = BytesMut::with_capacity(PART_BYTES);
+        loop {
+            // Every part but the last is a full one.
+            let ended = fill(&mut buf, data).await?;
+            if !buf.is_empty() {
+                let part = buf.split().freeze();
+                total += self
+                    .put_part(bucket, key, upload_id, &mut parts, part)
+                    .await?;
+            }
+            if ended {
+                break;
+            }
+        }
+        self.client
+            .complete_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| s3_err("completing a multipart upload", e))?;
+        Ok(total)
+    }
+
+    async fn put_part(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        parts: &mut Vec<CompletedPart>,
+        part: Bytes,
+    ) -> Result<u64> {
+        let number = parts.len() as i32 + 1;
+        let len = part.len() as u64;
+        let done = self
+            .client
+            .upload_part()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .body(S3Bytes::from(part))
+            .send()
+            .await
+            .map_err(|e| s3_err(&format!("uploading part {number}"), e))?;
+        parts.push(
+            CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(done.e_tag().map(str::to_owned))
+                .build(),
+        );
+        Ok(len)
+    }
+}
+
+/// Reads from `data` into `buf` until it holds a part or the stream ends;
+/// returns whether the stream ended.
+async fn fill(buf: &mut BytesMut, data: &mut ByteStream) -> Result<bool> {
+    while buf.len() < PART_BYTES {
+        match data.next().await {
+            None => return Ok(true),
+            Some(Err(e)) => return Err(Error::backend("s3", format!("reading the upload: {e}"))),
+            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+        }
+    }
+    Ok(false)
+}
+
+#[async_trait]
+impl BlobStore for S3BlobStore {
+    async fn put(&self, build: BuildId, kind: BlobKind, mut data: ByteStream) -> Result<u64> {
+        let (bucket, key) = self.location(build, kind);
+        let mut buf = BytesMut::with_capacity(PART_BYTES);
+        let ended = fill(&mut buf, &mut data).await?;
+        let first = buf.split().freeze();
+        if ended {
+            let len = first.len() as u64;
+            self.client
+                .put_object()
+                .bucket(bucket)
+                .key(&key)
+                .body(S3Bytes::from(first))
+                .send()
+                .await
+                .map_err(|e| s3_err(&format!("storing {key}"), e))?;
+            return Ok(len);
+        }
+        self.multipart(bucket, &key, first, &mut data).await
+    }
+
+    async fn get(&self, build: BuildId, kind: BlobKind) -> Result<Option<(u64, ByteStream)>> {
+        let (bucket, key) = self.location(build, kind);
+        let object = match self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(s3_err(&format!("reading {key}"), e)),
+        };
+        let size = object.content_length().unwrap_or(0).max(0) as u64;
+        let reader = object.body.into_async_read();
+        Ok(Some((
+            size,
+            Box::pin(tokio_util::io::ReaderStream::with_capacity(
+                reader,
+                64 * 1024,
+            )),
+        )))
+    }
+
+    async fn delete(&self, build: BuildId, kind: BlobKind) -> Result<bool> {
+        let (bucket, key) = self.location(build, kind);
+        match self
+            .client
+            .head_object()
+            .bucket(bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_not_found()) => return Ok(false),
+            Err(e) => return Err(s3_err(&format!("looking up {key}"), e)),
+        }
+        self.client
+            .delete_object()
+            .bucket(bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| s3_err(&format!("deleting {key}"), e))?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,85 @@
+//! The build store and lock store contracts on DynamoDB, against the test
+//! bed's DynamoDB Local.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_dynamodb::config::Credentials;
+use decap_aws::{DynamoDbBuildStore, DynamoDbConfig, DynamoDbLockStore};
+
+fn endpoint() -> String {
+    std::env::var("DECAP_TEST_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "DECAP_TEST_DYNAMODB_ENDPOINT is not set: these tests need DynamoDB. Start the test \
+             bed's with `eval \"$(tests/bed/dynamodb.sh start)\"` (tests/run does this)."
+        )
+    })
+}
+
+async fn sdk() -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        // DynamoDB Local takes any key id made of letters and digits only.
+        .credentials_provider(Credentials::new(
+            "decaptest",
+            "decaptest",
+            None,
+            None,
+            "decap-test-bed",
+        ))
+        .load()
+        .await
+}
+
+/// Fresh tables for one test.
+async fn tables() -> (aws_config::SdkConfig, DynamoDbConfig) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let config = DynamoDbConfig {
+        builds_table: format!("builds-{nanos:x}"),
+        deliveries_table: format!("deliveries-{nanos:x}"),
+        locks_table: format!("locks-{nanos:x}"),
+        endpoint_url: Some(endpoint()),
+    };
+    let sdk = sdk().await;
+    DynamoDbBuildStore::create_tables(&sdk, &config)
+        .await
+        .unwrap();
+    (sdk, config)
+}
+
+#[tokio::test]
+async fn dynamodb_build_store_keeps_the_contract() {
+    let (sdk, config) = tables().await;
+    let store = DynamoDbBuildStore::connect(&sdk, config).await.unwrap();
+    decap_contract_tests::build_store_suite(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn dynamodb_lock_store_keeps_the_contract() {
+    let (sdk, config) = tables().await;
+    let store = DynamoDbLockStore::connect(&sdk, config).await.unwrap();
+    decap_contract_tests::lock_store_suite(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn a_missing_table_is_a_clear_error_at_start_up() {
+    let sdk = sdk().await;
+    let config = DynamoDbConfig {
+        builds_table: "no-such-table".into(),
+        endpoint_url: Some(endpoint()),
+        ..DynamoDbConfig::default()
+    };
+    let err = DynamoDbBuildStore::connect(&sdk, config)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("no-such-table") && err.contains("does not exist"),
+        "{err}"
+    );
+}
