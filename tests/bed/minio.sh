@@ -41,15 +41,15 @@ start() {
     console=$(free_port)
     rm -rf "$STATE"
     mkdir -p "$STATE/data"
-    MINIO_ROOT_USER=decap-test MINIO_ROOT_PASSWORD=decap-test-secret MINIO_BROWSER=off MINIO_UPDATE=off \
+    MINIO_ROOT_USER=decaptest MINIO_ROOT_PASSWORD=decaptestsecret MINIO_BROWSER=off MINIO_UPDATE=off \
         "$BIN" server "$STATE/data" --address "127.0.0.1:$port" --console-address "127.0.0.1:$console" --quiet \
         > "$STATE/minio.log" 2>&1 &
     echo $! > "$STATE/pid"
     for _ in $(seq 1 200); do
         if curl -fsS "http://127.0.0.1:$port/minio/health/live" >/dev/null 2>&1; then
             echo "export DECAP_TEST_S3_ENDPOINT=http://127.0.0.1:$port"
-            echo "export DECAP_TEST_S3_ACCESS_KEY=decap-test"
-            echo "export DECAP_TEST_S3_SECRET_KEY=decap-test-secret"
+            echo "export DECAP_TEST_S3_ACCESS_KEY=decaptest"
+            echo "export DECAP_TEST_S3_SECRET_KEY=decaptestsecret"
             return 0
         fi
         if ! kill -0 "$(cat "$STATE/pid")" 2>/dev/null; then

@@ -49,6 +49,106 @@ enum Sandbox {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum BlobBackend {
+    /// Files under the data dir.
+    Files,
+    /// S3 (or an S3-compatible server).
+    S3,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum TableBackend {
+    /// SQLite under the data dir.
+    Sqlite,
+    /// DynamoDB.
+    Dynamodb,
+}
+
+/// Where builds, locks, logs and artifacts are kept. The embedded default
+/// needs no configuration; the AWS backends take the default credential
+/// chain (environment, profile, web identity) and check at start-up that
+/// their buckets and tables exist.
+#[derive(Args, Debug)]
+struct StorageArgs {
+    /// Where console logs and artifacts go.
+    #[arg(long, env = "DECAP_BLOB_STORE", value_enum, default_value_t = BlobBackend::Files)]
+    blob_store: BlobBackend,
+    /// Where build records and webhook deliveries go.
+    #[arg(long, env = "DECAP_BUILD_STORE", value_enum, default_value_t = TableBackend::Sqlite)]
+    build_store: TableBackend,
+    /// Where branch locks go.
+    #[arg(long, env = "DECAP_LOCK_STORE", value_enum, default_value_t = TableBackend::Sqlite)]
+    lock_store: TableBackend,
+    /// The AWS region (default: the SDK's, from AWS_REGION or the profile).
+    #[arg(long, env = "DECAP_AWS_REGION")]
+    aws_region: Option<String>,
+    /// The S3 bucket of console logs.
+    #[arg(
+        long,
+        env = "DECAP_S3_LOGS_BUCKET",
+        default_value = "decap-console-logs"
+    )]
+    s3_logs_bucket: String,
+    /// The S3 bucket of artifacts.
+    #[arg(
+        long,
+        env = "DECAP_S3_ARTIFACTS_BUCKET",
+        default_value = "decap-build-artifacts"
+    )]
+    s3_artifacts_bucket: String,
+    /// A prefix for every S3 key.
+    #[arg(long, env = "DECAP_S3_PREFIX", default_value = "")]
+    s3_prefix: String,
+    /// An S3-compatible endpoint instead of AWS.
+    #[arg(long, env = "DECAP_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// Address S3 buckets by path (local S3 servers need it).
+    #[arg(long, env = "DECAP_S3_PATH_STYLE")]
+    s3_path_style: bool,
+    /// A DynamoDB endpoint instead of AWS (DynamoDB Local).
+    #[arg(long, env = "DECAP_DYNAMODB_ENDPOINT")]
+    dynamodb_endpoint: Option<String>,
+    /// The table of build records.
+    #[arg(
+        long,
+        env = "DECAP_DYNAMODB_BUILDS_TABLE",
+        default_value = "decap-build-metadata"
+    )]
+    dynamodb_builds_table: String,
+    /// The table of webhook deliveries.
+    #[arg(
+        long,
+        env = "DECAP_DYNAMODB_DELIVERIES_TABLE",
+        default_value = "decap-webhook-deliveries"
+    )]
+    dynamodb_deliveries_table: String,
+    /// The table of branch locks.
+    #[arg(
+        long,
+        env = "DECAP_DYNAMODB_LOCKS_TABLE",
+        default_value = "decap-locks"
+    )]
+    dynamodb_locks_table: String,
+}
+
+impl StorageArgs {
+    fn uses_aws(&self) -> bool {
+        self.blob_store == BlobBackend::S3
+            || self.build_store == TableBackend::Dynamodb
+            || self.lock_store == TableBackend::Dynamodb
+    }
+
+    fn dynamodb(&self) -> decap_aws::DynamoDbConfig {
+        decap_aws::DynamoDbConfig {
+            builds_table: self.dynamodb_builds_table.clone(),
+            deliveries_table: self.dynamodb_deliveries_table.clone(),
+            locks_table: self.dynamodb_locks_table.clone(),
+            endpoint_url: self.dynamodb_endpoint.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum LogFormat {
     Plain,
     Json,
@@ -119,6 +219,8 @@ struct ServeArgs {
     /// The API token for changes.
     #[arg(long, env = "DECAP_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
+    #[command(flatten)]
+    storage: StorageArgs,
 }
 
 /// Runs the command.
@@ -278,11 +380,54 @@ async fn serve(args: ServeArgs) -> Result<()> {
         },
         events,
     )?;
+    let st = &args.storage;
+    let aws = if st.uses_aws() {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(region) = &st.aws_region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        Some(loader.load().await)
+    } else {
+        None
+    };
+    let blobs: Arc<dyn decap_core::ports::BlobStore> = match (st.blob_store, &aws) {
+        (BlobBackend::S3, Some(sdk)) => {
+            let config = decap_aws::S3Config {
+                logs_bucket: st.s3_logs_bucket.clone(),
+                artifacts_bucket: st.s3_artifacts_bucket.clone(),
+                key_prefix: st.s3_prefix.clone(),
+                force_path_style: st.s3_path_style,
+                endpoint_url: st.s3_endpoint.clone(),
+            };
+            Arc::new(
+                decap_aws::S3BlobStore::connect(sdk, config)
+                    .await
+                    .context("S3 blob store")?,
+            )
+        }
+        _ => Arc::new(FileBlobStore::new(data_dir.join("blobs"))),
+    };
+    let builds: Arc<dyn decap_core::ports::BuildStore> = match (st.build_store, &aws) {
+        (TableBackend::Dynamodb, Some(sdk)) => Arc::new(
+            decap_aws::DynamoDbBuildStore::connect(sdk, st.dynamodb())
+                .await
+                .context("DynamoDB build store")?,
+        ),
+        _ => Arc::new(SqliteBuildStore::new(db.clone())),
+    };
+    let locks: Arc<dyn decap_core::ports::LockStore> = match (st.lock_store, &aws) {
+        (TableBackend::Dynamodb, Some(sdk)) => Arc::new(
+            decap_aws::DynamoDbLockStore::connect(sdk, st.dynamodb())
+                .await
+                .context("DynamoDB lock store")?,
+        ),
+        _ => Arc::new(SqliteLockStore::new(db.clone())),
+    };
     let ports = Ports {
-        builds: Arc::new(SqliteBuildStore::new(db.clone())),
-        locks: Arc::new(SqliteLockStore::new(db.clone())),
+        builds,
+        locks,
         queue: Arc::new(SqliteDeferralQueue::new(db.clone())),
-        blobs: Arc::new(FileBlobStore::new(data_dir.join("blobs"))),
+        blobs,
         executor: Arc::new(executor),
         scripts: scripts.clone(),
     };

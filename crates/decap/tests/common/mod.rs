@@ -52,6 +52,15 @@ pub struct Decap {
 
 impl Decap {
     pub fn start(data_dir: &Path, scripts: &Path, extra: &[&str]) -> Decap {
+        Decap::start_with_env(data_dir, scripts, extra, &[])
+    }
+
+    pub fn start_with_env(
+        data_dir: &Path,
+        scripts: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Decap {
         let sandbox: &[&str] = if extra.contains(&"--sandbox") {
             &[]
         } else {
@@ -70,6 +79,7 @@ impl Decap {
             .env("DECAP_API_TOKEN", TOKEN)
             .env("DECAP_LOG", "warn")
             .env("DECAP_BCTOOL", env!("CARGO_BIN_EXE_bctool"))
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -1,0 +1,197 @@
+//! `decap serve` on the AWS backends, against the test bed's S3 server and
+//! DynamoDB Local.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region};
+use common::{Decap, project};
+use decap_core::build::BuildId;
+use decap_core::ports::BuildStore;
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: this test needs the test bed. Start it with \
+             `eval \"$(tests/bed/minio.sh start)\"; eval \"$(tests/bed/dynamodb.sh start)\"` \
+             (tests/run does this)."
+        )
+    })
+}
+
+const CREDENTIALS: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "decaptest"),
+    ("AWS_SECRET_ACCESS_KEY", "decaptestsecret"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+async fn sdk() -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "decaptest",
+            "decaptestsecret",
+            None,
+            None,
+            "decap-test-bed",
+        ))
+        .load()
+        .await
+}
+
+#[tokio::test]
+async fn builds_keep_their_records_in_dynamodb_and_their_logs_and_artifacts_in_s3() {
+    let (s3, ddb) = (
+        env("DECAP_TEST_S3_ENDPOINT"),
+        env("DECAP_TEST_DYNAMODB_ENDPOINT"),
+    );
+    let tag = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let sdk = sdk().await;
+    let (logs, artifacts) = (format!("e2e-logs-{tag}"), format!("e2e-artifacts-{tag}"));
+    let admin = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .endpoint_url(&s3)
+            .force_path_style(true)
+            .build(),
+    );
+    for bucket in [&logs, &artifacts] {
+        admin.create_bucket().bucket(bucket).send().await.unwrap();
+    }
+    let tables = decap_aws::DynamoDbConfig {
+        builds_table: format!("e2e-builds-{tag}"),
+        deliveries_table: format!("e2e-deliveries-{tag}"),
+        locks_table: format!("e2e-locks-{tag}"),
+        endpoint_url: Some(ddb.clone()),
+    };
+    decap_aws::DynamoDbBuildStore::create_tables(&sdk, &tables)
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    project(
+        &scripts,
+        "acme/cloud",
+        r#"{"buildImage": "x"}"#,
+        "echo to the cloud\necho kept > \"$ARTIFACTS_DIR/kept.txt\"\n",
+    );
+    let args = [
+        "--blob-store",
+        "s3",
+        "--s3-endpoint",
+        &s3,
+        "--s3-path-style",
+        "--s3-logs-bucket",
+        &logs,
+        "--s3-artifacts-bucket",
+        &artifacts,
+        "--build-store",
+        "dynamodb",
+        "--lock-store",
+        "dynamodb",
+        "--dynamodb-endpoint",
+        &ddb,
+        "--dynamodb-builds-table",
+        &tables.builds_table,
+        "--dynamodb-deliveries-table",
+        &tables.deliveries_table,
+        "--dynamodb-locks-table",
+        &tables.locks_table,
+    ];
+    let decap = Decap::start_with_env(&dir.path().join("data"), &scripts, &args, &CREDENTIALS);
+    let api = decap.api();
+    let ids = api.request("acme/cloud", &["main"]).await;
+    let b = api.finished(&ids[0], Duration::from_secs(60)).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    let log = api
+        .get(&format!("/api/v1/logs/{}", ids[0]))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(log, "to the cloud\n");
+    let kept = api
+        .get(&format!("/api/v1/artifacts/{}/kept.txt", ids[0]))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(kept, "kept\n");
+
+    // where they really are
+    let key = format!("v1/{}/console.log.gz", ids[0]);
+    admin
+        .head_object()
+        .bucket(&logs)
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    admin
+        .head_object()
+        .bucket(&artifacts)
+        .key(format!("v1/{}/artifacts.tar.gz", ids[0]))
+        .send()
+        .await
+        .unwrap();
+    let store = decap_aws::DynamoDbBuildStore::connect(&sdk, tables.clone())
+        .await
+        .unwrap();
+    let record = store
+        .get(BuildId::parse(&ids[0]).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.status.as_str(), "succeeded");
+    let locks = decap_aws::DynamoDbLockStore::connect(&sdk, tables)
+        .await
+        .unwrap();
+    assert!(
+        decap_core::ports::LockStore::list(&locks)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the lock was released in DynamoDB"
+    );
+}
+
+#[test]
+fn a_missing_bucket_stops_decap_at_start_up_with_a_clear_error() {
+    let s3 = env("DECAP_TEST_S3_ENDPOINT");
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    project(&scripts, "acme/x", r#"{"buildImage": "x"}"#, "true\n");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_decap"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--blob-store",
+            "s3",
+            "--s3-path-style",
+            "--s3-endpoint",
+            &s3,
+        ])
+        .args(["--s3-logs-bucket", "no-such-bucket-for-decap"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--scripts")
+        .arg(&scripts)
+        .envs(CREDENTIALS)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no-such-bucket-for-decap") && err.contains("does not exist"),
+        "{err}"
+    );
+}
