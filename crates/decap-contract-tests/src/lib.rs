@@ -437,6 +437,57 @@ pub async fn deferral_queue_suite(queue: Arc<dyn DeferralQueue>) {
         "once removed, the commit may wait again"
     );
 
+    // taking heads: the oldest entry of each key, oldest first
+    let heads = queue.receive_heads(100).await.unwrap();
+    let listed = queue.list().await.unwrap();
+    let mut expected = Vec::new();
+    let mut keys = HashSet::new();
+    for e in &listed {
+        if keys.insert(e.lock_key()) {
+            expected.push(e.build_id);
+        }
+    }
+    assert_eq!(
+        heads.iter().map(|h| h.entry.build_id).collect::<Vec<_>>(),
+        expected,
+        "the first of each key, in order"
+    );
+    let (launched, kept) = (&heads[0], &heads[1..]);
+    queue.ack(launched).await.unwrap();
+    for h in kept {
+        queue.release(h).await.unwrap();
+    }
+    let after = queue.list().await.unwrap();
+    assert!(
+        after.iter().all(|e| e.build_id != launched.entry.build_id),
+        "an acknowledged entry is gone"
+    );
+    assert_eq!(after.len(), listed.len() - 1, "released entries stay");
+    let again = queue.receive_heads(100).await.unwrap();
+    assert!(
+        again
+            .iter()
+            .any(|h| h.entry.lock_key() == launched.entry.lock_key()),
+        "the next of that key is offered"
+    );
+    for h in &again {
+        queue.release(h).await.unwrap();
+    }
+    // a removed entry is not offered
+    let victim = again[0].entry.build_id;
+    assert!(queue.remove(victim).await.unwrap());
+    let third = queue.receive_heads(100).await.unwrap();
+    assert!(
+        third.iter().all(|h| h.entry.build_id != victim),
+        "a removed entry is not offered"
+    );
+    for h in &third {
+        queue.release(h).await.unwrap();
+    }
+    let two = queue.receive_heads(1).await.unwrap();
+    assert_eq!(two.len(), 1, "max is respected");
+    queue.release(&two[0]).await.unwrap();
+
     queue.set_open(false).await.unwrap();
     assert!(!queue.is_open().await.unwrap());
     queue.set_open(true).await.unwrap();

@@ -173,6 +173,16 @@ impl DeferredEntry {
     }
 }
 
+/// A deferred entry taken from the queue so that the controller can decide
+/// about it; it stays in the queue until acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The entry.
+    pub entry: DeferredEntry,
+    /// What acknowledges or releases it (an SQS receipt handle, a row id).
+    pub receipt: String,
+}
+
 /// The outcome of deferring a build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PushOutcome {
@@ -198,6 +208,16 @@ pub trait DeferralQueue: Send + Sync {
     async fn remove(&self, build_id: BuildId) -> Result<bool>;
     /// Updates the reason an entry waits (shown to users).
     async fn set_reason(&self, build_id: BuildId, reason: &str) -> Result<()>;
+    /// Takes the oldest waiting entry of each lock key, at most `max`, oldest
+    /// first. A taken entry stays queued until [`DeferralQueue::ack`]; if the
+    /// taker dies first it is offered again (on SQS, once its visibility
+    /// timeout lapses), so a crash between taking and launching loses
+    /// nothing. Entries removed meanwhile are not offered.
+    async fn receive_heads(&self, max: usize) -> Result<Vec<Received>>;
+    /// The taken entry was launched (or is stale): removes it for good.
+    async fn ack(&self, received: &Received) -> Result<()>;
+    /// The taken entry was not launched: offers it again at once, in its place.
+    async fn release(&self, received: &Received) -> Result<()>;
     /// Whether the queue is open; a closed queue (maintenance) defers every
     /// new build. The state is durable. A new queue is open.
     async fn is_open(&self) -> Result<bool>;

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use decap_core::Result;
 use decap_core::build::BuildId;
 use decap_core::names::ProjectKey;
-use decap_core::ports::{DeferralQueue, DeferredEntry, PushOutcome};
+use decap_core::ports::{DeferralQueue, DeferredEntry, PushOutcome, Received};
 use rusqlite::{OptionalExtension, params};
 
 use crate::db::{SqliteDb, exec, query_row};
@@ -104,6 +104,31 @@ impl DeferralQueue for SqliteDeferralQueue {
                 Ok(n == 1)
             })
             .await
+    }
+
+    async fn receive_heads(&self, max: usize) -> Result<Vec<Received>> {
+        // One process owns this queue, so taking needs no lease: the
+        // controller decides about the heads under its scheduling mutex.
+        let mut seen = std::collections::HashSet::new();
+        let mut heads = Vec::new();
+        for entry in self.list().await? {
+            if heads.len() >= max {
+                break;
+            }
+            if seen.insert(entry.lock_key()) {
+                let receipt = entry.build_id.to_string();
+                heads.push(Received { entry, receipt });
+            }
+        }
+        Ok(heads)
+    }
+
+    async fn ack(&self, received: &Received) -> Result<()> {
+        self.remove(received.entry.build_id).await.map(|_| ())
+    }
+
+    async fn release(&self, _received: &Received) -> Result<()> {
+        Ok(())
     }
 
     async fn is_open(&self) -> Result<bool> {

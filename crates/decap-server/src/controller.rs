@@ -16,7 +16,7 @@ use decap_core::descriptor::DEFAULT_BUILD_TIMEOUT;
 use decap_core::names::{LockKey, ProjectKey};
 use decap_core::ports::{
     BlobKind, BlobStore, BuildStore, DeferralQueue, DeferredEntry, EnvironmentExit, Executor,
-    ExecutorEvents, LaunchSpec, Lock, LockStore, PushOutcome, ScriptsRepo,
+    ExecutorEvents, LaunchSpec, Lock, LockStore, PushOutcome, Received, ScriptsRepo,
 };
 use decap_core::refs::GitRef;
 use decap_core::schedule::{
@@ -29,6 +29,9 @@ use tokio::sync::{Mutex, broadcast, mpsc};
 
 use crate::livelog::{LiveLogs, gzip_file};
 use crate::metrics::{Metrics, StatusLabel};
+
+/// How many deferred builds one drain considers at most.
+const MAX_HEADS: usize = 1000;
 
 /// The adapters the controller drives.
 #[derive(Clone)]
@@ -801,28 +804,44 @@ impl Controller {
         if !s.open || s.waiting_keys.is_empty() {
             return Ok(());
         }
-        let mut entries = self.ports.queue.list().await?;
-        let mut waiting: Vec<Waiting> = entries
+        // The oldest entry of each waiting key, held for this decision; what
+        // is not launched is released at the end, so a crash in between
+        // loses nothing.
+        let mut heads = self.ports.queue.receive_heads(MAX_HEADS).await?;
+        let result = self.launch_heads(s, &mut heads).await;
+        for h in &heads {
+            if let Err(e) = self.ports.queue.release(h).await {
+                tracing::warn!(build_id = %h.entry.build_id, error = %e, "cannot release a deferred build; it returns when its lease lapses");
+            }
+        }
+        result
+    }
+
+    /// Launches what the caps and locks allow among `heads`, removing each
+    /// launched (or stale) one from `heads`.
+    async fn launch_heads(&self, s: &mut Sched, heads: &mut Vec<Received>) -> Result<()> {
+        let mut waiting: Vec<Waiting> = heads
             .iter()
-            .map(|e| Waiting {
-                build_id: e.build_id,
-                project: e.project.clone(),
-                lock_key: e.lock_key(),
-                deferred_at: e.deferred_at,
+            .map(|h| Waiting {
+                build_id: h.entry.build_id,
+                project: h.entry.project.clone(),
+                lock_key: h.entry.lock_key(),
+                deferred_at: h.entry.deferred_at,
             })
             .collect();
         let mut blocked = HashSet::new();
         while let Some(i) = next_candidate(&waiting, &s.running, self.config.caps, s.open, &blocked)
         {
             let w = waiting.remove(i);
-            let entry = entries.remove(i);
+            let head = heads.remove(i);
             let b = match self.ports.builds.get(w.build_id).await? {
                 Some(b) if b.status == BuildStatus::Deferred => b,
                 _ => {
-                    // A leftover of a crash between launch and removal.
-                    if self.ports.queue.remove(w.build_id).await? {
-                        s.key_removed(&w.lock_key);
-                    }
+                    // A leftover of a crash between launch and removal, or a
+                    // build that ended meanwhile: drop it.
+                    tracing::info!(build_id = %w.build_id, "dropping a queue entry whose build no longer waits");
+                    self.ports.queue.ack(&head).await?;
+                    s.key_removed(&w.lock_key);
                     continue;
                 }
             };
@@ -831,21 +850,29 @@ impl Controller {
                 .ports
                 .locks
                 .acquire(&w.lock_key, b.id, ttl, now())
-                .await?
+                .await
             {
-                Err(held) => {
+                Ok(Err(held)) => {
                     blocked.insert(w.lock_key.clone());
                     let reason = DeferReason::LockHeld(Some(held.owner)).to_string();
-                    if entry.reason != reason {
-                        self.ports.queue.set_reason(b.id, &reason).await?;
-                    }
+                    let update = if head.entry.reason != reason {
+                        self.ports.queue.set_reason(b.id, &reason).await
+                    } else {
+                        Ok(())
+                    };
+                    heads.insert(i.min(heads.len()), head);
+                    waiting.insert(i.min(waiting.len()), w);
+                    update?;
                 }
-                Ok(lock) => {
+                Ok(Ok(lock)) => {
                     self.launch_locked(s, b, lock, BuildStatus::Deferred)
                         .await?;
-                    if self.ports.queue.remove(w.build_id).await? {
-                        s.key_removed(&w.lock_key);
-                    }
+                    self.ports.queue.ack(&head).await?;
+                    s.key_removed(&w.lock_key);
+                }
+                Err(e) => {
+                    heads.insert(i.min(heads.len()), head);
+                    return Err(e);
                 }
             }
         }
