@@ -8,6 +8,8 @@
 //!   and `build-start-time`), plus an index on `build-status`, and webhook
 //!   deliveries in a table of their own. Every query reads to the end.
 //! * [`DynamoDbLockStore`] keeps branch locks with conditional writes.
+//! * [`SqsDeferralQueue`] keeps deferred builds on an SQS FIFO queue (message
+//!   group: the lock key), listed and removed through a small DynamoDB index.
 //!
 //! S3 object keys:
 //!
@@ -26,6 +28,8 @@
 
 mod dynamodb;
 mod s3;
+mod sqs;
 
 pub use dynamodb::{DynamoDbBuildStore, DynamoDbConfig, DynamoDbLockStore};
 pub use s3::{PART_BYTES, S3BlobStore, S3Config};
+pub use sqs::{SqsConfig, SqsDeferralQueue};

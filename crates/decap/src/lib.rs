@@ -57,6 +57,14 @@ enum BlobBackend {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum QueueBackend {
+    /// SQLite under the data dir.
+    Sqlite,
+    /// An SQS FIFO queue with a DynamoDB index.
+    Sqs,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum TableBackend {
     /// SQLite under the data dir.
     Sqlite,
@@ -79,6 +87,22 @@ struct StorageArgs {
     /// Where branch locks go.
     #[arg(long, env = "DECAP_LOCK_STORE", value_enum, default_value_t = TableBackend::Sqlite)]
     lock_store: TableBackend,
+    /// Where deferred builds wait.
+    #[arg(long, env = "DECAP_DEFERRAL_QUEUE", value_enum, default_value_t = QueueBackend::Sqlite)]
+    deferral_queue: QueueBackend,
+    /// The SQS FIFO queue of deferred builds (its URL).
+    #[arg(long, env = "DECAP_SQS_QUEUE_URL")]
+    sqs_queue_url: Option<String>,
+    /// An SQS endpoint instead of AWS (ElasticMQ).
+    #[arg(long, env = "DECAP_SQS_ENDPOINT")]
+    sqs_endpoint: Option<String>,
+    /// The DynamoDB table indexing deferred builds (SQS cannot list).
+    #[arg(
+        long,
+        env = "DECAP_DYNAMODB_DEFERRED_TABLE",
+        default_value = "decap-deferred-builds"
+    )]
+    dynamodb_deferred_table: String,
     /// The AWS region (default: the SDK's, from AWS_REGION or the profile).
     #[arg(long, env = "DECAP_AWS_REGION")]
     aws_region: Option<String>,
@@ -136,6 +160,7 @@ impl StorageArgs {
         self.blob_store == BlobBackend::S3
             || self.build_store == TableBackend::Dynamodb
             || self.lock_store == TableBackend::Dynamodb
+            || self.deferral_queue == QueueBackend::Sqs
     }
 
     fn dynamodb(&self) -> decap_aws::DynamoDbConfig {
@@ -423,10 +448,31 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ),
         _ => Arc::new(SqliteLockStore::new(db.clone())),
     };
+    let queue: Arc<dyn decap_core::ports::DeferralQueue> = match (st.deferral_queue, &aws) {
+        (QueueBackend::Sqs, Some(sdk)) => {
+            let queue_url = st
+                .sqs_queue_url
+                .clone()
+                .context("--deferral-queue sqs needs --sqs-queue-url (DECAP_SQS_QUEUE_URL)")?;
+            let config = decap_aws::SqsConfig {
+                queue_url,
+                index_table: st.dynamodb_deferred_table.clone(),
+                sqs_endpoint: st.sqs_endpoint.clone(),
+                dynamodb_endpoint: st.dynamodb_endpoint.clone(),
+                visibility: Duration::from_secs(60),
+            };
+            Arc::new(
+                decap_aws::SqsDeferralQueue::connect(sdk, config)
+                    .await
+                    .context("SQS deferral queue")?,
+            )
+        }
+        _ => Arc::new(SqliteDeferralQueue::new(db.clone())),
+    };
     let ports = Ports {
         builds,
         locks,
-        queue: Arc::new(SqliteDeferralQueue::new(db.clone())),
+        queue,
         blobs,
         executor: Arc::new(executor),
         scripts: scripts.clone(),

@@ -74,6 +74,15 @@ async fn builds_keep_their_records_in_dynamodb_and_their_logs_and_artifacts_in_s
     decap_aws::DynamoDbBuildStore::create_tables(&sdk, &tables)
         .await
         .unwrap();
+    let sqs = env("DECAP_TEST_SQS_ENDPOINT");
+    let queue_url =
+        decap_aws::SqsDeferralQueue::create_queue(&sdk, Some(&sqs), &format!("e2e-{tag}.fifo"))
+            .await
+            .unwrap();
+    let deferred_table = format!("e2e-deferred-{tag}");
+    decap_aws::SqsDeferralQueue::create_index_table(&sdk, Some(&ddb), &deferred_table)
+        .await
+        .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let scripts = dir.path().join("scripts");
@@ -81,7 +90,7 @@ async fn builds_keep_their_records_in_dynamodb_and_their_logs_and_artifacts_in_s
         &scripts,
         "acme/cloud",
         r#"{"buildImage": "x"}"#,
-        "echo to the cloud\necho kept > \"$ARTIFACTS_DIR/kept.txt\"\n",
+        "echo to the cloud\necho kept > \"$ARTIFACTS_DIR/kept.txt\"\nsleep 0.5\n",
     );
     let args = [
         "--blob-store",
@@ -105,12 +114,39 @@ async fn builds_keep_their_records_in_dynamodb_and_their_logs_and_artifacts_in_s
         &tables.deliveries_table,
         "--dynamodb-locks-table",
         &tables.locks_table,
+        "--deferral-queue",
+        "sqs",
+        "--sqs-endpoint",
+        &sqs,
+        "--sqs-queue-url",
+        &queue_url,
+        "--dynamodb-deferred-table",
+        &deferred_table,
+        "--max-builds",
+        "1",
     ];
     let decap = Decap::start_with_env(&dir.path().join("data"), &scripts, &args, &CREDENTIALS);
     let api = decap.api();
-    let ids = api.request("acme/cloud", &["main"]).await;
-    let b = api.finished(&ids[0], Duration::from_secs(60)).await;
-    assert_eq!(b["status"], "succeeded", "{b}");
+    // Three builds under a cap of one: two wait on the SQS queue and run in turn.
+    let ids = api
+        .request("acme/cloud", &["main", "second", "third"])
+        .await;
+    let deferred = api.json("/api/v1/deferred").await;
+    assert_eq!(
+        deferred["deferred"].as_array().unwrap().len(),
+        2,
+        "{deferred}"
+    );
+    for id in &ids {
+        let b = api.finished(id, Duration::from_secs(60)).await;
+        assert_eq!(b["status"], "succeeded", "{b}");
+    }
+    assert!(
+        api.json("/api/v1/deferred").await["deferred"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     let log = api
         .get(&format!("/api/v1/logs/{}", ids[0]))
         .await

@@ -1,0 +1,572 @@
+//! Deferred builds on an SQS FIFO queue, listed through a DynamoDB index.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, ReturnValue, TransactWriteItem};
+use aws_sdk_sqs::error::DisplayErrorContext;
+use decap_core::build::BuildId;
+use decap_core::names::ProjectKey;
+use decap_core::ports::{DeferralQueue, DeferredEntry, PushOutcome, Received};
+use decap_core::{Error, Result};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+/// Where deferred builds go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqsConfig {
+    /// The FIFO queue's URL.
+    pub queue_url: String,
+    /// The DynamoDB table indexing what waits (`key` hash key), since SQS
+    /// cannot list or remove a message it has not handed out.
+    pub index_table: String,
+    /// An SQS endpoint instead of AWS (ElasticMQ).
+    pub sqs_endpoint: Option<String>,
+    /// A DynamoDB endpoint instead of AWS (DynamoDB Local).
+    pub dynamodb_endpoint: Option<String>,
+    /// How long a taken entry stays hidden from other controllers before it
+    /// is offered again (if the taker died before acknowledging it).
+    pub visibility: Duration,
+}
+
+/// [`DeferralQueue`] on an SQS FIFO queue.
+///
+/// Each deferred build is one message (group: its lock key, so SQS keeps
+/// the builds of a branch in order and hands out only the oldest of each;
+/// deduplication id: the build id) plus one index item in DynamoDB, written
+/// first, with a second item that keeps the same branch and commit from
+/// waiting twice. A message whose index item is gone (the build was removed)
+/// is deleted when it comes up. A taken message that is neither acknowledged
+/// nor released reappears after the visibility timeout.
+#[derive(Clone)]
+pub struct SqsDeferralQueue {
+    sqs: aws_sdk_sqs::Client,
+    ddb: aws_sdk_dynamodb::Client,
+    config: SqsConfig,
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::backend("sqs", format!("{what}: {e}"))
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn text<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Result<&'a str> {
+    item.get(name)
+        .and_then(|v| v.as_s().ok())
+        .map(String::as_str)
+        .ok_or_else(|| err("index item", format!("no attribute {name}")))
+}
+
+fn number(item: &HashMap<String, AttributeValue>, name: &str) -> Result<i128> {
+    item.get(name)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| err("index item", format!("no number {name}")))
+}
+
+fn entry_key(id: BuildId) -> String {
+    format!("entry#{id}")
+}
+
+fn dedup_key(e: &DeferredEntry) -> String {
+    format!(
+        "dedup#{}/{}#{}",
+        e.project,
+        e.branch,
+        e.commit.as_deref().unwrap_or("")
+    )
+}
+
+/// SQS group ids are at most 128 characters; lock keys can be longer.
+fn group_of(e: &DeferredEntry) -> String {
+    hex::encode(Sha256::digest(e.lock_key().as_str().as_bytes()))
+}
+
+fn entry_of(item: &HashMap<String, AttributeValue>) -> Result<(i128, DeferredEntry)> {
+    let project = ProjectKey::new(text(item, "team")?, text(item, "project")?)?;
+    let commit = text(item, "commit")?;
+    Ok((
+        number(item, "seq")?,
+        DeferredEntry {
+            build_id: BuildId::parse(text(item, "build-id")?)?,
+            project,
+            branch: text(item, "branch")?.to_owned(),
+            git_ref: text(item, "git-ref")?.to_owned(),
+            commit: (!commit.is_empty()).then(|| commit.to_owned()),
+            deferred_at: OffsetDateTime::from_unix_timestamp_nanos(number(item, "deferred-at")?)
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            reason: text(item, "reason")?.to_owned(),
+        },
+    ))
+}
+
+impl SqsDeferralQueue {
+    /// A queue on the configured SQS queue and index table, which must exist.
+    pub async fn connect(sdk: &aws_config::SdkConfig, config: SqsConfig) -> Result<Self> {
+        let mut sqs = aws_sdk_sqs::config::Builder::from(sdk);
+        if let Some(url) = &config.sqs_endpoint {
+            sqs = sqs.endpoint_url(url);
+        }
+        let mut ddb = aws_sdk_dynamodb::config::Builder::from(sdk);
+        if let Some(url) = &config.dynamodb_endpoint {
+            ddb = ddb.endpoint_url(url);
+        }
+        let queue = SqsDeferralQueue {
+            sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
+            ddb: aws_sdk_dynamodb::Client::from_conf(ddb.build()),
+            config,
+        };
+        queue
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&queue.config.queue_url)
+            .send()
+            .await
+            .map_err(|e| {
+                err(
+                    &format!("queue {}", queue.config.queue_url),
+                    DisplayErrorContext(e),
+                )
+            })?;
+        queue
+            .ddb
+            .describe_table()
+            .table_name(&queue.config.index_table)
+            .send()
+            .await
+            .map_err(|e| {
+                err(
+                    &format!("index table {}", queue.config.index_table),
+                    aws_sdk_dynamodb::error::DisplayErrorContext(e),
+                )
+            })?;
+        Ok(queue)
+    }
+
+    /// Creates a FIFO queue (for the test bed and `aws-resources/`); returns its URL.
+    pub async fn create_queue(
+        sdk: &aws_config::SdkConfig,
+        endpoint: Option<&str>,
+        name: &str,
+    ) -> Result<String> {
+        let mut b = aws_sdk_sqs::config::Builder::from(sdk);
+        if let Some(url) = endpoint {
+            b = b.endpoint_url(url);
+        }
+        let out = aws_sdk_sqs::Client::from_conf(b.build())
+            .create_queue()
+            .queue_name(name)
+            .attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true")
+            .attributes(
+                aws_sdk_sqs::types::QueueAttributeName::ContentBasedDeduplication,
+                "false",
+            )
+            .send()
+            .await
+            .map_err(|e| err("creating the queue", DisplayErrorContext(e)))?;
+        out.queue_url()
+            .map(str::to_owned)
+            .ok_or_else(|| err("creating the queue", "no URL in the answer"))
+    }
+
+    /// Creates the index table if it is missing (for the test bed and
+    /// `aws-resources/`).
+    pub async fn create_index_table(
+        sdk: &aws_config::SdkConfig,
+        endpoint: Option<&str>,
+        name: &str,
+    ) -> Result<()> {
+        use aws_sdk_dynamodb::types::{
+            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+        };
+        let mut b = aws_sdk_dynamodb::config::Builder::from(sdk);
+        if let Some(url) = endpoint {
+            b = b.endpoint_url(url);
+        }
+        let result = aws_sdk_dynamodb::Client::from_conf(b.build())
+            .create_table()
+            .table_name(name)
+            .billing_mode(BillingMode::PayPerRequest)
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name("key")
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .map_err(|e| err("index table", e))?,
+            )
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name("key")
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .map_err(|e| err("index table", e))?,
+            )
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_resource_in_use_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(err(
+                "creating the index table",
+                aws_sdk_dynamodb::error::DisplayErrorContext(e),
+            )),
+        }
+    }
+
+    async fn index_item(&self, key: &str) -> Result<Option<HashMap<String, AttributeValue>>> {
+        let out = self
+            .ddb
+            .get_item()
+            .table_name(&self.config.index_table)
+            .key("key", s(key))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| {
+                err(
+                    "reading the index",
+                    aws_sdk_dynamodb::error::DisplayErrorContext(e),
+                )
+            })?;
+        Ok(out.item().cloned())
+    }
+
+    async fn counter(&self) -> Result<i128> {
+        let out = self
+            .ddb
+            .update_item()
+            .table_name(&self.config.index_table)
+            .key("key", s("#seq"))
+            .update_expression("ADD #last :one")
+            .expression_attribute_names("#last", "last")
+            .expression_attribute_values(":one", n(1))
+            .return_values(ReturnValue::UpdatedNew)
+            .send()
+            .await
+            .map_err(|e| {
+                err(
+                    "numbering an entry",
+                    aws_sdk_dynamodb::error::DisplayErrorContext(e),
+                )
+            })?;
+        out.attributes()
+            .map(|a| number(a, "last"))
+            .transpose()?
+            .ok_or_else(|| err("numbering an entry", "no number"))
+    }
+
+    /// Deletes an entry's index items; returns whether it was there.
+    async fn unindex(&self, id: BuildId) -> Result<bool> {
+        let Some(item) = self.index_item(&entry_key(id)).await? else {
+            return Ok(false);
+        };
+        let dedup = text(&item, "dedup")?.to_owned();
+        let delete = |key: String| -> Result<TransactWriteItem> {
+            let d = Delete::builder()
+                .table_name(&self.config.index_table)
+                .key("key", s(key))
+                .build()
+                .map_err(|e| err("index", e))?;
+            Ok(TransactWriteItem::builder().delete(d).build())
+        };
+        let dedup_delete = Delete::builder()
+            .table_name(&self.config.index_table)
+            .key("key", s(dedup))
+            .condition_expression("attribute_not_exists(#id) OR #id = :id")
+            .expression_attribute_names("#id", "build-id")
+            .expression_attribute_values(":id", s(id.to_string()))
+            .build()
+            .map_err(|e| err("index", e))?;
+        self.ddb
+            .transact_write_items()
+            .transact_items(delete(entry_key(id))?)
+            .transact_items(TransactWriteItem::builder().delete(dedup_delete).build())
+            .send()
+            .await
+            .map_err(|e| {
+                err(
+                    "removing an entry",
+                    aws_sdk_dynamodb::error::DisplayErrorContext(e),
+                )
+            })?;
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl DeferralQueue for SqsDeferralQueue {
+    async fn push(&self, entry: &DeferredEntry) -> Result<PushOutcome> {
+        let seq = self.counter().await?;
+        let dedup = dedup_key(entry);
+        let item = HashMap::from([
+            ("key".to_owned(), s(entry_key(entry.build_id))),
+            ("seq".to_owned(), n(seq)),
+            ("build-id".to_owned(), s(entry.build_id.to_string())),
+            ("team".to_owned(), s(&entry.project.team)),
+            ("project".to_owned(), s(&entry.project.project)),
+            ("branch".to_owned(), s(&entry.branch)),
+            ("git-ref".to_owned(), s(&entry.git_ref)),
+            (
+                "commit".to_owned(),
+                s(entry.commit.clone().unwrap_or_default()),
+            ),
+            (
+                "deferred-at".to_owned(),
+                n(entry.deferred_at.unix_timestamp_nanos()),
+            ),
+            ("reason".to_owned(), s(&entry.reason)),
+            ("dedup".to_owned(), s(&dedup)),
+        ]);
+        let put = |item: HashMap<String, AttributeValue>| -> Result<TransactWriteItem> {
+            let p = Put::builder()
+                .table_name(&self.config.index_table)
+                .set_item(Some(item))
+                .condition_expression("attribute_not_exists(#k)")
+                .expression_attribute_names("#k", "key")
+                .build()
+                .map_err(|e| err("index", e))?;
+            Ok(TransactWriteItem::builder().put(p).build())
+        };
+        let dedup_item = HashMap::from([
+            ("key".to_owned(), s(&dedup)),
+            ("build-id".to_owned(), s(entry.build_id.to_string())),
+        ]);
+        let written = self
+            .ddb
+            .transact_write_items()
+            .transact_items(put(item)?)
+            .transact_items(put(dedup_item)?)
+            .send()
+            .await;
+        if let Err(e) = written {
+            let reasons: Vec<Option<String>> = match e.as_service_error() {
+                Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c)) => {
+                    c.cancellation_reasons().iter().map(|r| r.code().map(str::to_owned)).collect()
+                }
+                _ => vec![],
+            };
+            let failed = |i: usize| {
+                reasons.get(i).and_then(|r| r.as_deref()) == Some("ConditionalCheckFailed")
+            };
+            if failed(0) {
+                return Ok(PushOutcome::Added); // this very build waits already
+            }
+            if failed(1) {
+                let waiting = self
+                    .index_item(&dedup)
+                    .await?
+                    .ok_or_else(|| err("deduplicating", "the waiting entry vanished"))?;
+                return Ok(PushOutcome::AlreadyWaiting(BuildId::parse(text(
+                    &waiting, "build-id",
+                )?)?));
+            }
+            return Err(err(
+                "indexing an entry",
+                aws_sdk_dynamodb::error::DisplayErrorContext(e),
+            ));
+        }
+        let sent = self
+            .sqs
+            .send_message()
+            .queue_url(&self.config.queue_url)
+            .message_body(entry.build_id.to_string())
+            .message_group_id(group_of(entry))
+            .message_deduplication_id(entry.build_id.to_string())
+            .send()
+            .await;
+        if let Err(e) = sent {
+            self.unindex(entry.build_id).await?;
+            return Err(err("queueing an entry", DisplayErrorContext(e)));
+        }
+        Ok(PushOutcome::Added)
+    }
+
+    async fn list(&self) -> Result<Vec<DeferredEntry>> {
+        let mut out = Vec::new();
+        let mut start = None;
+        loop {
+            let page = self
+                .ddb
+                .scan()
+                .table_name(&self.config.index_table)
+                .filter_expression("begins_with(#k, :entry)")
+                .expression_attribute_names("#k", "key")
+                .expression_attribute_values(":entry", s("entry#"))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| err("listing", aws_sdk_dynamodb::error::DisplayErrorContext(e)))?;
+            for item in page.items() {
+                out.push(entry_of(item)?);
+            }
+            match page.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => break,
+            }
+        }
+        out.sort_by_key(|(seq, _)| *seq);
+        Ok(out.into_iter().map(|(_, e)| e).collect())
+    }
+
+    async fn remove(&self, build_id: BuildId) -> Result<bool> {
+        // The message stays until it comes up, and is dropped then.
+        self.unindex(build_id).await
+    }
+
+    async fn set_reason(&self, build_id: BuildId, reason: &str) -> Result<()> {
+        let result = self
+            .ddb
+            .update_item()
+            .table_name(&self.config.index_table)
+            .key("key", s(entry_key(build_id)))
+            .update_expression("SET #r = :r")
+            .condition_expression("attribute_exists(#k)")
+            .expression_attribute_names("#r", "reason")
+            .expression_attribute_names("#k", "key")
+            .expression_attribute_values(":r", s(reason))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(err(
+                "updating a reason",
+                aws_sdk_dynamodb::error::DisplayErrorContext(e),
+            )),
+        }
+    }
+
+    async fn receive_heads(&self, max: usize) -> Result<Vec<Received>> {
+        let mut heads: Vec<(i128, Received)> = Vec::new();
+        let mut keys = HashSet::new();
+        let mut others = Vec::new();
+        let visibility = self.config.visibility.as_secs().clamp(1, 43_200) as i32;
+        let result: Result<()> = async {
+            while heads.len() < max {
+                let got = self
+                    .sqs
+                    .receive_message()
+                    .queue_url(&self.config.queue_url)
+                    .max_number_of_messages(10)
+                    .visibility_timeout(visibility)
+                    .wait_time_seconds(0)
+                    .send()
+                    .await
+                    .map_err(|e| err("receiving", DisplayErrorContext(e)))?;
+                let messages = got.messages();
+                if messages.is_empty() {
+                    break;
+                }
+                for m in messages {
+                    let receipt = m.receipt_handle().unwrap_or_default().to_owned();
+                    let id = m.body().and_then(|b| BuildId::parse(b).ok());
+                    let item = match id {
+                        Some(id) => self.index_item(&entry_key(id)).await?,
+                        None => None,
+                    };
+                    let Some(item) = item else {
+                        // Removed from the index (cancelled), or not ours: drop it.
+                        tracing::info!(body = ?m.body(), "dropping a queue message whose entry is gone");
+                        self.sqs
+                            .delete_message()
+                            .queue_url(&self.config.queue_url)
+                            .receipt_handle(&receipt)
+                            .send()
+                            .await
+                            .map_err(|e| err("dropping a message", DisplayErrorContext(e)))?;
+                        continue;
+                    };
+                    let (seq, entry) = entry_of(&item)?;
+                    if heads.len() < max && keys.insert(entry.lock_key()) {
+                        heads.push((seq, Received { entry, receipt }));
+                    } else {
+                        others.push(receipt);
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        // What was taken but is not a head goes back at once.
+        if result.is_err() {
+            others.extend(heads.iter().map(|(_, h)| h.receipt.clone()));
+        }
+        for receipt in &others {
+            let _ = self
+                .sqs
+                .change_message_visibility()
+                .queue_url(&self.config.queue_url)
+                .receipt_handle(receipt)
+                .visibility_timeout(0)
+                .send()
+                .await;
+        }
+        result?;
+        heads.sort_by_key(|(seq, _)| *seq);
+        Ok(heads.into_iter().map(|(_, h)| h).collect())
+    }
+
+    async fn ack(&self, received: &Received) -> Result<()> {
+        self.sqs
+            .delete_message()
+            .queue_url(&self.config.queue_url)
+            .receipt_handle(&received.receipt)
+            .send()
+            .await
+            .map_err(|e| err("acknowledging", DisplayErrorContext(e)))?;
+        self.unindex(received.entry.build_id).await.map(|_| ())
+    }
+
+    async fn release(&self, received: &Received) -> Result<()> {
+        self.sqs
+            .change_message_visibility()
+            .queue_url(&self.config.queue_url)
+            .receipt_handle(&received.receipt)
+            .visibility_timeout(0)
+            .send()
+            .await
+            .map_err(|e| err("releasing", DisplayErrorContext(e)))?;
+        Ok(())
+    }
+
+    async fn is_open(&self) -> Result<bool> {
+        let state = self.index_item("#state").await?;
+        Ok(state.as_ref().and_then(|i| text(i, "state").ok()) != Some("closed"))
+    }
+
+    async fn set_open(&self, open: bool) -> Result<()> {
+        self.ddb
+            .put_item()
+            .table_name(&self.config.index_table)
+            .item("key", s("#state"))
+            .item("state", s(if open { "open" } else { "closed" }))
+            .send()
+            .await
+            .map_err(|e| {
+                err(
+                    "storing the queue state",
+                    aws_sdk_dynamodb::error::DisplayErrorContext(e),
+                )
+            })?;
+        Ok(())
+    }
+}
