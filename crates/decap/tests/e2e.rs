@@ -221,6 +221,12 @@ async fn failures_timeouts_and_cancels_end_as_they_should() {
         r#"{"buildImage": "x"}"#,
         "echo started\nsleep 600\n",
     );
+    project(
+        &scripts,
+        "acme/stubborn",
+        r#"{"buildImage": "x", "buildTimeoutSeconds": 1}"#,
+        "trap '' TERM\necho ignoring TERM\nwhile true; do sleep 0.1; done\n",
+    );
     let decap = Decap::start(&data, &scripts, &[]);
     let api = decap.api();
 
@@ -241,6 +247,11 @@ async fn failures_timeouts_and_cancels_end_as_they_should() {
         .await
         .unwrap();
     assert!(log.contains("started"));
+
+    // a script that ignores TERM is killed after the grace period
+    let stubborn = api.request("acme/stubborn", &["main"]).await;
+    let b = api.finished(&stubborn[0], MINUTE).await;
+    assert_eq!(b["status"], "timed_out", "{b}");
 
     let long = api.request("acme/long", &["main"]).await;
     let id = &long[0];
@@ -649,4 +660,56 @@ echo boxed > \"$ARTIFACTS_DIR/out.txt\"
         .await
         .unwrap();
     assert_eq!(file, "boxed\n");
+}
+
+#[tokio::test]
+async fn the_build_scripts_are_read_again_on_request() {
+    let (_dir, scripts, data) = dirs();
+    project(&scripts, "acme/first", r#"{"buildImage": "x"}"#, "true\n");
+    let decap = Decap::start(&data, &scripts, &[]);
+    let api = decap.api();
+    let names = |v: serde_json::Value| -> Vec<String> {
+        v["projects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["project"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(api.json("/api/v1/projects").await), vec!["first"]);
+    project(&scripts, "acme/second", r#"{"buildImage": "x"}"#, "true\n");
+    let unauthenticated = api
+        .http
+        .post(format!("{}/hooks/buildscripts", decap.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        unauthenticated.status(),
+        401,
+        "a refresh needs a signature or the token"
+    );
+    let r = api.send(Method::POST, "/hooks/buildscripts").await;
+    assert_eq!(r.status(), 202);
+    eventually("the new project to be listed", MINUTE, || async {
+        (names(api.json("/api/v1/projects").await) == vec!["first", "second"]).then_some(())
+    })
+    .await;
+    // a refresh that breaks one project lists its error and keeps the others
+    std::fs::write(scripts.join("acme/first/project.json"), "{ broken").unwrap();
+    api.send(Method::POST, "/hooks/buildscripts").await;
+    eventually("the broken project to show its error", MINUTE, || async {
+        let v = api.json("/api/v1/projects").await;
+        let first = v["projects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["project"] == "first")
+            .cloned()
+            .unwrap();
+        first["error"].is_string().then_some(())
+    })
+    .await;
+    let ids = api.request("acme/second", &["main"]).await;
+    assert_eq!(api.finished(&ids[0], MINUTE).await["status"], "succeeded");
 }
