@@ -18,6 +18,8 @@ use decap_core::ports::{
 use decap_core::{Error, Result};
 use time::OffsetDateTime;
 
+use crate::attrs::{get_n, get_s, n, s};
+
 /// The most builds one page returns.
 const MAX_PAGE: usize = 500;
 /// The index of builds by project, newest first (the original Decap's).
@@ -86,28 +88,6 @@ async fn require_table(client: &Client, table: &str) -> Result<()> {
             Error::backend("dynamodb", format!("table {table}: {hint}"))
         })?;
     Ok(())
-}
-
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
-}
-
-fn n(v: impl ToString) -> AttributeValue {
-    AttributeValue::N(v.to_string())
-}
-
-fn get_s<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Result<&'a str> {
-    item.get(name)
-        .and_then(|v| v.as_s().ok())
-        .map(String::as_str)
-        .ok_or_else(|| Error::backend("dynamodb", format!("item without string attribute {name}")))
-}
-
-fn get_n(item: &HashMap<String, AttributeValue>, name: &str) -> Result<i128> {
-    item.get(name)
-        .and_then(|v| v.as_n().ok())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| Error::backend("dynamodb", format!("item without number attribute {name}")))
 }
 
 fn nanos(t: OffsetDateTime) -> i128 {

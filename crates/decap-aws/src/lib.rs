@@ -26,6 +26,7 @@
 //! aborted if anything fails, so a reader sees the old blob or the new one.
 #![deny(missing_docs)]
 
+mod attrs;
 mod dynamodb;
 mod s3;
 mod sqs;

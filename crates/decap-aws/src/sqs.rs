@@ -13,6 +13,8 @@ use decap_core::{Error, Result};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
+use crate::attrs::{get_n, get_s, n, s};
+
 /// Where deferred builds go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SqsConfig {
@@ -50,28 +52,6 @@ fn err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::backend("sqs", format!("{what}: {e}"))
 }
 
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
-}
-
-fn n(v: impl ToString) -> AttributeValue {
-    AttributeValue::N(v.to_string())
-}
-
-fn text<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Result<&'a str> {
-    item.get(name)
-        .and_then(|v| v.as_s().ok())
-        .map(String::as_str)
-        .ok_or_else(|| err("index item", format!("no attribute {name}")))
-}
-
-fn number(item: &HashMap<String, AttributeValue>, name: &str) -> Result<i128> {
-    item.get(name)
-        .and_then(|v| v.as_n().ok())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| err("index item", format!("no number {name}")))
-}
-
 fn entry_key(id: BuildId) -> String {
     format!("entry#{id}")
 }
@@ -91,19 +71,19 @@ fn group_of(e: &DeferredEntry) -> String {
 }
 
 fn entry_of(item: &HashMap<String, AttributeValue>) -> Result<(i128, DeferredEntry)> {
-    let project = ProjectKey::new(text(item, "team")?, text(item, "project")?)?;
-    let commit = text(item, "commit")?;
+    let project = ProjectKey::new(get_s(item, "team")?, get_s(item, "project")?)?;
+    let commit = get_s(item, "commit")?;
     Ok((
-        number(item, "seq")?,
+        get_n(item, "seq")?,
         DeferredEntry {
-            build_id: BuildId::parse(text(item, "build-id")?)?,
+            build_id: BuildId::parse(get_s(item, "build-id")?)?,
             project,
-            branch: text(item, "branch")?.to_owned(),
-            git_ref: text(item, "git-ref")?.to_owned(),
+            branch: get_s(item, "branch")?.to_owned(),
+            git_ref: get_s(item, "git-ref")?.to_owned(),
             commit: (!commit.is_empty()).then(|| commit.to_owned()),
-            deferred_at: OffsetDateTime::from_unix_timestamp_nanos(number(item, "deferred-at")?)
+            deferred_at: OffsetDateTime::from_unix_timestamp_nanos(get_n(item, "deferred-at")?)
                 .unwrap_or(OffsetDateTime::UNIX_EPOCH),
-            reason: text(item, "reason")?.to_owned(),
+            reason: get_s(item, "reason")?.to_owned(),
         },
     ))
 }
@@ -263,7 +243,7 @@ impl SqsDeferralQueue {
                 )
             })?;
         out.attributes()
-            .map(|a| number(a, "last"))
+            .map(|a| get_n(a, "last"))
             .transpose()?
             .ok_or_else(|| err("numbering an entry", "no number"))
     }
@@ -273,7 +253,7 @@ impl SqsDeferralQueue {
         let Some(item) = self.index_item(&entry_key(id)).await? else {
             return Ok(false);
         };
-        let dedup = text(&item, "dedup")?.to_owned();
+        let dedup = get_s(&item, "dedup")?.to_owned();
         let delete = |key: String| -> Result<TransactWriteItem> {
             let d = Delete::builder()
                 .table_name(&self.config.index_table)
@@ -369,7 +349,7 @@ impl DeferralQueue for SqsDeferralQueue {
                     .index_item(&dedup)
                     .await?
                     .ok_or_else(|| err("deduplicating", "the waiting entry vanished"))?;
-                return Ok(PushOutcome::AlreadyWaiting(BuildId::parse(text(
+                return Ok(PushOutcome::AlreadyWaiting(BuildId::parse(get_s(
                     &waiting, "build-id",
                 )?)?));
             }
@@ -550,7 +530,7 @@ impl DeferralQueue for SqsDeferralQueue {
 
     async fn is_open(&self) -> Result<bool> {
         let state = self.index_item("#state").await?;
-        Ok(state.as_ref().and_then(|i| text(i, "state").ok()) != Some("closed"))
+        Ok(state.as_ref().and_then(|i| get_s(i, "state").ok()) != Some("closed"))
     }
 
     async fn set_open(&self, open: bool) -> Result<()> {

@@ -1,0 +1,65 @@
+# Shared by the test-bed scripts: sourced, not run.
+# Each script sets NAME (for messages) and STATE (its state folder) first.
+
+CACHE="${DECAP_CACHE:-$HOME/.cache/decap}"
+
+say() { echo "tests/bed/$NAME.sh: $*" >&2; }
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# mvn_fetch POM LIB: copies a pom's runtime dependencies from Maven Central into LIB, once.
+mvn_fetch() {
+    local pom=$1 lib=$2
+    if [ -f "$lib/.complete" ]; then
+        return 0
+    fi
+    command -v mvn >/dev/null 2>&1 || { say "Maven is needed to fetch it"; exit 1; }
+    say "fetching it from Maven Central (once; cached in $CACHE)"
+    rm -rf "$lib"
+    mvn -q -B -f "$pom" -Dmaven.repo.local="$CACHE/m2" \
+        dependency:copy-dependencies -DoutputDirectory="$lib" -DincludeScope=runtime >&2
+    touch "$lib/.complete"
+}
+
+# wait_ready "CHECK COMMAND" EXPORTS...: waits up to 30 s for the server
+# started with its pid in $STATE/pid to pass the check, then prints the
+# export lines; shows the server's log and fails otherwise.
+wait_ready() {
+    local check=$1
+    shift
+    for _ in $(seq 1 300); do
+        if eval "$check" >/dev/null 2>&1; then
+            printf 'export %s\n' "$@"
+            return 0
+        fi
+        if ! kill -0 "$(cat "$STATE/pid")" 2>/dev/null; then
+            say "it exited; its log:"
+            cat "$STATE"/*.log >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    say "it did not become ready within 30 s; its log:"
+    cat "$STATE"/*.log >&2
+    stop
+    exit 1
+}
+
+stop() {
+    if [ -f "$STATE/pid" ]; then
+        kill "$(cat "$STATE/pid")" 2>/dev/null || true
+        rm -f "$STATE/pid"
+    fi
+}
+
+# dispatch "$@": runs install, start or stop.
+dispatch() {
+    case "${1:-}" in
+        install) install ;;
+        start) start ;;
+        stop) stop ;;
+        *) echo "usage: tests/bed/$NAME.sh install|start|stop" >&2; exit 2 ;;
+    esac
+}
