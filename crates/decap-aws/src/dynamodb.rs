@@ -26,8 +26,6 @@ const MAX_PAGE: usize = 500;
 pub const PROJECT_INDEX: &str = "project-key-build-start-time-index";
 /// The index of builds by status.
 pub const STATUS_INDEX: &str = "build-status-build-id-index";
-/// The lock table's item holding the last fencing token handed out.
-const FENCING_ITEM: &str = "#fencing";
 
 /// Which tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -524,9 +522,10 @@ impl BuildStore for DynamoDbBuildStore {
     }
 }
 
-/// [`LockStore`] on DynamoDB: one item per held key, taken and released with
-/// conditional writes; fencing tokens come from a counter item incremented
-/// atomically before each attempt (so tokens grow, with gaps).
+/// [`LockStore`] on DynamoDB: one item per key, taken, renewed and released
+/// with single conditional writes. A released key keeps its item (without
+/// an owner), so that its fencing token keeps growing: every acquisition
+/// sets `token = token + 1` in the same write that takes the lock.
 #[derive(Clone)]
 pub struct DynamoDbLockStore {
     client: Client,
@@ -565,27 +564,35 @@ impl DynamoDbLockStore {
             .send()
             .await
             .map_err(|e| ddb_err("reading a lock", e))?;
-        out.item().map(lock_of).transpose()
+        match out.item() {
+            Some(item) if item.contains_key("owner") => lock_of(item).map(Some),
+            _ => Ok(None),
+        }
     }
 
-    async fn next_token(&self) -> Result<u64> {
-        let out = self
+    /// Frees a key: its owner goes, its token stays.
+    async fn free(&self, key: &LockKey, owner: Option<BuildId>) -> Result<Option<Lock>> {
+        let mut req = self
             .client
             .update_item()
             .table_name(&self.config.locks_table)
-            .key("lock-key", s(FENCING_ITEM))
-            .update_expression("ADD #last :one")
-            .expression_attribute_names("#last", "last")
-            .expression_attribute_values(":one", n(1))
-            .return_values(ReturnValue::UpdatedNew)
-            .send()
-            .await
-            .map_err(|e| ddb_err("taking a fencing token", e))?;
-        out.attributes()
-            .map(|a| get_n(a, "last"))
-            .transpose()?
-            .map(|t| t as u64)
-            .ok_or_else(|| Error::backend("dynamodb", "no fencing token in the answer"))
+            .key("lock-key", s(key.as_str()))
+            .update_expression("REMOVE #owner SET #exp = :zero")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_names("#exp", "expires-at")
+            .expression_attribute_values(":zero", n(0))
+            .return_values(ReturnValue::AllOld);
+        req = match owner {
+            Some(o) => req
+                .condition_expression("#owner = :owner")
+                .expression_attribute_values(":owner", s(o.to_string())),
+            None => req.condition_expression("attribute_exists(#owner)"),
+        };
+        match req.send().await {
+            Ok(out) => out.attributes().map(lock_of).transpose(),
+            Err(e) if e.as_service_error().is_some_and(conditional_failed) => Ok(None),
+            Err(e) => Err(ddb_err("releasing a lock", e)),
+        }
     }
 }
 
@@ -598,46 +605,51 @@ impl LockStore for DynamoDbLockStore {
         ttl: Duration,
         now: OffsetDateTime,
     ) -> Result<Result<Lock, Lock>> {
-        if let Some(held) = self.current(key.as_str()).await? {
-            if held.owner == owner {
-                return Ok(Ok(held));
-            }
-            if held.expires_at > now {
-                return Ok(Err(held));
-            }
-        }
-        let lock = Lock {
-            key: key.clone(),
-            owner,
-            fencing_token: self.next_token().await?,
-            acquired_at: now,
-            expires_at: expiry(now, ttl),
-        };
         let result = self
             .client
-            .put_item()
+            .update_item()
             .table_name(&self.config.locks_table)
-            .item("lock-key", s(key.as_str()))
-            .item("owner", s(owner.to_string()))
-            .item("token", n(lock.fencing_token))
-            .item("acquired-at", n(nanos(now)))
-            .item("expires-at", n(nanos(lock.expires_at)))
+            .key("lock-key", s(key.as_str()))
+            .update_expression("SET #owner = :owner, #acq = :now, #exp = :exp, #tok = if_not_exists(#tok, :zero) + :one")
             // Free, lapsed, or already ours: anything else is a lost race.
-            .condition_expression("attribute_not_exists(#k) OR #exp <= :now OR #owner = :owner")
-            .expression_attribute_names("#k", "lock-key")
-            .expression_attribute_names("#exp", "expires-at")
+            .condition_expression("attribute_not_exists(#owner) OR #exp <= :now OR #owner = :owner")
             .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":now", n(nanos(now)))
+            .expression_attribute_names("#acq", "acquired-at")
+            .expression_attribute_names("#exp", "expires-at")
+            .expression_attribute_names("#tok", "token")
             .expression_attribute_values(":owner", s(owner.to_string()))
+            .expression_attribute_values(":now", n(nanos(now)))
+            .expression_attribute_values(":exp", n(nanos(expiry(now, ttl))))
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":one", n(1))
+            .return_values(ReturnValue::AllNew)
+            .return_values_on_condition_check_failure(aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
         match result {
-            Ok(_) => Ok(Ok(lock)),
+            Ok(out) => {
+                let item = out
+                    .attributes()
+                    .ok_or_else(|| Error::backend("dynamodb", "no lock in the answer"))?;
+                Ok(Ok(lock_of(item)?))
+            }
             Err(e) if e.as_service_error().is_some_and(conditional_failed) => {
-                match self.current(key.as_str()).await? {
-                    Some(held) => Ok(Err(held)),
-                    // Released between our write and our read: report the race as held.
-                    None => Ok(Err(lock)),
+                let held = match e.as_service_error() {
+                    Some(aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(c)) => {
+                        c.item().map(lock_of).transpose()?
+                    }
+                    _ => None,
+                };
+                match held {
+                    Some(lock) => Ok(Err(lock)),
+                    // An older server that does not return the holder: read it.
+                    None => match self.current(key.as_str()).await? {
+                        Some(lock) => Ok(Err(lock)),
+                        None => Err(Error::backend(
+                            "dynamodb",
+                            format!("lock {key}: lost a race with a release; try again"),
+                        )),
+                    },
                 }
             }
             Err(e) => Err(ddb_err("taking a lock", e)),
@@ -645,21 +657,7 @@ impl LockStore for DynamoDbLockStore {
     }
 
     async fn release(&self, key: &LockKey, owner: BuildId) -> Result<bool> {
-        let result = self
-            .client
-            .delete_item()
-            .table_name(&self.config.locks_table)
-            .key("lock-key", s(key.as_str()))
-            .condition_expression("#owner = :owner")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":owner", s(owner.to_string()))
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(conditional_failed) => Ok(false),
-            Err(e) => Err(ddb_err("releasing a lock", e)),
-        }
+        Ok(self.free(key, Some(owner)).await?.is_some())
     }
 
     async fn renew(
@@ -690,16 +688,7 @@ impl LockStore for DynamoDbLockStore {
     }
 
     async fn force_release(&self, key: &LockKey) -> Result<Option<Lock>> {
-        let out = self
-            .client
-            .delete_item()
-            .table_name(&self.config.locks_table)
-            .key("lock-key", s(key.as_str()))
-            .return_values(ReturnValue::AllOld)
-            .send()
-            .await
-            .map_err(|e| ddb_err("releasing a lock", e))?;
-        out.attributes().map(lock_of).transpose()
+        self.free(key, None).await
     }
 
     async fn list(&self) -> Result<Vec<Lock>> {
@@ -711,14 +700,14 @@ impl LockStore for DynamoDbLockStore {
                 .scan()
                 .table_name(&self.config.locks_table)
                 .consistent_read(true)
+                .filter_expression("attribute_exists(#owner)")
+                .expression_attribute_names("#owner", "owner")
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
                 .map_err(|e| ddb_err("listing locks", e))?;
             for item in page.items() {
-                if get_s(item, "lock-key")? != FENCING_ITEM {
-                    out.push(lock_of(item)?);
-                }
+                out.push(lock_of(item)?);
             }
             match page.last_evaluated_key() {
                 Some(k) if !k.is_empty() => start = Some(k.clone()),

@@ -106,7 +106,7 @@ pub struct Lock {
     pub key: LockKey,
     /// The build holding it.
     pub owner: BuildId,
-    /// A number that grows with every acquisition of any key, so that a
+    /// A number that grows with every acquisition of the key, so that a
     /// writer can tell a stale holder from the current one.
     pub fencing_token: u64,
     /// When it was taken.
@@ -119,8 +119,9 @@ pub struct Lock {
 ///
 /// Contract: at most one unexpired lock per key at any instant; an expired
 /// lock can be taken by anyone; only the owner releases or renews; the fencing
-/// token of each successful acquisition is greater than every token handed
-/// out before. `now` is passed in so that expiry is testable.
+/// token of each successful acquisition of a key is greater than every token
+/// handed out for that key before. `now` is passed in so that expiry is
+/// testable.
 #[async_trait]
 pub trait LockStore: Send + Sync {
     /// Takes the lock, or returns the current holder's lock.
