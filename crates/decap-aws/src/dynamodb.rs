@@ -379,6 +379,11 @@ impl BuildStore for DynamoDbBuildStore {
                 ("event".to_owned(), s(&delivery.event)),
                 ("outcome".to_owned(), s(&delivery.outcome)),
                 ("received-at".to_owned(), n(nanos(delivery.received_at))),
+                // GitHub does not redeliver after this long: let DynamoDB's TTL drop it.
+                (
+                    crate::resources::DELIVERY_TTL_ATTRIBUTE.to_owned(),
+                    n(delivery.received_at.unix_timestamp() + 30 * 24 * 3600),
+                ),
                 ("builds".to_owned(), s(ids_json)),
             ]),
             "delivery-id",

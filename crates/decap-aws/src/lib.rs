@@ -28,6 +28,7 @@
 
 mod attrs;
 mod dynamodb;
+pub mod resources;
 mod s3;
 mod sqs;
 

@@ -39,6 +39,41 @@ pub struct Cli {
 enum Command {
     /// Serve the API, webhooks and UI, and run builds.
     Serve(Box<ServeArgs>),
+    /// Create or delete the AWS resources Decap uses, or print its IAM policy.
+    AwsResources(Box<AwsResourcesArgs>),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum ResourcesAction {
+    /// Create the buckets, tables and queue (what exists is kept).
+    Create,
+    /// Delete them, objects included (what is gone is skipped).
+    Delete,
+    /// Print the IAM policy of least privilege for them.
+    Policy,
+}
+
+/// `decap aws-resources`.
+#[derive(Args, Debug)]
+struct AwsResourcesArgs {
+    /// What to do.
+    #[arg(value_enum)]
+    action: ResourcesAction,
+    /// The SQS FIFO queue's name.
+    #[arg(
+        long,
+        env = "DECAP_SQS_QUEUE_NAME",
+        default_value = "decap-deferred-builds.fifo"
+    )]
+    sqs_queue_name: String,
+    /// Console logs expire after this many days.
+    #[arg(long, env = "DECAP_LOG_RETENTION_DAYS", default_value_t = 30)]
+    log_retention_days: i32,
+    /// The account id for the policy (default: asked of STS).
+    #[arg(long, env = "DECAP_AWS_ACCOUNT_ID")]
+    account_id: Option<String>,
+    #[command(flatten)]
+    storage: StorageArgs,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -259,7 +294,62 @@ pub fn run(cli: Cli) -> Result<()> {
                 .build()?;
             runtime.block_on(serve(*args))
         }
+        Command::AwsResources(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(aws_resources(*args))
+        }
     }
+}
+
+async fn aws_resources(args: AwsResourcesArgs) -> Result<()> {
+    let st = &args.storage;
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(region) = &st.aws_region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    let sdk = loader.load().await;
+    let resources = decap_aws::resources::Resources {
+        s3: decap_aws::S3Config {
+            logs_bucket: st.s3_logs_bucket.clone(),
+            artifacts_bucket: st.s3_artifacts_bucket.clone(),
+            key_prefix: st.s3_prefix.clone(),
+            force_path_style: st.s3_path_style,
+            endpoint_url: st.s3_endpoint.clone(),
+        },
+        dynamodb: st.dynamodb(),
+        deferred_table: st.dynamodb_deferred_table.clone(),
+        queue_name: args.sqs_queue_name.clone(),
+        sqs_endpoint: st.sqs_endpoint.clone(),
+        log_retention_days: args.log_retention_days,
+    };
+    match args.action {
+        ResourcesAction::Create => {
+            let created = decap_aws::resources::create(&sdk, &resources).await?;
+            println!(
+                "created; run decap with --deferral-queue sqs --sqs-queue-url {}",
+                created.queue_url
+            );
+        }
+        ResourcesAction::Delete => {
+            decap_aws::resources::delete(&sdk, &resources).await?;
+            println!("deleted");
+        }
+        ResourcesAction::Policy => {
+            let account = match &args.account_id {
+                Some(a) => a.clone(),
+                None => decap_aws::resources::account_id(&sdk).await?,
+            };
+            let region = sdk
+                .region()
+                .map(|r| r.as_ref().to_owned())
+                .context("no region: pass --aws-region or set AWS_REGION")?;
+            let policy = decap_aws::resources::policy(&account, &region, &resources)?;
+            println!("{}", serde_json::to_string_pretty(&policy)?);
+        }
+    }
+    Ok(())
 }
 
 /// Finds `examples/build-scripts` above the working directory or the binary.

@@ -231,3 +231,77 @@ fn a_missing_bucket_stops_decap_at_start_up_with_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn aws_resources_are_created_described_and_deleted_from_the_command_line() {
+    let tag = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let (s3, ddb, sqs) = (
+        env("DECAP_TEST_S3_ENDPOINT"),
+        env("DECAP_TEST_DYNAMODB_ENDPOINT"),
+        env("DECAP_TEST_SQS_ENDPOINT"),
+    );
+    let names = [
+        ("DECAP_S3_LOGS_BUCKET", format!("cli-logs-{tag}")),
+        ("DECAP_S3_ARTIFACTS_BUCKET", format!("cli-artifacts-{tag}")),
+        ("DECAP_DYNAMODB_BUILDS_TABLE", format!("cli-builds-{tag}")),
+        (
+            "DECAP_DYNAMODB_DELIVERIES_TABLE",
+            format!("cli-deliveries-{tag}"),
+        ),
+        ("DECAP_DYNAMODB_LOCKS_TABLE", format!("cli-locks-{tag}")),
+        (
+            "DECAP_DYNAMODB_DEFERRED_TABLE",
+            format!("cli-deferred-{tag}"),
+        ),
+        ("DECAP_SQS_QUEUE_NAME", format!("cli-{tag}.fifo")),
+        ("DECAP_S3_ENDPOINT", s3),
+        ("DECAP_S3_PATH_STYLE", "true".to_owned()),
+        ("DECAP_DYNAMODB_ENDPOINT", ddb),
+        ("DECAP_SQS_ENDPOINT", sqs),
+    ];
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_decap"))
+            .arg("aws-resources")
+            .args(args)
+            .envs(CREDENTIALS)
+            .envs(names.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let created = run(&["create"]);
+    assert!(created.contains("--sqs-queue-url http"), "{created}");
+    assert_eq!(run(&["create"]), created, "creating twice changes nothing");
+    let policy: serde_json::Value = serde_json::from_str(&run(&[
+        "policy",
+        "--account-id",
+        "123456789012",
+        "--aws-region",
+        "eu-west-1",
+    ]))
+    .unwrap();
+    let text = policy.to_string();
+    assert!(
+        text.contains(&format!(
+            "arn:aws:dynamodb:eu-west-1:123456789012:table/cli-builds-{tag}"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("arn:aws:s3:::cli-logs-{tag}/*")),
+        "{text}"
+    );
+    run(&["delete"]);
+    run(&["delete"]);
+}
