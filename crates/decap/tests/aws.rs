@@ -305,3 +305,98 @@ fn aws_resources_are_created_described_and_deleted_from_the_command_line() {
     run(&["delete"]);
     run(&["delete"]);
 }
+
+/// Runs a test-bed script with its own state folder, so this test's MinIO
+/// can be stopped without touching the shared one.
+fn bed(script: &str, action: &str, state: &std::path::Path) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/bed")
+        .join(script);
+    let out = std::process::Command::new(path)
+        .arg(action)
+        .env("DECAP_TEST_BED_DIR", state)
+        .env_remove("DECAP_TEST_S3_PORT")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} {action}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn s3_going_down_mid_build_is_retried_and_the_result_is_recorded_with_the_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("bed");
+    let exports = bed("minio.sh", "start", &state);
+    // Stopped however the test ends.
+    struct Stop(std::path::PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/bed/minio.sh"),
+            )
+            .arg("stop")
+            .env("DECAP_TEST_BED_DIR", &self.0)
+            .status();
+        }
+    }
+    let _stop = Stop(state.clone());
+    let endpoint = exports
+        .lines()
+        .find_map(|l| l.strip_prefix("export DECAP_TEST_S3_ENDPOINT="))
+        .unwrap()
+        .to_owned();
+    let sdk = sdk().await;
+    let admin = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .endpoint_url(&endpoint)
+            .force_path_style(true)
+            .build(),
+    );
+    for bucket in ["down-logs", "down-artifacts"] {
+        admin.create_bucket().bucket(bucket).send().await.unwrap();
+    }
+    let scripts = dir.path().join("scripts");
+    project(
+        &scripts,
+        "acme/down",
+        r#"{"buildImage": "x"}"#,
+        "echo working\nsleep 1\necho done\n",
+    );
+    let args = [
+        "--blob-store",
+        "s3",
+        "--s3-endpoint",
+        &endpoint,
+        "--s3-path-style",
+        "--s3-logs-bucket",
+        "down-logs",
+        "--s3-artifacts-bucket",
+        "down-artifacts",
+    ];
+    let decap = Decap::start_with_env(&dir.path().join("data"), &scripts, &args, &CREDENTIALS);
+    let api = decap.api();
+    let ids = api.request("acme/down", &["main"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bed("minio.sh", "stop", &state);
+    let b = api.finished(&ids[0], Duration::from_secs(120)).await;
+    assert_eq!(
+        b["status"], "succeeded",
+        "the build's own result stands: {b}"
+    );
+    let message = b["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("uploading the console log failed"),
+        "the failure is noted: {b}"
+    );
+    assert!(
+        api.json("/api/v1/locks").await["locks"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "the lock is released"
+    );
+}
