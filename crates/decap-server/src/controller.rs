@@ -961,11 +961,6 @@ impl Controller {
         self.sched.lock().await.waiting_keys.values().sum()
     }
 
-    /// Builds running on this controller.
-    pub async fn running_count(&self) -> usize {
-        self.sched.lock().await.running.len()
-    }
-
     async fn environment_exited(&self, exit: EnvironmentExit) {
         let result = self
             .finish(

@@ -204,11 +204,6 @@ impl LiveLog {
     pub fn path(&self) -> &Path {
         &self.path
     }
-
-    /// Whether the spool is complete.
-    pub fn is_closed(&self) -> bool {
-        self.watch.borrow().closed
-    }
 }
 
 /// Splits a byte stream into lines (without their ends), carrying partial
