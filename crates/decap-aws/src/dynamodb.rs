@@ -67,6 +67,48 @@ fn client(sdk: &aws_config::SdkConfig, config: &DynamoDbConfig) -> Client {
     Client::from_conf(builder.build())
 }
 
+/// Creates a pay-per-request table keyed by one string attribute, unless it
+/// exists.
+pub(crate) async fn create_key_table(
+    sdk: &aws_config::SdkConfig,
+    endpoint: Option<&str>,
+    table: &str,
+    hash: &str,
+) -> Result<()> {
+    let mut b = aws_sdk_dynamodb::config::Builder::from(sdk);
+    if let Some(url) = endpoint {
+        b = b.endpoint_url(url);
+    }
+    let request = Client::from_conf(b.build())
+        .create_table()
+        .table_name(table)
+        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name(hash)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .map_err(|e| Error::backend("dynamodb", e))?,
+        )
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name(hash)
+                .key_type(KeyType::Hash)
+                .build()
+                .map_err(|e| Error::backend("dynamodb", e))?,
+        );
+    match request.send().await {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_resource_in_use_exception()) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(ddb_err(&format!("creating table {table}"), e)),
+    }
+}
+
 /// Checks that a table exists, so that a missing one is a clear error at start-up.
 async fn require_table(client: &Client, table: &str) -> Result<()> {
     client
@@ -174,28 +216,16 @@ impl DynamoDbBuildStore {
             .key_schema(key("build-id", KeyType::Hash)?)
             .global_secondary_indexes(index(PROJECT_INDEX, "project-key", "build-start-time")?)
             .global_secondary_indexes(index(STATUS_INDEX, "build-status", "build-id")?);
-        let simple = |table: &str, hash: &str| -> Result<_> {
-            Ok(client
-                .create_table()
-                .table_name(table)
-                .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
-                .attribute_definitions(attr(hash, ScalarAttributeType::S)?)
-                .key_schema(key(hash, KeyType::Hash)?))
-        };
-        for request in [
-            builds,
-            simple(&config.deliveries_table, "delivery-id")?,
-            simple(&config.locks_table, "lock-key")?,
-        ] {
-            match request.send().await {
-                Ok(_) => {}
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|s| s.is_resource_in_use_exception()) => {}
-                Err(e) => return Err(ddb_err("creating a table", e)),
-            }
+        match builds.send().await {
+            Ok(_) => {}
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_resource_in_use_exception()) => {}
+            Err(e) => return Err(ddb_err("creating a table", e)),
         }
-        Ok(())
+        let endpoint = config.endpoint_url.as_deref();
+        create_key_table(sdk, endpoint, &config.deliveries_table, "delivery-id").await?;
+        create_key_table(sdk, endpoint, &config.locks_table, "lock-key").await
     }
 
     /// Queries every page of the project index, newest first, keeping the

@@ -164,46 +164,7 @@ impl SqsDeferralQueue {
         endpoint: Option<&str>,
         name: &str,
     ) -> Result<()> {
-        use aws_sdk_dynamodb::types::{
-            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-        };
-        let mut b = aws_sdk_dynamodb::config::Builder::from(sdk);
-        if let Some(url) = endpoint {
-            b = b.endpoint_url(url);
-        }
-        let result = aws_sdk_dynamodb::Client::from_conf(b.build())
-            .create_table()
-            .table_name(name)
-            .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name("key")
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-                    .map_err(|e| err("index table", e))?,
-            )
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name("key")
-                    .key_type(KeyType::Hash)
-                    .build()
-                    .map_err(|e| err("index table", e))?,
-            )
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|se| se.is_resource_in_use_exception()) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(err(
-                "creating the index table",
-                aws_sdk_dynamodb::error::DisplayErrorContext(e),
-            )),
-        }
+        crate::dynamodb::create_key_table(sdk, endpoint, name, "key").await
     }
 
     async fn index_item(&self, key: &str) -> Result<Option<HashMap<String, AttributeValue>>> {
