@@ -289,6 +289,26 @@ impl BlobStore for S3BlobStore {
         )))
     }
 
+    async fn presigned_url(
+        &self,
+        build: BuildId,
+        kind: BlobKind,
+        valid_for: std::time::Duration,
+    ) -> Result<Option<String>> {
+        let (bucket, key) = self.location(build, kind);
+        let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(valid_for)
+            .map_err(|e| Error::invalid("presigned URL lifetime", e))?;
+        let request = self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(&key)
+            .presigned(config)
+            .await
+            .map_err(|e| s3_err(&format!("presigning {key}"), e))?;
+        Ok(Some(request.uri().to_owned()))
+    }
+
     async fn delete(&self, build: BuildId, kind: BlobKind) -> Result<bool> {
         let (bucket, key) = self.location(build, kind);
         match self

@@ -258,6 +258,18 @@ pub trait BlobStore: Send + Sync {
     async fn get(&self, build: BuildId, kind: BlobKind) -> Result<Option<(u64, ByteStream)>>;
     /// Deletes a blob; returns whether it existed.
     async fn delete(&self, build: BuildId, kind: BlobKind) -> Result<bool>;
+    /// A URL that lets anyone holding it download the blob directly for
+    /// `valid_for`, when the store can make one (S3 presigned URLs); `None`
+    /// when it cannot, and clients download through the server.
+    async fn presigned_url(
+        &self,
+        build: BuildId,
+        kind: BlobKind,
+        valid_for: Duration,
+    ) -> Result<Option<String>> {
+        let _ = (build, kind, valid_for);
+        Ok(None)
+    }
 }
 
 /// What an executor needs to start a build.

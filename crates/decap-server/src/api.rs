@@ -694,9 +694,21 @@ fn entry_name(entry: &tar::Entry<'_, impl std::io::Read>) -> Option<String> {
 pub async fn get_artifacts(
     State(app): State<AppState>,
     Path(id): Path<String>,
+    RawQuery(q): RawQuery,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let b = load(&app, &id).await?;
+    let mut presigned = false;
+    for (k, v) in query_pairs(&q)? {
+        match k.as_str() {
+            "presigned" => {
+                presigned = v
+                    .parse()
+                    .map_err(|_| ApiError::bad_request("invalid presigned: true or false"))?;
+            }
+            other => return Err(unknown_param(other, &["presigned"])),
+        }
+    }
     let Some((size, stream)) = app
         .controller
         .ports
@@ -710,6 +722,24 @@ pub async fn get_artifacts(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/plain"));
+    if presigned && !wants_names {
+        // Large downloads can go straight to the object store, when it can
+        // sign a URL; otherwise they stream through here as usual.
+        let url = app
+            .controller
+            .ports
+            .blobs
+            .presigned_url(b.id, BlobKind::ArtifactsTarGz, Duration::from_secs(15 * 60))
+            .await?;
+        if let Some(url) = url {
+            drop(stream);
+            return Response::builder()
+                .status(StatusCode::TEMPORARY_REDIRECT)
+                .header(header::LOCATION, url)
+                .body(Body::empty())
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+        }
+    }
     if !wants_names {
         return Response::builder()
             .header(header::CONTENT_TYPE, "application/gzip")

@@ -162,6 +162,36 @@ async fn builds_keep_their_records_in_dynamodb_and_their_logs_and_artifacts_in_s
         .unwrap();
     assert_eq!(kept, "kept\n");
 
+    // a presigned download goes straight to S3
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let redirect = no_redirects
+        .get(format!(
+            "{}/api/v1/artifacts/{}?presigned=true",
+            decap.url, ids[0]
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(redirect.status(), 307);
+    let location = redirect.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with(&s3), "{location}");
+    let direct = reqwest::get(&location).await.unwrap();
+    assert_eq!(direct.status(), 200);
+    let through = api
+        .get(&format!("/api/v1/artifacts/{}", ids[0]))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        direct.bytes().await.unwrap(),
+        through,
+        "the same tarball either way"
+    );
+
     // where they really are
     let key = format!("v1/{}/console.log.gz", ids[0]);
     admin

@@ -98,6 +98,21 @@ async fn a_signed_push_runs_a_build_whose_log_artifacts_and_result_are_kept() {
         .bytes()
         .await
         .unwrap();
+    let fallback = api
+        .get(&format!("/api/v1/artifacts/{id}?presigned=true"))
+        .await;
+    assert_eq!(
+        fallback.status(),
+        200,
+        "files cannot presign: the download streams as usual"
+    );
+    assert_eq!(fallback.bytes().await.unwrap(), tarball);
+    assert_eq!(
+        api.get(&format!("/api/v1/artifacts/{id}?presigned=maybe"))
+            .await
+            .status(),
+        400
+    );
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&tarball[..]));
     let mut found = false;
     for entry in archive.entries().unwrap() {
