@@ -422,20 +422,7 @@ fn shell_alone(script: &Path, runs: usize) -> Result<Vec<f64>> {
 }
 
 fn bwrap_alone(runs: usize) -> Result<Option<Vec<f64>>> {
-    let ok = Command::new("bwrap")
-        .args([
-            "--ro-bind",
-            "/",
-            "/",
-            "--dev",
-            "/dev",
-            "--proc",
-            "/proc",
-            "--unshare-pid",
-            "true",
-        ])
-        .status();
-    if !matches!(ok, Ok(s) if s.success()) {
+    if !decap_embedded::bubblewrap_works() {
         return Ok(None);
     }
     let mut v = Vec::new();

@@ -95,8 +95,13 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
     })
 }
 
-/// Whether bubblewrap is installed and can make a sandbox here (it needs
-/// user namespaces or setuid, which some containers refuse).
+/// Whether bubblewrap is installed and can make a sandbox here.
+pub fn bubblewrap_works() -> bool {
+    probe_bwrap().is_some()
+}
+
+/// Where bubblewrap is, if it is installed and can make a sandbox here (it
+/// needs user namespaces or setuid, which some containers refuse).
 fn probe_bwrap() -> Option<PathBuf> {
     let bwrap = find_in_path("bwrap")?;
     let ok = std::process::Command::new(&bwrap)

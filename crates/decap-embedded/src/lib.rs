@@ -22,7 +22,7 @@ mod queue;
 pub use blobs::FileBlobStore;
 pub use builds::SqliteBuildStore;
 pub use db::SqliteDb;
-pub use executor::{LocalExecutor, LocalExecutorConfig, SandboxMode};
+pub use executor::{LocalExecutor, LocalExecutorConfig, SandboxMode, bubblewrap_works};
 pub use locks::SqliteLockStore;
 pub use queue::SqliteDeferralQueue;
 

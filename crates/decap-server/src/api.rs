@@ -61,6 +61,20 @@ fn query_pairs(raw: &Option<String>) -> ApiResult<Vec<(String, String)>> {
     }
 }
 
+/// A query string holding at most one boolean parameter, `name`.
+fn only_flag(raw: &Option<String>, name: &str) -> ApiResult<bool> {
+    let mut value = false;
+    for (k, v) in query_pairs(raw)? {
+        if k != name {
+            return Err(unknown_param(&k, &[name]));
+        }
+        value = v
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("invalid {name}: true or false")))?;
+    }
+    Ok(value)
+}
+
 fn unknown_param(name: &str, allowed: &[&str]) -> ApiError {
     ApiError::bad_request(format!(
         "unknown query parameter {name:?}; allowed: {}",
@@ -392,17 +406,7 @@ pub async fn get_log(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
     let b = load(&app, &id).await?;
-    let mut follow = false;
-    for (k, v) in query_pairs(&q)? {
-        match k.as_str() {
-            "follow" => {
-                follow = v
-                    .parse()
-                    .map_err(|_| ApiError::bad_request("invalid follow: true or false"))?;
-            }
-            other => return Err(unknown_param(other, &["follow"])),
-        }
-    }
+    let follow = only_flag(&q, "follow")?;
     let source = if follow && !b.status.is_final() {
         wait_for_log(&app, b.id).await?
     } else {
@@ -698,17 +702,7 @@ pub async fn get_artifacts(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let b = load(&app, &id).await?;
-    let mut presigned = false;
-    for (k, v) in query_pairs(&q)? {
-        match k.as_str() {
-            "presigned" => {
-                presigned = v
-                    .parse()
-                    .map_err(|_| ApiError::bad_request("invalid presigned: true or false"))?;
-            }
-            other => return Err(unknown_param(other, &["presigned"])),
-        }
-    }
+    let presigned = only_flag(&q, "presigned")?;
     let Some((size, stream)) = app
         .controller
         .ports

@@ -609,20 +609,7 @@ async fn decapctl_talks_to_the_server_and_explains_when_it_is_down() {
 
 #[tokio::test]
 async fn a_sandboxed_build_cannot_see_the_data_dir_and_says_it_was_sandboxed() {
-    let usable = std::process::Command::new("bwrap")
-        .args([
-            "--ro-bind",
-            "/",
-            "/",
-            "--dev",
-            "/dev",
-            "--proc",
-            "/proc",
-            "--unshare-pid",
-            "true",
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
+    let usable = decap_embedded::bubblewrap_works();
     assert!(
         usable,
         "bubblewrap is needed for this test: apt-get install bubblewrap (tests/run installs it)"
