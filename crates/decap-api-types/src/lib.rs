@@ -369,4 +369,7 @@ pub struct StandbyLaunch {
     pub kill_grace_secs: u64,
     /// The console log is kept up to this many bytes.
     pub max_log_bytes: u64,
+    /// bctool's own settings (not the script's): the direct path to AWS.
+    #[serde(default)]
+    pub bctool_env: Vec<(String, String)>,
 }

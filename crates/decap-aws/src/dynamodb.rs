@@ -51,12 +51,11 @@ impl Default for DynamoDbConfig {
     }
 }
 
-fn ddb_err<E, R>(what: &str, e: SdkError<E, R>) -> Error
+fn ddb_err<E>(what: &str, e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Error
 where
-    E: std::error::Error + 'static,
-    R: std::fmt::Debug,
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
 {
-    Error::backend("dynamodb", format!("{what}: {}", DisplayErrorContext(e)))
+    Error::backend("dynamodb", format!("{what}: {}", crate::sdk_message(&e)))
 }
 
 fn client(sdk: &aws_config::SdkConfig, config: &DynamoDbConfig) -> Client {
@@ -173,6 +172,15 @@ impl DynamoDbBuildStore {
         require_table(&client, &config.builds_table).await?;
         require_table(&client, &config.deliveries_table).await?;
         Ok(DynamoDbBuildStore { client, config })
+    }
+
+    /// A store that does not check its tables first: for bctool, whose
+    /// credentials may allow only reading and updating build records.
+    pub fn new(sdk: &aws_config::SdkConfig, config: DynamoDbConfig) -> Self {
+        DynamoDbBuildStore {
+            client: client(sdk, &config),
+            config,
+        }
     }
 
     /// Creates the tables and indexes if they are missing (for the test bed
@@ -587,6 +595,15 @@ impl DynamoDbLockStore {
         let client = client(sdk, &config);
         require_table(&client, &config.locks_table).await?;
         Ok(DynamoDbLockStore { client, config })
+    }
+
+    /// A store that does not check its table first: for bctool, whose
+    /// credentials may allow only releasing locks.
+    pub fn new(sdk: &aws_config::SdkConfig, config: DynamoDbConfig) -> Self {
+        DynamoDbLockStore {
+            client: client(sdk, &config),
+            config,
+        }
     }
 
     async fn current(&self, key: &str) -> Result<Option<Lock>> {

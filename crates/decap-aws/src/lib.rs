@@ -22,16 +22,39 @@
 //! | artifacts (tar.gz) | artifacts bucket | `{prefix}v1/{build id}/artifacts.tar.gz` |
 //!
 //! Uploads stream: a blob smaller than one part is one `PutObject`; a larger
-//! one is a multipart upload holding one part (8 MiB) in memory at a time,
-//! aborted if anything fails, so a reader sees the old blob or the new one.
+//! one is a multipart upload with up to three parts (8 MiB each) in flight
+//! while the next one fills, aborted if anything fails, so a reader sees the
+//! old blob or the new one.
 #![deny(missing_docs)]
 
 mod attrs;
+pub mod direct;
 mod dynamodb;
 pub mod resources;
 mod s3;
 mod sqs;
 
+pub use direct::{DirectConfig, DirectStores};
+
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+
+/// An SDK error in a line: the service's code, status and message when it
+/// answered, the cause chain when it could not be reached.
+pub(crate) fn sdk_message<E>(e: &SdkError<E, HttpResponse>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match e {
+        SdkError::ServiceError(se) => format!(
+            "{} (HTTP {}): {}",
+            se.err().code().unwrap_or("error"),
+            se.raw().status().as_u16(),
+            se.err().message().unwrap_or("no message")
+        ),
+        other => DisplayErrorContext(other).to_string(),
+    }
+}
 pub use dynamodb::{DynamoDbBuildStore, DynamoDbConfig, DynamoDbLockStore};
-pub use s3::{PART_BYTES, S3BlobStore, S3Config};
+pub use s3::{PART_BYTES, PARTS_IN_FLIGHT, S3BlobStore, S3Config};
 pub use sqs::{SqsConfig, SqsDeferralQueue};

@@ -92,7 +92,7 @@ pub async fn create(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<Create
             Err(e) => {
                 return Err(fail(
                     &format!("creating bucket {bucket}"),
-                    aws_sdk_s3::error::DisplayErrorContext(e),
+                    crate::sdk_message(&e),
                 ));
             }
         }
@@ -122,12 +122,7 @@ pub async fn create(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<Create
         )
         .send()
         .await
-        .map_err(|e| {
-            fail(
-                "setting the console logs' expiry",
-                aws_sdk_s3::error::DisplayErrorContext(e),
-            )
-        })?;
+        .map_err(|e| fail("setting the console logs' expiry", crate::sdk_message(&e)))?;
 
     DynamoDbBuildStore::create_tables(sdk, &r.dynamodb).await?;
     let ddb = ddb_client(sdk, r.dynamodb.endpoint_url.as_deref());
@@ -149,7 +144,7 @@ pub async fn create(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<Create
         match ttl {
             Ok(_) => break,
             Err(e) => {
-                let text = aws_sdk_dynamodb::error::DisplayErrorContext(&e).to_string();
+                let text = crate::sdk_message(&e);
                 if text.contains("already enabled") {
                     break;
                 }
@@ -194,10 +189,7 @@ pub async fn delete(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<()> {
                     break;
                 }
                 Err(e) => {
-                    return Err(fail(
-                        &format!("listing {bucket}"),
-                        aws_sdk_s3::error::DisplayErrorContext(e),
-                    ));
+                    return Err(fail(&format!("listing {bucket}"), crate::sdk_message(&e)));
                 }
             };
             for object in page.contents() {
@@ -207,12 +199,7 @@ pub async fn delete(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<()> {
                         .key(key)
                         .send()
                         .await
-                        .map_err(|e| {
-                            fail(
-                                &format!("emptying {bucket}"),
-                                aws_sdk_s3::error::DisplayErrorContext(e),
-                            )
-                        })?;
+                        .map_err(|e| fail(&format!("emptying {bucket}"), crate::sdk_message(&e)))?;
                 }
             }
             match page.next_continuation_token() {
@@ -224,10 +211,7 @@ pub async fn delete(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<()> {
             Ok(_) => {}
             Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {}
             Err(e) => {
-                return Err(fail(
-                    &format!("deleting {bucket}"),
-                    aws_sdk_s3::error::DisplayErrorContext(e),
-                ));
+                return Err(fail(&format!("deleting {bucket}"), crate::sdk_message(&e)));
             }
         }
     }
@@ -246,7 +230,7 @@ pub async fn delete(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<()> {
             Err(e) => {
                 return Err(fail(
                     &format!("deleting table {table}"),
-                    aws_sdk_dynamodb::error::DisplayErrorContext(e),
+                    crate::sdk_message(&e),
                 ));
             }
         }
@@ -259,12 +243,7 @@ pub async fn delete(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<()> {
                     .queue_url(url)
                     .send()
                     .await
-                    .map_err(|e| {
-                        fail(
-                            "deleting the queue",
-                            aws_sdk_sqs::error::DisplayErrorContext(e),
-                        )
-                    })?;
+                    .map_err(|e| fail("deleting the queue", crate::sdk_message(&e)))?;
             }
         }
         Err(e)
@@ -276,10 +255,7 @@ pub async fn delete(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<()> {
                     })
             }) => {}
         Err(e) => {
-            return Err(fail(
-                "finding the queue",
-                aws_sdk_sqs::error::DisplayErrorContext(e),
-            ));
+            return Err(fail("finding the queue", crate::sdk_message(&e)));
         }
     }
     Ok(())
@@ -292,12 +268,7 @@ pub async fn account_id(sdk: &aws_config::SdkConfig) -> Result<String> {
         .get_caller_identity()
         .send()
         .await
-        .map_err(|e| {
-            fail(
-                "asking STS who we are",
-                aws_sdk_sts::error::DisplayErrorContext(e),
-            )
-        })?;
+        .map_err(|e| fail("asking STS who we are", crate::sdk_message(&e)))?;
     me.account()
         .map(str::to_owned)
         .ok_or_else(|| fail("asking STS who we are", "no account in the answer"))

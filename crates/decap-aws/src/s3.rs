@@ -14,6 +14,9 @@ use futures::StreamExt;
 /// The size of each part of a multipart upload (S3's minimum is 5 MiB).
 pub const PART_BYTES: usize = 8 * 1024 * 1024;
 
+/// How many parts of one multipart upload are sent at once.
+pub const PARTS_IN_FLIGHT: usize = 3;
+
 /// Where the blobs go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct S3Config {
@@ -49,19 +52,18 @@ pub struct S3BlobStore {
     config: S3Config,
 }
 
-fn s3_err<E, R>(what: &str, e: SdkError<E, R>) -> Error
+fn s3_err<E>(what: &str, e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Error
 where
-    E: std::error::Error + 'static,
-    R: std::fmt::Debug,
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
 {
-    Error::backend("s3", format!("{what}: {}", DisplayErrorContext(e)))
+    Error::backend("s3", format!("{what}: {}", crate::sdk_message(&e)))
 }
 
 impl S3BlobStore {
-    /// A store from an SDK configuration (region, credentials), checking at
-    /// once that both buckets exist and can be reached, so that a missing
-    /// bucket or a denied access is a clear error at start-up.
-    pub async fn connect(sdk: &aws_config::SdkConfig, config: S3Config) -> Result<Self> {
+    /// A store from an SDK configuration (region, credentials), without
+    /// touching the network: for bctool, whose credentials may allow only
+    /// writing objects.
+    pub fn new(sdk: &aws_config::SdkConfig, config: S3Config) -> Self {
         let mut builder = aws_sdk_s3::config::Builder::from(sdk)
             .force_path_style(config.force_path_style)
             // S3-compatible servers do not all accept the newer checksums.
@@ -74,10 +76,17 @@ impl S3BlobStore {
         if let Some(url) = &config.endpoint_url {
             builder = builder.endpoint_url(url);
         }
-        let store = S3BlobStore {
+        S3BlobStore {
             client: Client::from_conf(builder.build()),
             config,
-        };
+        }
+    }
+
+    /// A store from an SDK configuration (region, credentials), checking at
+    /// once that both buckets exist and can be reached, so that a missing
+    /// bucket or a denied access is a clear error at start-up.
+    pub async fn connect(sdk: &aws_config::SdkConfig, config: S3Config) -> Result<Self> {
+        let store = S3BlobStore::new(sdk, config);
         for bucket in [&store.config.logs_bucket, &store.config.artifacts_bucket] {
             store
                 .client
@@ -162,24 +171,39 @@ impl S3BlobStore {
         first: Bytes,
         data: &mut ByteStream,
     ) -> Result<u64> {
+        // Up to PARTS_IN_FLIGHT parts upload at once while the next one
+        // fills, so a slow round trip does not stall the producer; memory
+        // stays bounded at (PARTS_IN_FLIGHT + 1) parts.
+        let mut in_flight = futures::stream::FuturesUnordered::new();
         let mut parts = Vec::new();
-        let mut total = self
-            .put_part(bucket, key, upload_id, &mut parts, first)
-            .await?;
+        let mut total = 0u64;
+        let mut number = 1;
+        in_flight.push(self.put_part(bucket, key, upload_id, number, first));
         let mut buf = BytesMut::with_capacity(PART_BYTES);
-        loop {
+        let mut ended = false;
+        while !ended {
             // Every part but the last is a full one.
-            let ended = fill(&mut buf, data).await?;
+            ended = fill(&mut buf, data).await?;
             if !buf.is_empty() {
+                while in_flight.len() >= PARTS_IN_FLIGHT {
+                    if let Some(done) = in_flight.next().await {
+                        let (part, len) = done?;
+                        parts.push(part);
+                        total += len;
+                    }
+                }
+                number += 1;
                 let part = buf.split().freeze();
-                total += self
-                    .put_part(bucket, key, upload_id, &mut parts, part)
-                    .await?;
-            }
-            if ended {
-                break;
+                buf.reserve(PART_BYTES);
+                in_flight.push(self.put_part(bucket, key, upload_id, number, part));
             }
         }
+        while let Some(done) = in_flight.next().await {
+            let (part, len) = done?;
+            parts.push(part);
+            total += len;
+        }
+        parts.sort_by_key(|p| p.part_number());
         self.client
             .complete_multipart_upload()
             .bucket(bucket)
@@ -201,10 +225,9 @@ impl S3BlobStore {
         bucket: &str,
         key: &str,
         upload_id: &str,
-        parts: &mut Vec<CompletedPart>,
+        number: i32,
         part: Bytes,
-    ) -> Result<u64> {
-        let number = parts.len() as i32 + 1;
+    ) -> Result<(CompletedPart, u64)> {
         let len = part.len() as u64;
         let done = self
             .client
@@ -217,13 +240,13 @@ impl S3BlobStore {
             .send()
             .await
             .map_err(|e| s3_err(&format!("uploading part {number}"), e))?;
-        parts.push(
+        Ok((
             CompletedPart::builder()
                 .part_number(number)
                 .set_e_tag(done.e_tag().map(str::to_owned))
                 .build(),
-        );
-        Ok(len)
+            len,
+        ))
     }
 }
 

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, ReturnValue, TransactWriteItem};
-use aws_sdk_sqs::error::DisplayErrorContext;
 use decap_core::build::BuildId;
 use decap_core::names::ProjectKey;
 use decap_core::ports::{DeferralQueue, DeferredEntry, PushOutcome, Received};
@@ -113,7 +112,7 @@ impl SqsDeferralQueue {
             .map_err(|e| {
                 err(
                     &format!("queue {}", queue.config.queue_url),
-                    DisplayErrorContext(e),
+                    crate::sdk_message(&e),
                 )
             })?;
         queue
@@ -125,7 +124,7 @@ impl SqsDeferralQueue {
             .map_err(|e| {
                 err(
                     &format!("index table {}", queue.config.index_table),
-                    aws_sdk_dynamodb::error::DisplayErrorContext(e),
+                    crate::sdk_message(&e),
                 )
             })?;
         Ok(queue)
@@ -151,7 +150,7 @@ impl SqsDeferralQueue {
             )
             .send()
             .await
-            .map_err(|e| err("creating the queue", DisplayErrorContext(e)))?;
+            .map_err(|e| err("creating the queue", crate::sdk_message(&e)))?;
         out.queue_url()
             .map(str::to_owned)
             .ok_or_else(|| err("creating the queue", "no URL in the answer"))
@@ -176,12 +175,7 @@ impl SqsDeferralQueue {
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| {
-                err(
-                    "reading the index",
-                    aws_sdk_dynamodb::error::DisplayErrorContext(e),
-                )
-            })?;
+            .map_err(|e| err("reading the index", crate::sdk_message(&e)))?;
         Ok(out.item().cloned())
     }
 
@@ -197,12 +191,7 @@ impl SqsDeferralQueue {
             .return_values(ReturnValue::UpdatedNew)
             .send()
             .await
-            .map_err(|e| {
-                err(
-                    "numbering an entry",
-                    aws_sdk_dynamodb::error::DisplayErrorContext(e),
-                )
-            })?;
+            .map_err(|e| err("numbering an entry", crate::sdk_message(&e)))?;
         out.attributes()
             .map(|a| get_n(a, "last"))
             .transpose()?
@@ -237,12 +226,7 @@ impl SqsDeferralQueue {
             .transact_items(TransactWriteItem::builder().delete(dedup_delete).build())
             .send()
             .await
-            .map_err(|e| {
-                err(
-                    "removing an entry",
-                    aws_sdk_dynamodb::error::DisplayErrorContext(e),
-                )
-            })?;
+            .map_err(|e| err("removing an entry", crate::sdk_message(&e)))?;
         Ok(true)
     }
 }
@@ -314,10 +298,7 @@ impl DeferralQueue for SqsDeferralQueue {
                     &waiting, "build-id",
                 )?)?));
             }
-            return Err(err(
-                "indexing an entry",
-                aws_sdk_dynamodb::error::DisplayErrorContext(e),
-            ));
+            return Err(err("indexing an entry", crate::sdk_message(&e)));
         }
         let sent = self
             .sqs
@@ -330,7 +311,7 @@ impl DeferralQueue for SqsDeferralQueue {
             .await;
         if let Err(e) = sent {
             self.unindex(entry.build_id).await?;
-            return Err(err("queueing an entry", DisplayErrorContext(e)));
+            return Err(err("queueing an entry", crate::sdk_message(&e)));
         }
         Ok(PushOutcome::Added)
     }
@@ -350,7 +331,7 @@ impl DeferralQueue for SqsDeferralQueue {
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
-                .map_err(|e| err("listing", aws_sdk_dynamodb::error::DisplayErrorContext(e)))?;
+                .map_err(|e| err("listing", crate::sdk_message(&e)))?;
             for item in page.items() {
                 out.push(entry_of(item)?);
             }
@@ -389,10 +370,7 @@ impl DeferralQueue for SqsDeferralQueue {
             {
                 Ok(())
             }
-            Err(e) => Err(err(
-                "updating a reason",
-                aws_sdk_dynamodb::error::DisplayErrorContext(e),
-            )),
+            Err(e) => Err(err("updating a reason", crate::sdk_message(&e))),
         }
     }
 
@@ -412,7 +390,7 @@ impl DeferralQueue for SqsDeferralQueue {
                     .wait_time_seconds(0)
                     .send()
                     .await
-                    .map_err(|e| err("receiving", DisplayErrorContext(e)))?;
+                    .map_err(|e| err("receiving", crate::sdk_message(&e)))?;
                 let messages = got.messages();
                 if messages.is_empty() {
                     break;
@@ -433,7 +411,7 @@ impl DeferralQueue for SqsDeferralQueue {
                             .receipt_handle(&receipt)
                             .send()
                             .await
-                            .map_err(|e| err("dropping a message", DisplayErrorContext(e)))?;
+                            .map_err(|e| err("dropping a message", crate::sdk_message(&e)))?;
                         continue;
                     };
                     let (seq, entry) = entry_of(&item)?;
@@ -473,7 +451,7 @@ impl DeferralQueue for SqsDeferralQueue {
             .receipt_handle(&received.receipt)
             .send()
             .await
-            .map_err(|e| err("acknowledging", DisplayErrorContext(e)))?;
+            .map_err(|e| err("acknowledging", crate::sdk_message(&e)))?;
         self.unindex(received.entry.build_id).await.map(|_| ())
     }
 
@@ -485,7 +463,7 @@ impl DeferralQueue for SqsDeferralQueue {
             .visibility_timeout(0)
             .send()
             .await
-            .map_err(|e| err("releasing", DisplayErrorContext(e)))?;
+            .map_err(|e| err("releasing", crate::sdk_message(&e)))?;
         Ok(())
     }
 
@@ -502,12 +480,7 @@ impl DeferralQueue for SqsDeferralQueue {
             .item("state", s(if open { "open" } else { "closed" }))
             .send()
             .await
-            .map_err(|e| {
-                err(
-                    "storing the queue state",
-                    aws_sdk_dynamodb::error::DisplayErrorContext(e),
-                )
-            })?;
+            .map_err(|e| err("storing the queue state", crate::sdk_message(&e)))?;
         Ok(())
     }
 }

@@ -7,9 +7,18 @@
 //! (TERM, then KILL after a grace period), then uploads the gzipped log and
 //! the artifacts tarball, records the result and exits with the script's own
 //! exit code. An upload that fails is noted on the result; the result is
-//! always recorded if the server can be reached at all.
+//! always recorded if its store can be reached at all.
 //!
-//! bctool never prints its token or the environment.
+//! Logs, artifacts and the result go through the server, or, when the build
+//! environment has AWS settings (`DECAP_BCTOOL_DIRECT=1`, see
+//! [`decap_aws::direct`]), straight to S3 and DynamoDB as the original
+//! bctool did; the live console still streams to the server when the build
+//! has a token for it. Uploads are packed while they are sent (see [`pack`]),
+//! so no output is ever whole in memory or copied to a temporary file.
+//!
+//! bctool never prints its token, its credentials or the environment.
+
+pub mod pack;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -20,7 +29,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use decap_api_types::BuildResult;
+use decap_aws::{DirectConfig, DirectStores};
 use decap_client::{Client, ClientError};
+use decap_core::build::{BuildId, BuildStatus};
+use decap_core::ports::{BlobKind, BlobStore, BuildStore, LockStore};
 use decap_tail::Progress;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -154,9 +166,11 @@ async fn standby(exit_with_parent: bool) -> Result<i32> {
         cwd: Some(PathBuf::from(&launch.cwd)),
     };
     let (server, token) = (launch.server, launch.token);
+    let vars: std::collections::HashMap<String, String> = launch.bctool_env.into_iter().collect();
+    let direct = DirectConfig::from_vars(|k| vars.get(k).cloned()).map_err(anyhow::Error::msg)?;
     run_prepared(
         prepared,
-        || Client::new(&server, Some(token)),
+        Shipper::connect(&server, Some(token), direct),
         launch.build_id,
         args,
     )
@@ -168,20 +182,20 @@ pub async fn main(cli: Cli) -> Result<i32> {
     if let Command::Standby { exit_with_parent } = cli.command {
         return standby(exit_with_parent).await;
     }
-    let connect = || Client::new(&cli.build.server, cli.build.token.clone());
+    let direct = DirectConfig::from_vars(|k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?;
+    let connect = Shipper::connect(&cli.build.server, cli.build.token.clone(), direct);
     let id = cli
         .build
         .build_id
         .clone()
         .context("no build id: set BUILD_ID or pass --build-id")?;
     match cli.command {
-        // The client is made after the command starts: the build's first
-        // line should not wait for TLS roots to load.
+        // The shipper is made after the command starts: the build's first
+        // line should not wait for TLS roots or credentials to load.
         Command::Run(args) => run(connect, id, args).await,
         Command::Standby { .. } => unreachable!("handled above"),
         Command::Unlock => {
-            let client = connect()?;
-            let released = retry(|| client.unlock_build(&id)).await?;
+            let released = connect.await?.unlock(&id).await?;
             eprintln!(
                 "bctool: {}",
                 if released {
@@ -193,22 +207,14 @@ pub async fn main(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::PutLog { file } => {
-            let client = connect()?;
-            let gz = gzip_to_temp(&file).await?;
-            retry(|| async { client.put_log(&id, file_body(gz.path()).await?).await }).await?;
+            connect.await?.put_log(&id, &file).await?;
             Ok(0)
         }
         Command::PutArtifacts { dir } => {
-            let client = connect()?;
-            let Some(tgz) = tar_to_temp(&dir).await? else {
+            if !pack::has_files(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
                 bail!("{} holds no files", dir.display());
-            };
-            retry(|| async {
-                client
-                    .put_artifacts(&id, file_body(tgz.path()).await?)
-                    .await
-            })
-            .await?;
+            }
+            connect.await?.put_artifacts(&id, &dir).await?;
             Ok(0)
         }
         Command::RecordBuildMetadata {
@@ -216,14 +222,141 @@ pub async fn main(cli: Cli) -> Result<i32> {
             timed_out,
             message,
         } => {
-            let client = connect()?;
             let result = BuildResult {
                 exit_code,
                 timed_out,
                 message,
             };
-            retry(|| client.post_result(&id, &result)).await?;
+            connect.await?.record_result(&id, &result).await?;
             Ok(0)
+        }
+    }
+}
+
+/// Where a build's output goes: the server, or S3 and DynamoDB directly.
+pub struct Shipper {
+    client: Client,
+    /// The build has a token, so its console can stream to the server.
+    live: bool,
+    direct: Option<DirectStores>,
+}
+
+impl Shipper {
+    async fn connect(
+        server: &str,
+        token: Option<String>,
+        direct: Option<DirectConfig>,
+    ) -> Result<Shipper> {
+        let live = token.is_some();
+        let client = Client::new(server, token)?;
+        let direct = match direct {
+            Some(config) => Some(config.stores().await),
+            None => None,
+        };
+        Ok(Shipper {
+            client,
+            live,
+            direct,
+        })
+    }
+
+    async fn put_log(&self, id: &str, file: &Path) -> Result<()> {
+        std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let packed = || pack::log(file.to_owned());
+        self.put(id, BlobKind::LogGz, packed).await
+    }
+
+    async fn put_artifacts(&self, id: &str, dir: &Path) -> Result<()> {
+        let packed = || pack::artifacts(dir.to_owned());
+        self.put(id, BlobKind::ArtifactsTarGz, packed).await
+    }
+
+    async fn put(&self, id: &str, kind: BlobKind, packed: impl Fn() -> pack::Packed) -> Result<()> {
+        match &self.direct {
+            Some(d) => {
+                let build = BuildId::parse(id)?;
+                retry_direct(|| d.blobs.put(build, kind, Box::pin(packed()))).await?;
+            }
+            None => {
+                let body = || reqwest::Body::wrap_stream(packed());
+                match kind {
+                    BlobKind::LogGz => retry(|| self.client.put_log(id, body())).await?,
+                    BlobKind::ArtifactsTarGz => {
+                        retry(|| self.client.put_artifacts(id, body())).await?
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records how the build ended. On the direct path: the record moves
+    /// from running to its final state with one conditional write (a build
+    /// already final, e.g. cancelled, stays as it is), then the lock goes.
+    async fn record_result(&self, id: &str, result: &BuildResult) -> Result<()> {
+        let Some(d) = &self.direct else {
+            retry(|| self.client.post_result(id, result)).await?;
+            return Ok(());
+        };
+        let build = BuildId::parse(id)?;
+        let Some(mut b) = retry_direct(|| d.builds.get(build)).await? else {
+            bail!("build {id} is not in the build store");
+        };
+        if b.status.is_final() {
+            eprintln!(
+                "bctool: the build is already {}; its result stays",
+                b.status
+            );
+            return Ok(());
+        }
+        let prev = b.status;
+        let status = if result.timed_out {
+            BuildStatus::TimedOut
+        } else {
+            BuildStatus::from_exit_code(result.exit_code)
+        };
+        let now = time::OffsetDateTime::now_utc();
+        b.transition(status, now)?;
+        b.exit_code = Some(result.exit_code);
+        b.message = result.message.clone();
+        if retry_direct(|| d.builds.update(&b, prev)).await? {
+            let key = b.lock_key();
+            retry_direct(|| d.locks.release(&key, build)).await?;
+        } else {
+            eprintln!("bctool: the build changed meanwhile; its result stays as recorded");
+        }
+        Ok(())
+    }
+
+    async fn unlock(&self, id: &str) -> Result<bool> {
+        let Some(d) = &self.direct else {
+            return Ok(retry(|| self.client.unlock_build(id)).await?);
+        };
+        let build = BuildId::parse(id)?;
+        let Some(b) = retry_direct(|| d.builds.get(build)).await? else {
+            bail!("build {id} is not in the build store");
+        };
+        let key = b.lock_key();
+        Ok(retry_direct(|| d.locks.release(&key, build)).await?)
+    }
+}
+
+/// Retries a direct call that failed after the SDK's own retries (a server
+/// down for longer than they last): twice more, a second apart.
+async fn retry_direct<T, F, Fut>(mut f: F) -> Result<T, decap_core::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, decap_core::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Err(e @ decap_core::Error::Backend { .. }) if attempt < 2 => {
+                attempt += 1;
+                eprintln!("bctool: {e}; retrying in 1s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
         }
     }
 }
@@ -247,51 +380,6 @@ where
             other => return other,
         }
     }
-}
-
-async fn file_body(path: &Path) -> Result<reqwest::Body, ClientError> {
-    let file = tokio::fs::File::open(path).await?;
-    Ok(reqwest::Body::wrap_stream(
-        tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024),
-    ))
-}
-
-async fn gzip_to_temp(path: &Path) -> Result<tempfile::NamedTempFile> {
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || -> Result<tempfile::NamedTempFile> {
-        let mut input = std::fs::File::open(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let out = tempfile::NamedTempFile::new()?;
-        let mut enc = flate2::write::GzEncoder::new(out.reopen()?, flate2::Compression::fast());
-        std::io::copy(&mut input, &mut enc)?;
-        enc.finish()?.flush()?;
-        Ok(out)
-    })
-    .await?
-}
-
-/// Tars and gzips a folder (links kept as links, never followed); `None` when
-/// it holds nothing.
-async fn tar_to_temp(dir: &Path) -> Result<Option<tempfile::NamedTempFile>> {
-    let dir = dir.to_owned();
-    tokio::task::spawn_blocking(move || -> Result<Option<tempfile::NamedTempFile>> {
-        let empty = match std::fs::read_dir(&dir) {
-            Ok(mut entries) => entries.next().is_none(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
-        };
-        if empty {
-            return Ok(None);
-        }
-        let out = tempfile::NamedTempFile::new()?;
-        let enc = flate2::write::GzEncoder::new(out.reopen()?, flate2::Compression::fast());
-        let mut tar = tar::Builder::new(enc);
-        tar.follow_symlinks(false);
-        tar.append_dir_all(".", &dir)?;
-        tar.into_inner()?.finish()?.flush()?;
-        Ok(Some(out))
-    })
-    .await?
 }
 
 /// The local console file: appended by the reader, followed by the streamer.
@@ -339,7 +427,7 @@ fn prepare() -> Result<Prepared> {
 }
 
 async fn run(
-    connect: impl FnOnce() -> Result<Client, ClientError>,
+    connect: impl std::future::Future<Output = Result<Shipper>>,
     id: String,
     args: RunArgs,
 ) -> Result<i32> {
@@ -348,7 +436,7 @@ async fn run(
 
 async fn run_prepared(
     prepared: Prepared,
-    connect: impl FnOnce() -> Result<Client, ClientError>,
+    connect: impl std::future::Future<Output = Result<Shipper>>,
     id: String,
     args: RunArgs,
 ) -> Result<i32> {
@@ -366,6 +454,11 @@ async fn run_prepared(
     let mut cmd = tokio::process::Command::new(&args.command[0]);
     if let Some(env) = &args.env {
         cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+    } else {
+        // bctool's own settings (credentials among them) are not the script's.
+        for var in decap_aws::direct::VARS {
+            cmd.env_remove(var);
+        }
     }
     if let Some(cwd) = &args.cwd {
         cmd.current_dir(cwd);
@@ -377,7 +470,7 @@ async fn run_prepared(
         .process_group(0);
     let spawned = cmd.spawn();
     drop(cmd); // closes bctool's copies of the pipe's write end
-    let client = connect()?;
+    let shipper = connect.await?;
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
@@ -389,7 +482,7 @@ async fn run_prepared(
                 .send_replace(Progress { len, closed: true });
             eprint!("{note}");
             return finish(
-                &client,
+                &shipper,
                 &id,
                 &console,
                 args.artifacts_dir.as_deref(),
@@ -448,7 +541,13 @@ async fn run_prepared(
         Ok(truncated)
     });
 
-    let streamer = tokio::spawn(stream_console(client.clone(), id.clone(), console.clone()));
+    let streamer = shipper.live.then(|| {
+        tokio::spawn(stream_console(
+            shipper.client.clone(),
+            id.clone(),
+            console.clone(),
+        ))
+    });
 
     // Wait for the command, its timeout, a cancel (TERM), or the parent's death.
     let timeout = Duration::from_secs(args.timeout_secs.max(1));
@@ -505,14 +604,14 @@ async fn run_prepared(
         ));
     }
     finish(
-        &client,
+        &shipper,
         &id,
         &console,
         args.artifacts_dir.as_deref(),
         exit_code,
         timed_out,
         notes,
-        Some(streamer),
+        streamer,
     )
     .await
 }
@@ -535,7 +634,7 @@ async fn stop(
 
 #[allow(clippy::too_many_arguments)]
 async fn finish(
-    client: &Client,
+    shipper: &Shipper,
     id: &str,
     console: &Console,
     artifacts_dir: Option<&Path>,
@@ -553,30 +652,21 @@ async fn finish(
             notes.push("the live console stream did not finish in time".into());
         }
     }
-    match gzip_to_temp(&console.path).await {
-        Ok(gz) => {
-            let upload =
-                retry(|| async { client.put_log(id, file_body(gz.path()).await?).await }).await;
-            if let Err(e) = upload {
-                notes.push(format!("uploading the console log failed: {e}"));
-            }
+    let (log, artifacts) = tokio::join!(shipper.put_log(id, &console.path), async {
+        match artifacts_dir {
+            None => Ok(()),
+            Some(dir) => match pack::has_files(dir) {
+                Ok(false) => Ok(()),
+                Ok(true) => shipper.put_artifacts(id, dir).await,
+                Err(e) => Err(anyhow::Error::new(e).context("reading the artifacts folder")),
+            },
         }
-        Err(e) => notes.push(format!("compressing the console log failed: {e}")),
+    });
+    if let Err(e) = log {
+        notes.push(format!("uploading the console log failed: {e:#}"));
     }
-    if let Some(dir) = artifacts_dir {
-        match tar_to_temp(dir).await {
-            Ok(None) => {}
-            Ok(Some(tgz)) => {
-                let upload = retry(|| async {
-                    client.put_artifacts(id, file_body(tgz.path()).await?).await
-                })
-                .await;
-                if let Err(e) = upload {
-                    notes.push(format!("uploading the artifacts failed: {e}"));
-                }
-            }
-            Err(e) => notes.push(format!("packing the artifacts failed: {e}")),
-        }
+    if let Err(e) = artifacts {
+        notes.push(format!("uploading the artifacts failed: {e:#}"));
     }
     for n in &notes {
         eprintln!("bctool: {n}");
@@ -586,8 +676,8 @@ async fn finish(
         timed_out,
         message: (!notes.is_empty()).then(|| notes.join("; ")),
     };
-    if let Err(e) = retry(|| client.post_result(id, &result)).await {
-        eprintln!("bctool: recording the result failed: {e}");
+    if let Err(e) = shipper.record_result(id, &result).await {
+        eprintln!("bctool: recording the result failed: {e:#}");
     }
     Ok(exit_code)
 }

@@ -287,6 +287,9 @@ pub struct LaunchSpec {
     pub timeout: Duration,
     /// The console log is kept up to this many bytes.
     pub max_log_bytes: u64,
+    /// Settings for bctool itself, never for the script (they may hold
+    /// credentials): its direct path to AWS.
+    pub bctool_env: Vec<(String, String)>,
 }
 
 /// How a build environment ended, as its executor saw it.

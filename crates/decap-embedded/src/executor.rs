@@ -387,6 +387,7 @@ impl Inner {
                 timeout_secs: spec.timeout.as_secs().max(1),
                 kill_grace_secs: self.config.kill_grace.as_secs().max(1),
                 max_log_bytes: spec.max_log_bytes,
+                bctool_env: spec.bctool_env.clone(),
             };
             let mut line = serde_json::to_vec(&launch).map_err(exec_err)?;
             line.push(b'\n');
@@ -431,8 +432,11 @@ impl Inner {
         args.extend(Self::script_command(spec, &ws));
         let mut cmd = self.bctool_command(&ws, &args);
         cmd.stdin(Stdio::null());
-        // bctool passes its own environment on to the script.
-        cmd.env_clear().envs(self.build_env(spec, &ws));
+        // bctool passes its own environment on to the script, less its own
+        // settings.
+        cmd.env_clear()
+            .envs(self.build_env(spec, &ws))
+            .envs(spec.bctool_env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().map_err(|e| {
             let _ = std::fs::remove_dir_all(&ws);
             exec_err(format!("cannot start bctool: {e}"))

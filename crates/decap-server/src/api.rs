@@ -381,8 +381,10 @@ async fn wait_for_log(app: &AppState, id: BuildId) -> ApiResult<LogSource> {
 
 fn gunzip(gz: ByteStream) -> ByteStream {
     let reader = tokio_util::io::StreamReader::new(gz);
-    let decoder =
+    let mut decoder =
         async_compression::tokio::bufread::GzipDecoder::new(tokio::io::BufReader::new(reader));
+    // A gzip file may hold several members; all of them are the log.
+    decoder.multiple_members(true);
     Box::pin(tokio_util::io::ReaderStream::new(decoder))
 }
 
@@ -751,7 +753,7 @@ pub async fn get_artifacts(
     }
     let names = tokio::task::spawn_blocking(move || -> Result<Vec<String>, String> {
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
-        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(reader));
+        let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(reader));
         let mut names = Vec::new();
         for entry in archive.entries().map_err(|e| e.to_string())? {
             let entry = entry.map_err(|e| e.to_string())?;
@@ -798,7 +800,7 @@ pub async fn get_artifact_file(
     let wanted2 = wanted.clone();
     tokio::task::spawn_blocking(move || {
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
-        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(reader));
+        let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(reader));
         let corrupt = |e: std::io::Error| {
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,

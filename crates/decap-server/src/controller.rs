@@ -65,6 +65,9 @@ pub struct ControllerConfig {
     pub lock_margin: Duration,
     /// The console log is kept up to this many bytes.
     pub max_log_bytes: u64,
+    /// Settings for bctool itself (not the script), e.g. its direct path to
+    /// AWS; empty when bctool ships everything through the server.
+    pub bctool_env: Vec<(String, String)>,
     /// How often the deferral queue is retried besides the moments room frees
     /// (catches locks that lapsed or were freed by another replica).
     pub drain_interval: Duration,
@@ -627,6 +630,7 @@ impl Controller {
             decap_url: self.config.decap_url.clone(),
             timeout,
             max_log_bytes: self.config.max_log_bytes,
+            bctool_env: self.config.bctool_env.clone(),
         };
         tracing::info!(build_id = %b.id, project = %b.project, branch = %b.branch, "launching build");
         let (updated, launched) = tokio::join!(
@@ -979,11 +983,39 @@ impl Controller {
             Ok(Some(_)) => {
                 tracing::warn!(build_id = %exit.build_id, reason = %exit.reason, "build environment died")
             }
-            Ok(None) => {}
+            Ok(None) => {
+                if let Err(e) = self.settle(exit.build_id).await {
+                    tracing::error!(build_id = %exit.build_id, error = %e, "cannot settle a finished build");
+                }
+            }
             Err(e) => {
                 tracing::error!(build_id = %exit.build_id, error = %e, "cannot finish a build whose environment ended")
             }
         }
+    }
+
+    /// Catches up with a build that ended without this process finishing it:
+    /// bctool recorded its result straight in the build store (its direct
+    /// path to AWS). The build leaves the running set, its lock goes (bctool
+    /// released it; releasing is idempotent), its spool is kept as the log if
+    /// bctool stored none, and deferred builds are resubmitted.
+    async fn settle(&self, id: BuildId) -> Result<()> {
+        let mut s = self.sched.lock().await;
+        if !s.running.contains(id) {
+            return Ok(());
+        }
+        let b = self.build(id).await?;
+        if !b.status.is_final() {
+            return Ok(());
+        }
+        self.ports.locks.release(&b.lock_key(), id).await?;
+        s.running.finish(id);
+        self.metrics.running.set(s.running.len() as i64);
+        self.keep_log(id).await;
+        tracing::info!(build_id = %id, status = %b.status, exit_code = ?b.exit_code, "build finished (recorded by bctool)");
+        self.count_finished(&b);
+        self.publish(&b);
+        self.drain_locked(&mut s).await
     }
 
     /// Rebuilds the controller's state from the stores after a start or a

@@ -188,6 +188,23 @@ struct StorageArgs {
         default_value = "decap-locks"
     )]
     dynamodb_locks_table: String,
+    /// bctool ships logs, artifacts and results straight to S3 and DynamoDB
+    /// instead of through the server (needs the S3 blob store and the
+    /// DynamoDB build and lock stores). Without the two credentials below,
+    /// bctool takes the default chain of its environment.
+    #[arg(long, env = "DECAP_BCTOOL_DIRECT")]
+    bctool_direct: bool,
+    /// The access key id bctool uses on its direct path (least privilege:
+    /// `decap aws-resources policy --for bctool`).
+    #[arg(long, env = "DECAP_BCTOOL_AWS_ACCESS_KEY_ID")]
+    bctool_aws_access_key_id: Option<String>,
+    /// Its secret key.
+    #[arg(
+        long,
+        env = "DECAP_BCTOOL_AWS_SECRET_ACCESS_KEY",
+        hide_env_values = true
+    )]
+    bctool_aws_secret_access_key: Option<String>,
 }
 
 impl StorageArgs {
@@ -196,6 +213,54 @@ impl StorageArgs {
             || self.build_store == TableBackend::Dynamodb
             || self.lock_store == TableBackend::Dynamodb
             || self.deferral_queue == QueueBackend::Sqs
+    }
+
+    fn s3(&self) -> decap_aws::S3Config {
+        decap_aws::S3Config {
+            logs_bucket: self.s3_logs_bucket.clone(),
+            artifacts_bucket: self.s3_artifacts_bucket.clone(),
+            key_prefix: self.s3_prefix.clone(),
+            force_path_style: self.s3_path_style,
+            endpoint_url: self.s3_endpoint.clone(),
+        }
+    }
+
+    /// bctool's settings for its direct path, or none.
+    fn bctool_env(&self, sdk: Option<&aws_config::SdkConfig>) -> Result<Vec<(String, String)>> {
+        if !self.bctool_direct {
+            return Ok(Vec::new());
+        }
+        if self.blob_store != BlobBackend::S3
+            || self.build_store != TableBackend::Dynamodb
+            || self.lock_store != TableBackend::Dynamodb
+        {
+            bail!(
+                "--bctool-direct needs --blob-store s3, --build-store dynamodb and --lock-store dynamodb: bctool writes where the server reads"
+            );
+        }
+        let credentials = match (
+            &self.bctool_aws_access_key_id,
+            &self.bctool_aws_secret_access_key,
+        ) {
+            (Some(id), Some(secret)) => Some(decap_aws::direct::StaticCredentials {
+                access_key_id: id.clone(),
+                secret_access_key: secret.clone(),
+                session_token: None,
+            }),
+            (None, None) => None,
+            _ => bail!("--bctool-aws-access-key-id and --bctool-aws-secret-access-key go together"),
+        };
+        let region = self.aws_region.clone().or_else(|| {
+            sdk.and_then(aws_config::SdkConfig::region)
+                .map(ToString::to_string)
+        });
+        Ok(decap_aws::DirectConfig {
+            region,
+            s3: self.s3(),
+            dynamodb: self.dynamodb(),
+            credentials,
+        }
+        .to_vars())
     }
 
     fn dynamodb(&self) -> decap_aws::DynamoDbConfig {
@@ -311,13 +376,7 @@ async fn aws_resources(args: AwsResourcesArgs) -> Result<()> {
     }
     let sdk = loader.load().await;
     let resources = decap_aws::resources::Resources {
-        s3: decap_aws::S3Config {
-            logs_bucket: st.s3_logs_bucket.clone(),
-            artifacts_bucket: st.s3_artifacts_bucket.clone(),
-            key_prefix: st.s3_prefix.clone(),
-            force_path_style: st.s3_path_style,
-            endpoint_url: st.s3_endpoint.clone(),
-        },
+        s3: st.s3(),
         dynamodb: st.dynamodb(),
         deferred_table: st.dynamodb_deferred_table.clone(),
         queue_name: args.sqs_queue_name.clone(),
@@ -506,20 +565,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         None
     };
     let blobs: Arc<dyn decap_core::ports::BlobStore> = match (st.blob_store, &aws) {
-        (BlobBackend::S3, Some(sdk)) => {
-            let config = decap_aws::S3Config {
-                logs_bucket: st.s3_logs_bucket.clone(),
-                artifacts_bucket: st.s3_artifacts_bucket.clone(),
-                key_prefix: st.s3_prefix.clone(),
-                force_path_style: st.s3_path_style,
-                endpoint_url: st.s3_endpoint.clone(),
-            };
-            Arc::new(
-                decap_aws::S3BlobStore::connect(sdk, config)
-                    .await
-                    .context("S3 blob store")?,
-            )
-        }
+        (BlobBackend::S3, Some(sdk)) => Arc::new(
+            decap_aws::S3BlobStore::connect(sdk, st.s3())
+                .await
+                .context("S3 blob store")?,
+        ),
         _ => Arc::new(FileBlobStore::new(data_dir.join("blobs"))),
     };
     let builds: Arc<dyn decap_core::ports::BuildStore> = match (st.build_store, &aws) {
@@ -559,6 +609,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         _ => Arc::new(SqliteDeferralQueue::new(db.clone())),
     };
+    let bctool_env = st.bctool_env(aws.as_ref())?;
     let ports = Ports {
         builds,
         locks,
@@ -580,6 +631,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             kill_grace: Duration::from_secs(args.kill_grace_secs.max(1)),
             lock_margin: Duration::from_secs(600),
             max_log_bytes: args.max_log_bytes,
+            bctool_env,
             drain_interval: Duration::from_secs(5),
         },
         live,

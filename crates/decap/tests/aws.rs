@@ -43,6 +43,34 @@ async fn sdk() -> aws_config::SdkConfig {
 
 #[tokio::test]
 async fn builds_keep_their_records_in_dynamodb_and_their_logs_and_artifacts_in_s3() {
+    round_trip(Bctool::ThroughTheServer).await;
+}
+
+#[tokio::test]
+async fn bctool_ships_straight_to_s3_and_dynamodb_with_its_own_credentials() {
+    round_trip(Bctool::Direct {
+        secret: "decaptestsecret",
+    })
+    .await;
+}
+
+/// MinIO checks signatures and DynamoDB Local does not: the uploads are
+/// denied, the result is recorded all the same, with the failures noted.
+#[tokio::test]
+async fn bctool_denied_by_s3_still_records_the_result_with_the_failure_noted() {
+    round_trip(Bctool::Direct {
+        secret: "not-the-secret",
+    })
+    .await;
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Bctool {
+    ThroughTheServer,
+    Direct { secret: &'static str },
+}
+
+async fn round_trip(bctool: Bctool) {
     let (s3, ddb) = (
         env("DECAP_TEST_S3_ENDPOINT"),
         env("DECAP_TEST_DYNAMODB_ENDPOINT"),
@@ -90,9 +118,10 @@ async fn builds_keep_their_records_in_dynamodb_and_their_logs_and_artifacts_in_s
         &scripts,
         "acme/cloud",
         r#"{"buildImage": "x"}"#,
-        "echo to the cloud\necho kept > \"$ARTIFACTS_DIR/kept.txt\"\nsleep 0.5\n",
+        "echo to the cloud\nenv | grep -i -e decaptest -e DECAP_BCTOOL && echo LEAKED\n\
+         echo kept > \"$ARTIFACTS_DIR/kept.txt\"\nsleep 0.5\n",
     );
-    let args = [
+    let mut args = vec![
         "--blob-store",
         "s3",
         "--s3-endpoint",
@@ -125,8 +154,21 @@ async fn builds_keep_their_records_in_dynamodb_and_their_logs_and_artifacts_in_s
         "--max-builds",
         "1",
     ];
+    if let Bctool::Direct { secret } = bctool {
+        args.extend([
+            "--bctool-direct",
+            "--bctool-aws-access-key-id",
+            "decaptest",
+            "--bctool-aws-secret-access-key",
+            secret,
+        ]);
+    }
     let decap = Decap::start_with_env(&dir.path().join("data"), &scripts, &args, &CREDENTIALS);
     let api = decap.api();
+    let denied = bctool
+        == Bctool::Direct {
+            secret: "not-the-secret",
+        };
     // Three builds under a cap of one: two wait on the SQS queue and run in turn.
     let ids = api
         .request("acme/cloud", &["main", "second", "third"])
@@ -139,7 +181,18 @@ async fn builds_keep_their_records_in_dynamodb_and_their_logs_and_artifacts_in_s
     );
     for id in &ids {
         let b = api.finished(id, Duration::from_secs(60)).await;
-        assert_eq!(b["status"], "succeeded", "{b}");
+        if denied {
+            assert_eq!(b["status"], "succeeded", "{b}");
+            let message = b["message"].as_str().unwrap();
+            assert!(
+                message.contains("uploading the console log failed")
+                    && message.contains("uploading the artifacts failed")
+                    && message.contains("SignatureDoesNotMatch (HTTP 403)"),
+                "{b}"
+            );
+        } else {
+            assert_eq!(b["status"], "succeeded", "{b}");
+        }
     }
     assert!(
         api.json("/api/v1/deferred").await["deferred"]
@@ -153,7 +206,14 @@ async fn builds_keep_their_records_in_dynamodb_and_their_logs_and_artifacts_in_s
         .text()
         .await
         .unwrap();
-    assert_eq!(log, "to the cloud\n");
+    // (denied: the server kept the live console as the log)
+    assert_eq!(
+        log, "to the cloud\n",
+        "and no credentials in the script's env"
+    );
+    if denied {
+        return;
+    }
     let kept = api
         .get(&format!("/api/v1/artifacts/{}/kept.txt", ids[0]))
         .await

@@ -92,6 +92,7 @@ async fn app_with(secrets: &[&str]) -> TestApp {
             kill_grace: Duration::from_secs(1),
             lock_margin: Duration::from_secs(60),
             max_log_bytes: 1 << 20,
+            bctool_env: Vec::new(),
             drain_interval: Duration::from_secs(3600),
         },
         LiveLogs::new(data.join("live"), 1 << 20).unwrap(),

@@ -1,12 +1,19 @@
-//! `decap-bench-aws`: the AWS adapters against the test bed's DynamoDB Local
-//! and ElasticMQ: lock acquire/release latency, and 10,000 deferred builds
-//! enqueued and drained in FIFO order per branch, none lost or duplicated.
+//! `decap-bench-aws`: the AWS adapters against the test bed: lock
+//! acquire/release latency on DynamoDB Local; 10,000 deferred builds
+//! enqueued and drained in FIFO order per branch on ElasticMQ, none lost or
+//! duplicated; bctool uploading a 1 GiB artifact to the S3 server against
+//! `aws s3 cp` of the same file, with both peak RSSs.
 //!
 //! ```sh
-//! for s in dynamodb elasticmq; do eval "$(tests/bed/$s.sh start)"; done
-//! cargo run --release -p decap-bench --bin decap-bench-aws          # both
-//! cargo run --release -p decap-bench --bin decap-bench-aws -- locks # the locks only
+//! for s in minio dynamodb elasticmq; do eval "$(tests/bed/$s.sh start)"; done
+//! cargo build --release -p decap-bench -p decap
+//! target/release/decap-bench-aws          # all three
+//! target/release/decap-bench-aws locks    # one of them: locks, queue, upload
 //! ```
+//!
+//! `upload` needs the AWS CLI: `aws` on the PATH, or `DECAP_BENCH_AWS_CLI`
+//! (`python3 -m venv ~/.cache/decap/awscli && ~/.cache/decap/awscli/bin/pip
+//! install awscli`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -42,15 +49,171 @@ fn summary(name: &str, mut ms: Vec<f64>) {
     );
 }
 
+/// `rss -- CMD…`: runs a command and prints its wall time and peak RSS (its
+/// only child, so the figure is its own).
+fn rss(cmd: &[String]) -> Result<()> {
+    let t = Instant::now();
+    let status = std::process::Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("cannot run {}", cmd[0]))?;
+    let secs = t.elapsed().as_secs_f64();
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
+    if !status.success() {
+        bail!("{} failed: {status}", cmd[0]);
+    }
+    println!("{secs} {}", usage.max_rss());
+    Ok(())
+}
+
+/// Runs a command under `rss`; returns seconds and peak RSS in MiB.
+fn measured(cmd: &[&str], env: &[(&str, &str)]) -> Result<(f64, f64)> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .arg("rss")
+        .arg("--")
+        .args(cmd)
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed");
+    }
+    let text = String::from_utf8(out.stdout)?;
+    let mut it = text.split_whitespace();
+    let secs: f64 = it.next().context("no time")?.parse()?;
+    let kib: f64 = it.next().context("no rss")?.parse()?;
+    Ok((secs, kib / 1024.0))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// bctool (direct to S3) against `aws s3 cp`, one after the other, in turns.
+async fn upload(sdk: &aws_config::SdkConfig, tag: &str) -> Result<()> {
+    let s3 = env("DECAP_TEST_S3_ENDPOINT")?;
+    let aws_cli = std::env::var("DECAP_BENCH_AWS_CLI").unwrap_or_else(|_| "aws".into());
+    let bctool = std::env::current_exe()?.with_file_name("bctool");
+    if !bctool.exists() {
+        bail!(
+            "{} is missing: cargo build --release -p decap",
+            bctool.display()
+        );
+    }
+    let bucket = format!("bench-upload-{tag}");
+    let admin = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(sdk)
+            .endpoint_url(&s3)
+            .force_path_style(true)
+            .build(),
+    );
+    admin.create_bucket().bucket(&bucket).send().await?;
+    let dir = tempfile::tempdir()?;
+    let artifacts = dir.path().join("artifacts");
+    std::fs::create_dir(&artifacts)?;
+    let file = artifacts.join("big.bin");
+    // 1 GiB of noise (the worst case: nothing to gain from compressing).
+    {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&file)?);
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..1024 {
+            for chunk in block.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes());
+            }
+            out.write_all(&block)?;
+        }
+        out.flush()?;
+    }
+    let creds = [
+        ("AWS_ACCESS_KEY_ID", "decaptest"),
+        ("AWS_SECRET_ACCESS_KEY", "decaptestsecret"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ];
+    let build_id = BuildId::new().to_string();
+    let bctool_env = [
+        ("DECAP_BCTOOL_DIRECT", "1"),
+        ("DECAP_AWS_REGION", "us-east-1"),
+        ("DECAP_S3_ENDPOINT", s3.as_str()),
+        ("DECAP_S3_PATH_STYLE", "1"),
+        ("DECAP_S3_ARTIFACTS_BUCKET", bucket.as_str()),
+        ("DECAP_BCTOOL_AWS_ACCESS_KEY_ID", "decaptest"),
+        ("DECAP_BCTOOL_AWS_SECRET_ACCESS_KEY", "decaptestsecret"),
+        ("BUILD_ID", build_id.as_str()),
+    ];
+    let (file_s, dir_s, bctool_s) = (
+        file.to_string_lossy().into_owned(),
+        artifacts.to_string_lossy().into_owned(),
+        bctool.to_string_lossy().into_owned(),
+    );
+    let target = format!("s3://{bucket}/aws-cli/big.bin");
+    let (mut aws_t, mut aws_m, mut bc_t, mut bc_m) = (vec![], vec![], vec![], vec![]);
+    for round in 0..3 {
+        let (t, m) = measured(
+            &[
+                &aws_cli,
+                "--endpoint-url",
+                &s3,
+                "s3",
+                "cp",
+                "--quiet",
+                &file_s,
+                &target,
+            ],
+            &creds,
+        )?;
+        aws_t.push(t);
+        aws_m.push(m);
+        let (t, m) = measured(&[&bctool_s, "put-artifacts", &dir_s], &bctool_env)?;
+        bc_t.push(t);
+        bc_m.push(m);
+        println!(
+            "round {}: aws s3 cp {:.2} s ({:.0} MiB), bctool {:.2} s ({:.0} MiB)",
+            round + 1,
+            aws_t[round],
+            aws_m[round],
+            bc_t[round],
+            bc_m[round]
+        );
+    }
+    let stored = admin
+        .head_object()
+        .bucket(&bucket)
+        .key(format!("v1/{build_id}/artifacts.tar.gz"))
+        .send()
+        .await?
+        .content_length()
+        .unwrap_or(0);
+    let (a, b) = (median(aws_t), median(bc_t));
+    println!(
+        "1 GiB artifact to S3: aws s3 cp median {a:.2} s (peak RSS {:.0} MiB); bctool put-artifacts median {b:.2} s (peak RSS {:.0} MiB, {:.0} MiB stored); time ratio bctool/aws {:.2}",
+        median(aws_m),
+        bc_m.iter().copied().fold(0.0, f64::max),
+        stored as f64 / (1024.0 * 1024.0),
+        b / a
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let ddb = env("DECAP_TEST_DYNAMODB_ENDPOINT")?;
-    let sqs = env("DECAP_TEST_SQS_ENDPOINT")?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("rss") {
+        return rss(&args[2..]);
+    }
+    let only = args.first().cloned();
+    let wants = |what: &str| only.as_deref().is_none_or(|o| o == what);
     let sdk = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
         .credentials_provider(aws_sdk_s3::config::Credentials::new(
             "decaptest",
-            "decaptest",
+            "decaptestsecret",
             None,
             None,
             "bench",
@@ -63,16 +226,34 @@ async fn main() -> Result<()> {
             .duration_since(std::time::UNIX_EPOCH)?
             .as_nanos()
     );
+    if wants("upload") {
+        upload(&sdk, &tag).await?;
+    }
+    if !wants("locks") && !wants("queue") {
+        return Ok(());
+    }
+    let ddb = env("DECAP_TEST_DYNAMODB_ENDPOINT")?;
+    let sqs = env("DECAP_TEST_SQS_ENDPOINT")?;
 
-    // Locks: acquire and release one key, one after the other.
+    if wants("locks") {
+        locks(&sdk, &ddb, &tag).await?;
+    }
+    if wants("queue") {
+        queue(&sdk, &ddb, &sqs, &tag).await?;
+    }
+    Ok(())
+}
+
+/// Acquires and releases one key, one after the other.
+async fn locks(sdk: &aws_config::SdkConfig, ddb: &str, tag: &str) -> Result<()> {
     let tables = DynamoDbConfig {
         builds_table: format!("bench-builds-{tag}"),
         deliveries_table: format!("bench-deliveries-{tag}"),
         locks_table: format!("bench-locks-{tag}"),
-        endpoint_url: Some(ddb.clone()),
+        endpoint_url: Some(ddb.to_owned()),
     };
-    DynamoDbBuildStore::create_tables(&sdk, &tables).await?;
-    let locks = DynamoDbLockStore::connect(&sdk, tables).await?;
+    DynamoDbBuildStore::create_tables(sdk, &tables).await?;
+    let locks = DynamoDbLockStore::connect(sdk, tables).await?;
     let key = LockKey::parse("bench/app/main")?;
     let (mut acquire, mut release) = (Vec::new(), Vec::new());
     // The first 500 rounds warm the server's JIT and are not counted.
@@ -103,24 +284,23 @@ async fn main() -> Result<()> {
     }
     summary("DynamoDB Local lock acquire", acquire);
     summary("DynamoDB Local lock release", release);
+    Ok(())
+}
 
-    if std::env::args().nth(1).as_deref() == Some("locks") {
-        return Ok(());
-    }
-
-    // The deferral queue: 10,000 entries over 100 branches.
+/// The deferral queue: 10,000 entries over 100 branches.
+async fn queue(sdk: &aws_config::SdkConfig, ddb: &str, sqs: &str, tag: &str) -> Result<()> {
     let queue_url =
-        SqsDeferralQueue::create_queue(&sdk, Some(&sqs), &format!("bench-{tag}.fifo")).await?;
+        SqsDeferralQueue::create_queue(sdk, Some(sqs), &format!("bench-{tag}.fifo")).await?;
     let index = format!("bench-deferred-{tag}");
-    SqsDeferralQueue::create_index_table(&sdk, Some(&ddb), &index).await?;
+    SqsDeferralQueue::create_index_table(sdk, Some(ddb), &index).await?;
     let queue = Arc::new(
         SqsDeferralQueue::connect(
-            &sdk,
+            sdk,
             SqsConfig {
                 queue_url,
                 index_table: index,
-                sqs_endpoint: Some(sqs),
-                dynamodb_endpoint: Some(ddb),
+                sqs_endpoint: Some(sqs.to_owned()),
+                dynamodb_endpoint: Some(ddb.to_owned()),
                 visibility: Duration::from_secs(60),
             },
         )
