@@ -22,8 +22,8 @@
 //! | artifacts (tar.gz) | artifacts bucket | `{prefix}v1/{build id}/artifacts.tar.gz` |
 //!
 //! Uploads stream: a blob smaller than one part is one `PutObject`; a larger
-//! one is a multipart upload with up to three parts (8 MiB each) in flight
-//! while the next one fills, aborted if anything fails, so a reader sees the
+//! one is a multipart upload with up to four parts (6 MiB each, so objects
+//! up to 58 GiB) in flight while the next one fills, aborted if anything fails, so a reader sees the
 //! old blob or the new one.
 #![deny(missing_docs)]
 

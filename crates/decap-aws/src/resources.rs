@@ -274,16 +274,57 @@ pub async fn account_id(sdk: &aws_config::SdkConfig) -> Result<String> {
         .ok_or_else(|| fail("asking STS who we are", "no account in the answer"))
 }
 
-/// The IAM policy of least privilege for Decap: these buckets' objects,
-/// these tables and their indexes, this queue; nothing else. `account` is
-/// the 12-digit account id (from STS `GetCallerIdentity`'s `Account`).
-pub fn policy(account: &str, region: &str, r: &Resources) -> Result<serde_json::Value> {
+fn check_account(account: &str) -> Result<()> {
     if account.len() != 12 || !account.chars().all(|c| c.is_ascii_digit()) {
         return Err(Error::invalid(
             "account",
             format!("{account:?} is not a 12-digit AWS account id"),
         ));
     }
+    Ok(())
+}
+
+/// The IAM policy of least privilege for bctool on its direct path: put
+/// (and abort) objects under the versioned key layout of the two buckets,
+/// read build records and replace them (a conditional put, only from
+/// `running`), update locks (a release is an update that removes the
+/// owner). Nothing is listed, deleted or described.
+pub fn bctool_policy(account: &str, region: &str, r: &Resources) -> Result<serde_json::Value> {
+    check_account(account)?;
+    let table = |t: &str| format!("arn:aws:dynamodb:{region}:{account}:table/{t}");
+    Ok(json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "BctoolBlobs",
+                "Effect": "Allow",
+                "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
+                "Resource": [
+                    format!("arn:aws:s3:::{}/{}v1/*", r.s3.logs_bucket, r.s3.key_prefix),
+                    format!("arn:aws:s3:::{}/{}v1/*", r.s3.artifacts_bucket, r.s3.key_prefix),
+                ],
+            },
+            {
+                "Sid": "BctoolBuildRecords",
+                "Effect": "Allow",
+                "Action": ["dynamodb:GetItem", "dynamodb:PutItem"],
+                "Resource": [table(&r.dynamodb.builds_table)],
+            },
+            {
+                "Sid": "BctoolLocks",
+                "Effect": "Allow",
+                "Action": ["dynamodb:UpdateItem"],
+                "Resource": [table(&r.dynamodb.locks_table)],
+            },
+        ],
+    }))
+}
+
+/// The IAM policy of least privilege for Decap: these buckets' objects,
+/// these tables and their indexes, this queue; nothing else. `account` is
+/// the 12-digit account id (from STS `GetCallerIdentity`'s `Account`).
+pub fn policy(account: &str, region: &str, r: &Resources) -> Result<serde_json::Value> {
+    check_account(account)?;
     let table = |t: &str| format!("arn:aws:dynamodb:{region}:{account}:table/{t}");
     let tables: Vec<String> = [
         &r.dynamodb.builds_table,

@@ -12,10 +12,10 @@ use decap_core::{Error, Result};
 use futures::StreamExt;
 
 /// The size of each part of a multipart upload (S3's minimum is 5 MiB).
-pub const PART_BYTES: usize = 8 * 1024 * 1024;
+pub const PART_BYTES: usize = 6 * 1024 * 1024;
 
 /// How many parts of one multipart upload are sent at once.
-pub const PARTS_IN_FLIGHT: usize = 3;
+pub const PARTS_IN_FLIGHT: usize = 4;
 
 /// Where the blobs go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,7 +130,7 @@ impl S3BlobStore {
         bucket: &str,
         key: &str,
         first: Bytes,
-        data: &mut ByteStream,
+        parts: &mut Parts<'_>,
     ) -> Result<u64> {
         let upload = self
             .client
@@ -145,7 +145,7 @@ impl S3BlobStore {
             .ok_or_else(|| Error::backend("s3", "no upload id in the answer"))?
             .to_owned();
         let result = self
-            .upload_parts(bucket, key, &upload_id, first, data)
+            .upload_parts(bucket, key, &upload_id, first, parts)
             .await;
         if result.is_err() {
             let aborted = self
@@ -169,37 +169,43 @@ impl S3BlobStore {
         key: &str,
         upload_id: &str,
         first: Bytes,
-        data: &mut ByteStream,
+        source: &mut Parts<'_>,
     ) -> Result<u64> {
-        // Up to PARTS_IN_FLIGHT parts upload at once while the next one
-        // fills, so a slow round trip does not stall the producer; memory
-        // stays bounded at (PARTS_IN_FLIGHT + 1) parts.
-        let mut in_flight = futures::stream::FuturesUnordered::new();
+        // Up to PARTS_IN_FLIGHT parts upload at once, each in a task of its
+        // own so it progresses while the next one fills; memory stays
+        // bounded at (PARTS_IN_FLIGHT + 1) parts.
+        let mut in_flight = tokio::task::JoinSet::new();
         let mut parts = Vec::new();
         let mut total = 0u64;
         let mut number = 1;
-        in_flight.push(self.put_part(bucket, key, upload_id, number, first));
-        let mut buf = BytesMut::with_capacity(PART_BYTES);
-        let mut ended = false;
-        while !ended {
-            // Every part but the last is a full one.
-            ended = fill(&mut buf, data).await?;
-            if !buf.is_empty() {
-                while in_flight.len() >= PARTS_IN_FLIGHT {
-                    if let Some(done) = in_flight.next().await {
-                        let (part, len) = done?;
-                        parts.push(part);
-                        total += len;
-                    }
+        let mut next = Some(first);
+        loop {
+            let Some(part) = next.take() else {
+                break;
+            };
+            while in_flight.len() >= PARTS_IN_FLIGHT {
+                if let Some(done) = in_flight.join_next().await {
+                    let (part, len) = done.map_err(|e| Error::backend("s3", e))??;
+                    parts.push(part);
+                    total += len;
                 }
-                number += 1;
-                let part = buf.split().freeze();
-                buf.reserve(PART_BYTES);
-                in_flight.push(self.put_part(bucket, key, upload_id, number, part));
+            }
+            in_flight.spawn(put_part(
+                self.client.clone(),
+                bucket.to_owned(),
+                key.to_owned(),
+                upload_id.to_owned(),
+                number,
+                part,
+            ));
+            number += 1;
+            let following = source.next().await?;
+            if !following.is_empty() {
+                next = Some(following);
             }
         }
-        while let Some(done) = in_flight.next().await {
-            let (part, len) = done?;
+        while let Some(done) = in_flight.join_next().await {
+            let (part, len) = done.map_err(|e| Error::backend("s3", e))??;
             parts.push(part);
             total += len;
         }
@@ -219,58 +225,99 @@ impl S3BlobStore {
             .map_err(|e| s3_err("completing a multipart upload", e))?;
         Ok(total)
     }
-
-    async fn put_part(
-        &self,
-        bucket: &str,
-        key: &str,
-        upload_id: &str,
-        number: i32,
-        part: Bytes,
-    ) -> Result<(CompletedPart, u64)> {
-        let len = part.len() as u64;
-        let done = self
-            .client
-            .upload_part()
-            .bucket(bucket)
-            .key(key)
-            .upload_id(upload_id)
-            .part_number(number)
-            .body(S3Bytes::from(part))
-            .send()
-            .await
-            .map_err(|e| s3_err(&format!("uploading part {number}"), e))?;
-        Ok((
-            CompletedPart::builder()
-                .part_number(number)
-                .set_e_tag(done.e_tag().map(str::to_owned))
-                .build(),
-            len,
-        ))
-    }
 }
 
-/// Reads from `data` into `buf` until it holds a part or the stream ends;
-/// returns whether the stream ended.
-async fn fill(buf: &mut BytesMut, data: &mut ByteStream) -> Result<bool> {
-    while buf.len() < PART_BYTES {
-        match data.next().await {
-            None => return Ok(true),
-            Some(Err(e)) => return Err(Error::backend("s3", format!("reading the upload: {e}"))),
-            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+async fn put_part(
+    client: Client,
+    bucket: String,
+    key: String,
+    upload_id: String,
+    number: i32,
+    part: Bytes,
+) -> Result<(CompletedPart, u64)> {
+    let len = part.len() as u64;
+    let done = client
+        .upload_part()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .part_number(number)
+        .body(S3Bytes::from(part))
+        .send()
+        .await
+        .map_err(|e| s3_err(&format!("uploading part {number}"), e))?;
+    Ok((
+        CompletedPart::builder()
+            .part_number(number)
+            .set_e_tag(done.e_tag().map(str::to_owned))
+            .build(),
+        len,
+    ))
+}
+
+/// Cuts a stream into parts of exactly [`PART_BYTES`] (the last one
+/// shorter), copying each byte at most once and never growing a buffer past
+/// one part.
+struct Parts<'a> {
+    data: &'a mut ByteStream,
+    carry: Option<Bytes>,
+    ended: bool,
+}
+
+impl<'a> Parts<'a> {
+    fn new(data: &'a mut ByteStream) -> Self {
+        Parts {
+            data,
+            carry: None,
+            ended: false,
         }
     }
-    Ok(false)
+
+    /// The next part; empty once the stream has ended.
+    async fn next(&mut self) -> Result<Bytes> {
+        let mut buf = BytesMut::new();
+        while !self.ended {
+            let mut chunk = match self.carry.take() {
+                Some(c) => c,
+                None => match self.data.next().await {
+                    None => {
+                        self.ended = true;
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        return Err(Error::backend("s3", format!("reading the upload: {e}")));
+                    }
+                    Some(Ok(chunk)) => chunk,
+                },
+            };
+            if buf.is_empty() && chunk.len() >= PART_BYTES {
+                let part = chunk.split_to(PART_BYTES);
+                self.carry = (!chunk.is_empty()).then_some(chunk);
+                return Ok(part);
+            }
+            if buf.capacity() == 0 {
+                buf.reserve(PART_BYTES);
+            }
+            let take = (PART_BYTES - buf.len()).min(chunk.len());
+            buf.extend_from_slice(&chunk[..take]);
+            if take < chunk.len() {
+                self.carry = Some(chunk.slice(take..));
+            }
+            if buf.len() == PART_BYTES {
+                break;
+            }
+        }
+        Ok(buf.freeze())
+    }
 }
 
 #[async_trait]
 impl BlobStore for S3BlobStore {
     async fn put(&self, build: BuildId, kind: BlobKind, mut data: ByteStream) -> Result<u64> {
         let (bucket, key) = self.location(build, kind);
-        let mut buf = BytesMut::with_capacity(PART_BYTES);
-        let ended = fill(&mut buf, &mut data).await?;
-        let first = buf.split().freeze();
-        if ended {
+        let mut parts = Parts::new(&mut data);
+        let first = parts.next().await?;
+        if parts.ended {
             let len = first.len() as u64;
             self.client
                 .put_object()
@@ -282,7 +329,7 @@ impl BlobStore for S3BlobStore {
                 .map_err(|e| s3_err(&format!("storing {key}"), e))?;
             return Ok(len);
         }
-        self.multipart(bucket, &key, first, &mut data).await
+        self.multipart(bucket, &key, first, &mut parts).await
     }
 
     async fn get(&self, build: BuildId, kind: BlobKind) -> Result<Option<(u64, ByteStream)>> {

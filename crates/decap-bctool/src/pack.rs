@@ -65,6 +65,32 @@ pub fn looks_incompressible(block: &[u8]) -> bool {
     entropy > 7.5
 }
 
+/// Writes `data` as one gzip member of stored (uncompressed) deflate blocks
+/// (RFC 1951 §3.2.4, RFC 1952): a header, blocks of at most 65,535 bytes each
+/// behind their lengths, the CRC-32 and the length. The data is copied once,
+/// where a deflater at level 0 copies it three times.
+fn write_stored_member(out: &mut impl Write, data: &[u8]) -> io::Result<()> {
+    // ID1 ID2 CM=deflate FLG=0 MTIME=0 XFL=0 OS=unix
+    out.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3])?;
+    let mut blocks = data.chunks(u16::MAX as usize).peekable();
+    if blocks.peek().is_none() {
+        out.write_all(&[1, 0, 0, 0xff, 0xff])?; // one final, empty block
+    }
+    while let Some(block) = blocks.next() {
+        let last = u8::from(blocks.peek().is_none());
+        let len = block.len() as u16;
+        let [lo, hi] = len.to_le_bytes();
+        let [nlo, nhi] = (!len).to_le_bytes();
+        out.write_all(&[last, lo, hi, nlo, nhi])?;
+        out.write_all(block)?;
+    }
+    let mut crc = flate2::Crc::new();
+    crc.update(data);
+    out.write_all(&crc.sum().to_le_bytes())?;
+    out.write_all(&(data.len() as u32).to_le_bytes())?;
+    Ok(())
+}
+
 /// A writer of gzip members, each holding [`MEMBER_BYTES`] of input, stored
 /// or deflated as its content deserves.
 pub struct AdaptiveGz<W: Write> {
@@ -84,14 +110,13 @@ impl<W: Write> AdaptiveGz<W> {
     }
 
     fn emit(&mut self) -> io::Result<()> {
-        let level = if looks_incompressible(&self.block) {
-            Compression::none()
+        if looks_incompressible(&self.block) {
+            write_stored_member(&mut self.out, &self.block)?;
         } else {
-            Compression::fast()
-        };
-        let mut enc = GzEncoder::new(&mut self.out, level);
-        enc.write_all(&self.block)?;
-        enc.finish()?;
+            let mut enc = GzEncoder::new(&mut self.out, Compression::fast());
+            enc.write_all(&self.block)?;
+            enc.finish()?;
+        }
         self.block.clear();
         self.members += 1;
         Ok(())
@@ -251,6 +276,31 @@ mod tests {
             .read_to_end(&mut back)
             .unwrap();
         assert_eq!(back, input);
+    }
+
+    #[test]
+    fn stored_members_decode_with_their_checksums() {
+        for len in [0, 1, 65_535, 65_536, 3 * 65_535, 200_000] {
+            let data = noise(len);
+            let mut packed = Vec::new();
+            write_stored_member(&mut packed, &data).unwrap();
+            let mut back = Vec::new();
+            flate2::read::GzDecoder::new(&packed[..])
+                .read_to_end(&mut back)
+                .unwrap_or_else(|e| panic!("{len}: {e}"));
+            assert_eq!(back, data, "{len}");
+            // and the system's gzip agrees
+            let mut gunzip = std::process::Command::new("gzip")
+                .args(["-d", "-c"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            gunzip.stdin.take().unwrap().write_all(&packed).unwrap();
+            let out = gunzip.wait_with_output().unwrap();
+            assert!(out.status.success(), "{len}");
+            assert_eq!(out.stdout, data, "{len}");
+        }
     }
 
     #[test]

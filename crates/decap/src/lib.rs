@@ -53,6 +53,14 @@ enum ResourcesAction {
     Policy,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum PolicyFor {
+    /// The server: every bucket, table and queue it uses.
+    Decap,
+    /// bctool on its direct path: put objects, record results, free locks.
+    Bctool,
+}
+
 /// `decap aws-resources`.
 #[derive(Args, Debug)]
 struct AwsResourcesArgs {
@@ -72,6 +80,9 @@ struct AwsResourcesArgs {
     /// The account id for the policy (default: asked of STS).
     #[arg(long, env = "DECAP_AWS_ACCOUNT_ID")]
     account_id: Option<String>,
+    /// Whose policy to print.
+    #[arg(long = "for", value_enum, default_value_t = PolicyFor::Decap)]
+    policy_for: PolicyFor,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -404,7 +415,12 @@ async fn aws_resources(args: AwsResourcesArgs) -> Result<()> {
                 .region()
                 .map(|r| r.as_ref().to_owned())
                 .context("no region: pass --aws-region or set AWS_REGION")?;
-            let policy = decap_aws::resources::policy(&account, &region, &resources)?;
+            let policy = match args.policy_for {
+                PolicyFor::Decap => decap_aws::resources::policy(&account, &region, &resources)?,
+                PolicyFor::Bctool => {
+                    decap_aws::resources::bctool_policy(&account, &region, &resources)?
+                }
+            };
             println!("{}", serde_json::to_string_pretty(&policy)?);
         }
     }

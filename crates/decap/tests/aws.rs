@@ -392,6 +392,25 @@ fn aws_resources_are_created_described_and_deleted_from_the_command_line() {
         text.contains(&format!("arn:aws:s3:::cli-logs-{tag}/*")),
         "{text}"
     );
+    let bctool: serde_json::Value = serde_json::from_str(&run(&[
+        "policy",
+        "--for",
+        "bctool",
+        "--account-id",
+        "123456789012",
+        "--aws-region",
+        "eu-west-1",
+    ]))
+    .unwrap();
+    let text = bctool.to_string();
+    assert!(
+        text.contains(&format!("arn:aws:s3:::cli-artifacts-{tag}/v1/*"))
+            && text.contains("s3:PutObject")
+            && !text.contains("s3:GetObject")
+            && !text.contains("dynamodb:DeleteItem")
+            && !text.contains("sqs:"),
+        "{text}"
+    );
     run(&["delete"]);
     run(&["delete"]);
 }
