@@ -30,6 +30,7 @@
 mod attrs;
 pub mod direct;
 mod dynamodb;
+pub mod iam;
 pub mod resources;
 mod s3;
 mod sqs;

@@ -83,6 +83,29 @@ struct AwsResourcesArgs {
     /// Whose policy to print.
     #[arg(long = "for", value_enum, default_value_t = PolicyFor::Decap)]
     policy_for: PolicyFor,
+    /// Also create (delete) an IAM user holding Decap's policy.
+    #[arg(long, env = "DECAP_IAM_USER")]
+    iam_user: Option<String>,
+    /// Also create (delete) an IAM role holding Decap's policy; its trust
+    /// comes from --iam-trust-policy or --iam-oidc-provider.
+    #[arg(long, env = "DECAP_IAM_ROLE")]
+    iam_role: Option<String>,
+    /// The role's trust policy: a JSON file saying who may assume it.
+    #[arg(long, conflicts_with = "iam_oidc_provider")]
+    iam_trust_policy: Option<PathBuf>,
+    /// Or: trust this EKS cluster's OIDC issuer (IAM roles for service
+    /// accounts), e.g. oidc.eks.eu-west-1.amazonaws.com/id/ABC…
+    #[arg(long)]
+    iam_oidc_provider: Option<String>,
+    /// The service account (namespace/name) the issuer vouches for.
+    #[arg(long, default_value = "decap-system/decap")]
+    iam_service_account: String,
+    /// Also create (delete) an IAM user holding bctool's policy.
+    #[arg(long, env = "DECAP_IAM_BCTOOL_USER")]
+    iam_bctool_user: Option<String>,
+    /// An IAM endpoint instead of AWS.
+    #[arg(long, env = "DECAP_IAM_ENDPOINT")]
+    iam_endpoint: Option<String>,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -394,27 +417,75 @@ async fn aws_resources(args: AwsResourcesArgs) -> Result<()> {
         sqs_endpoint: st.sqs_endpoint.clone(),
         log_retention_days: args.log_retention_days,
     };
+    let account_and_region = || async {
+        let account = match &args.account_id {
+            Some(a) => a.clone(),
+            None => decap_aws::resources::account_id(&sdk).await?,
+        };
+        let region = sdk
+            .region()
+            .map(|r| r.as_ref().to_owned())
+            .context("no region: pass --aws-region or set AWS_REGION")?;
+        anyhow::Ok((account, region))
+    };
+    let mut identities = decap_aws::iam::Identities {
+        user: args.iam_user.clone(),
+        role: None,
+        bctool_user: args.iam_bctool_user.clone(),
+        endpoint: args.iam_endpoint.clone(),
+    };
     match args.action {
         ResourcesAction::Create => {
             let created = decap_aws::resources::create(&sdk, &resources).await?;
+            if let Some(role) = &args.iam_role {
+                let (account, _) = account_and_region().await?;
+                let trust = match (&args.iam_trust_policy, &args.iam_oidc_provider) {
+                    (Some(file), _) => {
+                        let text = std::fs::read_to_string(file)
+                            .with_context(|| format!("cannot read {}", file.display()))?;
+                        serde_json::from_str(&text).with_context(|| {
+                            format!("{} is not a JSON trust policy", file.display())
+                        })?
+                    }
+                    (None, Some(provider)) => decap_aws::iam::service_account_trust_policy(
+                        &account,
+                        provider,
+                        &args.iam_service_account,
+                    )?,
+                    (None, None) => bail!(
+                        "--iam-role needs --iam-trust-policy FILE or --iam-oidc-provider ISSUER"
+                    ),
+                };
+                identities.role = Some((role.clone(), trust));
+            }
+            if !identities.is_empty() {
+                let (account, region) = account_and_region().await?;
+                let arns = decap_aws::iam::create(
+                    &sdk,
+                    &identities,
+                    &decap_aws::resources::policy(&account, &region, &resources)?,
+                    &decap_aws::resources::bctool_policy(&account, &region, &resources)?,
+                )
+                .await?;
+                for arn in arns {
+                    println!("identity {arn} holds its policy");
+                }
+            }
             println!(
                 "created; run decap with --deferral-queue sqs --sqs-queue-url {}",
                 created.queue_url
             );
         }
         ResourcesAction::Delete => {
+            if let Some(role) = &args.iam_role {
+                identities.role = Some((role.clone(), serde_json::Value::Null));
+            }
+            decap_aws::iam::delete(&sdk, &identities).await?;
             decap_aws::resources::delete(&sdk, &resources).await?;
             println!("deleted");
         }
         ResourcesAction::Policy => {
-            let account = match &args.account_id {
-                Some(a) => a.clone(),
-                None => decap_aws::resources::account_id(&sdk).await?,
-            };
-            let region = sdk
-                .region()
-                .map(|r| r.as_ref().to_owned())
-                .context("no region: pass --aws-region or set AWS_REGION")?;
+            let (account, region) = account_and_region().await?;
             let policy = match args.policy_for {
                 PolicyFor::Decap => decap_aws::resources::policy(&account, &region, &resources)?,
                 PolicyFor::Bctool => {

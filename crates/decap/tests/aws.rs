@@ -354,6 +354,10 @@ fn aws_resources_are_created_described_and_deleted_from_the_command_line() {
         ("DECAP_S3_PATH_STYLE", "true".to_owned()),
         ("DECAP_DYNAMODB_ENDPOINT", ddb),
         ("DECAP_SQS_ENDPOINT", sqs),
+        ("DECAP_IAM_ENDPOINT", env("DECAP_TEST_IAM_ENDPOINT")),
+        ("DECAP_IAM_USER", format!("cli-decap-{tag}")),
+        ("DECAP_IAM_ROLE", format!("cli-decap-role-{tag}")),
+        ("DECAP_IAM_BCTOOL_USER", format!("cli-bctool-{tag}")),
     ];
     let run = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_decap"))
@@ -370,9 +374,23 @@ fn aws_resources_are_created_described_and_deleted_from_the_command_line() {
         );
         String::from_utf8(out.stdout).unwrap()
     };
-    let created = run(&["create"]);
+    let create = [
+        "create",
+        "--account-id",
+        "123456789012",
+        "--iam-oidc-provider",
+        "oidc.eks.eu-west-1.amazonaws.com/id/TEST",
+    ];
+    let created = run(&create);
     assert!(created.contains("--sqs-queue-url http"), "{created}");
-    assert_eq!(run(&["create"]), created, "creating twice changes nothing");
+    for identity in [
+        format!(":user/cli-decap-{tag} holds its policy"),
+        format!(":user/cli-bctool-{tag} holds its policy"),
+        format!(":role/cli-decap-role-{tag} holds its policy"),
+    ] {
+        assert!(created.contains(&identity), "{identity}: {created}");
+    }
+    assert_eq!(run(&create), created, "creating twice changes nothing");
     let policy: serde_json::Value = serde_json::from_str(&run(&[
         "policy",
         "--account-id",

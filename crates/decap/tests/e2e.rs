@@ -715,3 +715,58 @@ async fn the_build_scripts_are_read_again_on_request() {
     let ids = api.request("acme/second", &["main"]).await;
     assert_eq!(api.finished(&ids[0], MINUTE).await["status"], "succeeded");
 }
+
+#[tokio::test]
+async fn a_deferred_build_of_a_project_that_left_the_build_scripts_ends_errored_and_frees_its_place()
+ {
+    let (_dir, scripts, data) = dirs();
+    project(&scripts, "acme/busy", r#"{"buildImage": "x"}"#, "sleep 1\n");
+    project(&scripts, "acme/gone", r#"{"buildImage": "x"}"#, "true\n");
+    let decap = Decap::start(&data, &scripts, &["--max-builds", "1"]);
+    let api = decap.api();
+    let busy = api.request("acme/busy", &["main"]).await;
+    let gone = api.request("acme/gone", &["main"]).await;
+    assert_eq!(api.build(&gone[0]).await["status"], "deferred");
+
+    // The project leaves the build scripts while its build waits.
+    std::fs::remove_dir_all(scripts.join("acme/gone")).unwrap();
+    assert_eq!(
+        api.send(Method::POST, "/hooks/buildscripts").await.status(),
+        202
+    );
+    eventually("the project to leave the catalog", MINUTE, || async {
+        let v = api.json("/api/v1/projects").await;
+        let names: Vec<&str> = v["projects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["project"].as_str())
+            .collect();
+        (!names.contains(&"gone")).then_some(())
+    })
+    .await;
+
+    assert_eq!(api.finished(&busy[0], MINUTE).await["status"], "succeeded");
+    let b = api.finished(&gone[0], MINUTE).await;
+    assert_eq!(b["status"], "errored", "{b}");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap()
+            .contains("no longer in the build scripts"),
+        "{b}"
+    );
+    assert!(
+        api.json("/api/v1/deferred").await["deferred"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        api.json("/api/v1/locks").await["locks"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "no lock left behind"
+    );
+}
