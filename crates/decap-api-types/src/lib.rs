@@ -109,6 +109,46 @@ pub struct BuildsPage {
     pub next_cursor: Option<String>,
 }
 
+/// `GET /api/v1/stats/{team}/{project}`: figures over recent finished builds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectStatsView {
+    /// `team/project`.
+    pub project: String,
+    /// The branch, when the figures are for one.
+    pub branch: Option<String>,
+    /// Finished builds counted (at most `last`).
+    pub builds: usize,
+    /// Of them, succeeded.
+    pub succeeded: usize,
+    /// Failed.
+    pub failed: usize,
+    /// Errored.
+    pub errored: usize,
+    /// Timed out.
+    pub timed_out: usize,
+    /// Cancelled (in no rate).
+    pub cancelled: usize,
+    /// (failed + errored + timed out) / (builds − cancelled); null without any.
+    pub failure_rate: Option<f64>,
+    /// Mean duration of the green builds (else of all that ran), in ms.
+    pub average_duration_ms: Option<i64>,
+    /// The builds, oldest first, for a chart.
+    pub durations: Vec<DurationPoint>,
+}
+
+/// One finished build in [`ProjectStatsView`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DurationPoint {
+    /// The build.
+    pub id: String,
+    /// How it ended.
+    pub status: String,
+    /// How long it ran.
+    pub duration_ms: Option<i64>,
+}
+
 /// `POST /api/v1/builds/{team}/{project}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BuildsCreated {

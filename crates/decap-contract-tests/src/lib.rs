@@ -255,6 +255,58 @@ pub async fn build_store_suite(store: Arc<dyn BuildStore>) {
             "a concurrent insert was lost"
         );
     }
+
+    // stats: the last N finished builds of a project (or a branch), read
+    // through the history query whatever the page size
+    let ends = [
+        (BuildStatus::Succeeded, 10),
+        (BuildStatus::Failed, 40),
+        (BuildStatus::Succeeded, 30),
+        (BuildStatus::Errored, 5),
+        (BuildStatus::Succeeded, 20),
+    ];
+    for (i, (status, secs)) in ends.iter().enumerate() {
+        let at = t0 + time::Duration::seconds(i as i64);
+        let branch = if i == 1 { "dev" } else { "main" };
+        let mut b = build_at("stats", branch, at);
+        store.insert(&b).await.unwrap();
+        b.transition(BuildStatus::Running, at).unwrap();
+        assert!(store.update(&b, BuildStatus::Queued).await.unwrap());
+        b.transition(*status, at + time::Duration::seconds(*secs))
+            .unwrap();
+        assert!(store.update(&b, BuildStatus::Running).await.unwrap());
+    }
+    store
+        .insert(&build_at("stats", "main", t0 + time::Duration::seconds(9)))
+        .await
+        .unwrap(); // still queued: not counted
+    let all = store.stats(&project("stats"), None, 100).await.unwrap();
+    assert_eq!(
+        (all.builds, all.succeeded, all.failed, all.errored),
+        (5, 3, 1, 1)
+    );
+    assert_eq!(all.failure_rate, Some(0.4));
+    assert_eq!(
+        all.average_duration_ms,
+        Some(20_000),
+        "the green builds' mean"
+    );
+    assert_eq!(all.points.len(), 5);
+    let last_two = store.stats(&project("stats"), None, 2).await.unwrap();
+    assert_eq!(
+        last_two
+            .points
+            .iter()
+            .map(|p| p.duration_ms)
+            .collect::<Vec<_>>(),
+        vec![Some(5_000), Some(20_000)],
+        "the newest two, oldest first"
+    );
+    let main = store
+        .stats(&project("stats"), Some("main"), 100)
+        .await
+        .unwrap();
+    assert_eq!((main.builds, main.failed), (4, 0));
 }
 
 /// The [`LockStore`] contract.

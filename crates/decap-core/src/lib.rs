@@ -24,6 +24,7 @@ pub mod names;
 pub mod ports;
 pub mod refs;
 pub mod schedule;
+pub mod stats;
 
 pub use build::{Build, BuildId, BuildStatus, Trigger};
 pub use error::{Error, Result};

@@ -97,6 +97,36 @@ pub trait BuildStore: Send + Sync {
     async fn with_status(&self, statuses: &[BuildStatus]) -> Result<Vec<Build>>;
     /// How many builds are in each status (for metrics).
     async fn count_by_status(&self) -> Result<Vec<(BuildStatus, u64)>>;
+    /// Figures over the project's (or its branch's) last `last` finished
+    /// builds: one history query of the final statuses, read page by page.
+    async fn stats(
+        &self,
+        project: &ProjectKey,
+        branch: Option<&str>,
+        last: usize,
+    ) -> Result<crate::stats::ProjectStats> {
+        let mut builds = Vec::new();
+        let mut cursor = None;
+        while builds.len() < last {
+            let page = self
+                .list(&BuildQuery {
+                    project: Some(project.clone()),
+                    branch: branch.map(str::to_owned),
+                    statuses: crate::stats::FINAL.to_vec(),
+                    limit: last - builds.len(),
+                    cursor: cursor.take(),
+                    ..BuildQuery::default()
+                })
+                .await?;
+            builds.extend(page.builds);
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        builds.truncate(last);
+        Ok(crate::stats::ProjectStats::of(&builds))
+    }
 }
 
 /// A held lock.

@@ -279,6 +279,70 @@ pub async fn list_builds(
     }))
 }
 
+/// `GET /api/v1/stats/{team}/{project}?branch=&last=` — figures over the
+/// last `last` (default 50, at most 1,000) finished builds.
+pub async fn project_stats(
+    State(app): State<AppState>,
+    Path((team, project)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<decap_api_types::ProjectStatsView>> {
+    let key = project_key(&team, &project)?;
+    let mut branch = None;
+    let mut last = 50usize;
+    const ALLOWED: &[&str] = &["branch", "last"];
+    for (k, v) in query_pairs(&q)? {
+        match k.as_str() {
+            "branch" => {
+                decap_core::names::validate_branch(&v)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                branch = Some(v);
+            }
+            "last" => {
+                last = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "invalid last: {v:?} is not a number between 1 and 1000"
+                        ))
+                    })?;
+            }
+            other => return Err(unknown_param(other, ALLOWED)),
+        }
+    }
+    let stats = app
+        .controller
+        .ports
+        .builds
+        .stats(&key, branch.as_deref(), last)
+        .await?;
+    if stats.builds == 0 && app.controller.project(&key).is_err() {
+        return Err(ApiError::not_found(format!("project {team}/{project}")));
+    }
+    Ok(Json(decap_api_types::ProjectStatsView {
+        project: key.to_string(),
+        branch,
+        builds: stats.builds,
+        succeeded: stats.succeeded,
+        failed: stats.failed,
+        errored: stats.errored,
+        timed_out: stats.timed_out,
+        cancelled: stats.cancelled,
+        failure_rate: stats.failure_rate,
+        average_duration_ms: stats.average_duration_ms,
+        durations: stats
+            .points
+            .iter()
+            .map(|p| decap_api_types::DurationPoint {
+                id: p.id.to_string(),
+                status: p.status.as_str().to_owned(),
+                duration_ms: p.duration_ms,
+            })
+            .collect(),
+    }))
+}
+
 pub async fn create_builds(
     State(app): State<AppState>,
     Path((team, project)): Path<(String, String)>,

@@ -55,6 +55,7 @@ pub fn router(state: AppState) -> Router {
             "/builds/{team}/{project}",
             get(api::list_builds).post(api::create_builds),
         )
+        .route("/stats/{team}/{project}", get(api::project_stats))
         .route("/build/{id}", get(api::get_build).delete(api::cancel_build))
         .route("/build/{id}/rerun", post(api::rerun_build))
         .route("/build/{id}/result", post(api::put_result))

@@ -389,6 +389,15 @@ async fn caps_defer_builds_and_finishing_builds_resubmit_them_at_once() {
             b["endTime"].as_str().unwrap().to_owned(),
         ));
     }
+    let stats = api.json("/api/v1/stats/acme/a").await;
+    assert_eq!(stats["builds"], 1, "{stats}");
+    assert_eq!(stats["succeeded"], 1, "{stats}");
+    assert_eq!(stats["failureRate"], 0.0, "{stats}");
+    assert!(
+        stats["averageDurationMs"].as_i64().unwrap() >= 300,
+        "{stats}"
+    );
+    assert_eq!(stats["durations"].as_array().unwrap().len(), 1, "{stats}");
     spans.sort();
     for pair in spans.windows(2) {
         assert!(

@@ -417,6 +417,7 @@ async fn unknown_things_are_404_and_odd_names_400() {
         format!("/api/v1/artifacts/{unknown}"),
         "/api/v1/builds/acme/nothing".to_owned(),
         "/api/v1/projects/acme/nothing/refs".to_owned(),
+        "/api/v1/stats/acme/nothing".to_owned(),
         "/no/such/page".to_owned(),
     ] {
         let (status, v) = call(&app, get(&path)).await;
@@ -434,6 +435,10 @@ async fn unknown_things_are_404_and_odd_names_400() {
         "/api/v1/builds/acme/widgets?branch=../x",
         "/api/v1/builds/acme/widgets?cursor=garbage",
         "/api/v1/builds/acme/widgets?brnch=main",
+        "/api/v1/stats/acme/widgets?last=0",
+        "/api/v1/stats/acme/widgets?last=lots",
+        "/api/v1/stats/acme/widgets?branch=../x",
+        "/api/v1/stats/acme/widgets?limit=3",
     ] {
         let (status, v) = call(&app, get(path)).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {v}");
