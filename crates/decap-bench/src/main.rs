@@ -37,6 +37,8 @@ enum What {
     Drain,
     /// Resident memory of an idle `decap serve`.
     IdleMemory,
+    /// The project page rendered with 10,000 builds in its history.
+    ProjectPage,
     /// Everything.
     All,
 }
@@ -605,6 +607,73 @@ fn idle_memory() -> Result<()> {
     Ok(())
 }
 
+/// Runs 10,000 trivial builds of one project (100 branches, a batch of one
+/// build per branch at a time), then times the project page.
+async fn project_page() -> Result<()> {
+    let server = start(
+        |s| write_project(s, "bench/history", r#"{"buildImage": "x"}"#, "true\n"),
+        &[
+            "--sandbox",
+            "none",
+            "--max-builds",
+            "8",
+            "--max-builds-per-project",
+            "8",
+        ],
+    )?;
+    let http = reqwest::Client::new();
+    let branches: Vec<String> = (0..100).map(|b| format!("branch=b{b}")).collect();
+    let query = branches.join("&");
+    let t = Instant::now();
+    for batch in 0..100 {
+        let r = http
+            .post(format!(
+                "{}/api/v1/builds/bench/history?{query}",
+                server.url
+            ))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("batch {batch}: {}", r.status());
+        }
+        let v: serde_json::Value = r.json().await?;
+        let ids: Vec<String> = v["builds"]
+            .as_array()
+            .context("no builds")?
+            .iter()
+            .filter_map(|b| b["id"].as_str().map(str::to_owned))
+            .collect();
+        for id in &ids {
+            wait_final(&http, &server.url, id).await?;
+        }
+    }
+    println!(
+        "10,000 builds of one project run in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let page = format!("{}/projects/bench/history", server.url);
+    for _ in 0..50 {
+        http.get(&page).send().await?.bytes().await?;
+    }
+    let mut ms = Vec::new();
+    for _ in 0..1000 {
+        let t = Instant::now();
+        let r = http.get(&page).send().await?;
+        let ok = r.status().is_success();
+        let body = r.bytes().await?;
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        if !ok || body.len() < 1000 {
+            bail!("the project page failed");
+        }
+    }
+    summary(
+        "project page with 10,000 builds, server render and answer",
+        ms,
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -638,6 +707,9 @@ async fn main() -> Result<()> {
     }
     if all || matches!(cli.what, What::Webhooks) {
         webhooks().await?;
+    }
+    if all || matches!(cli.what, What::ProjectPage) {
+        project_page().await?;
     }
     Ok(())
 }

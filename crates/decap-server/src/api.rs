@@ -589,7 +589,7 @@ pub async fn log_events(
         if let Some(fb) = final_build {
             let _ = tx.send(status_event(&app2, &fb)).await;
         }
-        let _ = tx.send(Event::default().event("end").data("")).await;
+        let _ = tx.send(Event::default().event("end").data("end")).await;
     });
     let stream = ReceiverStream::new(rx).map(Ok);
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))

@@ -45,6 +45,14 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 impl AuthConfig {
+    /// Whether `given` is the API token (compared in constant time); false
+    /// when none is configured.
+    pub fn token_matches(&self, given: &str) -> bool {
+        self.api_token
+            .as_ref()
+            .is_some_and(|t| same(t.expose_secret(), given))
+    }
+
     /// Checks a mutating API call.
     pub fn authorize(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
         if let (Some(token), Some(given)) = (&self.api_token, bearer(headers)) {

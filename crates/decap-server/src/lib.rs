@@ -11,6 +11,7 @@ pub mod controller;
 pub mod error;
 pub mod livelog;
 pub mod metrics;
+pub mod ui;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -87,8 +88,39 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
-        .fallback(|| async {
-            error::ApiError::new(axum::http::StatusCode::NOT_FOUND, "no such page")
+        .route("/", get(ui::dashboard))
+        .route("/projects", get(ui::projects))
+        .route("/projects/{team}/{project}", get(ui::project))
+        .route("/builds/{id}", get(ui::build))
+        .route("/queue", get(ui::queue))
+        .route("/login", get(ui::login_form).post(ui::login))
+        .route("/logout", post(ui::logout))
+        .route("/assets/{name}", get(ui::asset))
+        .route("/ui/events", get(ui::events))
+        .route("/ui/refs/{team}/{project}", get(ui::refs_fragment))
+        .route(
+            "/ui/projects/{team}/{project}/build",
+            post(ui::build_branch),
+        )
+        .route("/ui/builds/{id}/rerun", post(ui::rerun))
+        .route("/ui/builds/{id}/cancel", post(ui::cancel))
+        .route("/ui/deferred/{id}/remove", post(ui::remove_deferred))
+        .route("/ui/locks/unlock", post(ui::unlock))
+        .route("/ui/queue", post(ui::set_queue))
+        .fallback(|headers: axum::http::HeaderMap| async move {
+            // Browsers get a page, programs JSON.
+            let wants_html = headers
+                .get(axum::http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.contains("text/html"));
+            if wants_html {
+                ui::not_found_page("There is no such page.")
+            } else {
+                axum::response::IntoResponse::into_response(error::ApiError::new(
+                    axum::http::StatusCode::NOT_FOUND,
+                    "no such page",
+                ))
+            }
         })
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)

@@ -643,3 +643,152 @@ async fn queue_state_locks_and_health() {
         assert!(text.contains(metric), "{metric} missing from /metrics");
     }
 }
+
+async fn page(app: &TestApp, req: Request<Body>) -> (StatusCode, HeaderMapOf, String) {
+    let resp = app.router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = collect(resp.into_body()).await;
+    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+type HeaderMapOf = axum::http::HeaderMap;
+
+fn form(path: &str, body: &str, cookie: Option<&str>) -> Request<Body> {
+    let mut b = Request::post(path)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("host", "decap.test");
+    if let Some(c) = cookie {
+        b = b.header("cookie", c);
+    }
+    b.body(Body::from(body.to_owned())).unwrap()
+}
+
+#[tokio::test]
+async fn the_pages_render_and_escape_what_builds_and_names_carry() {
+    let app = app().await;
+    for path in [
+        "/",
+        "/projects",
+        "/projects/acme/widgets",
+        "/queue",
+        "/login",
+    ] {
+        let (status, headers, html) = page(&app, get(path)).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert!(
+            headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html"),
+            "{path}"
+        );
+        assert!(html.contains("<title>"), "{path}");
+    }
+    // the broken project shows its error
+    let (_, _, projects) = page(&app, get("/projects")).await;
+    assert!(projects.contains("Invalid:"), "{projects}");
+    // a branch name with HTML in it is escaped wherever it shows
+    app.controller
+        .request_builds(
+            &decap_core::names::ProjectKey::new("acme", "widgets").unwrap(),
+            &["<b>x</b>".to_owned()],
+            decap_core::build::Trigger::Manual,
+        )
+        .await
+        .unwrap();
+    for path in ["/", "/projects/acme/widgets", "/queue"] {
+        let (_, _, html) = page(&app, get(path)).await;
+        assert!(!html.contains("<b>x</b>"), "{path} must escape");
+        assert!(
+            html.contains("&#60;b&#62;x"),
+            "{path} shows it as text: {html}"
+        );
+    }
+    // assets are embedded
+    let (status, headers, js) = page(&app, get("/assets/htmx-2.0.11.min.js")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .contains("javascript")
+    );
+    assert!(js.contains("htmx"));
+}
+
+#[tokio::test]
+async fn unknown_pages_are_friendly_and_actions_need_the_token_from_this_site() {
+    let app = app().await;
+    let browser = |path: &str| {
+        Request::get(path)
+            .header("accept", "text/html")
+            .body(Body::empty())
+            .unwrap()
+    };
+    for path in [
+        "/builds/01a207a1-5040-7355-989f-9dabfedbee02",
+        "/builds/not-an-id",
+        "/projects/acme/nothing",
+        "/no/such/page",
+    ] {
+        let (status, _, html) = page(&app, browser(path)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert!(html.contains("Not found"), "{path}: {html}");
+    }
+    // programs still get JSON
+    let (status, v) = call(&app, get("/no/such/page")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(v["error"].is_string());
+
+    // no login: to the login page, nothing built
+    let (status, headers, _) = page(
+        &app,
+        form("/ui/projects/acme/widgets/build", "branch=main", None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(headers["location"], "/login");
+    assert_eq!(history(&app).await, 0);
+    // a wrong token does not log in
+    let (status, headers, _) = page(&app, form("/login", "token=nope", None)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(!headers.contains_key("set-cookie"));
+    // the right one does, in an HttpOnly, SameSite cookie
+    let (status, headers, _) = page(&app, form("/login", &format!("token={TOKEN}"), None)).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let cookie = headers["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let jar = cookie.split(';').next().unwrap().to_owned();
+    // another site's form is refused even with the cookie
+    let mut cross = form("/ui/projects/acme/widgets/build", "branch=main", Some(&jar));
+    cross
+        .headers_mut()
+        .insert("origin", "https://evil.example".parse().unwrap());
+    let (status, _, _) = page(&app, cross).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(history(&app).await, 0);
+    // this site's is done, and shows the build
+    let (status, headers, _) = page(
+        &app,
+        form("/ui/projects/acme/widgets/build", "branch=main", Some(&jar)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{headers:?}");
+    assert!(
+        headers["location"]
+            .to_str()
+            .unwrap()
+            .starts_with("/builds/")
+    );
+    assert_eq!(history(&app).await, 1);
+    // bad input is a clear page, not a crash
+    let (status, _, html) = page(&app, form("/ui/locks/unlock", "key=acme/../x", Some(&jar))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(html.contains("Not a lock key"));
+    let (status, _, _) = page(&app, form("/ui/queue", "state=ajar", Some(&jar))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}

@@ -1,0 +1,277 @@
+// Decap's web UI in a real browser: Debian's chromium driven by
+// playwright-core, against the real `decap` binary on the embedded default.
+//
+//   DECAP_BIN=…/decap node tests/ui/ui.test.cjs
+//
+// tests/run installs playwright-core (under ~/.cache/decap) and chromium,
+// and runs this. Each test opens its pages fresh; a console error or a
+// failed request fails the test; a screenshot of each page it saw is saved
+// under $DECAP_UI_SCREENSHOTS.
+"use strict";
+const { chromium } = require("playwright-core");
+const { spawn } = require("node:child_process");
+const fs = require("node:fs");
+const os = require("node:os");
+const path = require("node:path");
+const readline = require("node:readline");
+
+const TOKEN = "ui-test-token";
+const BIN = process.env.DECAP_BIN;
+const CHROMIUM = process.env.DECAP_CHROMIUM || "/usr/bin/chromium";
+const SHOTS = process.env.DECAP_UI_SCREENSHOTS || path.join(os.tmpdir(), "decap-ui-screenshots");
+
+function project(root, key, descriptor, script) {
+  const dir = path.join(root, key);
+  fs.mkdirSync(dir, { recursive: true });
+  fs.writeFileSync(path.join(dir, "project.json"), JSON.stringify(descriptor));
+  fs.writeFileSync(path.join(dir, "build.sh"), script);
+}
+
+async function startDecap() {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), "decap-ui-"));
+  const scripts = path.join(root, "scripts");
+  project(scripts, "acme/live", { buildImage: "x", repoDescription: "Prints slowly" },
+    "printf '\\033[32mgreen line\\033[0m\\n'\nfor i in 1 2 3 4 5 6; do echo \"line $i\"; sleep 0.4; done\n" +
+    "echo '<script>window.__xss = 1</script>'\nmkdir -p \"$ARTIFACTS_DIR/out\"\necho report > \"$ARTIFACTS_DIR/out/report.txt\"\n");
+  project(scripts, "acme/slow", { buildImage: "x" }, "echo holding the lock\nsleep 60\n");
+  project(scripts, "acme/evil", {
+    buildImage: "x",
+    repoDescription: "<script>window.__xss = 2</script><img src=x onerror=\"window.__xss=3\">",
+  }, "echo fine\n");
+  const child = spawn(BIN, ["serve", "--listen", "127.0.0.1:0", "--data-dir", path.join(root, "data"),
+    "--scripts", scripts, "--sandbox", "none", "--kill-grace-secs", "1"], {
+    env: { ...process.env, DECAP_API_TOKEN: TOKEN, DECAP_LOG: "warn" },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const url = await new Promise((resolve, reject) => {
+    const lines = readline.createInterface({ input: child.stdout });
+    lines.on("line", (l) => { if (l.startsWith("decap: serving ")) { resolve(l.slice(15)); } });
+    child.on("exit", (c) => reject(new Error("decap exited with " + c)));
+    setTimeout(() => reject(new Error("decap did not start in 30 s")), 30000);
+  });
+  return { url, child, root };
+}
+
+function watch(page, allowed) {
+  const problems = [];
+  page.on("console", (m) => {
+    if (m.type() === "error" && !(allowed || []).some((a) => m.text().includes(a))) {
+      problems.push("console error: " + m.text());
+    }
+  });
+  page.on("pageerror", (e) => problems.push("page error: " + e.message));
+  page.on("requestfailed", (r) => {
+    const f = r.failure() ? r.failure().errorText : "";
+    // An event stream closed by leaving the page is not a failure.
+    if (f.includes("ERR_ABORTED") && r.url().includes("/events")) { return; }
+    problems.push("request failed: " + r.url() + " " + f);
+  });
+  return problems;
+}
+
+async function until(what, fn, ms = 20000) {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (v) { return v; }
+    if (Date.now() > end) { throw new Error("timed out waiting for " + what); }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+function check(cond, msg) { if (!cond) { throw new Error(msg); } }
+
+async function login(page, url) {
+  await page.goto(url + "/login");
+  await page.fill("#token", TOKEN);
+  await Promise.all([page.waitForURL(url + "/"), page.click("form[action='/login'] button")]);
+  check(await page.isVisible("text=Log out"), "logged in: the header offers Log out");
+}
+
+async function buildBranch(page, url, proj, branch) {
+  await page.goto(url + "/projects/acme/" + proj);
+  await page.fill("#branch", branch);
+  await Promise.all([page.waitForURL(/\/builds\//), page.click("form.inline button:has-text('Build')")]);
+  return page.url().split("/builds/")[1];
+}
+
+async function api(url, method, p, body) {
+  const r = await fetch(url + p, {
+    method, headers: { authorization: "Bearer " + TOKEN, "content-type": "application/json" },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  return r.status === 204 ? null : r.json();
+}
+
+const tests = [];
+function test(name, fn, allowed) { tests.push({ name, fn, allowed }); }
+
+test("the dashboard opens and lists what runs, waits and ended", async (page, url, shot) => {
+  await page.goto(url + "/");
+  check(await page.isVisible("h1:has-text('Dashboard')"), "dashboard heading");
+  check(await page.isVisible("text=Nothing is running."), "nothing runs yet");
+  await shot("dashboard-empty");
+  await page.click("nav >> text=Projects");
+  await page.waitForURL(url + "/projects");
+  check(await page.isVisible("a:has-text('live')"), "the projects page lists acme/live");
+  await shot("projects");
+});
+
+test("log in with a wrong token, then the right one, then out", async (page, url, shot) => {
+  await page.goto(url + "/login");
+  await page.fill("#token", "wrong");
+  await page.click("form[action='/login'] button");
+  await page.waitForSelector("text=That is not the API token.");
+  await shot("login-wrong");
+  await login(page, url);
+  await shot("logged-in");
+  await page.click("text=Log out");
+  await page.waitForSelector("header >> text=Log in");
+}, ["401"]);
+
+test("build a branch from the project page, watch it live, download an artifact, rerun it", async (page, url, shot) => {
+  await login(page, url);
+  const id = await buildBranch(page, url, "live", "main");
+  // Lines appear while the build runs.
+  await page.waitForSelector("#console:has-text('line 2')", { timeout: 20000 });
+  const midway = await page.textContent("#build-status");
+  check(midway.includes("running"), "still running while the first lines show: " + midway);
+  check(!(await page.textContent("#console")).includes("line 6"), "not all lines are there yet");
+  await shot("build-live");
+  // It finishes, and the page shows the result and the artifacts.
+  await page.waitForSelector("#build-status:has-text('succeeded')", { timeout: 30000 });
+  await page.waitForSelector("text=out/report.txt", { timeout: 15000 });
+  const text = await page.textContent("#console");
+  for (let i = 1; i <= 6; i++) {
+    check(text.split("\n").filter((l) => l === "line " + i).length === 1, "line " + i + " shown exactly once");
+  }
+  check(await page.isVisible("#console span.a32"), "ANSI green is rendered as colour");
+  check(text.includes("<script>window.__xss = 1</script>"), "HTML in a log line is shown as text");
+  check((await page.evaluate(() => window.__xss)) === undefined, "no script from the log ran");
+  await shot("build-finished");
+  const [download] = await Promise.all([page.waitForEvent("download"), page.click("text=out/report.txt")]);
+  const file = await download.path();
+  check(fs.readFileSync(file, "utf8") === "report\n", "the artifact downloads whole");
+  await Promise.all([page.waitForURL((u) => u.pathname.startsWith("/builds/") && !u.pathname.endsWith(id)),
+    page.click("button:has-text('Rerun')")]);
+  check(!page.url().endsWith(id), "a rerun is a new build");
+  await page.waitForSelector("text=a rerun of");
+  await page.waitForSelector("#build-status:has-text('succeeded')", { timeout: 30000 });
+  await shot("rerun");
+});
+
+test("remove a deferred build from the queue page", async (page, url, shot) => {
+  await login(page, url);
+  await page.goto(url + "/queue");
+  page.once("dialog", (d) => d.accept());
+  await page.click("button:has-text('Close the queue')");
+  await page.waitForSelector("text=The queue is closed");
+  const id = await buildBranch(page, url, "evil", "main");
+  await page.waitForSelector("#build-status:has-text('deferred')");
+  await page.goto(url + "/queue");
+  check(await page.isVisible(`a[href='/builds/${id}']`), "the deferred build is listed");
+  await shot("queue-deferred");
+  page.once("dialog", (d) => d.accept());
+  await page.click(`form[action='/ui/deferred/${id}/remove'] button`);
+  await page.waitForSelector("text=Nothing waits.");
+  page.once("dialog", (d) => d.accept());
+  await page.click("button:has-text('Open the queue')");
+  await page.waitForSelector("text=The queue is open");
+  await shot("queue-open");
+});
+
+test("unlock a held lock, then cancel its build", async (page, url, shot) => {
+  await login(page, url);
+  const id = await buildBranch(page, url, "slow", "main");
+  await page.waitForSelector("#console:has-text('holding the lock')", { timeout: 20000 });
+  await page.goto(url + "/queue");
+  await page.waitForSelector("code:has-text('acme/slow/main')");
+  await shot("locks");
+  // Declining the confirmation changes nothing.
+  page.once("dialog", (d) => d.dismiss());
+  await page.click("form[action='/ui/locks/unlock'] button");
+  await page.waitForTimeout(300);
+  check(await page.isVisible("code:has-text('acme/slow/main')"), "a dismissed unlock keeps the lock");
+  page.once("dialog", (d) => d.accept());
+  await page.click("form[action='/ui/locks/unlock'] button");
+  await page.waitForSelector("text=No lock is held.");
+  await page.goto(url + "/builds/" + id);
+  page.once("dialog", (d) => d.accept());
+  await page.click("button:has-text('Cancel')");
+  await page.waitForSelector("#build-status:has-text('cancelled')", { timeout: 20000 });
+  await shot("cancelled");
+});
+
+test("HTML in descriptions and branch names is escaped", async (page, url, shot) => {
+  await login(page, url);
+  await page.goto(url + "/projects");
+  check(await page.isVisible("text=<script>window.__xss = 2</script>"), "the description shows as text");
+  await buildBranch(page, url, "evil", "<b>bold</b>");
+  await page.waitForSelector("#build-status:has-text('succeeded')", { timeout: 20000 });
+  check(await page.isVisible("h1:has-text('<b>bold</b>')"), "the branch name shows as text");
+  await page.goto(url + "/projects/acme/evil");
+  check((await page.evaluate(() => window.__xss)) === undefined, "no injected script ran");
+  await shot("escaped");
+});
+
+test("unknown pages and builds get a friendly 404", async (page, url, shot) => {
+  const r = await page.goto(url + "/builds/01a207a1-5040-7355-989f-9dabfedbee02");
+  check(r.status() === 404, "a 404 status");
+  check(await page.isVisible("text=There is no such build"), "it says so");
+  await shot("not-found");
+  const r2 = await page.goto(url + "/no/such/page");
+  check(r2.status() === 404 && (await page.isVisible("h1:has-text('Not found')")), "a page for browsers");
+}, ["404"]);
+
+test("a lost live connection resumes without repeating lines", async (page, url, shot) => {
+  await login(page, url);
+  const built = await api(url, "POST", "/api/v1/builds/acme/live?branch=main");
+  const id = built.builds[0].id;
+  await page.goto(url + "/builds/" + id);
+  await page.waitForSelector("#console:has-text('line 2')", { timeout: 20000 });
+  // Cut the connection: the browser reconnects with Last-Event-ID.
+  await page.context().setOffline(true);
+  await page.waitForTimeout(1200);
+  await page.context().setOffline(false);
+  await page.waitForSelector("#build-status:has-text('succeeded')", { timeout: 40000 });
+  await page.waitForSelector("text=out/report.txt", { timeout: 15000 });
+  const lines = (await page.textContent("#console")).split("\n");
+  for (let i = 1; i <= 6; i++) {
+    check(lines.filter((l) => l === "line " + i).length === 1, "line " + i + " once after reconnecting");
+  }
+  await shot("resumed");
+}, ["ERR_INTERNET_DISCONNECTED", "ERR_NETWORK_CHANGED"]);
+
+(async () => {
+  check(BIN, "set DECAP_BIN to the decap binary");
+  fs.mkdirSync(SHOTS, { recursive: true });
+  const decap = await startDecap();
+  const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
+  let passed = 0, failed = 0;
+  for (const t of tests) {
+    const context = await browser.newContext({ acceptDownloads: true });
+    const page = await context.newPage();
+    const problems = watch(page, t.allowed);
+    const slug = t.name.replace(/[^a-z0-9]+/gi, "-").toLowerCase().slice(0, 50);
+    const shot = (name) => page.screenshot({ path: path.join(SHOTS, slug + "--" + name + ".png"), fullPage: true });
+    try {
+      await t.fn(page, decap.url, shot);
+      if (t.allowed === undefined || !t.allowed.includes("requestfailed")) {
+        // Offline on purpose makes requests fail; other tests must have none.
+        const real = problems.filter((p) => !(t.allowed || []).some((a) => p.includes(a)));
+        check(real.length === 0, real.join("\n"));
+      }
+      console.log("test ui::" + slug + " ... ok");
+      passed++;
+    } catch (e) {
+      console.log("test ui::" + slug + " ... FAILED\n  " + String(e.stack || e).split("\n").join("\n  "));
+      await shot("failure").catch(() => {});
+      failed++;
+    }
+    await context.close();
+  }
+  await browser.close();
+  decap.child.kill("SIGTERM");
+  console.log(`test result: ${failed ? "FAILED" : "ok"}. ${passed} passed; ${failed} failed (screenshots in ${SHOTS})`);
+  process.exit(failed ? 1 : 0);
+})().catch((e) => { console.error(e); process.exit(1); });
