@@ -9,47 +9,24 @@
 // under $DECAP_UI_SCREENSHOTS.
 "use strict";
 const { chromium } = require("playwright-core");
-const { spawn } = require("node:child_process");
 const fs = require("node:fs");
 const os = require("node:os");
 const path = require("node:path");
-const readline = require("node:readline");
+const { TOKEN, BIN, CHROMIUM, project, serve } = require("./lib.cjs");
 
-const TOKEN = "ui-test-token";
-const BIN = process.env.DECAP_BIN;
-const CHROMIUM = process.env.DECAP_CHROMIUM || "/usr/bin/chromium";
 const SHOTS = process.env.DECAP_UI_SCREENSHOTS || path.join(os.tmpdir(), "decap-ui-screenshots");
 
-function project(root, key, descriptor, script) {
-  const dir = path.join(root, key);
-  fs.mkdirSync(dir, { recursive: true });
-  fs.writeFileSync(path.join(dir, "project.json"), JSON.stringify(descriptor));
-  fs.writeFileSync(path.join(dir, "build.sh"), script);
-}
-
 async function startDecap() {
-  const root = fs.mkdtempSync(path.join(os.tmpdir(), "decap-ui-"));
-  const scripts = path.join(root, "scripts");
-  project(scripts, "acme/live", { buildImage: "x", repoDescription: "Prints slowly" },
-    "printf '\\033[32mgreen line\\033[0m\\n'\nfor i in 1 2 3 4 5 6; do echo \"line $i\"; sleep 0.4; done\n" +
-    "echo '<script>window.__xss = 1</script>'\nmkdir -p \"$ARTIFACTS_DIR/out\"\necho report > \"$ARTIFACTS_DIR/out/report.txt\"\n");
-  project(scripts, "acme/slow", { buildImage: "x" }, "echo holding the lock\nsleep 60\n");
-  project(scripts, "acme/evil", {
-    buildImage: "x",
-    repoDescription: "<script>window.__xss = 2</script><img src=x onerror=\"window.__xss=3\">",
-  }, "echo fine\n");
-  const child = spawn(BIN, ["serve", "--listen", "127.0.0.1:0", "--data-dir", path.join(root, "data"),
-    "--scripts", scripts, "--sandbox", "none", "--kill-grace-secs", "1"], {
-    env: { ...process.env, DECAP_API_TOKEN: TOKEN, DECAP_LOG: "warn" },
-    stdio: ["ignore", "pipe", "inherit"],
+  return serve((scripts) => {
+    project(scripts, "acme/live", { buildImage: "x", repoDescription: "Prints slowly" },
+      "printf '\\033[32mgreen line\\033[0m\\n'\nfor i in 1 2 3 4 5 6; do echo \"line $i\"; sleep 0.4; done\n" +
+      "echo '<script>window.__xss = 1</script>'\nmkdir -p \"$ARTIFACTS_DIR/out\"\necho report > \"$ARTIFACTS_DIR/out/report.txt\"\n");
+    project(scripts, "acme/slow", { buildImage: "x" }, "echo holding the lock\nsleep 60\n");
+    project(scripts, "acme/evil", {
+      buildImage: "x",
+      repoDescription: "<script>window.__xss = 2</script><img src=x onerror=\"window.__xss=3\">",
+    }, "echo fine\n");
   });
-  const url = await new Promise((resolve, reject) => {
-    const lines = readline.createInterface({ input: child.stdout });
-    lines.on("line", (l) => { if (l.startsWith("decap: serving ")) { resolve(l.slice(15)); } });
-    child.on("exit", (c) => reject(new Error("decap exited with " + c)));
-    setTimeout(() => reject(new Error("decap did not start in 30 s")), 30000);
-  });
-  return { url, child, root };
 }
 
 function watch(page, allowed) {
@@ -214,6 +191,19 @@ test("HTML in descriptions and branch names is escaped", async (page, url, shot)
   await shot("escaped");
 });
 
+test("a build whose log is gone says so", async (page, url, shot, decap) => {
+  const built = await api(url, "POST", "/api/v1/builds/acme/evil?branch=gone");
+  const id = built.builds[0].id;
+  await until("the build to end", async () => {
+    const b = await (await fetch(url + "/api/v1/build/" + id)).json();
+    return b.status === "succeeded";
+  });
+  fs.rmSync(path.join(decap.root, "data", "blobs", id, "console.log.gz"));
+  await page.goto(url + "/builds/" + id);
+  await page.waitForSelector("text=the console log is gone");
+  await shot("log-gone");
+});
+
 test("unknown pages and builds get a friendly 404", async (page, url, shot) => {
   const r = await page.goto(url + "/builds/01a207a1-5040-7355-989f-9dabfedbee02");
   check(r.status() === 404, "a 404 status");
@@ -255,7 +245,7 @@ test("a lost live connection resumes without repeating lines", async (page, url,
     const slug = t.name.replace(/[^a-z0-9]+/gi, "-").toLowerCase().slice(0, 50);
     const shot = (name) => page.screenshot({ path: path.join(SHOTS, slug + "--" + name + ".png"), fullPage: true });
     try {
-      await t.fn(page, decap.url, shot);
+      await t.fn(page, decap.url, shot, decap);
       if (t.allowed === undefined || !t.allowed.includes("requestfailed")) {
         // Offline on purpose makes requests fail; other tests must have none.
         const real = problems.filter((p) => !(t.allowed || []).some((a) => p.includes(a)));

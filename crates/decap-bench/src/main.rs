@@ -39,6 +39,9 @@ enum What {
     IdleMemory,
     /// The project page rendered with 10,000 builds in its history.
     ProjectPage,
+    /// 100 viewers following one build's live log: server CPU, every line
+    /// once, line latency.
+    LiveViewers,
     /// Everything.
     All,
 }
@@ -607,7 +610,7 @@ fn idle_memory() -> Result<()> {
     Ok(())
 }
 
-/// Runs 10,000 trivial builds of one project (100 branches, a batch of one
+/// Runs 10,000 trivial builds of one project (50 branches, a batch of one
 /// build per branch at a time), then times the project page.
 async fn project_page() -> Result<()> {
     let server = start(
@@ -622,7 +625,7 @@ async fn project_page() -> Result<()> {
         ],
     )?;
     let http = reqwest::Client::new();
-    let branches: Vec<String> = (0..100).map(|b| format!("branch=b{b}")).collect();
+    let branches: Vec<String> = (0..50).map(|b| format!("branch=b{b}")).collect();
     let query = branches.join("&");
     let t = Instant::now();
     for batch in 0..100 {
@@ -674,6 +677,118 @@ async fn project_page() -> Result<()> {
     Ok(())
 }
 
+/// CPU seconds a process has used (user + system), from /proc.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+/// One viewer: follows the build's event stream, returns each log line
+/// with the moment it arrived (ms since the epoch).
+async fn viewer(url: String, id: String) -> Result<Vec<(String, f64)>> {
+    use futures::StreamExt;
+    let r = reqwest::get(format!("{url}/api/v1/logs/{id}/events")).await?;
+    let mut body = r.bytes_stream();
+    let mut buf = String::new();
+    let mut lines = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64() * 1000.0;
+        buf.push_str(std::str::from_utf8(&chunk?)?);
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let mut kind = "";
+            let mut data = String::new();
+            for l in event.lines() {
+                if let Some(k) = l.strip_prefix("event:") {
+                    kind = k.trim();
+                } else if let Some(d) = l.strip_prefix("data:") {
+                    data = d.strip_prefix(' ').unwrap_or(d).to_owned();
+                }
+            }
+            match kind {
+                "log" => lines.push((data, at)),
+                "end" => return Ok(lines),
+                _ => {}
+            }
+        }
+    }
+    Ok(lines)
+}
+
+/// 100 viewers on one build printing 400 lines, one each 25 ms, each line
+/// stamped with the moment it was printed.
+async fn live_viewers() -> Result<()> {
+    let lines = 400;
+    let server = start(
+        |s| {
+            write_project(
+                s,
+                "bench/chatty",
+                r#"{"buildImage": "x"}"#,
+                &format!(
+                    "sleep 2\ni=1\nwhile [ $i -le {lines} ]; do echo \"line $i $(date +%s%3N)\"; sleep 0.025; i=$((i+1)); done\n"
+                ),
+            )
+        },
+        &["--sandbox", "none"],
+    )?;
+    let http = reqwest::Client::new();
+    let v: serde_json::Value = http
+        .post(format!(
+            "{}/api/v1/builds/bench/chatty?branch=main",
+            server.url
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = v["builds"][0]["id"]
+        .as_str()
+        .context("no build id")?
+        .to_owned();
+    let viewers: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(viewer(server.url.clone(), id.clone())))
+        .collect();
+    // The viewers connect during the build's first two seconds of silence.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = server.child.id();
+    let (cpu0, t0) = (cpu_seconds(pid)?, Instant::now());
+    let mut seen = Vec::new();
+    for v in viewers {
+        seen.push(v.await??);
+    }
+    let (cpu, wall) = (cpu_seconds(pid)? - cpu0, t0.elapsed().as_secs_f64());
+    let expected: Vec<String> = (1..=lines).map(|i| format!("line {i}")).collect();
+    let mut complete = 0;
+    let mut latency = Vec::new();
+    for got in &seen {
+        let text: Vec<String> = got
+            .iter()
+            .map(|(l, _)| l.rsplit_once(' ').map(|x| x.0).unwrap_or(l).to_owned())
+            .collect();
+        if text == expected {
+            complete += 1;
+        }
+        for (l, at) in got {
+            if let Some(printed) = l.rsplit_once(' ').and_then(|x| x.1.parse::<f64>().ok()) {
+                latency.push(at - printed);
+            }
+        }
+    }
+    println!(
+        "100 viewers of one build ({lines} lines over {:.1} s): server CPU {:.1} % of one core; {complete} of 100 saw every line once, in order",
+        wall,
+        cpu / wall * 100.0
+    );
+    summary("line printed → received by a viewer (100 viewers)", latency);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -710,6 +825,9 @@ async fn main() -> Result<()> {
     }
     if all || matches!(cli.what, What::ProjectPage) {
         project_page().await?;
+    }
+    if all || matches!(cli.what, What::LiveViewers) {
+        live_viewers().await?;
     }
     Ok(())
 }

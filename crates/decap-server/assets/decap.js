@@ -88,6 +88,7 @@
         note.className = "problem";
         note.textContent = e.data;
         pre.parentNode.insertBefore(note, pre);
+        pre.hidden = true;
         es.close();
       } else if (label) {
         label.textContent = "reconnecting…";

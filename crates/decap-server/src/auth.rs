@@ -22,6 +22,9 @@ pub struct AuthConfig {
     pub insecure_local: bool,
     /// Webhook secrets; several at once during rotation.
     pub webhook_secrets: Vec<SecretString>,
+    /// Reading needs the token too: pages, the API's reads, logs and
+    /// artifacts (health, metrics, the login page and its assets stay open).
+    pub private_reads: bool,
 }
 
 /// The client's address, when the server was started with connect info.

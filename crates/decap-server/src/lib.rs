@@ -122,6 +122,10 @@ pub fn router(state: AppState) -> Router {
                 ))
             }
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ui::guard_reads,
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

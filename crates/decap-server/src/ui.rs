@@ -168,6 +168,50 @@ fn row(b: &Build) -> BuildRow {
     }
 }
 
+/// With `private_reads`, lets a request through only with the token (as a
+/// bearer or the login cookie) or from loopback under `--insecure-local`;
+/// browsers are sent to the login page, programs get a 401.
+pub async fn guard_reads(
+    State(app): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !app.auth.private_reads {
+        return next.run(req).await;
+    }
+    let path = req.uri().path();
+    let open = matches!(path, "/login" | "/logout" | "/healthz" | "/readyz" | "/metrics")
+        || path.starts_with("/assets/")
+        || path.starts_with("/hooks/")
+        // bctool's calls carry their own build token, checked by their handlers
+        || (req.method() != axum::http::Method::GET && path.starts_with("/api/v1/"));
+    let headers = req.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| app.auth.token_matches(t.trim()));
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    if open || bearer || viewer(&app, headers, peer).can_act {
+        return next.run(req).await;
+    }
+    let wants_html = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    if wants_html {
+        Redirect::to("/login").into_response()
+    } else {
+        ApiError::unauthorized(
+            "reading needs the API token here: send Authorization: Bearer <DECAP_API_TOKEN>",
+        )
+        .into_response()
+    }
+}
+
 /// Who is looking: may they act?
 pub struct Viewer {
     /// Logged in (or a loopback client under `--insecure-local`).
@@ -176,7 +220,7 @@ pub struct Viewer {
     pub logged_in: bool,
 }
 
-fn cookie_token(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn cookie_token(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()

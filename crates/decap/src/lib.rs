@@ -337,6 +337,10 @@ struct ServeArgs {
     /// Let loopback clients make changes without the API token.
     #[arg(long, env = "DECAP_INSECURE_LOCAL")]
     insecure_local: bool,
+    /// Reading needs the API token too: the web UI asks to log in, the API's
+    /// reads need the bearer token (health and metrics stay open).
+    #[arg(long, env = "DECAP_PRIVATE")]
+    private: bool,
     /// Builds running at once.
     #[arg(long, env = "DECAP_MAX_BUILDS", default_value_t = 8)]
     max_builds: usize,
@@ -745,6 +749,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             api_token,
             insecure_local: args.insecure_local,
             webhook_secrets,
+            private_reads: args.private,
         },
         version: decap_api_types::Version {
             version: env!("CARGO_PKG_VERSION").to_owned(),

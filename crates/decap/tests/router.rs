@@ -42,6 +42,10 @@ struct TestApp {
 }
 
 async fn app_with(secrets: &[&str]) -> TestApp {
+    app_with_auth(secrets, false).await
+}
+
+async fn app_with_auth(secrets: &[&str], private_reads: bool) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let scripts = dir.path().join("scripts");
     project(
@@ -106,6 +110,7 @@ async fn app_with(secrets: &[&str]) -> TestApp {
             api_token: Some(SecretString::from(TOKEN)),
             insecure_local: false,
             webhook_secrets: secrets.iter().map(|s| SecretString::from(*s)).collect(),
+            private_reads,
         },
         version: decap_api_types::Version {
             version: "test".into(),
@@ -791,4 +796,47 @@ async fn unknown_pages_are_friendly_and_actions_need_the_token_from_this_site() 
     assert!(html.contains("Not a lock key"));
     let (status, _, _) = page(&app, form("/ui/queue", "state=ajar", Some(&jar))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_private_server_lets_nothing_be_read_without_the_token() {
+    let app = app_with_auth(&[SECRET], true).await;
+    let browser = |path: &str, cookie: Option<&str>| {
+        let mut b = Request::get(path).header("accept", "text/html");
+        if let Some(c) = cookie {
+            b = b.header("cookie", c);
+        }
+        b.body(Body::empty()).unwrap()
+    };
+    for path in ["/", "/projects", "/queue", "/projects/acme/widgets"] {
+        let (status, headers, _) = page(&app, browser(path, None)).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{path}");
+        assert_eq!(headers["location"], "/login", "{path}");
+    }
+    for path in [
+        "/api/v1/projects",
+        "/api/v1/builds/acme/widgets",
+        "/api/v1/deferred",
+    ] {
+        let (status, v) = call(&app, get(path)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        assert!(v["error"].as_str().unwrap().contains("token"), "{path}");
+        let (status, _) = call(&app, authed("GET", path)).await;
+        assert_eq!(status, StatusCode::OK, "{path} with the bearer token");
+    }
+    for path in ["/login", "/healthz", "/assets/decap.css"] {
+        let (status, _, _) = page(&app, browser(path, None)).await;
+        assert_eq!(status, StatusCode::OK, "{path} stays open");
+    }
+    let (_, headers, _) = page(&app, form("/login", &format!("token={TOKEN}"), None)).await;
+    let jar = headers["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (status, _, html) = page(&app, browser("/", Some(&jar))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("Dashboard"));
 }

@@ -1,0 +1,42 @@
+// Shared by the web UI's tests and benchmark: a real `decap serve` over a
+// folder of build scripts made for the occasion.
+"use strict";
+const { spawn } = require("node:child_process");
+const fs = require("node:fs");
+const os = require("node:os");
+const path = require("node:path");
+const readline = require("node:readline");
+
+const TOKEN = "ui-test-token";
+const BIN = process.env.DECAP_BIN;
+const CHROMIUM = process.env.DECAP_CHROMIUM || "/usr/bin/chromium";
+
+function project(root, key, descriptor, script) {
+  const dir = path.join(root, key);
+  fs.mkdirSync(dir, { recursive: true });
+  fs.writeFileSync(path.join(dir, "project.json"), JSON.stringify(descriptor));
+  fs.writeFileSync(path.join(dir, "build.sh"), script);
+}
+
+// Starts decap over the projects `setup(scriptsDir)` writes; resolves to
+// { url, child, root }.
+async function serve(setup) {
+  if (!BIN) { throw new Error("set DECAP_BIN to the decap binary"); }
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), "decap-ui-"));
+  const scripts = path.join(root, "scripts");
+  setup(scripts);
+  const child = spawn(BIN, ["serve", "--listen", "127.0.0.1:0", "--data-dir", path.join(root, "data"),
+    "--scripts", scripts, "--sandbox", "none", "--kill-grace-secs", "1"], {
+    env: { ...process.env, DECAP_API_TOKEN: TOKEN, DECAP_LOG: "warn" },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const url = await new Promise((resolve, reject) => {
+    const lines = readline.createInterface({ input: child.stdout });
+    lines.on("line", (l) => { if (l.startsWith("decap: serving ")) { resolve(l.slice(15)); } });
+    child.on("exit", (c) => reject(new Error("decap exited with " + c)));
+    setTimeout(() => reject(new Error("decap did not start in 30 s")), 30000);
+  });
+  return { url, child, root };
+}
+
+module.exports = { TOKEN, BIN, CHROMIUM, project, serve };
