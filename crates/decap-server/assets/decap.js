@@ -4,7 +4,7 @@
 (function () {
   "use strict";
   var SYMBOLS = { queued: "○", deferred: "◷", running: "▶", succeeded: "✓", failed: "✗",
-    errored: "!", "timed-out": "⧖", cancelled: "⊘" };
+    errored: "!", timed_out: "⧖", cancelled: "⊘" };
   var streams = [];
 
   function closeStreams() {

@@ -792,7 +792,7 @@ pub async fn project(
             "succeeded",
             "failed",
             "errored",
-            "timed-out",
+            "timed_out",
             "cancelled",
         ],
         builds_counted: stats.builds,
