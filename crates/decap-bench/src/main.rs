@@ -42,6 +42,9 @@ enum What {
     /// 100 viewers following one build's live log: server CPU, every line
     /// once, line latency.
     LiveViewers,
+    /// 1,000 pushed commits built and reported to a stub of GitHub: webhook
+    /// → pending status latency, and the calls counted.
+    GithubStatuses,
     /// Everything.
     All,
 }
@@ -789,6 +792,121 @@ async fn live_viewers() -> Result<()> {
     Ok(())
 }
 
+type Calls = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, Instant)>>>;
+
+/// A stand-in for GitHub's statuses endpoint: records (sha, context, state)
+/// with the moment it arrived, answers 201.
+async fn github_stub(calls: Calls) -> Result<String> {
+    async fn status(
+        axum::extract::State(calls): axum::extract::State<Calls>,
+        axum::extract::Path((_owner, _repo, sha)): axum::extract::Path<(String, String, String)>,
+        axum::Json(body): axum::Json<serde_json::Value>,
+    ) -> axum::http::StatusCode {
+        let field = |k: &str| body[k].as_str().unwrap_or("").to_owned();
+        if let Ok(mut c) = calls.lock() {
+            c.push((sha, field("context"), field("state"), Instant::now()));
+        }
+        axum::http::StatusCode::CREATED
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let app = axum::Router::new()
+        .route(
+            "/repos/{owner}/{repo}/statuses/{sha}",
+            axum::routing::post(status),
+        )
+        .with_state(calls);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(url)
+}
+
+async fn github_statuses() -> Result<()> {
+    let calls: Calls = Calls::default();
+    let stub = github_stub(calls.clone()).await?;
+    let projects = 50;
+    let server = start(
+        |s| {
+            for p in 0..projects {
+                write_project(
+                    s,
+                    &format!("bench/p{p}"),
+                    r#"{"buildImage": "x"}"#,
+                    "true\n",
+                )?;
+            }
+            Ok(())
+        },
+        &[
+            "--sandbox",
+            "none",
+            "--max-builds",
+            "8",
+            "--max-builds-per-project",
+            "8",
+            "--github-token",
+            "ghp_bench",
+            "--github-api-url",
+            &stub,
+        ],
+    )?;
+    let http = reqwest::Client::new();
+    let commits = 1000;
+    let mut sent = std::collections::HashMap::new();
+    let t = Instant::now();
+    for i in 0..commits {
+        let sha = format!("{:040x}", 0xdec0_0000_u64 + i as u64);
+        let project = format!("p{}", i % projects);
+        let body = push_body("bench", &project, &format!("b{}", i / projects), &sha);
+        let at = Instant::now();
+        let r = send_hook(&http, &server.url, &format!("gh-{i}"), body).await?;
+        if r != reqwest::StatusCode::ACCEPTED {
+            bail!("webhook {i}: {r}");
+        }
+        sent.insert(sha, at);
+        // ~17 builds a second: 1,000 within a minute
+        tokio::time::sleep(Duration::from_millis(55)).await;
+    }
+    // Every commit ends with success for its project and for decap/all.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = calls
+            .lock()
+            .map(|c| c.iter().filter(|x| x.2 == "success").count())
+            .unwrap_or(0);
+        if done >= 2 * commits {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {done} success statuses arrived");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await; // anything late shows
+    let calls = calls.lock().map(|c| c.clone()).unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    let mut twice = 0;
+    let mut latency = Vec::new();
+    for (sha, context, state, at) in &calls {
+        if !seen.insert((sha.clone(), context.clone(), state.clone())) {
+            twice += 1;
+        }
+        if state == "pending"
+            && context.starts_with("decap/bench/")
+            && let Some(sent_at) = sent.get(sha)
+        {
+            latency.push(at.duration_since(*sent_at).as_secs_f64() * 1000.0);
+        }
+    }
+    println!(
+        "{commits} pushed commits built in {took:.1} s: {} GitHub calls for {} statuses needed (pending and success, own and decap/all); {twice} sent twice for the same state",
+        calls.len(),
+        4 * commits
+    );
+    summary("webhook accepted → pending status at GitHub", latency);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -828,6 +946,9 @@ async fn main() -> Result<()> {
     }
     if all || matches!(cli.what, What::LiveViewers) {
         live_viewers().await?;
+    }
+    if all || matches!(cli.what, What::GithubStatuses) {
+        github_statuses().await?;
     }
     Ok(())
 }

@@ -646,3 +646,34 @@ pub async fn blob_store_suite(store: Arc<dyn BlobStore>) {
             .is_none()
     );
 }
+
+/// The status ledger's contract: nothing at first, the last state after.
+pub async fn status_ledger_suite(ledger: Arc<dyn decap_core::ports::StatusLedger>) {
+    use decap_core::ports::CommitState;
+    let key = "acme/widgets@6113728f27ae82c7b1a177c8d03f9e96e0adf246#decap/acme/widgets";
+    assert_eq!(
+        ledger.reported(key).await.unwrap(),
+        None,
+        "nothing at first"
+    );
+    ledger.record(key, CommitState::Pending).await.unwrap();
+    assert_eq!(
+        ledger.reported(key).await.unwrap(),
+        Some(CommitState::Pending)
+    );
+    ledger.record(key, CommitState::Success).await.unwrap();
+    assert_eq!(
+        ledger.reported(key).await.unwrap(),
+        Some(CommitState::Success),
+        "the last state wins"
+    );
+    assert_eq!(
+        ledger.reported(&format!("{key}-other")).await.unwrap(),
+        None,
+        "keys are separate"
+    );
+    for state in [CommitState::Failure, CommitState::Error] {
+        ledger.record(key, state).await.unwrap();
+        assert_eq!(ledger.reported(key).await.unwrap(), Some(state));
+    }
+}

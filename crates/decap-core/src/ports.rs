@@ -368,3 +368,89 @@ pub trait ScriptsRepo: Send + Sync {
     /// the new catalog. A failed refresh keeps the previous catalog.
     async fn refresh(&self) -> Result<Arc<Catalog>>;
 }
+
+/// The state of a commit status, as GitHub names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommitState {
+    /// Accepted, waiting or running.
+    Pending,
+    /// Succeeded.
+    Success,
+    /// The script failed.
+    Failure,
+    /// Decap or the environment failed, the build ran out of time or was
+    /// cancelled.
+    Error,
+}
+
+impl CommitState {
+    /// The state of a build.
+    pub fn of(status: BuildStatus) -> Self {
+        match status {
+            BuildStatus::Queued | BuildStatus::Deferred | BuildStatus::Running => {
+                CommitState::Pending
+            }
+            BuildStatus::Succeeded => CommitState::Success,
+            BuildStatus::Failed => CommitState::Failure,
+            BuildStatus::Errored | BuildStatus::TimedOut | BuildStatus::Cancelled => {
+                CommitState::Error
+            }
+        }
+    }
+
+    /// As GitHub spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommitState::Pending => "pending",
+            CommitState::Success => "success",
+            CommitState::Failure => "failure",
+            CommitState::Error => "error",
+        }
+    }
+}
+
+/// A commit status to set on the repository host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitStatus {
+    /// The repository's owner.
+    pub owner: String,
+    /// The repository.
+    pub repo: String,
+    /// The commit.
+    pub sha: String,
+    /// Which check this is (`decap/team/project`, `decap/all`).
+    pub context: String,
+    /// Its state.
+    pub state: CommitState,
+    /// Where to look (the build page).
+    pub target_url: String,
+    /// A line for people (GitHub keeps 140 characters).
+    pub description: String,
+}
+
+impl CommitStatus {
+    /// The ledger's key for this status: repository, commit and context.
+    pub fn ledger_key(&self) -> String {
+        format!("{}/{}@{}#{}", self.owner, self.repo, self.sha, self.context)
+    }
+}
+
+/// Sets commit statuses on the repository host (GitHub).
+#[async_trait]
+pub trait CommitStatuses: Send + Sync {
+    /// Sets one status; retried by the adapter on rate limits.
+    async fn set(&self, status: &CommitStatus) -> Result<()>;
+}
+
+/// What the status reporter told the host, kept durably so that a state is
+/// reported once per (repository, commit, context), also across restarts.
+///
+/// Contract: `reported` answers the last state recorded for the key (none at
+/// first); `record` replaces it.
+#[async_trait]
+pub trait StatusLedger: Send + Sync {
+    /// The last state recorded for a key.
+    async fn reported(&self, key: &str) -> Result<Option<CommitState>>;
+    /// Records the state last told for a key.
+    async fn record(&self, key: &str, state: CommitState) -> Result<()>;
+}

@@ -59,6 +59,10 @@ CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS status_ledger (
+    key TEXT PRIMARY KEY,
+    state TEXT NOT NULL
+);
 "#;
 
 /// A SQLite database shared by the embedded stores.

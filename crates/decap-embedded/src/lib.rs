@@ -16,6 +16,7 @@ mod blobs;
 mod builds;
 mod db;
 mod executor;
+mod ledger;
 mod locks;
 mod queue;
 
@@ -23,6 +24,7 @@ pub use blobs::FileBlobStore;
 pub use builds::SqliteBuildStore;
 pub use db::SqliteDb;
 pub use executor::{LocalExecutor, LocalExecutorConfig, SandboxMode, bubblewrap_works};
+pub use ledger::SqliteStatusLedger;
 pub use locks::SqliteLockStore;
 pub use queue::SqliteDeferralQueue;
 

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use decap_embedded::{
     FileBlobStore, SqliteBuildStore, SqliteDb, SqliteDeferralQueue, SqliteLockStore,
+    SqliteStatusLedger,
 };
 
 fn db() -> (tempfile::TempDir, SqliteDb) {
@@ -50,5 +51,23 @@ async fn the_database_survives_reopening() {
     assert!(
         !q.is_open().await.expect("reads"),
         "the queue state is durable"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_status_ledger_keeps_the_contract() {
+    let (dir, db) = db();
+    decap_contract_tests::status_ledger_suite(Arc::new(SqliteStatusLedger::new(db))).await;
+    // and it outlives the process
+    let again = SqliteDb::open(&dir.path().join("decap.db")).expect("reopens");
+    let ledger = SqliteStatusLedger::new(again);
+    assert!(
+        decap_core::ports::StatusLedger::reported(
+            &ledger,
+            "acme/widgets@6113728f27ae82c7b1a177c8d03f9e96e0adf246#decap/acme/widgets"
+        )
+        .await
+        .expect("reads")
+        .is_some()
     );
 }

@@ -11,6 +11,7 @@ pub mod controller;
 pub mod error;
 pub mod livelog;
 pub mod metrics;
+pub mod statuses;
 pub mod ui;
 pub mod webhook;
 

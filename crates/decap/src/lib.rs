@@ -382,6 +382,17 @@ struct ServeArgs {
     /// The API token for changes.
     #[arg(long, env = "DECAP_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
+    /// A GitHub token that may write commit statuses; without it, none are
+    /// reported.
+    #[arg(long, env = "DECAP_GITHUB_TOKEN", hide_env_values = true)]
+    github_token: Option<String>,
+    /// GitHub's API (GitHub Enterprise: https://HOST/api/v3).
+    #[arg(
+        long,
+        env = "DECAP_GITHUB_API_URL",
+        default_value = "https://api.github.com"
+    )]
+    github_api_url: String,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -728,6 +739,21 @@ async fn serve(args: ServeArgs) -> Result<()> {
         live,
     );
     controller.start(exits).await.context("recovering state")?;
+    if let Some(token) = args.github_token.clone().filter(|t| !t.is_empty()) {
+        let github = decap_github::GitHubStatuses::new(&decap_github::GitHubConfig {
+            api_url: args.github_api_url.clone(),
+            token,
+            max_wait: Duration::from_secs(300),
+        })
+        .context("GitHub")?;
+        decap_server::statuses::StatusReporter::new(
+            controller.clone(),
+            Arc::new(github),
+            Arc::new(decap_embedded::SqliteStatusLedger::new(db.clone())),
+        )
+        .spawn();
+        tracing::info!(api = %args.github_api_url, "reporting commit statuses to GitHub");
+    }
 
     let webhook_secrets: Vec<SecretString> = [
         secret(args.github_webhook_secret.clone()),

@@ -1,0 +1,67 @@
+//! The commit statuses told to the repository host, in SQLite.
+
+use async_trait::async_trait;
+use decap_core::Result;
+use decap_core::ports::{CommitState, StatusLedger};
+use rusqlite::OptionalExtension;
+
+use crate::db::{SqliteDb, exec, query_row};
+
+/// [`StatusLedger`] on [`SqliteDb`].
+#[derive(Clone)]
+pub struct SqliteStatusLedger {
+    db: SqliteDb,
+}
+
+impl SqliteStatusLedger {
+    /// A ledger on `db`.
+    pub fn new(db: SqliteDb) -> Self {
+        SqliteStatusLedger { db }
+    }
+}
+
+fn parse(s: &str) -> Option<CommitState> {
+    [
+        CommitState::Pending,
+        CommitState::Success,
+        CommitState::Failure,
+        CommitState::Error,
+    ]
+    .into_iter()
+    .find(|c| c.as_str() == s)
+}
+
+#[async_trait]
+impl StatusLedger for SqliteStatusLedger {
+    async fn reported(&self, key: &str) -> Result<Option<CommitState>> {
+        let key = key.to_owned();
+        let state: Option<String> = self
+            .db
+            .read(move |c| {
+                query_row(
+                    c,
+                    "SELECT state FROM status_ledger WHERE key = ?1",
+                    [&key],
+                    |r| r.get(0),
+                )
+                .optional()
+            })
+            .await?;
+        Ok(state.as_deref().and_then(parse))
+    }
+
+    async fn record(&self, key: &str, state: CommitState) -> Result<()> {
+        let key = key.to_owned();
+        self.db
+            .write(move |c| {
+                exec(
+                    c,
+                    "INSERT INTO status_ledger (key, state) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET state = excluded.state",
+                    rusqlite::params![key, state.as_str()],
+                )
+                .map(|_| ())
+            })
+            .await
+    }
+}

@@ -1,0 +1,207 @@
+//! Commit statuses back on GitHub, against a local stub of GitHub's API that
+//! records each request (method, path, headers, body) and answers as GitHub
+//! does, rate limit included.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use common::{Decap, project, push_payload};
+
+const SHA: &str = "6113728f27ae82c7b1a177c8d03f9e96e0adf246";
+const GITHUB_TOKEN: &str = "ghp_decaptesttoken";
+
+#[derive(Debug, Clone)]
+struct Seen {
+    method: Method,
+    path: String,
+    authorization: String,
+    user_agent: String,
+    body: serde_json::Value,
+    answered: u16,
+}
+
+#[derive(Clone, Default)]
+struct Stub {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    /// Rate-limited answers still to give.
+    limited: Arc<Mutex<u32>>,
+}
+
+async fn github(
+    State(stub): State<Stub>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let header = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let limited = {
+        let mut left = stub.limited.lock().unwrap();
+        let now = *left > 0;
+        if now {
+            *left -= 1;
+        }
+        now
+    };
+    let (status, answer) = if limited {
+        (
+            StatusCode::FORBIDDEN,
+            (
+                StatusCode::FORBIDDEN,
+                [("retry-after", "1"), ("x-ratelimit-remaining", "0")],
+                r#"{"message":"API rate limit exceeded","documentation_url":"https://docs.github.com/rest/overview/resources-in-the-rest-api#rate-limiting"}"#,
+            )
+                .into_response(),
+        )
+    } else {
+        let path = uri.path().to_owned();
+        let ok = method == Method::POST && path.starts_with("/repos/acme/widgets/statuses/");
+        if ok {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let created = serde_json::json!({
+                "id": 1, "state": v["state"], "context": v["context"],
+                "target_url": v["target_url"], "description": v["description"],
+                "url": format!("https://api.github.com{path}")
+            });
+            (
+                StatusCode::CREATED,
+                (StatusCode::CREATED, axum::Json(created)).into_response(),
+            )
+        } else {
+            (
+                StatusCode::NOT_FOUND,
+                (StatusCode::NOT_FOUND, r#"{"message":"Not Found"}"#).into_response(),
+            )
+        }
+    };
+    stub.seen.lock().unwrap().push(Seen {
+        method,
+        path: uri.path().to_owned(),
+        authorization: header("authorization"),
+        user_agent: header("user-agent"),
+        body: serde_json::from_slice(&body).unwrap_or_default(),
+        answered: status.as_u16(),
+    });
+    answer
+}
+
+async fn start_stub(stub: Stub) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(github).with_state(stub);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+fn told(stub: &Stub) -> Vec<(String, String)> {
+    stub.seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.answered == 201)
+        .map(|s| {
+            (
+                s.body["context"].as_str().unwrap_or("").to_owned(),
+                s.body["state"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_push_build_reports_pending_then_success_once_each_even_across_a_restart() {
+    let stub = Stub::default();
+    *stub.limited.lock().unwrap() = 1; // the first call meets the rate limit
+    let github_url = start_stub(stub.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    project(
+        &scripts,
+        "acme/widgets",
+        r#"{"buildImage": "x", "managedRefRegex": "main"}"#,
+        "echo built\n",
+    );
+    let args = [
+        "--github-token",
+        GITHUB_TOKEN,
+        "--github-api-url",
+        &github_url,
+    ];
+    let data = dir.path().join("data");
+    let mut decap = Decap::start(&data, &scripts, &args);
+    let api = decap.api();
+    let body = push_payload("acme", "widgets", "refs/heads/main", SHA);
+    let answer = api.webhook("push", "delivery-1", &body).await;
+    assert_eq!(answer.status(), 202);
+    let v: serde_json::Value = answer.json().await.unwrap();
+    let id = v["builds"][0]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| v["builds"][0]["id"].as_str().unwrap().to_owned());
+    let expected = vec![
+        ("decap/acme/widgets".to_owned(), "pending".to_owned()),
+        ("decap/all".to_owned(), "pending".to_owned()),
+        ("decap/acme/widgets".to_owned(), "success".to_owned()),
+        ("decap/all".to_owned(), "success".to_owned()),
+    ];
+    for _ in 0..300 {
+        if told(&stub).len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let build = api.build(&id).await;
+    let seen_so_far = stub.seen.lock().unwrap().clone();
+    assert!(
+        told(&stub).len() >= 4,
+        "GitHub was told: {seen_so_far:#?}; the build: {build}"
+    );
+    assert_eq!(told(&stub), expected, "each state once, in order");
+
+    let seen = stub.seen.lock().unwrap().clone();
+    assert_eq!(seen[0].answered, 403, "the rate limit was met first");
+    assert_eq!(seen.len(), 5, "and waited out once: {seen:#?}");
+    for s in &seen {
+        assert_eq!(s.method, Method::POST);
+        assert_eq!(s.path, format!("/repos/acme/widgets/statuses/{SHA}"));
+        assert!(
+            s.authorization.contains(GITHUB_TOKEN),
+            "{}",
+            s.authorization
+        );
+        assert!(!s.user_agent.is_empty());
+    }
+    let success = seen.last().unwrap();
+    assert_eq!(
+        success.body["target_url"],
+        format!("{}/builds/{id}", decap.url)
+    );
+    assert!(
+        success.body["description"]
+            .as_str()
+            .unwrap()
+            .contains("1 of 1"),
+        "{}",
+        success.body
+    );
+
+    // A restart tells GitHub nothing it was told already.
+    decap.kill();
+    let decap = Decap::start(&data, &scripts, &args);
+    decap.api().json("/api/v1/version").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(stub.seen.lock().unwrap().len(), 5, "nothing sent twice");
+}
