@@ -97,6 +97,21 @@ fn code_is<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>, code: &str) -> bool {
         .is_some_and(|c| c == code)
 }
 
+/// A deletion's outcome: what was gone already is fine.
+fn unless_gone<T, E>(
+    r: std::result::Result<T, SdkError<E, aws_sdk_iam::config::http::HttpResponse>>,
+    what: &str,
+) -> Result<()>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if code_is(&e, "NoSuchEntity") => Ok(()),
+        Err(e) => Err(fail(what, crate::sdk_message(&e))),
+    }
+}
+
 /// Creates the identities with their inline policies; an identity that
 /// exists is kept and its policies (and a role's trust) are brought up to
 /// date. Returns the ARNs.
@@ -243,60 +258,32 @@ pub async fn delete(sdk: &aws_config::SdkConfig, ids: &Identities) -> Result<()>
                     })?;
             }
         }
-        match iam
-            .delete_user_policy()
-            .user_name(user)
-            .policy_name(POLICY_NAME)
-            .send()
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if code_is(&e, "NoSuchEntity") => {}
-            Err(e) => {
-                return Err(fail(
-                    &format!("deleting the policy of user {user}"),
-                    crate::sdk_message(&e),
-                ));
-            }
-        }
-        match iam.delete_user().user_name(user).send().await {
-            Ok(_) => {}
-            Err(e) if code_is(&e, "NoSuchEntity") => {}
-            Err(e) => {
-                return Err(fail(
-                    &format!("deleting user {user}"),
-                    crate::sdk_message(&e),
-                ));
-            }
-        }
+        unless_gone(
+            iam.delete_user_policy()
+                .user_name(user)
+                .policy_name(POLICY_NAME)
+                .send()
+                .await,
+            &format!("deleting the policy of user {user}"),
+        )?;
+        unless_gone(
+            iam.delete_user().user_name(user).send().await,
+            &format!("deleting user {user}"),
+        )?;
     }
     if let Some((role, _)) = &ids.role {
-        match iam
-            .delete_role_policy()
-            .role_name(role)
-            .policy_name(POLICY_NAME)
-            .send()
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if code_is(&e, "NoSuchEntity") => {}
-            Err(e) => {
-                return Err(fail(
-                    &format!("deleting the policy of role {role}"),
-                    crate::sdk_message(&e),
-                ));
-            }
-        }
-        match iam.delete_role().role_name(role).send().await {
-            Ok(_) => {}
-            Err(e) if code_is(&e, "NoSuchEntity") => {}
-            Err(e) => {
-                return Err(fail(
-                    &format!("deleting role {role}"),
-                    crate::sdk_message(&e),
-                ));
-            }
-        }
+        unless_gone(
+            iam.delete_role_policy()
+                .role_name(role)
+                .policy_name(POLICY_NAME)
+                .send()
+                .await,
+            &format!("deleting the policy of role {role}"),
+        )?;
+        unless_gone(
+            iam.delete_role().role_name(role).send().await,
+            &format!("deleting role {role}"),
+        )?;
     }
     Ok(())
 }

@@ -352,10 +352,6 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
     }
 }
 
-fn peer_of(p: Peer) -> Option<SocketAddr> {
-    p.0
-}
-
 // -------------------------------------------------------------- dashboard
 
 /// A running build with its progress.
@@ -392,6 +388,25 @@ pub struct WaitingRow {
     pub reason: String,
     /// Since when.
     pub since: When,
+}
+
+/// The deferred builds, oldest first.
+async fn waiting_rows(app: &AppState) -> decap_core::Result<Vec<WaitingRow>> {
+    Ok(app
+        .controller
+        .ports
+        .queue
+        .list()
+        .await?
+        .into_iter()
+        .map(|e| WaitingRow {
+            id: e.build_id.to_string(),
+            project: e.project.to_string(),
+            branch: e.branch,
+            reason: e.reason,
+            since: when(e.deferred_at),
+        })
+        .collect())
 }
 
 #[derive(Template)]
@@ -457,17 +472,8 @@ pub async fn dashboard(State(app): State<AppState>, headers: HeaderMap, ci: Peer
             estimate,
         });
     }
-    let waiting = match ports.queue.list().await {
-        Ok(entries) => entries
-            .into_iter()
-            .map(|e| WaitingRow {
-                id: e.build_id.to_string(),
-                project: e.project.to_string(),
-                branch: e.branch,
-                reason: e.reason,
-                since: when(e.deferred_at),
-            })
-            .collect(),
+    let waiting = match waiting_rows(&app).await {
+        Ok(rows) => rows,
         Err(e) => return core_error_page(e),
     };
     let recent = match ports
@@ -522,7 +528,7 @@ pub async fn dashboard(State(app): State<AppState>, headers: HeaderMap, ci: Peer
         })
         .collect();
     render(&Dashboard {
-        viewer: viewer(&app, &headers, peer_of(ci)),
+        viewer: viewer(&app, &headers, ci.0),
         running: running_rows,
         waiting,
         latest,
@@ -612,7 +618,7 @@ pub async fn projects(State(app): State<AppState>, headers: HeaderMap, ci: Peer)
         }
     }
     render(&Projects {
-        viewer: viewer(&app, &headers, peer_of(ci)),
+        viewer: viewer(&app, &headers, ci.0),
         teams,
         scripts_commit: catalog.commit.clone(),
     })
@@ -766,7 +772,7 @@ pub async fn project(
         .and_then(|e| e.descriptor.as_ref())
         .map(|d| &d.descriptor);
     render(&ProjectPage {
-        viewer: viewer(&app, &headers, peer_of(ci)),
+        viewer: viewer(&app, &headers, ci.0),
         team: key.team.clone(),
         project: key.project.clone(),
         description: d
@@ -826,7 +832,7 @@ pub async fn refs_fragment(
     headers: HeaderMap,
     ci: Peer,
 ) -> Response {
-    let can_act = viewer(&app, &headers, peer_of(ci)).can_act;
+    let can_act = viewer(&app, &headers, ci.0).can_act;
     let (refs, error) =
         match crate::api::refs(State(app), Path((team.clone(), project.clone()))).await {
             Ok(axum::Json(r)) => (
@@ -891,7 +897,7 @@ pub async fn build(
         (Vec::new(), String::new())
     };
     render(&BuildPage {
-        viewer: viewer(&app, &headers, peer_of(ci)),
+        viewer: viewer(&app, &headers, ci.0),
         b: row(&b),
         git_ref: b.git_ref.clone(),
         full_commit: b.commit.clone().unwrap_or_default(),
@@ -986,17 +992,8 @@ struct QueuePage {
 /// and the queue's open/closed switch.
 pub async fn queue(State(app): State<AppState>, headers: HeaderMap, ci: Peer) -> Response {
     let ports = &app.controller.ports;
-    let waiting = match ports.queue.list().await {
-        Ok(entries) => entries
-            .into_iter()
-            .map(|e| WaitingRow {
-                id: e.build_id.to_string(),
-                project: e.project.to_string(),
-                branch: e.branch,
-                reason: e.reason,
-                since: when(e.deferred_at),
-            })
-            .collect(),
+    let waiting = match waiting_rows(&app).await {
+        Ok(rows) => rows,
         Err(e) => return core_error_page(e),
     };
     let locks = match ports.locks.list().await {
@@ -1012,7 +1009,7 @@ pub async fn queue(State(app): State<AppState>, headers: HeaderMap, ci: Peer) ->
         Err(e) => return core_error_page(e),
     };
     render(&QueuePage {
-        viewer: viewer(&app, &headers, peer_of(ci)),
+        viewer: viewer(&app, &headers, ci.0),
         open: app.controller.queue_open().await,
         waiting,
         locks,
@@ -1037,7 +1034,7 @@ pub async fn build_branch(
     ci: Peer,
     Form(form): Form<BuildForm>,
 ) -> Response {
-    if let Some(r) = refuse_action(&app, &headers, peer_of(ci)) {
+    if let Some(r) = refuse_action(&app, &headers, ci.0) {
         return r;
     }
     let key = match ProjectKey::new(&team, &project) {
@@ -1064,6 +1061,31 @@ pub async fn build_branch(
     }
 }
 
+/// The common part of an action on one build: the check, the id, the
+/// answer.
+async fn on_build<F, Fut>(
+    app: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    ci: Peer,
+    act: F,
+) -> Response
+where
+    F: FnOnce(std::sync::Arc<crate::Controller>, BuildId) -> Fut,
+    Fut: std::future::Future<Output = decap_core::Result<String>>,
+{
+    if let Some(r) = refuse_action(app, headers, ci.0) {
+        return r;
+    }
+    let Ok(id) = BuildId::parse(id) else {
+        return not_found_page("That is not a build id.");
+    };
+    match act(app.controller.clone(), id).await {
+        Ok(to) => go(headers, &to),
+        Err(e) => core_error_page(e),
+    }
+}
+
 /// `POST /ui/builds/{id}/rerun`.
 pub async fn rerun(
     State(app): State<AppState>,
@@ -1071,16 +1093,10 @@ pub async fn rerun(
     headers: HeaderMap,
     ci: Peer,
 ) -> Response {
-    if let Some(r) = refuse_action(&app, &headers, peer_of(ci)) {
-        return r;
-    }
-    let Ok(id) = BuildId::parse(&id) else {
-        return not_found_page("That is not a build id.");
-    };
-    match app.controller.rerun(id).await {
-        Ok(b) => go(&headers, &format!("/builds/{}", b.id)),
-        Err(e) => core_error_page(e),
-    }
+    on_build(&app, &id, &headers, ci, |c, id| async move {
+        Ok(format!("/builds/{}", c.rerun(id).await?.id))
+    })
+    .await
 }
 
 /// `POST /ui/builds/{id}/cancel`.
@@ -1090,16 +1106,10 @@ pub async fn cancel(
     headers: HeaderMap,
     ci: Peer,
 ) -> Response {
-    if let Some(r) = refuse_action(&app, &headers, peer_of(ci)) {
-        return r;
-    }
-    let Ok(id) = BuildId::parse(&id) else {
-        return not_found_page("That is not a build id.");
-    };
-    match app.controller.cancel(id).await {
-        Ok(b) => go(&headers, &format!("/builds/{}", b.id)),
-        Err(e) => core_error_page(e),
-    }
+    on_build(&app, &id, &headers, ci, |c, id| async move {
+        Ok(format!("/builds/{}", c.cancel(id).await?.id))
+    })
+    .await
 }
 
 /// `POST /ui/deferred/{id}/remove`.
@@ -1109,16 +1119,11 @@ pub async fn remove_deferred(
     headers: HeaderMap,
     ci: Peer,
 ) -> Response {
-    if let Some(r) = refuse_action(&app, &headers, peer_of(ci)) {
-        return r;
-    }
-    let Ok(id) = BuildId::parse(&id) else {
-        return not_found_page("That is not a build id.");
-    };
-    match app.controller.remove_deferred(id).await {
-        Ok(()) => go(&headers, "/queue"),
-        Err(e) => core_error_page(e),
-    }
+    on_build(&app, &id, &headers, ci, |c, id| async move {
+        c.remove_deferred(id).await?;
+        Ok("/queue".to_owned())
+    })
+    .await
 }
 
 /// The Unlock button's form.
@@ -1135,7 +1140,7 @@ pub async fn unlock(
     ci: Peer,
     Form(form): Form<UnlockForm>,
 ) -> Response {
-    if let Some(r) = refuse_action(&app, &headers, peer_of(ci)) {
+    if let Some(r) = refuse_action(&app, &headers, ci.0) {
         return r;
     }
     let key = match LockKey::parse(&form.key) {
@@ -1162,7 +1167,7 @@ pub async fn set_queue(
     ci: Peer,
     Form(form): Form<QueueForm>,
 ) -> Response {
-    if let Some(r) = refuse_action(&app, &headers, peer_of(ci)) {
+    if let Some(r) = refuse_action(&app, &headers, ci.0) {
         return r;
     }
     let open = match form.state.as_str() {
@@ -1208,7 +1213,7 @@ struct LoginPage {
 /// `GET /login`.
 pub async fn login_form(State(app): State<AppState>, headers: HeaderMap, ci: Peer) -> Response {
     render(&LoginPage {
-        viewer: viewer(&app, &headers, peer_of(ci)),
+        viewer: viewer(&app, &headers, ci.0),
         error: String::new(),
         configured: app.auth.api_token.is_some(),
     })
@@ -1231,7 +1236,7 @@ pub async fn login(
     let token = form.token.trim();
     if !app.auth.token_matches(token) || token.contains(|c: char| c == ';' || c.is_control()) {
         let mut r = render(&LoginPage {
-            viewer: viewer(&app, &headers, peer_of(ci)),
+            viewer: viewer(&app, &headers, ci.0),
             error: "That is not the API token.".to_owned(),
             configured: app.auth.api_token.is_some(),
         });
