@@ -94,6 +94,17 @@ enum Command {
         #[arg(long)]
         exit_with_parent: bool,
     },
+    /// Copies bctool into a folder and makes a build's workspace folders
+    /// (`src`, `artifacts`, `home`, `tmp`). The Kubernetes executor's init
+    /// container runs this from the Decap image, so that any build image
+    /// can run bctool.
+    Install {
+        /// Where bctool is copied (as `DIR/bctool`).
+        dir: PathBuf,
+        /// The build's workspace, whose folders are made writable for any user.
+        #[arg(long)]
+        workspace: Option<PathBuf>,
+    },
     /// Records the build's result.
     RecordBuildMetadata {
         /// The script's exit code.
@@ -170,7 +181,12 @@ async fn standby(exit_with_parent: bool) -> Result<i32> {
     let direct = DirectConfig::from_vars(|k| vars.get(k).cloned()).map_err(anyhow::Error::msg)?;
     run_prepared(
         prepared,
-        Shipper::connect(&server, Some(token), direct),
+        Shipper::connect(
+            &server,
+            Some(token),
+            direct,
+            retry_budget(vars.get(RETRY_VAR).cloned()),
+        ),
         launch.build_id,
         args,
     )
@@ -182,8 +198,23 @@ pub async fn main(cli: Cli) -> Result<i32> {
     if let Command::Standby { exit_with_parent } = cli.command {
         return standby(exit_with_parent).await;
     }
-    let direct = DirectConfig::from_vars(|k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?;
-    let connect = Shipper::connect(&cli.build.server, cli.build.token.clone(), direct);
+    if let Command::Install { dir, workspace } = &cli.command {
+        install(dir, workspace.as_deref())?;
+        return Ok(0);
+    }
+    let credentials = std::env::var_os("DECAP_CREDENTIALS_DIR").map(PathBuf::from);
+    let direct = DirectConfig::from_vars(|k| {
+        std::env::var(k)
+            .ok()
+            .or_else(|| credential_file(credentials.as_deref()?, k))
+    })
+    .map_err(anyhow::Error::msg)?;
+    let connect = Shipper::connect(
+        &cli.build.server,
+        cli.build.token.clone(),
+        direct,
+        retry_budget(std::env::var(RETRY_VAR).ok()),
+    );
     let id = cli
         .build
         .build_id
@@ -193,7 +224,7 @@ pub async fn main(cli: Cli) -> Result<i32> {
         // The shipper is made after the command starts: the build's first
         // line should not wait for TLS roots or credentials to load.
         Command::Run(args) => run(connect, id, args).await,
-        Command::Standby { .. } => unreachable!("handled above"),
+        Command::Standby { .. } | Command::Install { .. } => unreachable!("handled above"),
         Command::Unlock => {
             let released = connect.await?.unlock(&id).await?;
             eprintln!(
@@ -233,9 +264,52 @@ pub async fn main(cli: Cli) -> Result<i32> {
     }
 }
 
+/// A setting read from the mounted credentials Secret (the Kubernetes
+/// executor mounts it at `/decap/credentials`): its keys `aws-key`,
+/// `aws-secret` and `aws-region`, as the original Decap secret named them.
+fn credential_file(dir: &Path, var: &str) -> Option<String> {
+    let file = match var {
+        "DECAP_BCTOOL_AWS_ACCESS_KEY_ID" => "aws-key",
+        "DECAP_BCTOOL_AWS_SECRET_ACCESS_KEY" => "aws-secret",
+        "DECAP_AWS_REGION" => "aws-region",
+        _ => return None,
+    };
+    let value = std::fs::read_to_string(dir.join(file)).ok()?;
+    let value = value.trim();
+    (!value.is_empty()).then(|| value.to_owned())
+}
+
+/// `bctool install`: copies this executable to `dir/bctool` and makes the
+/// workspace folders.
+fn install(dir: &Path, workspace: Option<&Path>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let me = std::env::current_exe().context("cannot find bctool's own executable")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let to = dir.join("bctool");
+    // Copied beside, then renamed: a half-copied bctool is never run.
+    let partial = dir.join(".bctool.partial");
+    std::fs::copy(&me, &partial)
+        .with_context(|| format!("cannot copy {} to {}", me.display(), partial.display()))?;
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&partial, &to)?;
+    if let Some(ws) = workspace {
+        for sub in ["src", "artifacts", "home", "tmp"] {
+            let d = ws.join(sub);
+            std::fs::create_dir_all(&d)
+                .with_context(|| format!("cannot create {}", d.display()))?;
+            // The build image may run as another user than this container.
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1777))?;
+        }
+    }
+    eprintln!("bctool: installed {}", to.display());
+    Ok(())
+}
+
 /// Where a build's output goes: the server, or S3 and DynamoDB directly.
 pub struct Shipper {
     client: Client,
+    /// How long calls are retried while the server is unreachable.
+    retry_budget: Duration,
     /// The build has a token, so its console can stream to the server.
     live: bool,
     direct: Option<DirectStores>,
@@ -246,6 +320,7 @@ impl Shipper {
         server: &str,
         token: Option<String>,
         direct: Option<DirectConfig>,
+        retry_budget: Duration,
     ) -> Result<Shipper> {
         let live = token.is_some();
         let client = Client::new(server, token)?;
@@ -255,6 +330,7 @@ impl Shipper {
         };
         Ok(Shipper {
             client,
+            retry_budget,
             live,
             direct,
         })
@@ -280,9 +356,11 @@ impl Shipper {
             None => {
                 let body = || reqwest::Body::wrap_stream(packed());
                 match kind {
-                    BlobKind::LogGz => retry(|| self.client.put_log(id, body())).await?,
+                    BlobKind::LogGz => {
+                        retry(self.retry_budget, || self.client.put_log(id, body())).await?
+                    }
                     BlobKind::ArtifactsTarGz => {
-                        retry(|| self.client.put_artifacts(id, body())).await?
+                        retry(self.retry_budget, || self.client.put_artifacts(id, body())).await?
                     }
                 }
             }
@@ -295,7 +373,7 @@ impl Shipper {
     /// already final, e.g. cancelled, stays as it is), then the lock goes.
     async fn record_result(&self, id: &str, result: &BuildResult) -> Result<()> {
         let Some(d) = &self.direct else {
-            retry(|| self.client.post_result(id, result)).await?;
+            retry(self.retry_budget, || self.client.post_result(id, result)).await?;
             return Ok(());
         };
         let build = BuildId::parse(id)?;
@@ -330,7 +408,7 @@ impl Shipper {
 
     async fn unlock(&self, id: &str) -> Result<bool> {
         let Some(d) = &self.direct else {
-            return Ok(retry(|| self.client.unlock_build(id)).await?);
+            return Ok(retry(self.retry_budget, || self.client.unlock_build(id)).await?);
         };
         let build = BuildId::parse(id)?;
         let Some(b) = retry_direct(|| d.builds.get(build)).await? else {
@@ -361,18 +439,42 @@ where
     }
 }
 
-/// Retries transient failures (server down, 5xx, 429) with backoff.
-async fn retry<T, F, Fut>(mut f: F) -> Result<T, ClientError>
+/// How long bctool keeps retrying a call while the server is unreachable or
+/// failing: long enough for a controller to restart (a pod rescheduled, a
+/// rollout), so that the build's log and result are not lost meanwhile.
+fn retry_budget(setting: Option<String>) -> Duration {
+    setting
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(300), Duration::from_secs)
+}
+
+/// The setting of [`retry_budget`], in seconds.
+const RETRY_VAR: &str = "DECAP_BCTOOL_RETRY_SECS";
+
+/// Retries transient failures (server down, 5xx, 429) with backoff, for up
+/// to `budget`.
+async fn retry<T, F, Fut>(budget: Duration, mut f: F) -> Result<T, ClientError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
     let mut delay = Duration::from_millis(100);
-    let mut attempt = 0;
+    let give_up = tokio::time::Instant::now() + budget;
+    let mut answered_failures = 0;
     loop {
         match f().await {
-            Err(e) if e.is_transient() && attempt < 6 => {
-                attempt += 1;
+            // A server that answers with an error is up: its failure (a
+            // store behind it) is retried a few times only.
+            Err(e @ ClientError::Api { .. }) if e.is_transient() && answered_failures < 6 => {
+                answered_failures += 1;
+                eprintln!("bctool: {e}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            // A server that does not answer may be restarting: keep trying.
+            Err(e @ ClientError::Unreachable { .. })
+                if tokio::time::Instant::now() + delay < give_up =>
+            {
                 eprintln!("bctool: {e}; retrying in {delay:?}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));

@@ -677,3 +677,138 @@ pub async fn status_ledger_suite(ledger: Arc<dyn decap_core::ports::StatusLedger
         assert_eq!(ledger.reported(key).await.unwrap(), Some(state));
     }
 }
+
+/// Collects what an executor reports, for [`executor_suite`].
+#[derive(Default)]
+pub struct RecordedExits(std::sync::Mutex<Vec<decap_core::ports::EnvironmentExit>>);
+
+impl decap_core::ports::ExecutorEvents for RecordedExits {
+    fn environment_exited(&self, exit: decap_core::ports::EnvironmentExit) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(exit);
+        }
+    }
+}
+
+impl RecordedExits {
+    fn count(&self, id: BuildId) -> usize {
+        self.0
+            .lock()
+            .map(|v| v.iter().filter(|e| e.build_id == id).count())
+            .unwrap_or(0)
+    }
+
+    async fn wait_for(&self, id: BuildId, limit: Duration) {
+        let start = std::time::Instant::now();
+        while self.count(id) == 0 {
+            assert!(
+                start.elapsed() < limit,
+                "the end of build {id}'s environment was never reported"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A launch of `script` (as `build.sh`) for a fresh build. The build reports
+/// to nowhere (`decap_url` is a closed port, and bctool is told not to wait
+/// for it): the suite is about environments, not results.
+pub fn launch_spec(script: &str, timeout: Duration) -> decap_core::ports::LaunchSpec {
+    use decap_core::catalog::{ProjectEntry, ScriptFile};
+    let key = ProjectKey::new("contract", "executor").expect("valid");
+    let descriptor = decap_core::descriptor::ProjectDescriptor::parse(
+        br#"{"buildImage": "debian:bookworm-slim"}"#,
+    )
+    .expect("valid descriptor");
+    let mut build = Build::new(
+        key.clone(),
+        &GitRef::branch("main").expect("valid"),
+        None,
+        Trigger::Manual,
+        OffsetDateTime::now_utc(),
+    );
+    build
+        .transition(BuildStatus::Running, OffsetDateTime::now_utc())
+        .expect("queued builds can run");
+    decap_core::ports::LaunchSpec {
+        build,
+        project: ProjectEntry {
+            key,
+            descriptor: Some(descriptor),
+            sidecars: Vec::new(),
+            files: vec![ScriptFile {
+                path: "build.sh".into(),
+                executable: true,
+                content: Arc::from(script.as_bytes()),
+            }],
+            error: None,
+        },
+        build_token: "contract-token".into(),
+        decap_url: "http://127.0.0.1:9".into(),
+        timeout,
+        max_log_bytes: 1 << 20,
+        bctool_env: vec![("DECAP_BCTOOL_RETRY_SECS".into(), "0".into())],
+    }
+}
+
+/// The [`decap_core::ports::Executor`] contract: a launch returns once the
+/// environment exists and shows in `live`; a second launch of the same build
+/// adopts it; every environment's end is reported once; `cancel` ends a
+/// running one and is a no-op for an unknown build. `exits` must be the
+/// events the executor was made with; `limit` bounds each wait (an
+/// environment that has to start a pod is slower than a process).
+pub async fn executor_suite(
+    executor: Arc<dyn decap_core::ports::Executor>,
+    exits: Arc<RecordedExits>,
+    limit: Duration,
+) {
+    // A build that ends by itself: reported once.
+    let spec = launch_spec("#!/bin/sh\necho contract\n", Duration::from_secs(60));
+    let id = spec.build.id;
+    executor.launch(spec.clone()).await.expect("launch");
+    // Launching it again adopts it: still one environment, one end.
+    executor.launch(spec).await.expect("a second launch adopts");
+    exits.wait_for(id, limit).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(exits.count(id), 1, "an environment's end is reported once");
+    let start = std::time::Instant::now();
+    while executor.live().await.expect("live").contains(&id) {
+        assert!(start.elapsed() < limit, "an ended build stays live");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A build that would run for long: live until cancelled, then reported.
+    let spec = launch_spec(
+        "#!/bin/sh\necho waiting\nsleep 300\n",
+        Duration::from_secs(600),
+    );
+    let id = spec.build.id;
+    executor.launch(spec).await.expect("launch");
+    assert!(
+        executor.live().await.expect("live").contains(&id),
+        "a launched build is live once launch returns"
+    );
+    assert!(
+        executor.unavailable().is_none(),
+        "a working executor says it can launch"
+    );
+    executor.cancel(id).await.expect("cancel");
+    exits.wait_for(id, limit).await;
+    let start = std::time::Instant::now();
+    while executor.live().await.expect("live").contains(&id) {
+        assert!(start.elapsed() < limit, "a cancelled build stays live");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        exits.count(id),
+        1,
+        "a cancelled environment's end is reported once"
+    );
+
+    // Cancelling what does not exist is a no-op.
+    executor
+        .cancel(BuildId::new())
+        .await
+        .expect("cancelling an unknown build is a no-op");
+}

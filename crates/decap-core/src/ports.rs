@@ -357,6 +357,12 @@ pub trait Executor: Send + Sync {
     async fn cancel(&self, build: BuildId) -> Result<()>;
     /// The builds whose environments are alive.
     async fn live(&self) -> Result<Vec<BuildId>>;
+    /// Why builds cannot be launched now (e.g. the Kubernetes API server is
+    /// unreachable), or `None` when they can. Cheap: the scheduler asks before
+    /// every launch and defers builds meanwhile.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The build-scripts repo.

@@ -45,6 +45,8 @@ pub enum DeferReason {
     LockHeld(Option<BuildId>),
     /// An earlier request for the same lock key waits already (FIFO per key).
     BehindEarlier,
+    /// The executor cannot launch builds now; the reason in words.
+    ExecutorUnavailable(String),
 }
 
 impl fmt::Display for DeferReason {
@@ -61,6 +63,7 @@ impl fmt::Display for DeferReason {
             DeferReason::LockHeld(Some(id)) => write!(f, "the branch is locked by build {id}"),
             DeferReason::LockHeld(None) => f.write_str("the branch is locked"),
             DeferReason::BehindEarlier => f.write_str("an earlier build of this branch is waiting"),
+            DeferReason::ExecutorUnavailable(why) => f.write_str(why),
         }
     }
 }

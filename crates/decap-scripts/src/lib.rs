@@ -73,20 +73,33 @@ impl ScriptsSource {
     }
 }
 
+/// A check the executor makes of each project when the scripts are read
+/// (e.g. the Kubernetes executor parses the sidecars as Containers): the
+/// problem in words, which the project then shows and which keeps it from
+/// building.
+pub type ProjectCheck = Arc<dyn Fn(&ProjectEntry) -> Option<String> + Send + Sync>;
+
 /// The build-scripts repo on the local file system.
 pub struct FsScriptsRepo {
     source: ScriptsSource,
     current: RwLock<Arc<Catalog>>,
     refreshing: tokio::sync::Mutex<()>,
+    check: Option<ProjectCheck>,
 }
 
 impl FsScriptsRepo {
     /// Opens the repo (cloning it if it is remote) and reads the first catalog.
     pub async fn open(source: ScriptsSource) -> Result<Self> {
+        Self::open_checked(source, None).await
+    }
+
+    /// Opens the repo; every project read is also put to `check`.
+    pub async fn open_checked(source: ScriptsSource, check: Option<ProjectCheck>) -> Result<Self> {
         let repo = FsScriptsRepo {
             source,
             current: RwLock::new(Arc::new(Catalog::default())),
             refreshing: tokio::sync::Mutex::new(()),
+            check,
         };
         repo.refresh().await?;
         Ok(repo)
@@ -128,9 +141,18 @@ impl ScriptsRepo for FsScriptsRepo {
                 (checkout.clone(), Some(commit))
             }
         };
-        let catalog = tokio::task::spawn_blocking(move || load_catalog(&root, commit))
+        let mut catalog = tokio::task::spawn_blocking(move || load_catalog(&root, commit))
             .await
             .map_err(|e| Error::backend("scripts", e))??;
+        if let Some(check) = &self.check {
+            for entry in catalog.projects.values_mut() {
+                if entry.error.is_none()
+                    && let Some(problem) = check(entry)
+                {
+                    entry.error = Some(problem);
+                }
+            }
+        }
         let catalog = Arc::new(catalog);
         tracing::info!(
             commit = %catalog.commit,

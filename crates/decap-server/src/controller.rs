@@ -121,6 +121,10 @@ pub struct Controller {
     schedule_tx: std::sync::OnceLock<mpsc::UnboundedSender<Build>>,
     status_tx: broadcast::Sender<Build>,
     pending_tokens: std::sync::Mutex<HashMap<BuildId, String>>,
+    /// Set when several replicas elect a leader: only the leader launches.
+    leadership: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
+    /// Whether this replica launches builds (always, without an election).
+    leading: std::sync::atomic::AtomicBool,
 }
 
 /// Delivers executor events to the controller through a channel, so the
@@ -176,7 +180,24 @@ impl Controller {
             schedule_tx: std::sync::OnceLock::new(),
             status_tx,
             pending_tokens: std::sync::Mutex::new(HashMap::new()),
+            leadership: std::sync::OnceLock::new(),
+            leading: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Makes this replica one of several: it launches builds only while
+    /// `leading` says it holds the lease. Call before [`Controller::start`].
+    /// A follower accepts webhooks and serves the API; the builds it accepts
+    /// stay queued in the store until the leader picks them up.
+    pub fn set_leadership(&self, leading: tokio::sync::watch::Receiver<bool>) {
+        self.leading
+            .store(*leading.borrow(), std::sync::atomic::Ordering::SeqCst);
+        let _ = self.leadership.set(leading);
+    }
+
+    /// Whether this replica launches builds now.
+    pub fn is_leading(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Recovers from whatever the last run left, then starts the background
@@ -185,7 +206,32 @@ impl Controller {
         self: &Arc<Self>,
         mut exits: mpsc::UnboundedReceiver<EnvironmentExit>,
     ) -> Result<()> {
-        self.recover().await?;
+        if self.is_leading() {
+            self.recover().await?;
+        }
+        if let Some(leadership) = self.leadership.get() {
+            let mut changes = leadership.clone();
+            let this = Arc::downgrade(self);
+            tokio::spawn(async move {
+                while changes.changed().await.is_ok() {
+                    let leading = *changes.borrow_and_update();
+                    let Some(this) = this.upgrade() else { break };
+                    let was = this
+                        .leading
+                        .swap(leading, std::sync::atomic::Ordering::SeqCst);
+                    if leading && !was {
+                        tracing::info!(
+                            "leading: adopting running builds and scheduling the waiting ones"
+                        );
+                        if let Err(e) = this.recover().await {
+                            tracing::error!(error = %e, "recovery after taking the lead failed");
+                        }
+                    } else if !leading && was {
+                        tracing::warn!("no longer leading: launching stops here");
+                    }
+                }
+            });
+        }
         // One scheduler takes the ids webhooks accepted, many at a time.
         let (tx, mut rx) = mpsc::unbounded_channel::<Build>();
         let _ = self.schedule_tx.set(tx);
@@ -219,6 +265,12 @@ impl Controller {
             loop {
                 tick.tick().await;
                 let Some(this) = this.upgrade() else { break };
+                if !this.is_leading() {
+                    continue;
+                }
+                if this.leadership.get().is_some() {
+                    this.adopt_queued(every * 2).await;
+                }
                 if let Err(e) = this.drain().await {
                     tracing::warn!(error = %e, "periodic drain failed");
                 }
@@ -329,9 +381,37 @@ impl Controller {
         self.build(b.id).await
     }
 
+    /// Schedules builds that other replicas accepted (they stay queued in the
+    /// store): those queued longer than `age` ago.
+    async fn adopt_queued(self: &Arc<Self>, age: Duration) {
+        let builds = match self.ports.builds.with_status(&[BuildStatus::Queued]).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list queued builds");
+                return;
+            }
+        };
+        let cutoff = now() - age;
+        let ids: Vec<BuildId> = builds
+            .into_iter()
+            .filter(|b| b.queued_at < cutoff)
+            .map(|b| b.id)
+            .collect();
+        if !ids.is_empty() {
+            tracing::info!(
+                count = ids.len(),
+                "scheduling builds accepted by another replica"
+            );
+            self.schedule_ids(ids).await;
+        }
+    }
+
     /// Schedules accepted builds in the background (webhooks call this after
-    /// answering).
+    /// answering). A follower leaves them queued for the leader.
     pub fn schedule_soon(self: &Arc<Self>, builds: Vec<Build>) {
+        if !self.is_leading() {
+            return;
+        }
         match self.schedule_tx.get() {
             Some(tx) => {
                 for b in builds {
@@ -404,14 +484,7 @@ impl Controller {
             }
             let key = b.lock_key();
             let key_waiting = s.waiting_keys.contains_key(&key);
-            let reason = match admit(
-                &s.running,
-                self.config.caps,
-                s.open,
-                &b.project,
-                &key,
-                key_waiting,
-            ) {
+            let reason = match self.admit(&s, &b.project, &key, key_waiting) {
                 Decision::Defer(reason) => reason,
                 Decision::TryLaunch => {
                     let ttl = self.lock_ttl(&b.project);
@@ -466,17 +539,26 @@ impl Controller {
         failed
     }
 
-    async fn schedule_locked(&self, s: &mut Sched, b: Build) -> Result<()> {
-        let key = b.lock_key();
-        let key_waiting = s.waiting_keys.contains_key(&key);
-        match admit(
+    /// Whether a build may try to launch now: the executor must be able to
+    /// launch, then the caps, the queue and the lock decide.
+    fn admit(&self, s: &Sched, project: &ProjectKey, key: &LockKey, key_waiting: bool) -> Decision {
+        if let Some(why) = self.ports.executor.unavailable() {
+            return Decision::Defer(DeferReason::ExecutorUnavailable(why));
+        }
+        admit(
             &s.running,
             self.config.caps,
             s.open,
-            &b.project,
-            &key,
+            project,
+            key,
             key_waiting,
-        ) {
+        )
+    }
+
+    async fn schedule_locked(&self, s: &mut Sched, b: Build) -> Result<()> {
+        let key = b.lock_key();
+        let key_waiting = s.waiting_keys.contains_key(&key);
+        match self.admit(s, &b.project, &key, key_waiting) {
             Decision::Defer(reason) => self.defer_locked(s, b, reason).await,
             Decision::TryLaunch => {
                 let ttl = self.lock_ttl(&b.project);
@@ -805,7 +887,11 @@ impl Controller {
     }
 
     async fn drain_locked(&self, s: &mut Sched) -> Result<()> {
-        if !s.open || s.waiting_keys.is_empty() {
+        if !self.is_leading()
+            || !s.open
+            || s.waiting_keys.is_empty()
+            || self.ports.executor.unavailable().is_some()
+        {
             return Ok(());
         }
         // The oldest entry of each waiting key, held for this decision; what

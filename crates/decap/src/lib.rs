@@ -110,6 +110,77 @@ struct AwsResourcesArgs {
     storage: StorageArgs,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum ExecutorKind {
+    /// Local processes in fresh workspaces (the embedded default).
+    Local,
+    /// One Kubernetes pod per build.
+    Kubernetes,
+}
+
+/// The Kubernetes executor's settings (`--executor kubernetes`).
+#[derive(Args, Debug, Clone)]
+struct KubeArgs {
+    /// A kubeconfig file (default: KUBECONFIG, ~/.kube/config, or the pod's service account).
+    #[arg(long, env = "DECAP_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The namespace build pods run in.
+    #[arg(long, env = "DECAP_KUBE_NAMESPACE", default_value = "decap")]
+    kube_namespace: String,
+    /// The image whose bctool is copied into each build pod (the Decap image).
+    #[arg(long, env = "DECAP_KUBE_BCTOOL_IMAGE", default_value = "decap:latest")]
+    kube_bctool_image: String,
+    /// bctool's path inside that image.
+    #[arg(
+        long,
+        env = "DECAP_KUBE_BCTOOL_PATH",
+        default_value = "/usr/local/bin/bctool"
+    )]
+    kube_bctool_path: String,
+    /// The service account of build pods (its token is not mounted).
+    #[arg(
+        long,
+        env = "DECAP_KUBE_SERVICE_ACCOUNT",
+        default_value = "decap-build"
+    )]
+    kube_service_account: String,
+    /// The Secret mounted into build pods at /decap/credentials (when it exists).
+    #[arg(
+        long,
+        env = "DECAP_KUBE_CREDENTIALS_SECRET",
+        default_value = "decap-credentials"
+    )]
+    kube_credentials_secret: String,
+    /// CPU a build requests when its project.json names none.
+    #[arg(long, env = "DECAP_KUBE_DEFAULT_CPU", default_value = "500m")]
+    kube_default_cpu: String,
+    /// Memory a build requests (and is limited to) when its project.json names none.
+    #[arg(long, env = "DECAP_KUBE_DEFAULT_MEMORY", default_value = "1Gi")]
+    kube_default_memory: String,
+    /// Seconds a finished build pod is kept (for `kubectl logs`) before it is deleted.
+    #[arg(long, env = "DECAP_KUBE_FINISHED_POD_TTL_SECS", default_value_t = 300)]
+    kube_finished_pod_ttl_secs: u64,
+    /// The image pull policy of build pods (Always, IfNotPresent, Never).
+    #[arg(long, env = "DECAP_KUBE_IMAGE_PULL_POLICY")]
+    kube_image_pull_policy: Option<String>,
+    /// Elect a leader among replicas with a Lease: only the leader launches builds.
+    #[arg(long, env = "DECAP_LEADER_ELECTION")]
+    leader_election: bool,
+    /// The namespace of the leader-election Lease.
+    #[arg(
+        long,
+        env = "DECAP_KUBE_LEASE_NAMESPACE",
+        default_value = "decap-system"
+    )]
+    kube_lease_namespace: String,
+    /// The leader-election Lease.
+    #[arg(long, env = "DECAP_KUBE_LEASE_NAME", default_value = "decap-leader")]
+    kube_lease_name: String,
+    /// This replica's name in the election (the pod name; default: the host name).
+    #[arg(long, env = "DECAP_KUBE_POD_NAME")]
+    kube_pod_name: Option<String>,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Sandbox {
     Auto,
@@ -347,6 +418,15 @@ struct ServeArgs {
     /// Builds of one project running at once.
     #[arg(long, env = "DECAP_MAX_BUILDS_PER_PROJECT", default_value_t = 4)]
     max_builds_per_project: usize,
+    /// Where builds run: local processes or Kubernetes pods.
+    #[arg(long, env = "DECAP_EXECUTOR", value_enum, default_value_t = ExecutorKind::Local)]
+    executor: ExecutorKind,
+    /// How builds reach this server (`DECAP_URL` inside builds; default
+    /// http://LISTEN). With Kubernetes, the Service's URL.
+    #[arg(long, env = "DECAP_BUILDS_URL")]
+    builds_url: Option<String>,
+    #[command(flatten)]
+    kube: KubeArgs,
     /// Sandbox builds with bubblewrap: auto (when installed), bubblewrap (required) or none.
     #[arg(long, env = "DECAP_SANDBOX", value_enum, default_value_t = Sandbox::Auto)]
     sandbox: Sandbox,
@@ -606,6 +686,62 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     }
 }
 
+/// The executor's checks of each project as the scripts are read.
+fn project_check(kind: ExecutorKind) -> Option<decap_scripts::ProjectCheck> {
+    match kind {
+        ExecutorKind::Kubernetes => Some(Arc::new(|entry| decap_kube::pod::sidecars(entry).err())),
+        ExecutorKind::Local => None,
+    }
+}
+
+fn kube_config(args: &ServeArgs) -> decap_kube::KubeExecutorConfig {
+    let k = &args.kube;
+    decap_kube::KubeExecutorConfig {
+        namespace: k.kube_namespace.clone(),
+        bctool_image: k.kube_bctool_image.clone(),
+        bctool_command: vec![k.kube_bctool_path.clone()],
+        service_account: k.kube_service_account.clone(),
+        credentials_secret: k.kube_credentials_secret.clone(),
+        default_cpu: k.kube_default_cpu.clone(),
+        default_memory: k.kube_default_memory.clone(),
+        kill_grace: Duration::from_secs(args.kill_grace_secs.max(1)),
+        finished_pod_ttl: Duration::from_secs(k.kube_finished_pod_ttl_secs),
+        image_pull_policy: k.kube_image_pull_policy.clone(),
+    }
+}
+
+/// A replica's name in the leader election when no pod name is given.
+fn host_identity() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("decap-{}", std::process::id()))
+}
+
+fn local_executor(
+    args: &ServeArgs,
+    data_dir: &Path,
+    events: Arc<ExecutorEventsChannel>,
+) -> Result<LocalExecutor> {
+    Ok(LocalExecutor::new(
+        LocalExecutorConfig {
+            work_root: data_dir.join("work"),
+            hide: vec![data_dir.to_owned()],
+            bctool: bctool_command(args.bctool.clone())?,
+            sandbox: match args.sandbox {
+                Sandbox::Auto => SandboxMode::Auto,
+                Sandbox::Bubblewrap => SandboxMode::Bubblewrap,
+                Sandbox::None => SandboxMode::None,
+            },
+            kill_grace: Duration::from_secs(args.kill_grace_secs.max(1)),
+            path: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+            warm: args.warm_standbys,
+        },
+        events,
+    )?)
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
     let set_level = install_tracing(&args.log_level, args.log_format)?;
     if args.max_builds == 0 || args.max_builds_per_project == 0 {
@@ -623,7 +759,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let source = ScriptsSource::parse(&scripts_spec, &args.scripts_branch, &data_dir)?;
     let scripts = Arc::new(
-        FsScriptsRepo::open(source)
+        FsScriptsRepo::open_checked(source, project_check(args.executor))
             .await
             .context("cannot read the build scripts")?,
     );
@@ -636,26 +772,27 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{local}"));
-    let decap_url = format!("http://{local}");
+    let decap_url = args
+        .builds_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
 
     let db = SqliteDb::open(&data_dir.join("decap.db"))?;
     let (events, exits) = ExecutorEventsChannel::new();
-    let executor = LocalExecutor::new(
-        LocalExecutorConfig {
-            work_root: data_dir.join("work"),
-            hide: vec![data_dir.clone()],
-            bctool: bctool_command(args.bctool.clone())?,
-            sandbox: match args.sandbox {
-                Sandbox::Auto => SandboxMode::Auto,
-                Sandbox::Bubblewrap => SandboxMode::Bubblewrap,
-                Sandbox::None => SandboxMode::None,
-            },
-            kill_grace: Duration::from_secs(args.kill_grace_secs.max(1)),
-            path: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
-            warm: args.warm_standbys,
-        },
-        events,
-    )?;
+    let kube_client = match args.executor {
+        ExecutorKind::Kubernetes => {
+            Some(decap_kube::client(args.kube.kubeconfig.as_deref()).await?)
+        }
+        ExecutorKind::Local => None,
+    };
+    let executor: Arc<dyn decap_core::ports::Executor> = match &kube_client {
+        Some(client) => Arc::new(
+            decap_kube::KubeExecutor::new(client.clone(), kube_config(&args), events)
+                .await
+                .context("Kubernetes executor")?,
+        ),
+        None => Arc::new(local_executor(&args, &data_dir, events)?),
+    };
     let st = &args.storage;
     let aws = if st.uses_aws() {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
@@ -717,7 +854,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         locks,
         queue,
         blobs,
-        executor: Arc::new(executor),
+        executor,
         scripts: scripts.clone(),
     };
     let live = LiveLogs::new(data_dir.join("live"), args.max_log_bytes)?;
@@ -738,6 +875,30 @@ async fn serve(args: ServeArgs) -> Result<()> {
         },
         live,
     );
+    let _leadership = match (&kube_client, args.kube.leader_election) {
+        (Some(client), true) => {
+            let identity = args
+                .kube
+                .kube_pod_name
+                .clone()
+                .unwrap_or_else(host_identity);
+            let leadership = decap_kube::leader::elect(
+                client.clone(),
+                &args.kube.kube_lease_namespace,
+                &args.kube.kube_lease_name,
+                &identity,
+                Duration::from_secs(15),
+                Duration::from_secs(5),
+            )
+            .await
+            .context("leader election")?;
+            controller.set_leadership(leadership.leading.clone());
+            tracing::info!(identity = %identity, lease = %args.kube.kube_lease_name, "leader election on");
+            Some(leadership)
+        }
+        (None, true) => bail!("--leader-election needs --executor kubernetes"),
+        _ => None,
+    };
     controller.start(exits).await.context("recovering state")?;
     if let Some(token) = args.github_token.clone().filter(|t| !t.is_empty()) {
         let github = decap_github::GitHubStatuses::new(&decap_github::GitHubConfig {

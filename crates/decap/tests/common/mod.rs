@@ -66,9 +66,17 @@ impl Decap {
         } else {
             &["--sandbox", "none"]
         };
+        // A test that restarts the server on the same address passes
+        // DECAP_LISTEN.
+        let listen: &[&str] = if env.iter().any(|(k, _)| *k == "DECAP_LISTEN") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_decap"))
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--kill-grace-secs", "1"])
+            .args(listen)
+            .args(["--kill-grace-secs", "1"])
             .args(sandbox)
             .arg("--data-dir")
             .arg(data_dir)
