@@ -185,7 +185,7 @@ async fn standby(exit_with_parent: bool) -> Result<i32> {
             &server,
             Some(token),
             direct,
-            retry_budget(vars.get(RETRY_VAR).cloned()),
+            retry_budget(vars.get(RETRY_VAR).cloned(), exit_with_parent),
         ),
         launch.build_id,
         args,
@@ -213,7 +213,10 @@ pub async fn main(cli: Cli) -> Result<i32> {
         &cli.build.server,
         cli.build.token.clone(),
         direct,
-        retry_budget(std::env::var(RETRY_VAR).ok()),
+        retry_budget(
+            std::env::var(RETRY_VAR).ok(),
+            matches!(&cli.command, Command::Run(a) if a.exit_with_parent),
+        ),
     );
     let id = cli
         .build
@@ -442,7 +445,13 @@ where
 /// How long bctool keeps retrying a call while the server is unreachable or
 /// failing: long enough for a controller to restart (a pod rescheduled, a
 /// rollout), so that the build's log and result are not lost meanwhile.
-fn retry_budget(setting: Option<String>) -> Duration {
+///
+/// A build that dies with its parent (the local executor's) has no server to
+/// wait for once the parent is gone: it does not wait.
+fn retry_budget(setting: Option<String>, exit_with_parent: bool) -> Duration {
+    if exit_with_parent {
+        return Duration::ZERO;
+    }
     setting
         .and_then(|v| v.parse().ok())
         .map_or(Duration::from_secs(300), Duration::from_secs)

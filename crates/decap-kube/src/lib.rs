@@ -13,6 +13,7 @@ pub mod executor;
 pub mod labels;
 pub mod leader;
 pub mod pod;
+pub mod testnode;
 
 pub use executor::KubeExecutor;
 /// The client crates, for tests and tools built on this crate.

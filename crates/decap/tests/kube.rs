@@ -1,0 +1,672 @@
+//! End to end on Kubernetes: the real `decap` binary with the Kubernetes
+//! executor, against the test bed's real kube-apiserver and etcd, with the
+//! test node running the build pods (bctool and the scripts really run).
+//!
+//! `tests/run` starts the bed and sets `DECAP_TEST_KUBECONFIG`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{Decap, eventually, project, push_payload};
+use decap_kube::k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
+use decap_kube::kube::api::{DeleteParams, ListParams, PostParams};
+use decap_kube::kube::{Api, Client};
+use decap_kube::testnode::{TestNode, TestNodeConfig};
+
+const SHA: &str = "6113728f27ae82c7b1a177c8d03f9e96e0adf246";
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn admin_kubeconfig() -> PathBuf {
+    PathBuf::from(std::env::var("DECAP_TEST_KUBECONFIG").unwrap_or_else(|_| {
+        panic!(
+            "DECAP_TEST_KUBECONFIG is not set: run the tests through tests/run, which starts \
+             the Kubernetes test bed (tests/bed/kube.sh)"
+        )
+    }))
+}
+
+async fn admin() -> Client {
+    decap_kube::client(Some(&admin_kubeconfig())).await.unwrap()
+}
+
+/// A fresh build namespace with the build service account, and a test node
+/// running its pods.
+struct Bed {
+    client: Client,
+    ns: String,
+    _node: TestNode,
+    dir: tempfile::TempDir,
+}
+
+impl Bed {
+    async fn new(prefix: &str) -> Bed {
+        let client = admin().await;
+        let ns = format!("{prefix}-{}", &uuid_suffix());
+        create_namespace(&client, &ns).await;
+        let node = decap_kube::testnode::start(
+            client.clone(),
+            TestNodeConfig {
+                node_name: format!("node-{ns}"),
+                namespaces: vec![ns.clone()],
+            },
+        )
+        .await
+        .unwrap();
+        Bed {
+            client,
+            ns,
+            _node: node,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn scripts(&self) -> PathBuf {
+        self.dir.path().join("scripts")
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// `decap serve` flags for the Kubernetes executor in this namespace.
+    fn args(&self, kubeconfig: &Path) -> Vec<String> {
+        vec![
+            "--executor".into(),
+            "kubernetes".into(),
+            "--kubeconfig".into(),
+            kubeconfig.to_string_lossy().into_owned(),
+            "--kube-namespace".into(),
+            self.ns.clone(),
+            "--kube-bctool-image".into(),
+            "decap:test".into(),
+            "--kube-bctool-path".into(),
+            env!("CARGO_BIN_EXE_bctool").into(),
+            "--kube-finished-pod-ttl-secs".into(),
+            "1".into(),
+        ]
+    }
+
+    fn start(&self, kubeconfig: &Path, extra: &[&str], env: &[(&str, &str)]) -> Decap {
+        let mut args = self.args(kubeconfig);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Decap::start_with_env(&self.data(), &self.scripts(), &args, env)
+    }
+}
+
+fn uuid_suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
+}
+
+async fn create_namespace(client: &Client, ns: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let mut n = Namespace::default();
+    n.metadata.name = Some(ns.to_owned());
+    match namespaces.create(&PostParams::default(), &n).await {
+        Ok(_) => {}
+        Err(decap_kube::kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("cannot create namespace {ns}: {e}"),
+    }
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let mut sa = ServiceAccount::default();
+    sa.metadata.name = Some("decap-build".into());
+    sa.automount_service_account_token = Some(false);
+    match sas.create(&PostParams::default(), &sa).await {
+        Ok(_) => {}
+        Err(decap_kube::kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("cannot create the build service account: {e}"),
+    }
+}
+
+fn sidecar(scripts: &Path, key: &str, file: &str, json: &str) {
+    std::fs::write(scripts.join(key).join(file), json).unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_push_runs_in_a_pod_with_its_sidecar_and_everything_comes_back() {
+    let bed = Bed::new("e2e-push").await;
+    let port = free_port();
+    project(
+        &bed.scripts(),
+        "acme/widgets",
+        r#"{"buildImage": "debian:bookworm-slim", "managedRefRegex": "main|feature/.*"}"#,
+        &format!(
+            "#!/bin/sh\nset -e\necho \"in pod $BUILD_ID $BRANCH_TO_BUILD $COMMIT_SHA cwd=$(pwd)\"\n\
+             for i in $(seq 1 100); do\n  if answer=$(python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://127.0.0.1:{port}/\").status)' 2>/dev/null); then break; fi\n  sleep 0.1\ndone\n\
+             echo \"sidecar answered $answer\"\n\
+             echo report > \"$ARTIFACTS_DIR/report.txt\"\n"
+        ),
+    );
+    sidecar(
+        &bed.scripts(),
+        "acme/widgets",
+        "web-sidecar.json",
+        &format!(
+            r#"{{"name": "web", "image": "python:3-slim", "command": ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]}}"#
+        ),
+    );
+    let decap = bed.start(&admin_kubeconfig(), &[], &[]);
+    let api = decap.api();
+    let body = push_payload("acme", "widgets", "refs/heads/feature/login", SHA);
+    let resp = api.webhook("push", "kube-e2e-1", &body).await;
+    assert_eq!(resp.status(), 202);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    let id = v["builds"][0].as_str().unwrap().to_owned();
+
+    // The pod, as the API server accepted it.
+    let pods = bed.pods();
+    let pod = eventually("the build pod", MINUTE, || {
+        let pods = pods.clone();
+        let id = id.clone();
+        async move { pods.get_opt(&id).await.unwrap() }
+    })
+    .await;
+    let labels = pod.metadata.labels.clone().unwrap();
+    assert_eq!(labels["type"], "decap-build");
+    assert_eq!(labels["team"], "acme");
+    assert_eq!(labels["project"], "widgets");
+    assert!(labels["branch"].starts_with("feature-login-"), "{labels:?}");
+    assert_eq!(
+        pod.metadata.annotations.clone().unwrap()["decap.io/branch"],
+        "feature/login"
+    );
+    let spec = pod.spec.clone().unwrap();
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert!(spec.active_deadline_seconds.is_some());
+
+    let b = api.finished(&id, MINUTE).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert_eq!(b["executor"], "kubernetes");
+    assert_eq!(b["sandbox"], "pod");
+    let log = api
+        .get(&format!("/api/v1/logs/{id}"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        log.contains(&format!(
+            "in pod {id} feature/login {SHA} cwd=/decap/workspace/src"
+        )),
+        "{log}"
+    );
+    assert!(log.contains("sidecar answered 200"), "{log}");
+    let file = api.get(&format!("/api/v1/artifacts/{id}/report.txt")).await;
+    assert_eq!(file.status(), 200);
+    assert_eq!(file.text().await.unwrap(), "report\n");
+    let locks = api.json("/api/v1/locks").await;
+    assert!(locks["locks"].as_array().unwrap().is_empty(), "{locks}");
+
+    // The finished pod and its scripts are cleaned up.
+    let cms: Api<ConfigMap> = Api::namespaced(bed.client.clone(), &bed.ns);
+    eventually("the pod and its scripts to be deleted", MINUTE, || {
+        let (pods, cms, id) = (pods.clone(), cms.clone(), id.clone());
+        async move {
+            let pod = pods.get_opt(&id).await.unwrap();
+            let cm = cms.get_opt(&format!("{id}-scripts")).await.unwrap();
+            (pod.is_none() && cm.is_none()).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_sidecar_shows_on_the_project_and_nothing_launches() {
+    let bed = Bed::new("e2e-badsidecar").await;
+    project(
+        &bed.scripts(),
+        "acme/broken",
+        r#"{"buildImage": "debian:bookworm-slim"}"#,
+        "true\n",
+    );
+    sidecar(
+        &bed.scripts(),
+        "acme/broken",
+        "redis-sidecar.json",
+        r#"{"name": "redis", "image": "redis:7", "ports": [{"containerPort": "not-a-number"}]}"#,
+    );
+    let decap = bed.start(&admin_kubeconfig(), &[], &[]);
+    let api = decap.api();
+    let projects = api.json("/api/v1/projects").await;
+    let p = projects["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["team"] == "acme" && p["project"] == "broken")
+        .unwrap()
+        .clone();
+    let error = p["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        error.contains("not a valid Kubernetes Container"),
+        "the project shows why: {p}"
+    );
+    let body = push_payload("acme", "broken", "refs/heads/main", SHA);
+    let resp = api.webhook("push", "kube-bad-1", &body).await;
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        v["builds"].as_array().is_none_or(|b| b.is_empty()),
+        "no build for a project that cannot build: {v}"
+    );
+    let pods = bed.pods().list(&ListParams::default()).await.unwrap();
+    assert!(pods.items.is_empty(), "no pod was created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_deleted_by_hand_ends_its_build_errored_and_frees_the_lock() {
+    let bed = Bed::new("e2e-deleted").await;
+    project(
+        &bed.scripts(),
+        "acme/slow",
+        r#"{"buildImage": "debian:bookworm-slim"}"#,
+        "echo started\nsleep 300\n",
+    );
+    let decap = bed.start(&admin_kubeconfig(), &[], &[]);
+    let api = decap.api();
+    let id = api.request("acme/slow", &["main"]).await.remove(0);
+    let pods = bed.pods();
+    eventually("the build to start in its pod", MINUTE, || {
+        let (api, id) = (api.clone(), id.clone());
+        async move {
+            let log = api
+                .get(&format!("/api/v1/logs/{id}"))
+                .await
+                .text()
+                .await
+                .ok()?;
+            log.contains("started").then_some(())
+        }
+    })
+    .await;
+    let dp = DeleteParams {
+        grace_period_seconds: Some(1),
+        ..DeleteParams::default()
+    };
+    pods.delete(&id, &dp).await.unwrap();
+    let b = api.finished(&id, MINUTE).await;
+    assert_ne!(b["status"], "succeeded", "{b}");
+    assert!(
+        matches!(b["status"].as_str(), Some("errored" | "failed")),
+        "{b}"
+    );
+    let locks = api.json("/api/v1/locks").await;
+    assert!(locks["locks"].as_array().unwrap().is_empty(), "{locks}");
+}
+
+/// A TCP proxy in front of the API server that can be cut and restored.
+struct Cut {
+    up: Arc<AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    port: u16,
+}
+
+impl Cut {
+    async fn start(upstream: String) -> Cut {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (up2, conns2) = (up.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut down, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(down);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+                conns2.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Cut { up, conns, port }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The admin kubeconfig, pointed at another server address.
+fn kubeconfig_via(dir: &Path, port: u16) -> PathBuf {
+    let text = std::fs::read_to_string(admin_kubeconfig()).unwrap();
+    let server = std::env::var("DECAP_TEST_KUBE_SERVER").unwrap();
+    let text = text.replace(&server, &format!("https://127.0.0.1:{port}"));
+    let path = dir.join("via-proxy.kubeconfig");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_wait_deferred_while_the_api_server_is_unreachable_and_resume_when_it_returns() {
+    let bed = Bed::new("e2e-unreachable").await;
+    project(
+        &bed.scripts(),
+        "acme/widgets",
+        r#"{"buildImage": "debian:bookworm-slim"}"#,
+        "echo \"built $BRANCH_TO_BUILD\"\n",
+    );
+    let server = std::env::var("DECAP_TEST_KUBE_SERVER").unwrap();
+    let upstream = server.trim_start_matches("https://").to_owned();
+    let proxy = Cut::start(upstream).await;
+    let kubeconfig = kubeconfig_via(bed.dir.path(), proxy.port);
+    let decap = bed.start(&kubeconfig, &[], &[]);
+    let api = decap.api();
+    let first = api.request("acme/widgets", &["before"]).await.remove(0);
+    assert_eq!(api.finished(&first, MINUTE).await["status"], "succeeded");
+
+    proxy.cut();
+    // Until Decap notices, a build may still be launched (its pod is then
+    // created once the API server answers); once it has, builds wait
+    // deferred.
+    let mut ids = Vec::new();
+    let mut deferred = None;
+    for n in 0..60 {
+        let id = api
+            .request("acme/widgets", &[&format!("during-{n}")])
+            .await
+            .remove(0);
+        ids.push(id.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let b = api.build(&id).await;
+        if b["status"] == "deferred" {
+            deferred = Some(b);
+            break;
+        }
+    }
+    let b = deferred.expect("a build waits deferred while the API server is unreachable");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unreachable"),
+        "{b}"
+    );
+
+    proxy.restore();
+    for id in &ids {
+        let b = api.finished(id, MINUTE).await;
+        assert_eq!(
+            b["status"], "succeeded",
+            "resumed once the API server returned: {b}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_builds_running_when_decap_is_killed_finish_with_their_true_results() {
+    const N: usize = 50;
+    let bed = Bed::new("e2e-restart").await;
+    project(
+        &bed.scripts(),
+        "acme/many",
+        r#"{"buildImage": "debian:bookworm-slim"}"#,
+        "echo \"started $BRANCH_TO_BUILD\"\nsleep 20\ncase \"$BRANCH_TO_BUILD\" in fail-*) exit 3;; esac\necho done\n",
+    );
+    let listen = format!("127.0.0.1:{}", free_port());
+    let env = [("DECAP_LISTEN", listen.as_str())];
+    let extra = ["--max-builds", "64", "--max-builds-per-project", "64"];
+    let mut decap = bed.start(&admin_kubeconfig(), &extra, &env);
+    let api = decap.api();
+    let branches: Vec<String> = (0..N)
+        .map(|i| {
+            if i % 2 == 0 {
+                format!("ok-{i}")
+            } else {
+                format!("fail-{i}")
+            }
+        })
+        .collect();
+    let refs: Vec<&str> = branches.iter().map(String::as_str).collect();
+    let ids = api.request("acme/many", &refs).await;
+    assert_eq!(ids.len(), N);
+    let pods = bed.pods();
+    eventually("every build pod to run", MINUTE, || {
+        let pods = pods.clone();
+        async move {
+            let list = pods.list(&ListParams::default()).await.ok()?;
+            let running = list
+                .items
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count();
+            (running == N).then_some(())
+        }
+    })
+    .await;
+
+    decap.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let decap = bed.start(&admin_kubeconfig(), &extra, &env);
+    let api = decap.api();
+    for (id, branch) in ids.iter().zip(&branches) {
+        let b = api.finished(id, 2 * MINUTE).await;
+        if branch.starts_with("ok-") {
+            assert_eq!(b["status"], "succeeded", "{b}");
+            assert_eq!(b["exitCode"], 0, "{b}");
+        } else {
+            assert_eq!(b["status"], "failed", "{b}");
+            assert_eq!(b["exitCode"], 3, "{b}");
+        }
+    }
+    let locks = api.json("/api/v1/locks").await;
+    assert!(locks["locks"].as_array().unwrap().is_empty(), "{locks}");
+}
+
+/// Applies a YAML file's documents with server-side apply; `dry_run` only
+/// validates them.
+async fn apply_file(client: &Client, path: &Path, dry_run: bool) {
+    use decap_kube::kube::api::{DynamicObject, Patch, PatchParams};
+    use decap_kube::kube::core::GroupVersionKind;
+    let text = std::fs::read_to_string(path).unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+    for doc in docs.into_iter().filter(|d| !d.is_null()) {
+        let obj: DynamicObject = serde_json::from_value(doc.clone()).unwrap();
+        let types = obj.types.clone().unwrap();
+        let (group, version) = match types.api_version.split_once('/') {
+            Some((g, v)) => (g.to_owned(), v.to_owned()),
+            None => (String::new(), types.api_version.clone()),
+        };
+        let gvk = GroupVersionKind::gvk(&group, &version, &types.kind);
+        let (ar, caps) = decap_kube::kube::discovery::pinned_kind(client, &gvk)
+            .await
+            .unwrap();
+        let name = obj.metadata.name.clone().unwrap();
+        let api: Api<DynamicObject> = match (&caps.scope, &obj.metadata.namespace) {
+            (decap_kube::kube::discovery::Scope::Namespaced, Some(ns)) => {
+                Api::namespaced_with(client.clone(), ns, &ar)
+            }
+            (decap_kube::kube::discovery::Scope::Namespaced, None) => {
+                panic!(
+                    "{} {name} in {} names no namespace",
+                    types.kind,
+                    path.display()
+                )
+            }
+            _ => Api::all_with(client.clone(), &ar),
+        };
+        let mut pp = PatchParams::apply("decap-tests").force();
+        pp.dry_run = dry_run;
+        if let Err(e) = api.patch(&name, &pp, &Patch::Apply(&doc)).await {
+            panic!("{} {name} from {}: {e}", types.kind, path.display());
+        }
+    }
+}
+
+fn k8s_resources() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../k8s-resources")
+}
+
+/// The files the kustomization lists.
+fn kustomization_files() -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(k8s_resources().join("kustomization.yaml")).unwrap();
+    let k: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+    k["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| k8s_resources().join(r.as_str().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifests_are_valid_and_their_rbac_is_enough_and_no_more() {
+    let client = admin().await;
+    let files = kustomization_files();
+    // Namespaces first, for real: the rest is checked in them.
+    let namespaces = k8s_resources().join("namespaces.yaml");
+    apply_file(&client, &namespaces, false).await;
+    for f in &files {
+        apply_file(&client, f, true).await;
+    }
+    // The controller's identity and its permissions, for real.
+    apply_file(
+        &client,
+        &k8s_resources().join("serviceaccounts.yaml"),
+        false,
+    )
+    .await;
+    apply_file(&client, &k8s_resources().join("rbac.yaml"), false).await;
+
+    // A token of the controller's service account, as its pod would have.
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "decap-system");
+    let request = decap_kube::k8s_openapi::api::authentication::v1::TokenRequest {
+        metadata: Default::default(),
+        spec: decap_kube::k8s_openapi::api::authentication::v1::TokenRequestSpec {
+            audiences: vec!["https://kubernetes.default.svc".into()],
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        status: None,
+    };
+    let token: decap_kube::k8s_openapi::api::authentication::v1::TokenRequest = sas
+        .create_subresource("token", "decap", &PostParams::default(), &request)
+        .await
+        .unwrap();
+    let token = token.status.unwrap().token;
+    let dir = tempfile::tempdir().unwrap();
+    let admin_text = std::fs::read_to_string(admin_kubeconfig()).unwrap();
+    let ca = admin_text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("certificate-authority: "))
+        .unwrap()
+        .to_owned();
+    let server = std::env::var("DECAP_TEST_KUBE_SERVER").unwrap();
+    let kubeconfig = dir.path().join("decap-sa.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: decap\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context: {{cluster: c, user: decap}}\ncurrent-context: c\n"
+        ),
+    )
+    .unwrap();
+    let sa_client = decap_kube::client(Some(&kubeconfig)).await.unwrap();
+
+    // Outside its permissions: denied.
+    let secrets: Api<Secret> = Api::all(sa_client.clone());
+    match secrets.list(&ListParams::default()).await {
+        Err(decap_kube::kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        other => panic!("listing secrets cluster-wide must be denied: {other:?}"),
+    }
+    let system_pods: Api<Pod> = Api::namespaced(sa_client.clone(), "kube-system");
+    match system_pods.list(&ListParams::default()).await {
+        Err(decap_kube::kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        other => panic!("pods outside the build namespace must be denied: {other:?}"),
+    }
+
+    // Within them: a whole build, with leader election on.
+    let node = decap_kube::testnode::start(
+        client.clone(),
+        TestNodeConfig {
+            node_name: "node-decap-rbac".into(),
+            namespaces: vec!["decap".into()],
+        },
+    )
+    .await
+    .unwrap();
+    let scripts = dir.path().join("scripts");
+    project(
+        &scripts,
+        "acme/rbac",
+        r#"{"buildImage": "debian:bookworm-slim"}"#,
+        "echo within-rbac\n",
+    );
+    let decap = Decap::start(
+        &dir.path().join("data"),
+        &scripts,
+        &[
+            "--executor",
+            "kubernetes",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--kube-bctool-path",
+            env!("CARGO_BIN_EXE_bctool"),
+            "--kube-finished-pod-ttl-secs",
+            "1",
+            "--leader-election",
+            "--kube-pod-name",
+            "decap-test-replica",
+        ],
+    );
+    let api = decap.api();
+    let id = api.request("acme/rbac", &["main"]).await.remove(0);
+    let b = api.finished(&id, MINUTE).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    let log = api
+        .get(&format!("/api/v1/logs/{id}"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(log.contains("within-rbac"), "{log}");
+    drop(decap);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_executor_keeps_the_executor_contract() {
+    use decap_contract_tests::{RecordedExits, executor_suite};
+    let bed = Bed::new("e2e-contract").await;
+    let exits = Arc::new(RecordedExits::default());
+    let config = decap_kube::KubeExecutorConfig {
+        namespace: bed.ns.clone(),
+        bctool_command: vec![env!("CARGO_BIN_EXE_bctool").into()],
+        finished_pod_ttl: Duration::from_secs(1),
+        kill_grace: Duration::from_secs(1),
+        ..decap_kube::KubeExecutorConfig::default()
+    };
+    let executor = decap_kube::KubeExecutor::new(bed.client.clone(), config, exits.clone())
+        .await
+        .unwrap();
+    executor_suite(Arc::new(executor), exits, MINUTE).await;
+}
