@@ -497,3 +497,76 @@ impl Drop for KubeExecutor {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "01900000-0000-7000-8000-000000000001"},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn terminated(code: i32, reason: &str) -> serde_json::Value {
+        serde_json::json!([{
+            "name": "build", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": code, "reason": reason}}
+        }])
+    }
+
+    #[test]
+    fn a_running_pod_has_not_ended() {
+        assert_eq!(ended(&pod(serde_json::json!({"phase": "Running"}))), None);
+        assert_eq!(ended(&pod(serde_json::json!({"phase": "Pending"}))), None);
+    }
+
+    #[test]
+    fn each_way_a_pod_ends_has_its_reason() {
+        let cases = [
+            (
+                serde_json::json!({"phase": "Succeeded", "containerStatuses": terminated(0, "Completed")}),
+                "exited with code 0 (Completed)",
+            ),
+            (
+                serde_json::json!({"phase": "Failed", "containerStatuses": terminated(137, "OOMKilled")}),
+                "OOMKilled",
+            ),
+            (
+                serde_json::json!({"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}),
+                "evicted: The node was low on resource: memory.",
+            ),
+            (
+                serde_json::json!({"phase": "Failed", "reason": "DeadlineExceeded"}),
+                "deadline",
+            ),
+            (
+                serde_json::json!({"phase": "Failed", "reason": "NodeLost", "message": "node n1 is gone"}),
+                "lost with its node",
+            ),
+            (
+                serde_json::json!({"phase": "Failed", "initContainerStatuses": [{
+                    "name": "decap-bctool", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                    "state": {"terminated": {"exitCode": 1, "message": "no space left"}}
+                }]}),
+                "before the build started: container decap-bctool exited with code 1: no space left",
+            ),
+        ];
+        for (status, want) in cases {
+            let why = ended(&pod(status.clone())).unwrap_or_default();
+            assert!(why.contains(want), "{status}: {why:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn a_pod_is_known_by_its_build() {
+        let p = pod(serde_json::json!({}));
+        assert!(build_of(&p).is_some());
+        let mut other = p.clone();
+        other.metadata.name = Some("not-a-build".into());
+        assert!(build_of(&other).is_none());
+    }
+}

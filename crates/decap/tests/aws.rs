@@ -6,40 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use aws_config::{BehaviorVersion, Region};
+use common::aws::{CREDENTIALS, env, sdk};
 use common::{Decap, project};
 use decap_core::build::BuildId;
 use decap_core::ports::BuildStore;
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set: this test needs the test bed. Start it with \
-             `eval \"$(tests/bed/minio.sh start)\"; eval \"$(tests/bed/dynamodb.sh start)\"` \
-             (tests/run does this)."
-        )
-    })
-}
-
-const CREDENTIALS: [(&str, &str); 3] = [
-    ("AWS_ACCESS_KEY_ID", "decaptest"),
-    ("AWS_SECRET_ACCESS_KEY", "decaptestsecret"),
-    ("AWS_REGION", "us-east-1"),
-];
-
-async fn sdk() -> aws_config::SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(
-            "decaptest",
-            "decaptestsecret",
-            None,
-            None,
-            "decap-test-bed",
-        ))
-        .load()
-        .await
-}
 
 #[tokio::test]
 async fn builds_keep_their_records_in_dynamodb_and_their_logs_and_artifacts_in_s3() {
@@ -71,46 +41,24 @@ enum Bctool {
 }
 
 async fn round_trip(bctool: Bctool) {
-    let (s3, ddb) = (
-        env("DECAP_TEST_S3_ENDPOINT"),
-        env("DECAP_TEST_DYNAMODB_ENDPOINT"),
+    let world = common::aws::World::create().await;
+    let common::aws::World {
+        s3,
+        sdk,
+        admin,
+        logs,
+        artifacts,
+        tables,
+        ..
+    } = &world;
+    let (s3, sdk, admin, logs, artifacts, tables) = (
+        s3.clone(),
+        sdk.clone(),
+        admin.clone(),
+        logs.clone(),
+        artifacts.clone(),
+        tables.clone(),
     );
-    let tag = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
-    let sdk = sdk().await;
-    let (logs, artifacts) = (format!("e2e-logs-{tag}"), format!("e2e-artifacts-{tag}"));
-    let admin = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&sdk)
-            .endpoint_url(&s3)
-            .force_path_style(true)
-            .build(),
-    );
-    for bucket in [&logs, &artifacts] {
-        admin.create_bucket().bucket(bucket).send().await.unwrap();
-    }
-    let tables = decap_aws::DynamoDbConfig {
-        builds_table: format!("e2e-builds-{tag}"),
-        deliveries_table: format!("e2e-deliveries-{tag}"),
-        locks_table: format!("e2e-locks-{tag}"),
-        endpoint_url: Some(ddb.clone()),
-    };
-    decap_aws::DynamoDbBuildStore::create_tables(&sdk, &tables)
-        .await
-        .unwrap();
-    let sqs = env("DECAP_TEST_SQS_ENDPOINT");
-    let queue_url =
-        decap_aws::SqsDeferralQueue::create_queue(&sdk, Some(&sqs), &format!("e2e-{tag}.fifo"))
-            .await
-            .unwrap();
-    let deferred_table = format!("e2e-deferred-{tag}");
-    decap_aws::SqsDeferralQueue::create_index_table(&sdk, Some(&ddb), &deferred_table)
-        .await
-        .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let scripts = dir.path().join("scripts");
@@ -121,39 +69,8 @@ async fn round_trip(bctool: Bctool) {
         "echo to the cloud\nenv | grep -i -e decaptest -e DECAP_BCTOOL && echo LEAKED\n\
          echo kept > \"$ARTIFACTS_DIR/kept.txt\"\nsleep 0.5\n",
     );
-    let mut args = vec![
-        "--blob-store",
-        "s3",
-        "--s3-endpoint",
-        &s3,
-        "--s3-path-style",
-        "--s3-logs-bucket",
-        &logs,
-        "--s3-artifacts-bucket",
-        &artifacts,
-        "--build-store",
-        "dynamodb",
-        "--lock-store",
-        "dynamodb",
-        "--dynamodb-endpoint",
-        &ddb,
-        "--dynamodb-builds-table",
-        &tables.builds_table,
-        "--dynamodb-deliveries-table",
-        &tables.deliveries_table,
-        "--dynamodb-locks-table",
-        &tables.locks_table,
-        "--deferral-queue",
-        "sqs",
-        "--sqs-endpoint",
-        &sqs,
-        "--sqs-queue-url",
-        &queue_url,
-        "--dynamodb-deferred-table",
-        &deferred_table,
-        "--max-builds",
-        "1",
-    ];
+    let mut args: Vec<&str> = world.args.iter().map(String::as_str).collect();
+    args.extend(["--max-builds", "1"]);
     if let Bctool::Direct { secret } = bctool {
         args.extend([
             "--bctool-direct",

@@ -670,3 +670,91 @@ async fn the_kubernetes_executor_keeps_the_executor_contract() {
         .unwrap();
     executor_suite(Arc::new(executor), exits, MINUTE).await;
 }
+
+/// Who holds the leader Lease.
+async fn lease_holder(client: &Client, ns: &str) -> Option<String> {
+    use decap_kube::k8s_openapi::api::coordination::v1::Lease;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let lease = leases.get_opt("decap-leader").await.ok()??;
+    lease.spec?.holder_identity.filter(|h| !h.is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_replicas_only_the_leader_launches_and_the_other_takes_over_when_it_dies() {
+    let bed = Bed::new("e2e-replicas").await;
+    let world = common::aws::World::create().await;
+    project(
+        &bed.scripts(),
+        "acme/ha",
+        r#"{"buildImage": "debian:bookworm-slim"}"#,
+        "echo \"built $BRANCH_TO_BUILD\"\n",
+    );
+    let start = |name: &str| {
+        let mut args = bed.args(&admin_kubeconfig());
+        args.extend(world.args.iter().cloned());
+        args.extend(
+            [
+                "--leader-election",
+                "--kube-lease-namespace",
+                &bed.ns,
+                "--kube-pod-name",
+                name,
+            ]
+            .map(str::to_owned),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Decap::start_with_env(
+            &bed.dir.path().join(name),
+            &bed.scripts(),
+            &args,
+            &common::aws::CREDENTIALS,
+        )
+    };
+    let first = start("replica-a");
+    let leader = eventually("a leader", MINUTE, || {
+        let client = bed.client.clone();
+        let ns = bed.ns.clone();
+        async move { lease_holder(&client, &ns).await }
+    })
+    .await;
+    assert_eq!(leader, "replica-a", "the only replica leads");
+    let second = start("replica-b");
+
+    // A build asked of the follower is run once, by the leader.
+    let id = second
+        .api()
+        .request("acme/ha", &["via-follower"])
+        .await
+        .remove(0);
+    let b = second.api().finished(&id, MINUTE).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert_eq!(
+        lease_holder(&bed.client, &bed.ns).await.as_deref(),
+        Some("replica-a")
+    );
+    let log = second
+        .api()
+        .get(&format!("/api/v1/logs/{id}"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(log.contains("built via-follower"), "{log}");
+
+    // The leader dies without letting go: the other takes over once the
+    // Lease lapses, and launches.
+    let mut first = first;
+    first.kill();
+    let api = second.api();
+    eventually("the follower to take the lead", 2 * MINUTE, || {
+        let client = bed.client.clone();
+        let ns = bed.ns.clone();
+        async move {
+            (lease_holder(&client, &ns).await.as_deref() == Some("replica-b")).then_some(())
+        }
+    })
+    .await;
+    let id = api.request("acme/ha", &["after-failover"]).await.remove(0);
+    let b = api.finished(&id, MINUTE).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+}

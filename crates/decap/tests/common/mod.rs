@@ -2,6 +2,8 @@
 //! a real `decap serve` process.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod aws;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
