@@ -59,6 +59,11 @@ pub struct Descriptor {
     /// Resource requests for the build container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// On Kubernetes, the service account the build pod runs as, with its
+    /// token mounted: for builds that use the Kubernetes API. Builds get no
+    /// token without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
 }
 
 /// A descriptor together with its compiled ref matcher.
@@ -117,6 +122,21 @@ impl ProjectDescriptor {
                 return Err(Error::invalid(
                     "project.json",
                     format!("env name {name} is set by Decap and cannot be overridden"),
+                ));
+            }
+        }
+        if let Some(sa) = &descriptor.service_account_name {
+            let valid = !sa.is_empty()
+                && sa.len() <= 253
+                && sa.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && sa.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && sa.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.')
+                });
+            if !valid {
+                return Err(Error::invalid(
+                    "project.json",
+                    format!("serviceAccountName {sa:?} is not a Kubernetes name"),
                 ));
             }
         }
@@ -214,6 +234,10 @@ mod tests {
                 "BUILD_ID",
             ),
             (br#"{"buildImage": "x", "env": {"A-B": "1"}}"#, "A-B"),
+            (
+                br#"{"buildImage": "x", "serviceAccountName": "Not_A_Name"}"#,
+                "serviceAccountName",
+            ),
         ];
         for (json, needle) in cases {
             let err = ProjectDescriptor::parse(json)

@@ -366,8 +366,17 @@ pub fn render(spec: &LaunchSpec, config: &KubeExecutorConfig) -> Result<(Pod, Co
             termination_grace_period_seconds: Some(
                 i64::try_from(config.kill_grace.as_secs()).unwrap_or(30),
             ),
-            service_account_name: Some(config.service_account.clone()),
-            automount_service_account_token: Some(false),
+            // No token unless the project asks for a service account.
+            service_account_name: Some(
+                descriptor
+                    .descriptor
+                    .service_account_name
+                    .clone()
+                    .unwrap_or_else(|| config.service_account.clone()),
+            ),
+            automount_service_account_token: Some(
+                descriptor.descriptor.service_account_name.is_some(),
+            ),
             enable_service_links: Some(false),
             init_containers: Some(init),
             containers: vec![build],

@@ -68,6 +68,22 @@ fn build_pod_with_a_sidecar() {
 }
 
 #[test]
+fn a_service_account_token_only_when_the_project_asks() {
+    let (pod, _) = render(&spec("widgets", "main"), &KubeExecutorConfig::default()).unwrap();
+    let ps = pod.spec.unwrap();
+    assert_eq!(ps.service_account_name.as_deref(), Some("decap-build"));
+    assert_eq!(ps.automount_service_account_token, Some(false));
+    let mut asks = spec("widgets", "main");
+    let mut d = asks.project.descriptor.clone().unwrap();
+    d.descriptor.service_account_name = Some("deployer".into());
+    asks.project.descriptor = Some(d);
+    let (pod, _) = render(&asks, &KubeExecutorConfig::default()).unwrap();
+    let ps = pod.spec.unwrap();
+    assert_eq!(ps.service_account_name.as_deref(), Some("deployer"));
+    assert_eq!(ps.automount_service_account_token, Some(true));
+}
+
+#[test]
 fn credentials_never_reach_the_pod_spec() {
     let (pod, _) = render(&spec("widgets", "main"), &KubeExecutorConfig::default()).unwrap();
     let json = serde_json::to_string(&pod).unwrap();
