@@ -812,3 +812,125 @@ pub async fn executor_suite(
         .await
         .expect("cancelling an unknown build is a no-op");
 }
+
+/// The [`decap_core::ports::StatusHub`] contract.
+pub async fn status_hub_suite(hub: Arc<dyn decap_core::ports::StatusHub>) {
+    use decap_core::hub::{ExternalBuild, Reported};
+    let t0 = OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("valid");
+    let at = |s: i64| t0 + time::Duration::seconds(s);
+    let report = |rev: &str, name: &str, status: Reported, s: i64| ExternalBuild {
+        project: "pipeline".into(),
+        repository: "git@github.com:acme/pipeline.git".into(),
+        revision: rev.into(),
+        name: name.into(),
+        status,
+        status_url: Some(format!("https://ci.example.com/{rev}/{name}")),
+        revision_seen_at: at(s),
+        updated_at: at(s),
+    };
+    assert!(hub.projects().await.expect("projects").is_empty());
+    hub.record(&report("aaaa01", "tests", Reported::Building, 0))
+        .await
+        .expect("record");
+    hub.record(&report("aaaa01", "tests", Reported::Failed, 10))
+        .await
+        .expect("record");
+    hub.record(&report("aaaa01", "deploy", Reported::Building, 20))
+        .await
+        .expect("record");
+    hub.record(&report("bbbb02", "tests", Reported::Successful, 30))
+        .await
+        .expect("record");
+    let mut other = report("cccc03", "tests", Reported::Building, 40);
+    other.project = "other".into();
+    hub.record(&other).await.expect("record");
+
+    assert_eq!(
+        hub.projects().await.expect("projects"),
+        vec!["other".to_owned(), "pipeline".to_owned()]
+    );
+    let all = hub.latest("pipeline", 10).await.expect("latest");
+    assert_eq!(all.len(), 3, "one record per revision and name: {all:?}");
+    let tests_a = all
+        .iter()
+        .find(|b| b.revision == "aaaa01" && b.name == "tests")
+        .expect("kept");
+    assert_eq!(tests_a.status, Reported::Failed, "the last report wins");
+    assert_eq!(tests_a.updated_at, at(10));
+    let deploy_a = all
+        .iter()
+        .find(|b| b.revision == "aaaa01" && b.name == "deploy")
+        .expect("kept");
+    assert_eq!(
+        deploy_a.revision_seen_at,
+        at(0),
+        "a revision keeps the time it was first reported"
+    );
+    let newest = hub.latest("pipeline", 1).await.expect("latest");
+    assert!(
+        newest.iter().all(|b| b.revision == "bbbb02") && !newest.is_empty(),
+        "the latest revision only: {newest:?}"
+    );
+    assert!(hub.latest("nothing", 10).await.expect("latest").is_empty());
+
+    // Locks: one revision at a time per build name; they lapse.
+    let ttl = Duration::from_secs(1800);
+    assert_eq!(
+        hub.lock("pipeline", "deploy", "aaaa01", at(0), ttl)
+            .await
+            .expect("lock"),
+        "aaaa01"
+    );
+    assert_eq!(
+        hub.lock("pipeline", "deploy", "bbbb02", at(60), ttl)
+            .await
+            .expect("lock"),
+        "aaaa01",
+        "the holder is named"
+    );
+    assert_eq!(
+        hub.lock("pipeline", "tests", "bbbb02", at(60), ttl)
+            .await
+            .expect("lock"),
+        "bbbb02",
+        "another name is another lock"
+    );
+    assert!(
+        !hub.unlock("pipeline", "deploy", "bbbb02")
+            .await
+            .expect("unlock")
+    );
+    assert!(
+        hub.unlock("pipeline", "deploy", "aaaa01")
+            .await
+            .expect("unlock")
+    );
+    assert_eq!(
+        hub.lock("pipeline", "deploy", "bbbb02", at(61), ttl)
+            .await
+            .expect("lock"),
+        "bbbb02"
+    );
+    assert_eq!(
+        hub.lock("pipeline", "deploy", "cccc03", at(61 + 1801), ttl)
+            .await
+            .expect("lock"),
+        "cccc03",
+        "an expired lock is taken over"
+    );
+
+    // Removing a project removes its history and locks, and nothing else.
+    assert!(hub.remove_project("pipeline").await.expect("remove"));
+    assert!(!hub.remove_project("pipeline").await.expect("remove"));
+    assert!(hub.latest("pipeline", 10).await.expect("latest").is_empty());
+    assert_eq!(
+        hub.projects().await.expect("projects"),
+        vec!["other".to_owned()]
+    );
+    assert_eq!(
+        hub.lock("pipeline", "deploy", "dddd04", at(100), ttl)
+            .await
+            .expect("lock"),
+        "dddd04"
+    );
+}

@@ -13,6 +13,7 @@
 //! * [`schedule`] decides whether a request runs now or is deferred, and which
 //!   deferred build runs next.
 //! * [`catalog`] is the in-memory view of the build-scripts repo.
+//! * [`hub`] derives what the CI status hub shows of other CI servers' builds.
 //! * [`ports`] declares the traits the adapters implement.
 #![deny(missing_docs)]
 
@@ -20,6 +21,7 @@ pub mod build;
 pub mod catalog;
 pub mod descriptor;
 pub mod error;
+pub mod hub;
 pub mod names;
 pub mod ports;
 pub mod refs;

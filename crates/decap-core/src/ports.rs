@@ -460,3 +460,36 @@ pub trait StatusLedger: Send + Sync {
     /// Records the state last told for a key.
     async fn record(&self, key: &str, state: CommitState) -> Result<()>;
 }
+
+/// The CI status hub's records: builds of other CI servers, and the locks
+/// they take to serialise deploys.
+#[async_trait]
+pub trait StatusHub: Send + Sync {
+    /// Records a build's status, replacing the last of the same project,
+    /// revision and name. A revision keeps the time it was first reported.
+    async fn record(&self, build: &crate::hub::ExternalBuild) -> Result<()>;
+    /// A project's builds of its `revisions` most recently first-reported
+    /// revisions.
+    async fn latest(
+        &self,
+        project: &str,
+        revisions: usize,
+    ) -> Result<Vec<crate::hub::ExternalBuild>>;
+    /// The projects with reports, sorted.
+    async fn projects(&self) -> Result<Vec<String>>;
+    /// Removes a project's history and locks; `false` when it had none.
+    async fn remove_project(&self, project: &str) -> Result<bool>;
+    /// Takes the lock of a project's build `name` for `revision`, unless
+    /// another revision holds it unexpired; answers the revision holding it
+    /// afterwards. Taking it again for the holder renews it.
+    async fn lock(
+        &self,
+        project: &str,
+        name: &str,
+        revision: &str,
+        now: OffsetDateTime,
+        ttl: Duration,
+    ) -> Result<String>;
+    /// Releases the lock if `revision` holds it; whether it did.
+    async fn unlock(&self, project: &str, name: &str, revision: &str) -> Result<bool>;
+}

@@ -63,6 +63,25 @@ CREATE TABLE IF NOT EXISTS status_ledger (
     key TEXT PRIMARY KEY,
     state TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS hub_builds (
+    project TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    revision TEXT NOT NULL,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    status_url TEXT,
+    revision_seen_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (project, revision, name)
+);
+CREATE INDEX IF NOT EXISTS hub_builds_by_seen ON hub_builds (project, revision_seen_at);
+CREATE TABLE IF NOT EXISTS hub_locks (
+    project TEXT NOT NULL,
+    name TEXT NOT NULL,
+    revision TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (project, name)
+);
 "#;
 
 /// A SQLite database shared by the embedded stores.

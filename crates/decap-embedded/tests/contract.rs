@@ -71,3 +71,10 @@ async fn sqlite_status_ledger_keeps_the_contract() {
         .is_some()
     );
 }
+
+#[tokio::test]
+async fn sqlite_status_hub_keeps_the_contract() {
+    let (_dir, db) = db();
+    decap_contract_tests::status_hub_suite(Arc::new(decap_embedded::SqliteStatusHub::new(db)))
+        .await;
+}

@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod controller;
 pub mod error;
+pub mod hub;
 pub mod livelog;
 pub mod metrics;
 pub mod statuses;
@@ -41,6 +42,8 @@ pub struct Server {
     pub version: Version,
     /// The log filter, when reloadable.
     pub set_log_level: Option<LogLevelSetter>,
+    /// The CI status hub, when on.
+    pub hub: Option<Arc<hub::Hub>>,
 }
 
 /// The handlers' state.
@@ -78,13 +81,21 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/locks", get(api::list_locks).delete(api::unlock))
         .route("/queue", get(api::get_queue).put(api::put_queue))
-        .route("/loglevel", put(api::put_loglevel));
+        .route("/loglevel", put(api::put_loglevel))
+        .route("/hub", get(hub::states));
     Router::new()
         .route(
             "/hooks/github",
             post(webhook::github).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES)),
         )
         .route("/hooks/buildscripts", post(webhook::buildscripts))
+        .route("/api/build_status", post(hub::build_status))
+        .route("/api/build/lock", post(hub::lock))
+        .route("/api/build/unlock", post(hub::unlock))
+        .route(
+            "/api/projects/{name}",
+            axum::routing::delete(hub::delete_project),
+        )
         .nest("/api/v1", api)
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))

@@ -334,7 +334,7 @@ fn query(q: &Option<String>) -> HashMap<String, String> {
 }
 
 /// The client's address, when the server runs with connect info.
-pub struct Peer(Option<SocketAddr>);
+pub struct Peer(pub Option<SocketAddr>);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
     type Rejection = Infallible;
@@ -418,6 +418,8 @@ struct Dashboard {
     latest: Vec<BuildRow>,
     commits: Vec<CommitRow>,
     queue_open: bool,
+    /// Other CI servers' builds (the CI status hub).
+    hub: Vec<crate::hub::ProjectState>,
 }
 
 /// `GET /` — what runs, what waits and why, the latest results, and recent
@@ -534,6 +536,13 @@ pub async fn dashboard(State(app): State<AppState>, headers: HeaderMap, ci: Peer
         latest,
         commits,
         queue_open: app.controller.queue_open().await,
+        hub: match &app.hub {
+            Some(hub) => hub.states().await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the CI status hub");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        },
     })
 }
 

@@ -473,6 +473,14 @@ struct ServeArgs {
         default_value = "https://api.github.com"
     )]
     github_api_url: String,
+    /// The CI status hub: minutes after which a build of another CI server
+    /// still reported `building` shows as `pending` again.
+    #[arg(long, env = "DECAP_HUB_BUILDING_TIMEOUT_MINS", default_value_t = 60)]
+    hub_building_timeout_mins: u64,
+    /// URLs each project's state in the CI status hub is posted to after
+    /// every change (repeatable; comma-separated in the variable).
+    #[arg(long, env = "DECAP_HUB_WEBHOOKS", value_delimiter = ',')]
+    hub_webhook: Vec<String>,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -945,6 +953,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 .to_owned(),
         },
         set_log_level: Some(set_level),
+        hub: Some(Arc::new(decap_server::hub::Hub::new(
+            Arc::new(decap_embedded::SqliteStatusHub::new(db.clone())),
+            decap_server::hub::HubConfig {
+                building_timeout: Duration::from_secs(args.hub_building_timeout_mins.max(1) * 60),
+                webhooks: args.hub_webhook.clone(),
+                ..decap_server::hub::HubConfig::default()
+            },
+        ))),
     });
 
     // Periodic refresh of the build scripts.

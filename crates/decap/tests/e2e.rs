@@ -779,3 +779,101 @@ async fn a_deferred_build_of_a_project_that_left_the_build_scripts_ends_errored_
         "no lock left behind"
     );
 }
+
+/// A receiver of project status webhooks: records each post's `payload`
+/// and, when `hang` is set, never answers.
+async fn status_receiver(
+    hang: bool,
+) -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+) {
+    use axum::extract::{Form, State};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let app = axum::Router::new()
+        .route(
+            "/status",
+            axum::routing::post(
+                move |State(tx): State<tokio::sync::mpsc::UnboundedSender<serde_json::Value>>,
+                      Form(form): Form<std::collections::HashMap<String, String>>| async move {
+                    let payload: serde_json::Value =
+                        serde_json::from_str(form.get("payload").unwrap()).unwrap();
+                    tx.send(payload).unwrap();
+                    if hang {
+                        std::future::pending::<()>().await;
+                    }
+                    "ok"
+                },
+            ),
+        )
+        .with_state(tx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/status", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, rx)
+}
+
+#[tokio::test]
+async fn each_change_of_a_project_is_posted_to_its_status_webhooks_without_status_urls() {
+    let (_dir, scripts, data) = dirs();
+    project(&scripts, "acme/widgets", r#"{"buildImage": "x"}"#, "true\n");
+    let (url, mut received) = status_receiver(false).await;
+    let (hanging, mut hung) = status_receiver(true).await;
+    let hooks = format!("{hanging},{url}");
+    let decap = Decap::start_with_env(&data, &scripts, &[], &[("DECAP_HUB_WEBHOOKS", &hooks)]);
+    let api = decap.api();
+    let post = |status: &'static str| {
+        let api = api.clone();
+        async move {
+            api.http
+                .post(format!("{}/api/build_status", api.base))
+                .form(&[
+                    ("token", common::TOKEN),
+                    ("name", "tests"),
+                    ("repository", "https://github.com/acme/pipeline.git"),
+                    ("revision", "ea75a9c817757f1ebe09be035c807b7fe23499a0"),
+                    ("status_url", "https://ci.example.com/secret-console/1"),
+                    ("status", status),
+                ])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // The first webhook never answers: the API answers all the same, and the
+    // second webhook is still told (after the first's 10-second limit).
+    let r = post("building").await;
+    assert_eq!(r.status(), 200);
+    let first = hung.recv().await.unwrap();
+    assert_eq!(first["project_name"], "pipeline");
+    let payload = tokio::time::timeout(MINUTE, received.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(payload["project_removed"], false);
+    let rev = &payload["latest_revisions"][0];
+    assert_eq!(rev["hash"], "ea75a9c817757f1ebe09be035c807b7fe23499a0");
+    assert_eq!(rev["short_name"], "ea75a9");
+    assert_eq!(rev["builds"][0]["name"], "tests");
+    assert_eq!(rev["builds"][0]["status"], "building");
+    assert!(
+        !payload.to_string().contains("secret-console"),
+        "status URLs never reach webhooks: {payload}"
+    );
+
+    // Removing the project is a change too.
+    let r = api
+        .http
+        .delete(format!("{}/api/projects/pipeline", api.base))
+        .bearer_auth(common::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let payload = tokio::time::timeout(MINUTE, received.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(payload["project_removed"], true);
+    assert_eq!(payload["latest_revisions"], serde_json::json!([]));
+}

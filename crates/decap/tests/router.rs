@@ -117,6 +117,10 @@ async fn app_with_auth(secrets: &[&str], private_reads: bool) -> TestApp {
             commit: "test".into(),
         },
         set_log_level: None,
+        hub: Some(Arc::new(decap_server::hub::Hub::new(
+            Arc::new(decap_embedded::SqliteStatusHub::new(db.clone())),
+            decap_server::hub::HubConfig::default(),
+        ))),
     });
     TestApp {
         router: decap_server::router(server),
@@ -839,4 +843,249 @@ async fn a_private_server_lets_nothing_be_read_without_the_token() {
     let (status, _, html) = page(&app, browser("/", Some(&jar))).await;
     assert_eq!(status, StatusCode::OK);
     assert!(html.contains("Dashboard"));
+}
+
+fn hub_form(path: &str, fields: &[(&str, &str)]) -> Request<Body> {
+    Request::post(path)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::from(serde_urlencoded::to_string(fields).unwrap()))
+        .unwrap()
+}
+
+const REPO: &str = "git@github.com:acme/pipeline.git";
+
+fn report<'a>(name: &'a str, revision: &'a str, status: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("token", TOKEN),
+        ("name", name),
+        ("repository", REPO),
+        ("revision", revision),
+        ("status_url", "https://ci.example.com/builds/1"),
+        ("status", status),
+    ]
+}
+
+#[tokio::test]
+async fn other_ci_servers_report_builds_and_the_hub_derives_pending_and_fixed() {
+    let app = app().await;
+    for (name, rev, status) in [
+        ("tests", "aaaa01", "building"),
+        ("tests", "aaaa01", "failed"),
+        ("deploy", "aaaa01", "successful"),
+        ("tests", "bbbb02", "successful"),
+    ] {
+        let (code, v) = call(
+            &app,
+            hub_form("/api/build_status", &report(name, rev, status)),
+        )
+        .await;
+        assert_eq!(code, StatusCode::OK, "{v}");
+        assert_eq!(v["project"], "pipeline");
+    }
+    // JSON with a bearer token works too.
+    let req = Request::post("/api/build_status")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::from(
+            serde_json::json!({"name": "tests", "repository": REPO, "revision": "CCCC03",
+                "status": "building", "status_url": "https://ci.example.com/builds/3"})
+            .to_string(),
+        ))
+        .unwrap();
+    let (code, v) = call(&app, req).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    assert_eq!(v["revision"], "cccc03", "revisions are kept in lower case");
+
+    let (code, v) = call(&app, get("/api/v1/hub")).await;
+    assert_eq!(code, StatusCode::OK);
+    let p = &v["projects"][0];
+    assert_eq!(p["name"], "pipeline");
+    let rows: Vec<(String, Vec<(String, String)>)> = p["latestRevisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["hash"].as_str().unwrap().to_owned(),
+                r["builds"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| {
+                        (
+                            b["name"].as_str().unwrap().to_owned(),
+                            b["status"].as_str().unwrap().to_owned(),
+                        )
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    let row = |h: &str, d: &str, t: &str| {
+        (
+            h.to_owned(),
+            vec![
+                ("deploy".to_owned(), d.to_owned()),
+                ("tests".to_owned(), t.to_owned()),
+            ],
+        )
+    };
+    assert_eq!(
+        rows,
+        vec![
+            row("cccc03", "pending", "building"),
+            row("bbbb02", "pending", "fixed"),
+            row("aaaa01", "successful", "failed"),
+        ]
+    );
+    assert_eq!(
+        p["latestRevisions"][0]["builds"][1]["statusUrl"],
+        "https://ci.example.com/builds/3"
+    );
+    // The dashboard shows them beside Decap's own builds.
+    let resp = app.router.clone().oneshot(get("/")).await.unwrap();
+    let html = String::from_utf8(collect(resp.into_body()).await).unwrap();
+    assert!(html.contains("Other CI servers"), "{html}");
+    assert!(
+        html.contains(r#"<code title="bbbb02">bbbb02</code>"#),
+        "{html}"
+    );
+    assert!(html.contains("hub h-fixed"), "{html}");
+    assert!(
+        html.contains(r#"href="https://ci.example.com/builds/3""#),
+        "{html}"
+    );
+}
+
+#[tokio::test]
+async fn bad_build_status_reports_are_refused_and_record_nothing() {
+    let app = app().await;
+    let mut wrong = report("tests", "aaaa01", "failed");
+    wrong[0] = ("token", "not-the-token");
+    type Case<'a> = (Vec<(&'a str, &'a str)>, StatusCode, &'a str);
+    let cases: Vec<Case> = vec![
+        (wrong, StatusCode::UNAUTHORIZED, "token"),
+        (
+            report("tests", "aaaa01", "failed")[1..].to_vec(),
+            StatusCode::UNAUTHORIZED,
+            "token",
+        ),
+        (
+            report("tests", "aaaa01", "passed"),
+            StatusCode::BAD_REQUEST,
+            "building, successful, failed",
+        ),
+        (
+            report("tests", "not-hex", "failed"),
+            StatusCode::BAD_REQUEST,
+            "revision",
+        ),
+        (
+            report("", "aaaa01", "failed"),
+            StatusCode::BAD_REQUEST,
+            "name is required",
+        ),
+        (
+            {
+                let mut r = report("tests", "aaaa01", "failed");
+                r[4] = ("status_url", "javascript:alert(1)");
+                r
+            },
+            StatusCode::BAD_REQUEST,
+            "status_url",
+        ),
+        (
+            {
+                let mut r = report("tests", "aaaa01", "failed");
+                r[2] = ("repository", "git@github.com:acme/..");
+                r
+            },
+            StatusCode::BAD_REQUEST,
+            "repository",
+        ),
+    ];
+    for (fields, want, says) in cases {
+        let (code, v) = call(&app, hub_form("/api/build_status", &fields)).await;
+        assert_eq!(code, want, "{fields:?}: {v}");
+        assert!(
+            v.to_string().contains(says),
+            "{fields:?}: {v} should mention {says:?}"
+        );
+    }
+    let req = Request::post("/api/build_status")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::from("{not json"))
+        .unwrap();
+    assert_eq!(call(&app, req).await.0, StatusCode::BAD_REQUEST);
+    let (_, v) = call(&app, get("/api/v1/hub")).await;
+    assert_eq!(v["projects"], serde_json::json!([]), "nothing was recorded");
+}
+
+#[tokio::test]
+async fn projects_are_removed_by_name_and_unknown_ones_are_404() {
+    let app = app().await;
+    call(
+        &app,
+        hub_form("/api/build_status", &report("tests", "aaaa01", "failed")),
+    )
+    .await;
+    let del = |path: &str| Request::delete(path).body(Body::empty()).unwrap();
+    assert_eq!(
+        call(&app, del("/api/projects/pipeline")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&app, del("/api/projects/pipeline?token=wrong"))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let path = format!("/api/projects/pipeline?token={TOKEN}");
+    assert_eq!(call(&app, del(&path)).await.0, StatusCode::OK);
+    assert_eq!(call(&app, del(&path)).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        call(&app, del(&format!("/api/projects/..?token={TOKEN}")))
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+    let (_, v) = call(&app, get("/api/v1/hub")).await;
+    assert_eq!(v["projects"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn the_build_lock_names_the_revision_holding_it() {
+    let app = app().await;
+    let lock = |path: &'static str, rev: &'static str| {
+        hub_form(
+            path,
+            &[
+                ("token", TOKEN),
+                ("name", "deploy"),
+                ("repository", REPO),
+                ("revision", rev),
+            ],
+        )
+    };
+    let (code, v) = call(&app, lock("/api/build/lock", "aaaa01")).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(v["locked_by_revision"], "aaaa01");
+    let (_, v) = call(&app, lock("/api/build/lock", "bbbb02")).await;
+    assert_eq!(v["locked_by_revision"], "aaaa01", "held by the first");
+    let (_, v) = call(&app, lock("/api/build/unlock", "bbbb02")).await;
+    assert_eq!(v["unlocked"], false, "only the holder unlocks");
+    let (_, v) = call(&app, lock("/api/build/unlock", "aaaa01")).await;
+    assert_eq!(v["unlocked"], true);
+    let (_, v) = call(&app, lock("/api/build/lock", "bbbb02")).await;
+    assert_eq!(v["locked_by_revision"], "bbbb02");
+    let no_token = hub_form(
+        "/api/build/lock",
+        &[
+            ("name", "deploy"),
+            ("repository", REPO),
+            ("revision", "cccc03"),
+        ],
+    );
+    assert_eq!(call(&app, no_token).await.0, StatusCode::UNAUTHORIZED);
 }
