@@ -676,6 +676,25 @@ pub async fn status_ledger_suite(ledger: Arc<dyn decap_core::ports::StatusLedger
         ledger.record(key, state).await.unwrap();
         assert_eq!(ledger.reported(key).await.unwrap(), Some(state));
     }
+
+    // Comments: one id per key, replaced when a comment is posted anew.
+    let pr = "acme/widgets#2:acme/widgets";
+    assert_eq!(ledger.comment(pr).await.unwrap(), None);
+    ledger.record_comment(pr, 4242).await.unwrap();
+    assert_eq!(ledger.comment(pr).await.unwrap(), Some(4242));
+    ledger
+        .record_comment(pr, u64::from(u32::MAX) + 7)
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger.comment(pr).await.unwrap(),
+        Some(u64::from(u32::MAX) + 7),
+        "large ids survive"
+    );
+    assert_eq!(
+        ledger.comment("acme/widgets#3:acme/widgets").await.unwrap(),
+        None
+    );
 }
 
 /// Collects what an executor reports, for [`executor_suite`].

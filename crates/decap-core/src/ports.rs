@@ -448,17 +448,46 @@ pub trait CommitStatuses: Send + Sync {
     async fn set(&self, status: &CommitStatus) -> Result<()>;
 }
 
+/// A comment on a pull request: one per pull request and project, edited
+/// in place as later builds finish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullRequestComment {
+    /// The repository's owner.
+    pub owner: String,
+    /// The repository.
+    pub repo: String,
+    /// The pull request's number.
+    pub number: u64,
+    /// The comment (Markdown).
+    pub body: String,
+}
+
+/// Comments on pull requests at the repository host (GitHub).
+#[async_trait]
+pub trait PullRequestComments: Send + Sync {
+    /// Edits the comment posted before (`previous`, its id) to `comment`, or
+    /// posts it when there is none or it is gone (deleted by hand); answers
+    /// the comment's id. Retried by the adapter on rate limits.
+    async fn upsert(&self, comment: &PullRequestComment, previous: Option<u64>) -> Result<u64>;
+}
+
 /// What the status reporter told the host, kept durably so that a state is
-/// reported once per (repository, commit, context), also across restarts.
+/// reported once per (repository, commit, context), also across restarts;
+/// and which comment holds each pull request's results.
 ///
 /// Contract: `reported` answers the last state recorded for the key (none at
-/// first); `record` replaces it.
+/// first); `record` replaces it. `comment` answers the comment id recorded
+/// for a key (none at first); `record_comment` replaces it.
 #[async_trait]
 pub trait StatusLedger: Send + Sync {
     /// The last state recorded for a key.
     async fn reported(&self, key: &str) -> Result<Option<CommitState>>;
     /// Records the state last told for a key.
     async fn record(&self, key: &str, state: CommitState) -> Result<()>;
+    /// The comment recorded for a key.
+    async fn comment(&self, key: &str) -> Result<Option<u64>>;
+    /// Records the comment for a key.
+    async fn record_comment(&self, key: &str, id: u64) -> Result<()>;
 }
 
 /// The CI status hub's records: builds of other CI servers, and the locks

@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS status_ledger (
     key TEXT PRIMARY KEY,
     state TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS comment_ledger (
+    key TEXT PRIMARY KEY,
+    comment_id INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS hub_builds (
     project TEXT NOT NULL,
     repository TEXT NOT NULL,

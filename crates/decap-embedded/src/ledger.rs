@@ -64,4 +64,39 @@ impl StatusLedger for SqliteStatusLedger {
             })
             .await
     }
+
+    async fn comment(&self, key: &str) -> Result<Option<u64>> {
+        let key = key.to_owned();
+        let id: Option<i64> = self
+            .db
+            .read(move |c| {
+                query_row(
+                    c,
+                    "SELECT comment_id FROM comment_ledger WHERE key = ?1",
+                    [&key],
+                    |r| r.get(0),
+                )
+                .optional()
+            })
+            .await?;
+        Ok(id.and_then(|i| u64::try_from(i).ok()))
+    }
+
+    async fn record_comment(&self, key: &str, id: u64) -> Result<()> {
+        let key = key.to_owned();
+        let id = i64::try_from(id).map_err(|_| {
+            decap_core::Error::invalid("comment id", format!("{id} is out of range"))
+        })?;
+        self.db
+            .write(move |c| {
+                exec(
+                    c,
+                    "INSERT INTO comment_ledger (key, comment_id) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET comment_id = excluded.comment_id",
+                    rusqlite::params![key, id],
+                )
+                .map(|_| ())
+            })
+            .await
+    }
 }

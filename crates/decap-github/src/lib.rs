@@ -1,4 +1,5 @@
-//! Decap's GitHub adapter: commit statuses, through octocrab. This crate is
+//! Decap's GitHub adapter: commit statuses and pull-request comments,
+//! through octocrab. This crate is
 //! the only one that imports `octocrab`.
 //!
 //! `POST /repos/{owner}/{repo}/statuses/{sha}` with a token; GitHub
@@ -12,7 +13,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use decap_core::ports::{CommitStatus, CommitStatuses};
+use decap_core::ports::{CommitStatus, CommitStatuses, PullRequestComment, PullRequestComments};
 use decap_core::{Error, Result};
 use http_body_util::BodyExt;
 use octocrab::Octocrab;
@@ -82,25 +83,31 @@ fn wait_for(headers: &http::HeaderMap, now_epoch: u64) -> Option<Duration> {
     None
 }
 
-#[async_trait]
-impl CommitStatuses for GitHubStatuses {
-    async fn set(&self, s: &CommitStatus) -> Result<()> {
-        let route = format!("/repos/{}/{}/statuses/{}", s.owner, s.repo, s.sha);
-        let description: String = s.description.chars().take(140).collect();
-        let body = serde_json::json!({
-            "state": s.state.as_str(),
-            "target_url": s.target_url,
-            "description": description,
-            "context": s.context,
-        });
+/// A call GitHub answered, after rate limits and server errors were waited
+/// out: its status and body.
+struct Answer {
+    status: http::StatusCode,
+    text: String,
+}
+
+impl GitHubStatuses {
+    /// Sends one call, waiting out rate limits (`Retry-After`, a spent quota)
+    /// up to `max_wait` and retrying server errors and unreachable servers
+    /// with backoff; answers the first other answer.
+    async fn call(
+        &self,
+        method: http::Method,
+        route: &str,
+        body: &serde_json::Value,
+    ) -> Result<Answer> {
         let mut backoff = Duration::from_millis(500);
         let mut waited = Duration::ZERO;
         for attempt in 1..=5 {
-            let answer = self
-                .crab
-                ._post(route.as_str(), Some(&body))
-                .await
-                .map_err(gh_err);
+            let answer = match method {
+                http::Method::PATCH => self.crab._patch(route, Some(body)).await,
+                _ => self.crab._post(route, Some(body)).await,
+            }
+            .map_err(gh_err);
             let resp = match answer {
                 Ok(r) => r,
                 Err(e) if attempt < 5 => {
@@ -112,9 +119,6 @@ impl CommitStatuses for GitHubStatuses {
                 Err(e) => return Err(e),
             };
             let status = resp.status();
-            if status.is_success() {
-                return Ok(());
-            }
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -150,15 +154,72 @@ impl CommitStatuses for GitHubStatuses {
                     waited += w;
                     backoff *= 2;
                 }
-                _ => {
-                    return Err(gh_err(format!(
-                        "setting {} on {}/{}@{}: HTTP {status}: {text}",
-                        s.context, s.owner, s.repo, s.sha
-                    )));
-                }
+                _ => return Ok(Answer { status, text }),
             }
         }
         Err(gh_err("GitHub kept failing"))
+    }
+}
+
+#[async_trait]
+impl CommitStatuses for GitHubStatuses {
+    async fn set(&self, s: &CommitStatus) -> Result<()> {
+        let route = format!("/repos/{}/{}/statuses/{}", s.owner, s.repo, s.sha);
+        let description: String = s.description.chars().take(140).collect();
+        let body = serde_json::json!({
+            "state": s.state.as_str(),
+            "target_url": s.target_url,
+            "description": description,
+            "context": s.context,
+        });
+        let answer = self.call(http::Method::POST, &route, &body).await?;
+        if answer.status.is_success() {
+            return Ok(());
+        }
+        Err(gh_err(format!(
+            "setting {} on {}/{}@{}: HTTP {}: {}",
+            s.context, s.owner, s.repo, s.sha, answer.status, answer.text
+        )))
+    }
+}
+
+/// The id of the comment GitHub answered with.
+fn comment_id(answer: &Answer) -> Result<u64> {
+    serde_json::from_str::<serde_json::Value>(&answer.text)
+        .ok()
+        .and_then(|v| v["id"].as_u64())
+        .ok_or_else(|| gh_err(format!("GitHub's answer names no comment: {}", answer.text)))
+}
+
+#[async_trait]
+impl PullRequestComments for GitHubStatuses {
+    async fn upsert(&self, c: &PullRequestComment, previous: Option<u64>) -> Result<u64> {
+        // GitHub refuses bodies over 65,536 characters.
+        let text: String = c.body.chars().take(65_000).collect();
+        let body = serde_json::json!({ "body": text });
+        if let Some(id) = previous {
+            let route = format!("/repos/{}/{}/issues/comments/{id}", c.owner, c.repo);
+            let answer = self.call(http::Method::PATCH, &route, &body).await?;
+            if answer.status.is_success() {
+                return Ok(id);
+            }
+            if answer.status != http::StatusCode::NOT_FOUND {
+                return Err(gh_err(format!(
+                    "editing comment {id} on {}/{}#{}: HTTP {}: {}",
+                    c.owner, c.repo, c.number, answer.status, answer.text
+                )));
+            }
+            tracing::info!(comment = id, "the comment was deleted; posting a new one");
+        }
+        let route = format!("/repos/{}/{}/issues/{}/comments", c.owner, c.repo, c.number);
+        let answer = self.call(http::Method::POST, &route, &body).await?;
+        if !answer.status.is_success() {
+            return Err(gh_err(format!(
+                "commenting on {}/{}#{}: HTTP {}: {}",
+                c.owner, c.repo, c.number, answer.status, answer.text
+            )));
+        }
+        comment_id(&answer)
     }
 }
 

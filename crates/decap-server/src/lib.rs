@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod comments;
 pub mod controller;
 pub mod error;
 pub mod hub;

@@ -915,13 +915,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_wait: Duration::from_secs(300),
         })
         .context("GitHub")?;
+        let github = Arc::new(github);
+        let ledger = Arc::new(decap_embedded::SqliteStatusLedger::new(db.clone()));
         decap_server::statuses::StatusReporter::new(
             controller.clone(),
-            Arc::new(github),
-            Arc::new(decap_embedded::SqliteStatusLedger::new(db.clone())),
+            github.clone(),
+            ledger.clone(),
         )
         .spawn();
-        tracing::info!(api = %args.github_api_url, "reporting commit statuses to GitHub");
+        decap_server::comments::PrCommenter::new(controller.clone(), github, ledger).spawn();
+        tracing::info!(api = %args.github_api_url, "reporting commit statuses and pull-request comments to GitHub");
     }
 
     let webhook_secrets: Vec<SecretString> = [

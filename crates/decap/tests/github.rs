@@ -69,7 +69,24 @@ async fn github(
     } else {
         let path = uri.path().to_owned();
         let ok = method == Method::POST && path.starts_with("/repos/acme/widgets/statuses/");
-        if ok {
+        let comment_post = method == Method::POST
+            && path.starts_with("/repos/acme/widgets/issues/")
+            && path.ends_with("/comments");
+        let comment_edit =
+            method == Method::PATCH && path == "/repos/acme/widgets/issues/comments/4242";
+        if comment_post || comment_edit {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let code = if comment_post {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let answer = serde_json::json!({
+                "id": 4242, "body": v["body"],
+                "html_url": "https://github.com/acme/widgets/pull/2#issuecomment-4242"
+            });
+            (code, (code, axum::Json(answer)).into_response())
+        } else if ok {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let created = serde_json::json!({
                 "id": 1, "state": v["state"], "context": v["context"],
@@ -204,4 +221,113 @@ async fn a_push_build_reports_pending_then_success_once_each_even_across_a_resta
     decap.api().json("/api/v1/version").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(stub.seen.lock().unwrap().len(), 5, "nothing sent twice");
+}
+
+fn pr_payload(action: &str, head: &str) -> Vec<u8> {
+    let fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/github");
+    let mut pr: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixtures.join("pull_request-opened.payload.json")).unwrap(),
+    )
+    .unwrap();
+    pr["action"] = action.into();
+    pr["number"] = 2.into();
+    pr["pull_request"]["number"] = 2.into();
+    pr["pull_request"]["head"]["sha"] = head.into();
+    pr["pull_request"]["base"]["repo"]["name"] = "widgets".into();
+    pr["pull_request"]["base"]["repo"]["owner"]["login"] = "acme".into();
+    pr["repository"]["name"] = "widgets".into();
+    pr["repository"]["owner"]["login"] = "acme".into();
+    serde_json::to_vec(&pr).unwrap()
+}
+
+fn comment_calls(stub: &Stub) -> Vec<Seen> {
+    stub.seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.path.contains("/issues/"))
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn a_pull_request_gets_one_comment_with_the_failing_tail_edited_in_place_by_later_builds() {
+    let stub = Stub::default();
+    let github_url = start_stub(stub.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    project(
+        &scripts,
+        "acme/widgets",
+        r#"{"buildImage": "x"}"#,
+        "echo compiling\ncase \"$COMMIT_SHA\" in\n  aaaa*) echo \"error: it broke\"; exit 3;;\nesac\necho all good\n",
+    );
+    let args = [
+        "--github-token",
+        GITHUB_TOKEN,
+        "--github-api-url",
+        &github_url,
+    ];
+    let decap = Decap::start(&dir.path().join("data"), &scripts, &args);
+    let api = decap.api();
+    let failing = "aaaa000000000000000000000000000000000001";
+    let answer = api
+        .webhook("pull_request", "pr-open", &pr_payload("opened", failing))
+        .await;
+    assert_eq!(answer.status(), 202);
+    let v: serde_json::Value = answer.json().await.unwrap();
+    let first = v["builds"][0].as_str().unwrap().to_owned();
+    let b = api.finished(&first, Duration::from_secs(60)).await;
+    assert_eq!(b["status"], "failed", "{b}");
+    common::eventually("the comment", Duration::from_secs(30), || {
+        let n = comment_calls(&stub).len();
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    let calls = comment_calls(&stub);
+    assert_eq!(calls.len(), 1, "{calls:#?}");
+    let posted = &calls[0];
+    assert_eq!(posted.method, Method::POST);
+    assert_eq!(posted.path, "/repos/acme/widgets/issues/2/comments");
+    assert!(posted.authorization.contains(GITHUB_TOKEN));
+    let body = posted.body["body"].as_str().unwrap();
+    assert!(body.contains("<!-- decap:acme/widgets -->"), "{body}");
+    assert!(body.contains("acme/widgets failed"), "{body}");
+    assert!(body.contains("exit code 3"), "{body}");
+    assert!(body.contains("error: it broke"), "the failing tail: {body}");
+    assert!(
+        body.contains(&format!("{}/api/v1/logs/{first}", decap.url)),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!("{}/api/v1/artifacts/{first}", decap.url)),
+        "{body}"
+    );
+
+    // A new head: the same comment is edited, not a second one posted.
+    let fixed = "bbbb000000000000000000000000000000000002";
+    let answer = api
+        .webhook("pull_request", "pr-sync", &pr_payload("synchronize", fixed))
+        .await;
+    let v: serde_json::Value = answer.json().await.unwrap();
+    let second = v["builds"][0].as_str().unwrap().to_owned();
+    assert_eq!(
+        api.finished(&second, Duration::from_secs(60)).await["status"],
+        "succeeded"
+    );
+    common::eventually("the edit", Duration::from_secs(30), || {
+        let n = comment_calls(&stub).len();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = comment_calls(&stub);
+    assert_eq!(calls.len(), 2, "one post, one edit: {calls:#?}");
+    assert_eq!(calls[1].method, Method::PATCH);
+    assert_eq!(calls[1].path, "/repos/acme/widgets/issues/comments/4242");
+    let body = calls[1].body["body"].as_str().unwrap();
+    assert!(body.contains("acme/widgets succeeded"), "{body}");
+    assert!(body.contains(&second), "{body}");
+    assert!(!body.contains("error: it broke"), "{body}");
 }
