@@ -313,6 +313,17 @@ impl Client {
             .map(|_| ())
     }
 
+    /// `POST /api/v1/github/subscribe/{owner}/{repo}`: Decap registers its
+    /// webhook on the repository.
+    pub async fn github_subscribe(&self, owner: &str, repo: &str) -> Result<serde_json::Value> {
+        let path = format!(
+            "/api/v1/github/subscribe/{}/{}",
+            query_value(owner),
+            query_value(repo)
+        );
+        self.json(self.request(Method::POST, &path)).await
+    }
+
     /// `GET /api/v1/queue`.
     pub async fn queue(&self) -> Result<QueueState> {
         self.json(self.request(Method::GET, "/api/v1/queue")).await

@@ -471,6 +471,31 @@ pub trait PullRequestComments: Send + Sync {
     async fn upsert(&self, comment: &PullRequestComment, previous: Option<u64>) -> Result<u64>;
 }
 
+/// How a repository's webhook subscription ended up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscribed {
+    /// A new webhook was registered (its id).
+    Created(u64),
+    /// Decap's webhook was there already; its events and secret were brought
+    /// up to date (its id).
+    Updated(u64),
+}
+
+/// Webhook subscriptions at the repository host (GitHub).
+#[async_trait]
+pub trait RepositoryHooks: Send + Sync {
+    /// Registers (or brings up to date) the webhook that sends `events` of
+    /// `owner/repo` to `url`, signed with `secret`.
+    async fn subscribe(
+        &self,
+        owner: &str,
+        repo: &str,
+        url: &str,
+        secret: &str,
+        events: &[&str],
+    ) -> Result<Subscribed>;
+}
+
 /// What the status reporter told the host, kept durably so that a state is
 /// reported once per (repository, commit, context), also across restarts;
 /// and which comment holds each pull request's results.

@@ -77,6 +77,20 @@ enum Command {
     },
     /// The server's version.
     Version,
+    /// GitHub: `decapctl github subscribe owner/repo`.
+    #[command(subcommand)]
+    Github(GithubCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum GithubCmd {
+    /// Register Decap's webhook on a repository (push, pull_request and
+    /// create events, signed with Decap's secret); GitHub's ping then builds
+    /// the default branch.
+    Subscribe {
+        /// owner/repo
+        repository: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -522,6 +536,36 @@ pub async fn main(cli: Cli) -> Result<i32> {
                 print_json(&l)?
             } else {
                 println!("log level: {}", l.level)
+            }
+        }
+        Command::Github(GithubCmd::Subscribe { repository }) => {
+            let Some((owner, repo)) = repository.split_once('/') else {
+                bail!("{repository:?} is not owner/repo");
+            };
+            if repo.contains('/') || owner.is_empty() || repo.is_empty() {
+                bail!("{repository:?} is not owner/repo");
+            }
+            let answer = client.github_subscribe(owner, repo).await?;
+            if json {
+                print_json(&answer)?;
+            } else {
+                println!(
+                    "{} {repository}: GitHub sends {} to {}",
+                    if answer["created"] == true {
+                        "subscribed"
+                    } else {
+                        "already subscribed, brought up to date:"
+                    },
+                    answer["events"]
+                        .as_array()
+                        .map(|e| e
+                            .iter()
+                            .filter_map(|v| v.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .unwrap_or_default(),
+                    answer["url"].as_str().unwrap_or_default()
+                );
             }
         }
         Command::Version => {

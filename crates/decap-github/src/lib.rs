@@ -13,7 +13,10 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use decap_core::ports::{CommitStatus, CommitStatuses, PullRequestComment, PullRequestComments};
+use decap_core::ports::{
+    CommitStatus, CommitStatuses, PullRequestComment, PullRequestComments, RepositoryHooks,
+    Subscribed,
+};
 use decap_core::{Error, Result};
 use http_body_util::BodyExt;
 use octocrab::Octocrab;
@@ -105,6 +108,7 @@ impl GitHubStatuses {
         for attempt in 1..=5 {
             let answer = match method {
                 http::Method::PATCH => self.crab._patch(route, Some(body)).await,
+                http::Method::GET => self.crab._get(route).await,
                 _ => self.crab._post(route, Some(body)).await,
             }
             .map_err(gh_err);
@@ -183,8 +187,8 @@ impl CommitStatuses for GitHubStatuses {
     }
 }
 
-/// The id of the comment GitHub answered with.
-fn comment_id(answer: &Answer) -> Result<u64> {
+/// The id GitHub answered with (of a comment, of a webhook).
+fn answered_id(answer: &Answer) -> Result<u64> {
     serde_json::from_str::<serde_json::Value>(&answer.text)
         .ok()
         .and_then(|v| v["id"].as_u64())
@@ -219,7 +223,74 @@ impl PullRequestComments for GitHubStatuses {
                 c.owner, c.repo, c.number, answer.status, answer.text
             )));
         }
-        comment_id(&answer)
+        answered_id(&answer)
+    }
+}
+
+#[async_trait]
+impl RepositoryHooks for GitHubStatuses {
+    async fn subscribe(
+        &self,
+        owner: &str,
+        repo: &str,
+        url: &str,
+        secret: &str,
+        events: &[&str],
+    ) -> Result<Subscribed> {
+        let config = serde_json::json!({
+            "url": url, "content_type": "json", "secret": secret, "insecure_ssl": "0",
+        });
+        let body = serde_json::json!({
+            "name": "web", "active": true, "events": events, "config": config,
+        });
+        let route = format!("/repos/{owner}/{repo}/hooks");
+        let answer = self.call(http::Method::POST, &route, &body).await?;
+        if answer.status.is_success() {
+            return answered_id(&answer).map(Subscribed::Created);
+        }
+        // 422: a webhook to this URL exists already. Find it and bring its
+        // events and secret up to date.
+        if answer.status != http::StatusCode::UNPROCESSABLE_ENTITY {
+            return Err(gh_err(format!(
+                "subscribing {owner}/{repo}: HTTP {}: {}",
+                answer.status, answer.text
+            )));
+        }
+        let list = self
+            .call(
+                http::Method::GET,
+                &format!("{route}?per_page=100"),
+                &serde_json::Value::Null,
+            )
+            .await?;
+        if !list.status.is_success() {
+            return Err(gh_err(format!(
+                "listing the webhooks of {owner}/{repo}: HTTP {}: {}",
+                list.status, list.text
+            )));
+        }
+        let hooks: Vec<serde_json::Value> = serde_json::from_str(&list.text).unwrap_or_default();
+        let Some(id) = hooks
+            .iter()
+            .find(|h| h["config"]["url"].as_str() == Some(url))
+            .and_then(|h| h["id"].as_u64())
+        else {
+            return Err(gh_err(format!(
+                "GitHub refused the webhook of {owner}/{repo} and none to {url} is there: {}",
+                answer.text
+            )));
+        };
+        let edit = serde_json::json!({ "active": true, "events": events, "config": config });
+        let edited = self
+            .call(http::Method::PATCH, &format!("{route}/{id}"), &edit)
+            .await?;
+        if !edited.status.is_success() {
+            return Err(gh_err(format!(
+                "updating webhook {id} of {owner}/{repo}: HTTP {}: {}",
+                edited.status, edited.text
+            )));
+        }
+        Ok(Subscribed::Updated(id))
     }
 }
 

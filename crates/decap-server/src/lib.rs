@@ -10,6 +10,7 @@ pub mod auth;
 pub mod comments;
 pub mod controller;
 pub mod error;
+pub mod github;
 pub mod hub;
 pub mod livelog;
 pub mod metrics;
@@ -45,6 +46,8 @@ pub struct Server {
     pub set_log_level: Option<LogLevelSetter>,
     /// The CI status hub, when on.
     pub hub: Option<Arc<hub::Hub>>,
+    /// Webhook subscriptions at GitHub, when a token is set.
+    pub github_hooks: Option<Arc<dyn decap_core::ports::RepositoryHooks>>,
 }
 
 /// The handlers' state.
@@ -83,7 +86,11 @@ pub fn router(state: AppState) -> Router {
         .route("/locks", get(api::list_locks).delete(api::unlock))
         .route("/queue", get(api::get_queue).put(api::put_queue))
         .route("/loglevel", put(api::put_loglevel))
-        .route("/hub", get(hub::states));
+        .route("/hub", get(hub::states))
+        .route(
+            "/github/subscribe/{owner}/{repo}",
+            post(github::subscribe_api),
+        );
     Router::new()
         .route(
             "/hooks/github",
@@ -114,6 +121,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/ui/projects/{team}/{project}/build",
             post(ui::build_branch),
+        )
+        .route(
+            "/ui/projects/{team}/{project}/subscribe",
+            post(ui::subscribe),
         )
         .route("/ui/builds/{id}/rerun", post(ui::rerun))
         .route("/ui/builds/{id}/cancel", post(ui::cancel))

@@ -668,6 +668,8 @@ struct ProjectPage {
     failure_rate: String,
     average: String,
     bars: Vec<Bar>,
+    /// Whether the Subscribe button shows (GitHub is configured).
+    can_subscribe: bool,
 }
 
 /// `GET /projects/{team}/{project}` — branches with a Build button, the
@@ -820,6 +822,7 @@ pub async fn project(
             .map(duration_text)
             .unwrap_or_else(|| "—".to_owned()),
         bars,
+        can_subscribe: app.github_hooks.is_some(),
     })
 }
 
@@ -1067,6 +1070,26 @@ pub async fn build_branch(
             None => go(&headers, &format!("/projects/{team}/{project}")),
         },
         Err(e) => core_error_page(e),
+    }
+}
+
+/// `POST /ui/projects/{team}/{project}/subscribe` — registers Decap's
+/// webhook on the project's GitHub repository, then shows the project.
+pub async fn subscribe(
+    State(app): State<AppState>,
+    Path((team, project)): Path<(String, String)>,
+    headers: HeaderMap,
+    ci: Peer,
+) -> Response {
+    if let Some(r) = refuse_action(&app, &headers, ci.0) {
+        return r;
+    }
+    match crate::github::subscribe(&app, &team, &project).await {
+        Ok(_) => go(
+            &headers,
+            &format!("/projects/{team}/{project}?subscribed=1"),
+        ),
+        Err(e) => error_page(e.status, "GitHub did not take the webhook", &e.message),
     }
 }
 

@@ -43,6 +43,19 @@ impl Repository {
     }
 }
 
+/// A repository as a ping names it, with its default branch.
+#[derive(Deserialize)]
+struct PingRepository {
+    #[serde(flatten)]
+    repository: Repository,
+    default_branch: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PingEvent {
+    repository: Option<PingRepository>,
+}
+
 #[derive(Deserialize)]
 struct PushEvent {
     #[serde(rename = "ref")]
@@ -135,6 +148,15 @@ fn plan(
             };
             (key, git_ref, None, true)
         }
+        "ping" => {
+            let ping: PingEvent = parse(body)?;
+            let Some(repo) = ping.repository else {
+                return Ok(Plan::Ignore("a ping names no repository".into()));
+            };
+            let key = repo.repository.key()?;
+            let branch = repo.default_branch.as_deref().unwrap_or("main");
+            (key, GitRef::branch(branch).map_err(bad)?, None, false)
+        }
         "pull_request" => {
             let pr: PullRequestEvent = parse(body)?;
             if !matches!(pr.action.as_str(), "opened" | "synchronize" | "reopened") {
@@ -219,8 +241,18 @@ async fn handle(
         ));
     }
     app.auth.verify_signature(headers, body)?;
-    if event == "ping" {
-        let _: serde_json::Value = parse(body)?;
+    // A ping of a repository hook whose repository is a project builds its
+    // default branch: the first build after subscribing. Other pings only
+    // get an answer.
+    let first_build = event == "ping" && {
+        let ping: PingEvent = parse(body)?;
+        ping.repository.is_some_and(|r| {
+            r.repository
+                .key()
+                .is_ok_and(|k| app.controller.ports.scripts.catalog().project(&k).is_some())
+        })
+    };
+    if event == "ping" && !first_build {
         let answer = WebhookAnswer {
             delivery,
             builds: vec![],

@@ -908,6 +908,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         _ => None,
     };
     controller.start(exits).await.context("recovering state")?;
+    let mut github_hooks: Option<Arc<dyn decap_core::ports::RepositoryHooks>> = None;
     if let Some(token) = args.github_token.clone().filter(|t| !t.is_empty()) {
         let github = decap_github::GitHubStatuses::new(&decap_github::GitHubConfig {
             api_url: args.github_api_url.clone(),
@@ -916,6 +917,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         })
         .context("GitHub")?;
         let github = Arc::new(github);
+        github_hooks = Some(github.clone());
         let ledger = Arc::new(decap_embedded::SqliteStatusLedger::new(db.clone()));
         decap_server::statuses::StatusReporter::new(
             controller.clone(),
@@ -964,6 +966,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 ..decap_server::hub::HubConfig::default()
             },
         ))),
+        github_hooks,
     });
 
     // Periodic refresh of the build scripts.

@@ -32,6 +32,10 @@ struct Stub {
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Rate-limited answers still to give.
     limited: Arc<Mutex<u32>>,
+    /// Webhooks created.
+    hooks: Arc<Mutex<u32>>,
+    /// The URL of the webhook that exists.
+    hook_url: Arc<Mutex<String>>,
 }
 
 async fn github(
@@ -74,7 +78,42 @@ async fn github(
             && path.ends_with("/comments");
         let comment_edit =
             method == Method::PATCH && path == "/repos/acme/widgets/issues/comments/4242";
-        if comment_post || comment_edit {
+        let hooks = "/repos/acme/widgets/hooks".to_owned();
+        if path == hooks && method == Method::POST {
+            let first = {
+                let mut n = stub.hooks.lock().unwrap();
+                *n += 1;
+                *n == 1
+            };
+            if first {
+                let code = StatusCode::CREATED;
+                (
+                    code,
+                    (
+                        code,
+                        axum::Json(serde_json::json!({"id": 77, "active": true})),
+                    )
+                        .into_response(),
+                )
+            } else {
+                let code = StatusCode::UNPROCESSABLE_ENTITY;
+                let answer = serde_json::json!({"message": "Validation Failed",
+                    "errors": [{"resource": "Hook", "code": "custom", "message": "Hook already exists on this repository"}]});
+                (code, (code, axum::Json(answer)).into_response())
+            }
+        } else if path == hooks && method == Method::GET {
+            let url = stub.hook_url.lock().unwrap().clone();
+            let code = StatusCode::OK;
+            let answer = serde_json::json!([{"id": 12, "config": {"url": "https://elsewhere.example.com/hook"}},
+                {"id": 77, "config": {"url": url, "content_type": "json"}}]);
+            (code, (code, axum::Json(answer)).into_response())
+        } else if path == format!("{hooks}/77") && method == Method::PATCH {
+            let code = StatusCode::OK;
+            (
+                code,
+                (code, axum::Json(serde_json::json!({"id": 77}))).into_response(),
+            )
+        } else if comment_post || comment_edit {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let code = if comment_post {
                 StatusCode::CREATED
@@ -330,4 +369,123 @@ async fn a_pull_request_gets_one_comment_with_the_failing_tail_edited_in_place_b
     assert!(body.contains("acme/widgets succeeded"), "{body}");
     assert!(body.contains(&second), "{body}");
     assert!(!body.contains("error: it broke"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decapctl_subscribes_a_repository_and_the_ping_builds_its_default_branch() {
+    let stub = Stub::default();
+    let github_url = start_stub(stub.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    project(
+        &scripts,
+        "acme/widgets",
+        r#"{"buildImage": "x", "managedRefRegex": "release/.*"}"#,
+        "echo \"first build of $BRANCH_TO_BUILD\"\n",
+    );
+    let args = [
+        "--github-token",
+        GITHUB_TOKEN,
+        "--github-api-url",
+        &github_url,
+    ];
+    let decap = Decap::start(&dir.path().join("data"), &scripts, &args);
+    *stub.hook_url.lock().unwrap() = format!("{}/hooks/github", decap.url);
+    let decapctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_decapctl"))
+            .args(args)
+            .env("DECAP_URL", &decap.url)
+            .env("DECAP_API_TOKEN", common::TOKEN)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, said) = decapctl(&["github", "subscribe", "acme/widgets"]);
+    assert!(ok, "{said}");
+    assert!(said.contains("subscribed acme/widgets"), "{said}");
+    let created = stub
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|s| s.path == "/repos/acme/widgets/hooks")
+        .cloned()
+        .unwrap();
+    assert_eq!(created.method, Method::POST);
+    assert!(created.authorization.contains(GITHUB_TOKEN));
+    assert_eq!(
+        created.body["config"]["url"],
+        format!("{}/hooks/github", decap.url)
+    );
+    assert_eq!(created.body["config"]["content_type"], "json");
+    assert_eq!(created.body["config"]["secret"], common::SECRET);
+    assert_eq!(
+        created.body["events"],
+        serde_json::json!(["push", "pull_request", "create"])
+    );
+
+    // Again: GitHub answers 422 (it exists); Decap finds it and updates it.
+    let (ok, said) = decapctl(&["github", "subscribe", "acme/widgets"]);
+    assert!(ok, "{said}");
+    assert!(said.contains("already subscribed"), "{said}");
+    assert!(
+        stub.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s.method == Method::PATCH && s.path == "/repos/acme/widgets/hooks/77"),
+        "the existing webhook was updated"
+    );
+    // The project page's button does the same for a logged-in user.
+    let page = |cookie: bool| {
+        let api = decap.api();
+        async move {
+            let mut rb = api.http.get(format!("{}/projects/acme/widgets", api.base));
+            if cookie {
+                rb = rb.header("cookie", format!("decap_token={}", common::TOKEN));
+            }
+            rb.send().await.unwrap().text().await.unwrap()
+        }
+    };
+    assert!(page(true).await.contains("Subscribe on GitHub"));
+    assert!(!page(false).await.contains("Subscribe on GitHub"));
+    let before = stub.seen.lock().unwrap().len();
+    let r = decap
+        .api()
+        .http
+        .post(format!("{}/ui/projects/acme/widgets/subscribe", decap.url))
+        .header("cookie", format!("decap_token={}", common::TOKEN))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert!(r.url().as_str().contains("subscribed=1"), "{}", r.url());
+    assert!(stub.seen.lock().unwrap().len() > before, "GitHub was asked");
+
+    let (ok, said) = decapctl(&["github", "subscribe", "not-a-repo"]);
+    assert!(!ok && said.contains("owner/repo"), "{said}");
+
+    // GitHub's ping builds the default branch, whatever managedRefRegex says.
+    let fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/github");
+    let mut ping: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("ping-payload.json")).unwrap())
+            .unwrap();
+    ping["repository"]["name"] = "widgets".into();
+    ping["repository"]["owner"]["login"] = "acme".into();
+    ping["repository"]["default_branch"] = "main".into();
+    let answer = decap
+        .api()
+        .webhook("ping", "ping-1", &serde_json::to_vec(&ping).unwrap())
+        .await;
+    assert_eq!(answer.status(), 202);
+    let v: serde_json::Value = answer.json().await.unwrap();
+    let id = v["builds"][0].as_str().unwrap().to_owned();
+    let b = decap.api().finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert_eq!(b["branch"], "main");
 }

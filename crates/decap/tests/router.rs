@@ -121,6 +121,7 @@ async fn app_with_auth(secrets: &[&str], private_reads: bool) -> TestApp {
             Arc::new(decap_embedded::SqliteStatusHub::new(db.clone())),
             decap_server::hub::HubConfig::default(),
         ))),
+        github_hooks: None,
     });
     TestApp {
         router: decap_server::router(server),
