@@ -27,16 +27,41 @@ pub struct GitHubConfig {
     /// The API's base URL: `https://api.github.com`, or
     /// `https://HOST/api/v3` for GitHub Enterprise.
     pub api_url: String,
-    /// A token that may write commit statuses (never printed).
+    /// A token that may write commit statuses (never printed); unused with
+    /// `app`.
     pub token: String,
+    /// Act as a GitHub App installation instead of with a token.
+    pub app: Option<GitHubApp>,
     /// The longest a rate limit is waited out before giving up.
     pub max_wait: Duration,
+}
+
+/// A GitHub App installation: Decap signs a JWT with the App's private key
+/// and trades it for installation tokens, renewed before they expire.
+#[derive(Clone)]
+pub struct GitHubApp {
+    /// The App's id.
+    pub app_id: u64,
+    /// The App's private key (PEM; never printed).
+    pub private_key_pem: String,
+    /// The installation on the account that owns the repositories.
+    pub installation_id: u64,
+}
+
+impl std::fmt::Debug for GitHubApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitHubApp")
+            .field("app_id", &self.app_id)
+            .field("installation_id", &self.installation_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for GitHubConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GitHubConfig")
             .field("api_url", &self.api_url)
+            .field("app", &self.app)
             .field("max_wait", &self.max_wait)
             .finish_non_exhaustive()
     }
@@ -58,14 +83,32 @@ impl GitHubStatuses {
         // Several TLS backends are linked in (the AWS SDK brings its own);
         // octocrab takes the process default, so there must be one.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let crab = Octocrab::builder()
+        let builder = Octocrab::builder()
             .base_uri(config.api_url.as_str())
             .map_err(|e| Error::invalid("GitHub API URL", e))?
-            .personal_token(config.token.clone())
             .set_connect_timeout(Some(Duration::from_secs(10)))
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .build()
-            .map_err(gh_err)?;
+            .set_read_timeout(Some(Duration::from_secs(30)));
+        let crab = match &config.app {
+            None => builder
+                .personal_token(config.token.clone())
+                .build()
+                .map_err(gh_err)?,
+            Some(app) => {
+                let key = jsonwebtoken::EncodingKey::from_rsa_pem(app.private_key_pem.as_bytes())
+                    .map_err(|e| {
+                    Error::invalid(
+                        "GitHub App private key",
+                        format!("not an RSA key in PEM: {e}"),
+                    )
+                })?;
+                builder
+                    .app(app.app_id.into(), key)
+                    .build()
+                    .map_err(gh_err)?
+                    .installation(app.installation_id.into())
+                    .map_err(gh_err)?
+            }
+        };
         Ok(GitHubStatuses {
             crab,
             max_wait: config.max_wait,
@@ -319,8 +362,14 @@ mod tests {
         let c = GitHubConfig {
             api_url: "https://api.github.com".into(),
             token: "ghp_secret".into(),
+            app: Some(GitHubApp {
+                app_id: 1,
+                private_key_pem: "-----BEGIN RSA PRIVATE KEY-----secret".into(),
+                installation_id: 2,
+            }),
             max_wait: Duration::from_secs(60),
         };
         assert!(!format!("{c:?}").contains("ghp_secret"));
+        assert!(!format!("{c:?}").contains("PRIVATE KEY"));
     }
 }

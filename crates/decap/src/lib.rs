@@ -466,6 +466,16 @@ struct ServeArgs {
     /// reported.
     #[arg(long, env = "DECAP_GITHUB_TOKEN", hide_env_values = true)]
     github_token: Option<String>,
+    /// Act as a GitHub App instead of with a token: its id (with
+    /// --github-app-key-file and --github-app-installation-id).
+    #[arg(long, env = "DECAP_GITHUB_APP_ID", requires_all = ["github_app_key_file", "github_app_installation_id"])]
+    github_app_id: Option<u64>,
+    /// The GitHub App's private key (PEM).
+    #[arg(long, env = "DECAP_GITHUB_APP_KEY_FILE")]
+    github_app_key_file: Option<PathBuf>,
+    /// The App's installation on the account owning the repositories.
+    #[arg(long, env = "DECAP_GITHUB_APP_INSTALLATION_ID")]
+    github_app_installation_id: Option<u64>,
     /// GitHub's API (GitHub Enterprise: https://HOST/api/v3).
     #[arg(
         long,
@@ -909,10 +919,25 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     controller.start(exits).await.context("recovering state")?;
     let mut github_hooks: Option<Arc<dyn decap_core::ports::RepositoryHooks>> = None;
-    if let Some(token) = args.github_token.clone().filter(|t| !t.is_empty()) {
+    let github_app = match (
+        args.github_app_id,
+        &args.github_app_key_file,
+        args.github_app_installation_id,
+    ) {
+        (Some(app_id), Some(key), Some(installation_id)) => Some(decap_github::GitHubApp {
+            app_id,
+            private_key_pem: std::fs::read_to_string(key)
+                .with_context(|| format!("cannot read the GitHub App key {}", key.display()))?,
+            installation_id,
+        }),
+        _ => None,
+    };
+    let github_token = args.github_token.clone().filter(|t| !t.is_empty());
+    if github_token.is_some() || github_app.is_some() {
         let github = decap_github::GitHubStatuses::new(&decap_github::GitHubConfig {
             api_url: args.github_api_url.clone(),
-            token,
+            token: github_token.unwrap_or_default(),
+            app: github_app,
             max_wait: Duration::from_secs(300),
         })
         .context("GitHub")?;

@@ -79,7 +79,12 @@ async fn github(
         let comment_edit =
             method == Method::PATCH && path == "/repos/acme/widgets/issues/comments/4242";
         let hooks = "/repos/acme/widgets/hooks".to_owned();
-        if path == hooks && method == Method::POST {
+        if path == "/app/installations/99/access_tokens" && method == Method::POST {
+            let code = StatusCode::CREATED;
+            let answer = serde_json::json!({"token": "ghs_installationtoken",
+                "expires_at": "2099-01-01T00:00:00Z", "permissions": {"statuses": "write"}});
+            (code, (code, axum::Json(answer)).into_response())
+        } else if path == hooks && method == Method::POST {
             let first = {
                 let mut n = stub.hooks.lock().unwrap();
                 *n += 1;
@@ -488,4 +493,63 @@ async fn decapctl_subscribes_a_repository_and_the_ping_builds_its_default_branch
     let b = decap.api().finished(&id, Duration::from_secs(60)).await;
     assert_eq!(b["status"], "succeeded", "{b}");
     assert_eq!(b["branch"], "main");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_a_github_app_decap_trades_a_signed_jwt_for_an_installation_token_once() {
+    let stub = Stub::default();
+    let github_url = start_stub(stub.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("app.pem");
+    let made = std::process::Command::new("openssl")
+        .args(["genrsa", "-traditional", "-out"])
+        .arg(&key)
+        .arg("2048")
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let scripts = dir.path().join("scripts");
+    project(
+        &scripts,
+        "acme/widgets",
+        r#"{"buildImage": "x"}"#,
+        "echo built\n",
+    );
+    let args = [
+        "--github-app-id",
+        "12345",
+        "--github-app-key-file",
+        key.to_str().unwrap(),
+        "--github-app-installation-id",
+        "99",
+        "--github-api-url",
+        &github_url,
+    ];
+    let decap = Decap::start(&dir.path().join("data"), &scripts, &args);
+    let api = decap.api();
+    let body = push_payload("acme", "widgets", "refs/heads/main", SHA);
+    let answer = api.webhook("push", "app-1", &body).await;
+    let v: serde_json::Value = answer.json().await.unwrap();
+    let id = v["builds"][0].as_str().unwrap().to_owned();
+    api.finished(&id, Duration::from_secs(60)).await;
+    common::eventually("the statuses", Duration::from_secs(30), || {
+        let n = told(&stub).len();
+        async move { (n >= 4).then_some(()) }
+    })
+    .await;
+    let seen = stub.seen.lock().unwrap().clone();
+    let tokens: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.path == "/app/installations/99/access_tokens")
+        .collect();
+    assert_eq!(tokens.len(), 1, "one installation token, reused: {seen:#?}");
+    let jwt = tokens[0].authorization.trim_start_matches("Bearer ");
+    assert_eq!(jwt.split('.').count(), 3, "a JWT: {jwt}");
+    for s in seen.iter().filter(|s| s.path.contains("/statuses/")) {
+        assert_eq!(s.authorization, "Bearer ghs_installationtoken");
+    }
 }
