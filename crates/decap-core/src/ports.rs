@@ -496,6 +496,14 @@ pub trait RepositoryHooks: Send + Sync {
     ) -> Result<Subscribed>;
 }
 
+/// Branches and tags of repositories at their host (GitHub), for the Build
+/// buttons.
+#[async_trait]
+pub trait RepositoryRefs: Send + Sync {
+    /// The repository's branches and tags, as `("branch" | "tag", name)`.
+    async fn refs(&self, owner: &str, repo: &str) -> Result<Vec<(String, String)>>;
+}
+
 /// What the status reporter told the host, kept durably so that a state is
 /// reported once per (repository, commit, context), also across restarts;
 /// and which comment holds each pull request's results.

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use decap_core::ports::{
     CommitStatus, CommitStatuses, PullRequestComment, PullRequestComments, RepositoryHooks,
-    Subscribed,
+    RepositoryRefs, Subscribed,
 };
 use decap_core::{Error, Result};
 use http_body_util::BodyExt;
@@ -71,6 +71,32 @@ impl std::fmt::Debug for GitHubConfig {
 pub struct GitHubStatuses {
     crab: Octocrab,
     max_wait: Duration,
+    /// Pages of branches and tags by URL, with their ETags: asked again
+    /// with `If-None-Match`, a `304` (which costs no rate limit) answers
+    /// from here.
+    pages: std::sync::Mutex<std::collections::HashMap<String, CachedPage>>,
+}
+
+/// One page of a listing as GitHub last sent it.
+#[derive(Clone)]
+struct CachedPage {
+    etag: String,
+    names: Vec<String>,
+    next: Option<String>,
+}
+
+/// The `rel="next"` URL of a `Link` header.
+fn next_link(headers: &http::HeaderMap) -> Option<String> {
+    let link = headers.get(http::header::LINK)?.to_str().ok()?;
+    link.split(',').find_map(|part| {
+        let (url, rel) = part.split_once(';')?;
+        rel.contains("rel=\"next\"").then(|| {
+            url.trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_owned()
+        })
+    })
 }
 
 fn gh_err(e: impl std::fmt::Display) -> Error {
@@ -112,6 +138,7 @@ impl GitHubStatuses {
         Ok(GitHubStatuses {
             crab,
             max_wait: config.max_wait,
+            pages: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 }
@@ -337,10 +364,111 @@ impl RepositoryHooks for GitHubStatuses {
     }
 }
 
+impl GitHubStatuses {
+    /// One page of names, conditionally on its cached ETag.
+    async fn page(&self, url: &str) -> Result<CachedPage> {
+        let cached = self.pages.lock().ok().and_then(|p| p.get(url).cloned());
+        let mut headers = http::HeaderMap::new();
+        if let Some(c) = &cached
+            && let Ok(v) = http::HeaderValue::from_str(&c.etag)
+        {
+            headers.insert(http::header::IF_NONE_MATCH, v);
+        }
+        let resp = self
+            .crab
+            ._get_with_headers(url, Some(headers))
+            .await
+            .map_err(gh_err)?;
+        let status = resp.status();
+        if status == http::StatusCode::NOT_MODIFIED
+            && let Some(c) = cached
+        {
+            return Ok(c);
+        }
+        let etag = resp
+            .headers()
+            .get(http::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let next = next_link(resp.headers());
+        let text = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+            .unwrap_or_default();
+        if !status.is_success() {
+            return Err(gh_err(format!("GET {url}: HTTP {status}: {text}")));
+        }
+        let items: Vec<serde_json::Value> = serde_json::from_str(&text)
+            .map_err(|e| gh_err(format!("GET {url}: not a list: {e}")))?;
+        let page = CachedPage {
+            etag: etag.unwrap_or_default(),
+            names: items
+                .iter()
+                .filter_map(|i| i["name"].as_str().map(str::to_owned))
+                .collect(),
+            next,
+        };
+        if !page.etag.is_empty()
+            && let Ok(mut p) = self.pages.lock()
+        {
+            p.insert(url.to_owned(), page.clone());
+        }
+        Ok(page)
+    }
+
+    /// Every name of a listing, page after page (at most 20 pages).
+    async fn names(&self, first: String) -> Result<Vec<String>> {
+        let mut url = Some(first);
+        let mut names = Vec::new();
+        for _ in 0..20 {
+            let Some(u) = url.take() else { break };
+            let page = self.page(&u).await?;
+            names.extend(page.names);
+            url = page.next;
+        }
+        Ok(names)
+    }
+}
+
+#[async_trait]
+impl RepositoryRefs for GitHubStatuses {
+    async fn refs(&self, owner: &str, repo: &str) -> Result<Vec<(String, String)>> {
+        let base = format!("/repos/{owner}/{repo}");
+        let (branches, tags) = tokio::join!(
+            self.names(format!("{base}/branches?per_page=100")),
+            self.names(format!("{base}/tags?per_page=100"))
+        );
+        let mut refs: Vec<(String, String)> = branches?
+            .into_iter()
+            .map(|n| ("branch".to_owned(), n))
+            .collect();
+        refs.extend(tags?.into_iter().map(|n| ("tag".to_owned(), n)));
+        Ok(refs)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_next_page_is_read_from_the_link_header() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(next_link(&h), None);
+        h.insert(
+            http::header::LINK,
+            r#"<https://api.github.com/repositories/1/branches?per_page=100&page=2>; rel="next", <https://api.github.com/repositories/1/branches?per_page=100&page=5>; rel="last""#
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            next_link(&h).as_deref(),
+            Some("https://api.github.com/repositories/1/branches?per_page=100&page=2")
+        );
+    }
 
     #[test]
     fn waits_as_github_says() {

@@ -142,23 +142,43 @@ fn project_key(team: &str, project: &str) -> ApiResult<ProjectKey> {
     ProjectKey::new(team, project).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
-/// Branches and tags of a project's repository, from `git ls-remote`.
+/// Branches and tags of a project's repository: from GitHub's API (ETag-cached) when Decap has a GitHub token, else from `git ls-remote`.
 pub async fn refs(
     State(app): State<AppState>,
     Path((team, project)): Path<(String, String)>,
 ) -> ApiResult<Json<Refs>> {
     let key = project_key(&team, &project)?;
     let entry = app.controller.project(&key)?;
-    let url = entry
-        .descriptor
-        .as_ref()
-        .and_then(|d| d.descriptor.repo_url.clone())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("project {key} has no repoUrl"),
-            )
-        })?;
+    let descriptor = entry.descriptor.as_ref().map(|d| &d.descriptor);
+    let on_github = descriptor.is_some_and(|d| {
+        d.repo_manager.as_deref() == Some("github")
+            || d.repo_url.as_deref().is_none_or(|u| u.contains("github"))
+    });
+    // GitHub's API, conditionally on ETags, when Decap has a token; the
+    // repository is the project's key, as for commit statuses.
+    if let (Some(gh), true) = (&app.github_refs, on_github) {
+        match gh.refs(&key.team, &key.project).await {
+            Ok(found) => {
+                let mut refs: Vec<RefView> = found
+                    .into_iter()
+                    .map(|(kind, name)| RefView { name, kind })
+                    .collect();
+                refs.sort_by(|a, b| {
+                    (a.kind.as_str(), a.name.as_str()).cmp(&(b.kind.as_str(), b.name.as_str()))
+                });
+                return Ok(Json(Refs { refs }));
+            }
+            Err(e) => {
+                tracing::warn!(project = %key, error = %e, "cannot list refs on GitHub; trying git");
+            }
+        }
+    }
+    let url = descriptor.and_then(|d| d.repo_url.clone()).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("project {key} has no repoUrl"),
+        )
+    })?;
     if url.starts_with('-') {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -48,6 +48,9 @@ pub struct Server {
     pub hub: Option<Arc<hub::Hub>>,
     /// Webhook subscriptions at GitHub, when a token is set.
     pub github_hooks: Option<Arc<dyn decap_core::ports::RepositoryHooks>>,
+    /// Branches and tags from GitHub (ETag-cached), when a token is set;
+    /// `git ls-remote` otherwise.
+    pub github_refs: Option<Arc<dyn decap_core::ports::RepositoryRefs>>,
 }
 
 /// The handlers' state.

@@ -919,6 +919,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     controller.start(exits).await.context("recovering state")?;
     let mut github_hooks: Option<Arc<dyn decap_core::ports::RepositoryHooks>> = None;
+    let mut github_refs: Option<Arc<dyn decap_core::ports::RepositoryRefs>> = None;
     let github_app = match (
         args.github_app_id,
         &args.github_app_key_file,
@@ -943,6 +944,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .context("GitHub")?;
         let github = Arc::new(github);
         github_hooks = Some(github.clone());
+        github_refs = Some(github.clone());
         let ledger = Arc::new(decap_embedded::SqliteStatusLedger::new(db.clone()));
         decap_server::statuses::StatusReporter::new(
             controller.clone(),
@@ -992,6 +994,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             },
         ))),
         github_hooks,
+        github_refs,
     });
 
     // Periodic refresh of the build scripts.

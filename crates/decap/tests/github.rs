@@ -21,6 +21,7 @@ const GITHUB_TOKEN: &str = "ghp_decaptesttoken";
 struct Seen {
     method: Method,
     path: String,
+    if_none_match: String,
     authorization: String,
     user_agent: String,
     body: serde_json::Value,
@@ -79,7 +80,40 @@ async fn github(
         let comment_edit =
             method == Method::PATCH && path == "/repos/acme/widgets/issues/comments/4242";
         let hooks = "/repos/acme/widgets/hooks".to_owned();
-        if path == "/app/installations/99/access_tokens" && method == Method::POST {
+        let page = uri.query().unwrap_or("").contains("page=2");
+        let listing = match (path.as_str(), page) {
+            ("/repos/acme/widgets/branches", false) => Some((
+                "\"b1\"",
+                serde_json::json!([{"name": "main"}, {"name": "feature/x"}]),
+                true,
+            )),
+            ("/repos/acme/widgets/branches", true) => Some((
+                "\"b2\"",
+                serde_json::json!([{"name": "release/1.0"}]),
+                false,
+            )),
+            ("/repos/acme/widgets/tags", _) => {
+                Some(("\"t1\"", serde_json::json!([{"name": "v1.0"}]), false))
+            }
+            _ => None,
+        };
+        if let (Some((etag, items, more)), true) = (listing, method == Method::GET) {
+            if header("if-none-match") == etag {
+                let code = StatusCode::NOT_MODIFIED;
+                (code, (code, [("etag", etag)]).into_response())
+            } else {
+                let code = StatusCode::OK;
+                let next = format!(
+                    "<http://{}{path}?per_page=100&page=2>; rel=\"next\"",
+                    header("host")
+                );
+                let mut resp = (code, [("etag", etag)], axum::Json(items)).into_response();
+                if more {
+                    resp.headers_mut().insert("link", next.parse().unwrap());
+                }
+                (code, resp)
+            }
+        } else if path == "/app/installations/99/access_tokens" && method == Method::POST {
             let code = StatusCode::CREATED;
             let answer = serde_json::json!({"token": "ghs_installationtoken",
                 "expires_at": "2099-01-01T00:00:00Z", "permissions": {"statuses": "write"}});
@@ -151,6 +185,7 @@ async fn github(
     stub.seen.lock().unwrap().push(Seen {
         method,
         path: uri.path().to_owned(),
+        if_none_match: header("if-none-match"),
         authorization: header("authorization"),
         user_agent: header("user-agent"),
         body: serde_json::from_slice(&body).unwrap_or_default(),
@@ -551,5 +586,60 @@ async fn as_a_github_app_decap_trades_a_signed_jwt_for_an_installation_token_onc
     assert_eq!(jwt.split('.').count(), 3, "a JWT: {jwt}");
     for s in seen.iter().filter(|s| s.path.contains("/statuses/")) {
         assert_eq!(s.authorization, "Bearer ghs_installationtoken");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_and_tags_come_from_github_and_are_asked_again_only_by_etag() {
+    let stub = Stub::default();
+    let github_url = start_stub(stub.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    project(
+        &scripts,
+        "acme/widgets",
+        r#"{"buildImage": "x", "repoManager": "github"}"#,
+        "true\n",
+    );
+    let args = [
+        "--github-token",
+        GITHUB_TOKEN,
+        "--github-api-url",
+        &github_url,
+    ];
+    let decap = Decap::start(&dir.path().join("data"), &scripts, &args);
+    let api = decap.api();
+    let want = serde_json::json!([
+        {"ref": "feature/x", "type": "branch"},
+        {"ref": "main", "type": "branch"},
+        {"ref": "release/1.0", "type": "branch"},
+        {"ref": "v1.0", "type": "tag"},
+    ]);
+    let first = api.json("/api/v1/projects/acme/widgets/refs").await;
+    assert_eq!(first["refs"], want, "every page of branches, and the tags");
+    let listed = |stub: &Stub| -> Vec<Seen> {
+        stub.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path.ends_with("/branches") || s.path.ends_with("/tags"))
+            .cloned()
+            .collect()
+    };
+    let calls = listed(&stub);
+    assert_eq!(calls.len(), 3, "{calls:#?}");
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.if_none_match.is_empty() && c.answered == 200)
+    );
+
+    let again = api.json("/api/v1/projects/acme/widgets/refs").await;
+    assert_eq!(again["refs"], want, "the same refs, from the cache");
+    let calls = listed(&stub);
+    assert_eq!(calls.len(), 6, "{calls:#?}");
+    for c in &calls[3..] {
+        assert!(!c.if_none_match.is_empty(), "asked by ETag: {c:?}");
+        assert_eq!(c.answered, 304, "{c:?}");
     }
 }

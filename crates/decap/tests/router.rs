@@ -122,6 +122,7 @@ async fn app_with_auth(secrets: &[&str], private_reads: bool) -> TestApp {
             decap_server::hub::HubConfig::default(),
         ))),
         github_hooks: None,
+        github_refs: None,
     });
     TestApp {
         router: decap_server::router(server),
