@@ -28,6 +28,7 @@
 #![deny(missing_docs)]
 
 mod attrs;
+pub mod details;
 pub mod direct;
 mod dynamodb;
 pub mod iam;

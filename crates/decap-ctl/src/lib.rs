@@ -10,6 +10,8 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
+mod notify;
+
 /// decapctl's command line.
 #[derive(Parser, Debug)]
 #[command(
@@ -77,6 +79,9 @@ enum Command {
     },
     /// The server's version.
     Version,
+    /// Comment a CI run's summary on the open pull request of its commit,
+    /// with its detail files uploaded to S3 for a number of days.
+    NotifyPr(Box<notify::NotifyArgs>),
     /// GitHub: `decapctl github subscribe owner/repo`.
     #[command(subcommand)]
     Github(GithubCmd),
@@ -538,6 +543,7 @@ pub async fn main(cli: Cli) -> Result<i32> {
                 println!("log level: {}", l.level)
             }
         }
+        Command::NotifyPr(args) => notify::notify_pr(*args, json).await?,
         Command::Github(GithubCmd::Subscribe { repository }) => {
             let Some((owner, repo)) = repository.split_once('/') else {
                 bail!("{repository:?} is not owner/repo");

@@ -432,6 +432,37 @@ impl GitHubStatuses {
     }
 }
 
+impl GitHubStatuses {
+    /// The open pull request whose head is `sha` (GitHub's pull requests of
+    /// a commit), if any.
+    pub async fn open_pull_request_of(
+        &self,
+        owner: &str,
+        repo: &str,
+        sha: &str,
+    ) -> Result<Option<u64>> {
+        let route = format!("/repos/{owner}/{repo}/commits/{sha}/pulls");
+        let answer = self
+            .call(http::Method::GET, &route, &serde_json::Value::Null)
+            .await?;
+        if !answer.status.is_success() {
+            return Err(gh_err(format!(
+                "the pull requests of {owner}/{repo}@{sha}: HTTP {}: {}",
+                answer.status, answer.text
+            )));
+        }
+        let pulls: Vec<serde_json::Value> = serde_json::from_str(&answer.text)
+            .map_err(|e| gh_err(format!("GitHub's list of pull requests: {e}")))?;
+        let open = |p: &&serde_json::Value| p["state"].as_str() == Some("open");
+        Ok(pulls
+            .iter()
+            .filter(open)
+            .find(|p| p["head"]["sha"].as_str() == Some(sha))
+            .or_else(|| pulls.iter().find(open))
+            .and_then(|p| p["number"].as_u64()))
+    }
+}
+
 #[async_trait]
 impl RepositoryRefs for GitHubStatuses {
     async fn refs(&self, owner: &str, repo: &str) -> Result<Vec<(String, String)>> {

@@ -80,6 +80,32 @@ async fn github(
         let comment_edit =
             method == Method::PATCH && path == "/repos/acme/widgets/issues/comments/4242";
         let hooks = "/repos/acme/widgets/hooks".to_owned();
+        if let Some(sha) = path
+            .strip_prefix("/repos/acme/widgets/commits/")
+            .and_then(|p| p.strip_suffix("/pulls"))
+            && method == Method::GET
+        {
+            let code = StatusCode::OK;
+            let pulls = if sha.starts_with("cafe") {
+                serde_json::json!([
+                    {"number": 3, "state": "closed", "head": {"sha": sha}},
+                    {"number": 7, "state": "open", "head": {"sha": sha}}
+                ])
+            } else {
+                serde_json::json!([])
+            };
+            let resp = (code, axum::Json(pulls)).into_response();
+            stub.seen.lock().unwrap().push(Seen {
+                method,
+                path: uri.path().to_owned(),
+                if_none_match: String::new(),
+                authorization: header("authorization"),
+                user_agent: header("user-agent"),
+                body: serde_json::Value::Null,
+                answered: 200,
+            });
+            return resp;
+        }
         let page = uri.query().unwrap_or("").contains("page=2");
         let listing = match (path.as_str(), page) {
             ("/repos/acme/widgets/branches", false) => Some((
@@ -642,4 +668,125 @@ async fn branches_and_tags_come_from_github_and_are_asked_again_only_by_etag() {
         assert!(!c.if_none_match.is_empty(), "asked by ETag: {c:?}");
         assert_eq!(c.answered, 304, "{c:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_pr_uploads_details_that_expire_and_comments_on_the_open_pull_request() {
+    let stub = Stub::default();
+    let github_url = start_stub(stub.clone()).await;
+    let s3 = common::aws::env("DECAP_TEST_S3_ENDPOINT");
+    let sdk = common::aws::sdk().await;
+    let admin = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .endpoint_url(&s3)
+            .force_path_style(true)
+            .build(),
+    );
+    let bucket = format!("notify-{}", std::process::id());
+    admin.create_bucket().bucket(&bucket).send().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let details = dir.path().join("details");
+    std::fs::create_dir_all(details.join("sub")).unwrap();
+    std::fs::write(details.join("sub/a.log"), "all 120 tests passed\n").unwrap();
+    let extra = dir.path().join("b.txt");
+    std::fs::write(&extra, "marvin\n").unwrap();
+    let summary = dir.path().join("summary.txt");
+    std::fs::write(&summary, "Simulator run: 120 passed, 0 failed\n").unwrap();
+    let commit = "cafe000000000000000000000000000000000001";
+    let ini = dir.path().join("notify.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "token = {GITHUB_TOKEN}\nowner = acme\nrepo = widgets\ncommit = {commit}\n\
+             summary_file = {}\nfull_detail_dir = {}\nfull_detail_files = {}\n\
+             store_api = s3\nstore_endpoint = {s3}\nstore_identity = decaptest\n\
+             store_secret = decaptestsecret\nstore_bucket = {bucket}\nexpire_days = 9\n",
+            summary.display(),
+            details.display(),
+            extra.display()
+        ),
+    )
+    .unwrap();
+    let decapctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_decapctl"))
+            .args(args)
+            .env_remove("DECAP_GITHUB_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    // Flags win over the file: three days, not nine.
+    let (ok, said) = decapctl(&[
+        "notify-pr",
+        "--config",
+        ini.to_str().unwrap(),
+        "--expire-days",
+        "3",
+        "--github-api-url",
+        &github_url,
+    ]);
+    assert!(ok, "{said}");
+    assert!(said.contains("commented on acme/widgets#7"), "{said}");
+
+    let posted = comment_calls(&stub);
+    assert_eq!(posted.len(), 1, "{posted:#?}");
+    assert_eq!(posted[0].path, "/repos/acme/widgets/issues/7/comments");
+    assert!(posted[0].authorization.contains(GITHUB_TOKEN));
+    let body = posted[0].body["body"].as_str().unwrap().to_owned();
+    assert!(
+        body.contains("Simulator run: 120 passed, 0 failed"),
+        "{body}"
+    );
+    assert!(body.contains("kept 3 days"), "{body}");
+    let link = |name: &str| -> String {
+        let start = body.find(&format!("[{name}](")).unwrap() + name.len() + 3;
+        body[start..].split(')').next().unwrap().to_owned()
+    };
+    let got = reqwest::get(link("sub/a.log")).await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.text().await.unwrap(), "all 120 tests passed\n");
+    let got = reqwest::get(link("b.txt")).await.unwrap();
+    assert_eq!(got.text().await.unwrap(), "marvin\n");
+    let listed = admin
+        .list_objects_v2()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+    let keys: Vec<&str> = listed.contents().iter().filter_map(|o| o.key()).collect();
+    assert_eq!(
+        keys,
+        vec![
+            format!("notify-pr/acme/widgets/{commit}/b.txt"),
+            format!("notify-pr/acme/widgets/{commit}/sub/a.log")
+        ]
+    );
+    let rules = admin
+        .get_bucket_lifecycle_configuration()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+    let rule = &rules.rules()[0];
+    assert_eq!(rule.expiration().and_then(|e| e.days()), Some(3));
+
+    // A commit no open pull request has: a clear error, nothing uploaded.
+    let (ok, said) = decapctl(&[
+        "notify-pr",
+        "--config",
+        ini.to_str().unwrap(),
+        "--commit",
+        "beef000000000000000000000000000000000002",
+        "--github-api-url",
+        &github_url,
+    ]);
+    assert!(!ok);
+    assert!(said.contains("no open pull request"), "{said}");
+    let (ok, said) = decapctl(&["notify-pr", "--owner", "acme"]);
+    assert!(!ok && said.contains("repo is required"), "{said}");
 }
