@@ -362,6 +362,34 @@ impl Client {
         self.send(rb).await.map(|_| ())
     }
 
+    /// `PUT /api/v1/details/{owner}/{repo}/{commit}/{file}`: a detail file of
+    /// a CI run, kept `days`; answers its link.
+    pub async fn put_detail(
+        &self,
+        owner: &str,
+        repo: &str,
+        commit: &str,
+        file: &str,
+        days: u32,
+        body: reqwest::Body,
+    ) -> Result<String> {
+        let file: Vec<String> = file.split('/').map(enc).collect();
+        let path = format!(
+            "/api/v1/details/{}/{}/{}/{}",
+            enc(owner),
+            enc(repo),
+            enc(commit),
+            file.join("/")
+        );
+        let rb = self
+            .request(Method::PUT, &path)
+            .header("x-decap-expire-days", days.to_string())
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body);
+        let v: serde_json::Value = self.json(rb).await?;
+        Ok(v["url"].as_str().unwrap_or_default().to_owned())
+    }
+
     /// bctool: uploads the gzipped console log.
     pub async fn put_log(&self, id: &str, body: reqwest::Body) -> Result<()> {
         let rb = self

@@ -953,3 +953,66 @@ pub async fn status_hub_suite(hub: Arc<dyn decap_core::ports::StatusHub>) {
         "dddd04"
     );
 }
+
+/// The [`decap_core::ports::DetailStore`] contract.
+pub async fn detail_store_suite(store: Arc<dyn decap_core::ports::DetailStore>) {
+    use decap_core::ports::DetailPath;
+    let t0 = OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("valid");
+    let day = time::Duration::days(1);
+    let body = |s: &'static str| -> ByteStream {
+        Box::pin(futures::stream::iter(vec![Ok(Bytes::from_static(
+            s.as_bytes(),
+        ))]))
+    };
+    let a = DetailPath::new("acme", "widgets", "CAFE0001", "logs/run.log").expect("valid");
+    let b = DetailPath::new("acme", "widgets", "cafe0001", "summary.txt").expect("valid");
+    let old = DetailPath::new("acme", "widgets", "beef0002", "old.txt").expect("valid");
+    assert_eq!(a.commit, "cafe0001", "commits are kept in lower case");
+    assert!(store.get(&a, t0).await.expect("get").is_none());
+    assert_eq!(
+        store
+            .put(&a, body("run log\n"), t0 + day * 7)
+            .await
+            .expect("put"),
+        8
+    );
+    store.put(&b, body("ok\n"), t0 + day).await.expect("put");
+    store.put(&old, body("old\n"), t0 + day).await.expect("put");
+    let (size, stream) = store.get(&a, t0).await.expect("get").expect("stored");
+    assert_eq!(size, 8);
+    assert_eq!(read_all(stream).await, b"run log\n");
+    assert!(
+        store
+            .get(
+                &DetailPath::new("acme", "widgets", "cafe0001", "nope").expect("valid"),
+                t0
+            )
+            .await
+            .expect("get")
+            .is_none()
+    );
+    // A commit's files live as long as its longest expiry.
+    assert!(store.get(&b, t0 + day * 2).await.expect("get").is_some());
+    assert!(
+        store.get(&old, t0 + day * 2).await.expect("get").is_none(),
+        "expired"
+    );
+    assert_eq!(store.sweep(t0 + day * 2).await.expect("sweep"), 1);
+    assert!(store.get(&a, t0 + day * 2).await.expect("get").is_some());
+    assert_eq!(store.sweep(t0 + day * 8).await.expect("sweep"), 1);
+    assert!(store.get(&a, t0).await.expect("get").is_none(), "swept");
+
+    for (owner, repo, commit, file) in [
+        ("acme", "widgets", "cafe0001", "../../etc/passwd"),
+        ("acme", "widgets", "cafe0001", "/etc/passwd"),
+        ("acme", "widgets", "cafe0001", "a//b"),
+        ("acme", "widgets", "cafe0001", ".decap-expires"),
+        ("..", "widgets", "cafe0001", "a"),
+        ("acme", "widgets", "not-hex", "a"),
+    ] {
+        assert!(
+            DetailPath::new(owner, repo, commit, file).is_err(),
+            "{owner}/{repo}/{commit}/{file} must be refused"
+        );
+    }
+}

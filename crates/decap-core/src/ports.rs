@@ -555,3 +555,89 @@ pub trait StatusHub: Send + Sync {
     /// Releases the lock if `revision` holds it; whether it did.
     async fn unlock(&self, project: &str, name: &str, revision: &str) -> Result<bool>;
 }
+
+/// Where a detail file of a CI run is kept: `owner/repo/commit/file`, each
+/// part checked, so that it can name a path or a key safely.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetailPath {
+    /// The repository's owner.
+    pub owner: String,
+    /// The repository.
+    pub repo: String,
+    /// The commit (lower-case hex).
+    pub commit: String,
+    /// The file, relative, `/`-separated.
+    pub file: String,
+}
+
+impl DetailPath {
+    /// Checks each part.
+    pub fn new(owner: &str, repo: &str, commit: &str, file: &str) -> Result<Self> {
+        use crate::error::Error;
+        let name_ok = |v: &str| {
+            !v.is_empty()
+                && v.len() <= 100
+                && v != "."
+                && v != ".."
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        if !name_ok(owner) || !name_ok(repo) {
+            return Err(Error::invalid(
+                "repository",
+                format!("{owner}/{repo} is not owner/repo"),
+            ));
+        }
+        let commit = commit.to_ascii_lowercase();
+        if !(7..=64).contains(&commit.len()) || !commit.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(Error::invalid(
+                "commit",
+                format!("{commit:?} is not a commit id"),
+            ));
+        }
+        let parts: Vec<&str> = file.split('/').collect();
+        let file_ok = file.len() <= 1024
+            && parts.len() <= 32
+            && parts.iter().all(|p| {
+                !p.is_empty()
+                    && *p != "."
+                    && *p != ".."
+                    && !p.starts_with(".decap")
+                    && !p.chars().any(|c| c.is_control() || c == '\\')
+            });
+        if !file_ok {
+            return Err(Error::invalid(
+                "file",
+                format!("{file:?} is not a relative path of plain names"),
+            ));
+        }
+        Ok(DetailPath {
+            owner: owner.to_owned(),
+            repo: repo.to_owned(),
+            commit,
+            file: file.to_owned(),
+        })
+    }
+}
+
+/// Detail files of CI runs (`decapctl notify-pr` with the embedded store),
+/// each commit's files kept until they expire.
+#[async_trait]
+pub trait DetailStore: Send + Sync {
+    /// Stores a file; its commit's files are kept at least until
+    /// `expires_at`. Answers the bytes stored.
+    async fn put(
+        &self,
+        path: &DetailPath,
+        data: ByteStream,
+        expires_at: OffsetDateTime,
+    ) -> Result<u64>;
+    /// A stored file, unless it is unknown or expired.
+    async fn get(
+        &self,
+        path: &DetailPath,
+        now: OffsetDateTime,
+    ) -> Result<Option<(u64, ByteStream)>>;
+    /// Removes what has expired; answers how many commits' files went.
+    async fn sweep(&self, now: OffsetDateTime) -> Result<usize>;
+}

@@ -543,7 +543,7 @@ pub async fn main(cli: Cli) -> Result<i32> {
                 println!("log level: {}", l.level)
             }
         }
-        Command::NotifyPr(args) => notify::notify_pr(*args, json).await?,
+        Command::NotifyPr(args) => notify::notify_pr(*args, json, &client).await?,
         Command::Github(GithubCmd::Subscribe { repository }) => {
             let Some((owner, repo)) = repository.split_once('/') else {
                 bail!("{repository:?} is not owner/repo");

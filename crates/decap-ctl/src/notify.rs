@@ -39,7 +39,8 @@ pub struct NotifyArgs {
     /// Files uploaded (comma-separated).
     #[arg(long, value_delimiter = ',')]
     full_detail_files: Vec<PathBuf>,
-    /// The object store: `s3`.
+    /// The object store: `s3`, or `decap` (this Decap server's own store,
+    /// reached as the other commands reach it).
     #[arg(long)]
     store_api: Option<String>,
     /// An S3-compatible endpoint instead of AWS.
@@ -200,7 +201,7 @@ fn valid_name(what: &str, v: &str) -> Result<()> {
 }
 
 /// Runs `decapctl notify-pr`; prints what it did.
-pub async fn notify_pr(args: NotifyArgs, json: bool) -> Result<()> {
+pub async fn notify_pr(args: NotifyArgs, json: bool, decap: &decap_client::Client) -> Result<()> {
     let s = settings(&args)?;
     let owner = s.need("owner")?;
     let repo = s.need("repo")?;
@@ -241,11 +242,22 @@ pub async fn notify_pr(args: NotifyArgs, json: bool) -> Result<()> {
         .with_context(|| format!("no open pull request of {owner}/{repo} has commit {commit}"))?;
 
     let mut links = Vec::new();
-    if !files.is_empty() {
-        let api = s.get("store_api").unwrap_or("s3");
-        if api != "s3" {
-            bail!("store_api {api:?} is not supported (s3)");
+    let api = s.get("store_api").unwrap_or("s3");
+    if !matches!(api, "s3" | "decap") {
+        bail!("store_api {api:?} is not supported (s3 or decap)");
+    }
+    if !files.is_empty() && api == "decap" {
+        for (name, path) in &files {
+            let file = tokio::fs::File::open(path)
+                .await
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let url = decap
+                .put_detail(owner, repo, &commit, name, days, reqwest::Body::from(file))
+                .await?;
+            links.push((name.clone(), url));
         }
+    }
+    if !files.is_empty() && api == "s3" {
         let bucket = s.need("store_bucket")?;
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(
             aws_config::Region::new(s.get("store_region").unwrap_or("us-east-1").to_owned()),

@@ -17,7 +17,7 @@ pub struct FileBlobStore {
     root: PathBuf,
 }
 
-fn io_err(e: impl std::fmt::Display) -> Error {
+pub(crate) fn io_err(e: impl std::fmt::Display) -> Error {
     Error::backend("files", e)
 }
 
@@ -33,54 +33,69 @@ impl FileBlobStore {
     }
 }
 
-#[async_trait]
-impl BlobStore for FileBlobStore {
-    async fn put(&self, build: BuildId, kind: BlobKind, mut data: ByteStream) -> Result<u64> {
-        let target = self.path(build, kind);
-        let dir = target
-            .parent()
-            .ok_or_else(|| io_err("blob path has no parent"))?
-            .to_owned();
-        tokio::fs::create_dir_all(&dir).await.map_err(io_err)?;
-        let tmp = dir.join(format!(
-            ".{}.{}.tmp",
-            kind.file_name(),
-            uuid::Uuid::now_v7()
-        ));
-        let result: Result<u64> = async {
-            let mut file = tokio::fs::File::create(&tmp).await.map_err(io_err)?;
-            let mut size = 0u64;
-            while let Some(chunk) = data.next().await {
-                let chunk = chunk.map_err(|e| io_err(format!("reading the upload: {e}")))?;
-                size += chunk.len() as u64;
-                file.write_all(&chunk).await.map_err(io_err)?;
-            }
-            file.sync_all().await.map_err(io_err)?;
+/// Writes a stream to a temporary file beside `target`, syncs it and renames
+/// it into place, so readers see the old file or the new one, never a part.
+pub(crate) async fn write_atomically(
+    target: &std::path::Path,
+    mut data: ByteStream,
+) -> Result<u64> {
+    let dir = target
+        .parent()
+        .ok_or_else(|| io_err("the path has no parent"))?
+        .to_owned();
+    tokio::fs::create_dir_all(&dir).await.map_err(io_err)?;
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::now_v7()));
+    let result: Result<u64> = async {
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(io_err)?;
+        let mut size = 0u64;
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk.map_err(|e| io_err(format!("reading the upload: {e}")))?;
+            size += chunk.len() as u64;
+            file.write_all(&chunk).await.map_err(io_err)?;
+        }
+        file.sync_all().await.map_err(io_err)?;
+        Ok(size)
+    }
+    .await;
+    match result {
+        Ok(size) => {
+            tokio::fs::rename(&tmp, target).await.map_err(io_err)?;
             Ok(size)
         }
-        .await;
-        match result {
-            Ok(size) => {
-                tokio::fs::rename(&tmp, &target).await.map_err(io_err)?;
-                Ok(size)
-            }
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                Err(e)
-            }
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            Err(e)
         }
+    }
+}
+
+/// Opens a file as a stream, or `None` when it does not exist.
+pub(crate) async fn read_stream(path: &std::path::Path) -> Result<Option<(u64, ByteStream)>> {
+    let file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(e)),
+    };
+    let meta = file.metadata().await.map_err(io_err)?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024);
+    Ok(Some((meta.len(), Box::pin(stream))))
+}
+
+#[async_trait]
+impl BlobStore for FileBlobStore {
+    async fn put(&self, build: BuildId, kind: BlobKind, data: ByteStream) -> Result<u64> {
+        write_atomically(&self.path(build, kind), data).await
     }
 
     async fn get(&self, build: BuildId, kind: BlobKind) -> Result<Option<(u64, ByteStream)>> {
-        let path = self.path(build, kind);
-        let file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(e)),
-        };
-        let size = file.metadata().await.map_err(io_err)?.len();
-        let stream = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024);
-        Ok(Some((size, Box::pin(stream))))
+        read_stream(&self.path(build, kind)).await
     }
 
     async fn delete(&self, build: BuildId, kind: BlobKind) -> Result<bool> {

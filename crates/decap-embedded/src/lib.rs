@@ -15,6 +15,7 @@
 mod blobs;
 mod builds;
 mod db;
+mod details;
 mod executor;
 mod hub;
 mod ledger;
@@ -24,6 +25,7 @@ mod queue;
 pub use blobs::FileBlobStore;
 pub use builds::SqliteBuildStore;
 pub use db::SqliteDb;
+pub use details::FileDetailStore;
 pub use executor::{LocalExecutor, LocalExecutorConfig, SandboxMode, bubblewrap_works};
 pub use hub::SqliteStatusHub;
 pub use ledger::SqliteStatusLedger;

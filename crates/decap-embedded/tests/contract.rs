@@ -78,3 +78,12 @@ async fn sqlite_status_hub_keeps_the_contract() {
     decap_contract_tests::status_hub_suite(Arc::new(decap_embedded::SqliteStatusHub::new(db)))
         .await;
 }
+
+#[tokio::test]
+async fn file_detail_store_keeps_the_contract() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    decap_contract_tests::detail_store_suite(Arc::new(decap_embedded::FileDetailStore::new(
+        dir.path().join("details"),
+    )))
+    .await;
+}

@@ -638,7 +638,7 @@ fn skip_bytes(s: ByteStream, mut skip: u64) -> ByteStream {
     }))
 }
 
-fn body_stream(body: Body) -> ByteStream {
+pub(crate) fn body_stream(body: Body) -> ByteStream {
     Box::pin(body.into_data_stream().map_err(std::io::Error::other))
 }
 

@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod comments;
 pub mod controller;
+pub mod details;
 pub mod error;
 pub mod github;
 pub mod hub;
@@ -51,6 +52,8 @@ pub struct Server {
     /// Branches and tags from GitHub (ETag-cached), when a token is set;
     /// `git ls-remote` otherwise.
     pub github_refs: Option<Arc<dyn decap_core::ports::RepositoryRefs>>,
+    /// Detail files of CI runs (`decapctl notify-pr`), when kept here.
+    pub details: Option<Arc<dyn decap_core::ports::DetailStore>>,
 }
 
 /// The handlers' state.
@@ -93,6 +96,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/github/subscribe/{owner}/{repo}",
             post(github::subscribe_api),
+        )
+        .route(
+            "/details/{owner}/{repo}/{commit}/{*file}",
+            put(details::put),
         );
     Router::new()
         .route(
@@ -100,6 +107,10 @@ pub fn router(state: AppState) -> Router {
             post(webhook::github).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES)),
         )
         .route("/hooks/buildscripts", post(webhook::buildscripts))
+        .route(
+            "/details/{owner}/{repo}/{commit}/{*file}",
+            get(details::get),
+        )
         .route("/api/build_status", post(hub::build_status))
         .route("/api/build/lock", post(hub::lock))
         .route("/api/build/unlock", post(hub::unlock))

@@ -970,6 +970,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if api_token.is_none() && !args.insecure_local {
         tracing::warn!("no DECAP_API_TOKEN and no --insecure-local: the API is read-only");
     }
+    let details: Arc<dyn decap_core::ports::DetailStore> = Arc::new(
+        decap_embedded::FileDetailStore::new(data_dir.join("details")),
+    );
+    let details_sweeper = details.clone();
     let server = Arc::new(Server {
         controller: controller.clone(),
         auth: AuthConfig {
@@ -995,6 +999,20 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ))),
         github_hooks,
         github_refs,
+        details: Some(details.clone()),
+    });
+
+    // Expired detail files go, hourly.
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            match details_sweeper.sweep(time::OffsetDateTime::now_utc()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(commits = n, "expired detail files removed"),
+                Err(e) => tracing::warn!(error = %e, "cannot remove expired detail files"),
+            }
+        }
     });
 
     // Periodic refresh of the build scripts.

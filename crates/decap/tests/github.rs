@@ -790,3 +790,44 @@ async fn notify_pr_uploads_details_that_expire_and_comments_on_the_open_pull_req
     let (ok, said) = decapctl(&["notify-pr", "--owner", "acme"]);
     assert!(!ok && said.contains("repo is required"), "{said}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_pr_can_keep_the_details_in_decaps_own_store() {
+    let stub = Stub::default();
+    let github_url = start_stub(stub.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    project(&scripts, "acme/widgets", r#"{"buildImage": "x"}"#, "true\n");
+    let decap = Decap::start(&dir.path().join("data"), &scripts, &[]);
+    let summary = dir.path().join("summary.txt");
+    std::fs::write(&summary, "3 passed\n").unwrap();
+    let report = dir.path().join("report.txt");
+    std::fs::write(&report, "every test passed\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_decapctl"))
+        .args(["notify-pr", "--owner", "acme", "--repo", "widgets"])
+        .args(["--commit", "cafe000000000000000000000000000000000003"])
+        .arg("--summary-file")
+        .arg(&summary)
+        .arg("--full-detail-files")
+        .arg(&report)
+        .args(["--store-api", "decap", "--github-api-url", &github_url])
+        .args(["--github-token", GITHUB_TOKEN])
+        .env("DECAP_URL", &decap.url)
+        .env("DECAP_API_TOKEN", common::TOKEN)
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    let posted = comment_calls(&stub);
+    assert_eq!(posted.len(), 1, "{posted:#?}");
+    let body = posted[0].body["body"].as_str().unwrap().to_owned();
+    let link = format!(
+        "{}/details/acme/widgets/cafe000000000000000000000000000000000003/report.txt",
+        decap.url
+    );
+    assert!(body.contains(&format!("[report.txt]({link})")), "{body}");
+    let got = reqwest::get(&link).await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.text().await.unwrap(), "every test passed\n");
+}

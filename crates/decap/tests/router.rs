@@ -123,6 +123,9 @@ async fn app_with_auth(secrets: &[&str], private_reads: bool) -> TestApp {
         ))),
         github_hooks: None,
         github_refs: None,
+        details: Some(Arc::new(decap_embedded::FileDetailStore::new(
+            data.join("details"),
+        ))),
     });
     TestApp {
         router: decap_server::router(server),
@@ -1090,4 +1093,73 @@ async fn the_build_lock_names_the_revision_holding_it() {
         ],
     );
     assert_eq!(call(&app, no_token).await.0, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn detail_files_are_uploaded_with_the_token_and_read_by_link() {
+    let app = app().await;
+    let put = |path: &str, auth: bool, days: Option<&str>| {
+        let mut b = Request::put(path);
+        if auth {
+            b = b.header("authorization", format!("Bearer {TOKEN}"));
+        }
+        if let Some(d) = days {
+            b = b.header("x-decap-expire-days", d);
+        }
+        b.body(Body::from("<script>alert(1)</script>\n")).unwrap()
+    };
+    let path = "/api/v1/details/acme/widgets/cafe0001/logs/run.log";
+    assert_eq!(
+        call(&app, put(path, false, None)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&app, put(path, true, Some("400"))).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let (code, v) = call(&app, put(path, true, Some("3"))).await;
+    assert_eq!(code, StatusCode::CREATED, "{v}");
+    assert!(
+        v["url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/details/acme/widgets/cafe0001/logs/run.log"),
+        "{v}"
+    );
+    for bad in [
+        "/api/v1/details/acme/widgets/cafe0001/..%2F..%2Fetc/passwd",
+        "/api/v1/details/acme/widgets/not-a-commit/x.log",
+        "/api/v1/details/acme/widgets/cafe0001/.decap-expires",
+    ] {
+        assert_eq!(
+            call(&app, put(bad, true, None)).await.0,
+            StatusCode::BAD_REQUEST,
+            "{bad}"
+        );
+    }
+    let resp = app
+        .router
+        .clone()
+        .oneshot(get("/details/acme/widgets/cafe0001/logs/run.log"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+    assert!(
+        resp.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("sandbox")
+    );
+    assert_eq!(
+        collect(resp.into_body()).await,
+        b"<script>alert(1)</script>\n"
+    );
+    assert_eq!(
+        call(&app, get("/details/acme/widgets/cafe0001/nope.log"))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
 }
