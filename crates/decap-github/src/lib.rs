@@ -71,6 +71,9 @@ impl std::fmt::Debug for GitHubConfig {
 pub struct GitHubStatuses {
     crab: Octocrab,
     max_wait: Duration,
+    /// GitHub's rate-limit quota as its last answer told it: calls left and
+    /// when the quota resets (epoch seconds).
+    quota: std::sync::Mutex<Option<(u64, u64)>>,
     /// Pages of branches and tags by URL, with their ETags: asked again
     /// with `If-None-Match`, a `304` (which costs no rate limit) answers
     /// from here.
@@ -139,6 +142,7 @@ impl GitHubStatuses {
             crab,
             max_wait: config.max_wait,
             pages: std::sync::Mutex::new(std::collections::HashMap::new()),
+            quota: std::sync::Mutex::new(None),
         })
     }
 }
@@ -154,6 +158,32 @@ fn wait_for(headers: &http::HeaderMap, now_epoch: u64) -> Option<Duration> {
         return Some(Duration::from_secs(reset.saturating_sub(now_epoch).max(1)));
     }
     None
+}
+
+impl GitHubStatuses {
+    /// Remembers the quota an answer reports (`x-ratelimit-remaining`,
+    /// `x-ratelimit-reset`).
+    fn track_quota(&self, headers: &http::HeaderMap) {
+        let num = |n: &str| {
+            headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(left), Some(reset)) = (num("x-ratelimit-remaining"), num("x-ratelimit-reset"))
+            && let Ok(mut q) = self.quota.lock()
+        {
+            *q = Some((left, reset));
+        }
+    }
+
+    /// How long to wait before the next call: until the reset when no call
+    /// is left.
+    fn quota_wait(&self) -> Option<Duration> {
+        let (left, reset) = (*self.quota.lock().ok()?)?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+        (left == 0 && reset > now).then(|| Duration::from_secs(reset - now))
+    }
 }
 
 /// A call GitHub answered, after rate limits and server errors were waited
@@ -176,6 +206,17 @@ impl GitHubStatuses {
         let mut backoff = Duration::from_millis(500);
         let mut waited = Duration::ZERO;
         for attempt in 1..=5 {
+            // The quota is spent: wait for its reset rather than be refused.
+            if let Some(wait) = self.quota_wait()
+                && waited + wait <= self.max_wait
+            {
+                tracing::warn!(
+                    wait_ms = wait.as_millis() as u64,
+                    "GitHub's rate limit is spent; waiting for its reset"
+                );
+                tokio::time::sleep(wait).await;
+                waited += wait;
+            }
             let answer = match method {
                 http::Method::PATCH => self.crab._patch(route, Some(body)).await,
                 http::Method::GET => self.crab._get(route).await,
@@ -193,6 +234,7 @@ impl GitHubStatuses {
                 Err(e) => return Err(e),
             };
             let status = resp.status();
+            self.track_quota(resp.headers());
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -498,6 +540,34 @@ mod tests {
         assert_eq!(
             next_link(&h).as_deref(),
             Some("https://api.github.com/repositories/1/branches?per_page=100&page=2")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_spent_quota_is_waited_out_before_the_next_call() {
+        let gh = GitHubStatuses::new(&GitHubConfig {
+            api_url: "http://127.0.0.1:9".into(),
+            token: "t".into(),
+            app: None,
+            max_wait: Duration::from_secs(60),
+        })
+        .unwrap();
+        assert_eq!(gh.quota_wait(), None);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut h = http::HeaderMap::new();
+        h.insert("x-ratelimit-remaining", "4".parse().unwrap());
+        h.insert("x-ratelimit-reset", (now + 60).to_string().parse().unwrap());
+        gh.track_quota(&h);
+        assert_eq!(gh.quota_wait(), None, "calls are left");
+        h.insert("x-ratelimit-remaining", "0".parse().unwrap());
+        gh.track_quota(&h);
+        let wait = gh.quota_wait().unwrap();
+        assert!(
+            wait > Duration::from_secs(55) && wait <= Duration::from_secs(60),
+            "{wait:?}"
         );
     }
 

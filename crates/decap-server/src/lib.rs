@@ -15,6 +15,7 @@ pub mod github;
 pub mod hub;
 pub mod livelog;
 pub mod metrics;
+pub mod oauth;
 pub mod statuses;
 pub mod ui;
 pub mod webhook;
@@ -54,6 +55,8 @@ pub struct Server {
     pub github_refs: Option<Arc<dyn decap_core::ports::RepositoryRefs>>,
     /// Detail files of CI runs (`decapctl notify-pr`), when kept here.
     pub details: Option<Arc<dyn decap_core::ports::DetailStore>>,
+    /// Logging in with GitHub, when an OAuth App is configured.
+    pub oauth: Option<Arc<oauth::GitHubLogin>>,
 }
 
 /// The handlers' state.
@@ -128,6 +131,8 @@ pub fn router(state: AppState) -> Router {
         .route("/builds/{id}", get(ui::build))
         .route("/queue", get(ui::queue))
         .route("/login", get(ui::login_form).post(ui::login))
+        .route("/login/github", get(oauth::start))
+        .route("/login/github/callback", get(oauth::callback))
         .route("/logout", post(ui::logout))
         .route("/assets/{name}", get(ui::asset))
         .route("/ui/events", get(ui::events))

@@ -195,7 +195,9 @@ pub async fn guard_reads(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    if open || bearer || viewer(&app, headers, peer).can_act {
+    let open = open || path.starts_with("/login/github");
+    let v = viewer(&app, headers, peer);
+    if open || bearer || v.can_act || v.logged_in {
         return next.run(req).await;
     }
     let wants_html = headers
@@ -214,10 +216,15 @@ pub async fn guard_reads(
 
 /// Who is looking: may they act?
 pub struct Viewer {
-    /// Logged in (or a loopback client under `--insecure-local`).
+    /// May build, rerun and cancel: logged in with the token, or a GitHub
+    /// user who may build (or a loopback client under `--insecure-local`).
     pub can_act: bool,
-    /// Logged in with the token.
+    /// May also unlock and run the queue.
+    pub can_unlock: bool,
+    /// Logged in (with the token or with GitHub).
     pub logged_in: bool,
+    /// The GitHub user, when logged in with GitHub.
+    pub user: String,
 }
 
 pub(crate) fn cookie_token(headers: &HeaderMap) -> Option<String> {
@@ -232,11 +239,17 @@ pub(crate) fn cookie_token(headers: &HeaderMap) -> Option<String> {
 }
 
 fn viewer(app: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> Viewer {
-    let logged_in = cookie_token(headers).is_some_and(|t| app.auth.token_matches(&t));
+    let token = cookie_token(headers).is_some_and(|t| app.auth.token_matches(&t));
+    let local = app.auth.insecure_local && peer.is_some_and(|p| p.ip().is_loopback());
+    let session = app.oauth.as_ref().and_then(|o| o.session(headers));
+    let (can_build, can_unlock) = session
+        .as_ref()
+        .map_or((false, false), |s| (s.can_build, s.can_unlock));
     Viewer {
-        can_act: logged_in
-            || (app.auth.insecure_local && peer.is_some_and(|p| p.ip().is_loopback())),
-        logged_in,
+        can_act: token || local || can_build,
+        can_unlock: token || local || can_unlock,
+        logged_in: token || session.is_some(),
+        user: session.map(|s| s.login).unwrap_or_default(),
     }
 }
 
@@ -294,13 +307,15 @@ struct ErrorPage<'a> {
     viewer: Viewer,
 }
 
-fn error_page(status: StatusCode, title: &str, message: &str) -> Response {
+pub(crate) fn error_page(status: StatusCode, title: &str, message: &str) -> Response {
     let mut r = render(&ErrorPage {
         title,
         message,
         viewer: Viewer {
             can_act: false,
+            can_unlock: false,
             logged_in: false,
+            user: String::new(),
         },
     });
     *r.status_mut() = status;
@@ -1175,6 +1190,13 @@ pub async fn unlock(
     if let Some(r) = refuse_action(&app, &headers, ci.0) {
         return r;
     }
+    if !viewer(&app, &headers, ci.0).can_unlock {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            "Unlocking and running the queue are for those Decap lets unlock.",
+        );
+    }
     let key = match LockKey::parse(&form.key) {
         Ok(k) => k,
         Err(e) => return error_page(StatusCode::BAD_REQUEST, "Not a lock key", &e.to_string()),
@@ -1201,6 +1223,13 @@ pub async fn set_queue(
 ) -> Response {
     if let Some(r) = refuse_action(&app, &headers, ci.0) {
         return r;
+    }
+    if !viewer(&app, &headers, ci.0).can_unlock {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            "Unlocking and running the queue are for those Decap lets unlock.",
+        );
     }
     let open = match form.state.as_str() {
         "open" => true,
@@ -1240,6 +1269,7 @@ struct LoginPage {
     viewer: Viewer,
     error: String,
     configured: bool,
+    github: bool,
 }
 
 /// `GET /login`.
@@ -1248,6 +1278,7 @@ pub async fn login_form(State(app): State<AppState>, headers: HeaderMap, ci: Pee
         viewer: viewer(&app, &headers, ci.0),
         error: String::new(),
         configured: app.auth.api_token.is_some(),
+        github: app.oauth.is_some(),
     })
 }
 
@@ -1271,6 +1302,7 @@ pub async fn login(
             viewer: viewer(&app, &headers, ci.0),
             error: "That is not the API token.".to_owned(),
             configured: app.auth.api_token.is_some(),
+            github: app.oauth.is_some(),
         });
         *r.status_mut() = StatusCode::UNAUTHORIZED;
         return r;
@@ -1289,9 +1321,14 @@ pub async fn login(
 }
 
 /// `POST /logout`.
-pub async fn logout() -> Response {
+pub async fn logout(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    crate::oauth::logout(&app, &headers);
     let mut r = Redirect::to("/").into_response();
-    r.headers_mut().insert(
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        HeaderValue::from_static("decap_session=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"),
+    );
+    r.headers_mut().append(
         header::SET_COOKIE,
         HeaderValue::from_static("decap_token=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
     );

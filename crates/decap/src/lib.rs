@@ -476,6 +476,30 @@ struct ServeArgs {
     /// The App's installation on the account owning the repositories.
     #[arg(long, env = "DECAP_GITHUB_APP_INSTALLATION_ID")]
     github_app_installation_id: Option<u64>,
+    /// Log in to the web UI with GitHub: the OAuth App's client id (its
+    /// callback URL is PUBLIC_URL/login/github/callback).
+    #[arg(
+        long,
+        env = "DECAP_GITHUB_OAUTH_CLIENT_ID",
+        requires = "github_oauth_client_secret"
+    )]
+    github_oauth_client_id: Option<String>,
+    /// The OAuth App's client secret.
+    #[arg(long, env = "DECAP_GITHUB_OAUTH_CLIENT_SECRET", hide_env_values = true)]
+    github_oauth_client_secret: Option<String>,
+    /// GitHub's web address (GitHub Enterprise: https://HOST).
+    #[arg(
+        long,
+        env = "DECAP_GITHUB_WEB_URL",
+        default_value = "https://github.com"
+    )]
+    github_web_url: String,
+    /// GitHub logins that may build, rerun and cancel (comma-separated).
+    #[arg(long, env = "DECAP_GITHUB_BUILDERS", value_delimiter = ',')]
+    github_builders: Vec<String>,
+    /// GitHub logins that may also unlock and run the queue.
+    #[arg(long, env = "DECAP_GITHUB_UNLOCKERS", value_delimiter = ',')]
+    github_unlockers: Vec<String>,
     /// GitHub's API (GitHub Enterprise: https://HOST/api/v3).
     #[arg(
         long,
@@ -726,6 +750,26 @@ fn kube_config(args: &ServeArgs) -> decap_kube::KubeExecutorConfig {
         finished_pod_ttl: Duration::from_secs(k.kube_finished_pod_ttl_secs),
         image_pull_policy: k.kube_image_pull_policy.clone(),
     }
+}
+
+/// Logging in with GitHub, when an OAuth App is configured.
+fn oauth_config(args: &ServeArgs) -> Option<decap_server::oauth::OAuthConfig> {
+    let id = args.github_oauth_client_id.clone()?;
+    let secret = args.github_oauth_client_secret.clone()?;
+    let logins = |v: &[String]| {
+        v.iter()
+            .map(|l| l.trim().to_ascii_lowercase())
+            .filter(|l| !l.is_empty())
+            .collect()
+    };
+    Some(decap_server::oauth::OAuthConfig {
+        client_id: id,
+        client_secret: secret,
+        web_url: args.github_web_url.clone(),
+        api_url: args.github_api_url.clone(),
+        builders: logins(&args.github_builders),
+        unlockers: logins(&args.github_unlockers),
+    })
 }
 
 /// A replica's name in the leader election when no pod name is given.
@@ -1000,6 +1044,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         github_hooks,
         github_refs,
         details: Some(details.clone()),
+        oauth: oauth_config(&args).map(|c| Arc::new(decap_server::oauth::GitHubLogin::new(c))),
     });
 
     // Expired detail files go, hourly.

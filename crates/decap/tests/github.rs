@@ -80,6 +80,45 @@ async fn github(
         let comment_edit =
             method == Method::PATCH && path == "/repos/acme/widgets/issues/comments/4242";
         let hooks = "/repos/acme/widgets/hooks".to_owned();
+        if path == "/login/oauth/access_token" && method == Method::POST {
+            let form: std::collections::HashMap<String, String> =
+                serde_urlencoded::from_bytes(&body).unwrap_or_default();
+            let ok = form.get("client_id").map(String::as_str) == Some("decap-client")
+                && form.get("client_secret").map(String::as_str) == Some("oauth-secret");
+            let token = match form.get("code").map(String::as_str) {
+                Some("bob-code") if ok => Some("gho_bob"),
+                Some("rita-code") if ok => Some("gho_rita"),
+                _ => None,
+            };
+            let answer = match token {
+                Some(t) => {
+                    serde_json::json!({"access_token": t, "token_type": "bearer", "scope": "read:user"})
+                }
+                None => serde_json::json!({"error": "bad_verification_code",
+                    "error_description": "The code passed is incorrect or expired."}),
+            };
+            stub.seen.lock().unwrap().push(Seen {
+                method: method.clone(),
+                path: path.clone(),
+                if_none_match: String::new(),
+                authorization: String::new(),
+                user_agent: header("user-agent"),
+                body: serde_json::to_value(&form).unwrap_or_default(),
+                answered: 200,
+            });
+            return axum::Json(answer).into_response();
+        }
+        if path == "/user" && method == Method::GET {
+            let login = match header("authorization").as_str() {
+                "Bearer gho_bob" => "Builder-Bob",
+                "Bearer gho_rita" => "reader-rita",
+                _ => {
+                    return (StatusCode::UNAUTHORIZED, r#"{"message":"Bad credentials"}"#)
+                        .into_response();
+                }
+            };
+            return axum::Json(serde_json::json!({"login": login, "id": 1})).into_response();
+        }
         if let Some(sha) = path
             .strip_prefix("/repos/acme/widgets/commits/")
             .and_then(|p| p.strip_suffix("/pulls"))
@@ -830,4 +869,173 @@ async fn notify_pr_can_keep_the_details_in_decaps_own_store() {
     let got = reqwest::get(&link).await.unwrap();
     assert_eq!(got.status(), 200);
     assert_eq!(got.text().await.unwrap(), "every test passed\n");
+}
+
+/// A cookie's value from a response's Set-Cookie headers.
+fn set_cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| c.strip_prefix(&format!("{name}=")))
+        .map(|rest| rest.split(';').next().unwrap_or("").to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_users_log_in_and_may_do_what_they_are_mapped_to() {
+    let stub = Stub::default();
+    let github_url = start_stub(stub.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    project(&scripts, "acme/widgets", r#"{"buildImage": "x"}"#, "true\n");
+    let args = [
+        "--github-oauth-client-id",
+        "decap-client",
+        "--github-oauth-client-secret",
+        "oauth-secret",
+        "--github-web-url",
+        &github_url,
+        "--github-api-url",
+        &github_url,
+        "--github-builders",
+        "builder-bob",
+    ];
+    let decap = Decap::start(&dir.path().join("data"), &scripts, &args);
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = http
+        .get(format!("{}/login", decap.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Log in with GitHub"), "{page}");
+
+    // Off to GitHub with a state, and back.
+    let login = |code: &'static str| {
+        let (http, base, github_url) = (http.clone(), decap.url.clone(), github_url.clone());
+        async move {
+            let start = http
+                .get(format!("{base}/login/github"))
+                .send()
+                .await
+                .unwrap();
+            assert!(start.status().is_redirection(), "{}", start.status());
+            let to = start.headers()["location"].to_str().unwrap().to_owned();
+            assert!(
+                to.starts_with(&format!(
+                    "{github_url}/login/oauth/authorize?client_id=decap-client"
+                )),
+                "{to}"
+            );
+            assert!(to.contains("redirect_uri="), "{to}");
+            let state = set_cookie(&start, "decap_oauth_state").unwrap();
+            assert!(to.contains(&format!("state={state}")), "{to}");
+            let back = http
+                .get(format!(
+                    "{base}/login/github/callback?code={code}&state={state}"
+                ))
+                .header("cookie", format!("decap_oauth_state={state}"))
+                .send()
+                .await
+                .unwrap();
+            (back.status(), set_cookie(&back, "decap_session"), state)
+        }
+    };
+    let (status, bob, state) = login("bob-code").await;
+    assert!(status.is_redirection(), "{status}");
+    let bob = bob.expect("a session");
+    // A callback whose state is not ours, or a bad code, is refused.
+    let forged = http
+        .get(format!(
+            "{}/login/github/callback?code=bob-code&state=forged",
+            decap.url
+        ))
+        .header("cookie", format!("decap_oauth_state={state}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 400);
+    assert!(set_cookie(&forged, "decap_session").is_none());
+    let (status, none, _) = login("wrong-code").await;
+    assert_eq!(status, 502);
+    assert!(none.is_none());
+
+    // Bob may build, not unlock.
+    let as_user = |session: String, path: &str, form: &[(&str, &str)]| {
+        http.post(format!("{}{path}", decap.url))
+            .header("cookie", format!("decap_session={session}"))
+            .form(form)
+            .send()
+    };
+    let project_page = http
+        .get(format!("{}/projects/acme/widgets", decap.url))
+        .header("cookie", format!("decap_session={bob}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(project_page.contains("Builder-Bob"), "the user is named");
+    let built = as_user(
+        bob.clone(),
+        "/ui/projects/acme/widgets/build",
+        &[("branch", "main")],
+    )
+    .await
+    .unwrap();
+    assert!(built.status().is_redirection(), "{}", built.status());
+    assert!(
+        built.headers()["location"]
+            .to_str()
+            .unwrap()
+            .starts_with("/builds/")
+    );
+    let unlock = as_user(
+        bob.clone(),
+        "/ui/locks/unlock",
+        &[("key", "acme/widgets/main")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(unlock.status(), 403);
+
+    // Rita is no builder: she may read, not build.
+    let (_, rita, _) = login("rita-code").await;
+    let refused = as_user(
+        rita.unwrap(),
+        "/ui/projects/acme/widgets/build",
+        &[("branch", "main")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.headers()["location"], "/login");
+
+    // Logging out ends the session.
+    http.post(format!("{}/logout", decap.url))
+        .header("cookie", format!("decap_session={bob}"))
+        .send()
+        .await
+        .unwrap();
+    let after = as_user(
+        bob,
+        "/ui/projects/acme/widgets/build",
+        &[("branch", "main")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(after.headers()["location"], "/login");
+    let exchanged = stub
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.path == "/login/oauth/access_token")
+        .count();
+    assert_eq!(exchanged, 3, "one code exchange per login");
 }

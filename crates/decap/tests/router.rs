@@ -126,6 +126,7 @@ async fn app_with_auth(secrets: &[&str], private_reads: bool) -> TestApp {
         details: Some(Arc::new(decap_embedded::FileDetailStore::new(
             data.join("details"),
         ))),
+        oauth: None,
     });
     TestApp {
         router: decap_server::router(server),
