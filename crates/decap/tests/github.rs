@@ -474,6 +474,38 @@ async fn a_pull_request_gets_one_comment_with_the_failing_tail_edited_in_place_b
     assert!(body.contains("acme/widgets succeeded"), "{body}");
     assert!(body.contains(&second), "{body}");
     assert!(!body.contains("error: it broke"), "{body}");
+
+    // The pull request's commits got their statuses too.
+    let expected = [
+        (failing.to_owned(), "pending".to_owned()),
+        (failing.to_owned(), "failure".to_owned()),
+        (fixed.to_owned(), "pending".to_owned()),
+        (fixed.to_owned(), "success".to_owned()),
+    ];
+    let statuses = || -> Vec<(String, String)> {
+        stub.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path.contains("/statuses/") && s.body["context"] == "decap/acme/widgets")
+            .map(|s| {
+                (
+                    s.path.rsplit('/').next().unwrap().to_owned(),
+                    s.body["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    for _ in 0..300 {
+        if expected.iter().all(|e| statuses().contains(e)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let told = statuses();
+    for e in &expected {
+        assert!(told.contains(e), "{e:?} in {told:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
