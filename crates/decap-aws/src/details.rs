@@ -44,19 +44,8 @@ fn err(what: &str, e: impl std::fmt::Display) -> Error {
 impl S3Details {
     /// A store; no request is made.
     pub fn new(sdk: &aws_config::SdkConfig, config: DetailsConfig) -> Self {
-        let mut builder = aws_sdk_s3::config::Builder::from(sdk)
-            .force_path_style(config.force_path_style)
-            .request_checksum_calculation(
-                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
-            )
-            .response_checksum_validation(
-                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
-            );
-        if let Some(url) = &config.endpoint_url {
-            builder = builder.endpoint_url(url);
-        }
         S3Details {
-            client: Client::from_conf(builder.build()),
+            client: crate::s3::client(sdk, config.endpoint_url.as_deref(), config.force_path_style),
             config,
         }
     }

@@ -45,6 +45,24 @@ impl Default for S3Config {
     }
 }
 
+/// An S3 client from an SDK configuration: another endpoint (an
+/// S3-compatible server) and path-style addressing when asked for, and only
+/// the checksums every S3-compatible server accepts.
+pub(crate) fn client(
+    sdk: &aws_config::SdkConfig,
+    endpoint_url: Option<&str>,
+    force_path_style: bool,
+) -> Client {
+    let mut builder = aws_sdk_s3::config::Builder::from(sdk)
+        .force_path_style(force_path_style)
+        .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired);
+    if let Some(url) = endpoint_url {
+        builder = builder.endpoint_url(url);
+    }
+    Client::from_conf(builder.build())
+}
+
 /// [`BlobStore`] on S3.
 #[derive(Clone)]
 pub struct S3BlobStore {
@@ -64,20 +82,8 @@ impl S3BlobStore {
     /// touching the network: for bctool, whose credentials may allow only
     /// writing objects.
     pub fn new(sdk: &aws_config::SdkConfig, config: S3Config) -> Self {
-        let mut builder = aws_sdk_s3::config::Builder::from(sdk)
-            .force_path_style(config.force_path_style)
-            // S3-compatible servers do not all accept the newer checksums.
-            .request_checksum_calculation(
-                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
-            )
-            .response_checksum_validation(
-                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
-            );
-        if let Some(url) = &config.endpoint_url {
-            builder = builder.endpoint_url(url);
-        }
         S3BlobStore {
-            client: Client::from_conf(builder.build()),
+            client: client(sdk, config.endpoint_url.as_deref(), config.force_path_style),
             config,
         }
     }

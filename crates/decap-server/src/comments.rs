@@ -11,10 +11,9 @@ use std::sync::Arc;
 
 use decap_core::build::{Build, BuildStatus};
 use decap_core::ports::{
-    BlobKind, BuildQuery, CommitState, PullRequestComment, PullRequestComments, StatusLedger,
+    BlobKind, CommitState, PullRequestComment, PullRequestComments, StatusLedger,
 };
 use futures::StreamExt;
-use tokio::sync::broadcast::error::RecvError;
 
 use crate::controller::Controller;
 
@@ -77,37 +76,10 @@ impl PrCommenter {
     /// Catches up with recent builds, then follows every change.
     pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
-        let mut rx = me.controller.subscribe();
-        tokio::spawn(async move {
-            me.catch_up().await;
-            loop {
-                match rx.recv().await {
-                    Ok(b) => me.comment_logged(&b).await,
-                    Err(RecvError::Lagged(_)) => me.catch_up().await,
-                    Err(RecvError::Closed) => return,
-                }
-            }
+        crate::statuses::follow_builds(self.controller.clone(), "comments", move |b| {
+            let me = me.clone();
+            async move { me.comment_logged(&b).await }
         })
-    }
-
-    async fn catch_up(&self) {
-        match self
-            .controller
-            .ports
-            .builds
-            .list(&BuildQuery {
-                limit: 200,
-                ..BuildQuery::default()
-            })
-            .await
-        {
-            Ok(page) => {
-                for b in page.builds.iter().rev() {
-                    self.comment_logged(b).await;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot read recent builds for their comments"),
-        }
     }
 
     async fn comment_logged(&self, b: &Build) {

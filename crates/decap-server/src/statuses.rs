@@ -20,6 +20,54 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::controller::Controller;
 
+/// Hands every build change to `handle`, in the background: first the
+/// recent builds (oldest first, so that a commit's changes go in order),
+/// then each change as the controller broadcasts it, catching up again when
+/// it fell behind. `what` names the follower in the logs.
+pub fn follow_builds<F, Fut>(
+    controller: Arc<Controller>,
+    what: &'static str,
+    handle: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Build) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    // Subscribe before catching up, so that nothing falls in between.
+    let mut rx = controller.subscribe();
+    tokio::spawn(async move {
+        let catch_up = || async {
+            match controller
+                .ports
+                .builds
+                .list(&BuildQuery {
+                    limit: 200,
+                    ..BuildQuery::default()
+                })
+                .await
+            {
+                Ok(page) => {
+                    for b in page.builds.into_iter().rev() {
+                        handle(b).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, what, "cannot read recent builds"),
+            }
+        };
+        catch_up().await;
+        loop {
+            match rx.recv().await {
+                Ok(b) => handle(b).await,
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, what, "fell behind the builds; catching up");
+                    catch_up().await;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    })
+}
+
 /// The aggregate context.
 pub const ALL_CONTEXT: &str = "decap/all";
 
@@ -80,42 +128,10 @@ impl StatusReporter {
     /// Catches up with recent builds, then follows every change.
     pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
-        // Subscribe before catching up, so that nothing falls in between.
-        let mut rx = me.controller.subscribe();
-        tokio::spawn(async move {
-            me.catch_up().await;
-            loop {
-                match rx.recv().await {
-                    Ok(b) => me.report_logged(&b).await,
-                    Err(RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "the status reporter fell behind; catching up");
-                        me.catch_up().await;
-                    }
-                    Err(RecvError::Closed) => return,
-                }
-            }
+        follow_builds(self.controller.clone(), "statuses", move |b| {
+            let me = me.clone();
+            async move { me.report_logged(&b).await }
         })
-    }
-
-    async fn catch_up(&self) {
-        let recent = self
-            .controller
-            .ports
-            .builds
-            .list(&BuildQuery {
-                limit: 200,
-                ..BuildQuery::default()
-            })
-            .await;
-        match recent {
-            Ok(page) => {
-                // Oldest first, so that a commit's states go out in order.
-                for b in page.builds.iter().rev() {
-                    self.report_logged(b).await;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot read recent builds for their statuses"),
-        }
     }
 
     async fn report_logged(&self, b: &Build) {
