@@ -51,7 +51,10 @@ impl Default for DynamoDbConfig {
     }
 }
 
-fn ddb_err<E>(what: &str, e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Error
+pub(crate) fn ddb_err<E>(
+    what: &str,
+    e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> Error
 where
     E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
 {
@@ -109,7 +112,7 @@ pub(crate) async fn create_key_table(
 }
 
 /// Checks that a table exists, so that a missing one is a clear error at start-up.
-async fn require_table(client: &Client, table: &str) -> Result<()> {
+pub(crate) async fn require_table(client: &Client, table: &str) -> Result<()> {
     client
         .describe_table()
         .table_name(table)

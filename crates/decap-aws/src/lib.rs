@@ -32,6 +32,7 @@ pub mod details;
 pub mod direct;
 mod dynamodb;
 pub mod iam;
+mod ledger;
 pub mod resources;
 mod s3;
 mod sqs;
@@ -58,5 +59,6 @@ where
     }
 }
 pub use dynamodb::{DynamoDbBuildStore, DynamoDbConfig, DynamoDbLockStore};
+pub use ledger::DynamoDbStatusLedger;
 pub use s3::{PART_BYTES, PARTS_IN_FLIGHT, S3BlobStore, S3Config};
 pub use sqs::{SqsConfig, SqsDeferralQueue};

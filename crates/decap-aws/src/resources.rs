@@ -25,6 +25,8 @@ pub struct Resources {
     pub dynamodb: DynamoDbConfig,
     /// The deferred builds' index table.
     pub deferred_table: String,
+    /// What Decap told GitHub, shared by its replicas.
+    pub ledger_table: String,
     /// The FIFO queue's name (ends in `.fifo`).
     pub queue_name: String,
     /// An SQS endpoint instead of AWS.
@@ -125,6 +127,12 @@ pub async fn create(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<Create
         .map_err(|e| fail("setting the console logs' expiry", crate::sdk_message(&e)))?;
 
     DynamoDbBuildStore::create_tables(sdk, &r.dynamodb).await?;
+    crate::DynamoDbStatusLedger::create_table(
+        sdk,
+        &r.ledger_table,
+        r.dynamodb.endpoint_url.as_deref(),
+    )
+    .await?;
     let ddb = ddb_client(sdk, r.dynamodb.endpoint_url.as_deref());
     // Tables being created answer "in use" to a TTL change for a moment.
     let mut tries = 0;
@@ -221,6 +229,7 @@ pub async fn delete(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<()> {
         &r.dynamodb.deliveries_table,
         &r.dynamodb.locks_table,
         &r.deferred_table,
+        &r.ledger_table,
     ] {
         match ddb.delete_table().table_name(table).send().await {
             Ok(_) => {}
@@ -331,6 +340,7 @@ pub fn policy(account: &str, region: &str, r: &Resources) -> Result<serde_json::
         &r.dynamodb.deliveries_table,
         &r.dynamodb.locks_table,
         &r.deferred_table,
+        &r.ledger_table,
     ]
     .iter()
     .flat_map(|t| [table(t), format!("{}/index/*", table(t))])

@@ -66,6 +66,30 @@ async fn dynamodb_lock_store_keeps_the_contract() {
 }
 
 #[tokio::test]
+async fn dynamodb_status_ledger_keeps_the_contract() {
+    let sdk = sdk().await;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let table = format!("ledger-{nanos:x}");
+    let endpoint = endpoint();
+    decap_aws::DynamoDbStatusLedger::create_table(&sdk, &table, Some(&endpoint))
+        .await
+        .unwrap();
+    let ledger = decap_aws::DynamoDbStatusLedger::connect(&sdk, &table, Some(&endpoint))
+        .await
+        .unwrap();
+    decap_contract_tests::status_ledger_suite(Arc::new(ledger)).await;
+    let missing =
+        decap_aws::DynamoDbStatusLedger::connect(&sdk, "no-such-ledger", Some(&endpoint)).await;
+    assert!(
+        missing.is_err_and(|e| e.to_string().contains("no-such-ledger")),
+        "a missing ledger table is named"
+    );
+}
+
+#[tokio::test]
 async fn a_missing_table_is_a_clear_error_at_start_up() {
     let sdk = sdk().await;
     let config = DynamoDbConfig {

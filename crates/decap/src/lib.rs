@@ -243,6 +243,14 @@ struct StorageArgs {
         default_value = "decap-deferred-builds"
     )]
     dynamodb_deferred_table: String,
+    /// The DynamoDB table of what Decap told GitHub (used with
+    /// `--build-store dynamodb`, so that replicas share it).
+    #[arg(
+        long,
+        env = "DECAP_DYNAMODB_LEDGER_TABLE",
+        default_value = "decap-status-ledger"
+    )]
+    dynamodb_ledger_table: String,
     /// The AWS region (default: the SDK's, from AWS_REGION or the profile).
     #[arg(long, env = "DECAP_AWS_REGION")]
     aws_region: Option<String>,
@@ -550,6 +558,7 @@ async fn aws_resources(args: AwsResourcesArgs) -> Result<()> {
         s3: st.s3(),
         dynamodb: st.dynamodb(),
         deferred_table: st.dynamodb_deferred_table.clone(),
+        ledger_table: st.dynamodb_ledger_table.clone(),
         queue_name: args.sqs_queue_name.clone(),
         sqs_endpoint: st.sqs_endpoint.clone(),
         log_retention_days: args.log_retention_days,
@@ -989,7 +998,20 @@ async fn serve(args: ServeArgs) -> Result<()> {
         let github = Arc::new(github);
         github_hooks = Some(github.clone());
         github_refs = Some(github.clone());
-        let ledger = Arc::new(decap_embedded::SqliteStatusLedger::new(db.clone()));
+        // Shared by the replicas with the DynamoDB build store, so that
+        // each state and comment is told once by whichever replica.
+        let ledger: Arc<dyn decap_core::ports::StatusLedger> = match (st.build_store, &aws) {
+            (TableBackend::Dynamodb, Some(sdk)) => Arc::new(
+                decap_aws::DynamoDbStatusLedger::connect(
+                    sdk,
+                    &st.dynamodb_ledger_table,
+                    st.dynamodb_endpoint.as_deref(),
+                )
+                .await
+                .context("DynamoDB status ledger")?,
+            ),
+            _ => Arc::new(decap_embedded::SqliteStatusLedger::new(db.clone())),
+        };
         decap_server::statuses::StatusReporter::new(
             controller.clone(),
             github.clone(),
