@@ -259,6 +259,19 @@ async fn github(
     answer
 }
 
+/// A GitHub stub, and build scripts holding `acme/widgets`.
+async fn setup(
+    descriptor: &str,
+    script: &str,
+) -> (Stub, String, tempfile::TempDir, std::path::PathBuf) {
+    let stub = Stub::default();
+    let github_url = start_stub(stub.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    project(&scripts, "acme/widgets", descriptor, script);
+    (stub, github_url, dir, scripts)
+}
+
 async fn start_stub(stub: Stub) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -284,17 +297,12 @@ fn told(stub: &Stub) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn a_push_build_reports_pending_then_success_once_each_even_across_a_restart() {
-    let stub = Stub::default();
-    *stub.limited.lock().unwrap() = 1; // the first call meets the rate limit
-    let github_url = start_stub(stub.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let scripts = dir.path().join("scripts");
-    project(
-        &scripts,
-        "acme/widgets",
+    let (stub, github_url, dir, scripts) = setup(
         r#"{"buildImage": "x", "managedRefRegex": "main"}"#,
         "echo built\n",
-    );
+    )
+    .await;
+    *stub.limited.lock().unwrap() = 1; // the first call meets the rate limit
     let args = [
         "--github-token",
         GITHUB_TOKEN,
@@ -397,16 +405,7 @@ fn comment_calls(stub: &Stub) -> Vec<Seen> {
 
 #[tokio::test]
 async fn a_pull_request_gets_one_comment_with_the_failing_tail_edited_in_place_by_later_builds() {
-    let stub = Stub::default();
-    let github_url = start_stub(stub.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let scripts = dir.path().join("scripts");
-    project(
-        &scripts,
-        "acme/widgets",
-        r#"{"buildImage": "x"}"#,
-        "echo compiling\ncase \"$COMMIT_SHA\" in\n  aaaa*) echo \"error: it broke\"; exit 3;;\nesac\necho all good\n",
-    );
+    let (stub, github_url, dir, scripts) = setup(r#"{"buildImage": "x"}"#, "echo compiling\ncase \"$COMMIT_SHA\" in\n  aaaa*) echo \"error: it broke\"; exit 3;;\nesac\necho all good\n").await;
     let args = [
         "--github-token",
         GITHUB_TOKEN,
@@ -510,16 +509,11 @@ async fn a_pull_request_gets_one_comment_with_the_failing_tail_edited_in_place_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decapctl_subscribes_a_repository_and_the_ping_builds_its_default_branch() {
-    let stub = Stub::default();
-    let github_url = start_stub(stub.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let scripts = dir.path().join("scripts");
-    project(
-        &scripts,
-        "acme/widgets",
+    let (stub, github_url, dir, scripts) = setup(
         r#"{"buildImage": "x", "managedRefRegex": "release/.*"}"#,
         "echo \"first build of $BRANCH_TO_BUILD\"\n",
-    );
+    )
+    .await;
     let args = [
         "--github-token",
         GITHUB_TOKEN,
@@ -688,16 +682,8 @@ async fn as_a_github_app_decap_trades_a_signed_jwt_for_an_installation_token_onc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn branches_and_tags_come_from_github_and_are_asked_again_only_by_etag() {
-    let stub = Stub::default();
-    let github_url = start_stub(stub.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let scripts = dir.path().join("scripts");
-    project(
-        &scripts,
-        "acme/widgets",
-        r#"{"buildImage": "x", "repoManager": "github"}"#,
-        "true\n",
-    );
+    let (stub, github_url, dir, scripts) =
+        setup(r#"{"buildImage": "x", "repoManager": "github"}"#, "true\n").await;
     let args = [
         "--github-token",
         GITHUB_TOKEN,
@@ -864,11 +850,7 @@ async fn notify_pr_uploads_details_that_expire_and_comments_on_the_open_pull_req
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_pr_can_keep_the_details_in_decaps_own_store() {
-    let stub = Stub::default();
-    let github_url = start_stub(stub.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let scripts = dir.path().join("scripts");
-    project(&scripts, "acme/widgets", r#"{"buildImage": "x"}"#, "true\n");
+    let (stub, github_url, dir, scripts) = setup(r#"{"buildImage": "x"}"#, "true\n").await;
     let decap = Decap::start(&dir.path().join("data"), &scripts, &[]);
     let summary = dir.path().join("summary.txt");
     std::fs::write(&summary, "3 passed\n").unwrap();
@@ -915,11 +897,7 @@ fn set_cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn github_users_log_in_and_may_do_what_they_are_mapped_to() {
-    let stub = Stub::default();
-    let github_url = start_stub(stub.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let scripts = dir.path().join("scripts");
-    project(&scripts, "acme/widgets", r#"{"buildImage": "x"}"#, "true\n");
+    let (stub, github_url, dir, scripts) = setup(r#"{"buildImage": "x"}"#, "true\n").await;
     let args = [
         "--github-oauth-client-id",
         "decap-client",
