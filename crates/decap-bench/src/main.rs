@@ -5,9 +5,8 @@
 //! prints medians and p99s; the machine is shared, so compare ratios taken in
 //! one run.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,8 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-const SECRET: &str = "bench-secret";
-const TOKEN: &str = "bench-token";
+use decap_bench::{SECRET, TOKEN, percentile, start, write_project};
 
 #[derive(Parser)]
 #[command(about = "Decap benchmarks")]
@@ -47,85 +45,6 @@ enum What {
     GithubStatuses,
     /// Everything.
     All,
-}
-
-fn target_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    Ok(exe.parent().context("no folder")?.to_owned())
-}
-
-struct Server {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-    scripts: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn write_project(root: &Path, key: &str, descriptor: &str, script: &str) -> Result<()> {
-    let dir = root.join(key);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("project.json"), descriptor)?;
-    std::fs::write(dir.join("build.sh"), script)?;
-    Ok(())
-}
-
-fn start(setup: impl FnOnce(&Path) -> Result<()>, extra: &[&str]) -> Result<Server> {
-    let dir = tempfile::tempdir()?;
-    let scripts = dir.path().join("scripts");
-    std::fs::create_dir_all(&scripts)?;
-    setup(&scripts)?;
-    let decap = target_dir()?.join("decap");
-    if !decap.is_file() {
-        bail!(
-            "{} is missing: cargo build --release --bin decap",
-            decap.display()
-        );
-    }
-    let mut child = Command::new(decap)
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "warn"])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--scripts")
-        .arg(&scripts)
-        .args(extra)
-        .env("DECAP_GITHUB_WEBHOOK_SECRET", SECRET)
-        .env("DECAP_API_TOKEN", TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let url = loop {
-        match lines.next() {
-            Some(Ok(l)) => {
-                if let Some(u) = l.strip_prefix("decap: serving ") {
-                    break u.to_owned();
-                }
-            }
-            _ => bail!("decap exited before serving"),
-        }
-    };
-    Ok(Server {
-        child,
-        url,
-        _dir: dir,
-        scripts,
-    })
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 fn summary(name: &str, mut ms: Vec<f64>) -> (f64, f64) {

@@ -246,6 +246,25 @@ fn viewer(app: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> View
     }
 }
 
+/// Checks an action on locks or the queue: [`refuse_action`], then the
+/// right to unlock.
+fn refuse_unlock(
+    app: &AppState,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+) -> Option<Response> {
+    if let Some(r) = refuse_action(app, headers, peer) {
+        return Some(r);
+    }
+    (!viewer(app, headers, peer).can_unlock).then(|| {
+        error_page(
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            "Unlocking and running the queue are for those Decap lets unlock.",
+        )
+    })
+}
+
 /// Checks an action: the token cookie (or loopback under
 /// `--insecure-local`) and a same-site `Origin` when the browser sends one;
 /// the answer to give when refused.
@@ -1180,15 +1199,8 @@ pub async fn unlock(
     ci: Peer,
     Form(form): Form<UnlockForm>,
 ) -> Response {
-    if let Some(r) = refuse_action(&app, &headers, ci.0) {
+    if let Some(r) = refuse_unlock(&app, &headers, ci.0) {
         return r;
-    }
-    if !viewer(&app, &headers, ci.0).can_unlock {
-        return error_page(
-            StatusCode::FORBIDDEN,
-            "Not allowed",
-            "Unlocking and running the queue are for those Decap lets unlock.",
-        );
     }
     let key = match LockKey::parse(&form.key) {
         Ok(k) => k,
@@ -1214,15 +1226,8 @@ pub async fn set_queue(
     ci: Peer,
     Form(form): Form<QueueForm>,
 ) -> Response {
-    if let Some(r) = refuse_action(&app, &headers, ci.0) {
+    if let Some(r) = refuse_unlock(&app, &headers, ci.0) {
         return r;
-    }
-    if !viewer(&app, &headers, ci.0).can_unlock {
-        return error_page(
-            StatusCode::FORBIDDEN,
-            "Not allowed",
-            "Unlocking and running the queue are for those Decap lets unlock.",
-        );
     }
     let open = match form.state.as_str() {
         "open" => true,

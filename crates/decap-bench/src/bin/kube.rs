@@ -12,21 +12,18 @@
 //! bench's own), and the controller's memory as it tracks many pods.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use decap_bench::{SECRET, Server, percentile, write_project};
 use decap_kube::k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use decap_kube::kube::api::{DeleteParams, ListParams, PostParams};
 use decap_kube::kube::runtime::watcher;
 use decap_kube::kube::{Api, Client};
 use futures::StreamExt;
-
-const SECRET: &str = "bench-secret";
 
 #[derive(Parser)]
 #[command(about = "Decap's Kubernetes executor benchmarks")]
@@ -45,68 +42,31 @@ struct Cli {
     tracked: usize,
 }
 
-struct Server {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start(kubeconfig: &Path, ns: &str, cap: usize) -> Result<Server> {
-    let dir = tempfile::tempdir()?;
-    let scripts = dir.path().join("scripts/bench/kube");
-    std::fs::create_dir_all(&scripts)?;
-    std::fs::write(
-        scripts.join("project.json"),
-        r#"{"buildImage": "debian:bookworm-slim"}"#,
-    )?;
-    std::fs::write(scripts.join("build.sh"), "echo hello\n")?;
-    let exe = std::env::current_exe()?;
-    let decap = exe.parent().context("no folder")?.join("decap");
-    if !decap.is_file() {
-        bail!(
-            "{} is missing: cargo build --release --bin decap",
-            decap.display()
-        );
-    }
     let cap = cap.to_string();
-    let mut child = Command::new(decap)
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "warn"])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--scripts")
-        .arg(dir.path().join("scripts"))
-        .args(["--executor", "kubernetes", "--kube-namespace", ns])
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(["--max-builds", &cap, "--max-builds-per-project", &cap])
-        .env("DECAP_GITHUB_WEBHOOK_SECRET", SECRET)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let url = loop {
-        match lines.next() {
-            Some(Ok(l)) => {
-                if let Some(u) = l.strip_prefix("decap: serving ") {
-                    break u.to_owned();
-                }
-            }
-            _ => bail!("decap exited before serving"),
-        }
-    };
-    Ok(Server {
-        child,
-        url,
-        _dir: dir,
-    })
+    let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+    decap_bench::start(
+        |scripts| {
+            write_project(
+                scripts,
+                "bench/kube",
+                r#"{"buildImage": "debian:bookworm-slim"}"#,
+                "echo hello\n",
+            )
+        },
+        &[
+            "--executor",
+            "kubernetes",
+            "--kube-namespace",
+            ns,
+            "--kubeconfig",
+            &kubeconfig,
+            "--max-builds",
+            &cap,
+            "--max-builds-per-project",
+            &cap,
+        ],
+    )
 }
 
 fn push_body(branch: &str, n: usize) -> Vec<u8> {
@@ -189,14 +149,6 @@ async fn wait_for(seen: &Seen, ids: &[String], limit: Duration) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted
-        .get(idx.min(sorted.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or(f64::NAN)
 }
 
 fn rss_mib(pid: u32) -> Result<f64> {

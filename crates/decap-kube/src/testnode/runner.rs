@@ -744,34 +744,24 @@ impl Runner {
                     path,
                     read_only: false,
                 }
-            } else if let Some(src) = &v.config_map {
+            } else if let Some((source, items, mode, optional)) = v
+                .config_map
+                .as_ref()
+                .map(|c| {
+                    let source = Source::ConfigMap(&c.name);
+                    (source, c.items.as_deref(), c.default_mode, c.optional)
+                })
+                .or_else(|| {
+                    v.secret.as_ref().map(|s| {
+                        let source = Source::Secret(s.secret_name.as_deref().unwrap_or_default());
+                        (source, s.items.as_deref(), s.default_mode, s.optional)
+                    })
+                })
+            {
                 mkdir(&path)?;
-                let source = Source::ConfigMap(&src.name);
-                self.project(
-                    &path,
-                    source,
-                    src.items.as_deref(),
-                    src.default_mode,
-                    src.optional,
-                )
-                .await
-                .map_err(|e| format!("volume {}: {e}", v.name))?;
-                VolumeDir {
-                    path,
-                    read_only: true,
-                }
-            } else if let Some(src) = &v.secret {
-                mkdir(&path)?;
-                let name = src.secret_name.as_deref().unwrap_or_default();
-                self.project(
-                    &path,
-                    Source::Secret(name),
-                    src.items.as_deref(),
-                    src.default_mode,
-                    src.optional,
-                )
-                .await
-                .map_err(|e| format!("volume {}: {e}", v.name))?;
+                self.project(&path, source, items, mode, optional)
+                    .await
+                    .map_err(|e| format!("volume {}: {e}", v.name))?;
                 VolumeDir {
                     path,
                     read_only: true,

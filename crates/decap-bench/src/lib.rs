@@ -1,0 +1,101 @@
+//! What the benchmark binaries share: a real `decap serve` from the same
+//! target folder, started on a free loopback port and stopped when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+/// The webhook secret the benchmarks' servers take.
+pub const SECRET: &str = "bench-secret";
+/// The API token the benchmarks' servers take.
+pub const TOKEN: &str = "bench-token";
+
+/// The folder of the running benchmark binary, where `decap` is too.
+pub fn target_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().context("no folder")?.to_owned())
+}
+
+/// A running `decap serve`, killed when dropped.
+pub struct Server {
+    /// The process.
+    pub child: Child,
+    /// Where it serves.
+    pub url: String,
+    _dir: tempfile::TempDir,
+    /// Its build-scripts folder.
+    pub scripts: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `team/project` into a scripts folder.
+pub fn write_project(root: &Path, key: &str, descriptor: &str, script: &str) -> Result<()> {
+    let dir = root.join(key);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("project.json"), descriptor)?;
+    std::fs::write(dir.join("build.sh"), script)?;
+    Ok(())
+}
+
+/// Starts `decap serve` on a free port over the scripts `setup` writes,
+/// with `extra` flags.
+pub fn start(setup: impl FnOnce(&Path) -> Result<()>, extra: &[&str]) -> Result<Server> {
+    let dir = tempfile::tempdir()?;
+    let scripts = dir.path().join("scripts");
+    std::fs::create_dir_all(&scripts)?;
+    setup(&scripts)?;
+    let decap = target_dir()?.join("decap");
+    if !decap.is_file() {
+        bail!(
+            "{} is missing: cargo build --release --bin decap",
+            decap.display()
+        );
+    }
+    let mut child = Command::new(decap)
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "warn"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--scripts")
+        .arg(&scripts)
+        .args(extra)
+        .env("DECAP_GITHUB_WEBHOOK_SECRET", SECRET)
+        .env("DECAP_API_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                if let Some(u) = l.strip_prefix("decap: serving ") {
+                    break u.to_owned();
+                }
+            }
+            _ => bail!("decap exited before serving"),
+        }
+    };
+    Ok(Server {
+        child,
+        url,
+        _dir: dir,
+        scripts,
+    })
+}
+
+/// The `p` quantile of sorted figures.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
