@@ -412,4 +412,8 @@ pub struct StandbyLaunch {
     /// bctool's own settings (not the script's): the direct path to AWS.
     #[serde(default)]
     pub bctool_env: Vec<(String, String)>,
+    /// Variables of `env` whose values are masked in the console (the
+    /// build's token and secrets).
+    #[serde(default)]
+    pub masked: Vec<String>,
 }

@@ -68,6 +68,14 @@ struct BuildArgs {
     /// The build's own token (never printed).
     #[arg(long, env = "DECAP_BUILD_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// Serve the server's build socket (bound into the sandbox) on the
+    /// sandbox's own loopback, at `--serve-port`, for the build's
+    /// `DECAP_URL`.
+    #[arg(long, global = true, hide = true, requires = "serve_port")]
+    serve_socket: Option<PathBuf>,
+    /// The port for `--serve-socket`.
+    #[arg(long, global = true, hide = true)]
+    serve_port: Option<u16>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -139,6 +147,10 @@ struct RunArgs {
     /// Also copy the console to bctool's own stdout.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     echo: bool,
+    /// A variable whose value is masked in the console (the build's token,
+    /// its secrets); repeat for each.
+    #[arg(long = "mask-env", value_name = "NAME")]
+    mask_env: Vec<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -151,9 +163,9 @@ struct RunArgs {
 }
 
 /// Reads the launch from standard input and runs it.
-async fn standby(exit_with_parent: bool) -> Result<i32> {
+async fn standby(exit_with_parent: bool, serve: Option<(PathBuf, u16)>) -> Result<i32> {
     use tokio::io::AsyncBufReadExt;
-    let prepared = prepare()?;
+    let prepared = prepare(serve)?;
     let mut line = String::new();
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
     if stdin.read_line(&mut line).await? == 0 {
@@ -172,6 +184,7 @@ async fn standby(exit_with_parent: bool) -> Result<i32> {
         max_log_bytes: launch.max_log_bytes,
         exit_with_parent,
         echo: false,
+        mask_env: launch.masked,
         command: launch.command,
         env: Some(launch.env),
         cwd: Some(PathBuf::from(&launch.cwd)),
@@ -195,8 +208,9 @@ async fn standby(exit_with_parent: bool) -> Result<i32> {
 
 /// Runs bctool; returns the process exit code.
 pub async fn main(cli: Cli) -> Result<i32> {
+    let serve = cli.build.serve_socket.clone().zip(cli.build.serve_port);
     if let Command::Standby { exit_with_parent } = cli.command {
-        return standby(exit_with_parent).await;
+        return standby(exit_with_parent, serve).await;
     }
     if let Command::Install { dir, workspace } = &cli.command {
         install(dir, workspace.as_deref())?;
@@ -226,7 +240,7 @@ pub async fn main(cli: Cli) -> Result<i32> {
     match cli.command {
         // The shipper is made after the command starts: the build's first
         // line should not wait for TLS roots or credentials to load.
-        Command::Run(args) => run(connect, id, args).await,
+        Command::Run(args) => run_prepared(prepare(serve)?, connect, id, args).await,
         Command::Standby { .. } | Command::Install { .. } => unreachable!("handled above"),
         Command::Unlock => {
             let released = connect.await?.unlock(&id).await?;
@@ -373,7 +387,8 @@ impl Shipper {
 
     /// Records how the build ended. On the direct path: the record moves
     /// from running to its final state with one conditional write (a build
-    /// already final, e.g. cancelled, stays as it is), then the lock goes.
+    /// already final, e.g. cancelled, stays as it is); the server frees the
+    /// lock when the environment has ended.
     async fn record_result(&self, id: &str, result: &BuildResult) -> Result<()> {
         let Some(d) = &self.direct else {
             retry(self.retry_budget, || self.client.post_result(id, result)).await?;
@@ -400,10 +415,10 @@ impl Shipper {
         b.transition(status, now)?;
         b.exit_code = Some(result.exit_code);
         b.message = result.message.clone();
-        if retry_direct(|| d.builds.update(&b, prev)).await? {
-            let key = b.lock_key();
-            retry_direct(|| d.locks.release(&key, build)).await?;
-        } else {
+        // The lock stays: the server releases it once the build's
+        // environment is gone, so that no process of this build runs beside
+        // the next build of the branch.
+        if !retry_direct(|| d.builds.update(&b, prev)).await? {
             eprintln!("bctool: the build changed meanwhile; its result stays as recorded");
         }
         Ok(())
@@ -515,7 +530,37 @@ struct Prepared {
     _child: tokio::signal::unix::Signal,
 }
 
-fn prepare() -> Result<Prepared> {
+/// Serves the server's build socket on the sandbox's loopback: every
+/// connection to `127.0.0.1:port` is carried to the socket.
+fn serve_socket(socket: PathBuf, port: u16) -> Result<()> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+        .with_context(|| format!("cannot serve Decap's socket on 127.0.0.1:{port}"))?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                match tokio::net::UnixStream::connect(&socket).await {
+                    Ok(mut unix) => {
+                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
+                    }
+                    Err(e) => eprintln!("bctool: cannot reach Decap's socket: {e}"),
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+fn prepare(serve: Option<(PathBuf, u16)>) -> Result<Prepared> {
+    if let Some((socket, port)) = serve {
+        serve_socket(socket, port)?;
+    }
     let work = tempfile::tempdir().context("cannot make a temporary folder")?;
     let console = Arc::new(Console {
         path: work.path().join("console.log"),
@@ -535,14 +580,6 @@ fn prepare() -> Result<Prepared> {
         int: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?,
         _child: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?,
     })
-}
-
-async fn run(
-    connect: impl std::future::Future<Output = Result<Shipper>>,
-    id: String,
-    args: RunArgs,
-) -> Result<i32> {
-    run_prepared(prepare()?, connect, id, args).await
 }
 
 async fn run_prepared(
@@ -607,49 +644,70 @@ async fn run_prepared(
     };
     let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
 
-    // Reader: pipe → local file (capped) → watchers; echo to stdout.
+    // Reader: pipe → masking → local file (capped) → watchers; echo to stdout.
     let cap = args.max_log_bytes;
     let echo = args.echo;
     let reader_console = console.clone();
+    let masker = masker(&args);
+    if masker.skipped() > 0 {
+        let note = format!(
+            "[decap: {} secret value(s) shorter than {} characters are not masked in this log]\n",
+            masker.skipped(),
+            decap_mask::MIN_MASKED_LEN
+        );
+        log_file.write_all(note.as_bytes())?;
+        console.progress.send_replace(Progress {
+            len: note.len() as u64,
+            closed: false,
+        });
+    }
     let reader_task = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+        let mut sink = ConsoleSink {
+            file: log_file,
+            console: reader_console,
+            stored: 0,
+            cap,
+            truncated: false,
+            echo,
+        };
+        sink.stored = sink.console.progress.borrow().len;
         let mut buf = vec![0u8; 64 * 1024];
-        let mut stored = 0u64;
-        let mut truncated = false;
-        let stdout = std::io::stdout();
+        let mut masked = Vec::with_capacity(64 * 1024);
+        let mut stream = (!masker.is_empty()).then(|| masker.stream());
         loop {
+            // With secrets, a tail that may begin one is held back until
+            // more comes; after 100 ms of quiet it is shown as it is.
+            if let Some(st) = &mut stream
+                && st.held() > 0
+                && !readable_within(&reader, 100)?
+            {
+                masked.clear();
+                st.flush(&mut masked);
+                sink.write(&masked)?;
+                continue;
+            }
             let n = match reader.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            if echo {
-                let mut out = stdout.lock();
-                let _ = out.write_all(&buf[..n]);
-                let _ = out.flush();
+            match &mut stream {
+                Some(st) => {
+                    masked.clear();
+                    st.push(&buf[..n], &mut masked);
+                    sink.write(&masked)?;
+                }
+                None => sink.write(&buf[..n])?,
             }
-            if truncated {
-                continue;
-            }
-            let room = cap.saturating_sub(stored) as usize;
-            let take = room.min(n);
-            log_file.write_all(&buf[..take])?;
-            stored += take as u64;
-            if take < n {
-                let marker = format!(
-                    "\n[decap: the console log reached its cap of {cap} bytes; the rest is not kept]\n"
-                );
-                log_file.write_all(marker.as_bytes())?;
-                stored += marker.len() as u64;
-                truncated = true;
-            }
-            reader_console.progress.send_replace(Progress {
-                len: stored,
-                closed: false,
-            });
         }
-        reader_console.progress.send_modify(|p| p.closed = true);
-        Ok(truncated)
+        if let Some(st) = &mut stream {
+            masked.clear();
+            st.flush(&mut masked);
+            sink.write(&masked)?;
+        }
+        sink.console.progress.send_modify(|p| p.closed = true);
+        Ok(sink.truncated)
     });
 
     let streamer = shipper.live.then(|| {
@@ -681,7 +739,7 @@ async fn run_prepared(
             stop(&mut child, pgid, grace).await?
         }
         _ = term.recv() => {
-            notes.push("stopped by a TERM signal (cancelled)".into());
+            notes.push("stopped by a TERM signal".into());
             stop(&mut child, pgid, grace).await?
         }
         _ = int.recv() => {
@@ -725,6 +783,80 @@ async fn run_prepared(
         streamer,
     )
     .await
+}
+
+/// The masker of a run: the values of its `--mask-env` variables, from the
+/// command's environment.
+fn masker(args: &RunArgs) -> decap_mask::Masker {
+    let values: Vec<String> = args
+        .mask_env
+        .iter()
+        .filter_map(|name| match &args.env {
+            Some(env) => env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
+            None => std::env::var(name).ok(),
+        })
+        .filter(|v| !v.is_empty())
+        .collect();
+    decap_mask::Masker::new(values)
+}
+
+/// Whether the pipe has something to read within `ms` milliseconds.
+fn readable_within(pipe: &std::io::PipeReader, ms: u16) -> std::io::Result<bool> {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        pipe.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(std::io::Error::from(e)),
+    }
+}
+
+/// Where the console goes: the local file (capped) and its followers, and
+/// bctool's stdout when echoing.
+struct ConsoleSink {
+    file: std::fs::File,
+    console: Arc<Console>,
+    stored: u64,
+    cap: u64,
+    truncated: bool,
+    echo: bool,
+}
+
+impl ConsoleSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if self.echo {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(data);
+            let _ = out.flush();
+        }
+        if self.truncated {
+            return Ok(());
+        }
+        let room = self.cap.saturating_sub(self.stored) as usize;
+        let take = room.min(data.len());
+        self.file.write_all(&data[..take])?;
+        self.stored += take as u64;
+        if take < data.len() {
+            let marker = format!(
+                "\n[decap: the console log reached its cap of {} bytes; the rest is not kept]\n",
+                self.cap
+            );
+            self.file.write_all(marker.as_bytes())?;
+            self.stored += marker.len() as u64;
+            self.truncated = true;
+        }
+        self.console.progress.send_replace(Progress {
+            len: self.stored,
+            closed: false,
+        });
+        Ok(())
+    }
 }
 
 /// TERM the process group, wait the grace period, then KILL it.

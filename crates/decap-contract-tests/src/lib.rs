@@ -767,6 +767,7 @@ pub fn launch_spec(script: &str, timeout: Duration) -> decap_core::ports::Launch
         timeout,
         max_log_bytes: 1 << 20,
         bctool_env: vec![("DECAP_BCTOOL_RETRY_SECS".into(), "0".into())],
+        secrets: Vec::new(),
     }
 }
 

@@ -238,6 +238,29 @@ pub struct Build {
     pub fencing_token: Option<u64>,
     /// SHA-256 (hex) of the per-build token given to the build environment.
     pub token_sha256: Option<String>,
+    /// How the build ended, as reported (by bctool, a cancel, a timeout)
+    /// while its environment was still stopping: the build stays `running`,
+    /// holding its lock and its place under the caps, until no process of it
+    /// is left; then it takes this outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported: Option<Outcome>,
+    /// The build is of a pull request from a fork: it gets no secrets.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_fork: bool,
+}
+
+/// How a build ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    /// The final status.
+    pub status: BuildStatus,
+    /// The script's exit code, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Why, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 impl Build {
@@ -271,6 +294,8 @@ impl Build {
             rerun_of: None,
             fencing_token: None,
             token_sha256: None,
+            reported: None,
+            from_fork: false,
         }
     }
 

@@ -19,16 +19,37 @@ pub const DEFAULT_BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// The longest build timeout a descriptor may ask for.
 pub const MAX_BUILD_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Resource requests for the build (used by the Kubernetes executor).
+/// What the build may use. Every executor enforces them: the local one
+/// with cgroups and a workspace of that size, the Kubernetes one as the
+/// pod's requests and limits.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Resources {
-    /// CPU request, in Kubernetes quantity syntax (`500m`).
+    /// CPU, in Kubernetes quantity syntax (`500m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<String>,
-    /// Memory request, in Kubernetes quantity syntax (`1Gi`).
+    /// Memory, in Kubernetes quantity syntax (`1Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<String>,
+    /// Processes and threads at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// The workspace's size (sources, artifacts, home and `/tmp`), in
+    /// Kubernetes quantity syntax (`10Gi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+}
+
+/// Whether a build reaches the network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Network {
+    /// Outbound connections (clones, package installs), but no route to the
+    /// host's own services.
+    #[default]
+    Outbound,
+    /// No network at all (Decap's own channel keeps working).
+    None,
 }
 
 /// A parsed `project.json`.
@@ -59,6 +80,15 @@ pub struct Descriptor {
     /// Resource requests for the build container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// Whether the build reaches the network (`outbound`, the default, or
+    /// `none`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+    /// On Kubernetes, the build container's `securityContext` when the
+    /// project needs more than the `restricted` Pod Security level allows
+    /// (checked by the Kubernetes executor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<serde_json::Value>,
     /// On Kubernetes, the service account the build pod runs as, with its
     /// token mounted: for builds that use the Kubernetes API. Builds get no
     /// token without it.
@@ -139,6 +169,33 @@ impl ProjectDescriptor {
                     format!("serviceAccountName {sa:?} is not a Kubernetes name"),
                 ));
             }
+        }
+        if let Some(r) = &descriptor.resources {
+            if let Some(q) = &r.cpu {
+                crate::limits::parse_cpu_millis("resources.cpu", q)?;
+            }
+            if let Some(q) = &r.memory {
+                crate::limits::parse_bytes("resources.memory", q)?;
+            }
+            if let Some(q) = &r.disk {
+                crate::limits::parse_bytes("resources.disk", q)?;
+            }
+            if r.pids == Some(0) {
+                return Err(Error::invalid(
+                    "project.json",
+                    "resources.pids must be more than 0",
+                ));
+            }
+        }
+        if descriptor
+            .security_context
+            .as_ref()
+            .is_some_and(|v| !v.is_object())
+        {
+            return Err(Error::invalid(
+                "project.json",
+                "securityContext must be an object (a Kubernetes SecurityContext)",
+            ));
         }
         let matcher = match &descriptor.managed_ref_regex {
             None => None,
@@ -234,6 +291,19 @@ mod tests {
                 "BUILD_ID",
             ),
             (br#"{"buildImage": "x", "env": {"A-B": "1"}}"#, "A-B"),
+            (
+                br#"{"buildImage": "x", "resources": {"memory": "lots"}}"#,
+                "resources.memory",
+            ),
+            (
+                br#"{"buildImage": "x", "resources": {"cpu": "fast"}}"#,
+                "resources.cpu",
+            ),
+            (
+                br#"{"buildImage": "x", "resources": {"pids": 0}}"#,
+                "resources.pids",
+            ),
+            (br#"{"buildImage": "x", "network": "host"}"#, "outbound"),
             (
                 br#"{"buildImage": "x", "serviceAccountName": "Not_A_Name"}"#,
                 "serviceAccountName",

@@ -12,6 +12,7 @@
 //! * [`build`] holds the build record and its state machine.
 //! * [`schedule`] decides whether a request runs now or is deferred, and which
 //!   deferred build runs next.
+//! * [`limits`] parses resource quantities and resolves a build's limits.
 //! * [`catalog`] is the in-memory view of the build-scripts repo.
 //! * [`hub`] derives what the CI status hub shows of other CI servers' builds.
 //! * [`ports`] declares the traits the adapters implement.
@@ -22,6 +23,7 @@ pub mod catalog;
 pub mod descriptor;
 pub mod error;
 pub mod hub;
+pub mod limits;
 pub mod names;
 pub mod ports;
 pub mod refs;

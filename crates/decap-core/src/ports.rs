@@ -320,6 +320,10 @@ pub struct LaunchSpec {
     /// Settings for bctool itself, never for the script (they may hold
     /// credentials): its direct path to AWS.
     pub bctool_env: Vec<(String, String)>,
+    /// The project's secrets, as variables of the build (masked in its
+    /// console). Values are empty for a build that gets none (a pull
+    /// request from a fork).
+    pub secrets: Vec<(String, String)>,
 }
 
 /// How a build environment ended, as its executor saw it.
@@ -329,6 +333,8 @@ pub struct EnvironmentExit {
     pub build_id: BuildId,
     /// Why it ended, in words.
     pub reason: String,
+    /// The limits the build ran into, if any.
+    pub limits: Vec<crate::limits::LimitHit>,
 }
 
 /// Receives what executors see happen to build environments.
@@ -342,9 +348,11 @@ pub trait ExecutorEvents: Send + Sync {
 ///
 /// Contract: `launch` returns once the environment exists (it does not wait
 /// for the build); launching an id that is already live adopts it instead of
-/// starting a second one; `cancel` stops the environment (politely, then by
-/// force) and is a no-op for an unknown id; every environment that ends is
-/// reported once through [`ExecutorEvents`].
+/// starting a second one; `cancel` stops the environment (TERM, the grace
+/// period, then KILL) and returns once no process of it is left, and is a
+/// no-op for an unknown id; every environment that ends is reported once
+/// through [`ExecutorEvents`], after its last process is gone: a build's
+/// lock and its place under the caps are freed only then.
 #[async_trait]
 pub trait Executor: Send + Sync {
     /// The executor's name, recorded on builds (`local`, `kubernetes`).

@@ -1,4 +1,4 @@
-//! Builds as local child processes.
+//! Builds as local child processes, each in a sandbox of its own.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -11,37 +11,59 @@ use std::time::Duration;
 use async_trait::async_trait;
 use decap_api_types::StandbyLaunch;
 use decap_core::build::BuildId;
+use decap_core::descriptor::Network;
+use decap_core::limits::{DefaultLimits, LimitHit, Limits};
 use decap_core::ports::{EnvironmentExit, Executor, ExecutorEvents, LaunchSpec};
 use decap_core::{Error, Result};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::{oneshot, watch};
 
-/// Whether builds run inside bubblewrap.
+use crate::sandbox::cgroup::{BuildCgroup, Cgroups};
+use crate::sandbox::disk::{DiskQuota, Workspace};
+use crate::sandbox::{Plan, Sandbox, SandboxDir, SandboxNetwork, WORKSPACE};
+
+/// Whether builds run in a sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SandboxMode {
-    /// Use bubblewrap when it is installed and works; otherwise run unsandboxed.
-    Auto,
-    /// Require bubblewrap; refuse to start without it.
+    /// The sandbox (bubblewrap, slirp4netns); the executor refuses to start
+    /// when it cannot be made here.
     Bubblewrap,
-    /// Never sandbox.
+    /// No sandbox: builds run as the server's user with the host's view.
+    None,
+}
+
+/// How the sandboxed builds reach the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// Outbound through slirp4netns (required).
+    Slirp4netns,
+    /// No network for any build.
     None,
 }
 
 /// How the local executor runs builds.
 #[derive(Debug, Clone)]
 pub struct LocalExecutorConfig {
-    /// Where each build's fresh workspace is made. Emptied at start-up: what
-    /// is left there belongs to builds of an earlier run, which are gone.
-    pub work_root: PathBuf,
-    /// Folders the sandbox hides from builds (the data dir: other builds'
-    /// logs, the database).
+    /// Where the workspaces, the build socket and bctool (as builds get it)
+    /// are. The workspaces' folder is emptied at start-up: what is left there
+    /// belongs to builds of an earlier run, which are gone.
+    pub dir: SandboxDir,
+    /// Host folders the sandbox hides from builds even where it shows the
+    /// host (the data dir, the secrets key's folder).
     pub hide: Vec<PathBuf>,
     /// How to run bctool: a program and its leading arguments (`[bctool]`,
     /// or `[decap, bctool]` when the controller binary carries it).
     pub bctool: Vec<OsString>,
     /// Sandboxing.
     pub sandbox: SandboxMode,
+    /// The network of sandboxed builds.
+    pub network: NetworkMode,
+    /// As root, build `n` runs as user `uid_base + n`.
+    pub uid_base: u32,
+    /// The port builds' `DECAP_URL` names inside the sandbox.
+    pub url_port: u16,
     /// How long a stopped build gets between TERM and KILL.
     pub kill_grace: Duration,
     /// `PATH` inside builds.
@@ -50,10 +72,12 @@ pub struct LocalExecutorConfig {
     /// wait for the next builds, so that a launch does not pay for starting
     /// bctool and the sandbox. 0 starts every build cold.
     pub warm: usize,
+    /// Limits for what `project.json` does not set.
+    pub defaults: DefaultLimits,
 }
 
-/// [`Executor`] that runs each build under bctool as a child process in its
-/// own process group and fresh workspace, removed when the build ends.
+/// [`Executor`] that runs each build under bctool in a sandbox (see
+/// [`crate::sandbox`]) with a fresh workspace, removed when the build ends.
 ///
 /// The environment is cleared: a build sees the documented variables, the
 /// descriptor's `env`, `PATH`, `HOME` and `TMPDIR`, and none of the server's
@@ -61,78 +85,144 @@ pub struct LocalExecutorConfig {
 ///
 /// A small pool of warm bctools (`bctool standby`) waits, each already in
 /// its workspace and sandbox; a launch writes the scripts into a warm
-/// workspace and hands bctool the build over its standard input. With the
-/// pool empty, a launch starts bctool cold; both paths run the same bctool.
+/// workspace, sets the build's limits on its cgroup and hands bctool the
+/// build over its standard input. With the pool empty, a launch starts
+/// bctool cold; both paths run the same bctool.
+///
+/// A build's environment ends when bctool does: the sandbox's PID namespace
+/// takes every process of the build with it, and its cgroup is emptied
+/// before the end is reported, so that an ended build has no processes.
 pub struct LocalExecutor {
     inner: Arc<Inner>,
 }
 
 struct Inner {
     config: LocalExecutorConfig,
-    bwrap: Option<PathBuf>,
-    children: Mutex<HashMap<BuildId, Pid>>,
-    warm: Mutex<Vec<Warm>>,
+    /// The workspaces' folder.
+    work_root: PathBuf,
+    /// bctool as the sandbox binds it (staged in the sandbox dir).
+    bctool: PathBuf,
+    sandbox: Option<Sandbox>,
+    cgroups: Option<Cgroups>,
+    quota: DiskQuota,
+    running: Mutex<HashMap<BuildId, Arc<Running>>>,
+    warm: Mutex<Vec<Env>>,
     events: Arc<dyn ExecutorEvents>,
+    spawner: Spawner,
 }
 
-/// A bctool waiting for a build.
-struct Warm {
+/// A prepared environment: a workspace, a cgroup and a sandbox with bctool
+/// in it.
+struct Env {
+    ws: Arc<Workspace>,
+    uid: Option<u32>,
+    cgroup: Option<Arc<BuildCgroup>>,
     child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    ws: PathBuf,
+    stdin: Option<tokio::process::ChildStdin>,
+    /// The sandbox's first process (host pid).
+    init_pid: Option<u32>,
+    slirp: Option<crate::sandbox::Slirp>,
     pgid: Pid,
+    disk: Option<u64>,
+}
+
+/// What a running build's controls need.
+struct Running {
+    pgid: Pid,
+    init_pid: Option<u32>,
+    cgroup: Option<Arc<BuildCgroup>>,
+    /// Turns true when the environment is gone.
+    gone: watch::Receiver<bool>,
+}
+
+impl Running {
+    /// Sends `signal` to the build's processes: every one in its cgroup,
+    /// else bctool (the sandbox's init's child), else bctool's group.
+    fn signal(&self, signal: Signal) {
+        if let Some(cg) = &self.cgroup {
+            cg.signal(signal);
+            return;
+        }
+        if let Some(init) = self.init_pid {
+            let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
+                .unwrap_or_default();
+            for pid in children.split_whitespace().filter_map(|p| p.parse().ok()) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+            }
+            if signal == Signal::SIGKILL {
+                let _ = nix::sys::signal::kill(Pid::from_raw(init as i32), signal);
+            }
+            return;
+        }
+        let _ = killpg(self.pgid, signal);
+    }
+}
+
+/// Starts processes from one thread that lives as long as the executor:
+/// bubblewrap's `--die-with-parent` (`PR_SET_PDEATHSIG`) follows the thread
+/// that forked, so a build started from a short-lived worker thread would be
+/// killed when that thread retires.
+struct Spawner {
+    tx: Mutex<std::sync::mpsc::Sender<SpawnJob>>,
+}
+
+type SpawnJob = (
+    tokio::process::Command,
+    oneshot::Sender<std::io::Result<tokio::process::Child>>,
+);
+
+impl Spawner {
+    fn new() -> Result<Spawner> {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| exec_err("the local executor needs a tokio runtime"))?;
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("decap-spawner".into())
+            .spawn(move || {
+                let _runtime = handle.enter();
+                while let Ok((mut cmd, reply)) = rx.recv() {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .map_err(exec_err)?;
+        Ok(Spawner { tx: Mutex::new(tx) })
+    }
+
+    async fn spawn(&self, cmd: tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .lock()
+            .map_err(|_| std::io::Error::other("the spawner is gone"))?
+            .send((cmd, reply))
+            .map_err(|_| std::io::Error::other("the spawner is gone"))?;
+        rx.await
+            .map_err(|_| std::io::Error::other("the spawner is gone"))?
+    }
 }
 
 fn exec_err(e: impl std::fmt::Display) -> Error {
     Error::backend("executor", e)
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(name))
-            .find(|p| p.is_file())
-    })
+pub(crate) fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(name))
+                .find(|p| p.is_file())
+        })
+        .or_else(|| {
+            ["/usr/sbin", "/sbin", "/usr/bin"]
+                .iter()
+                .map(|d| Path::new(d).join(name))
+                .find(|p| p.is_file())
+        })
 }
 
-/// Whether bubblewrap is installed and can make a sandbox here.
+/// Whether bubblewrap is installed (the sandbox may still fail to start:
+/// [`LocalExecutor::new`] tries it).
 pub fn bubblewrap_works() -> bool {
-    probe_bwrap().is_some()
-}
-
-/// Where bubblewrap is, if it is installed and can make a sandbox here (it
-/// needs user namespaces or setuid, which some containers refuse).
-fn probe_bwrap() -> Option<PathBuf> {
-    let bwrap = find_in_path("bwrap")?;
-    let ok = std::process::Command::new(&bwrap)
-        .args([
-            "--ro-bind",
-            "/",
-            "/",
-            "--dev",
-            "/dev",
-            "--proc",
-            "/proc",
-            "--unshare-pid",
-            "true",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    ok.then_some(bwrap)
-}
-
-/// Makes a fresh, empty workspace.
-fn make_workspace(ws: &Path) -> Result<()> {
-    if ws.exists() {
-        std::fs::remove_dir_all(ws).map_err(exec_err)?;
-    }
-    for sub in ["scripts", "src", "artifacts", "home", "tmp"] {
-        std::fs::create_dir_all(ws.join(sub)).map_err(exec_err)?;
-    }
-    Ok(())
+    find_in_path("bwrap").is_some()
 }
 
 /// Writes the project's files (at the pinned scripts commit) into `ws/scripts`.
@@ -163,9 +253,10 @@ fn write_scripts(spec: &LaunchSpec, ws: &Path) -> Result<()> {
 }
 
 impl LocalExecutor {
-    /// Makes an executor, probing for bubblewrap as `config.sandbox` asks,
-    /// and starts the warm pool.
-    pub fn new(config: LocalExecutorConfig, events: Arc<dyn ExecutorEvents>) -> Result<Self> {
+    /// Makes an executor and starts its warm pool. With the sandbox, it
+    /// first starts one to be sure it works here, and refuses (with the
+    /// reason and the fix) when it does not.
+    pub async fn new(config: LocalExecutorConfig, events: Arc<dyn ExecutorEvents>) -> Result<Self> {
         let Some(program) = config.bctool.first() else {
             return Err(Error::invalid("bctool", "no bctool command given"));
         };
@@ -178,29 +269,47 @@ impl LocalExecutor {
                 ),
             ));
         }
-        let bwrap = match config.sandbox {
-            SandboxMode::None => None,
-            SandboxMode::Auto => probe_bwrap(),
-            SandboxMode::Bubblewrap => Some(probe_bwrap().ok_or_else(|| {
-                Error::invalid(
-                    "sandbox",
-                    "bubblewrap was required but `bwrap` is not installed or cannot create a sandbox here",
-                )
-            })?),
+        let (sandbox, cgroups, bctool) = match config.sandbox {
+            SandboxMode::None => (None, None, PathBuf::from(program)),
+            SandboxMode::Bubblewrap => {
+                let (s, c) = Self::sandbox_for(&config)?;
+                let staged = config
+                    .dir
+                    .stage_bctool(Path::new(program))
+                    .map_err(|e| exec_err(format!("cannot stage bctool for the sandbox: {e}")))?;
+                (Some(s), c, staged)
+            }
         };
-        if config.work_root.exists() {
-            std::fs::remove_dir_all(&config.work_root).map_err(exec_err)?;
+        let work_root = config.dir.work_root();
+        let quota = if sandbox.is_some() {
+            DiskQuota::detect()
+        } else {
+            DiskQuota::Measured
+        };
+        if let Some(c) = &cgroups {
+            c.sweep();
         }
-        std::fs::create_dir_all(&config.work_root).map_err(exec_err)?;
+        if work_root.exists() {
+            clear_work_root(&work_root);
+        }
+        std::fs::create_dir_all(&work_root).map_err(exec_err)?;
         let inner = Arc::new(Inner {
             config,
-            bwrap,
-            children: Mutex::new(HashMap::new()),
+            work_root,
+            bctool,
+            sandbox,
+            cgroups,
+            quota,
+            running: Mutex::new(HashMap::new()),
             warm: Mutex::new(Vec::new()),
             events,
+            spawner: Spawner::new()?,
         });
+        if inner.sandbox.is_some() {
+            inner.try_sandbox().await?;
+        }
         for _ in 0..inner.config.warm {
-            match inner.start_warm() {
+            match inner.start_warm().await {
                 Ok(w) => inner.park(w),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot start a warm bctool; builds start cold");
@@ -210,75 +319,166 @@ impl LocalExecutor {
         }
         Ok(LocalExecutor { inner })
     }
+
+    fn sandbox_for(config: &LocalExecutorConfig) -> Result<(Sandbox, Option<Cgroups>)> {
+        let fix = "install bubblewrap and slirp4netns (apt-get install bubblewrap slirp4netns), or pass --sandbox none to run builds unsandboxed";
+        let bwrap = find_in_path("bwrap").ok_or_else(|| {
+            Error::invalid(
+                "sandbox",
+                format!("no sandbox can be made: bubblewrap (bwrap) is not installed; {fix}"),
+            )
+        })?;
+        let network = match config.network {
+            NetworkMode::None => SandboxNetwork::None,
+            NetworkMode::Slirp4netns => SandboxNetwork::Slirp(find_in_path("slirp4netns").ok_or_else(|| {
+                Error::invalid(
+                    "sandbox",
+                    format!("builds would have no network: slirp4netns is not installed; {fix}, or --sandbox-network none to give builds no network"),
+                )
+            })?),
+        };
+        let sandbox = Sandbox::new(
+            bwrap,
+            network,
+            config.uid_base,
+            config.hide.clone(),
+            config.dir.socket(),
+            config.url_port,
+        );
+        let cgroups = match Cgroups::detect(&crate::sandbox::instance(&config.dir.0)) {
+            Ok(c) => Some(c),
+            Err(why) => {
+                tracing::warn!(%why, "memory, CPU and process limits are not enforced: no cgroup can be made for builds");
+                None
+            }
+        };
+        Ok((sandbox, cgroups))
+    }
+
+    /// The limits builds get here, in words, for the start-up log.
+    pub fn describe(&self) -> String {
+        let i = &self.inner;
+        match &i.sandbox {
+            None => "no sandbox: builds run as the server's user and see the host".into(),
+            Some(s) => format!(
+                "bubblewrap sandbox, network {}, cgroup limits {}, workspace size {}",
+                if s.has_network() {
+                    "outbound (slirp4netns)"
+                } else {
+                    "none"
+                },
+                if i.cgroups.is_some() {
+                    "on"
+                } else {
+                    "off (no writable cgroup)"
+                },
+                match i.quota {
+                    DiskQuota::Loop => "held by a filesystem per workspace",
+                    DiskQuota::Measured => "measured",
+                }
+            ),
+        }
+    }
+}
+
+/// Empties the work root, unmounting workspaces an earlier run left mounted.
+fn clear_work_root(root: &Path) {
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "img") {
+                let ws = p.with_extension("");
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(&ws)
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(root);
 }
 
 impl Inner {
-    /// bctool's command line, wrapped in bubblewrap when sandboxing.
-    fn bctool_command(&self, ws: &Path, bctool_args: &[String]) -> tokio::process::Command {
-        let program = &self.config.bctool[0];
-        let lead = &self.config.bctool[1..];
-        let mut cmd = match &self.bwrap {
-            None => {
-                let mut c = tokio::process::Command::new(program);
-                c.args(lead).args(bctool_args);
-                c
-            }
-            Some(bwrap) => {
-                let mut c = tokio::process::Command::new(bwrap);
-                c.args([
-                    "--die-with-parent",
-                    "--new-session",
-                    "--unshare-pid",
-                    "--unshare-ipc",
-                    "--unshare-uts",
-                ])
-                .args([
-                    "--ro-bind",
-                    "/",
-                    "/",
-                    "--dev",
-                    "/dev",
-                    "--proc",
-                    "/proc",
-                    "--tmpfs",
-                    "/tmp",
-                ]);
-                for hidden in &self.config.hide {
-                    c.arg("--tmpfs").arg(hidden);
-                }
-                c.arg("--bind").arg(ws).arg(ws);
-                c.arg("--ro-bind").arg(program).arg(program);
-                c.arg("--chdir").arg(ws.join("src"));
-                c.arg("--").arg(program).args(lead).args(bctool_args);
-                c
-            }
+    fn program(&self) -> &Path {
+        &self.bctool
+    }
+
+    /// Where the workspace is as the build sees it.
+    fn inside(&self, ws: &Path) -> PathBuf {
+        if self.sandbox.is_some() {
+            PathBuf::from(WORKSPACE)
+        } else {
+            ws.to_owned()
+        }
+    }
+
+    /// `DECAP_URL` as the build sees it.
+    fn url(&self, spec: &LaunchSpec) -> String {
+        match &self.sandbox {
+            Some(s) => format!("http://127.0.0.1:{}", s.url_port),
+            None => spec.decap_url.clone(),
+        }
+    }
+
+    /// The leading arguments of every bctool command. In the sandbox the
+    /// binary is called `bctool` whatever it is on the host (the `decap`
+    /// binary answers to that name), so it needs no leading arguments.
+    fn bctool_args(&self, sub: &[&str]) -> Vec<String> {
+        let lead = if self.sandbox.is_some() {
+            &[][..]
+        } else {
+            &self.config.bctool[1..]
         };
-        cmd.env_clear()
-            .current_dir(ws.join("src"))
-            .env("PATH", &self.config.path)
-            .env("HOME", ws.join("home"))
-            .env("TMPDIR", ws.join("tmp"))
-            .env("LANG", "C.UTF-8")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .process_group(0)
-            .kill_on_drop(false);
-        cmd
+        let mut args: Vec<String> = lead
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        args.extend(sub.iter().map(|s| (*s).to_owned()));
+        if let Some(s) = &self.sandbox {
+            args.extend([
+                "--serve-socket".into(),
+                crate::sandbox::SOCKET.into(),
+                "--serve-port".into(),
+                s.url_port.to_string(),
+            ]);
+        }
+        args
+    }
+
+    /// The environment bctool starts with (the build's comes later for a
+    /// warm one).
+    fn base_env(&self, ws: &Path) -> Vec<(String, String)> {
+        let inside = self.inside(ws);
+        let tmp = if self.sandbox.is_some() {
+            PathBuf::from("/tmp")
+        } else {
+            inside.join("tmp")
+        };
+        let text = |p: PathBuf| p.to_string_lossy().into_owned();
+        let path = match &self.sandbox {
+            // bctool is on the build's PATH, for `bctool unlock` and the like.
+            Some(_) => format!("/decap/bin:{}", self.config.path),
+            None => self.config.path.clone(),
+        };
+        vec![
+            ("PATH".into(), path),
+            ("HOME".into(), text(inside.join("home"))),
+            ("TMPDIR".into(), text(tmp)),
+            ("LANG".into(), "C.UTF-8".into()),
+        ]
     }
 
     /// The build's environment: cleared, then the documented variables.
     fn build_env(&self, spec: &LaunchSpec, ws: &Path) -> Vec<(String, String)> {
         let build = &spec.build;
+        let inside = self.inside(ws);
         let path = |p: PathBuf| p.to_string_lossy().into_owned();
-        let mut env: Vec<(String, String)> = vec![
-            ("PATH".into(), self.config.path.clone()),
-            ("HOME".into(), path(ws.join("home"))),
-            ("TMPDIR".into(), path(ws.join("tmp"))),
-            ("LANG".into(), "C.UTF-8".into()),
-        ];
+        let mut env = self.base_env(ws);
         if let Some(d) = &spec.project.descriptor {
             env.extend(d.descriptor.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
+        env.extend(spec.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.extend([
             ("BUILD_ID".into(), build.id.to_string()),
             ("PROJECT_KEY".into(), build.project.to_string()),
@@ -288,28 +488,39 @@ impl Inner {
                 "COMMIT_SHA".into(),
                 build.commit.clone().unwrap_or_default(),
             ),
-            ("ARTIFACTS_DIR".into(), path(ws.join("artifacts"))),
-            ("DECAP_URL".into(), spec.decap_url.clone()),
+            ("ARTIFACTS_DIR".into(), path(inside.join("artifacts"))),
+            ("DECAP_URL".into(), self.url(spec)),
             ("DECAP_BUILD_TOKEN".into(), spec.build_token.clone()),
             (
                 "DECAP_SCRIPTS_COMMIT".into(),
                 build.scripts_commit.clone().unwrap_or_default(),
             ),
-            ("DECAP_BUILD_SCRIPTS".into(), path(ws.join("scripts"))),
+            ("DECAP_BUILD_SCRIPTS".into(), path(inside.join("scripts"))),
         ]);
         env
     }
 
+    /// The names of the variables whose values bctool masks in the console.
+    fn masked(spec: &LaunchSpec) -> Vec<String> {
+        let mut names: Vec<String> = spec.secrets.iter().map(|(k, _)| k.clone()).collect();
+        names.push("DECAP_BUILD_TOKEN".into());
+        names
+    }
+
     /// The script's command line: run directly when it has a shebang, with
     /// `sh` otherwise.
-    fn script_command(spec: &LaunchSpec, ws: &Path) -> Vec<String> {
+    fn script_command(&self, spec: &LaunchSpec, ws: &Path) -> Vec<String> {
         let shebang = spec
             .project
             .files
             .iter()
             .find(|f| f.path == "build.sh")
             .is_some_and(|f| f.content.starts_with(b"#!"));
-        let script = ws.join("scripts/build.sh").to_string_lossy().into_owned();
+        let script = self
+            .inside(ws)
+            .join("scripts/build.sh")
+            .to_string_lossy()
+            .into_owned();
         if shebang {
             vec![script]
         } else {
@@ -317,34 +528,183 @@ impl Inner {
         }
     }
 
-    fn start_warm(&self) -> Result<Warm> {
-        let ws = self
-            .config
-            .work_root
-            .join(format!("warm-{}", uuid::Uuid::now_v7()));
-        make_workspace(&ws)?;
-        let mut cmd = self.bctool_command(&ws, &["standby".into(), "--exit-with-parent".into()]);
-        cmd.stdin(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| {
-            let _ = std::fs::remove_dir_all(&ws);
-            exec_err(format!("cannot start bctool: {e}"))
-        })?;
-        let stdin = child
-            .stdin
-            .take()
-            .ok_or_else(|| exec_err("bctool has no stdin"))?;
-        let pid = child
-            .id()
-            .ok_or_else(|| exec_err("bctool exited at once"))?;
-        Ok(Warm {
+    /// Makes an environment: workspace, cgroup (with `limits` when known),
+    /// sandbox, bctool running `args`.
+    async fn make_env(
+        &self,
+        name: String,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        limits: Option<&Limits>,
+        stdin: bool,
+        prepare: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Env> {
+        let disk = limits.map_or(self.config.defaults.disk_bytes, |l| l.disk_bytes);
+        let uid = self.sandbox.as_ref().and_then(Sandbox::allocate_uid);
+        let made = self
+            .make_env_as(&name, uid, disk, args, env, limits, stdin, prepare)
+            .await;
+        if made.is_err()
+            && let Some(s) = &self.sandbox
+        {
+            s.free_uid(uid);
+        }
+        made
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn make_env_as(
+        &self,
+        name: &str,
+        uid: Option<u32>,
+        disk: Option<u64>,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        limits: Option<&Limits>,
+        stdin: bool,
+        prepare: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Env> {
+        let dir = self.work_root.join(name);
+        let quota = self.quota;
+        let ws = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || Workspace::create(&dir, quota, disk, uid))
+                .await
+                .map_err(exec_err)?
+                .map_err(|e| exec_err(format!("cannot make the workspace: {e}")))?
+        };
+        let fail = |ws: &Workspace, e: Error| {
+            ws.remove();
+            e
+        };
+        if let Err(e) = prepare(&ws.dir) {
+            return Err(fail(&ws, e));
+        }
+        let cgroup = match &self.cgroups {
+            Some(c) => match c.create(name) {
+                Ok(cg) => Some(Arc::new(cg)),
+                Err(e) => {
+                    return Err(fail(
+                        &ws,
+                        exec_err(format!("cannot make the build's cgroup: {e}")),
+                    ));
+                }
+            },
+            None => None,
+        };
+        if let (Some(cg), Some(l)) = (&cgroup, limits)
+            && let Err(e) = cg.set_limits(l)
+        {
+            cg.remove();
+            return Err(fail(
+                &ws,
+                exec_err(format!("cannot set the build's limits: {e}")),
+            ));
+        }
+        let started = match &self.sandbox {
+            Some(sandbox) => {
+                let network = limits.is_none_or(|l| l.network == Network::Outbound);
+                let plan = Plan {
+                    workspace: &ws.dir,
+                    bctool: self.program(),
+                    args,
+                    env,
+                    uid,
+                    network,
+                    stdin,
+                };
+                sandbox
+                    .start(
+                        &plan,
+                        async |cmd| self.spawner.spawn(cmd).await,
+                        |pids| match &cgroup {
+                            Some(cg) => pids.iter().try_for_each(|p| cg.add(*p)),
+                            None => Ok(()),
+                        },
+                    )
+                    .await
+                    .map(|s| (s.child, Some(s.init_pid), s.slirp))
+            }
+            None => {
+                let mut cmd = tokio::process::Command::new(self.program());
+                cmd.args(&args)
+                    .env_clear()
+                    .envs(env)
+                    .current_dir(ws.dir.join("src"))
+                    .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .process_group(0)
+                    .kill_on_drop(false);
+                self.spawner.spawn(cmd).await.map(|c| (c, None, None))
+            }
+        };
+        let (mut child, init_pid, slirp) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(cg) = &cgroup {
+                    cg.kill_all();
+                    cg.remove();
+                }
+                return Err(fail(&ws, exec_err(format!("cannot start bctool: {e}"))));
+            }
+        };
+        let stdin = if stdin { child.stdin.take() } else { None };
+        let Some(pid) = child.id() else {
+            if let Some(cg) = &cgroup {
+                cg.remove();
+            }
+            return Err(fail(&ws, exec_err("bctool exited at once")));
+        };
+        Ok(Env {
+            ws: Arc::new(ws),
+            uid,
+            cgroup,
             child,
             stdin,
-            ws,
+            init_pid,
+            slirp,
             pgid: Pid::from_raw(pid as i32),
+            disk,
         })
     }
 
-    fn park(&self, warm: Warm) {
+    /// Starts the sandbox once, running `bctool --version`, so that a
+    /// sandbox that cannot work here is known at start-up.
+    async fn try_sandbox(&self) -> Result<()> {
+        let args = self.bctool_args(&["--version"]);
+        let probe = self
+            .make_env(format!("probe-{}", uuid::Uuid::now_v7()), args, Vec::new(), None, false, |_| Ok(()))
+            .await
+            .map_err(|e| {
+                Error::invalid(
+                    "sandbox",
+                    format!("no sandbox can be made here: {e}; pass --sandbox none to run builds unsandboxed"),
+                )
+            })?;
+        let mut probe = probe;
+        let status = probe.child.wait().await.map_err(exec_err)?;
+        self.dispose(probe).await;
+        if !status.success() {
+            return Err(Error::invalid(
+                "sandbox",
+                format!(
+                    "no sandbox can be made here: bctool did not run in it ({status}); pass --sandbox none to run builds unsandboxed"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn start_warm(&self) -> Result<Env> {
+        let name = format!("warm-{}", uuid::Uuid::now_v7());
+        let dir = self.work_root.join(&name);
+        let args = self.bctool_args(&["standby", "--exit-with-parent"]);
+        self.make_env(name, args, self.base_env(&dir), None, true, |_| Ok(()))
+            .await
+    }
+
+    fn park(&self, warm: Env) {
         if let Ok(mut pool) = self.warm.lock() {
             pool.push(warm);
         }
@@ -357,66 +717,86 @@ impl Inner {
             // Not at the same instant as the build it replaces is starting:
             // the two would compete for the CPU.
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let _ = tokio::task::spawn_blocking(move || match this.start_warm() {
+            match this.start_warm().await {
                 Ok(w) => this.park(w),
                 Err(e) => tracing::warn!(error = %e, "cannot start a warm bctool"),
-            })
-            .await;
+            }
         });
     }
 
-    /// Hands a build to a warm bctool; gives the spec back when none could take it.
+    /// Hands a build to a warm bctool; `None` when none could take it.
     async fn launch_warm(
         self: &Arc<Self>,
         spec: &LaunchSpec,
-    ) -> Result<Option<(tokio::process::Child, Pid, PathBuf)>> {
+        limits: &Limits,
+    ) -> Result<Option<Env>> {
         loop {
-            let Some(mut warm) = self.warm.lock().ok().and_then(|mut p| p.pop()) else {
+            let taken = self.warm.lock().ok().and_then(|mut pool| {
+                let i = pool.iter().position(|w| w.disk == limits.disk_bytes)?;
+                Some(pool.swap_remove(i))
+            });
+            let Some(mut warm) = taken else {
                 return Ok(None);
             };
             self.replenish();
-            write_scripts(spec, &warm.ws)?;
+            if let Some(cg) = &warm.cgroup
+                && let Err(e) = cg.set_limits(limits)
+            {
+                tracing::warn!(error = %e, "cannot set a warm environment's limits");
+                self.dispose(warm).await;
+                continue;
+            }
+            if limits.network == Network::None
+                && let Some(slirp) = warm.slirp.take()
+            {
+                // The tap device goes with its helper: loopback only.
+                slirp.stop().await;
+            }
+            if let Err(e) = write_scripts(spec, &warm.ws.dir) {
+                self.dispose(warm).await;
+                return Err(e);
+            }
+            let inside = self.inside(&warm.ws.dir);
             let launch = StandbyLaunch {
-                server: spec.decap_url.clone(),
+                server: self.url(spec),
                 build_id: spec.build.id.to_string(),
                 token: spec.build_token.clone(),
-                command: Self::script_command(spec, &warm.ws),
-                env: self.build_env(spec, &warm.ws),
-                cwd: warm.ws.join("src").to_string_lossy().into_owned(),
-                artifacts_dir: warm.ws.join("artifacts").to_string_lossy().into_owned(),
+                command: self.script_command(spec, &warm.ws.dir),
+                env: self.build_env(spec, &warm.ws.dir),
+                cwd: inside.join("src").to_string_lossy().into_owned(),
+                artifacts_dir: inside.join("artifacts").to_string_lossy().into_owned(),
                 timeout_secs: spec.timeout.as_secs().max(1),
                 kill_grace_secs: self.config.kill_grace.as_secs().max(1),
                 max_log_bytes: spec.max_log_bytes,
                 bctool_env: spec.bctool_env.clone(),
+                masked: Self::masked(spec),
             };
             let mut line = serde_json::to_vec(&launch).map_err(exec_err)?;
             line.push(b'\n');
+            let Some(mut stdin) = warm.stdin.take() else {
+                self.dispose(warm).await;
+                continue;
+            };
             let sent = async {
-                warm.stdin.write_all(&line).await?;
-                warm.stdin.flush().await
+                stdin.write_all(&line).await?;
+                stdin.flush().await
             }
             .await;
             match sent {
-                Ok(()) => {
-                    drop(warm.stdin);
-                    return Ok(Some((warm.child, warm.pgid, warm.ws)));
-                }
+                Ok(()) => return Ok(Some(warm)),
                 Err(e) => {
                     // That one died while waiting; try the next.
                     tracing::warn!(error = %e, "a warm bctool was gone");
-                    let _ = killpg(warm.pgid, Signal::SIGKILL);
-                    let _ = warm.child.wait().await;
-                    let _ = std::fs::remove_dir_all(&warm.ws);
+                    self.dispose(warm).await;
                 }
             }
         }
     }
 
-    fn launch_cold(&self, spec: &LaunchSpec) -> Result<(tokio::process::Child, Pid, PathBuf)> {
-        let ws = self.config.work_root.join(spec.build.id.to_string());
-        make_workspace(&ws)?;
-        write_scripts(spec, &ws)?;
-        let mut args: Vec<String> = vec![
+    async fn launch_cold(&self, spec: &LaunchSpec, limits: &Limits) -> Result<Env> {
+        let name = spec.build.id.to_string();
+        let dir = self.work_root.join(&name);
+        let mut sub: Vec<String> = vec![
             "run".into(),
             "--exit-with-parent".into(),
             "--echo".into(),
@@ -427,35 +807,177 @@ impl Inner {
             self.config.kill_grace.as_secs().max(1).to_string(),
             "--max-log-bytes".into(),
             spec.max_log_bytes.to_string(),
-            "--".into(),
         ];
-        args.extend(Self::script_command(spec, &ws));
-        let mut cmd = self.bctool_command(&ws, &args);
-        cmd.stdin(Stdio::null());
+        for m in Self::masked(spec) {
+            sub.extend(["--mask-env".into(), m]);
+        }
+        let mut args = self.bctool_args(&sub.iter().map(String::as_str).collect::<Vec<_>>());
+        args.push("--".into());
+        args.extend(self.script_command(spec, &dir));
         // bctool passes its own environment on to the script, less its own
         // settings.
-        cmd.env_clear()
-            .envs(self.build_env(spec, &ws))
-            .envs(spec.bctool_env.iter().map(|(k, v)| (k, v)));
-        let child = cmd.spawn().map_err(|e| {
-            let _ = std::fs::remove_dir_all(&ws);
-            exec_err(format!("cannot start bctool: {e}"))
-        })?;
-        let pid = child
-            .id()
-            .ok_or_else(|| exec_err("bctool exited at once"))?;
-        Ok((child, Pid::from_raw(pid as i32), ws))
+        let mut env = self.build_env(spec, &dir);
+        env.extend(spec.bctool_env.iter().cloned());
+        self.make_env(name, args, env, Some(limits), false, |ws| {
+            write_scripts(spec, ws)
+        })
+        .await
     }
 
-    fn signal(&self, build: BuildId, signal: Signal) -> bool {
-        let pgid = self
-            .children
+    /// Stops an environment that never ran a build and removes it.
+    async fn dispose(&self, mut env: Env) {
+        let _ = killpg(env.pgid, Signal::SIGKILL);
+        if let Some(init) = env.init_pid {
+            let _ = nix::sys::signal::kill(Pid::from_raw(init as i32), Signal::SIGKILL);
+        }
+        let _ = env.child.wait().await;
+        if let Some(s) = env.slirp.take() {
+            s.stop().await;
+        }
+        let cgroup = env.cgroup.take();
+        let ws = env.ws.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(cg) = cgroup {
+                cg.kill_all();
+                cg.remove();
+            }
+            ws.remove();
+        })
+        .await;
+        if let Some(s) = &self.sandbox {
+            s.free_uid(env.uid);
+        }
+    }
+
+    fn running(&self, build: BuildId) -> Option<Arc<Running>> {
+        self.running
             .lock()
             .ok()
-            .and_then(|c| c.get(&build).copied());
-        match pgid {
-            Some(pgid) => killpg(pgid, signal).is_ok(),
-            None => false,
+            .and_then(|r| r.get(&build).cloned())
+    }
+
+    /// Follows a running build until its environment is gone, stopping it
+    /// when it outlives its timeout or runs into a limit; then clears it up
+    /// and reports its end.
+    async fn follow(
+        self: Arc<Self>,
+        id: BuildId,
+        mut env: Env,
+        timeout: Duration,
+        gone: watch::Sender<bool>,
+    ) {
+        // A backstop in case bctool itself hangs: its own timeout plus grace
+        // plus a minute, then everything is killed.
+        let backstop =
+            tokio::time::sleep(timeout + self.config.kill_grace * 2 + Duration::from_secs(60));
+        tokio::pin!(backstop);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u64;
+        let mut hits: Vec<LimitHit> = Vec::new();
+        let mut stopping = false;
+        let status = loop {
+            tokio::select! {
+                status = env.child.wait() => break status,
+                () = &mut backstop, if !stopping => {
+                    tracing::warn!(build_id = %id, "bctool outlived its timeout; killing the build");
+                    self.kill_now(id, &env);
+                    stopping = true;
+                }
+                _ = tick.tick(), if !stopping => {
+                    ticks += 1;
+                    let mut now = env.cgroup.as_ref().map(|c| c.hits()).unwrap_or_default();
+                    // A loop filesystem is asked every second (one statvfs);
+                    // a measured folder is walked every five.
+                    if self.quota == DiskQuota::Loop || ticks % 5 == 0 {
+                        let ws = env.ws.clone();
+                        if let Ok(Some(h)) = tokio::task::spawn_blocking(move || ws.full()).await {
+                            now.push(h);
+                        }
+                    }
+                    if !now.is_empty() {
+                        tracing::info!(build_id = %id, limits = ?now, "the build ran into a limit; stopping it");
+                        hits = now;
+                        let this = self.clone();
+                        tokio::spawn(async move { this.stop(id).await });
+                        stopping = true;
+                    }
+                }
+            }
+        };
+        // Whatever is left of the build goes too, before its end is told.
+        self.kill_now(id, &env);
+        if let Some(s) = env.slirp.take() {
+            s.stop().await;
+        }
+        let ws = env.ws.clone();
+        let cgroup = env.cgroup.clone();
+        let left = tokio::task::spawn_blocking(move || {
+            let mut left: Vec<LimitHit> = Vec::new();
+            if let Some(cg) = &cgroup {
+                cg.kill_all();
+                left.extend(cg.hits());
+                cg.remove();
+            }
+            left.extend(ws.full());
+            ws.remove();
+            left
+        })
+        .await
+        .unwrap_or_default();
+        for h in left {
+            if !hits.contains(&h) {
+                hits.push(h);
+            }
+        }
+        if let Some(s) = &self.sandbox {
+            s.free_uid(env.uid);
+        }
+        if let Ok(mut r) = self.running.lock() {
+            r.remove(&id);
+        }
+        let _ = gone.send(true);
+        let reason = match status {
+            Ok(s) => format!("the build process exited ({s})"),
+            Err(e) => format!("the build process could not be awaited: {e}"),
+        };
+        self.events.environment_exited(EnvironmentExit {
+            build_id: id,
+            reason,
+            limits: hits,
+        });
+    }
+
+    /// SIGKILL to everything of a build, at once.
+    fn kill_now(&self, id: BuildId, env: &Env) {
+        if let Some(r) = self.running(id) {
+            r.signal(Signal::SIGKILL);
+        }
+        let _ = killpg(env.pgid, Signal::SIGKILL);
+        if let Some(init) = env.init_pid {
+            let _ = nix::sys::signal::kill(Pid::from_raw(init as i32), Signal::SIGKILL);
+        }
+    }
+
+    /// TERM to the build's processes, the grace period, then KILL; returns
+    /// once the environment is gone.
+    async fn stop(&self, build: BuildId) {
+        let Some(r) = self.running(build) else {
+            return;
+        };
+        let mut gone = r.gone.clone();
+        if *gone.borrow() {
+            return;
+        }
+        r.signal(Signal::SIGTERM);
+        let ended = tokio::time::timeout(self.config.kill_grace, gone.wait_for(|g| *g))
+            .await
+            .is_ok();
+        if !ended {
+            r.signal(Signal::SIGKILL);
+            let _ = killpg(r.pgid, Signal::SIGKILL);
+            let mut gone = r.gone.clone();
+            let _ = gone.wait_for(|g| *g).await;
         }
     }
 }
@@ -467,7 +989,7 @@ impl Executor for LocalExecutor {
     }
 
     fn sandbox(&self) -> &'static str {
-        if self.inner.bwrap.is_some() {
+        if self.inner.sandbox.is_some() {
             "bubblewrap"
         } else {
             "none"
@@ -477,71 +999,35 @@ impl Executor for LocalExecutor {
     async fn launch(&self, spec: LaunchSpec) -> Result<()> {
         let inner = &self.inner;
         let id = spec.build.id;
-        if inner.children.lock().map_err(exec_err)?.contains_key(&id) {
+        if inner.running.lock().map_err(exec_err)?.contains_key(&id) {
             return Ok(()); // already running: adopt, never duplicate
         }
-        let (mut child, pgid, ws) = match inner.launch_warm(&spec).await? {
-            Some(started) => started,
-            None => inner.launch_cold(&spec)?,
+        let limits = Limits::resolve(spec.project.valid_descriptor(), inner.config.defaults);
+        let env = match inner.launch_warm(&spec, &limits).await? {
+            Some(env) => env,
+            None => inner.launch_cold(&spec, &limits).await?,
         };
-        inner.children.lock().map_err(exec_err)?.insert(id, pgid);
-
-        // A backstop in case bctool itself hangs: its own timeout plus grace
-        // plus a minute, then the whole process group is killed.
-        let backstop = spec.timeout + inner.config.kill_grace * 2 + Duration::from_secs(60);
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            let status = tokio::select! {
-                status = child.wait() => status,
-                () = tokio::time::sleep(backstop) => {
-                    tracing::warn!(build_id = %id, "bctool outlived its timeout; killing the build");
-                    let _ = killpg(pgid, Signal::SIGKILL);
-                    child.wait().await
-                }
-            };
-            // Whatever the script left behind in its group goes too.
-            let _ = killpg(pgid, Signal::SIGKILL);
-            if let Ok(mut c) = inner.children.lock() {
-                c.remove(&id);
-            }
-            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&ws)).await;
-            let reason = match status {
-                Ok(s) => format!("the build process exited ({s})"),
-                Err(e) => format!("the build process could not be awaited: {e}"),
-            };
-            inner.events.environment_exited(EnvironmentExit {
-                build_id: id,
-                reason,
-            });
+        let (gone_tx, gone_rx) = watch::channel(false);
+        let running = Arc::new(Running {
+            pgid: env.pgid,
+            init_pid: env.init_pid,
+            cgroup: env.cgroup.clone(),
+            gone: gone_rx,
         });
+        inner.running.lock().map_err(exec_err)?.insert(id, running);
+        tokio::spawn(inner.clone().follow(id, env, spec.timeout, gone_tx));
         Ok(())
     }
 
     async fn cancel(&self, build: BuildId) -> Result<()> {
-        let inner = &self.inner;
-        if !inner.signal(build, Signal::SIGTERM) {
-            return Ok(());
-        }
-        let deadline = tokio::time::Instant::now() + inner.config.kill_grace;
-        while tokio::time::Instant::now() < deadline {
-            let alive = inner
-                .children
-                .lock()
-                .map_err(exec_err)?
-                .contains_key(&build);
-            if !alive {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        inner.signal(build, Signal::SIGKILL);
+        self.inner.stop(build).await;
         Ok(())
     }
 
     async fn live(&self) -> Result<Vec<BuildId>> {
         Ok(self
             .inner
-            .children
+            .running
             .lock()
             .map_err(exec_err)?
             .keys()
@@ -554,9 +1040,17 @@ impl Drop for LocalExecutor {
     fn drop(&mut self) {
         // Warm bctools see their standard input close and exit; make sure.
         if let Ok(mut pool) = self.inner.warm.lock() {
-            for w in pool.drain(..) {
+            for mut w in pool.drain(..) {
                 let _ = killpg(w.pgid, Signal::SIGKILL);
-                let _ = std::fs::remove_dir_all(&w.ws);
+                let _ = w.child.start_kill();
+                if let Some(init) = w.init_pid {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(init as i32), Signal::SIGKILL);
+                }
+                if let Some(cg) = w.cgroup.take() {
+                    cg.kill_all();
+                    cg.remove();
+                }
+                w.ws.remove();
             }
         }
     }

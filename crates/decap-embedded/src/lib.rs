@@ -9,7 +9,8 @@
 //!   implement the core's ports on it.
 //! * [`FileBlobStore`] keeps logs and artifacts under the data dir.
 //! * [`LocalExecutor`] runs each build under bctool as a child process in a
-//!   fresh workspace, sandboxed with bubblewrap when it is installed.
+//!   fresh workspace, in the [`sandbox`] (bubblewrap, a user namespace,
+//!   slirp4netns, cgroup limits, a workspace of fixed size).
 #![deny(missing_docs)]
 
 mod blobs;
@@ -21,12 +22,15 @@ mod hub;
 mod ledger;
 mod locks;
 mod queue;
+pub mod sandbox;
 
 pub use blobs::FileBlobStore;
 pub use builds::SqliteBuildStore;
 pub use db::SqliteDb;
 pub use details::FileDetailStore;
-pub use executor::{LocalExecutor, LocalExecutorConfig, SandboxMode, bubblewrap_works};
+pub use executor::{
+    LocalExecutor, LocalExecutorConfig, NetworkMode, SandboxMode, bubblewrap_works,
+};
 pub use hub::SqliteStatusHub;
 pub use ledger::SqliteStatusLedger;
 pub use locks::SqliteLockStore;

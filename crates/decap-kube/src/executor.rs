@@ -261,6 +261,7 @@ impl Inner {
             self.events.environment_exited(EnvironmentExit {
                 build_id: id,
                 reason,
+                limits: Vec::new(),
             });
         }
     }

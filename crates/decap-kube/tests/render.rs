@@ -57,6 +57,7 @@ fn spec(project: &str, branch: &str) -> LaunchSpec {
                 "very-secret".into(),
             ),
         ],
+        secrets: Vec::new(),
     }
 }
 

@@ -49,7 +49,24 @@ async fn load_as_build(
 ) -> ApiResult<Build> {
     let b = load(app, id).await?;
     let token = app.controller.build_token_hash(&b).await;
-    app.auth.authorize_build(&headers, from, token.as_deref())?;
+    let caller = app.auth.authorize_build(&headers, from, token.as_deref())?;
+    if b.status.is_final() {
+        // A build's token dies with its build; and what an ended build left
+        // (its log, artifacts and result) is final for everyone.
+        return Err(match caller {
+            crate::auth::Caller::Build => ApiError::unauthorized(format!(
+                "this build token expired when build {} ended",
+                b.id
+            )),
+            crate::auth::Caller::Operator => ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "build {} has ended ({}); its log, artifacts and result are final",
+                    b.id, b.status
+                ),
+            ),
+        });
+    }
     Ok(b)
 }
 
@@ -728,21 +745,18 @@ pub async fn put_result(
     } else {
         BuildStatus::from_exit_code(result.exit_code)
     };
-    let finished = app
-        .controller
-        .finish(
-            b.id,
-            Finish {
-                status,
-                exit_code: Some(result.exit_code),
-                message: result.message,
-            },
-        )
-        .await?;
-    let now = match finished {
-        Some(b) => b,
-        None => app.controller.build(b.id).await?,
+    // The build ends once its environment is gone; the record keeps the
+    // outcome meanwhile. In a task of its own, so that the answer reaching
+    // a client that went away (bctool exits at once) cancels nothing.
+    let controller = app.controller.clone();
+    let outcome = Finish {
+        status,
+        exit_code: Some(result.exit_code),
+        message: result.message,
     };
+    let now = tokio::spawn(async move { controller.report(b.id, outcome).await })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(Json(view(&app, &now)))
 }
 

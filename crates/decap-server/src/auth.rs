@@ -27,6 +27,16 @@ pub struct AuthConfig {
     pub private_reads: bool,
 }
 
+/// Who a call on a build's behalf came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// The build itself, with its own token.
+    Build,
+    /// An operator (the API token, or a local client with
+    /// `--insecure-local`).
+    Operator,
+}
+
 /// The client's address, when the server was started with connect info.
 pub fn peer<B>(req: &Request<B>) -> Option<SocketAddr> {
     req.extensions()
@@ -78,23 +88,25 @@ impl AuthConfig {
     }
 
     /// Checks a call from a build's bctool: its own build token, or what
-    /// [`AuthConfig::authorize`] accepts.
+    /// [`AuthConfig::authorize`] accepts. Says which it was.
     pub fn authorize_build(
         &self,
         headers: &HeaderMap,
         peer: Option<SocketAddr>,
         token_sha256: Option<&str>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Caller, ApiError> {
         if let (Some(expected), Some(given)) = (token_sha256, bearer(headers))
             && same(expected, &token_hash(given))
         {
-            return Ok(());
+            return Ok(Caller::Build);
         }
-        self.authorize(headers, peer).map_err(|_| {
-            ApiError::unauthorized(
-                "this call needs the build's own token (DECAP_BUILD_TOKEN) or the API token",
-            )
-        })
+        self.authorize(headers, peer)
+            .map(|()| Caller::Operator)
+            .map_err(|_| {
+                ApiError::unauthorized(
+                    "this call needs the build's own token (DECAP_BUILD_TOKEN) or the API token",
+                )
+            })
     }
 
     /// Checks `X-Hub-Signature-256` against every configured secret, in

@@ -74,15 +74,7 @@ pub struct ControllerConfig {
 }
 
 /// How a build ends.
-#[derive(Debug, Clone)]
-pub struct Finish {
-    /// The final status.
-    pub status: BuildStatus,
-    /// The script's exit code, when it has one.
-    pub exit_code: Option<i32>,
-    /// Why, in words.
-    pub message: Option<String>,
-}
+pub type Finish = decap_core::build::Outcome;
 
 struct Sched {
     running: RunningSet,
@@ -149,13 +141,15 @@ fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
 
-/// A new secret for a build's bctool: 256 random bits, hex.
+/// A new secret for a build's bctool: 32 random bytes (two v4 UUIDs, 244
+/// random bits), base64url: 43 characters, short enough that `base64` of
+/// it fits one line, which the console masking recognises.
 fn new_build_token() -> String {
-    format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    )
+    use base64::Engine;
+    let mut bytes = [0u8; 32];
+    bytes[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    bytes[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// SHA-256 of a token, hex; only the hash is stored.
@@ -713,6 +707,7 @@ impl Controller {
             timeout,
             max_log_bytes: self.config.max_log_bytes,
             bctool_env: self.config.bctool_env.clone(),
+            secrets: Vec::new(),
         };
         tracing::info!(build_id = %b.id, project = %b.project, branch = %b.branch, "launching build");
         let (updated, launched) = tokio::join!(
@@ -969,7 +964,10 @@ impl Controller {
         Ok(())
     }
 
-    /// Cancels a queued, deferred or running build.
+    /// Cancels a queued, deferred or running build. A running build's
+    /// environment is stopped (TERM, the grace period, KILL) before the
+    /// build ends, so its lock and its place under the caps are freed only
+    /// once none of its processes is left.
     pub async fn cancel(&self, id: BuildId) -> Result<Build> {
         let b = self.build(id).await?;
         if b.status.is_final() {
@@ -978,29 +976,111 @@ impl Controller {
                 b.status
             )));
         }
-        let was_running = b.status == BuildStatus::Running;
-        let done = self
-            .finish(
-                id,
-                Finish {
-                    status: BuildStatus::Cancelled,
-                    exit_code: None,
-                    message: Some("cancelled".into()),
-                },
-            )
-            .await?;
-        if was_running {
-            let executor = self.ports.executor.clone();
-            tokio::spawn(async move {
-                if let Err(e) = executor.cancel(id).await {
-                    tracing::warn!(build_id = %id, error = %e, "stopping the build environment failed");
-                }
-            });
-        }
+        let cancelled = Finish {
+            status: BuildStatus::Cancelled,
+            exit_code: None,
+            message: Some("cancelled".into()),
+        };
+        let done = if b.status == BuildStatus::Running {
+            let outcome = self.keep_reported(b, cancelled).await?;
+            if let Err(e) = self.ports.executor.cancel(id).await {
+                tracing::warn!(build_id = %id, error = %e, "stopping the build environment failed");
+            }
+            self.finish(id, outcome).await?
+        } else {
+            self.finish(id, cancelled).await?
+        };
         match done {
             Some(b) => Ok(b),
             None => self.build(id).await,
         }
+    }
+
+    /// Keeps how a running build ended on its record while its environment
+    /// stops; the first outcome reported wins. Answers the outcome kept.
+    async fn keep_reported(&self, mut b: Build, outcome: Finish) -> Result<Finish> {
+        if let Some(kept) = &b.reported {
+            return Ok(kept.clone());
+        }
+        b.reported = Some(outcome.clone());
+        if self.ports.builds.update(&b, BuildStatus::Running).await? {
+            return Ok(outcome);
+        }
+        // Changed meanwhile: what is recorded now wins.
+        Ok(self.build(b.id).await?.reported.unwrap_or(outcome))
+    }
+
+    /// bctool (or the script, with `record-build-metadata`) reports how the
+    /// build ended. The outcome is kept on the record at once; the build
+    /// ends when its environment is gone, which bctool's exit brings about
+    /// immediately. An environment still there after the grace period (the
+    /// script reported and went on) is stopped.
+    pub async fn report(self: &Arc<Self>, id: BuildId, outcome: Finish) -> Result<Build> {
+        let b = self.build(id).await?;
+        if b.status != BuildStatus::Running {
+            return Ok(b);
+        }
+        self.keep_reported(b, outcome).await?;
+        let live = self.ports.executor.live().await?.contains(&id);
+        if !live {
+            // No environment here to wait for (it ended already, or another
+            // replica launched it): end it now.
+            self.finish_reported(id, Vec::new(), "no environment")
+                .await?;
+        } else {
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(this.config.kill_grace).await;
+                let still = this
+                    .ports
+                    .executor
+                    .live()
+                    .await
+                    .is_ok_and(|l| l.contains(&id));
+                if still {
+                    tracing::info!(build_id = %id, "the build reported its result but its processes go on; stopping them");
+                    if let Err(e) = this.ports.executor.cancel(id).await {
+                        tracing::warn!(build_id = %id, error = %e, "stopping the build environment failed");
+                    }
+                    if let Err(e) = this.finish_reported(id, Vec::new(), "stopped").await {
+                        tracing::error!(build_id = %id, error = %e, "cannot finish a build");
+                    }
+                }
+            });
+        }
+        self.build(id).await
+    }
+
+    /// Ends a running build whose environment is gone: with the outcome it
+    /// reported, or as errored; limits it ran into are named first.
+    async fn finish_reported(
+        &self,
+        id: BuildId,
+        limits: Vec<decap_core::limits::LimitHit>,
+        why: &str,
+    ) -> Result<Option<Build>> {
+        let b = self.build(id).await?;
+        let mut outcome = b.reported.clone().unwrap_or(Finish {
+            status: BuildStatus::Errored,
+            exit_code: None,
+            message: Some(format!(
+                "the build environment ended without reporting a result: {why}"
+            )),
+        });
+        if !limits.is_empty() {
+            let named: Vec<String> = limits.iter().map(ToString::to_string).collect();
+            outcome.message = Some(match outcome.message.take() {
+                Some(m) => format!("{}; {m}", named.join("; ")),
+                None => named.join("; "),
+            });
+            if matches!(
+                outcome.status,
+                BuildStatus::Errored | BuildStatus::Succeeded
+            ) {
+                outcome.status = BuildStatus::Failed;
+            }
+        }
+        self.finish(id, outcome).await
     }
 
     /// Removes a deferred build from the queue (it ends cancelled).
@@ -1052,23 +1132,21 @@ impl Controller {
     }
 
     async fn environment_exited(&self, exit: EnvironmentExit) {
+        let reported = match self.build(exit.build_id).await {
+            Ok(b) => b.reported.is_some(),
+            Err(e) => {
+                tracing::error!(build_id = %exit.build_id, error = %e, "cannot read a build whose environment ended");
+                return;
+            }
+        };
         let result = self
-            .finish(
-                exit.build_id,
-                Finish {
-                    status: BuildStatus::Errored,
-                    exit_code: None,
-                    message: Some(format!(
-                        "the build environment ended without reporting a result: {}",
-                        exit.reason
-                    )),
-                },
-            )
+            .finish_reported(exit.build_id, exit.limits.clone(), &exit.reason)
             .await;
         match result {
-            Ok(Some(_)) => {
-                tracing::warn!(build_id = %exit.build_id, reason = %exit.reason, "build environment died")
+            Ok(Some(b)) if !reported => {
+                tracing::warn!(build_id = %exit.build_id, reason = %exit.reason, status = %b.status, "build environment ended without a result")
             }
+            Ok(Some(_)) => {}
             Ok(None) => {
                 if let Err(e) = self.settle(exit.build_id).await {
                     tracing::error!(build_id = %exit.build_id, error = %e, "cannot settle a finished build");
@@ -1123,20 +1201,21 @@ impl Controller {
                 s.running.start(b.id, b.project.clone(), b.lock_key());
                 let _ = self.live.open(b.id);
             } else {
-                tracing::warn!(build_id = %b.id, "build was running when Decap stopped; finishing it as errored");
-                self.finish_locked(
-                    &mut s,
-                    b.id,
-                    Finish {
-                        status: BuildStatus::Errored,
-                        exit_code: None,
-                        message: Some(
-                            "Decap stopped while this build ran; its build environment is gone"
-                                .into(),
-                        ),
-                    },
-                )
-                .await?;
+                let outcome = match b.reported.clone() {
+                    Some(reported) => reported,
+                    None => {
+                        tracing::warn!(build_id = %b.id, "build was running when Decap stopped; finishing it as errored");
+                        Finish {
+                            status: BuildStatus::Errored,
+                            exit_code: None,
+                            message: Some(
+                                "Decap stopped while this build ran; its build environment is gone"
+                                    .into(),
+                            ),
+                        }
+                    }
+                };
+                self.finish_locked(&mut s, b.id, outcome).await?;
             }
         }
         let entries = self.ports.queue.list().await?;

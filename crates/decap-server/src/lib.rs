@@ -13,6 +13,7 @@ pub mod details;
 pub mod error;
 pub mod github;
 pub mod hub;
+pub mod listen;
 pub mod livelog;
 pub mod metrics;
 pub mod oauth;

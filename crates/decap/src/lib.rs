@@ -10,8 +10,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use decap_core::schedule::Caps;
 use decap_embedded::{
-    FileBlobStore, LocalExecutor, LocalExecutorConfig, SandboxMode, SqliteBuildStore, SqliteDb,
-    SqliteDeferralQueue, SqliteLockStore,
+    FileBlobStore, LocalExecutor, LocalExecutorConfig, NetworkMode, SandboxMode, SqliteBuildStore,
+    SqliteDb, SqliteDeferralQueue, SqliteLockStore,
 };
 use decap_scripts::{FsScriptsRepo, ScriptsSource};
 use decap_server::livelog::LiveLogs;
@@ -183,8 +183,20 @@ struct KubeArgs {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Sandbox {
+    /// The sandbox; Decap refuses to start when it cannot be made here.
     Auto,
+    /// The same as auto.
     Bubblewrap,
+    /// No sandbox: builds run as Decap's own user and see the host.
+    None,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SandboxNetworkArg {
+    /// Outbound connections through slirp4netns; no route to the host's
+    /// loopback.
+    Slirp4netns,
+    /// Loopback only, for every build.
     None,
 }
 
@@ -435,12 +447,37 @@ struct ServeArgs {
     builds_url: Option<String>,
     #[command(flatten)]
     kube: KubeArgs,
-    /// Sandbox builds with bubblewrap: auto (when installed), bubblewrap (required) or none.
+    /// The build sandbox (bubblewrap, a user namespace, slirp4netns, cgroup
+    /// limits): auto or bubblewrap (Decap refuses to start when it cannot be
+    /// made), or none (builds run as Decap's user and see the host; every
+    /// page says so).
     #[arg(long, env = "DECAP_SANDBOX", value_enum, default_value_t = Sandbox::Auto)]
     sandbox: Sandbox,
+    /// The network of sandboxed builds.
+    #[arg(long, env = "DECAP_SANDBOX_NETWORK", value_enum, default_value_t = SandboxNetworkArg::Slirp4netns)]
+    sandbox_network: SandboxNetworkArg,
+    /// As root, sandboxed build n runs as user id BASE + n (an unused range).
+    #[arg(long, env = "DECAP_SANDBOX_UID_BASE", default_value_t = 1_900_000_000)]
+    sandbox_uid_base: u32,
+    /// A build's memory when project.json's resources.memory does not say.
+    #[arg(long, env = "DECAP_BUILD_MEMORY", default_value = "2Gi")]
+    build_memory: String,
+    /// A build's CPU when resources.cpu does not say (none: unlimited).
+    #[arg(long, env = "DECAP_BUILD_CPU")]
+    build_cpu: Option<String>,
+    /// A build's processes at once when resources.pids does not say.
+    #[arg(long, env = "DECAP_BUILD_PIDS", default_value_t = 1024)]
+    build_pids: u64,
+    /// A build's workspace size when resources.disk does not say.
+    #[arg(long, env = "DECAP_BUILD_DISK", default_value = "10Gi")]
+    build_disk: String,
     /// The bctool binary (default: this binary's own `bctool` subcommand).
     #[arg(long, env = "DECAP_BCTOOL")]
     bctool: Option<PathBuf>,
+    /// Connections served at once (capped at half the open-file limit,
+    /// which Decap raises to its maximum at start).
+    #[arg(long, env = "DECAP_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
     /// Warm bctools kept ready (each in a fresh workspace and sandbox), so
     /// builds start without waiting for bctool or the sandbox; 0 disables.
     #[arg(long, env = "DECAP_WARM_STANDBYS", default_value_t = 2)]
@@ -790,27 +827,86 @@ fn host_identity() -> String {
         .unwrap_or_else(|| format!("decap-{}", std::process::id()))
 }
 
-fn local_executor(
+/// The limits builds get when `project.json` does not say.
+fn default_limits(args: &ServeArgs) -> Result<decap_core::limits::DefaultLimits> {
+    use decap_core::limits::{parse_bytes, parse_cpu_millis};
+    Ok(decap_core::limits::DefaultLimits {
+        memory_bytes: Some(parse_bytes("--build-memory", &args.build_memory)?),
+        cpu_millis: args
+            .build_cpu
+            .as_deref()
+            .map(|q| parse_cpu_millis("--build-cpu", q))
+            .transpose()?,
+        pids: Some(args.build_pids.max(1)),
+        disk_bytes: Some(parse_bytes("--build-disk", &args.build_disk)?),
+    })
+}
+
+async fn local_executor(
     args: &ServeArgs,
     data_dir: &Path,
+    dir: decap_embedded::sandbox::SandboxDir,
+    url_port: u16,
     events: Arc<ExecutorEventsChannel>,
 ) -> Result<LocalExecutor> {
-    Ok(LocalExecutor::new(
+    let executor = LocalExecutor::new(
         LocalExecutorConfig {
-            work_root: data_dir.join("work"),
+            dir,
             hide: vec![data_dir.to_owned()],
             bctool: bctool_command(args.bctool.clone())?,
             sandbox: match args.sandbox {
-                Sandbox::Auto => SandboxMode::Auto,
-                Sandbox::Bubblewrap => SandboxMode::Bubblewrap,
+                Sandbox::Auto | Sandbox::Bubblewrap => SandboxMode::Bubblewrap,
                 Sandbox::None => SandboxMode::None,
             },
+            network: match args.sandbox_network {
+                SandboxNetworkArg::Slirp4netns => NetworkMode::Slirp4netns,
+                SandboxNetworkArg::None => NetworkMode::None,
+            },
+            uid_base: args.sandbox_uid_base,
+            url_port,
             kill_grace: Duration::from_secs(args.kill_grace_secs.max(1)),
             path: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
             warm: args.warm_standbys,
+            defaults: default_limits(args)?,
         },
         events,
-    )?)
+    )
+    .await?;
+    tracing::info!(sandbox = %executor.describe(), "local executor ready");
+    Ok(executor)
+}
+
+/// The socket sandboxed builds reach the server through (the sandbox dir
+/// is reachable by build users, so they get it bound in; any user may
+/// connect to it, and what arrives there is never taken for a local client).
+fn build_socket(path: &Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+}
+
+/// Lets the process hold as many descriptors as the system allows: every
+/// connection is one.
+fn raise_open_files() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 1024,
+    }
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
@@ -835,10 +931,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .context("cannot read the build scripts")?,
     );
 
+    let open_files = raise_open_files();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let local = listener.local_addr()?;
+    let sandbox_dir = decap_embedded::sandbox::SandboxDir::for_data_dir(&data_dir)
+        .context("the sandbox folder")?;
+    let socket_path = sandbox_dir.socket();
+    let build_listener = build_socket(&socket_path)?;
+    let socket_inode = inode(&socket_path);
     let public_url = args
         .public_url
         .clone()
@@ -862,7 +964,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 .await
                 .context("Kubernetes executor")?,
         ),
-        None => Arc::new(local_executor(&args, &data_dir, events)?),
+        None => Arc::new(
+            local_executor(&args, &data_dir, sandbox_dir.clone(), local.port(), events).await?,
+        ),
     };
     let st = &args.storage;
     let aws = if st.uses_aws() {
@@ -1098,12 +1202,35 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let app = decap_server::router(server);
     tracing::info!(%local, %public_url, data_dir = %data_dir.display(), scripts = %scripts_spec, "decap is serving");
     println!("decap: serving {public_url}");
-    axum::serve(
+    let limits = decap_server::listen::ListenLimits {
+        // Leave room for files, sockets of builds and the stores.
+        max_connections: args
+            .max_connections
+            .min(usize::try_from(open_files / 2).unwrap_or(usize::MAX))
+            .max(64),
+        ..Default::default()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tcp = tokio::spawn(decap_server::listen::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown())
-    .await?;
+        app.clone(),
+        limits,
+        stop_rx.clone(),
+    ));
+    let builds = tokio::spawn(decap_server::listen::serve(
+        build_listener,
+        app,
+        limits,
+        stop_rx,
+    ));
+    shutdown().await;
+    tracing::info!("stopping");
+    let _ = stop_tx.send(true);
+    let _ = tokio::join!(tcp, builds);
+    // The socket goes unless a newer server on the same data dir made its own.
+    if socket_inode.is_some() && socket_inode == inode(&socket_path) {
+        let _ = std::fs::remove_file(&socket_path);
+    }
     tracing::info!("decap stopped");
     Ok(())
 }

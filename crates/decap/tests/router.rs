@@ -65,16 +65,21 @@ async fn app_with_auth(secrets: &[&str], private_reads: bool) -> TestApp {
     let (events, exits) = ExecutorEventsChannel::new();
     let executor = LocalExecutor::new(
         LocalExecutorConfig {
-            work_root: data.join("work"),
+            dir: decap_embedded::sandbox::SandboxDir(data.join("sandbox")),
             hide: vec![],
             bctool: vec![env!("CARGO_BIN_EXE_bctool").into()],
             sandbox: SandboxMode::None,
+            network: decap_embedded::NetworkMode::None,
+            uid_base: 1_900_000_000,
+            url_port: 0,
             kill_grace: Duration::from_secs(1),
             path: std::env::var("PATH").unwrap(),
             warm: 1,
+            defaults: Default::default(),
         },
         events,
     )
+    .await
     .unwrap();
     let repo = FsScriptsRepo::open(ScriptsSource::Folder(scripts))
         .await

@@ -1,0 +1,201 @@
+//! A build's workspace with a size limit.
+//!
+//! As root, with loop devices, the workspace is a filesystem of its own: a
+//! sparse ext4 image of the limit's size, mounted `nosuid,nodev` on the
+//! workspace folder. Writes past the limit fail with "No space left on
+//! device" and the host's disk never fills. Otherwise (a user without
+//! privileges, a container without loop devices) the workspace is a plain
+//! folder whose size is measured every few seconds, and a build past its
+//! limit is stopped: the limit holds within a few seconds' writing, as a
+//! kubelet's `ephemeral-storage` limit does.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use decap_core::limits::LimitHit;
+
+/// How workspace sizes are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskQuota {
+    /// A loop-mounted filesystem per workspace.
+    Loop,
+    /// A folder, measured.
+    Measured,
+}
+
+impl DiskQuota {
+    /// The best this machine offers: loop filesystems as root when loop
+    /// devices, `mkfs.ext4` and `mount` are there.
+    pub fn detect() -> DiskQuota {
+        let root = nix::unistd::geteuid().is_root();
+        let tools = ["mkfs.ext4", "mount", "umount"]
+            .iter()
+            .all(|t| crate::executor::find_in_path(t).is_some());
+        if root && tools && Path::new("/dev/loop-control").exists() {
+            DiskQuota::Loop
+        } else {
+            DiskQuota::Measured
+        }
+    }
+}
+
+/// A workspace folder, possibly a filesystem of its own.
+#[derive(Debug)]
+pub struct Workspace {
+    /// The folder.
+    pub dir: PathBuf,
+    image: Option<PathBuf>,
+    limit: Option<u64>,
+}
+
+fn run(cmd: &mut Command) -> io::Result<()> {
+    let out = cmd.stdin(Stdio::null()).stdout(Stdio::null()).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{:?} failed ({}): {}",
+            cmd.get_program(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// The folders a build writes, owned by the build's user.
+pub const WRITABLE: [&str; 4] = ["src", "artifacts", "home", "tmp"];
+
+impl Workspace {
+    /// Makes a fresh, empty workspace at `dir` holding at most `limit`
+    /// bytes, its folders owned by `owner` (the build's user) when given.
+    pub fn create(
+        dir: &Path,
+        quota: DiskQuota,
+        limit: Option<u64>,
+        owner: Option<u32>,
+    ) -> io::Result<Workspace> {
+        if dir.exists() {
+            Workspace::unmount(dir);
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::create_dir_all(dir)?;
+        let mut ws = Workspace {
+            dir: dir.to_owned(),
+            image: None,
+            limit,
+        };
+        if let (DiskQuota::Loop, Some(bytes)) = (quota, limit) {
+            let image = dir.with_extension("img");
+            let made = (|| {
+                let f = std::fs::File::create(&image)?;
+                f.set_len(bytes)?;
+                drop(f);
+                let mut mkfs = Command::new("mkfs.ext4");
+                mkfs.args(["-q", "-F", "-m", "0", "-O", "^has_journal,^resize_inode"])
+                    .args(["-E", "lazy_itable_init=1,nodiscard"]);
+                if let Some(uid) = owner {
+                    mkfs.args(["-E", &format!("root_owner={uid}:{uid}")]);
+                }
+                run(mkfs.arg(&image))?;
+                run(Command::new("mount")
+                    .args(["-o", "loop,nosuid,nodev,noatime"])
+                    .arg(&image)
+                    .arg(dir))
+            })();
+            if let Err(e) = made {
+                let _ = std::fs::remove_file(&image);
+                return Err(e);
+            }
+            ws.image = Some(image);
+            let _ = std::fs::remove_dir(dir.join("lost+found"));
+        }
+        for sub in WRITABLE.iter().chain(["scripts"].iter()) {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        if let Some(uid) = owner {
+            let id = Some(nix::unistd::Uid::from_raw(uid));
+            let gid = Some(nix::unistd::Gid::from_raw(uid));
+            for sub in WRITABLE {
+                nix::unistd::chown(&dir.join(sub), id, gid).map_err(io::Error::from)?;
+            }
+        }
+        Ok(ws)
+    }
+
+    fn unmount(dir: &Path) {
+        if dir.with_extension("img").exists() {
+            let _ = run(Command::new("umount").arg("-l").arg(dir));
+        }
+    }
+
+    /// Whether the workspace reached its limit.
+    pub fn full(&self) -> Option<LimitHit> {
+        let limit = self.limit?;
+        if self.image.is_some() {
+            let st = nix::sys::statvfs::statvfs(&self.dir).ok()?;
+            let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+            // Full: less than 2 % or 16 MiB left, whichever is less (ext4
+            // keeps a little for itself).
+            (free < (limit / 50).min(16 << 20)).then_some(LimitHit::Disk(limit))
+        } else {
+            (usage(&self.dir) > limit).then_some(LimitHit::Disk(limit))
+        }
+    }
+
+    /// Removes the workspace (and its filesystem).
+    pub fn remove(&self) {
+        if let Some(image) = &self.image {
+            let _ = run(Command::new("umount").arg(&self.dir));
+            let _ = std::fs::remove_file(image);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The bytes a folder's files take on disk (symbolic links not followed).
+pub fn usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            total += m.blocks() * 512;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_measured_workspace_is_full_past_its_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ws = Workspace::create(
+            &dir.path().join("w"),
+            DiskQuota::Measured,
+            Some(64 << 10),
+            None,
+        )
+        .expect("workspace");
+        for sub in WRITABLE {
+            assert!(ws.dir.join(sub).is_dir());
+        }
+        assert_eq!(ws.full(), None);
+        std::fs::write(ws.dir.join("src/big"), vec![1u8; 128 << 10]).expect("write");
+        assert_eq!(ws.full(), Some(LimitHit::Disk(64 << 10)));
+        ws.remove();
+        assert!(!dir.path().join("w").exists());
+    }
+}

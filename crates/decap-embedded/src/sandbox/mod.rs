@@ -1,0 +1,541 @@
+//! The sandbox a local build runs in: bubblewrap, with a user namespace,
+//! outbound network through slirp4netns, cgroup limits and a workspace of a
+//! fixed size.
+//!
+//! What a build sees:
+//! * its own user, mount, PID, IPC, UTS, cgroup and network namespaces, no
+//!   capabilities, `no_new_privs`, and no way to make further user
+//!   namespaces (`--disable-userns`). When Decap runs as root, each running
+//!   build has a user id of its own from an unprivileged range
+//!   (`--sandbox-uid-base`, 100000 + slot by default), so that nothing a
+//!   build does on the host is done as root, and two builds are two users;
+//! * the host's system folders read-only (`/usr`, `/etc`, `/opt` and the
+//!   merged-`/usr` links), a fresh `/dev`, `/proc` of its own processes, an
+//!   empty `/run`: not the data dir, not other builds, not the host's
+//!   processes, home folders or sockets;
+//! * its workspace at `/decap/workspace` (`src`, `artifacts`, `home`,
+//!   `tmp`, `scripts`), with `/tmp` the workspace's `tmp`, so that what a
+//!   build writes counts against its disk limit, never against memory;
+//! * the network through slirp4netns, a user-mode NAT: connections out
+//!   (clones, package installs) work, the host's loopback is refused
+//!   (`--disable-host-loopback`), DNS goes to slirp4netns' forwarder. With
+//!   `"network": "none"` only loopback;
+//! * Decap's own channel: the server's build socket at
+//!   `/run/decap/decap.sock`, which bctool serves on the sandbox's own
+//!   loopback at the port the build's `DECAP_URL` names, so scripts and
+//!   bctool reach the API as before, and the server knows the request came
+//!   from a build.
+//!
+//! bubblewrap sets the sandbox up as the build's user, so every host path it
+//! binds must be reachable by that user: the workspaces, the build socket
+//! and bctool live in a folder of their own (see [`SandboxDir`]), never
+//! under a data dir that may sit in `/root`.
+
+pub mod cgroup;
+pub mod disk;
+mod fds;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+
+/// The workspace inside the sandbox.
+pub const WORKSPACE: &str = "/decap/workspace";
+/// bctool inside the sandbox.
+pub const BCTOOL: &str = "/decap/bin/bctool";
+/// The server's build socket inside the sandbox.
+pub const SOCKET: &str = "/run/decap/decap.sock";
+
+/// The host folders a build sees read-only (those that exist; a symbolic
+/// link such as merged-`/usr`'s `/bin` stays a link).
+pub const SYSTEM_DIRS: [&str; 11] = [
+    "/usr", "/etc", "/opt", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/nix", "/snap",
+];
+
+/// The folder holding what sandboxes bind: bctool, the build socket and
+/// the workspaces. As root it is `/var/lib/decap/<instance>` (mode 0711,
+/// reachable by build users, writable by root only); otherwise a folder in
+/// the data dir (builds run as Decap's own user).
+#[derive(Debug, Clone)]
+pub struct SandboxDir(pub PathBuf);
+
+impl SandboxDir {
+    /// The folder for a server whose data dir is `data_dir`, made if needed.
+    pub fn for_data_dir(data_dir: &Path) -> std::io::Result<SandboxDir> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = if nix::unistd::geteuid().is_root() {
+            let base = Path::new("/var/lib/decap");
+            let dir = base.join(instance(data_dir));
+            for d in [base, dir.as_path()] {
+                match std::fs::create_dir(d) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => {
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("cannot create {}: {e}", d.display()),
+                        ));
+                    }
+                }
+                let m = std::fs::symlink_metadata(d)?;
+                if !m.is_dir() || m.uid() != 0 {
+                    return Err(std::io::Error::other(format!(
+                        "{} must be a folder owned by root",
+                        d.display()
+                    )));
+                }
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))?;
+            }
+            dir
+        } else {
+            let dir = data_dir.join("sandbox");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+            dir
+        };
+        Ok(SandboxDir(dir))
+    }
+
+    /// The build socket.
+    pub fn socket(&self) -> PathBuf {
+        self.0.join("build.sock")
+    }
+
+    /// The workspaces' folder.
+    pub fn work_root(&self) -> PathBuf {
+        self.0.join("work")
+    }
+
+    /// bctool as builds get it: a hard link to (or a copy of) `program`.
+    pub fn stage_bctool(&self, program: &Path) -> std::io::Result<PathBuf> {
+        let to = self.0.join("bctool");
+        let partial = self.0.join(".bctool.partial");
+        let _ = std::fs::remove_file(&partial);
+        if std::fs::hard_link(program, &partial).is_err() {
+            std::fs::copy(program, &partial)?;
+        }
+        std::fs::rename(&partial, &to)?;
+        Ok(to)
+    }
+}
+
+/// A short, stable name for a data dir.
+pub fn instance(data_dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut h);
+    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
+}
+
+/// How builds reach the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxNetwork {
+    /// A network namespace of its own, outbound through slirp4netns (its path).
+    Slirp(PathBuf),
+    /// A network namespace with loopback only, for every build.
+    None,
+}
+
+/// How to make sandboxes.
+#[derive(Debug)]
+pub struct Sandbox {
+    bwrap: PathBuf,
+    network: SandboxNetwork,
+    /// Build users, when Decap runs as root: `base + slot`.
+    uids: Option<UidPool>,
+    hide: Vec<PathBuf>,
+    socket: PathBuf,
+    /// The port bctool serves the build socket on inside the sandbox.
+    pub url_port: u16,
+    passwd: String,
+    group: String,
+}
+
+/// What one sandbox runs.
+pub struct Plan<'a> {
+    /// The workspace (host folder).
+    pub workspace: &'a Path,
+    /// bctool on the host.
+    pub bctool: &'a Path,
+    /// bctool's arguments (after the program).
+    pub args: Vec<String>,
+    /// Its environment (the whole of it).
+    pub env: Vec<(String, String)>,
+    /// The build's user, from [`Sandbox::allocate_uid`].
+    pub uid: Option<u32>,
+    /// Whether the build reaches the network.
+    pub network: bool,
+    /// Whether bctool reads its launch on standard input (warm).
+    pub stdin: bool,
+}
+
+/// A started sandbox.
+pub struct Started {
+    /// bubblewrap.
+    pub child: tokio::process::Child,
+    /// The sandbox's first process (its PID 1), as the host sees it.
+    pub init_pid: u32,
+    /// The network helper, when the build has a network.
+    pub slirp: Option<Slirp>,
+}
+
+/// slirp4netns serving one sandbox. It exits when this is dropped (its
+/// `--exit-fd` closes), also when the server dies.
+pub struct Slirp {
+    child: tokio::process::Child,
+    _exit: std::io::PipeWriter,
+}
+
+impl Slirp {
+    /// Stops it; the sandbox's tap device goes with it.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// User ids for builds, one per running build.
+#[derive(Debug)]
+pub struct UidPool {
+    base: u32,
+    used: Mutex<BTreeSet<u32>>,
+}
+
+impl UidPool {
+    fn allocate(&self) -> Option<u32> {
+        let mut used = self.used.lock().ok()?;
+        let slot = (0..65536u32).find(|s| !used.contains(s))?;
+        used.insert(slot);
+        Some(self.base + slot)
+    }
+
+    fn free(&self, uid: u32) {
+        if let Ok(mut used) = self.used.lock() {
+            used.remove(&(uid - self.base));
+        }
+    }
+}
+
+/// A pipe already holding `data` (bubblewrap reads it while setting up).
+fn data_pipe(data: &[u8]) -> std::io::Result<OwnedFd> {
+    let (r, mut w) = std::io::pipe()?;
+    if data.len() > 60 * 1024 {
+        return Err(std::io::Error::other("sandbox file data over 60 KiB"));
+    }
+    w.write_all(data)?;
+    Ok(r.into())
+}
+
+impl Sandbox {
+    /// A sandbox maker. `uid_base` is used when Decap runs as root;
+    /// `socket` is the server's build socket; `url_port` the port builds'
+    /// `DECAP_URL` names.
+    pub fn new(
+        bwrap: PathBuf,
+        network: SandboxNetwork,
+        uid_base: u32,
+        hide: Vec<PathBuf>,
+        socket: PathBuf,
+        url_port: u16,
+    ) -> Sandbox {
+        let root = nix::unistd::geteuid().is_root();
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        Sandbox {
+            bwrap,
+            network,
+            uids: root.then(|| UidPool {
+                base: uid_base,
+                used: Mutex::new(BTreeSet::new()),
+            }),
+            hide,
+            socket,
+            url_port,
+            passwd,
+            group,
+        }
+    }
+
+    /// Whether builds get outbound network at all.
+    pub fn has_network(&self) -> bool {
+        matches!(self.network, SandboxNetwork::Slirp(_))
+    }
+
+    /// A user id for a new build (root only).
+    pub fn allocate_uid(&self) -> Option<u32> {
+        self.uids.as_ref().and_then(UidPool::allocate)
+    }
+
+    /// Gives a build's user id back.
+    pub fn free_uid(&self, uid: Option<u32>) {
+        if let (Some(pool), Some(uid)) = (&self.uids, uid) {
+            pool.free(uid);
+        }
+    }
+
+    /// bubblewrap's command line and the descriptors it reads, for a plan.
+    fn command(
+        &self,
+        plan: &Plan<'_>,
+    ) -> std::io::Result<(
+        tokio::process::Command,
+        Vec<OwnedFd>,
+        OwnedFd,
+        std::io::PipeWriter,
+    )> {
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        const FIRST: i32 = 3;
+        let fd_arg = |fd: OwnedFd, fds: &mut Vec<OwnedFd>| {
+            fds.push(fd);
+            (FIRST + fds.len() as i32 - 1).to_string()
+        };
+        let (info_r, info_w) = std::io::pipe()?;
+        let (block_r, block_w) = std::io::pipe()?;
+        let mut a: Vec<String> = vec![
+            "--unshare-user".into(),
+            "--unshare-pid".into(),
+            "--unshare-ipc".into(),
+            "--unshare-uts".into(),
+            "--unshare-net".into(),
+            "--unshare-cgroup-try".into(),
+            "--disable-userns".into(),
+            "--new-session".into(),
+            "--die-with-parent".into(),
+            "--hostname".into(),
+            "decap-build".into(),
+        ];
+        let info = fd_arg(info_w.into(), &mut fds);
+        a.extend(["--info-fd".into(), info]);
+        let block = fd_arg(block_r.into(), &mut fds);
+        a.extend(["--block-fd".into(), block]);
+        for dir in SYSTEM_DIRS {
+            let p = Path::new(dir);
+            match std::fs::symlink_metadata(p) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    let target = std::fs::read_link(p)?;
+                    a.extend([
+                        "--symlink".into(),
+                        target.to_string_lossy().into_owned(),
+                        dir.into(),
+                    ]);
+                }
+                Ok(m) if m.is_dir() => {
+                    a.extend(["--ro-bind".into(), dir.into(), dir.into()]);
+                }
+                _ => {}
+            }
+        }
+        a.extend([
+            "--dev".into(),
+            "/dev".into(),
+            "--proc".into(),
+            "/proc".into(),
+            "--tmpfs".into(),
+            "/run".into(),
+            "--tmpfs".into(),
+            "/var".into(),
+            "--dir".into(),
+            "/var/tmp".into(),
+        ]);
+        for hidden in &self.hide {
+            if SYSTEM_DIRS.iter().any(|d| hidden.starts_with(d)) && hidden.exists() {
+                a.extend(["--tmpfs".into(), hidden.to_string_lossy().into_owned()]);
+            }
+        }
+        let text = |p: &Path| p.to_string_lossy().into_owned();
+        a.extend(["--bind".into(), text(plan.workspace), WORKSPACE.into()]);
+        a.extend([
+            "--bind".into(),
+            text(&plan.workspace.join("tmp")),
+            "/tmp".into(),
+        ]);
+        a.extend(["--ro-bind".into(), text(plan.bctool), BCTOOL.into()]);
+        a.extend(["--ro-bind".into(), text(&self.socket), SOCKET.into()]);
+        if plan.network && self.has_network() {
+            let fd = fd_arg(data_pipe(b"nameserver 10.0.2.3\n")?, &mut fds);
+            a.extend(["--ro-bind-data".into(), fd, "/etc/resolv.conf".into()]);
+        }
+        if let Some(uid) = plan.uid {
+            let home = format!("{WORKSPACE}/home");
+            let mut passwd = self.passwd.clone();
+            passwd.push_str(&format!(
+                "decap-build:x:{uid}:{uid}:Decap build:{home}:/bin/sh\n"
+            ));
+            let mut group = self.group.clone();
+            group.push_str(&format!("decap-build:x:{uid}:\n"));
+            let fd = fd_arg(data_pipe(passwd.as_bytes())?, &mut fds);
+            a.extend(["--ro-bind-data".into(), fd, "/etc/passwd".into()]);
+            let fd = fd_arg(data_pipe(group.as_bytes())?, &mut fds);
+            a.extend(["--ro-bind-data".into(), fd, "/etc/group".into()]);
+        }
+        if fds.len() > 16 {
+            return Err(std::io::Error::other(
+                "too many descriptors for the sandbox",
+            ));
+        }
+        // The sandbox's own root (bubblewrap's tmpfs) is read-only too:
+        // builds write only their workspace.
+        a.extend([
+            "--remount-ro".into(),
+            "/".into(),
+            "--chdir".into(),
+            format!("{WORKSPACE}/src"),
+            "--".into(),
+            BCTOOL.into(),
+        ]);
+        a.extend(plan.args.iter().cloned());
+        let mut cmd = tokio::process::Command::new(&self.bwrap);
+        cmd.args(&a)
+            .env_clear()
+            .envs(plan.env.iter().map(|(k, v)| (k, v)))
+            .stdin(if plan.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .kill_on_drop(false);
+        if let Some(uid) = plan.uid {
+            cmd.uid(uid).gid(uid);
+        }
+        Ok((cmd, fds, info_r.into(), block_w))
+    }
+
+    /// Starts a sandbox: bubblewrap sets it up, stops before running
+    /// bctool, the caller's `setup` gets the sandbox's first process (to put
+    /// it in its cgroup), the network helper starts, and then bctool runs.
+    /// `spawn` starts the command (on the executor's spawning thread).
+    pub async fn start(
+        &self,
+        plan: &Plan<'_>,
+        spawn: impl AsyncFnOnce(tokio::process::Command) -> std::io::Result<tokio::process::Child>,
+        setup: impl FnOnce(&[u32]) -> std::io::Result<()>,
+    ) -> std::io::Result<Started> {
+        let (mut cmd, fds, info_r, block_w) = self.command(plan)?;
+        fds::pass(&mut cmd, fds, 3);
+        let mut child = spawn(cmd).await?;
+        let stopped = async {
+            let info = read_info(info_r).await?;
+            // Only the sandbox goes in the build's cgroup: bubblewrap's own
+            // process outside it must live to the end (its death ends the
+            // sandbox), so a TERM to the cgroup reaches bctool and the
+            // script, which stop gracefully.
+            setup(&[info])?;
+            let slirp = match (&self.network, plan.network) {
+                (SandboxNetwork::Slirp(path), true) => Some(start_slirp(path, info).await?),
+                _ => None,
+            };
+            Ok::<_, std::io::Error>((info, slirp))
+        }
+        .await;
+        match stopped {
+            Ok((init_pid, slirp)) => {
+                let mut block_w = block_w;
+                block_w.write_all(b"1")?;
+                Ok(Started {
+                    child,
+                    init_pid,
+                    slirp,
+                })
+            }
+            Err(e) => {
+                drop(block_w);
+                let _ = child.start_kill();
+                let status = child.wait().await;
+                Err(std::io::Error::other(format!(
+                    "the sandbox could not start: {e} (bubblewrap: {})",
+                    status.map_or_else(|e| e.to_string(), |s| s.to_string())
+                )))
+            }
+        }
+    }
+}
+
+/// Reads bubblewrap's `--info-fd` JSON: the sandbox's first process.
+async fn read_info(info: OwnedFd) -> std::io::Result<u32> {
+    let file = std::fs::File::from(info);
+    let mut rx = tokio::net::unix::pipe::Receiver::from_file(file)?;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 512];
+    let read = async {
+        loop {
+            let n = rx.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::Error::other(
+                    "bubblewrap failed while setting up the sandbox (see its message above)",
+                ));
+            }
+            text.extend_from_slice(&buf[..n]);
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) {
+                return v["child-pid"]
+                    .as_u64()
+                    .map(|p| p as u32)
+                    .ok_or_else(|| std::io::Error::other("bubblewrap's info has no child-pid"));
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .map_err(|_| std::io::Error::other("bubblewrap did not set the sandbox up in 30 s"))?
+}
+
+/// Starts slirp4netns on the sandbox's network namespace and waits until
+/// its interface is up.
+async fn start_slirp(slirp: &Path, pid: u32) -> std::io::Result<Slirp> {
+    let netns = format!("/proc/{pid}/ns/net");
+    let (ready_r, ready_w) = std::io::pipe()?;
+    let (exit_r, exit_w) = std::io::pipe()?;
+    let mut passed: Vec<OwnedFd> = vec![ready_w.into(), exit_r.into()];
+    let mut cmd = tokio::process::Command::new(slirp);
+    cmd.args([
+        "--configure",
+        "--mtu=65520",
+        "--disable-host-loopback",
+        "--enable-sandbox",
+        "--enable-seccomp",
+        "--netns-type=path",
+        "--ready-fd=3",
+        "--exit-fd=4",
+    ]);
+    if !nix::unistd::geteuid().is_root() {
+        // The namespace belongs to the build's user namespace: join that
+        // one (its owner may).
+        let ns = std::fs::File::open(&netns)?;
+        passed.push(fds::owning_userns(&ns)?);
+        cmd.arg("--userns-path=/proc/self/fd/5");
+    }
+    cmd.arg(&netns)
+        .arg("tap0")
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    fds::pass(&mut cmd, passed, 3);
+    let mut child = cmd.spawn()?;
+    drop(cmd);
+    let mut ready = std::fs::File::from(OwnedFd::from(ready_r));
+    let waited = tokio::task::spawn_blocking(move || {
+        let mut b = [0u8; 1];
+        ready.read(&mut b)
+    });
+    match tokio::time::timeout(Duration::from_secs(10), waited).await {
+        Ok(Ok(Ok(1))) => Ok(Slirp {
+            child,
+            _exit: exit_w,
+        }),
+        _ => {
+            let _ = child.start_kill();
+            Err(std::io::Error::other(
+                "slirp4netns could not give the sandbox its network",
+            ))
+        }
+    }
+}
