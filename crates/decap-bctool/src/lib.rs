@@ -379,6 +379,7 @@ impl Shipper {
                     BlobKind::ArtifactsTarGz => {
                         retry(self.retry_budget, || self.client.put_artifacts(id, body())).await?
                     }
+                    BlobKind::ArtifactsIndex => bail!("the server indexes artifacts itself"),
                 }
             }
         }

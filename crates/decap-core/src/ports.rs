@@ -263,6 +263,9 @@ pub enum BlobKind {
     LogGz,
     /// The artifacts, a gzip-compressed tar.
     ArtifactsTarGz,
+    /// The artifacts' file list (JSON), written beside them so that a view
+    /// never decompresses the tarball.
+    ArtifactsIndex,
 }
 
 impl BlobKind {
@@ -271,6 +274,7 @@ impl BlobKind {
         match self {
             BlobKind::LogGz => "console.log.gz",
             BlobKind::ArtifactsTarGz => "artifacts.tar.gz",
+            BlobKind::ArtifactsIndex => "artifacts.index.json",
         }
     }
 }

@@ -458,7 +458,10 @@ async fn log_source(app: &AppState, id: BuildId) -> ApiResult<LogSource> {
         return Ok(LogSource::Live(live));
     }
     match app.controller.ports.blobs.get(id, BlobKind::LogGz).await? {
-        Some((_, gz)) => Ok(LogSource::Stored(gunzip(gz))),
+        Some((_, gz)) => Ok(LogSource::Stored(crate::uploads::gunzip_bounded(
+            gz,
+            app.controller.config.upload_caps.log_bytes,
+        ))),
         None => Ok(LogSource::None),
     }
 }
@@ -478,15 +481,6 @@ async fn wait_for_log(app: &AppState, id: BuildId) -> ApiResult<LogSource> {
         // Wake on any status change, or after a while in case one was missed.
         let _ = tokio::time::timeout(Duration::from_secs(1), changes.recv()).await;
     }
-}
-
-fn gunzip(gz: ByteStream) -> ByteStream {
-    let reader = tokio_util::io::StreamReader::new(gz);
-    let mut decoder =
-        async_compression::tokio::bufread::GzipDecoder::new(tokio::io::BufReader::new(reader));
-    // A gzip file may hold several members; all of them are the log.
-    decoder.multiple_members(true);
-    Box::pin(tokio_util::io::ReaderStream::new(decoder))
 }
 
 fn log_gone(b: &Build) -> ApiError {
@@ -715,12 +709,12 @@ pub async fn put_artifacts(
 
 async fn put_blob(app: AppState, id: String, req: Request, kind: BlobKind) -> ApiResult<Response> {
     let b = load_as_build(&app, &id, req.headers().clone(), peer(&req)).await?;
-    let size = app
-        .controller
-        .ports
-        .blobs
-        .put(b.id, kind, body_stream(req.into_body()))
-        .await?;
+    let length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let size = crate::uploads::store(&app, b.id, kind, length, req.into_body()).await?;
     Ok((
         StatusCode::CREATED,
         Json(serde_json::json!({ "bytes": size })),
@@ -789,12 +783,6 @@ fn safe_artifact_path(path: &str) -> ApiResult<String> {
     Ok(p.to_owned())
 }
 
-fn entry_name(entry: &tar::Entry<'_, impl std::io::Read>) -> Option<String> {
-    let path = entry.path().ok()?;
-    let s = path.to_string_lossy();
-    Some(s.trim_start_matches("./").to_owned())
-}
-
 pub async fn get_artifacts(
     State(app): State<AppState>,
     Path(id): Path<String>,
@@ -849,28 +837,11 @@ pub async fn get_artifacts(
             .body(Body::from_stream(stream))
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
     }
-    let names = tokio::task::spawn_blocking(move || -> Result<Vec<String>, String> {
-        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
-        let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(reader));
-        let mut names = Vec::new();
-        for entry in archive.entries().map_err(|e| e.to_string())? {
-            let entry = entry.map_err(|e| e.to_string())?;
-            if entry.header().entry_type().is_file()
-                && let Some(n) = entry_name(&entry)
-            {
-                names.push(n);
-            }
-        }
-        Ok(names)
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("the artifacts archive is corrupt: {e}"),
-        )
-    })?;
+    drop(stream);
+    let names: Vec<String> = crate::uploads::index(&app, b.id)
+        .await?
+        .map(|i| i.files.into_iter().map(|f| f.path).collect())
+        .unwrap_or_default();
     let mut text = names.join("\n");
     if !text.is_empty() {
         text.push('\n');
@@ -896,60 +867,10 @@ pub async fn get_artifact_file(
     let (found_tx, found_rx) = tokio::sync::oneshot::channel::<Result<u64, ApiError>>();
     let (data_tx, data_rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
     let wanted2 = wanted.clone();
+    let cap = app.controller.config.upload_caps.artifacts_bytes;
     tokio::task::spawn_blocking(move || {
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
-        let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(reader));
-        let corrupt = |e: std::io::Error| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("the artifacts archive is corrupt: {e}"),
-            )
-        };
-        let entries = match archive.entries() {
-            Ok(e) => e,
-            Err(e) => {
-                let _ = found_tx.send(Err(corrupt(e)));
-                return;
-            }
-        };
-        for entry in entries {
-            let mut entry = match entry {
-                Ok(e) => e,
-                Err(e) => {
-                    let _ = found_tx.send(Err(corrupt(e)));
-                    return;
-                }
-            };
-            if !entry.header().entry_type().is_file()
-                || entry_name(&entry).as_deref() != Some(wanted2.as_str())
-            {
-                continue;
-            }
-            let _ = found_tx.send(Ok(entry.size()));
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                use std::io::Read;
-                match entry.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        if data_tx
-                            .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = data_tx.blocking_send(Err(e));
-                        return;
-                    }
-                }
-            }
-        }
-        let _ = found_tx.send(Err(ApiError::not_found(format!(
-            "artifact {wanted2:?} in build {}",
-            b.id
-        ))));
+        crate::uploads::extract_file(reader, &wanted2, cap, found_tx, data_tx);
     });
     let size = found_rx.await.map_err(|_| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "artifact reader failed")

@@ -65,6 +65,8 @@ pub struct ControllerConfig {
     pub lock_margin: Duration,
     /// The console log is kept up to this many bytes.
     pub max_log_bytes: u64,
+    /// How large uploads may be once decompressed.
+    pub upload_caps: crate::uploads::UploadCaps,
     /// Settings for bctool itself (not the script), e.g. its direct path to
     /// AWS; empty when bctool ships everything through the server.
     pub bctool_env: Vec<(String, String)>,

@@ -19,12 +19,12 @@ pub mod metrics;
 pub mod oauth;
 pub mod statuses;
 pub mod ui;
+pub mod uploads;
 pub mod webhook;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
 use decap_api_types::Version;
 
@@ -106,10 +106,7 @@ pub fn router(state: AppState) -> Router {
             put(details::put),
         );
     Router::new()
-        .route(
-            "/hooks/github",
-            post(webhook::github).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES)),
-        )
+        .route("/hooks/github", post(webhook::github))
         .route("/hooks/buildscripts", post(webhook::buildscripts))
         .route(
             "/details/{owner}/{repo}/{commit}/{*file}",
@@ -170,6 +167,20 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             ui::guard_reads,
         ))
+        .layer(axum::middleware::map_request(body_timeout))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// How long a request body may go without sending anything.
+pub const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Request bodies that stall for [`BODY_IDLE`] fail, so that a client that
+/// stops sending cannot hold a handler (and its buffers) forever; bctool's
+/// live console stream, idle whenever the build prints nothing, is exempt.
+async fn body_timeout(req: axum::extract::Request) -> axum::extract::Request {
+    if req.uri().path().ends_with("/log/stream") {
+        return req;
+    }
+    req.map(|b| axum::body::Body::new(tower_http::timeout::TimeoutBody::new(BODY_IDLE, b)))
 }

@@ -206,12 +206,28 @@ impl LiveLog {
     }
 }
 
+/// The longest line sent as one event: a longer one is split, so that a
+/// follower holds at most this much of a line (a build printing 30 MiB with
+/// no newline costs each viewer 64 KiB, not 30 MiB).
+pub const MAX_LINE: usize = 64 * 1024;
+
 /// Splits a byte stream into lines (without their ends), carrying partial
 /// lines across chunks; each line comes with the stream offset just after it.
+/// Lines longer than [`MAX_LINE`] come in pieces, each cut at a character
+/// boundary.
 #[derive(Default)]
 pub struct LineSplitter {
     partial: Vec<u8>,
     offset: u64,
+}
+
+/// Where to cut a long piece so that no UTF-8 character is split: before an
+/// unfinished character at its end, if there is one.
+fn char_boundary(bytes: &[u8]) -> usize {
+    match std::str::from_utf8(bytes) {
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        _ => bytes.len(),
+    }
 }
 
 impl LineSplitter {
@@ -236,6 +252,13 @@ impl LineSplitter {
                 out.push((self.offset, String::from_utf8_lossy(&line).into_owned()));
             } else {
                 self.partial.push(b);
+                if self.partial.len() >= MAX_LINE {
+                    let cut = char_boundary(&self.partial).max(1);
+                    let rest = self.partial.split_off(cut);
+                    let piece = std::mem::replace(&mut self.partial, rest);
+                    let end = self.offset - self.partial.len() as u64;
+                    out.push((end, String::from_utf8_lossy(&piece).into_owned()));
+                }
             }
         }
         out
@@ -276,6 +299,26 @@ mod tests {
         );
         assert_eq!(s.push(b"tail"), vec![]);
         assert_eq!(s.finish(), Some((17, "tail".into())));
+    }
+
+    #[test]
+    fn a_line_without_end_comes_in_bounded_pieces_with_true_offsets() {
+        let mut s = LineSplitter::default();
+        let mut got = Vec::new();
+        // "é" is two bytes: pieces must not cut it.
+        let chunk = "é".repeat(1000);
+        for _ in 0..200 {
+            got.extend(s.push(chunk.as_bytes()));
+        }
+        assert!(!got.is_empty());
+        let mut total = 0u64;
+        for (offset, line) in &got {
+            assert!(line.len() <= MAX_LINE, "a piece is bounded");
+            assert!(!line.contains('\u{FFFD}'), "no character is cut");
+            total += line.len() as u64;
+            assert_eq!(*offset, total, "offsets count the bytes sent");
+        }
+        assert!(s.partial.len() < MAX_LINE);
     }
 
     #[tokio::test]

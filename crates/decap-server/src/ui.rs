@@ -22,7 +22,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use decap_core::build::{Build, BuildId, BuildStatus, Trigger};
 use decap_core::names::{LockKey, ProjectKey};
-use decap_core::ports::{BlobKind, BuildQuery};
+use decap_core::ports::BuildQuery;
 use futures::Stream;
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -962,45 +962,18 @@ pub async fn build(
     })
 }
 
-/// The files of a build's artifacts, read from the tarball's headers.
+/// The files of a build's artifacts, from their index (made once).
 async fn artifact_names(app: &AppState, id: BuildId) -> (Vec<String>, String) {
-    use futures::StreamExt;
-    let stored = match app
-        .controller
-        .ports
-        .blobs
-        .get(id, BlobKind::ArtifactsTarGz)
-        .await
-    {
-        Ok(Some((_, s))) => s,
-        Ok(None) => return (Vec::new(), String::new()),
-        Err(e) => return (Vec::new(), e.to_string()),
-    };
-    // The tarball is read on a blocking thread through a bridge.
-    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(
-        stored.map(|r| r.map_err(std::io::Error::other)),
-    ));
-    let listed = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
-        let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(reader));
-        let mut names = Vec::new();
-        for entry in archive.entries()? {
-            let entry = entry?;
-            if entry.header().entry_type().is_file() {
-                let path = entry.path()?;
-                let name = path.to_string_lossy().trim_start_matches("./").to_owned();
-                names.push(name);
-            }
-            if names.len() >= 1000 {
-                break;
-            }
-        }
-        Ok(names)
-    })
-    .await;
-    match listed {
-        Ok(Ok(names)) => (names, String::new()),
-        Ok(Err(e)) => (Vec::new(), format!("the artifacts cannot be read: {e}")),
-        Err(e) => (Vec::new(), e.to_string()),
+    match crate::uploads::index(app, id).await {
+        Ok(Some(index)) => (
+            index.files.into_iter().take(1000).map(|f| f.path).collect(),
+            String::new(),
+        ),
+        Ok(None) => (Vec::new(), String::new()),
+        Err(e) => (
+            Vec::new(),
+            format!("the artifacts cannot be read: {}", e.message),
+        ),
     }
 }
 

@@ -201,9 +201,101 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
 }
 
 /// The handler.
-pub async fn github(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+/// The memory all webhook bodies being read may hold together, in KiB.
+const BODY_BUDGET_KIB: usize = 64 * 1024;
+/// Bodies up to this size are read without taking from the budget (a
+/// thousand of them at once hold 64 MiB at most).
+const SMALL_BODY: u64 = 64 * 1024;
+/// How long a webhook body may take to arrive (GitHub gives up after 10 s).
+const BODY_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn body_budget() -> &'static tokio::sync::Semaphore {
+    static BUDGET: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    BUDGET.get_or_init(|| tokio::sync::Semaphore::new(BODY_BUDGET_KIB))
+}
+
+/// Reads a webhook's body only once its headers could be from GitHub: a
+/// secret is set, the event, delivery and signature headers are there, and
+/// `Content-Length` says a size under the cap. A large body takes its size
+/// from a shared budget while it is read, so held connections cannot make
+/// the server buffer without bound; every body must arrive within 10 s.
+async fn read_body(
+    app: &AppState,
+    req: axum::extract::Request,
+) -> Result<(HeaderMap, Bytes), ApiError> {
+    let headers = req.headers().clone();
+    if app.auth.webhook_secrets.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "webhooks are refused: no secret is configured (set DECAP_GITHUB_WEBHOOK_SECRET)",
+        ));
+    }
+    header(&headers, "x-github-event")?;
+    header(&headers, "x-github-delivery")?;
+    let sig = headers
+        .get("x-hub-signature-256")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::unauthorized("missing X-Hub-Signature-256"))?;
+    if !sig.starts_with("sha256=") || sig.len() != 71 {
+        return Err(ApiError::unauthorized(
+            "X-Hub-Signature-256 must be sha256=<64 hex digits>",
+        ));
+    }
+    let length: u64 = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::LENGTH_REQUIRED,
+                "a webhook must say its Content-Length",
+            )
+        })?;
+    if length > crate::MAX_WEBHOOK_BYTES as u64 {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a webhook body is at most {} bytes",
+                crate::MAX_WEBHOOK_BYTES
+            ),
+        ));
+    }
+    let _permit = if length > SMALL_BODY {
+        let kib = u32::try_from(length.div_ceil(1024)).unwrap_or(u32::MAX);
+        let taken = tokio::time::timeout(BODY_TIME, body_budget().acquire_many(kib)).await;
+        match taken {
+            Ok(Ok(p)) => Some(p),
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many large webhook bodies are arriving at once; try again",
+                ));
+            }
+        }
+    } else {
+        None
+    };
+    let limit = usize::try_from(length).unwrap_or(usize::MAX);
+    let body = tokio::time::timeout(BODY_TIME, axum::body::to_bytes(req.into_body(), limit))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "the webhook body did not arrive within 10 s",
+            )
+        })?
+        .map_err(|e| ApiError::bad_request(format!("the webhook body could not be read: {e}")))?;
+    Ok((headers, body))
+}
+
+pub async fn github(State(app): State<AppState>, req: axum::extract::Request) -> Response {
     let started = Instant::now();
-    let (outcome, response) = match handle(&app, &headers, &body).await {
+    let read = read_body(&app, req).await;
+    let handled = match read {
+        Ok((headers, body)) => handle(&app, &headers, &body).await,
+        Err(e) => Err(e),
+    };
+    let (outcome, response) = match handled {
         Ok((outcome, r)) => (outcome, r),
         Err(e) => {
             let outcome = match e.status {

@@ -488,6 +488,10 @@ struct ServeArgs {
     /// Console logs are kept up to this many bytes.
     #[arg(long, env = "DECAP_MAX_LOG_BYTES", default_value_t = 32 * 1024 * 1024)]
     max_log_bytes: u64,
+    /// A build's artifacts may hold this much, decompressed (uploads past it
+    /// are refused with 413).
+    #[arg(long, env = "DECAP_MAX_ARTIFACTS_BYTES", default_value = "8Gi")]
+    max_artifacts_bytes: String,
     /// Log filter (`info`, `decap_server=debug,info`); changeable at run time.
     #[arg(long, env = "DECAP_LOG", default_value = "info")]
     log_level: String,
@@ -1045,6 +1049,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
             kill_grace: Duration::from_secs(args.kill_grace_secs.max(1)),
             lock_margin: Duration::from_secs(600),
             max_log_bytes: args.max_log_bytes,
+            upload_caps: decap_server::uploads::UploadCaps::new(
+                args.max_log_bytes,
+                decap_core::limits::parse_bytes(
+                    "--max-artifacts-bytes",
+                    &args.max_artifacts_bytes,
+                )?,
+            ),
             bctool_env,
             drain_interval: Duration::from_secs(5),
         },

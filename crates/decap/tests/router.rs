@@ -101,6 +101,7 @@ async fn app_with_auth(secrets: &[&str], private_reads: bool) -> TestApp {
             kill_grace: Duration::from_secs(1),
             lock_margin: Duration::from_secs(60),
             max_log_bytes: 1 << 20,
+            upload_caps: decap_server::uploads::UploadCaps::new(1 << 20, 64 << 20),
             bctool_env: Vec::new(),
             drain_interval: Duration::from_secs(3600),
         },
@@ -152,10 +153,12 @@ async fn call(app: &TestApp, req: Request<Body>) -> (StatusCode, serde_json::Val
     (status, json)
 }
 
+/// A webhook as GitHub sends it (it always says its Content-Length).
 fn hook(event: &str, delivery: &str, body: &[u8], signature: Option<String>) -> Request<Body> {
     let mut b = Request::post("/hooks/github")
         .header("x-github-event", event)
-        .header("x-github-delivery", delivery);
+        .header("x-github-delivery", delivery)
+        .header("content-length", body.len());
     if let Some(sig) = signature {
         b = b.header("x-hub-signature-256", sig);
     }
@@ -323,6 +326,30 @@ async fn bodies_over_25_mib_are_refused() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // The size is known before a byte of the body is read: one that never
+    // arrives is refused just the same.
+    let stalled = Request::post("/hooks/github")
+        .header("x-github-event", "push")
+        .header("x-github-delivery", "d-stalled")
+        .header("x-hub-signature-256", sign(SECRET, b"{}"))
+        .header("content-length", 30 * 1024 * 1024)
+        .body(Body::from_stream(futures::stream::pending::<
+            Result<bytes::Bytes, std::io::Error>,
+        >()))
+        .unwrap();
+    let resp = app.router.clone().oneshot(stalled).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Without a Content-Length, nothing is read.
+    let chunked = Request::post("/hooks/github")
+        .header("x-github-event", "push")
+        .header("x-github-delivery", "d-chunked")
+        .header("x-hub-signature-256", sign(SECRET, b"{}"))
+        .body(Body::from_stream(futures::stream::pending::<
+            Result<bytes::Bytes, std::io::Error>,
+        >()))
+        .unwrap();
+    let resp = app.router.clone().oneshot(chunked).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::LENGTH_REQUIRED);
 }
 
 #[tokio::test]
