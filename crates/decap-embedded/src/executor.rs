@@ -710,16 +710,27 @@ impl Inner {
         }
     }
 
-    /// Starts a warm bctool in the background to replace one taken.
+    /// Starts a warm bctool in the background to replace one taken; one
+    /// that fails to start is tried again a little later, so the pool does
+    /// not shrink for good.
     fn replenish(self: &Arc<Self>) {
         let this = self.clone();
         tokio::spawn(async move {
             // Not at the same instant as the build it replaces is starting:
             // the two would compete for the CPU.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            match this.start_warm().await {
-                Ok(w) => this.park(w),
-                Err(e) => tracing::warn!(error = %e, "cannot start a warm bctool"),
+            let mut delay = Duration::from_millis(20);
+            for attempt in 0..5 {
+                tokio::time::sleep(delay).await;
+                match this.start_warm().await {
+                    Ok(w) => {
+                        this.park(w);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt, "cannot start a warm bctool; trying again")
+                    }
+                }
+                delay = Duration::from_millis(500) * (attempt + 1);
             }
         });
     }

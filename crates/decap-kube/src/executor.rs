@@ -9,7 +9,7 @@ use decap_core::build::BuildId;
 use decap_core::ports::{EnvironmentExit, Executor, ExecutorEvents, LaunchSpec};
 use decap_core::{Error, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
@@ -130,6 +130,7 @@ pub struct KubeExecutor {
 struct Inner {
     pods: Api<Pod>,
     config_maps: Api<ConfigMap>,
+    secrets: Api<Secret>,
     config: KubeExecutorConfig,
     events: Arc<dyn ExecutorEvents>,
     state: Mutex<State>,
@@ -158,7 +159,8 @@ impl KubeExecutor {
     ) -> Result<Self> {
         let inner = Arc::new(Inner {
             pods: Api::namespaced(client.clone(), &config.namespace),
-            config_maps: Api::namespaced(client, &config.namespace),
+            config_maps: Api::namespaced(client.clone(), &config.namespace),
+            secrets: Api::namespaced(client, &config.namespace),
             config,
             events,
             state: Mutex::new(State::default()),
@@ -209,13 +211,27 @@ impl Inner {
         s.unavailable = why;
     }
 
-    /// Deletes scripts ConfigMaps whose build pod is gone (left by a
-    /// controller that stopped between the two deletions).
+    /// Deletes scripts ConfigMaps and token Secrets whose build pod is gone
+    /// (left by a controller that stopped between the deletions).
     async fn sweep_config_maps(&self, pods: &[Pod]) {
         let names: HashSet<String> = pods
             .iter()
             .filter_map(|p| p.metadata.name.clone())
             .collect();
+        if let Ok(tokens) = self
+            .secrets
+            .list(&ListParams::default().labels("type=decap-build-token"))
+            .await
+        {
+            for t in tokens.items {
+                let Some(name) = t.metadata.name else {
+                    continue;
+                };
+                if !names.contains(name.trim_end_matches("-token")) {
+                    let _ = self.secrets.delete(&name, &DeleteParams::default()).await;
+                }
+            }
+        }
         let Ok(cms) = self
             .config_maps
             .list(&ListParams::default().labels("type=decap-build-scripts"))
@@ -237,15 +253,21 @@ impl Inner {
         }
     }
 
-    /// Creates the ConfigMap and the pod; both already existing is success
-    /// (the launch adopts them).
-    async fn create(&self, pod: &Pod, cm: &ConfigMap) -> std::result::Result<(), kube::Error> {
+    /// Creates the ConfigMap, the token Secret and the pod; all already
+    /// existing is success (the launch adopts them).
+    async fn create(&self, r: &pod::Rendered) -> std::result::Result<(), kube::Error> {
         let pp = PostParams::default();
-        match self.config_maps.create(&pp, cm).await {
+        match self.config_maps.create(&pp, &r.scripts).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => return Err(e),
         }
+        match self.secrets.create(&pp, &r.token).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e),
+        }
+        let pod = &r.pod;
         match self.pods.create(&pp, pod).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
@@ -282,14 +304,21 @@ impl Inner {
                 this.lock().reaping.remove(&id);
                 return;
             }
-            let _ = this
-                .config_maps
-                .delete(
-                    &pod::scripts_config_map_name(&name),
-                    &DeleteParams::default(),
-                )
-                .await;
+            this.delete_companions(&name).await;
         });
+    }
+
+    /// Deletes a build's scripts ConfigMap and token Secret.
+    async fn delete_companions(&self, pod_name: &str) {
+        let dp = DeleteParams::default();
+        let _ = self
+            .config_maps
+            .delete(&pod::scripts_config_map_name(pod_name), &dp)
+            .await;
+        let _ = self
+            .secrets
+            .delete(&pod::token_secret_name(pod_name), &dp)
+            .await;
     }
 
     fn seen(self: &Arc<Self>, pod: &Pod) {
@@ -301,7 +330,7 @@ impl Inner {
         }
     }
 
-    fn gone(&self, id: BuildId, reason: &str) {
+    fn gone(self: &Arc<Self>, id: BuildId, reason: &str) {
         {
             let mut s = self.lock();
             s.live.remove(&id);
@@ -309,15 +338,8 @@ impl Inner {
         }
         self.report(id, reason.to_owned());
         self.lock().reported.remove(&id);
-        let cms = self.config_maps.clone();
-        tokio::spawn(async move {
-            let _ = cms
-                .delete(
-                    &pod::scripts_config_map_name(&id.to_string()),
-                    &DeleteParams::default(),
-                )
-                .await;
-        });
+        let this = self.clone();
+        tokio::spawn(async move { this.delete_companions(&id.to_string()).await });
     }
 
     async fn watch(self: Arc<Self>) {
@@ -377,7 +399,7 @@ impl Inner {
 
     /// Keeps creating a build's pod until the API server answers, giving up
     /// after the build's timeout.
-    fn launch_when_reachable(self: &Arc<Self>, spec: &LaunchSpec, pod: Pod, cm: ConfigMap) {
+    fn launch_when_reachable(self: &Arc<Self>, spec: &LaunchSpec, rendered: pod::Rendered) {
         let id = spec.build.id;
         let give_up = tokio::time::Instant::now() + spec.timeout;
         let this = self.clone();
@@ -385,7 +407,7 @@ impl Inner {
             let mut delay = Duration::from_millis(200);
             loop {
                 tokio::time::sleep(delay).await;
-                match this.create(&pod, &cm).await {
+                match this.create(&rendered).await {
                     Ok(()) => {
                         tracing::info!(build_id = %id, "build pod created after the API server came back");
                         this.set_unavailable(None);
@@ -427,9 +449,9 @@ impl Executor for KubeExecutor {
 
     async fn launch(&self, spec: LaunchSpec) -> Result<()> {
         let inner = &self.inner;
-        let (pod, cm) =
+        let rendered =
             pod::render(&spec, &inner.config).map_err(|e| Error::invalid("build pod", e))?;
-        match inner.create(&pod, &cm).await {
+        match inner.create(&rendered).await {
             Ok(()) => {
                 inner.lock().live.insert(spec.build.id);
                 Ok(())
@@ -440,7 +462,7 @@ impl Executor for KubeExecutor {
                 // wait deferred (see `unavailable`).
                 inner.set_unavailable(Some(e.to_string()));
                 inner.lock().live.insert(spec.build.id);
-                inner.launch_when_reachable(&spec, pod, cm);
+                inner.launch_when_reachable(&spec, rendered);
                 Ok(())
             }
             Err(e) => Err(kube_err(format!(
@@ -463,13 +485,30 @@ impl Executor for KubeExecutor {
             ..DeleteParams::default()
         };
         match inner.pods.delete(&build.to_string(), &dp).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-            Err(e) => Err(kube_err(format!(
-                "cannot delete the build pod: {}",
-                describe(&e)
-            ))),
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            Err(e) => {
+                return Err(kube_err(format!(
+                    "cannot delete the build pod: {}",
+                    describe(&e)
+                )));
+            }
         }
+        // The build ends once its containers have: wait for the pod to be
+        // gone (its grace period, then the kubelet's kill), within bounds.
+        let limit = tokio::time::Instant::now() + inner.config.kill_grace + Duration::from_secs(30);
+        while tokio::time::Instant::now() < limit {
+            match inner.pods.get_opt(&build.to_string()).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(p)) if ended(&p).is_some() => return Ok(()),
+                Ok(Some(_)) => {}
+                Err(e) if is_unreachable(&e) => {}
+                Err(_) => return Ok(()),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        tracing::warn!(build_id = %build, "the build pod is still terminating");
+        Ok(())
     }
 
     async fn live(&self) -> Result<Vec<BuildId>> {

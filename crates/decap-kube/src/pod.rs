@@ -20,8 +20,9 @@ use decap_core::catalog::ProjectEntry;
 use decap_core::ports::LaunchSpec;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, EnvVar, KeyToPath, Pod, PodSpec,
-    ResourceRequirements, SecretVolumeSource, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EnvVar, EnvVarSource, KeyToPath,
+    Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, Secret,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -61,6 +62,56 @@ pub fn scripts_config_map_name(pod_name: &str) -> String {
     format!("{pod_name}-scripts")
 }
 
+/// The name of the Secret holding a build's token: the token is never
+/// written into the pod spec, where anyone who may read pods would see it.
+pub fn token_secret_name(pod_name: &str) -> String {
+    format!("{pod_name}-token")
+}
+
+/// The user build pods run as unless their image or project says otherwise.
+pub const BUILD_USER: i64 = 1000;
+
+/// A container's settings for the `restricted` Pod Security Standard: no
+/// privilege escalation, no capabilities.
+fn restricted() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+/// The pod's settings for the `restricted` Pod Security Standard: not root,
+/// the runtime's seccomp profile.
+fn restricted_pod() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(BUILD_USER),
+        run_as_group: Some(BUILD_USER),
+        fs_group: Some(BUILD_USER),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// The build container's security settings: restricted, unless the project
+/// asks for more with `securityContext` in project.json.
+fn build_security(
+    descriptor: &decap_core::descriptor::Descriptor,
+) -> Result<SecurityContext, String> {
+    match &descriptor.security_context {
+        None => Ok(restricted()),
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| format!("securityContext is not a Kubernetes SecurityContext: {e}")),
+    }
+}
+
 /// The project's sidecars as Kubernetes containers, or why they are not.
 pub fn sidecars(entry: &ProjectEntry) -> Result<Vec<Container>, String> {
     let mut names = std::collections::HashSet::new();
@@ -79,6 +130,11 @@ pub fn sidecars(entry: &ProjectEntry) -> Result<Vec<Container>, String> {
         }
         if c.image.as_deref().is_none_or(|i| i.trim().is_empty()) {
             return Err(format!("sidecar {:?} has no image", c.name));
+        }
+        // A sidecar that says nothing of its security runs restricted too;
+        // one that says something has asked for it.
+        if c.security_context.is_none() {
+            c.security_context = Some(restricted());
         }
         if let Some(policy) = &c.restart_policy
             && policy != "Always"
@@ -170,7 +226,18 @@ fn build_env(spec: &LaunchSpec) -> Vec<EnvVar> {
         env("COMMIT_SHA", b.commit.clone().unwrap_or_default()),
         env("ARTIFACTS_DIR", ws("artifacts")),
         env("DECAP_URL", spec.decap_url.clone()),
-        env("DECAP_BUILD_TOKEN", spec.build_token.clone()),
+        EnvVar {
+            name: "DECAP_BUILD_TOKEN".into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: token_secret_name(&b.id.to_string()),
+                    key: "token".into(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+        },
         env(
             "DECAP_SCRIPTS_COMMIT",
             b.scripts_commit.clone().unwrap_or_default(),
@@ -278,8 +345,41 @@ fn scripts_config_map(
     Ok((cm, items))
 }
 
-/// The pod and scripts ConfigMap of a build.
-pub fn render(spec: &LaunchSpec, config: &KubeExecutorConfig) -> Result<(Pod, ConfigMap), String> {
+/// The Secret holding a build's token.
+fn token_secret(spec: &LaunchSpec, name: &str, namespace: &str) -> Secret {
+    let mut labels = labels(spec);
+    labels.insert(TYPE_LABEL.0.to_owned(), "decap-build-token".to_owned());
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(token_secret_name(name)),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels),
+            annotations: Some(annotations(spec)),
+            ..ObjectMeta::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "token".to_owned(),
+            spec.build_token.clone(),
+        )])),
+        immutable: Some(true),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    }
+}
+
+/// What a build needs created: its pod, its scripts ConfigMap and the
+/// Secret holding its token.
+pub struct Rendered {
+    /// The pod.
+    pub pod: Pod,
+    /// The scripts.
+    pub scripts: ConfigMap,
+    /// The token.
+    pub token: Secret,
+}
+
+/// The pod, scripts ConfigMap and token Secret of a build.
+pub fn render(spec: &LaunchSpec, config: &KubeExecutorConfig) -> Result<Rendered, String> {
     let name = spec.build.id.to_string();
     let namespace = config.namespace.clone();
     let descriptor = spec
@@ -288,6 +388,8 @@ pub fn render(spec: &LaunchSpec, config: &KubeExecutorConfig) -> Result<(Pod, Co
         .ok_or_else(|| format!("project {} has no valid project.json", spec.build.project))?;
     let sidecars = sidecars(&spec.project)?;
     let (cm, items) = scripts_config_map(spec, &name, &namespace)?;
+    let token = token_secret(spec, &name, &namespace);
+    let build_security = build_security(&descriptor.descriptor)?;
 
     let bctool = format!("{BIN_DIR}/bctool");
     let mut command = vec![
@@ -299,8 +401,13 @@ pub fn render(spec: &LaunchSpec, config: &KubeExecutorConfig) -> Result<(Pod, Co
         config.kill_grace.as_secs().max(1).to_string(),
         "--max-log-bytes".into(),
         spec.max_log_bytes.to_string(),
-        "--".into(),
     ];
+    for name in
+        std::iter::once("DECAP_BUILD_TOKEN").chain(spec.secrets.iter().map(|(k, _)| k.as_str()))
+    {
+        command.extend(["--mask-env".into(), name.to_owned()]);
+    }
+    command.push("--".into());
     command.extend(script_command(&spec.project));
 
     let mut install = config.bctool_command.clone();
@@ -330,6 +437,7 @@ pub fn render(spec: &LaunchSpec, config: &KubeExecutorConfig) -> Result<(Pod, Co
             )])),
             ..ResourceRequirements::default()
         }),
+        security_context: Some(restricted()),
         ..Container::default()
     };
     let build = Container {
@@ -346,6 +454,7 @@ pub fn render(spec: &LaunchSpec, config: &KubeExecutorConfig) -> Result<(Pod, Co
             mount("decap-workspace", WORKSPACE_DIR, false),
             mount("decap-credentials", CREDENTIALS_DIR, true),
         ]),
+        security_context: Some(build_security),
         ..Container::default()
     };
     let mut init = vec![bctool_init];
@@ -378,6 +487,7 @@ pub fn render(spec: &LaunchSpec, config: &KubeExecutorConfig) -> Result<(Pod, Co
                 descriptor.descriptor.service_account_name.is_some(),
             ),
             enable_service_links: Some(false),
+            security_context: Some(restricted_pod()),
             init_containers: Some(init),
             containers: vec![build],
             volumes: Some(vec![
@@ -416,5 +526,9 @@ pub fn render(spec: &LaunchSpec, config: &KubeExecutorConfig) -> Result<(Pod, Co
         }),
         status: None,
     };
-    Ok((pod, cm))
+    Ok(Rendered {
+        pod,
+        scripts: cm,
+        token,
+    })
 }

@@ -63,14 +63,67 @@ fn spec(project: &str, branch: &str) -> LaunchSpec {
 
 #[test]
 fn build_pod_with_a_sidecar() {
-    let (pod, cm) = render(&spec("widgets", "main"), &KubeExecutorConfig::default()).unwrap();
-    insta::assert_json_snapshot!("widgets_pod", pod);
-    insta::assert_json_snapshot!("widgets_scripts", cm);
+    let r = render(&spec("widgets", "main"), &KubeExecutorConfig::default()).unwrap();
+    insta::assert_json_snapshot!("widgets_pod", r.pod);
+    insta::assert_json_snapshot!("widgets_scripts", r.scripts);
+}
+
+#[test]
+fn the_build_token_lives_in_its_own_secret_never_in_the_pod_spec() {
+    let r = render(&spec("widgets", "main"), &KubeExecutorConfig::default()).unwrap();
+    let pod = serde_json::to_string(&r.pod).unwrap();
+    assert!(!pod.contains("build-token-for-tests"), "{pod}");
+    let name = r.token.metadata.name.clone().unwrap();
+    assert!(pod.contains(&name), "the pod refers to the token's Secret");
+    assert_eq!(
+        r.token.string_data.unwrap()["token"],
+        "build-token-for-tests"
+    );
+    assert!(
+        pod.contains("\"--mask-env\",\"DECAP_BUILD_TOKEN\""),
+        "{pod}"
+    );
+}
+
+#[test]
+fn pods_pass_the_restricted_pod_security_level_unless_the_project_asks_for_more() {
+    let r = render(&spec("widgets", "main"), &KubeExecutorConfig::default()).unwrap();
+    let ps = r.pod.spec.unwrap();
+    let pod_sc = ps.security_context.unwrap();
+    assert_eq!(pod_sc.run_as_non_root, Some(true));
+    assert_eq!(pod_sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    for c in ps
+        .containers
+        .iter()
+        .chain(ps.init_containers.iter().flatten())
+    {
+        let sc = c.security_context.clone().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+        assert_eq!(
+            sc.capabilities.unwrap().drop.unwrap(),
+            vec!["ALL".to_owned()],
+            "{}",
+            c.name
+        );
+    }
+    let mut asks = spec("widgets", "main");
+    let mut d = asks.project.descriptor.clone().unwrap();
+    d.descriptor.security_context =
+        Some(serde_json::json!({"runAsUser": 0, "runAsNonRoot": false}));
+    asks.project.descriptor = Some(d);
+    let r = render(&asks, &KubeExecutorConfig::default()).unwrap();
+    let build = &r.pod.spec.unwrap().containers[0];
+    assert_eq!(
+        build.security_context.as_ref().unwrap().run_as_user,
+        Some(0)
+    );
 }
 
 #[test]
 fn a_service_account_token_only_when_the_project_asks() {
-    let (pod, _) = render(&spec("widgets", "main"), &KubeExecutorConfig::default()).unwrap();
+    let pod = render(&spec("widgets", "main"), &KubeExecutorConfig::default())
+        .unwrap()
+        .pod;
     let ps = pod.spec.unwrap();
     assert_eq!(ps.service_account_name.as_deref(), Some("decap-build"));
     assert_eq!(ps.automount_service_account_token, Some(false));
@@ -78,7 +131,7 @@ fn a_service_account_token_only_when_the_project_asks() {
     let mut d = asks.project.descriptor.clone().unwrap();
     d.descriptor.service_account_name = Some("deployer".into());
     asks.project.descriptor = Some(d);
-    let (pod, _) = render(&asks, &KubeExecutorConfig::default()).unwrap();
+    let pod = render(&asks, &KubeExecutorConfig::default()).unwrap().pod;
     let ps = pod.spec.unwrap();
     assert_eq!(ps.service_account_name.as_deref(), Some("deployer"));
     assert_eq!(ps.automount_service_account_token, Some(true));
@@ -86,7 +139,9 @@ fn a_service_account_token_only_when_the_project_asks() {
 
 #[test]
 fn credentials_never_reach_the_pod_spec() {
-    let (pod, _) = render(&spec("widgets", "main"), &KubeExecutorConfig::default()).unwrap();
+    let pod = render(&spec("widgets", "main"), &KubeExecutorConfig::default())
+        .unwrap()
+        .pod;
     let json = serde_json::to_string(&pod).unwrap();
     assert!(!json.contains("AKIDSECRET"));
     assert!(!json.contains("very-secret"));
@@ -104,7 +159,9 @@ fn long_and_odd_branches_get_valid_distinct_labels() {
     ];
     let mut labels = std::collections::HashSet::new();
     for branch in branches {
-        let (pod, _) = render(&spec("widgets", branch), &KubeExecutorConfig::default()).unwrap();
+        let pod = render(&spec("widgets", branch), &KubeExecutorConfig::default())
+            .unwrap()
+            .pod;
         let meta = pod.metadata;
         let label = meta.labels.unwrap()["branch"].clone();
         assert!(is_valid_label_value(&label), "{branch:?} → {label:?}");
@@ -121,6 +178,8 @@ fn a_sidecar_that_is_not_a_container_is_refused() {
         .unwrap();
     let err = sidecars(entry).unwrap_err();
     assert!(err.contains("not a valid Kubernetes Container"), "{err}");
-    let err = render(&spec("badsidecar", "main"), &KubeExecutorConfig::default()).unwrap_err();
+    let err = render(&spec("badsidecar", "main"), &KubeExecutorConfig::default())
+        .err()
+        .unwrap();
     assert!(err.contains("not a valid Kubernetes Container"), "{err}");
 }

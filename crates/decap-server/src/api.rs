@@ -993,6 +993,11 @@ pub async fn healthz() -> &'static str {
 
 pub async fn readyz(State(app): State<AppState>) -> ApiResult<&'static str> {
     app.controller.ports.builds.count_by_status().await?;
+    if app.controller.ports.executor.sandbox() == "none" {
+        return Ok(
+            "ready; builds run with no sandbox (--sandbox none): they act as Decap's own user and see the host\n",
+        );
+    }
     Ok("ready\n")
 }
 

@@ -528,7 +528,11 @@ impl Runner {
     async fn start(&mut self, cid: Cid, volumes: &HashMap<String, VolumeDir>) {
         let sidecar = self.is_sidecar(cid);
         let name = self.container(cid).name.clone();
-        match self.spawn(cid, volumes) {
+        let started = match self.secret_env(cid).await {
+            Ok(secrets) => self.spawn(cid, volumes, &secrets),
+            Err(e) => Err(e),
+        };
+        match started {
             Ok(pid) => {
                 debug!(pod = %self.name, container = %name, pid, "container started");
                 self.live.insert(cid, pid);
@@ -561,8 +565,57 @@ impl Runner {
         }
     }
 
+    /// The values of the Secret keys a container's environment refers to
+    /// (`valueFrom.secretKeyRef`), as a kubelet reads them before starting
+    /// it; a required one that is missing keeps the container from starting.
+    async fn secret_env(&self, cid: Cid) -> Result<HashMap<(String, String), String>, String> {
+        let refs: Vec<k8s_openapi::api::core::v1::SecretKeySelector> = self
+            .container(cid)
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.clone())
+            .collect();
+        let mut out = HashMap::new();
+        if refs.is_empty() {
+            return Ok(out);
+        }
+        let namespace = self.api.namespace().unwrap_or_default().to_owned();
+        let api: Api<Secret> = Api::namespaced(self.shared.client.clone(), &namespace);
+        let mut fetched: HashMap<String, Option<Secret>> = HashMap::new();
+        for r in refs {
+            if !fetched.contains_key(&r.name) {
+                let s = get_with_retries(&api, &r.name).await?;
+                fetched.insert(r.name.clone(), s);
+            }
+            let value = fetched
+                .get(&r.name)
+                .and_then(|s| s.as_ref())
+                .and_then(|s| s.data.as_ref())
+                .and_then(|d| d.get(&r.key))
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned());
+            match value {
+                Some(v) => {
+                    out.insert((r.name, r.key), v);
+                }
+                None if r.optional == Some(true) => {}
+                None => {
+                    return Err(format!(
+                        "CreateContainerConfigError: secret {:?} has no key {:?}",
+                        r.name, r.key
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The container's environment, in the order Kubernetes builds it.
-    fn environment(&self, c: &Container) -> Vec<(String, String)> {
+    fn environment(
+        &self,
+        c: &Container,
+        secrets: &HashMap<(String, String), String>,
+    ) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = vec![
             ("PATH".into(), DEFAULT_PATH.into()),
             ("HOSTNAME".into(), self.name.clone()),
@@ -572,6 +625,12 @@ impl Runner {
         for e in c.env.iter().flatten() {
             let value = if let Some(v) = &e.value {
                 Some(expand(v, &vars))
+            } else if let Some(r) = e
+                .value_from
+                .as_ref()
+                .and_then(|f| f.secret_key_ref.as_ref())
+            {
+                secrets.get(&(r.name.clone(), r.key.clone())).cloned()
             } else if let Some(from) = &e.value_from {
                 let field = from.field_ref.as_ref().map(|f| f.field_path.as_str());
                 let value = field.and_then(|f| self.field_value(f));
@@ -603,7 +662,12 @@ impl Runner {
     }
 
     /// Starts a container's process under bubblewrap; its pid.
-    fn spawn(&self, cid: Cid, volumes: &HashMap<String, VolumeDir>) -> Result<u32, String> {
+    fn spawn(
+        &self,
+        cid: Cid,
+        volumes: &HashMap<String, VolumeDir>,
+        secrets: &HashMap<(String, String), String>,
+    ) -> Result<u32, String> {
         let c = self.container(cid);
         let command = c.command.clone().unwrap_or_default();
         if command.is_empty() {
@@ -613,7 +677,7 @@ impl Runner {
                 c.name
             ));
         }
-        let env = self.environment(c);
+        let env = self.environment(c, secrets);
         let vars: HashMap<String, String> = env.iter().cloned().collect();
         let argv: Vec<String> = command
             .iter()
