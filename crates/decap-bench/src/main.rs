@@ -43,6 +43,12 @@ enum What {
     /// 1,000 pushed commits built and reported to a stub of GitHub: webhook
     /// → pending status latency, and the calls counted.
     GithubStatuses,
+    /// A build printing 200 MB with 20 secrets defined, against the same
+    /// build with none: the console's shipping rate.
+    Masking,
+    /// 1,000 held unsigned webhook connections: the server's memory and
+    /// /healthz's answer time.
+    HeldConnections,
     /// Everything.
     All,
 }
@@ -256,22 +262,34 @@ fn epoch_ms() -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn first_line(sandbox: &str, runs: usize) -> Result<(f64, f64)> {
+async fn first_line(sandbox: &str, warm: usize, runs: usize) -> Result<(f64, f64)> {
     // The script's first line prints the wall clock as it runs; the log,
     // read back after the build, tells when that was.
     let script = "#!/bin/bash\necho \"$EPOCHREALTIME\"\n";
+    let warm_arg = warm.to_string();
     let server = start(
         |s| write_project(s, "bench/first", r#"{"buildImage": "x"}"#, script),
-        &["--sandbox", sandbox],
+        &["--sandbox", sandbox, "--warm-standbys", &warm_arg],
     )?;
+    let expected = if sandbox == "none" { "none" } else { "bubblewrap" };
+    let label = match (expected, warm) {
+        ("none", _) => "no sandbox".to_owned(),
+        (_, 0) => "sandbox, cold".to_owned(),
+        _ => "sandbox, warm".to_owned(),
+    };
     let http = reqwest::Client::new();
     let mut lat = Vec::new();
     let mut launch = Vec::new();
     for i in 0..runs {
+        if warm > 0 {
+            // A warm environment is made again after each build: give it
+            // the moment it needs, as the time between pushes would.
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
         let t0 = epoch_ms();
         let id = push_build(&http, &server.url, "first", i).await?;
         let b = wait_final(&http, &server.url, &id).await?;
-        if b["status"] != "succeeded" || b["sandbox"] != sandbox {
+        if b["status"] != "succeeded" || b["sandbox"] != expected {
             bail!("build {id}: {b}");
         }
         let log = http
@@ -301,14 +319,198 @@ async fn first_line(sandbox: &str, runs: usize) -> Result<(f64, f64)> {
             launch.push(start - t0);
         }
     }
-    summary(
-        &format!("  of which webhook → launch decided (sandbox {sandbox})"),
-        launch,
-    );
+    summary(&format!("  of which webhook → launch decided ({label})"), launch);
     Ok(summary(
-        &format!("webhook → first line of build.sh (sandbox {sandbox})"),
+        &format!("webhook → first line of build.sh ({label})"),
         lat,
     ))
+}
+
+/// The sandbox Decap makes, started alone around `/bin/true` (as the
+/// executor starts bctool): bubblewrap as the build's user with every
+/// namespace, and slirp4netns when `network`; no server, workspace
+/// filesystem or cgroup.
+async fn sandbox_alone(runs: usize, network: bool) -> Result<Option<Vec<f64>>> {
+    use decap_embedded::sandbox::{Plan, Sandbox, SandboxDir, SandboxNetwork};
+    let Some(bwrap) = find("bwrap") else {
+        return Ok(None);
+    };
+    let net = match (network, find("slirp4netns")) {
+        (true, Some(slirp)) => SandboxNetwork::Slirp(slirp),
+        (true, None) => return Ok(None),
+        (false, _) => SandboxNetwork::None,
+    };
+    let tmp = tempfile::tempdir()?;
+    let dir = SandboxDir::for_data_dir(tmp.path())?;
+    let _socket = std::os::unix::net::UnixListener::bind(dir.socket())?;
+    let ws = dir.0.join("ws");
+    let uid = nix::unistd::geteuid()
+        .is_root()
+        .then_some(1_900_000_000u32 + 60_000);
+    decap_embedded::sandbox::disk::Workspace::create(
+        &ws,
+        decap_embedded::sandbox::disk::DiskQuota::Measured,
+        None,
+        uid,
+    )?;
+    let sandbox = Sandbox::new(bwrap, net, 1_900_000_000, Vec::new(), dir.socket(), 9);
+    let truth = Path::new("/bin/true");
+    let mut v = Vec::new();
+    for _ in 0..runs {
+        let plan = Plan {
+            workspace: &ws,
+            bctool: truth,
+            args: Vec::new(),
+            env: Vec::new(),
+            uid,
+            network,
+            stdin: false,
+        };
+        let t = Instant::now();
+        let mut started = sandbox
+            .start(&plan, async |mut cmd| cmd.spawn(), |_| Ok(()))
+            .await?;
+        started.child.wait().await?;
+        v.push(t.elapsed().as_secs_f64() * 1000.0);
+        if let Some(s) = started.slirp.take() {
+            s.stop().await;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir.0);
+    Ok(Some(v))
+}
+
+fn find(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// A build printing `mb` MB of log lines with `secrets` secrets defined (as
+/// project secrets through the API); the time from its start to its end,
+/// with the shipped log's size checked.
+async fn masked_build(secrets: usize, mb: usize) -> Result<f64> {
+    let script = format!(
+        "#!/bin/bash\nyes 'a line of build output that goes on for a while, as compilers print' | head -c {}\n",
+        mb * 1_000_000
+    );
+    let max_log = (mb * 1_000_000 + (1 << 20)).to_string();
+    let server = start(
+        |s| write_project(s, "bench/mask", r#"{"buildImage": "x"}"#, &script),
+        &["--sandbox", "auto", "--max-log-bytes", &max_log],
+    )?;
+    let http = reqwest::Client::new();
+    for i in 0..secrets {
+        let value = format!("s3cr3t-{i:02}-{}", "k".repeat(24 + i));
+        let r = http
+            .put(format!(
+                "{}/api/v1/secrets/bench/mask/SECRET_{i}",
+                server.url
+            ))
+            .bearer_auth(TOKEN)
+            .body(value)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("setting a secret: {}", r.status());
+        }
+    }
+    let id = push_build(&http, &server.url, "mask", 0).await?;
+    let b = wait_final(&http, &server.url, &id).await?;
+    if b["status"] != "succeeded" {
+        bail!("build {id}: {b}");
+    }
+    let ms = b["durationMs"].as_f64().context("no duration")?;
+    let log = http
+        .get(format!("{}/api/v1/logs/{id}", server.url))
+        .send()
+        .await?
+        .bytes()
+        .await?;
+    if log.len() < mb * 1_000_000 {
+        bail!("the shipped log has {} bytes", log.len());
+    }
+    Ok(ms)
+}
+
+async fn masking() -> Result<()> {
+    let mb = 200;
+    let mut plain = Vec::new();
+    let mut masked = Vec::new();
+    for _ in 0..3 {
+        plain.push(masked_build(0, mb).await?);
+        masked.push(masked_build(20, mb).await?);
+    }
+    plain.sort_by(f64::total_cmp);
+    masked.sort_by(f64::total_cmp);
+    let rate = |ms: f64| mb as f64 / (ms / 1000.0);
+    println!(
+        "200 MB of log shipped, median of 3: no secrets {:.0} ms ({:.0} MB/s); 20 secrets {:.0} ms ({:.0} MB/s)",
+        plain[1],
+        rate(plain[1]),
+        masked[1],
+        rate(masked[1])
+    );
+    Ok(())
+}
+
+fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("no VmRSS")?
+        .split_whitespace()
+        .next()
+        .context("no VmRSS")?
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+async fn held_connections() -> Result<()> {
+    use std::io::Write;
+    let server = start(
+        |s| write_project(s, "bench/x", r#"{"buildImage": "x"}"#, "true\n"),
+        &["--sandbox", "none"],
+    )?;
+    let addr = server.url.trim_start_matches("http://").to_owned();
+    let before = rss_bytes(server.child.id())?;
+    let mut held = Vec::new();
+    let chunk = vec![b' '; 64 << 10];
+    for i in 0..1000 {
+        let mut s = std::net::TcpStream::connect(&addr)?;
+        write!(
+            s,
+            "POST /hooks/github HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nX-GitHub-Delivery: held-{i}\r\nX-Hub-Signature-256: sha256={}\r\nContent-Length: {}\r\n\r\n",
+            "0".repeat(64),
+            25 << 20
+        )?;
+        // Some of the body, then nothing more.
+        s.write_all(&chunk)?;
+        held.push(s);
+    }
+    let http = reqwest::Client::new();
+    let mut lat = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        let r = http.get(format!("{}/healthz", server.url)).send().await?;
+        if !r.status().is_success() {
+            bail!("/healthz answered {}", r.status());
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let during = rss_bytes(server.child.id())?;
+    summary("/healthz with 1,000 held unsigned webhook bodies", lat);
+    println!(
+        "  server RSS: {:.1} MiB before, {:.1} MiB while they are held",
+        before as f64 / (1 << 20) as f64,
+        during as f64 / (1 << 20) as f64
+    );
+    drop(held);
+    Ok(())
 }
 
 async fn wait_final(http: &reqwest::Client, url: &str, id: &str) -> Result<serde_json::Value> {
@@ -834,22 +1036,27 @@ async fn main() -> Result<()> {
         idle_memory()?;
     }
     if all || matches!(cli.what, What::FirstLine) {
-        let (none50, none99) = first_line("none", 200).await?;
-        match bwrap_alone(100)? {
-            None => println!(
-                "bubblewrap: not usable here (not installed or no user namespaces); sandboxed figure not measured"
-            ),
-            Some(b) => {
-                let (b50, b99) = summary("bwrap true alone", b);
-                let (s50, s99) = first_line("bubblewrap", 200).await?;
+        first_line("none", 2, 200).await?;
+        let (w50, w99) = first_line("auto", 2, 200).await?;
+        println!("  warm: p50 {w50:.2} ms, p99 {w99:.2} ms");
+        let (c50, c99) = first_line("auto", 0, 100).await?;
+        match sandbox_alone(100, true).await? {
+            None => println!("the sandbox cannot be made here; its floor is not measured"),
+            Some(v) => {
+                let (b50, b99) = summary("the sandbox alone (bwrap + slirp4netns) starting /bin/true", v);
                 println!(
-                    "  sandboxed over bubblewrap's own start-up: p50 {:.2} ms, p99 {:.2} ms",
-                    s50 - b50,
-                    s99 - b99
+                    "  cold over the sandbox alone: p50 {:.2} ms, p99 {:.2} ms",
+                    c50 - b50,
+                    c99 - b99
                 );
             }
         }
-        let _ = (none50, none99);
+        if let Some(v) = sandbox_alone(100, false).await? {
+            summary("the sandbox alone without its network helper", v);
+        }
+        if let Some(v) = bwrap_alone(100)? {
+            summary("bare bwrap (no user or network namespace) starting true", v);
+        }
     }
     if all || matches!(cli.what, What::EndToEnd) {
         end_to_end(200).await?;
@@ -868,6 +1075,12 @@ async fn main() -> Result<()> {
     }
     if all || matches!(cli.what, What::GithubStatuses) {
         github_statuses().await?;
+    }
+    if all || matches!(cli.what, What::Masking) {
+        masking().await?;
+    }
+    if all || matches!(cli.what, What::HeldConnections) {
+        held_connections().await?;
     }
     Ok(())
 }

@@ -111,6 +111,15 @@ async fn create_namespace(client: &Client, ns: &str) {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let mut n = Namespace::default();
     n.metadata.name = Some(ns.to_owned());
+    // The API server's Pod Security admission checks every build pod: they
+    // pass the restricted level.
+    n.metadata.labels = Some(
+        [(
+            "pod-security.kubernetes.io/enforce".to_owned(),
+            "restricted".to_owned(),
+        )]
+        .into(),
+    );
     match namespaces.create(&PostParams::default(), &n).await {
         Ok(_) => {}
         Err(decap_kube::kube::Error::Api(s)) if s.code == 409 => {}
