@@ -271,7 +271,11 @@ async fn first_line(sandbox: &str, warm: usize, runs: usize) -> Result<(f64, f64
         |s| write_project(s, "bench/first", r#"{"buildImage": "x"}"#, script),
         &["--sandbox", sandbox, "--warm-standbys", &warm_arg],
     )?;
-    let expected = if sandbox == "none" { "none" } else { "bubblewrap" };
+    let expected = if sandbox == "none" {
+        "none"
+    } else {
+        "bubblewrap"
+    };
     let label = match (expected, warm) {
         ("none", _) => "no sandbox".to_owned(),
         (_, 0) => "sandbox, cold".to_owned(),
@@ -319,7 +323,10 @@ async fn first_line(sandbox: &str, warm: usize, runs: usize) -> Result<(f64, f64
             launch.push(start - t0);
         }
     }
-    summary(&format!("  of which webhook → launch decided ({label})"), launch);
+    summary(
+        &format!("  of which webhook → launch decided ({label})"),
+        launch,
+    );
     Ok(summary(
         &format!("webhook → first line of build.sh ({label})"),
         lat,
@@ -1043,7 +1050,10 @@ async fn main() -> Result<()> {
         match sandbox_alone(100, true).await? {
             None => println!("the sandbox cannot be made here; its floor is not measured"),
             Some(v) => {
-                let (b50, b99) = summary("the sandbox alone (bwrap + slirp4netns) starting /bin/true", v);
+                let (b50, b99) = summary(
+                    "the sandbox alone (bwrap + slirp4netns) starting /bin/true",
+                    v,
+                );
                 println!(
                     "  cold over the sandbox alone: p50 {:.2} ms, p99 {:.2} ms",
                     c50 - b50,
