@@ -26,7 +26,7 @@ async function serve(setup) {
   const scripts = path.join(root, "scripts");
   setup(scripts);
   const child = spawn(BIN, ["serve", "--listen", "127.0.0.1:0", "--data-dir", path.join(root, "data"),
-    "--scripts", scripts, "--sandbox", "none", "--kill-grace-secs", "1"], {
+    "--scripts", scripts, "--sandbox", "auto", "--kill-grace-secs", "1"], {
     env: { ...process.env, DECAP_API_TOKEN: TOKEN, DECAP_LOG: "warn" },
     stdio: ["ignore", "pipe", "inherit"],
   });

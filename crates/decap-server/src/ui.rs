@@ -225,6 +225,8 @@ pub struct Viewer {
     pub logged_in: bool,
     /// The GitHub user, when logged in with GitHub.
     pub user: String,
+    /// Builds run with no sandbox (`--sandbox none`): every page says so.
+    pub unsandboxed: bool,
 }
 
 pub(crate) fn cookie_token(headers: &HeaderMap) -> Option<String> {
@@ -243,6 +245,7 @@ fn viewer(app: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> View
         can_unlock: token || local || can_unlock,
         logged_in: token || session.is_some(),
         user: session.map(|s| s.login).unwrap_or_default(),
+        unsandboxed: app.controller.ports.executor.sandbox() == "none",
     }
 }
 
@@ -328,6 +331,7 @@ pub(crate) fn error_page(status: StatusCode, title: &str, message: &str) -> Resp
             can_unlock: false,
             logged_in: false,
             user: String::new(),
+            unsandboxed: false,
         },
     });
     *r.status_mut() = status;

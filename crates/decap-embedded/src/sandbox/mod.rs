@@ -255,7 +255,10 @@ impl Sandbox {
             }),
             hide,
             socket,
-            url_port,
+            // A build may not bind ports under 1024 in its own network
+            // namespace (it has no capabilities): a server on such a port is
+            // served inside on another.
+            url_port: if url_port < 1024 { 9090 } else { url_port },
             passwd,
             group,
         }
