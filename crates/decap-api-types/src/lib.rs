@@ -58,6 +58,9 @@ pub struct BuildView {
     pub message: Option<String>,
     /// The build this one reruns.
     pub rerun_of: Option<String>,
+    /// The build is of a pull request from a fork: it got no secrets.
+    #[serde(default)]
+    pub from_fork: bool,
     /// The build's page.
     pub url: String,
 }
@@ -86,6 +89,7 @@ impl BuildView {
             sandbox: b.sandbox.clone(),
             message: b.message.clone(),
             rerun_of: b.rerun_of.map(|id| id.to_string()),
+            from_fork: b.from_fork,
             url: format!("{}/builds/{}", base_url.trim_end_matches('/'), b.id),
         }
     }
@@ -333,6 +337,15 @@ impl From<&Lock> for LockView {
 pub struct Locks {
     /// Sorted by key.
     pub locks: Vec<LockView>,
+}
+
+/// `GET /api/v1/secrets/{team}/{project}` and `GET
+/// /api/v1/team-secrets/{team}`: the names of a scope's secrets. Values are
+/// never answered, by any route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretNames {
+    /// Sorted.
+    pub secrets: Vec<String>,
 }
 
 /// `GET`/`PUT /api/v1/queue`.

@@ -160,6 +160,10 @@ struct RunArgs {
     /// The command's working directory (standby launches).
     #[arg(skip)]
     cwd: Option<PathBuf>,
+    /// Secrets this build does not get (a pull request from a fork), to
+    /// say so in its console.
+    #[arg(skip)]
+    withheld: Option<String>,
 }
 
 /// Reads the launch from standard input and runs it.
@@ -185,6 +189,11 @@ async fn standby(exit_with_parent: bool, serve: Option<(PathBuf, u16)>) -> Resul
         exit_with_parent,
         echo: false,
         mask_env: launch.masked,
+        withheld: launch
+            .bctool_env
+            .iter()
+            .find(|(k, _)| k == WITHHELD_VAR)
+            .map(|(_, v)| v.clone()),
         command: launch.command,
         env: Some(launch.env),
         cwd: Some(PathBuf::from(&launch.cwd)),
@@ -240,7 +249,10 @@ pub async fn main(cli: Cli) -> Result<i32> {
     match cli.command {
         // The shipper is made after the command starts: the build's first
         // line should not wait for TLS roots or credentials to load.
-        Command::Run(args) => run_prepared(prepare(serve)?, connect, id, args).await,
+        Command::Run(mut args) => {
+            args.withheld = std::env::var(WITHHELD_VAR).ok();
+            run_prepared(prepare(serve)?, connect, id, args).await
+        }
         Command::Standby { .. } | Command::Install { .. } => unreachable!("handled above"),
         Command::Unlock => {
             let released = connect.await?.unlock(&id).await?;
@@ -473,6 +485,9 @@ fn retry_budget(setting: Option<String>, exit_with_parent: bool) -> Duration {
         .map_or(Duration::from_secs(300), Duration::from_secs)
 }
 
+/// Names of secrets a build does not get (a pull request from a fork).
+const WITHHELD_VAR: &str = "DECAP_SECRETS_WITHHELD";
+
 /// The setting of [`retry_budget`], in seconds.
 const RETRY_VAR: &str = "DECAP_BCTOOL_RETRY_SECS";
 
@@ -650,15 +665,24 @@ async fn run_prepared(
     let echo = args.echo;
     let reader_console = console.clone();
     let masker = masker(&args);
+    let mut notes_at_start = String::new();
+    if let Some(names) = args.withheld.as_deref().filter(|n| !n.is_empty()) {
+        notes_at_start.push_str(&format!(
+            "[decap: this build is of a pull request from a fork, so it gets no secrets: {} are empty]\n",
+            names.replace(',', ", ")
+        ));
+    }
     if masker.skipped() > 0 {
-        let note = format!(
+        notes_at_start.push_str(&format!(
             "[decap: {} secret value(s) shorter than {} characters are not masked in this log]\n",
             masker.skipped(),
             decap_mask::MIN_MASKED_LEN
-        );
-        log_file.write_all(note.as_bytes())?;
+        ));
+    }
+    if !notes_at_start.is_empty() {
+        log_file.write_all(notes_at_start.as_bytes())?;
         console.progress.send_replace(Progress {
-            len: note.len() as u64,
+            len: notes_at_start.len() as u64,
             closed: false,
         });
     }

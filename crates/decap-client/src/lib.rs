@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use decap_api_types::{
     BuildResult, BuildView, BuildsCreated, BuildsPage, DeferredList, ErrorBody, Locks, LogLevel,
-    Projects, QueueOpen, QueueState, Version,
+    Projects, QueueOpen, QueueState, SecretNames, Version,
 };
 use futures::{Stream, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
@@ -60,6 +60,26 @@ impl ClientError {
 
 /// The client's result.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Whose secrets a call is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretScope<'a> {
+    /// Every project of a team.
+    Team(&'a str),
+    /// One project: team and project.
+    Project(&'a str, &'a str),
+}
+
+impl SecretScope<'_> {
+    fn path(&self) -> String {
+        match self {
+            SecretScope::Team(team) => format!("/api/v1/team-secrets/{}", enc(team)),
+            SecretScope::Project(team, project) => {
+                format!("/api/v1/secrets/{}/{}", enc(team), enc(project))
+            }
+        }
+    }
+}
 
 /// A client of one Decap server.
 #[derive(Clone)]
@@ -415,6 +435,34 @@ impl Client {
                 .json(result),
         )
         .await
+    }
+
+    /// `PUT /api/v1/secrets/{team}/{project}/{name}` (or the team's): sets
+    /// a secret; the value is the request's body and is never answered back.
+    pub async fn set_secret(
+        &self,
+        scope: SecretScope<'_>,
+        name: &str,
+        value: String,
+    ) -> Result<()> {
+        let rb = self
+            .request(Method::PUT, &format!("{}/{}", scope.path(), enc(name)))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(value);
+        self.send(rb).await.map(|_| ())
+    }
+
+    /// `GET /api/v1/secrets/{team}/{project}` (or the team's): the names of
+    /// a scope's secrets.
+    pub async fn secret_names(&self, scope: SecretScope<'_>) -> Result<SecretNames> {
+        self.json(self.request(Method::GET, &scope.path())).await
+    }
+
+    /// `DELETE /api/v1/secrets/{team}/{project}/{name}` (or the team's).
+    pub async fn remove_secret(&self, scope: SecretScope<'_>, name: &str) -> Result<()> {
+        self.send(self.request(Method::DELETE, &format!("{}/{}", scope.path(), enc(name))))
+            .await
+            .map(|_| ())
     }
 
     /// bctool: releases the build's lock early.

@@ -1017,3 +1017,264 @@ pub async fn detail_store_suite(store: Arc<dyn decap_core::ports::DetailStore>) 
         );
     }
 }
+
+/// The [`SecretStore`](decap_core::ports::SecretStore) contract: set,
+/// replace, list, remove; a build gets its team's secrets and its project's,
+/// the project's winning; scopes are apart; names never carry values.
+pub async fn secret_store_suite(store: Arc<dyn decap_core::ports::SecretStore>) {
+    use decap_core::Error;
+    use decap_core::secrets::{MAX_SECRET_VALUE_BYTES, SecretName, SecretScope, SecretValue};
+
+    fn name(n: &str) -> SecretName {
+        SecretName::new(n).unwrap()
+    }
+    fn value(v: &str) -> SecretValue {
+        SecretValue::new(v.to_owned()).unwrap()
+    }
+    fn shown(secrets: &[(String, SecretValue)]) -> Vec<(String, String)> {
+        secrets
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose().to_owned()))
+            .collect()
+    }
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    // Names with capitals, '_' and '.', which adapters must keep apart and
+    // store faithfully.
+    let team = SecretScope::team("Acme_Corp").unwrap();
+    let widgets_key = ProjectKey::new("Acme_Corp", "Widgets.js").unwrap();
+    let widgets = SecretScope::Project(widgets_key.clone());
+    let gadgets_key = ProjectKey::new("Acme_Corp", "gadgets").unwrap();
+    let gadgets = SecretScope::Project(gadgets_key.clone());
+    let rival_key = ProjectKey::new("acme_corp", "Widgets.js").unwrap();
+    let rival_team = SecretScope::team("acme_corp").unwrap();
+
+    // Nothing at first.
+    assert!(
+        store.names(&team).await.unwrap().is_empty(),
+        "empty at first"
+    );
+    assert!(store.names(&widgets).await.unwrap().is_empty());
+    assert!(store.for_build(&widgets_key).await.unwrap().is_empty());
+
+    // set, then names sorted and values for builds.
+    store
+        .set(&widgets, &name("NPM_TOKEN"), &value("npm-1"))
+        .await
+        .unwrap();
+    store
+        .set(&widgets, &name("AWS_KEY"), &value("aws-1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.names(&widgets).await.unwrap(),
+        ["AWS_KEY", "NPM_TOKEN"],
+        "names are sorted"
+    );
+    assert_eq!(
+        shown(&store.for_build(&widgets_key).await.unwrap()),
+        pairs(&[("AWS_KEY", "aws-1"), ("NPM_TOKEN", "npm-1")])
+    );
+
+    // set again replaces.
+    store
+        .set(&widgets, &name("NPM_TOKEN"), &value("npm-2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.names(&widgets).await.unwrap(),
+        ["AWS_KEY", "NPM_TOKEN"],
+        "a replaced name is listed once"
+    );
+    assert_eq!(
+        shown(&store.for_build(&widgets_key).await.unwrap()),
+        pairs(&[("AWS_KEY", "aws-1"), ("NPM_TOKEN", "npm-2")]),
+        "set replaces the value"
+    );
+
+    // Team-wide secrets reach every project of the team; the project's win.
+    store
+        .set(&team, &name("NPM_TOKEN"), &value("team-npm"))
+        .await
+        .unwrap();
+    store
+        .set(&team, &name("SLACK_HOOK"), &value("team-slack"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.names(&team).await.unwrap(),
+        ["NPM_TOKEN", "SLACK_HOOK"]
+    );
+    assert_eq!(
+        store.names(&widgets).await.unwrap(),
+        ["AWS_KEY", "NPM_TOKEN"],
+        "a project's names are its own, not the team's"
+    );
+    assert_eq!(
+        shown(&store.for_build(&widgets_key).await.unwrap()),
+        pairs(&[
+            ("AWS_KEY", "aws-1"),
+            ("NPM_TOKEN", "npm-2"),
+            ("SLACK_HOOK", "team-slack"),
+        ]),
+        "team and project merged, the project winning, sorted"
+    );
+    assert_eq!(
+        shown(&store.for_build(&gadgets_key).await.unwrap()),
+        pairs(&[("NPM_TOKEN", "team-npm"), ("SLACK_HOOK", "team-slack")]),
+        "another project of the team gets the team's secrets only"
+    );
+    assert!(store.names(&gadgets).await.unwrap().is_empty());
+
+    // Other teams see nothing, even with names differing only in case.
+    assert!(
+        store.for_build(&rival_key).await.unwrap().is_empty(),
+        "another team's project gets nothing"
+    );
+    assert!(store.names(&rival_team).await.unwrap().is_empty());
+    assert!(
+        store
+            .names(&SecretScope::Project(rival_key.clone()))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Names never carry values.
+    for scope in [&team, &widgets] {
+        for listed in store.names(scope).await.unwrap() {
+            assert!(
+                !["npm-1", "npm-2", "aws-1", "team-npm", "team-slack"]
+                    .iter()
+                    .any(|v| listed.contains(v)),
+                "{listed:?} carries a value"
+            );
+        }
+    }
+
+    // Values round-trip exactly: whitespace, lines, any text, the largest.
+    let odd = " leading and trailing \n\tline two\r\n=\"quoted\" 'x' $HOME ✓ ";
+    store
+        .set(&gadgets, &name("ODD"), &value(odd))
+        .await
+        .unwrap();
+    let largest = "k".repeat(MAX_SECRET_VALUE_BYTES - 3) + "end";
+    store
+        .set(&gadgets, &name("LARGEST"), &value(&largest))
+        .await
+        .unwrap();
+    let got = store.for_build(&gadgets_key).await.unwrap();
+    let find = |k: &str| {
+        got.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.expose().to_owned())
+    };
+    assert_eq!(find("ODD").as_deref(), Some(odd), "kept byte for byte");
+    assert_eq!(find("LARGEST").as_deref(), Some(largest.as_str()));
+
+    // remove: true once, then false; only in its own scope.
+    assert!(
+        !store.remove(&team, &name("AWS_KEY")).await.unwrap(),
+        "a project's secret is not removed through its team"
+    );
+    assert!(
+        !store.remove(&gadgets, &name("AWS_KEY")).await.unwrap(),
+        "nor through another project"
+    );
+    assert!(store.remove(&widgets, &name("AWS_KEY")).await.unwrap());
+    assert!(
+        !store.remove(&widgets, &name("AWS_KEY")).await.unwrap(),
+        "removing a missing name is false"
+    );
+    assert!(!store.remove(&widgets, &name("NEVER_SET")).await.unwrap());
+    assert!(!store.remove(&rival_team, &name("NPM_TOKEN")).await.unwrap());
+    assert_eq!(store.names(&widgets).await.unwrap(), ["NPM_TOKEN"]);
+
+    // Removing the project's override shows the team's value again.
+    assert!(store.remove(&widgets, &name("NPM_TOKEN")).await.unwrap());
+    assert!(store.names(&widgets).await.unwrap().is_empty());
+    assert_eq!(
+        shown(&store.for_build(&widgets_key).await.unwrap()),
+        pairs(&[("NPM_TOKEN", "team-npm"), ("SLACK_HOOK", "team-slack")]),
+        "without the project's own, the team's value"
+    );
+
+    // A scope emptied can be filled again.
+    store
+        .set(&widgets, &name("AGAIN"), &value("again"))
+        .await
+        .unwrap();
+    assert_eq!(store.names(&widgets).await.unwrap(), ["AGAIN"]);
+
+    // Concurrent sets of different names in one scope all take effect.
+    let concurrent = SecretScope::project("Acme_Corp", "busy").unwrap();
+    let sets = (0..8).map(|i| {
+        let store = store.clone();
+        let concurrent = concurrent.clone();
+        async move {
+            store
+                .set(
+                    &concurrent,
+                    &name(&format!("KEY_{i}")),
+                    &value(&format!("v{i}")),
+                )
+                .await
+        }
+    });
+    for r in futures::future::join_all(sets).await {
+        r.unwrap();
+    }
+    let expected: Vec<String> = (0..8).map(|i| format!("KEY_{i}")).collect();
+    assert_eq!(
+        store.names(&concurrent).await.unwrap(),
+        expected,
+        "no concurrent set was lost"
+    );
+    let removes = (0..8).map(|i| {
+        let store = store.clone();
+        let concurrent = concurrent.clone();
+        async move { store.remove(&concurrent, &name(&format!("KEY_{i}"))).await }
+    });
+    for r in futures::future::join_all(removes).await {
+        assert!(r.unwrap(), "each concurrent remove found its name");
+    }
+    assert!(store.names(&concurrent).await.unwrap().is_empty());
+
+    // What the port refuses, as Error::Invalid, before any adapter sees it.
+    for bad in ["", "1ST", "A-B", "A B", "DECAP_X", "BUILD_ID", "PATH"] {
+        match SecretName::new(bad) {
+            Err(Error::Invalid { .. }) => {}
+            other => panic!("secret name {bad:?}: {other:?}"),
+        }
+    }
+    match SecretName::new(&"N".repeat(129)) {
+        Err(Error::Invalid { .. }) => {}
+        other => panic!("a 129-character name: {other:?}"),
+    }
+    for (bad, what) in [
+        (String::new(), "an empty value"),
+        ("x".repeat(MAX_SECRET_VALUE_BYTES + 1), "an oversized value"),
+        ("a\0b".to_owned(), "a value with NUL"),
+    ] {
+        match SecretValue::new(bad) {
+            Err(Error::Invalid { .. }) => {}
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    match SecretValue::from_bytes(vec![0xc3, 0x28]) {
+        Err(Error::Invalid { .. }) => {}
+        other => panic!("a value that is not UTF-8: {other:?}"),
+    }
+
+    // Leave the team clean for adapters that share storage across runs.
+    for scope in [&team, &widgets, &gadgets] {
+        for n in store.names(scope).await.unwrap() {
+            assert!(store.remove(scope, &name(&n)).await.unwrap());
+        }
+    }
+    assert!(store.for_build(&widgets_key).await.unwrap().is_empty());
+}

@@ -104,8 +104,9 @@ pub struct ProjectDescriptor {
     matcher: Option<Regex>,
 }
 
-/// Environment names a descriptor may not override, since Decap sets them.
-const RESERVED_ENV: &[&str] = &[
+/// Environment names a descriptor may not override (nor a secret take),
+/// since Decap sets them.
+pub(crate) const RESERVED_ENV: &[&str] = &[
     "BUILD_ID",
     "PROJECT_KEY",
     "BRANCH_TO_BUILD",

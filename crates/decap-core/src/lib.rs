@@ -15,6 +15,8 @@
 //! * [`limits`] parses resource quantities and resolves a build's limits.
 //! * [`catalog`] is the in-memory view of the build-scripts repo.
 //! * [`hub`] derives what the CI status hub shows of other CI servers' builds.
+//! * [`secrets`] checks the names and values of builds' secrets and says
+//!   whose builds get them.
 //! * [`ports`] declares the traits the adapters implement.
 #![deny(missing_docs)]
 
@@ -28,6 +30,7 @@ pub mod names;
 pub mod ports;
 pub mod refs;
 pub mod schedule;
+pub mod secrets;
 pub mod stats;
 
 pub use build::{Build, BuildId, BuildStatus, Trigger};

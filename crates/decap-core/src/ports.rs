@@ -653,3 +653,58 @@ pub trait DetailStore: Send + Sync {
     /// Removes what has expired; answers how many commits' files went.
     async fn sweep(&self, now: OffsetDateTime) -> Result<usize>;
 }
+
+/// The secrets of builds: set by operators, given to builds as environment
+/// variables, never shown again.
+///
+/// Contract:
+/// * `set` creates or replaces a value; once it returns, the value is
+///   durable and every later call sees it.
+/// * `names` answers the names set in exactly that scope, sorted, each once:
+///   a team's scope lists the team's secrets only, a project's scope the
+///   project's only.
+/// * `remove` deletes a name from exactly that scope and answers whether it
+///   was there; removing a missing name is `false`, not an error.
+/// * `for_build` answers what a build of the project gets: the team's
+///   secrets and the project's, the project's winning on a shared name,
+///   sorted by name. It is the only call that answers values; the server
+///   calls it at launch and nowhere else.
+/// * Scopes are apart: nothing set for one project reaches another
+///   project's builds, nor another team's.
+/// * Names and values are checked by their types ([`SecretName`],
+///   [`SecretValue`]), so an adapter never stores one a build could not use.
+/// * An adapter keeps values where a copy of Decap's database alone does
+///   not reveal them (the embedded adapter encrypts them with a key kept in
+///   a file of its own; on Kubernetes they are Kubernetes Secrets), and
+///   never writes a value to a log or an error.
+///
+/// Concurrency: calls from many tasks (and, for shared adapters, many
+/// replicas) at once are safe; concurrent `set`s of different names in one
+/// scope all take effect.
+///
+/// [`SecretName`]: crate::secrets::SecretName
+/// [`SecretValue`]: crate::secrets::SecretValue
+#[async_trait]
+pub trait SecretStore: Send + Sync {
+    /// Creates or replaces a secret.
+    async fn set(
+        &self,
+        scope: &crate::secrets::SecretScope,
+        name: &crate::secrets::SecretName,
+        value: &crate::secrets::SecretValue,
+    ) -> Result<()>;
+    /// The names of a scope's secrets, sorted; never their values.
+    async fn names(&self, scope: &crate::secrets::SecretScope) -> Result<Vec<String>>;
+    /// Removes a secret; whether it was there.
+    async fn remove(
+        &self,
+        scope: &crate::secrets::SecretScope,
+        name: &crate::secrets::SecretName,
+    ) -> Result<bool>;
+    /// What a build of `project` gets: its team's secrets merged with its
+    /// own, its own winning, sorted by name.
+    async fn for_build(
+        &self,
+        project: &ProjectKey,
+    ) -> Result<Vec<(String, crate::secrets::SecretValue)>>;
+}

@@ -17,7 +17,7 @@ mod notify;
 #[command(
     name = "decapctl",
     version,
-    about = "Operate a Decap server: builds, logs, artifacts, the queue and locks"
+    about = "Operate a Decap server: builds, logs, artifacts, the queue, locks and secrets"
 )]
 pub struct Cli {
     /// The Decap server.
@@ -85,6 +85,133 @@ enum Command {
     /// GitHub: `decapctl github subscribe owner/repo`.
     #[command(subcommand)]
     Github(GithubCmd),
+    /// Builds' secrets: set one (its value from standard input), list the
+    /// names, remove one. Values are never shown again.
+    #[command(subcommand)]
+    Secrets(SecretsCmd),
+}
+
+/// The help shown after `decapctl secrets --help`.
+const SECRETS_HELP: &str = "\
+A secret reaches the builds of its project (acme/widgets) as an environment
+variable of its name, masked in their logs; builds of pull requests from
+forks get none. With --team, the secret is the whole team's: every project
+of the team gets it, and a project's own secret of the same name wins.
+
+Examples:
+  printf %s \"$NPM_TOKEN\" | decapctl secrets set acme/widgets NPM_TOKEN
+  decapctl secrets set --team acme SLACK_WEBHOOK < webhook-url.txt
+  decapctl secrets list acme/widgets
+  decapctl secrets rm acme/widgets NPM_TOKEN";
+
+#[derive(Subcommand, Debug)]
+#[command(after_help = SECRETS_HELP)]
+enum SecretsCmd {
+    /// Set (create or replace) a secret. Its value is read from standard
+    /// input, which must not be a terminal; one trailing newline is dropped,
+    /// so `echo "$VALUE" | decapctl secrets set …` works.
+    #[command(after_help = SECRETS_HELP)]
+    Set {
+        #[command(flatten)]
+        scope: SecretScopeArgs,
+        /// The secret's name: the variable builds see (letters, digits and
+        /// `_`, not starting with a digit, nor with `DECAP_`).
+        name: String,
+    },
+    /// The names of the secrets (never their values), one a line.
+    #[command(after_help = SECRETS_HELP)]
+    List {
+        #[command(flatten)]
+        scope: SecretScopeArgs,
+    },
+    /// Remove a secret.
+    #[command(alias = "remove", after_help = SECRETS_HELP)]
+    Rm {
+        #[command(flatten)]
+        scope: SecretScopeArgs,
+        /// The secret's name.
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct SecretScopeArgs {
+    /// team/project; with --team, a team.
+    #[arg(value_name = "TEAM/PROJECT")]
+    scope: String,
+    /// The secret is the whole team's (the argument names a team): every
+    /// project of the team gets it; a project's own secret of the same name
+    /// wins.
+    #[arg(long)]
+    team: bool,
+}
+
+impl SecretScopeArgs {
+    fn parse(&self) -> Result<decap_client::SecretScope<'_>> {
+        if self.team {
+            if self.scope.contains('/') {
+                bail!(
+                    "--team takes a team, not {:?}; leave --team out for a project's secret",
+                    self.scope
+                );
+            }
+            decap_core::names::validate_name("team", &self.scope)?;
+            return Ok(decap_client::SecretScope::Team(&self.scope));
+        }
+        if !self.scope.contains('/') {
+            bail!(
+                "{:?} is not team/project; for a secret of the whole team, pass --team {}",
+                self.scope,
+                self.scope
+            );
+        }
+        let (team, project) = split_project(&self.scope)?;
+        decap_core::ProjectKey::new(team, project)?;
+        Ok(decap_client::SecretScope::Project(team, project))
+    }
+}
+
+/// How a scope reads in messages.
+fn scope_words(scope: decap_client::SecretScope<'_>) -> String {
+    match scope {
+        decap_client::SecretScope::Team(t) => format!("team {t}"),
+        decap_client::SecretScope::Project(t, p) => format!("{t}/{p}"),
+    }
+}
+
+/// A secret's value from standard input: all of it, less one trailing
+/// newline; refused from a terminal, and when empty or too large.
+fn read_secret_value(
+    stdin: impl std::io::Read,
+    is_terminal: bool,
+) -> Result<decap_core::secrets::SecretValue> {
+    use decap_core::secrets::{MAX_SECRET_VALUE_BYTES, SecretValue};
+    use std::io::Read;
+    if is_terminal {
+        bail!(
+            "the value is read from standard input, which is a terminal here: pipe it in \
+             (printf %s \"$VALUE\" | decapctl secrets set …) or redirect a file (< value.txt)"
+        );
+    }
+    let mut bytes = Vec::new();
+    // A newline and a carriage return past the limit may still be dropped.
+    stdin
+        .take(MAX_SECRET_VALUE_BYTES as u64 + 3)
+        .read_to_end(&mut bytes)
+        .context("cannot read the value from standard input")?;
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+    }
+    if bytes.is_empty() {
+        bail!("the value on standard input is empty: a secret needs a value");
+    }
+    if bytes.len() > MAX_SECRET_VALUE_BYTES {
+        bail!("the value on standard input is larger than {MAX_SECRET_VALUE_BYTES} bytes");
+    }
+    Ok(SecretValue::from_bytes(bytes)?)
 }
 
 #[derive(Subcommand, Debug)]
@@ -574,6 +701,39 @@ pub async fn main(cli: Cli) -> Result<i32> {
                 );
             }
         }
+        Command::Secrets(SecretsCmd::Set { scope, name }) => {
+            let scope = scope.parse()?;
+            let name = decap_core::secrets::SecretName::new(&name)?;
+            use std::io::IsTerminal;
+            let stdin = std::io::stdin();
+            let is_terminal = stdin.is_terminal();
+            let value = read_secret_value(stdin.lock(), is_terminal)?;
+            client
+                .set_secret(scope, name.as_str(), value.expose().to_owned())
+                .await?;
+            if !json {
+                println!("secret {name} of {} set", scope_words(scope));
+            }
+        }
+        Command::Secrets(SecretsCmd::List { scope }) => {
+            let scope = scope.parse()?;
+            let names = client.secret_names(scope).await?;
+            if json {
+                print_json(&names)?;
+            } else if names.secrets.is_empty() {
+                eprintln!("decapctl: {} has no secrets", scope_words(scope));
+            } else {
+                names.secrets.iter().for_each(|n| println!("{n}"));
+            }
+        }
+        Command::Secrets(SecretsCmd::Rm { scope, name }) => {
+            let scope = scope.parse()?;
+            let name = decap_core::secrets::SecretName::new(&name)?;
+            client.remove_secret(scope, name.as_str()).await?;
+            if !json {
+                println!("secret {name} of {} removed", scope_words(scope));
+            }
+        }
         Command::Version => {
             let v = client.version().await?;
             if json {
@@ -584,4 +744,70 @@ pub async fn main(cli: Cli) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn scope(s: &str, team: bool) -> SecretScopeArgs {
+        SecretScopeArgs {
+            scope: s.into(),
+            team,
+        }
+    }
+
+    #[test]
+    fn secret_scopes_are_a_project_or_with_team_a_team() {
+        assert_eq!(
+            scope("acme/widgets", false).parse().unwrap(),
+            decap_client::SecretScope::Project("acme", "widgets")
+        );
+        assert_eq!(
+            scope("acme", true).parse().unwrap(),
+            decap_client::SecretScope::Team("acme")
+        );
+        let e = scope("acme", false).parse().unwrap_err().to_string();
+        assert!(e.contains("--team acme"), "{e}");
+        let e = scope("acme/widgets", true).parse().unwrap_err().to_string();
+        assert!(e.contains("--team takes a team"), "{e}");
+        assert!(scope("../x", true).parse().is_err());
+        assert!(scope("acme/wid gets", false).parse().is_err());
+    }
+
+    #[test]
+    fn a_value_is_read_whole_less_one_newline() {
+        let read = |input: &[u8]| read_secret_value(input, false).map(|v| v.expose().to_owned());
+        assert_eq!(read(b"s3cr3t\n").unwrap(), "s3cr3t");
+        assert_eq!(read(b"s3cr3t\r\n").unwrap(), "s3cr3t");
+        assert_eq!(read(b"s3cr3t").unwrap(), "s3cr3t");
+        assert_eq!(
+            read(b"two\nlines\n\n").unwrap(),
+            "two\nlines\n",
+            "one newline only"
+        );
+        assert_eq!(read(b" spaced ").unwrap(), " spaced ");
+        assert!(read(b"").unwrap_err().to_string().contains("empty"));
+        assert!(read(b"\n").unwrap_err().to_string().contains("empty"));
+        let max = decap_core::secrets::MAX_SECRET_VALUE_BYTES;
+        assert_eq!(read(&vec![b'x'; max]).unwrap().len(), max);
+        let mut at_max = vec![b'x'; max];
+        at_max.push(b'\n');
+        assert_eq!(read(&at_max).unwrap().len(), max);
+        assert!(
+            read(&vec![b'x'; max + 1])
+                .unwrap_err()
+                .to_string()
+                .contains("larger")
+        );
+        assert!(
+            read(&[0xff, 0xfe])
+                .unwrap_err()
+                .to_string()
+                .contains("UTF-8")
+        );
+        let e = read_secret_value(&b"x"[..], true).unwrap_err().to_string();
+        assert!(e.contains("terminal"), "{e}");
+    }
 }

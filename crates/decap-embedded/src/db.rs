@@ -86,6 +86,15 @@ CREATE TABLE IF NOT EXISTS hub_locks (
     expires_at INTEGER NOT NULL,
     PRIMARY KEY (project, name)
 );
+CREATE TABLE IF NOT EXISTS secrets (
+    team TEXT NOT NULL,
+    project TEXT NOT NULL,
+    name TEXT NOT NULL,
+    nonce BLOB NOT NULL,
+    sealed BLOB NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (team, project, name)
+);
 "#;
 
 /// A SQLite database shared by the embedded stores.

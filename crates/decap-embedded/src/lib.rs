@@ -6,7 +6,8 @@
 //!   (group commit), so that each accepted request is durable when answered
 //!   without paying one fsync per request.
 //! * [`SqliteBuildStore`], [`SqliteLockStore`] and [`SqliteDeferralQueue`]
-//!   implement the core's ports on it.
+//!   implement the core's ports on it; [`SqliteSecretStore`] keeps builds'
+//!   secrets there, sealed with a [`SecretKey`] kept in a file apart.
 //! * [`FileBlobStore`] keeps logs and artifacts under the data dir.
 //! * [`LocalExecutor`] runs each build under bctool as a child process in a
 //!   fresh workspace, in the [`sandbox`] (bubblewrap, a user namespace,
@@ -23,6 +24,7 @@ mod ledger;
 mod locks;
 mod queue;
 pub mod sandbox;
+mod secrets;
 
 pub use blobs::FileBlobStore;
 pub use builds::SqliteBuildStore;
@@ -35,6 +37,7 @@ pub use hub::SqliteStatusHub;
 pub use ledger::SqliteStatusLedger;
 pub use locks::SqliteLockStore;
 pub use queue::SqliteDeferralQueue;
+pub use secrets::{SECRET_KEY_LEN, SecretKey, SqliteSecretStore};
 
 pub(crate) fn nanos(t: time::OffsetDateTime) -> i64 {
     // i64 nanoseconds cover the years 1678 to 2262.

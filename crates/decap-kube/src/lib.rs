@@ -3,7 +3,8 @@
 //! This is the only crate that imports `kube` and `k8s-openapi`. It holds
 //! the executor ([`KubeExecutor`]), the rendering of build pods ([`pod`]),
 //! label sanitizing ([`labels`]), leader election over a `coordination.k8s.io`
-//! Lease ([`leader`]), and the test node the test bed runs pods on
+//! Lease ([`leader`]), builds' secrets as Kubernetes Secrets
+//! ([`KubeSecretStore`]), and the test node the test bed runs pods on
 //! ([`testnode`]).
 
 use std::path::Path;
@@ -13,9 +14,11 @@ pub mod executor;
 pub mod labels;
 pub mod leader;
 pub mod pod;
+pub mod secrets;
 pub mod testnode;
 
 pub use executor::KubeExecutor;
+pub use secrets::{KubeSecretStore, secret_name_for};
 /// The client crates, for tests and tools built on this crate.
 pub use {k8s_openapi, kube};
 

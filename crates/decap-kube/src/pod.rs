@@ -218,6 +218,26 @@ fn build_env(spec: &LaunchSpec) -> Vec<EnvVar> {
     if let Some(d) = &spec.project.descriptor {
         vars.extend(d.descriptor.env.iter().map(|(k, v)| env(k, v.clone())));
     }
+    // Secrets come from the build's own Secret, never from the pod spec; a
+    // build that gets none (a fork's) sees their names, empty.
+    vars.extend(spec.secrets.iter().map(|(name, value)| {
+        if value.is_empty() {
+            env(name, "")
+        } else {
+            EnvVar {
+                name: name.clone(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: token_secret_name(&b.id.to_string()),
+                        key: secret_key(name),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            }
+        }
+    }));
     vars.extend([
         env("BUILD_ID", b.id.to_string()),
         env("PROJECT_KEY", b.project.to_string()),
@@ -345,8 +365,20 @@ fn scripts_config_map(
     Ok((cm, items))
 }
 
-/// The Secret holding a build's token.
+/// The key of a build secret in the build's Secret (apart from `token`).
+fn secret_key(name: &str) -> String {
+    format!("secret.{name}")
+}
+
+/// The Secret holding a build's token and the values of its secrets.
 fn token_secret(spec: &LaunchSpec, name: &str, namespace: &str) -> Secret {
+    let mut data = BTreeMap::from([("token".to_owned(), spec.build_token.clone())]);
+    data.extend(
+        spec.secrets
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (secret_key(k), v.clone())),
+    );
     let mut labels = labels(spec);
     labels.insert(TYPE_LABEL.0.to_owned(), "decap-build-token".to_owned());
     Secret {
@@ -357,10 +389,7 @@ fn token_secret(spec: &LaunchSpec, name: &str, namespace: &str) -> Secret {
             annotations: Some(annotations(spec)),
             ..ObjectMeta::default()
         },
-        string_data: Some(BTreeMap::from([(
-            "token".to_owned(),
-            spec.build_token.clone(),
-        )])),
+        string_data: Some(data),
         immutable: Some(true),
         type_: Some("Opaque".into()),
         ..Secret::default()

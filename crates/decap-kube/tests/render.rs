@@ -183,3 +183,30 @@ fn a_sidecar_that_is_not_a_container_is_refused() {
         .unwrap();
     assert!(err.contains("not a valid Kubernetes Container"), "{err}");
 }
+
+#[test]
+fn secrets_reach_the_build_through_its_secret_and_a_forks_build_gets_none() {
+    let mut s = spec("widgets", "main");
+    s.secrets = vec![("DEPLOY_KEY".into(), "hunter2-but-longer".into())];
+    let r = render(&s, &KubeExecutorConfig::default()).unwrap();
+    let pod = serde_json::to_string(&r.pod).unwrap();
+    assert!(!pod.contains("hunter2"), "{pod}");
+    assert!(pod.contains("secret.DEPLOY_KEY"), "{pod}");
+    assert!(pod.contains("\"--mask-env\",\"DEPLOY_KEY\""), "{pod}");
+    assert_eq!(
+        r.token.string_data.unwrap()["secret.DEPLOY_KEY"],
+        "hunter2-but-longer"
+    );
+    // A fork's build: the name, empty, in plain sight; nothing in its Secret.
+    s.secrets = vec![("DEPLOY_KEY".into(), String::new())];
+    let r = render(&s, &KubeExecutorConfig::default()).unwrap();
+    let env = r.pod.spec.unwrap().containers[0].env.clone().unwrap();
+    let var = env.iter().find(|e| e.name == "DEPLOY_KEY").unwrap();
+    assert_eq!(var.value.as_deref(), Some(""));
+    assert!(
+        !r.token
+            .string_data
+            .unwrap()
+            .contains_key("secret.DEPLOY_KEY")
+    );
+}

@@ -119,6 +119,8 @@ pub struct Controller {
     leadership: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
     /// Whether this replica launches builds (always, without an election).
     leading: std::sync::atomic::AtomicBool,
+    /// Builds' secrets, when a store is set.
+    secrets: std::sync::OnceLock<Arc<dyn decap_core::ports::SecretStore>>,
 }
 
 /// Delivers executor events to the controller through a channel, so the
@@ -178,6 +180,7 @@ impl Controller {
             pending_tokens: std::sync::Mutex::new(HashMap::new()),
             leadership: std::sync::OnceLock::new(),
             leading: std::sync::atomic::AtomicBool::new(true),
+            secrets: std::sync::OnceLock::new(),
         })
     }
 
@@ -189,6 +192,31 @@ impl Controller {
         self.leading
             .store(*leading.borrow(), std::sync::atomic::Ordering::SeqCst);
         let _ = self.leadership.set(leading);
+    }
+
+    /// Gives builds their project's (and team's) secrets from `store`.
+    pub fn set_secrets(&self, store: Arc<dyn decap_core::ports::SecretStore>) {
+        let _ = self.secrets.set(store);
+    }
+
+    /// The secrets a build gets, as variables: its project's and team's,
+    /// or, for a pull request from a fork, their names with empty values.
+    async fn secrets_for(&self, b: &Build) -> Result<Vec<(String, String)>> {
+        let Some(store) = self.secrets.get() else {
+            return Ok(Vec::new());
+        };
+        let secrets = store.for_build(&b.project).await?;
+        Ok(secrets
+            .into_iter()
+            .map(|(name, value)| {
+                let value = if b.from_fork {
+                    String::new()
+                } else {
+                    value.expose().to_owned()
+                };
+                (name, value)
+            })
+            .collect())
     }
 
     /// Whether this replica launches builds now.
@@ -372,6 +400,8 @@ impl Controller {
             now(),
         );
         b.rerun_of = Some(old.id);
+        // Code from a fork stays someone else's code when run again.
+        b.from_fork = old.from_fork;
         self.ports.builds.insert(&b).await?;
         self.schedule_ids(vec![b.id]).await;
         self.build(b.id).await
@@ -675,6 +705,21 @@ impl Controller {
             .valid_descriptor()
             .map(|d| d.timeout())
             .unwrap_or(DEFAULT_BUILD_TIMEOUT);
+        let secrets = match self.secrets_for(&b).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Without its secrets the build would run wrong: it waits
+                // for the store instead (the lock goes back, the queue
+                // keeps it).
+                self.ports.locks.release(&lock.key, b.id).await?;
+                return Err(e);
+            }
+        };
+        let mut bctool_env = self.config.bctool_env.clone();
+        if b.from_fork && !secrets.is_empty() {
+            let names: Vec<&str> = secrets.iter().map(|(k, _)| k.as_str()).collect();
+            bctool_env.push(("DECAP_SECRETS_WITHHELD".into(), names.join(",")));
+        }
         let token = new_build_token();
         if b.status == BuildStatus::Deferred {
             b.transition(BuildStatus::Queued, at)?;
@@ -708,8 +753,8 @@ impl Controller {
             decap_url: self.config.decap_url.clone(),
             timeout,
             max_log_bytes: self.config.max_log_bytes,
-            bctool_env: self.config.bctool_env.clone(),
-            secrets: Vec::new(),
+            bctool_env,
+            secrets,
         };
         tracing::info!(build_id = %b.id, project = %b.project, branch = %b.branch, "launching build");
         let (updated, launched) = tokio::join!(

@@ -17,6 +17,8 @@ pub mod listen;
 pub mod livelog;
 pub mod metrics;
 pub mod oauth;
+pub mod secrets;
+pub mod session;
 pub mod statuses;
 pub mod ui;
 pub mod uploads;
@@ -58,6 +60,10 @@ pub struct Server {
     pub details: Option<Arc<dyn decap_core::ports::DetailStore>>,
     /// Logging in with GitHub, when an OAuth App is configured.
     pub oauth: Option<Arc<oauth::GitHubLogin>>,
+    /// Builds' secrets, when kept (the secrets routes answer `503` without).
+    pub secrets: Option<Arc<dyn decap_core::ports::SecretStore>>,
+    /// Who is logged in to the web UI (with the token or with GitHub).
+    pub sessions: session::Sessions,
 }
 
 /// The handlers' state.
@@ -104,8 +110,21 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/details/{owner}/{repo}/{commit}/{*file}",
             put(details::put),
+        )
+        .route(
+            "/secrets/{team}/{project}",
+            get(secrets::list_project_secrets),
+        )
+        .route(
+            "/secrets/{team}/{project}/{name}",
+            put(secrets::put_project_secret).delete(secrets::delete_project_secret),
+        )
+        .route("/team-secrets/{team}", get(secrets::list_team_secrets))
+        .route(
+            "/team-secrets/{team}/{name}",
+            put(secrets::put_team_secret).delete(secrets::delete_team_secret),
         );
-    Router::new()
+    let app = Router::new()
         .route("/hooks/github", post(webhook::github))
         .route("/hooks/buildscripts", post(webhook::buildscripts))
         .route(
@@ -167,9 +186,40 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             ui::guard_reads,
         ))
-        .layer(axum::middleware::map_request(body_timeout))
+        .layer(axum::middleware::map_request(body_timeout));
+    with_security_headers(app)
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The `Content-Security-Policy` of every response that sets none of its
+/// own: the UI runs only its own scripts and styles from `/assets` (no
+/// inline code, no inline style), talks only to this server (its event
+/// streams), is never framed, and posts forms only here.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
+/// Gives every response of `router` the security headers it did not set
+/// itself (the detail files keep their stricter sandbox policy).
+fn with_security_headers<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    use axum::http::{HeaderValue, header};
+    use tower_http::set_header::SetResponseHeaderLayer as Set;
+    router
+        .layer(Set::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+        ))
+        .layer(Set::if_not_present(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
+        .layer(Set::if_not_present(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(Set::if_not_present(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("same-origin"),
+        ))
 }
 
 /// How long a request body may go without sending anything.

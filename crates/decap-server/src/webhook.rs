@@ -77,11 +77,26 @@ struct CreateEvent {
 #[derive(Deserialize)]
 struct Head {
     sha: String,
+    /// The repository the pull request's commits come from; absent when it
+    /// was deleted.
+    repo: Option<HeadRepository>,
+}
+
+#[derive(Deserialize)]
+struct HeadRepository {
+    full_name: String,
+}
+
+#[derive(Deserialize)]
+struct BaseRepository {
+    full_name: Option<String>,
+    #[serde(flatten)]
+    repository: Repository,
 }
 
 #[derive(Deserialize)]
 struct Base {
-    repo: Repository,
+    repo: BaseRepository,
 }
 
 #[derive(Deserialize)]
@@ -123,6 +138,7 @@ fn plan(
     now: OffsetDateTime,
 ) -> Result<Plan, ApiError> {
     let bad = |e: decap_core::Error| ApiError::bad_request(e.to_string());
+    let mut from_fork = false;
     let (key, git_ref, commit, gated) = match event {
         "push" => {
             let p: PushEvent = parse(body)?;
@@ -165,8 +181,18 @@ fn plan(
                     pr.action
                 )));
             }
-            let key = pr.pull_request.base.repo.key()?;
+            let key = pr.pull_request.base.repo.repository.key()?;
             let commit = valid_commit(&pr.pull_request.head.sha)?;
+            // A pull request from another repository (a fork, or one whose
+            // repository is gone) is someone else's code: it gets no secrets.
+            let base = pr.pull_request.base.repo.full_name.as_deref();
+            let head = pr
+                .pull_request
+                .head
+                .repo
+                .as_ref()
+                .map(|r| r.full_name.as_str());
+            from_fork = head.is_none() || head != base;
             (key, GitRef::pull(pr.number), Some(commit), false)
         }
         other => return Ok(Plan::Ignore(format!("event {other:?} is not handled"))),
@@ -188,7 +214,8 @@ fn plan(
             git_ref.name
         )));
     }
-    let build = Build::new(key, &git_ref, commit, Trigger::Webhook, now);
+    let mut build = Build::new(key, &git_ref, commit, Trigger::Webhook, now);
+    build.from_fork = from_fork;
     Ok(Plan::Build(Box::new(build)))
 }
 

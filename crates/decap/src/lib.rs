@@ -413,6 +413,14 @@ struct ServeArgs {
     /// Where Decap keeps its database, logs, artifacts and workspaces.
     #[arg(long, env = "DECAP_DATA_DIR", default_value = "./.decap")]
     data_dir: PathBuf,
+    /// The key that seals builds' secrets in the database (made on first
+    /// start, mode 0600; not used with --executor kubernetes, where secrets
+    /// are Kubernetes Secrets). Keep it out of the data dir and back it up
+    /// apart from it: the database alone reveals no secret, and without the
+    /// key the secrets are lost. Default: $XDG_CONFIG_HOME/decap/secrets.key,
+    /// else ~/.config/decap/secrets.key.
+    #[arg(long, env = "DECAP_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
     /// The build-scripts repo: a folder or a git URL (default: the checkout's examples/build-scripts).
     #[arg(long, env = "DECAP_SCRIPTS")]
     scripts: Option<String>,
@@ -425,7 +433,9 @@ struct ServeArgs {
     /// The URL people reach this server at (for links); default http://LISTEN.
     #[arg(long, env = "DECAP_PUBLIC_URL")]
     public_url: Option<String>,
-    /// Let loopback clients make changes without the API token.
+    /// Let this machine's own browser and CLI make changes without the API
+    /// token: a loopback client asking for a loopback Host (localhost,
+    /// 127.x.y.z, [::1]), from no other site's Origin.
     #[arg(long, env = "DECAP_INSECURE_LOCAL")]
     insecure_local: bool,
     /// Reading needs the API token too: the web UI asks to log in, the API's
@@ -778,6 +788,62 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     }
 }
 
+/// Where the embedded secret store's key is: `--secrets-key-file`, else the
+/// user's configuration folder; never in the data dir by default, so that a
+/// copy of the database alone reveals no secret.
+fn secrets_key_file(args: &ServeArgs) -> Result<PathBuf> {
+    if let Some(path) = &args.secrets_key_file {
+        return absolute(path);
+    }
+    let folder = |var: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    let config = folder("XDG_CONFIG_HOME")
+        .or_else(|| folder("HOME").map(|home| home.join(".config")))
+        .context(
+            "cannot tell where to keep the key that seals builds' secrets: neither \
+             XDG_CONFIG_HOME nor HOME names a folder; pass --secrets-key-file \
+             (DECAP_SECRETS_KEY_FILE), outside the data dir",
+        )?;
+    Ok(config.join("decap").join("secrets.key"))
+}
+
+/// The builds' secret store: Kubernetes Secrets in the build namespace with
+/// the Kubernetes executor, else SQLite sealed with the key file. Answers
+/// the key file's folder too, which builds must not see.
+async fn secret_store(
+    args: &ServeArgs,
+    data_dir: &Path,
+    db: &SqliteDb,
+    kube_client: Option<&decap_kube::kube::Client>,
+) -> Result<(Arc<dyn decap_core::ports::SecretStore>, Option<PathBuf>)> {
+    if let Some(client) = kube_client {
+        let namespace = &args.kube.kube_namespace;
+        let store = decap_kube::KubeSecretStore::connect(client.clone(), namespace)
+            .await
+            .context("builds' secrets (Kubernetes Secrets in the build namespace)")?;
+        tracing::info!(%namespace, "builds' secrets are Kubernetes Secrets in the build namespace");
+        return Ok((Arc::new(store), None));
+    }
+    let path = secrets_key_file(args)?;
+    if path.starts_with(data_dir) {
+        tracing::warn!(
+            key = %path.display(),
+            data_dir = %data_dir.display(),
+            "the key sealing builds' secrets is inside the data dir: a copy of the data dir reveals them; keep it apart with --secrets-key-file"
+        );
+    }
+    let key = decap_embedded::SecretKey::load_or_create(&path)
+        .context("the key sealing builds' secrets (--secrets-key-file)")?;
+    let store = decap_embedded::SqliteSecretStore::open(db.clone(), key)
+        .await
+        .context("builds' secrets")?;
+    tracing::info!(key = %path.display(), "builds' secrets are sealed with this key: back it up apart from the data dir");
+    Ok((Arc::new(store), path.parent().map(Path::to_owned)))
+}
+
 /// The executor's checks of each project as the scripts are read.
 fn project_check(kind: ExecutorKind) -> Option<decap_scripts::ProjectCheck> {
     match kind {
@@ -856,7 +922,9 @@ async fn local_executor(
     let executor = LocalExecutor::new(
         LocalExecutorConfig {
             dir,
-            hide: vec![data_dir.to_owned()],
+            hide: std::iter::once(data_dir.to_owned())
+                .chain(secrets_key_file(args)?.parent().map(Path::to_owned))
+                .collect(),
             bctool: bctool_command(args.bctool.clone())?,
             sandbox: match args.sandbox {
                 Sandbox::Auto | Sandbox::Bubblewrap => SandboxMode::Bubblewrap,
@@ -943,6 +1011,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let sandbox_dir = decap_embedded::sandbox::SandboxDir::for_data_dir(&data_dir)
         .context("the sandbox folder")?;
     let socket_path = sandbox_dir.socket();
+    if matches!(args.executor, ExecutorKind::Local) {
+        // One server per data dir: refuse before touching its socket.
+        drop(sandbox_dir.lock().context("the data dir")?);
+    }
     let build_listener = build_socket(&socket_path)?;
     let socket_inode = inode(&socket_path);
     let public_url = args
@@ -962,15 +1034,27 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         ExecutorKind::Local => None,
     };
+    // Builds' secrets; the key's folder is hidden from sandboxed builds
+    // (`local_executor` adds it to the sandbox's hidden folders).
+    let (secrets, secrets_key_dir) =
+        secret_store(&args, &data_dir, &db, kube_client.as_ref()).await?;
+    if let Some(dir) = &secrets_key_dir {
+        tracing::debug!(folder = %dir.display(), "the secrets key's folder is hidden from builds");
+    }
+    let mut local_builds: Option<Arc<LocalExecutor>> = None;
     let executor: Arc<dyn decap_core::ports::Executor> = match &kube_client {
         Some(client) => Arc::new(
             decap_kube::KubeExecutor::new(client.clone(), kube_config(&args), events)
                 .await
                 .context("Kubernetes executor")?,
         ),
-        None => Arc::new(
-            local_executor(&args, &data_dir, sandbox_dir.clone(), local.port(), events).await?,
-        ),
+        None => {
+            let local = Arc::new(
+                local_executor(&args, &data_dir, sandbox_dir.clone(), local.port(), events).await?,
+            );
+            local_builds = Some(local.clone());
+            local
+        }
     };
     let st = &args.storage;
     let aws = if st.uses_aws() {
@@ -1085,6 +1169,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         (None, true) => bail!("--leader-election needs --executor kubernetes"),
         _ => None,
     };
+    controller.set_secrets(secrets.clone());
     controller.start(exits).await.context("recovering state")?;
     let mut github_hooks: Option<Arc<dyn decap_core::ports::RepositoryHooks>> = None;
     let mut github_refs: Option<Arc<dyn decap_core::ports::RepositoryRefs>> = None;
@@ -1182,6 +1267,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         github_refs,
         details: Some(details.clone()),
         oauth: oauth_config(&args).map(|c| Arc::new(decap_server::oauth::GitHubLogin::new(c))),
+        sessions: Default::default(),
+        secrets: Some(secrets.clone()),
     });
 
     // Expired detail files go, hourly.
@@ -1238,6 +1325,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
     let _ = tokio::join!(tcp, builds);
+    // Nothing of the builds is left behind: no process, mount or cgroup.
+    if let Some(local) = &local_builds {
+        local.shutdown().await;
+    }
     // The socket goes unless a newer server on the same data dir made its own.
     if socket_inode.is_some() && socket_inode == inode(&socket_path) {
         let _ = std::fs::remove_file(&socket_path);

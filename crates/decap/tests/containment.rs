@@ -527,3 +527,109 @@ async fn held_bodies_and_idle_connections_cannot_exhaust_the_server() {
     }
     assert_eq!(closed, 1040, "every held connection was answered or closed");
 }
+
+async fn set_secret(api: &common::Api, path: &str, value: &str) {
+    let r = api
+        .http
+        .put(format!("{}/api/v1/{path}", api.base))
+        .bearer_auth(common::TOKEN)
+        .body(value.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{path}: {}", r.status());
+}
+
+#[tokio::test]
+async fn secrets_reach_builds_masked_however_printed_and_never_a_forks_build() {
+    let (_dir, scripts, data) = dirs();
+    project(
+        &scripts,
+        "acme/widgets",
+        r#"{"buildImage": "x"}"#,
+        r#"#!/bin/bash
+echo "plain: $DEPLOY_KEY and $REGISTRY"
+test -n "$DEPLOY_KEY" && echo has-deploy-key || echo no-deploy-key
+printf '%s' "split: ${DEPLOY_KEY:0:9}"; printf '%s\n' "${DEPLOY_KEY:9}"
+echo -n "$DEPLOY_KEY" | base64
+echo -n "user:$DEPLOY_KEY" | base64
+set -x
+: "$REGISTRY"
+set +x
+env | grep -c -e DEPLOY_KEY= -e REGISTRY=
+printf '%s' "$DEPLOY_KEY" | md5sum > "$ARTIFACTS_DIR/deploy-key.md5"
+"#,
+    );
+    let decap = sandboxed(&data, &scripts, &[]);
+    let api = decap.api();
+    let deploy = "dk-9f8e7d6c5b4a39281706";
+    let registry = "reg-project-0a1b2c3d4e";
+    set_secret(&api, "secrets/acme/widgets/DEPLOY_KEY", deploy).await;
+    set_secret(
+        &api,
+        "team-secrets/acme/REGISTRY",
+        "reg-team-value-overridden",
+    )
+    .await;
+    set_secret(&api, "secrets/acme/widgets/REGISTRY", registry).await;
+    let names = api.send(Method::GET, "/api/v1/secrets/acme/widgets").await;
+    let names = names.text().await.unwrap();
+    assert!(
+        !names.contains(deploy) && names.contains("DEPLOY_KEY"),
+        "{names}"
+    );
+
+    let ids = api.request("acme/widgets", &["main"]).await;
+    let b = api.finished(&ids[0], MINUTE).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    let log = log_of(&api, &ids[0]).await;
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for leak in [
+        deploy.to_owned(),
+        registry.to_owned(),
+        deploy[..12].to_owned(),
+        b64(deploy)[..20].to_owned(),
+        b64(&format!("user:{deploy}"))[8..24].to_owned(),
+    ] {
+        assert!(!log.contains(&leak), "{leak} leaked: {log}");
+    }
+    assert!(log.contains("plain: *** and ***"), "{log}");
+    assert!(log.contains("has-deploy-key"), "{log}");
+    // The build got the real value (the project's REGISTRY over the team's).
+    let md5 = api
+        .get(&format!("/api/v1/artifacts/{}/deploy-key.md5", ids[0]))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let expected = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("printf '%s' '{deploy}' | md5sum"))
+        .output()
+        .unwrap();
+    assert_eq!(md5, String::from_utf8_lossy(&expected.stdout));
+
+    // A pull request from a fork: built, with the names and no values.
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/github/pull_request-opened.payload.json");
+    let mut pr: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
+    pr["pull_request"]["base"]["repo"]["name"] = "widgets".into();
+    pr["pull_request"]["base"]["repo"]["owner"]["login"] = "acme".into();
+    pr["pull_request"]["base"]["repo"]["full_name"] = "acme/widgets".into();
+    pr["pull_request"]["head"]["repo"]["full_name"] = "mallory/widgets".into();
+    let body = serde_json::to_vec(&pr).unwrap();
+    let r = api.webhook("pull_request", "fork-1", &body).await;
+    assert_eq!(r.status(), 202);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let id = v["builds"][0].as_str().unwrap().to_owned();
+    let b = api.finished(&id, MINUTE).await;
+    assert_eq!(b["fromFork"], true);
+    let log = log_of(&api, &id).await;
+    assert!(log.contains("no-deploy-key"), "{log}");
+    assert!(
+        log.contains("pull request from a fork, so it gets no secrets: DEPLOY_KEY, REGISTRY"),
+        "{log}"
+    );
+}

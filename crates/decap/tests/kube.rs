@@ -660,6 +660,18 @@ async fn the_manifests_are_valid_and_their_rbac_is_enough_and_no_more() {
     assert!(log.contains("within-rbac"), "{log}");
     drop(decap);
     node.shutdown().await;
+
+    // Builds' secrets in the build namespace: the Role is enough for the
+    // whole contract; the controller's own Secret stays out of reach.
+    let store = decap_kube::KubeSecretStore::connect(sa_client.clone(), "decap")
+        .await
+        .unwrap();
+    decap_contract_tests::secret_store_suite(Arc::new(store)).await;
+    let system_secrets: Api<Secret> = Api::namespaced(sa_client.clone(), "decap-system");
+    match system_secrets.get_opt("decap").await {
+        Err(decap_kube::kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        other => panic!("Secrets outside the build namespace must be denied: {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

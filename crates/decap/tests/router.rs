@@ -133,6 +133,8 @@ async fn app_with_auth(secrets: &[&str], private_reads: bool) -> TestApp {
             data.join("details"),
         ))),
         oauth: None,
+        sessions: Default::default(),
+        secrets: None,
     });
     TestApp {
         router: decap_server::router(server),
@@ -443,6 +445,26 @@ async fn create_and_pull_request_events_build() {
     let (_, b) = call(&app, get(&format!("/api/v1/build/{id}"))).await;
     assert_eq!(b["ref"], "refs/pull/2/head");
     assert_eq!(b["commit"], "ec26c3e57ca3a959ca5aad62de7213c562f8c821");
+    assert_eq!(b["fromFork"], false, "head and base are one repository");
+
+    // From a fork: built, with no secrets.
+    pr["pull_request"]["head"]["repo"]["full_name"] = "someone/Hello-World".into();
+    pr["pull_request"]["head"]["sha"] = "aaaaaaa57ca3a959ca5aad62de7213c562f8c821".into();
+    let body = serde_json::to_vec(&pr).unwrap();
+    let (status, v) = call(
+        &app,
+        hook("pull_request", "pr-fork", &body, Some(sign(SECRET, &body))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    let fork = v["builds"][0].as_str().unwrap().to_owned();
+    let (_, b) = call(&app, get(&format!("/api/v1/build/{fork}"))).await;
+    assert_eq!(b["fromFork"], true);
+    let (_, rerun) = call(&app, authed("POST", &format!("/api/v1/build/{fork}/rerun"))).await;
+    assert_eq!(
+        rerun["fromFork"], true,
+        "a rerun of a fork's build is one too"
+    );
 
     pr["action"] = "closed".into();
     let body = serde_json::to_vec(&pr).unwrap();
@@ -1073,23 +1095,187 @@ async fn projects_are_removed_by_name_and_unknown_ones_are_404() {
         call(&app, del("/api/projects/pipeline")).await.0,
         StatusCode::UNAUTHORIZED
     );
+    // A token in the URL is refused, right or wrong: URLs end up in logs.
+    for token in ["wrong", TOKEN] {
+        let (status, v) = call(&app, del(&format!("/api/projects/pipeline?token={token}"))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("Authorization: Bearer"),
+            "{v}"
+        );
+    }
+    let (_, v) = call(&app, get("/api/v1/hub")).await;
+    assert_eq!(v["projects"][0]["name"], "pipeline", "still there");
+    let path = "/api/projects/pipeline";
+    assert_eq!(call(&app, authed("DELETE", path)).await.0, StatusCode::OK);
     assert_eq!(
-        call(&app, del("/api/projects/pipeline?token=wrong"))
-            .await
-            .0,
-        StatusCode::UNAUTHORIZED
+        call(&app, authed("DELETE", path)).await.0,
+        StatusCode::NOT_FOUND
     );
-    let path = format!("/api/projects/pipeline?token={TOKEN}");
-    assert_eq!(call(&app, del(&path)).await.0, StatusCode::OK);
-    assert_eq!(call(&app, del(&path)).await.0, StatusCode::NOT_FOUND);
     assert_eq!(
-        call(&app, del(&format!("/api/projects/..?token={TOKEN}")))
-            .await
-            .0,
+        call(&app, authed("DELETE", "/api/projects/..")).await.0,
         StatusCode::BAD_REQUEST
     );
     let (_, v) = call(&app, get("/api/v1/hub")).await;
     assert_eq!(v["projects"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn every_response_carries_the_security_headers() {
+    let app = app().await;
+    let mut refused = authed("PUT", "/api/v1/queue");
+    refused.headers_mut().remove("authorization");
+    let browser = |path: &str| {
+        Request::get(path)
+            .header("accept", "text/html")
+            .body(Body::empty())
+            .unwrap()
+    };
+    for (what, req) in [
+        ("a page", get("/")),
+        ("the login page", get("/login")),
+        ("a project", get("/projects/acme/widgets")),
+        ("the queue", get("/queue")),
+        ("a missing page", browser("/no/such/page")),
+        ("JSON", get("/api/v1/version")),
+        ("a JSON error", get("/no/such/page")),
+        ("a refusal", refused),
+        ("a script", get("/assets/decap.js")),
+        ("health", get("/healthz")),
+    ] {
+        let (_, headers, _) = page(&app, req).await;
+        assert_eq!(
+            headers["content-security-policy"],
+            decap_server::CONTENT_SECURITY_POLICY,
+            "{what}"
+        );
+        assert_eq!(headers["x-frame-options"], "DENY", "{what}");
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{what}");
+        assert_eq!(headers["referrer-policy"], "same-origin", "{what}");
+    }
+    // The policy forbids inline code and styles: the pages have none, and
+    // htmx is told not to add its own style element.
+    for path in [
+        "/",
+        "/projects",
+        "/projects/acme/widgets",
+        "/queue",
+        "/login",
+    ] {
+        let (_, _, html) = page(&app, get(path)).await;
+        let lower = html.to_ascii_lowercase();
+        assert!(!lower.contains("<style"), "{path}");
+        assert!(!lower.contains(" style="), "{path}");
+        assert!(!lower.contains("javascript:"), "{path}");
+        for script in lower.split("<script").skip(1) {
+            assert!(
+                script.trim_start().starts_with("src="),
+                "{path}: inline script"
+            );
+        }
+        let handler = lower.split(" on").skip(1).find(|rest| {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphabetic())
+                .collect();
+            !name.is_empty() && rest[name.len()..].starts_with('=')
+        });
+        assert!(handler.is_none(), "{path}: an event handler attribute");
+        assert!(
+            html.contains(r#""includeIndicatorStyles": false"#),
+            "{path}"
+        );
+    }
+    // A detail file keeps its own, stricter policy.
+    let file = format!("/api/v1/details/acme/widgets/{SHA}/report.txt");
+    let mut put = authed("PUT", &file);
+    *put.body_mut() = Body::from("<script>alert(1)</script>");
+    assert_eq!(call(&app, put).await.0, StatusCode::CREATED);
+    let (status, headers, _) = page(
+        &app,
+        get(&format!("/details/acme/widgets/{SHA}/report.txt")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        headers["content-security-policy"],
+        "sandbox; default-src 'none'"
+    );
+    assert_eq!(headers["x-frame-options"], "DENY");
+}
+
+#[tokio::test]
+async fn the_login_cookie_holds_a_session_id_never_the_token() {
+    let app = app().await;
+    let (status, headers, _) = page(&app, form("/login", &format!("token={TOKEN}"), None)).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let set: Vec<&str> = headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert!(set.iter().all(|c| !c.contains(TOKEN)), "{set:?}");
+    let session = set
+        .iter()
+        .find(|c| c.starts_with("decap_session="))
+        .unwrap();
+    assert!(
+        session.contains("HttpOnly") && session.contains("SameSite=Strict"),
+        "{session}"
+    );
+    let jar = session.split(';').next().unwrap().to_owned();
+    let id = jar.split_once('=').unwrap().1;
+    assert!(
+        id.len() >= 32 && id.chars().all(|c| c.is_ascii_hexdigit()),
+        "{id}"
+    );
+    let build = |cookie: &str| {
+        form(
+            "/ui/projects/acme/widgets/build",
+            "branch=main",
+            Some(cookie),
+        )
+    };
+
+    // The session acts.
+    let (status, headers, _) = page(&app, build(&jar)).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(
+        headers["location"]
+            .to_str()
+            .unwrap()
+            .starts_with("/builds/")
+    );
+    assert_eq!(history(&app).await, 1);
+    // A forged id does not, nor does the token itself in the old cookie.
+    for forged in [
+        format!("decap_session={}", "0".repeat(64)),
+        format!("decap_session={TOKEN}"),
+        format!("decap_token={TOKEN}"),
+    ] {
+        let (status, headers, _) = page(&app, build(&forged)).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{forged}");
+        assert_eq!(headers["location"], "/login", "{forged}");
+    }
+    assert_eq!(history(&app).await, 1);
+
+    // Logging out ends the session here, not only in the browser.
+    let (status, headers, _) = page(&app, form("/logout", "", Some(&jar))).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(
+        headers
+            .get_all("set-cookie")
+            .iter()
+            .any(|c| c.to_str().unwrap().starts_with("decap_session=;")),
+        "{headers:?}"
+    );
+    let (status, headers, _) = page(&app, build(&jar)).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(headers["location"], "/login", "the old cookie is dead");
+    assert_eq!(history(&app).await, 1);
 }
 
 #[tokio::test]
