@@ -139,15 +139,17 @@ pub fn validate_project_name(name: &str) -> Result<()> {
     }
 }
 
-/// A build name: printable, 1 to 100 characters.
+/// A build name: printable, 1 to 100 characters, none of them a control or
+/// invisible formatting character (bidi overrides and the like, named as
+/// `U+XXXX`).
 pub fn validate_build_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+    if name.is_empty() || name.chars().count() > 100 {
         return Err(Error::invalid(
             "name",
             "a build name is 1 to 100 printable characters",
         ));
     }
-    Ok(())
+    crate::names::refuse_invisible("name", name)
 }
 
 /// A revision: a git object name, 4 to 64 hex digits.
@@ -367,5 +369,8 @@ mod tests {
         assert!(validate_status_url("https://ci.example.com/1").is_ok());
         assert!(validate_build_name("").is_err());
         assert!(validate_build_name("tests\n").is_err());
+        let bidi = validate_build_name("deploy\u{202E}gnitset").unwrap_err();
+        assert!(bidi.to_string().contains("U+202E"), "{bidi}");
+        assert!(validate_build_name("unit tests (linux)").is_ok());
     }
 }

@@ -47,9 +47,74 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The invisible formatting characters: Unicode's general category Cf
+/// (Unicode 15.1). Among them the bidirectional embeddings, overrides and
+/// isolates (U+202A–U+202E, U+2066–U+2069), the directional marks (U+200E,
+/// U+200F, U+061C), the zero-width characters (U+200B–U+200D, U+2060,
+/// U+FEFF) and the tag characters (U+E0000 block): each can make a name
+/// display as something else than what it is.
+const FORMAT_CHARACTERS: &[(char, char)] = &[
+    ('\u{00AD}', '\u{00AD}'),
+    ('\u{0600}', '\u{0605}'),
+    ('\u{061C}', '\u{061C}'),
+    ('\u{06DD}', '\u{06DD}'),
+    ('\u{070F}', '\u{070F}'),
+    ('\u{0890}', '\u{0891}'),
+    ('\u{08E2}', '\u{08E2}'),
+    ('\u{180E}', '\u{180E}'),
+    ('\u{200B}', '\u{200F}'),
+    ('\u{202A}', '\u{202E}'),
+    ('\u{2060}', '\u{2064}'),
+    ('\u{2066}', '\u{206F}'),
+    ('\u{FEFF}', '\u{FEFF}'),
+    ('\u{FFF9}', '\u{FFFB}'),
+    ('\u{110BD}', '\u{110BD}'),
+    ('\u{110CD}', '\u{110CD}'),
+    ('\u{13430}', '\u{1343F}'),
+    ('\u{1BCA0}', '\u{1BCA3}'),
+    ('\u{1D173}', '\u{1D17A}'),
+    ('\u{E0001}', '\u{E0001}'),
+    ('\u{E0020}', '\u{E007F}'),
+];
+
+/// Whether `c` is a control character (Cc) or an invisible formatting
+/// character (Cf).
+pub fn is_control_or_format(c: char) -> bool {
+    c.is_control()
+        || FORMAT_CHARACTERS
+            .iter()
+            .any(|&(first, last)| (first..=last).contains(&c))
+}
+
+/// Refuses a name holding a control or formatting character (see
+/// [`is_control_or_format`]), naming the character as `U+XXXX`: such a name
+/// shows as something other than what it is (`main`, U+202E RIGHT-TO-LEFT
+/// OVERRIDE, `tset` reads `maintest`), or hides part of itself.
+pub fn refuse_invisible(what: &'static str, name: &str) -> Result<()> {
+    let Some(c) = name.chars().find(|&c| is_control_or_format(c)) else {
+        return Ok(());
+    };
+    let kind = if c.is_control() {
+        "a control character"
+    } else if matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
+    {
+        "a bidirectional formatting character"
+    } else {
+        "an invisible formatting character"
+    };
+    Err(Error::invalid(
+        what,
+        format!(
+            "{name:?} contains U+{:04X}, {kind}, which could make it display as something else",
+            u32::from(c)
+        ),
+    ))
+}
+
 /// Checks a branch or tag name with git's own rules (`git check-ref-format`)
-/// plus a few of Decap's: no leading `-`, no control characters or spaces, no
-/// `..` path component, at most [`MAX_BRANCH_LEN`] bytes.
+/// plus a few of Decap's: no leading `-`, no control, formatting (bidi,
+/// zero-width) or space characters, no `..` path component, at most
+/// [`MAX_BRANCH_LEN`] bytes.
 pub fn validate_branch(branch: &str) -> Result<()> {
     let what = "branch";
     if branch.is_empty() {
@@ -61,6 +126,7 @@ pub fn validate_branch(branch: &str) -> Result<()> {
             format!("longer than {MAX_BRANCH_LEN} bytes"),
         ));
     }
+    refuse_invisible(what, branch)?;
     if branch.starts_with('-') || branch.starts_with('/') || branch.ends_with('/') {
         return Err(Error::invalid(
             what,
@@ -209,6 +275,35 @@ mod tests {
         ] {
             assert!(validate_branch(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn branches_with_invisible_characters_are_refused_by_code_point() {
+        for (bad, code) in [
+            ("main\u{202E}tset", "U+202E"),
+            ("\u{2066}main", "U+2066"),
+            ("ma\u{200B}in", "U+200B"),
+            ("main\u{200F}", "U+200F"),
+            ("main\u{061C}", "U+061C"),
+            ("soft\u{00AD}hyphen", "U+00AD"),
+            ("\u{FEFF}main", "U+FEFF"),
+            ("tag\u{E0041}", "U+E0041"),
+            ("a\u{7F}b", "U+007F"),
+            ("a\u{85}b", "U+0085"),
+            ("a\tb", "U+0009"),
+        ] {
+            let e = validate_branch(bad).expect_err(bad).to_string();
+            assert!(e.contains(code), "{bad:?}: {e}");
+        }
+        let e = validate_branch("main\u{202E}")
+            .expect_err("a bidi override")
+            .to_string();
+        assert!(e.contains("bidirectional"), "{e}");
+        // Letters of other scripts stay fine, right-to-left ones too.
+        for ok in ["feature/ñandú", "תכונה", "功能/分支", "émoji-✓"] {
+            validate_branch(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        assert!(LockKey::parse("acme/widgets/main\u{202E}").is_err());
     }
 
     #[test]

@@ -108,4 +108,19 @@ mod tests {
         );
         assert!(GitRef::parse("refs/pull/x/head").is_err());
     }
+
+    #[test]
+    fn refs_with_bidi_or_invisible_characters_are_refused() {
+        for bad in [
+            "refs/heads/main\u{202E}",
+            "refs/tags/v1\u{2067}.0",
+            "refs/heads/fix\u{200B}",
+            "main\u{FEFF}",
+        ] {
+            let e = GitRef::parse(bad).expect_err(bad).to_string();
+            assert!(e.contains("U+"), "{bad:?}: {e}");
+        }
+        assert!(GitRef::tag("v1\u{200E}").is_err());
+        assert!(GitRef::branch("release/\u{2066}x").is_err());
+    }
 }

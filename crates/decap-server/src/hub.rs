@@ -240,8 +240,9 @@ fn required<'a>(f: &'a HashMap<String, String>, name: &str) -> ApiResult<&'a str
         .ok_or_else(|| ApiError::bad_request(format!("{name} is required")))
 }
 
-/// The API token, as the `token` field (as the original accepted it) or as
-/// a bearer token.
+/// The API token, as the `token` field of a POST's body (as the original
+/// accepted it) or as a bearer token; or this machine's own CLI under
+/// `--insecure-local`.
 fn authorize(
     app: &AppState,
     headers: &HeaderMap,
@@ -251,10 +252,18 @@ fn authorize(
     match token {
         Some(t) if app.auth.token_matches(t) => Ok(()),
         Some(_) => Err(ApiError::unauthorized("the API token is wrong")),
-        None => app.auth.authorize(headers, peer).map_err(|_| {
-            ApiError::unauthorized(
-                "this call needs the API token: send it as the token field, or as Authorization: Bearer <DECAP_API_TOKEN>",
-            )
+        None => app.auth.authorize(headers, peer).map_err(|e| {
+            if headers.contains_key(header::AUTHORIZATION) {
+                return e;
+            }
+            let why = app
+                .auth
+                .local_refusal(headers, peer)
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default();
+            ApiError::unauthorized(format!(
+                "this call needs the API token: send it as the token field, or as Authorization: Bearer <DECAP_API_TOKEN>{why}"
+            ))
         }),
     }
 }
@@ -320,7 +329,9 @@ pub async fn build_status(
     .into_response())
 }
 
-/// `DELETE /api/projects/{name}`.
+/// `DELETE /api/projects/{name}`, with the token as a bearer token: one in
+/// the query string (`?token=`, which the original took) is refused, since
+/// URLs end up in logs, proxies and shell histories.
 pub async fn delete_project(
     State(app): State<AppState>,
     headers: HeaderMap,
@@ -328,7 +339,12 @@ pub async fn delete_project(
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
-    authorize(&app, &headers, q.get("token").map(String::as_str), peer)?;
+    if q.contains_key("token") {
+        return Err(ApiError::bad_request(
+            "the API token does not go in the URL (URLs end up in logs and histories): send it as Authorization: Bearer <DECAP_API_TOKEN>, and change it if it was sent this way",
+        ));
+    }
+    authorize(&app, &headers, None, peer)?;
     let hub = hub(&app)?;
     validate_project_name(&name)?;
     if !hub.store.remove_project(&name).await? {

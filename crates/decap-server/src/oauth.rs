@@ -3,12 +3,12 @@
 //! (build, rerun, cancel) and unlock (locks, the queue, deferred builds);
 //! any other GitHub user who logs in may read.
 //!
-//! Sessions live in memory: a restart logs everyone out, which costs one
-//! click on "Log in with GitHub".
+//! Sessions are [`crate::session`]'s, shared with logging in with the API
+//! token: in memory, so a restart logs everyone out, which costs one click
+//! on "Log in with GitHub".
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::collections::HashSet;
+use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -16,13 +16,10 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
 use crate::AppState;
+use crate::session::{Holder, cookie, random_id};
 
-/// The session cookie.
-pub const SESSION_COOKIE: &str = "decap_session";
 /// The state cookie of a login under way.
 const STATE_COOKIE: &str = "decap_oauth_state";
-/// How long a session lasts.
-const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 
 /// The GitHub OAuth App and who may do what.
 #[derive(Clone)]
@@ -50,41 +47,10 @@ impl std::fmt::Debug for OAuthConfig {
     }
 }
 
-/// A logged-in GitHub user.
-#[derive(Debug, Clone)]
-pub struct Session {
-    /// The GitHub login.
-    pub login: String,
-    /// May build, rerun and cancel.
-    pub can_build: bool,
-    /// May unlock and run the queue.
-    pub can_unlock: bool,
-    expires: Instant,
-}
-
-/// GitHub login: the configuration and the sessions.
+/// GitHub login: the OAuth App and an HTTP client for GitHub.
 pub struct GitHubLogin {
     config: OAuthConfig,
     http: reqwest::Client,
-    sessions: Mutex<HashMap<String, Session>>,
-}
-
-fn random_token() -> String {
-    let a = uuid::Uuid::new_v4().simple().to_string();
-    let b = uuid::Uuid::new_v4().simple().to_string();
-    format!("{a}{b}")
-}
-
-/// A cookie's value from the request.
-pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_owned())
 }
 
 impl GitHubLogin {
@@ -95,41 +61,18 @@ impl GitHubLogin {
             .user_agent("decap")
             .build()
             .unwrap_or_default();
-        GitHubLogin {
-            config,
-            http,
-            sessions: Mutex::new(HashMap::new()),
-        }
+        GitHubLogin { config, http }
     }
 
-    /// The session the request carries, if it is live.
-    pub fn session(&self, headers: &HeaderMap) -> Option<Session> {
-        let id = cookie(headers, SESSION_COOKIE)?;
-        let mut sessions = self.sessions.lock().ok()?;
-        let now = Instant::now();
-        sessions.retain(|_, s| s.expires > now);
-        sessions.get(&id).cloned()
-    }
-
-    fn start_session(&self, login: &str) -> String {
-        let id = random_token();
+    /// What a GitHub login may do: build (and rerun, cancel), and unlock
+    /// (and run the queue).
+    pub fn rights(&self, login: &str) -> (bool, bool) {
         let key = login.to_ascii_lowercase();
-        let session = Session {
-            login: login.to_owned(),
-            can_build: self.config.builders.contains(&key) || self.config.unlockers.contains(&key),
-            can_unlock: self.config.unlockers.contains(&key),
-            expires: Instant::now() + SESSION_TTL,
-        };
-        if let Ok(mut s) = self.sessions.lock() {
-            s.insert(id.clone(), session);
-        }
-        id
-    }
-
-    fn end_session(&self, headers: &HeaderMap) {
-        if let (Some(id), Ok(mut s)) = (cookie(headers, SESSION_COOKIE), self.sessions.lock()) {
-            s.remove(&id);
-        }
+        let can_unlock = self.config.unlockers.contains(&key);
+        (
+            self.config.builders.contains(&key) || can_unlock,
+            can_unlock,
+        )
     }
 
     /// Trades the code GitHub sent back for the user's login.
@@ -208,7 +151,7 @@ pub async fn start(State(app): State<AppState>) -> Response {
     let Some(gh) = &app.oauth else {
         return crate::ui::not_found_page("Logging in with GitHub is not set up here.");
     };
-    let state = random_token();
+    let state = random_id();
     let mut url = reqwest::Url::parse(&format!(
         "{}/login/oauth/authorize",
         gh.config.web_url.trim_end_matches('/')
@@ -270,25 +213,21 @@ pub async fn callback(
             return crate::ui::error_page(StatusCode::BAD_GATEWAY, "Login failed", &e);
         }
     };
-    let id = gh.start_session(&login);
+    let (can_build, can_unlock) = gh.rights(&login);
+    // A fresh id at each login, whatever session the browser had.
+    app.sessions.end(&headers);
+    let id = app
+        .sessions
+        .start(Holder::GitHub(login.clone()), can_build, can_unlock);
     tracing::info!(login = %login, "logged in with GitHub");
+    // Lax: the cookie must come along on this redirect, which GitHub's
+    // (another site's) redirect to us started.
     let r = with_cookie(
         Redirect::to("/").into_response(),
-        &format!(
-            "{SESSION_COOKIE}={id}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
-            SESSION_TTL.as_secs(),
-            secure(&app)
-        ),
+        &crate::session::set_cookie(&id, "Lax", !secure(&app).is_empty()),
     );
     with_cookie(
         r,
         &format!("{STATE_COOKIE}=; Path=/login/github; HttpOnly; SameSite=Lax; Max-Age=0"),
     )
-}
-
-/// Ends the GitHub session of the request, if any.
-pub fn logout(app: &AppState, headers: &HeaderMap) {
-    if let Some(gh) = &app.oauth {
-        gh.end_session(headers);
-    }
 }

@@ -4,10 +4,13 @@
 //! asset is vendored and compiled into the binary; nothing is fetched at run
 //! time.
 //!
-//! Reading needs no login (like the API's reads). Every action needs the API
-//! token: the login form checks it and keeps it in an `HttpOnly`,
-//! `SameSite=Strict` cookie, and actions also refuse a cross-site `Origin`.
-//! With `--insecure-local`, loopback clients act without logging in.
+//! Reading needs no login (like the API's reads). Every action needs a
+//! login: the login form checks the API token and starts a session
+//! ([`crate::session`]: the `HttpOnly`, `SameSite=Strict` cookie holds a
+//! random id, never the token), and actions also refuse a cross-site
+//! `Origin`. With `--insecure-local`, this machine's own browser acts without
+//! logging in (see [`crate::auth::local_request`]: a loopback client, a
+//! loopback `Host`, no other site's `Origin`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -16,7 +19,7 @@ use std::time::Duration;
 
 use askama::Template;
 use axum::Form;
-use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -30,7 +33,9 @@ use time::OffsetDateTime;
 use crate::AppState;
 use crate::error::ApiError;
 
-const COOKIE: &str = "decap_token";
+/// The cookie earlier versions kept the API token itself in: never read,
+/// cleared at login and logout.
+const OLD_TOKEN_COOKIE: &str = "decap_token";
 const HTMX: &str = include_str!("../assets/htmx-2.0.11.min.js");
 const CSS: &str = include_str!("../assets/decap.css");
 const JS: &str = include_str!("../assets/decap.js");
@@ -169,8 +174,9 @@ fn row(b: &Build) -> BuildRow {
 }
 
 /// With `private_reads`, lets a request through only with the token (as a
-/// bearer or the login cookie) or from loopback under `--insecure-local`;
-/// browsers are sent to the login page, programs get a 401.
+/// bearer), a login session, or from this machine's own browser or CLI
+/// under `--insecure-local`; browsers are sent to the login page, programs
+/// get a 401.
 pub async fn guard_reads(
     State(app): State<AppState>,
     req: axum::extract::Request,
@@ -191,10 +197,7 @@ pub async fn guard_reads(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|t| app.auth.token_matches(t.trim()));
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+    let peer = crate::auth::peer(&req);
     let open = open || path.starts_with("/login/github");
     let v = viewer(&app, headers, peer);
     if open || bearer || v.can_act || v.logged_in {
@@ -207,9 +210,14 @@ pub async fn guard_reads(
     if wants_html {
         Redirect::to("/login").into_response()
     } else {
-        ApiError::unauthorized(
-            "reading needs the API token here: send Authorization: Bearer <DECAP_API_TOKEN>",
-        )
+        let why = app
+            .auth
+            .local_refusal(headers, peer)
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        ApiError::unauthorized(format!(
+            "reading needs the API token here: send Authorization: Bearer <DECAP_API_TOKEN>{why}"
+        ))
         .into_response()
     }
 }
@@ -217,7 +225,8 @@ pub async fn guard_reads(
 /// Who is looking: may they act?
 pub struct Viewer {
     /// May build, rerun and cancel: logged in with the token, or a GitHub
-    /// user who may build (or a loopback client under `--insecure-local`).
+    /// user who may build (or this machine's own browser under
+    /// `--insecure-local`).
     pub can_act: bool,
     /// May also unlock and run the queue.
     pub can_unlock: bool,
@@ -229,22 +238,21 @@ pub struct Viewer {
     pub unsandboxed: bool,
 }
 
-pub(crate) fn cookie_token(headers: &HeaderMap) -> Option<String> {
-    crate::oauth::cookie(headers, COOKIE)
-}
-
 fn viewer(app: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> Viewer {
-    let token = cookie_token(headers).is_some_and(|t| app.auth.token_matches(&t));
-    let local = app.auth.insecure_local && peer.is_some_and(|p| p.ip().is_loopback());
-    let session = app.oauth.as_ref().and_then(|o| o.session(headers));
+    let local = app.auth.is_local(headers, peer);
+    let session = app.sessions.get(headers);
     let (can_build, can_unlock) = session
         .as_ref()
         .map_or((false, false), |s| (s.can_build, s.can_unlock));
     Viewer {
-        can_act: token || local || can_build,
-        can_unlock: token || local || can_unlock,
-        logged_in: token || session.is_some(),
-        user: session.map(|s| s.login).unwrap_or_default(),
+        can_act: local || can_build,
+        can_unlock: local || can_unlock,
+        logged_in: session.is_some(),
+        user: session
+            .as_ref()
+            .and_then(|s| s.github_login())
+            .unwrap_or_default()
+            .to_owned(),
         unsandboxed: app.controller.ports.executor.sandbox() == "none",
     }
 }
@@ -268,7 +276,7 @@ fn refuse_unlock(
     })
 }
 
-/// Checks an action: the token cookie (or loopback under
+/// Checks an action: a login session (or this machine's own browser under
 /// `--insecure-local`) and a same-site `Origin` when the browser sends one;
 /// the answer to give when refused.
 fn refuse_action(
@@ -364,7 +372,8 @@ fn query(q: &Option<String>) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
-/// The client's address, when the server runs with connect info.
+/// The client's address, when the request came over TCP (never for one
+/// from the build socket: see [`crate::auth::peer`]).
 pub struct Peer(pub Option<SocketAddr>);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
@@ -374,12 +383,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
         parts: &mut axum::http::request::Parts,
         _: &S,
     ) -> Result<Self, Self::Rejection> {
-        Ok(Peer(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0),
-        ))
+        Ok(Peer(crate::auth::peer_of(&parts.extensions)))
     }
 }
 
@@ -1245,16 +1249,32 @@ struct LoginPage {
     error: String,
     configured: bool,
     github: bool,
+    /// Why `--insecure-local` does not let this browser act, when it is on.
+    local_note: String,
+}
+
+fn login_page(
+    app: &AppState,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+    error: &str,
+) -> Response {
+    render(&LoginPage {
+        viewer: viewer(app, headers, peer),
+        error: error.to_owned(),
+        configured: app.auth.api_token.is_some(),
+        github: app.oauth.is_some(),
+        // Said to browsers on this machine only: others are never local.
+        local_note: peer
+            .filter(|p| p.ip().to_canonical().is_loopback())
+            .and_then(|_| app.auth.local_refusal(headers, peer))
+            .unwrap_or_default(),
+    })
 }
 
 /// `GET /login`.
 pub async fn login_form(State(app): State<AppState>, headers: HeaderMap, ci: Peer) -> Response {
-    render(&LoginPage {
-        viewer: viewer(&app, &headers, ci.0),
-        error: String::new(),
-        configured: app.auth.api_token.is_some(),
-        github: app.oauth.is_some(),
-    })
+    login_page(&app, &headers, ci.0, "")
 }
 
 /// The login form.
@@ -1264,48 +1284,46 @@ pub struct LoginForm {
     pub token: String,
 }
 
-/// `POST /login` — checks the token and keeps it in a cookie.
+fn clear_cookie(r: &mut Response, name: &str, same_site: &str) {
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{name}=; Path=/; HttpOnly; SameSite={same_site}; Max-Age=0"
+    )) {
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
+}
+
+/// `POST /login` — checks the token and starts a session; the cookie holds
+/// the session's random id, never the token.
 pub async fn login(
     State(app): State<AppState>,
     headers: HeaderMap,
     ci: Peer,
     Form(form): Form<LoginForm>,
 ) -> Response {
-    let token = form.token.trim();
-    if !app.auth.token_matches(token) || token.contains(|c: char| c == ';' || c.is_control()) {
-        let mut r = render(&LoginPage {
-            viewer: viewer(&app, &headers, ci.0),
-            error: "That is not the API token.".to_owned(),
-            configured: app.auth.api_token.is_some(),
-            github: app.oauth.is_some(),
-        });
+    if !app.auth.token_matches(form.token.trim()) {
+        let mut r = login_page(&app, &headers, ci.0, "That is not the API token.");
         *r.status_mut() = StatusCode::UNAUTHORIZED;
         return r;
     }
-    let secure = if app.controller.config.public_url.starts_with("https://") {
-        "; Secure"
-    } else {
-        ""
-    };
-    let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}");
+    // A fresh id at each login, whatever session the browser had.
+    app.sessions.end(&headers);
+    let id = app
+        .sessions
+        .start(crate::session::Holder::ApiToken, true, true);
+    let secure = app.controller.config.public_url.starts_with("https://");
     let mut r = Redirect::to("/").into_response();
-    if let Ok(v) = HeaderValue::from_str(&cookie) {
+    if let Ok(v) = HeaderValue::from_str(&crate::session::set_cookie(&id, "Strict", secure)) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
+    clear_cookie(&mut r, OLD_TOKEN_COOKIE, "Strict");
     r
 }
 
-/// `POST /logout`.
+/// `POST /logout` — ends the session, here and in the browser.
 pub async fn logout(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    crate::oauth::logout(&app, &headers);
+    app.sessions.end(&headers);
     let mut r = Redirect::to("/").into_response();
-    r.headers_mut().append(
-        header::SET_COOKIE,
-        HeaderValue::from_static("decap_session=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"),
-    );
-    r.headers_mut().append(
-        header::SET_COOKIE,
-        HeaderValue::from_static("decap_token=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
-    );
+    clear_cookie(&mut r, crate::session::COOKIE, "Lax");
+    clear_cookie(&mut r, OLD_TOKEN_COOKIE, "Strict");
     r
 }

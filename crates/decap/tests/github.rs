@@ -572,12 +572,29 @@ async fn decapctl_subscribes_a_repository_and_the_ping_builds_its_default_branch
         "the existing webhook was updated"
     );
     // The project page's button does the same for a logged-in user.
+    let login = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(format!("{}/login", decap.url))
+        .form(&[("token", common::TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    let session = login
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned())
+        .find(|c| c.starts_with("decap_session="))
+        .unwrap();
     let page = |cookie: bool| {
         let api = decap.api();
+        let session = session.clone();
         async move {
             let mut rb = api.http.get(format!("{}/projects/acme/widgets", api.base));
             if cookie {
-                rb = rb.header("cookie", format!("decap_token={}", common::TOKEN));
+                rb = rb.header("cookie", session);
             }
             rb.send().await.unwrap().text().await.unwrap()
         }
@@ -589,7 +606,7 @@ async fn decapctl_subscribes_a_repository_and_the_ping_builds_its_default_branch
         .api()
         .http
         .post(format!("{}/ui/projects/acme/widgets/subscribe", decap.url))
-        .header("cookie", format!("decap_token={}", common::TOKEN))
+        .header("cookie", &session)
         .send()
         .await
         .unwrap();
