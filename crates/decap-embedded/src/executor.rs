@@ -102,14 +102,32 @@ struct Inner {
     work_root: PathBuf,
     /// bctool as the sandbox binds it (staged in the sandbox dir).
     bctool: PathBuf,
+    /// This server's hold on its sandbox dir.
+    _lock: std::fs::File,
     sandbox: Option<Sandbox>,
     cgroups: Option<Cgroups>,
     quota: DiskQuota,
     running: Mutex<HashMap<BuildId, Arc<Running>>>,
     warm: Mutex<Vec<Env>>,
+    /// Prepared slots (a user, a workspace, a cgroup) for cold starts.
+    slots: Mutex<Vec<Slot>>,
     events: Arc<dyn ExecutorEvents>,
     spawner: Spawner,
 }
+
+/// What an environment stands on, made ahead of time: a build user, a
+/// workspace (with its filesystem) and a cgroup. Making them takes tens of
+/// milliseconds (a filesystem is made and mounted), so a few wait ready and
+/// a build that starts cold does not pay for them.
+struct Slot {
+    ws: Workspace,
+    uid: Option<u32>,
+    cgroup: Option<BuildCgroup>,
+    disk: Option<u64>,
+}
+
+/// How many prepared slots wait for cold starts.
+const PREPARED_SLOTS: usize = 2;
 
 /// A prepared environment: a workspace, a cgroup and a sandbox with bctool
 /// in it.
@@ -269,6 +287,11 @@ impl LocalExecutor {
                 ),
             ));
         }
+        let lock = config
+            .dir
+            .lock()
+            .map_err(|e| Error::invalid("data dir", e.to_string()))?;
+        config.dir.sweep_dead();
         let (sandbox, cgroups, bctool) = match config.sandbox {
             SandboxMode::None => (None, None, PathBuf::from(program)),
             SandboxMode::Bubblewrap => {
@@ -297,17 +320,20 @@ impl LocalExecutor {
             config,
             work_root,
             bctool,
+            _lock: lock,
             sandbox,
             cgroups,
             quota,
             running: Mutex::new(HashMap::new()),
             warm: Mutex::new(Vec::new()),
+            slots: Mutex::new(Vec::new()),
             events,
             spawner: Spawner::new()?,
         });
         if inner.sandbox.is_some() {
             inner.try_sandbox().await?;
         }
+        inner.refill_slots();
         for _ in 0..inner.config.warm {
             match inner.start_warm().await {
                 Ok(w) => inner.park(w),
@@ -382,7 +408,7 @@ impl LocalExecutor {
 }
 
 /// Empties the work root, unmounting workspaces an earlier run left mounted.
-fn clear_work_root(root: &Path) {
+pub(crate) fn clear_work_root(root: &Path) {
     if let Ok(rd) = std::fs::read_dir(root) {
         for e in rd.flatten() {
             let p = e.path();
@@ -540,62 +566,130 @@ impl Inner {
         prepare: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<Env> {
         let disk = limits.map_or(self.config.defaults.disk_bytes, |l| l.disk_bytes);
-        let uid = self.sandbox.as_ref().and_then(Sandbox::allocate_uid);
+        // Prepared slots are for builds starting cold (those with their
+        // limits known); warm environments are made ahead anyway.
+        let taken = limits.and_then(|_| {
+            self.slots.lock().ok().and_then(|mut pool| {
+                let i = pool.iter().position(|s| s.disk == disk)?;
+                Some(pool.swap_remove(i))
+            })
+        });
+        let slot = match taken {
+            Some(slot) => slot,
+            None => self.make_slot(name, disk).await?,
+        };
+        let slot_uid = slot.uid;
         let made = self
-            .make_env_as(&name, uid, disk, args, env, limits, stdin, prepare)
+            .make_env_in(slot, args, env, limits, stdin, prepare)
             .await;
         if made.is_err()
             && let Some(s) = &self.sandbox
         {
-            s.free_uid(uid);
+            s.free_uid(slot_uid);
         }
         made
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn make_env_as(
+    /// Makes a slot: a user, a workspace of `disk` bytes, a cgroup.
+    async fn make_slot(&self, name: String, disk: Option<u64>) -> Result<Slot> {
+        let uid = self.sandbox.as_ref().and_then(Sandbox::allocate_uid);
+        let dir = self.work_root.join(&name);
+        let quota = self.quota;
+        let ws = tokio::task::spawn_blocking(move || Workspace::create(&dir, quota, disk, uid))
+            .await
+            .map_err(exec_err)?;
+        let ws = match ws {
+            Ok(ws) => ws,
+            Err(e) => {
+                if let Some(s) = &self.sandbox {
+                    s.free_uid(uid);
+                }
+                return Err(exec_err(format!("cannot make the workspace: {e}")));
+            }
+        };
+        let cgroup = match &self.cgroups {
+            Some(c) => match c.create(&name) {
+                Ok(cg) => Some(cg),
+                Err(e) => {
+                    ws.remove();
+                    if let Some(s) = &self.sandbox {
+                        s.free_uid(uid);
+                    }
+                    return Err(exec_err(format!("cannot make the build's cgroup: {e}")));
+                }
+            },
+            None => None,
+        };
+        Ok(Slot {
+            ws,
+            uid,
+            cgroup,
+            disk,
+        })
+    }
+
+    /// Keeps [`PREPARED_SLOTS`] slots of the default size ready, in the
+    /// background.
+    fn refill_slots(self: &Arc<Self>) {
+        let missing = self
+            .slots
+            .lock()
+            .map(|p| PREPARED_SLOTS.saturating_sub(p.len()))
+            .unwrap_or(0);
+        if missing == 0 || self.sandbox.is_none() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            for _ in 0..missing {
+                let disk = this.config.defaults.disk_bytes;
+                match this
+                    .make_slot(format!("slot-{}", uuid::Uuid::now_v7()), disk)
+                    .await
+                {
+                    Ok(slot) => {
+                        if let Ok(mut pool) = this.slots.lock() {
+                            pool.push(slot);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot prepare a workspace for cold starts");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn make_env_in(
         &self,
-        name: &str,
-        uid: Option<u32>,
-        disk: Option<u64>,
+        slot: Slot,
         args: Vec<String>,
         env: Vec<(String, String)>,
         limits: Option<&Limits>,
         stdin: bool,
         prepare: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<Env> {
-        let dir = self.work_root.join(name);
-        let quota = self.quota;
-        let ws = {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || Workspace::create(&dir, quota, disk, uid))
-                .await
-                .map_err(exec_err)?
-                .map_err(|e| exec_err(format!("cannot make the workspace: {e}")))?
-        };
+        let Slot {
+            ws,
+            uid,
+            cgroup,
+            disk,
+        } = slot;
+        let cgroup = cgroup.map(Arc::new);
         let fail = |ws: &Workspace, e: Error| {
+            if let Some(cg) = &cgroup {
+                cg.remove();
+            }
             ws.remove();
             e
         };
         if let Err(e) = prepare(&ws.dir) {
             return Err(fail(&ws, e));
         }
-        let cgroup = match &self.cgroups {
-            Some(c) => match c.create(name) {
-                Ok(cg) => Some(Arc::new(cg)),
-                Err(e) => {
-                    return Err(fail(
-                        &ws,
-                        exec_err(format!("cannot make the build's cgroup: {e}")),
-                    ));
-                }
-            },
-            None => None,
-        };
         if let (Some(cg), Some(l)) = (&cgroup, limits)
             && let Err(e) = cg.set_limits(l)
         {
-            cg.remove();
             return Err(fail(
                 &ws,
                 exec_err(format!("cannot set the build's limits: {e}")),
@@ -700,8 +794,18 @@ impl Inner {
         let name = format!("warm-{}", uuid::Uuid::now_v7());
         let dir = self.work_root.join(&name);
         let args = self.bctool_args(&["standby", "--exit-with-parent"]);
-        self.make_env(name, args, self.base_env(&dir), None, true, |_| Ok(()))
-            .await
+        let env = self
+            .make_env(name, args, self.base_env(&dir), None, true, |_| Ok(()))
+            .await?;
+        // Most builds take the default limits: set them now, so that a
+        // launch writes only what differs.
+        if let Some(cg) = &env.cgroup {
+            let defaults = Limits::resolve(None, self.config.defaults);
+            if let Err(e) = cg.set_limits(&defaults) {
+                tracing::warn!(error = %e, "cannot set a warm environment's limits");
+            }
+        }
+        Ok(env)
     }
 
     fn park(&self, warm: Env) {
@@ -900,7 +1004,7 @@ impl Inner {
                     let mut now = env.cgroup.as_ref().map(|c| c.hits()).unwrap_or_default();
                     // A loop filesystem is asked every second (one statvfs);
                     // a measured folder is walked every five.
-                    if self.quota == DiskQuota::Loop || ticks % 5 == 0 {
+                    if self.quota == DiskQuota::Loop || ticks.is_multiple_of(5) {
                         let ws = env.ws.clone();
                         if let Ok(Some(h)) = tokio::task::spawn_blocking(move || ws.full()).await {
                             now.push(h);
@@ -1016,7 +1120,11 @@ impl Executor for LocalExecutor {
         let limits = Limits::resolve(spec.project.valid_descriptor(), inner.config.defaults);
         let env = match inner.launch_warm(&spec, &limits).await? {
             Some(env) => env,
-            None => inner.launch_cold(&spec, &limits).await?,
+            None => {
+                let env = inner.launch_cold(&spec, &limits).await?;
+                inner.refill_slots();
+                env
+            }
         };
         let (gone_tx, gone_rx) = watch::channel(false);
         let running = Arc::new(Running {
@@ -1047,8 +1155,41 @@ impl Executor for LocalExecutor {
     }
 }
 
-impl Drop for LocalExecutor {
-    fn drop(&mut self) {
+impl LocalExecutor {
+    /// Stops everything this executor started and removes it: running
+    /// builds are killed (the server is going; they would die with it) and
+    /// their workspaces and cgroups removed, as are the warm environments
+    /// and prepared slots. Waits a few seconds at most.
+    pub async fn shutdown(&self) {
+        let running: Vec<Arc<Running>> = self
+            .inner
+            .running
+            .lock()
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default();
+        for r in &running {
+            r.signal(Signal::SIGKILL);
+            let _ = killpg(r.pgid, Signal::SIGKILL);
+        }
+        let gone = async {
+            for r in &running {
+                let mut g = r.gone.clone();
+                let _ = g.wait_for(|g| *g).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), gone).await;
+        self.clear_pools();
+    }
+
+    fn clear_pools(&self) {
+        if let Ok(mut pool) = self.inner.slots.lock() {
+            for slot in pool.drain(..) {
+                if let Some(cg) = slot.cgroup {
+                    cg.remove();
+                }
+                slot.ws.remove();
+            }
+        }
         // Warm bctools see their standard input close and exit; make sure.
         if let Ok(mut pool) = self.inner.warm.lock() {
             for mut w in pool.drain(..) {
@@ -1064,5 +1205,11 @@ impl Drop for LocalExecutor {
                 w.ws.remove();
             }
         }
+    }
+}
+
+impl Drop for LocalExecutor {
+    fn drop(&mut self) {
+        self.clear_pools();
     }
 }

@@ -242,10 +242,10 @@ pub async fn store(
             ),
         ));
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let (check_tx, check_rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     let checker = tokio::task::spawn_blocking(move || {
         let reader = ChannelReader {
-            rx,
+            rx: check_rx,
             current: Bytes::new(),
         };
         match kind {
@@ -253,65 +253,92 @@ pub async fn store(
             _ => index_tarball(reader, caps.artifacts_bytes).map(Some),
         }
     });
+    // The blob store reads from a channel, so the request body stays here:
+    // a refused upload is still read to its end (within bounds) before the
+    // answer, and the client, still sending, gets the answer rather than a
+    // reset connection. The store sees the end of the stream only once the
+    // check has passed: a refused upload replaces nothing.
+    let (put_tx, put_rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
+    let blobs = app.controller.ports.blobs.clone();
+    let put = tokio::spawn(async move {
+        let stream: ByteStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(put_rx));
+        blobs.put(id, kind, stream).await
+    });
+    let mut body = body.into_data_stream();
     let mut received = 0u64;
-    let stream: ByteStream = Box::pin(
-        body.into_data_stream()
-            .map(move |chunk| {
-                let chunk = chunk.map_err(std::io::Error::other)?;
-                received += chunk.len() as u64;
-                if received > limit {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::FileTooLarge,
-                        "the upload is larger than its cap",
-                    ));
-                }
-                Ok(chunk)
-            })
-            .then(move |chunk| {
-                let tx = tx.clone();
-                async move {
-                    let chunk = chunk?;
-                    // A checker that stopped found the upload bad: stop too.
-                    tx.send(chunk.clone()).await.map_err(|_| {
-                        std::io::Error::new(std::io::ErrorKind::InvalidData, "refused")
-                    })?;
-                    Ok(chunk)
-                }
-            }),
-    );
-    let put = app.controller.ports.blobs.put(id, kind, stream).await;
+    let mut refusal: Option<ApiError> = None;
+    while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                refusal = Some(ApiError::bad_request(format!("the {what} broke off: {e}")));
+                break;
+            }
+        };
+        received += chunk.len() as u64;
+        if received > limit {
+            refusal = Some(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the {what} may be at most {}",
+                    decap_core::limits::HumanBytes(limit)
+                ),
+            ));
+            break;
+        }
+        // A checker that stopped found the upload bad; its verdict follows.
+        if check_tx.send(chunk.clone()).await.is_err() {
+            break;
+        }
+        if put_tx.send(Ok(chunk)).await.is_err() {
+            break;
+        }
+    }
+    drop(check_tx);
     let checked = checker
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let refuse = |e: ApiError| async {
-        let _ = app.controller.ports.blobs.delete(id, kind).await;
-        e
-    };
-    let index = match checked {
-        Err(invalid) => return Err(refuse(invalid.api(what)).await),
-        Ok(index) => index,
-    };
-    let size = match put {
-        Ok(size) => size,
-        Err(e) => {
-            let too_large = e.to_string().contains("larger than its cap");
-            return Err(if too_large {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "the {what} may be at most {}",
-                        decap_core::limits::HumanBytes(limit)
-                    ),
-                )
-            } else {
-                e.into()
-            });
-        }
-    };
+    let refusal = refusal.or_else(|| checked.as_ref().err().map(|invalid| invalid.api(what)));
+    if let Some(refusal) = refusal {
+        let _ = put_tx
+            .send(Err(std::io::Error::other("the upload was refused")))
+            .await;
+        drop(put_tx);
+        let _ = put.await;
+        drain(
+            &mut body,
+            content_length.map(|l| l.saturating_sub(received)),
+        )
+        .await;
+        return Err(refusal);
+    }
+    drop(put_tx);
+    let size = put
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let index = checked.ok().flatten();
     if let Some(index) = index {
         save_index(app, id, &index).await?;
     }
     Ok(size)
+}
+
+/// Reads and drops what is left of a refused body: at most what its
+/// `Content-Length` announced (and 64 MiB), for at most 5 s.
+async fn drain(
+    body: &mut (impl futures::Stream<Item = Result<Bytes, axum::Error>> + Unpin),
+    announced: Option<u64>,
+) {
+    let mut left = announced.unwrap_or(1 << 20).min(64 << 20);
+    let reading = async {
+        while left > 0 {
+            match body.next().await {
+                Some(Ok(c)) => left = left.saturating_sub(c.len() as u64),
+                _ => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), reading).await;
 }
 
 async fn save_index(app: &AppState, id: BuildId, index: &ArtifactIndex) -> Result<(), ApiError> {

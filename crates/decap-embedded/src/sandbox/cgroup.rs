@@ -222,10 +222,22 @@ impl Cgroups {
     }
 }
 
+impl Cgroups {
+    /// Removes the parents of the builds' groups (they must be empty).
+    pub fn remove(&self) {
+        for p in self.parents() {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
 impl BuildCgroup {
     /// Writes the build's limits (again, for a warm environment handed a
     /// build). Unlimited values are written as such.
     pub fn set_limits(&self, limits: &Limits) -> io::Result<()> {
+        if self.limits.lock().ok().and_then(|l| *l).as_ref() == Some(limits) {
+            return Ok(());
+        }
         let memory = limits.memory_bytes;
         let pids = limits.pids;
         let cpu = limits.cpu_millis;

@@ -102,6 +102,74 @@ impl SandboxDir {
         Ok(SandboxDir(dir))
     }
 
+    /// Takes this folder for this process: one server per data dir. The
+    /// lock lasts as long as the file returned; it is how a later server
+    /// tells a folder whose server is gone (see [`SandboxDir::sweep_dead`]).
+    pub fn lock(&self) -> std::io::Result<std::fs::File> {
+        std::fs::create_dir_all(&self.0)?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.0.join(".lock"))?;
+        match f.try_lock() {
+            Ok(()) => Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) => Err(std::io::Error::other(format!(
+                "another Decap server is using {} (the same data dir): stop it first",
+                self.0.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    /// Clears what servers that are gone (killed, crashed) left in the
+    /// folders beside this one: their workspaces' filesystems stay mounted
+    /// and their cgroups stay, which would pile up and slow every sandbox's
+    /// start. A folder whose lock nobody holds (and which is not a minute
+    /// old, so not a server still starting) belongs to no live server.
+    pub fn sweep_dead(&self) {
+        let Some(base) = self.0.parent() else {
+            return;
+        };
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let Ok(rd) = std::fs::read_dir(base) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let dir = e.path();
+            if dir == self.0 || !dir.is_dir() {
+                continue;
+            }
+            // A server takes its lock a moment after making its folder:
+            // leave young folders alone.
+            let young = std::fs::metadata(&dir)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < std::time::Duration::from_secs(60));
+            if young {
+                continue;
+            }
+            let other = SandboxDir(dir.clone());
+            let Ok(lock) = other.lock() else {
+                continue; // alive
+            };
+            tracing::info!(folder = %dir.display(), "clearing what a Decap server that is gone left");
+            let work = other.work_root();
+            if work.exists() {
+                crate::executor::clear_work_root(&work);
+            }
+            if let Ok(cg) = cgroup::Cgroups::detect(&instance(&dir)) {
+                cg.sweep();
+                cg.remove();
+            }
+            drop(lock);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
     /// The build socket.
     pub fn socket(&self) -> PathBuf {
         self.0.join("build.sock")

@@ -89,6 +89,14 @@ impl Decap {
             .env("DECAP_API_TOKEN", TOKEN)
             .env("DECAP_LOG", "warn")
             .env("DECAP_BCTOOL", env!("CARGO_BIN_EXE_bctool"))
+            // Beside the data dir, not in the user's ~/.config.
+            .env(
+                "DECAP_SECRETS_KEY_FILE",
+                data_dir
+                    .parent()
+                    .unwrap_or(data_dir)
+                    .join("secrets-key/secrets.key"),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -129,6 +137,19 @@ impl Decap {
 
 impl Drop for Decap {
     fn drop(&mut self) {
+        // A server that stops leaves nothing behind (its builds' mounts and
+        // cgroups); one that is killed leaves them to the next start.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.kill();
     }
 }
