@@ -111,6 +111,8 @@ struct Inner {
     warm: Mutex<Vec<Env>>,
     /// Prepared slots (a user, a workspace, a cgroup) for cold starts.
     slots: Mutex<Vec<Slot>>,
+    /// Set at shutdown: what is prepared after it is thrown away.
+    closed: std::sync::atomic::AtomicBool,
     events: Arc<dyn ExecutorEvents>,
     spawner: Spawner,
 }
@@ -230,7 +232,8 @@ pub(crate) fn find_in_path(name: &str) -> Option<PathBuf> {
                 .find(|p| p.is_file())
         })
         .or_else(|| {
-            ["/usr/sbin", "/sbin", "/usr/bin"]
+            // Administrators' tools (mkfs.ext4) even when PATH lacks them.
+            ["/usr/sbin", "/sbin"]
                 .iter()
                 .map(|d| Path::new(d).join(name))
                 .find(|p| p.is_file())
@@ -295,7 +298,10 @@ impl LocalExecutor {
         let (sandbox, cgroups, bctool) = match config.sandbox {
             SandboxMode::None => (None, None, PathBuf::from(program)),
             SandboxMode::Bubblewrap => {
-                let (s, c) = Self::sandbox_for(&config)?;
+                let (s, c) = Self::sandbox_for(&config).inspect_err(|_| {
+                    // A server that cannot start leaves no folder behind.
+                    let _ = std::fs::remove_dir_all(&config.dir.0);
+                })?;
                 let staged = config
                     .dir
                     .stage_bctool(Path::new(program))
@@ -327,11 +333,16 @@ impl LocalExecutor {
             running: Mutex::new(HashMap::new()),
             warm: Mutex::new(Vec::new()),
             slots: Mutex::new(Vec::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
             events,
             spawner: Spawner::new()?,
         });
-        if inner.sandbox.is_some() {
-            inner.try_sandbox().await?;
+        if inner.sandbox.is_some()
+            && let Err(e) = inner.try_sandbox().await
+        {
+            // Nothing of a server that could not start is left behind.
+            LocalExecutor { inner }.shutdown().await;
+            return Err(e);
         }
         inner.refill_slots();
         for _ in 0..inner.config.warm {
@@ -414,7 +425,7 @@ pub(crate) fn clear_work_root(root: &Path) {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "img") {
                 let ws = p.with_extension("");
-                let _ = std::process::Command::new("umount")
+                let _ = std::process::Command::new(crate::sandbox::disk::tool("umount"))
                     .arg("-l")
                     .arg(&ws)
                     .stderr(Stdio::null())
@@ -648,6 +659,10 @@ impl Inner {
                     .await
                 {
                     Ok(slot) => {
+                        if this.is_closed() {
+                            dispose_slot(slot);
+                            return;
+                        }
                         if let Ok(mut pool) = this.slots.lock() {
                             pool.push(slot);
                         }
@@ -809,9 +824,17 @@ impl Inner {
     }
 
     fn park(&self, warm: Env) {
+        if self.is_closed() {
+            dispose_warm(warm);
+            return;
+        }
         if let Ok(mut pool) = self.warm.lock() {
             pool.push(warm);
         }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Starts a warm bctool in the background to replace one taken; one
@@ -1177,35 +1200,57 @@ impl LocalExecutor {
                 let _ = g.wait_for(|g| *g).await;
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(5), gone).await;
+        let all_gone = tokio::time::timeout(Duration::from_secs(5), gone)
+            .await
+            .is_ok();
         self.clear_pools();
+        if !all_gone {
+            // Left for the next server's sweep, which kills what is left.
+            tracing::warn!("some builds' processes outlived the shutdown");
+            return;
+        }
+        // Nothing of this server is left: its cgroups, workspaces, socket
+        // and folder go (the lock is held until the process exits, so no
+        // other server can be using the folder meanwhile).
+        if let Some(c) = &self.inner.cgroups {
+            c.remove();
+        }
+        clear_work_root(&self.inner.work_root);
+        let _ = std::fs::remove_dir_all(&self.inner.config.dir.0);
     }
 
     fn clear_pools(&self) {
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Ok(mut pool) = self.inner.slots.lock() {
-            for slot in pool.drain(..) {
-                if let Some(cg) = slot.cgroup {
-                    cg.remove();
-                }
-                slot.ws.remove();
-            }
+            pool.drain(..).for_each(dispose_slot);
         }
-        // Warm bctools see their standard input close and exit; make sure.
         if let Ok(mut pool) = self.inner.warm.lock() {
-            for mut w in pool.drain(..) {
-                let _ = killpg(w.pgid, Signal::SIGKILL);
-                let _ = w.child.start_kill();
-                if let Some(init) = w.init_pid {
-                    let _ = nix::sys::signal::kill(Pid::from_raw(init as i32), Signal::SIGKILL);
-                }
-                if let Some(cg) = w.cgroup.take() {
-                    cg.kill_all();
-                    cg.remove();
-                }
-                w.ws.remove();
-            }
+            pool.drain(..).for_each(dispose_warm);
         }
     }
+}
+
+fn dispose_slot(slot: Slot) {
+    if let Some(cg) = slot.cgroup {
+        cg.remove();
+    }
+    slot.ws.remove();
+}
+
+/// Warm bctools see their standard input close and exit; make sure.
+fn dispose_warm(mut w: Env) {
+    let _ = killpg(w.pgid, Signal::SIGKILL);
+    let _ = w.child.start_kill();
+    if let Some(init) = w.init_pid {
+        let _ = nix::sys::signal::kill(Pid::from_raw(init as i32), Signal::SIGKILL);
+    }
+    if let Some(cg) = w.cgroup.take() {
+        cg.kill_all();
+        cg.remove();
+    }
+    w.ws.remove();
 }
 
 impl Drop for LocalExecutor {

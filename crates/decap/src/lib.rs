@@ -1332,6 +1332,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     // The socket goes unless a newer server on the same data dir made its own.
     if socket_inode.is_some() && socket_inode == inode(&socket_path) {
         let _ = std::fs::remove_file(&socket_path);
+        // Its folder too, when nothing else is in it.
+        let _ = std::fs::remove_dir(&sandbox_dir.0);
     }
     tracing::info!("decap stopped");
     Ok(())

@@ -226,7 +226,14 @@ impl Cgroups {
     /// Removes the parents of the builds' groups (they must be empty).
     pub fn remove(&self) {
         for p in self.parents() {
-            let _ = std::fs::remove_dir(p);
+            // A group just emptied may stay busy for a moment.
+            for _ in 0..50 {
+                match std::fs::remove_dir(p) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                }
+            }
         }
     }
 }

@@ -49,8 +49,18 @@ pub struct Workspace {
     limit: Option<u64>,
 }
 
+/// A tool as found where [`crate::executor::find_in_path`] looks (which is
+/// where [`DiskQuota::detect`] found it).
+pub(crate) fn tool(name: &str) -> PathBuf {
+    crate::executor::find_in_path(name).unwrap_or_else(|| PathBuf::from(name))
+}
+
 fn run(cmd: &mut Command) -> io::Result<()> {
-    let out = cmd.stdin(Stdio::null()).stdout(Stdio::null()).output()?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("{:?}: {e}", cmd.get_program())))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -91,14 +101,14 @@ impl Workspace {
                 let f = std::fs::File::create(&image)?;
                 f.set_len(bytes)?;
                 drop(f);
-                let mut mkfs = Command::new("mkfs.ext4");
+                let mut mkfs = Command::new(tool("mkfs.ext4"));
                 mkfs.args(["-q", "-F", "-m", "0", "-O", "^has_journal,^resize_inode"])
                     .args(["-E", "lazy_itable_init=1,nodiscard"]);
                 if let Some(uid) = owner {
                     mkfs.args(["-E", &format!("root_owner={uid}:{uid}")]);
                 }
                 run(mkfs.arg(&image))?;
-                run(Command::new("mount")
+                run(Command::new(tool("mount"))
                     .args(["-o", "loop,nosuid,nodev,noatime"])
                     .arg(&image)
                     .arg(dir))
@@ -125,7 +135,7 @@ impl Workspace {
 
     fn unmount(dir: &Path) {
         if dir.with_extension("img").exists() {
-            let _ = run(Command::new("umount").arg("-l").arg(dir));
+            let _ = run(Command::new(tool("umount")).arg("-l").arg(dir));
         }
     }
 
@@ -146,7 +156,7 @@ impl Workspace {
     /// Removes the workspace (and its filesystem).
     pub fn remove(&self) {
         if let Some(image) = &self.image {
-            let _ = run(Command::new("umount").arg(&self.dir));
+            let _ = run(Command::new(tool("umount")).arg(&self.dir));
             let _ = std::fs::remove_file(image);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
