@@ -6,7 +6,7 @@
 //     node tests/ui/bench.cjs
 "use strict";
 const { chromium } = require("playwright-core");
-const { TOKEN, CHROMIUM, project, serve } = require("./lib.cjs");
+const { TOKEN, CHROMIUM, project, serve, stop } = require("./lib.cjs");
 
 (async () => {
   const lines = 300;
@@ -38,5 +38,5 @@ const { TOKEN, CHROMIUM, project, serve } = require("./lib.cjs");
   console.log(`line printed by build.sh → shown in chromium: n=${ms.length} (${once} distinct of ${lines}) ` +
     `p50=${pct(0.5)} ms p99=${pct(0.99)} ms max=${ms[ms.length - 1]} ms`);
   await browser.close();
-  decap.child.kill("SIGTERM");
+  await stop(decap.child);
 })().catch((e) => { console.error(e); process.exit(1); });

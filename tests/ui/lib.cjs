@@ -39,4 +39,15 @@ async function serve(setup) {
   return { url, child, root };
 }
 
-module.exports = { TOKEN, BIN, CHROMIUM, project, serve };
+// Stops decap as an operator would (SIGTERM) and waits until it is gone,
+// so that it clears what its builds left; killed after 20 s.
+function stop(child) {
+  return new Promise((resolve) => {
+    if (child.exitCode !== null || child.signalCode !== null) { resolve(); return; }
+    const timer = setTimeout(() => child.kill("SIGKILL"), 20000);
+    child.on("exit", () => { clearTimeout(timer); resolve(); });
+    child.kill("SIGTERM");
+  });
+}
+
+module.exports = { TOKEN, BIN, CHROMIUM, project, serve, stop };

@@ -12,7 +12,7 @@ const { chromium } = require("playwright-core");
 const fs = require("node:fs");
 const os = require("node:os");
 const path = require("node:path");
-const { TOKEN, BIN, CHROMIUM, project, serve } = require("./lib.cjs");
+const { TOKEN, BIN, CHROMIUM, project, serve, stop } = require("./lib.cjs");
 
 const SHOTS = process.env.DECAP_UI_SCREENSHOTS || path.join(os.tmpdir(), "decap-ui-screenshots");
 
@@ -261,7 +261,8 @@ test("a lost live connection resumes without repeating lines", async (page, url,
     await context.close();
   }
   await browser.close();
-  decap.child.kill("SIGTERM");
+  await stop(decap.child);
+  fs.rmSync(decap.root, { recursive: true, force: true });
   console.log(`test result: ${failed ? "FAILED" : "ok"}. ${passed} passed; ${failed} failed (screenshots in ${SHOTS})`);
   process.exit(failed ? 1 : 0);
 })().catch((e) => { console.error(e); process.exit(1); });
