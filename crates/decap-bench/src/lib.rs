@@ -30,7 +30,21 @@ pub struct Server {
 }
 
 impl Drop for Server {
+    /// Stops the server as an operator would (SIGTERM), so that it clears
+    /// its builds' workspaces and cgroups: left mounted, they would slow the
+    /// sandboxes of every later measurement. Killed after 15 s.
     fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -131,6 +131,9 @@ struct Slot {
 /// How many prepared slots wait for cold starts.
 const PREPARED_SLOTS: usize = 2;
 
+/// How long after a cold start its slot is replaced.
+const SLOT_REFILL_DELAY: Duration = Duration::from_millis(100);
+
 /// A prepared environment: a workspace, a cgroup and a sandbox with bctool
 /// in it.
 struct Env {
@@ -652,6 +655,9 @@ impl Inner {
         }
         let this = self.clone();
         tokio::spawn(async move {
+            // Making a slot (mkfs, mount) takes tens of milliseconds of CPU:
+            // not while the build that took one is starting on it.
+            tokio::time::sleep(SLOT_REFILL_DELAY).await;
             for _ in 0..missing {
                 let disk = this.config.defaults.disk_bytes;
                 match this
