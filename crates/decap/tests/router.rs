@@ -11,16 +11,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::{SECRET, TOKEN, project, push_payload, sign};
-use decap_core::schedule::Caps;
-use decap_embedded::{
-    FileBlobStore, LocalExecutor, LocalExecutorConfig, SandboxMode, SqliteBuildStore, SqliteDb,
-    SqliteDeferralQueue, SqliteLockStore,
-};
-use decap_scripts::{FsScriptsRepo, ScriptsSource};
-use decap_server::livelog::LiveLogs;
-use decap_server::{
-    AuthConfig, Controller, ControllerConfig, ExecutorEventsChannel, Ports, Server,
-};
+use decap_server::{AuthConfig, Controller, Server};
 use http_body_util_shim::collect;
 use secrecy::SecretString;
 use tower::ServiceExt;
@@ -46,100 +37,39 @@ async fn app_with(secrets: &[&str]) -> TestApp {
 }
 
 async fn app_with_auth(secrets: &[&str], private_reads: bool) -> TestApp {
-    let dir = tempfile::tempdir().unwrap();
-    let scripts = dir.path().join("scripts");
-    project(
-        &scripts,
-        "acme/widgets",
-        r#"{"buildImage": "x", "managedRefRegex": "main|release/.*"}"#,
-        "echo built\n",
-    );
-    project(
-        &scripts,
-        "acme/broken",
-        r#"{"buildImage": "x", "managedRefRegex": "("}"#,
-        "true\n",
-    );
-    let data = dir.path().join("data");
-    let db = SqliteDb::open(&data.join("decap.db")).unwrap();
-    let (events, exits) = ExecutorEventsChannel::new();
-    let executor = LocalExecutor::new(
-        LocalExecutorConfig {
-            dir: decap_embedded::sandbox::SandboxDir(data.join("sandbox")),
-            hide: vec![],
-            bctool: vec![env!("CARGO_BIN_EXE_bctool").into()],
-            sandbox: SandboxMode::None,
-            network: decap_embedded::NetworkMode::None,
-            uid_base: 1_900_000_000,
-            url_port: 0,
-            kill_grace: Duration::from_secs(1),
-            path: std::env::var("PATH").unwrap(),
-            warm: 1,
-            defaults: Default::default(),
-        },
-        events,
-    )
-    .await
-    .unwrap();
-    let repo = FsScriptsRepo::open(ScriptsSource::Folder(scripts))
-        .await
-        .unwrap();
-    let ports = Ports {
-        builds: Arc::new(SqliteBuildStore::new(db.clone())),
-        locks: Arc::new(SqliteLockStore::new(db.clone())),
-        queue: Arc::new(SqliteDeferralQueue::new(db.clone())),
-        blobs: Arc::new(FileBlobStore::new(data.join("blobs"))),
-        executor: Arc::new(executor),
-        scripts: Arc::new(repo),
-    };
-    let controller = Controller::new(
-        ports,
-        ControllerConfig {
-            public_url: "http://decap.test".into(),
-            decap_url: "http://127.0.0.1:9".into(),
-            caps: Caps::default(),
-            kill_grace: Duration::from_secs(1),
-            lock_margin: Duration::from_secs(60),
-            max_log_bytes: 1 << 20,
-            upload_caps: decap_server::uploads::UploadCaps::new(1 << 20, 64 << 20),
-            bctool_env: Vec::new(),
-            drain_interval: Duration::from_secs(3600),
-        },
-        LiveLogs::new(data.join("live"), 1 << 20).unwrap(),
-    );
-    controller.start(exits).await.unwrap();
+    let e = common::app::embedded("http://decap.test", 1, |scripts| {
+        project(
+            scripts,
+            "acme/widgets",
+            r#"{"buildImage": "x", "managedRefRegex": "main|release/.*"}"#,
+            "echo built\n",
+        );
+        project(
+            scripts,
+            "acme/broken",
+            r#"{"buildImage": "x", "managedRefRegex": "("}"#,
+            "true\n",
+        );
+    })
+    .await;
     // Builds stay deferred: these tests look at the HTTP surface, not at runs.
-    controller.set_queue_open(false).await.unwrap();
-    let server = Arc::new(Server {
-        controller: controller.clone(),
-        auth: AuthConfig {
+    e.controller.set_queue_open(false).await.unwrap();
+    let server = Server {
+        hub: Some(e.hub()),
+        details: Some(Arc::new(decap_embedded::FileDetailStore::new(
+            e.data.join("details"),
+        ))),
+        ..e.server(AuthConfig {
             api_token: Some(SecretString::from(TOKEN)),
             insecure_local: false,
             webhook_secrets: secrets.iter().map(|s| SecretString::from(*s)).collect(),
             private_reads,
-        },
-        version: decap_api_types::Version {
-            version: "test".into(),
-            commit: "test".into(),
-        },
-        set_log_level: None,
-        hub: Some(Arc::new(decap_server::hub::Hub::new(
-            Arc::new(decap_embedded::SqliteStatusHub::new(db.clone())),
-            decap_server::hub::HubConfig::default(),
-        ))),
-        github_hooks: None,
-        github_refs: None,
-        details: Some(Arc::new(decap_embedded::FileDetailStore::new(
-            data.join("details"),
-        ))),
-        oauth: None,
-        sessions: Default::default(),
-        secrets: None,
-    });
+        })
+    };
     TestApp {
-        router: decap_server::router(server),
-        controller,
-        _dir: dir,
+        router: decap_server::router(Arc::new(server)),
+        controller: e.controller,
+        _dir: e.dir,
     }
 }
 

@@ -15,17 +15,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::{TOKEN, project};
 use decap_core::ports::SecretStore;
-use decap_core::schedule::Caps;
 use decap_core::secrets::MAX_SECRET_VALUE_BYTES;
-use decap_embedded::{
-    FileBlobStore, LocalExecutor, LocalExecutorConfig, SandboxMode, SecretKey, SqliteBuildStore,
-    SqliteDb, SqliteDeferralQueue, SqliteLockStore, SqliteSecretStore,
-};
-use decap_scripts::{FsScriptsRepo, ScriptsSource};
-use decap_server::livelog::LiveLogs;
-use decap_server::{
-    AuthConfig, Controller, ControllerConfig, ExecutorEventsChannel, Ports, Server,
-};
+use decap_embedded::{SecretKey, SqliteDb, SqliteSecretStore};
+use decap_server::{AuthConfig, Server};
 use secrecy::SecretString;
 use tower::ServiceExt;
 
@@ -40,89 +32,32 @@ struct TestApp {
 
 /// A server on the embedded adapters, with a secret store or without.
 async fn app_with(secrets: bool) -> TestApp {
-    let dir = tempfile::tempdir().unwrap();
-    let scripts = dir.path().join("scripts");
-    project(&scripts, "acme/widgets", r#"{"buildImage": "x"}"#, "true\n");
-    let data = dir.path().join("data");
-    let db = SqliteDb::open(&data.join("decap.db")).unwrap();
-    let (events, exits) = ExecutorEventsChannel::new();
-    let executor = LocalExecutor::new(
-        LocalExecutorConfig {
-            dir: decap_embedded::sandbox::SandboxDir(data.join("sandbox")),
-            hide: vec![],
-            bctool: vec![env!("CARGO_BIN_EXE_bctool").into()],
-            sandbox: SandboxMode::None,
-            network: decap_embedded::NetworkMode::None,
-            uid_base: 1_900_000_000,
-            url_port: 0,
-            kill_grace: Duration::from_secs(1),
-            path: std::env::var("PATH").unwrap(),
-            warm: 0,
-            defaults: Default::default(),
-        },
-        events,
-    )
-    .await
-    .unwrap();
-    let repo = FsScriptsRepo::open(ScriptsSource::Folder(scripts))
-        .await
-        .unwrap();
-    let ports = Ports {
-        builds: Arc::new(SqliteBuildStore::new(db.clone())),
-        locks: Arc::new(SqliteLockStore::new(db.clone())),
-        queue: Arc::new(SqliteDeferralQueue::new(db.clone())),
-        blobs: Arc::new(FileBlobStore::new(data.join("blobs"))),
-        executor: Arc::new(executor),
-        scripts: Arc::new(repo),
-    };
-    let controller = Controller::new(
-        ports,
-        ControllerConfig {
-            public_url: "http://decap.test".into(),
-            decap_url: "http://127.0.0.1:9".into(),
-            caps: Caps::default(),
-            kill_grace: Duration::from_secs(1),
-            lock_margin: Duration::from_secs(60),
-            max_log_bytes: 1 << 20,
-            upload_caps: decap_server::uploads::UploadCaps::new(1 << 20, 64 << 20),
-            bctool_env: Vec::new(),
-            drain_interval: Duration::from_secs(3600),
-        },
-        LiveLogs::new(data.join("live"), 1 << 20).unwrap(),
-    );
-    controller.start(exits).await.unwrap();
+    let e = common::app::embedded("http://decap.test", 0, |scripts| {
+        project(scripts, "acme/widgets", r#"{"buildImage": "x"}"#, "true\n")
+    })
+    .await;
     let store: Option<Arc<dyn SecretStore>> = if secrets {
         // The key apart from the data dir, as `decap serve` keeps it.
-        let key = SecretKey::load_or_create(&dir.path().join("config/secrets.key")).unwrap();
-        Some(Arc::new(SqliteSecretStore::open(db, key).await.unwrap()))
+        let key = SecretKey::load_or_create(&e.dir.path().join("config/secrets.key")).unwrap();
+        Some(Arc::new(
+            SqliteSecretStore::open(e.db.clone(), key).await.unwrap(),
+        ))
     } else {
         None
     };
-    let server = Arc::new(Server {
-        controller,
-        auth: AuthConfig {
+    let server = Server {
+        secrets: store.clone(),
+        ..e.server(AuthConfig {
             api_token: Some(SecretString::from(TOKEN)),
             insecure_local: false,
             webhook_secrets: Vec::new(),
             private_reads: false,
-        },
-        version: decap_api_types::Version {
-            version: "test".into(),
-            commit: "test".into(),
-        },
-        set_log_level: None,
-        hub: None,
-        github_hooks: None,
-        github_refs: None,
-        details: None,
-        oauth: None,
-        sessions: Default::default(),
-        secrets: store.clone(),
-    });
+        })
+    };
     TestApp {
-        router: decap_server::router(server),
+        router: decap_server::router(Arc::new(server)),
         store,
-        _dir: dir,
+        _dir: e.dir,
     }
 }
 

@@ -2,6 +2,7 @@
 //! a real `decap serve` process.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod app;
 pub mod aws;
 
 use std::io::{BufRead, BufReader};
