@@ -766,8 +766,15 @@ impl Controller {
         }
         if !matches!(updated, Ok(true)) {
             // The record did not move (it was changed elsewhere, or the store
-            // failed): take the launch back.
-            if launched.is_ok() {
+            // failed): take the launch back, unless another launch of this
+            // build won the record. An environment is named by its build, so
+            // the executor adopted that launch's environment rather than
+            // making one, and cancelling would stop the build that won.
+            let won_elsewhere = matches!(
+                self.ports.builds.get(b.id).await,
+                Ok(Some(current)) if current.status == BuildStatus::Running
+            );
+            if launched.is_ok() && !won_elsewhere {
                 let executor = self.ports.executor.clone();
                 let id = b.id;
                 tokio::spawn(async move {
