@@ -200,6 +200,14 @@ impl AuthConfig {
             .map(|which| format!("{which} are not trusted as local (--insecure-local)"))
     }
 
+    /// [`Self::local_refusal`] in parentheses after a leading space, to end
+    /// a refusal with; empty when there is nothing to say.
+    pub fn local_refusal_note(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> String {
+        self.local_refusal(headers, peer)
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    }
+
     /// Checks a mutating API call.
     pub fn authorize(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
         if let (Some(token), Some(given)) = (&self.api_token, bearer(headers)) {

@@ -256,11 +256,7 @@ fn authorize(
             if headers.contains_key(header::AUTHORIZATION) {
                 return e;
             }
-            let why = app
-                .auth
-                .local_refusal(headers, peer)
-                .map(|r| format!(" ({r})"))
-                .unwrap_or_default();
+            let why = app.auth.local_refusal_note(headers, peer);
             ApiError::unauthorized(format!(
                 "this call needs the API token: send it as the token field, or as Authorization: Bearer <DECAP_API_TOKEN>{why}"
             ))

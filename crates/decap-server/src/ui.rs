@@ -210,11 +210,7 @@ pub async fn guard_reads(
     if wants_html {
         Redirect::to("/login").into_response()
     } else {
-        let why = app
-            .auth
-            .local_refusal(headers, peer)
-            .map(|r| format!(" ({r})"))
-            .unwrap_or_default();
+        let why = app.auth.local_refusal_note(headers, peer);
         ApiError::unauthorized(format!(
             "reading needs the API token here: send Authorization: Bearer <DECAP_API_TOKEN>{why}"
         ))
