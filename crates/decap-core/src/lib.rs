@@ -9,7 +9,9 @@
 //! * [`names`] validates the names that end up in paths, lock keys and labels.
 //! * [`refs`] parses git refs and [`descriptor`] parses `project.json` and
 //!   matches refs against `managedRefRegex`.
-//! * [`build`] holds the build record and its state machine.
+//! * [`build`] holds the build record and its state machine; [`lifecycle`]
+//!   decides what each event does to a build (the record written and the
+//!   effects around it).
 //! * [`schedule`] decides whether a request runs now or is deferred, and which
 //!   deferred build runs next.
 //! * [`limits`] parses resource quantities and resolves a build's limits.
@@ -25,6 +27,7 @@ pub mod catalog;
 pub mod descriptor;
 pub mod error;
 pub mod hub;
+pub mod lifecycle;
 pub mod limits;
 pub mod names;
 pub mod ports;
