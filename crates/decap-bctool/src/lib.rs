@@ -31,7 +31,8 @@ use clap::{Args, Parser, Subcommand};
 use decap_api_types::BuildResult;
 use decap_aws::{DirectConfig, DirectStores};
 use decap_client::{Client, ClientError};
-use decap_core::build::{BuildId, BuildStatus};
+use decap_core::build::BuildId;
+use decap_core::lifecycle;
 use decap_core::ports::{BlobKind, BlobStore, BuildStore, LockStore};
 use decap_tail::Progress;
 use nix::sys::signal::{Signal, killpg};
@@ -398,43 +399,51 @@ impl Shipper {
         Ok(())
     }
 
-    /// Records how the build ended. On the direct path: the record moves
-    /// from running to its final state with one conditional write (a build
-    /// already final, e.g. cancelled, stays as it is); the server frees the
-    /// lock when the environment has ended.
+    /// Records how the build ended. On the direct path the outcome is kept
+    /// on the running build's record, as the server keeps it
+    /// ([`decap_core::lifecycle`] decides for both): the first outcome
+    /// reported wins, and the server ends the build, frees its lock and its
+    /// place once its environment is gone, so that no process of this build
+    /// runs beside the next build of the branch.
     async fn record_result(&self, id: &str, result: &BuildResult) -> Result<()> {
         let Some(d) = &self.direct else {
             retry(self.retry_budget, || self.client.post_result(id, result)).await?;
             return Ok(());
         };
         let build = BuildId::parse(id)?;
-        let Some(mut b) = retry_direct(|| d.builds.get(build)).await? else {
-            bail!("build {id} is not in the build store");
-        };
-        if b.status.is_final() {
-            eprintln!(
-                "bctool: the build is already {}; its result stays",
-                b.status
-            );
-            return Ok(());
+        let outcome = lifecycle::outcome_of_result(
+            result.exit_code,
+            result.timed_out,
+            result.message.clone(),
+        );
+        for _ in 0..5 {
+            let Some(b) = retry_direct(|| d.builds.get(build)).await? else {
+                bail!("build {id} is not in the build store");
+            };
+            let step = lifecycle::decide(
+                &b,
+                false,
+                lifecycle::Event::Report(outcome.clone()),
+                time::OffsetDateTime::now_utc(),
+            )?;
+            let Some(reported) = step.write else {
+                if b.status.is_final() {
+                    eprintln!(
+                        "bctool: the build is already {}; its result stays",
+                        b.status
+                    );
+                } else {
+                    eprintln!("bctool: the build's result was already reported; it stays");
+                }
+                return Ok(());
+            };
+            if retry_direct(|| d.builds.update(&reported, b.status)).await? {
+                return Ok(());
+            }
+            // Changed meanwhile (cancelled, or ended): decide again on what
+            // is recorded now.
         }
-        let prev = b.status;
-        let status = if result.timed_out {
-            BuildStatus::TimedOut
-        } else {
-            BuildStatus::from_exit_code(result.exit_code)
-        };
-        let now = time::OffsetDateTime::now_utc();
-        b.transition(status, now)?;
-        b.exit_code = Some(result.exit_code);
-        b.message = result.message.clone();
-        // The lock stays: the server releases it once the build's
-        // environment is gone, so that no process of this build runs beside
-        // the next build of the branch.
-        if !retry_direct(|| d.builds.update(&b, prev)).await? {
-            eprintln!("bctool: the build changed meanwhile; its result stays as recorded");
-        }
-        Ok(())
+        bail!("build {id} kept changing while its result was recorded")
     }
 
     async fn unlock(&self, id: &str) -> Result<bool> {

@@ -29,6 +29,25 @@ pub struct Embedded {
 /// Starts a controller over the projects `setup` writes into the scripts
 /// folder it is given, with `warm` warm bctools, answering as `public_url`.
 pub async fn embedded(public_url: &str, warm: usize, setup: impl FnOnce(&Path)) -> Embedded {
+    embedded_with(
+        public_url,
+        warm,
+        Caps::default(),
+        "http://127.0.0.1:9",
+        setup,
+    )
+    .await
+}
+
+/// [`embedded`] with caps, and with builds reaching the server at
+/// `decap_url` (see [`Embedded::serve`]).
+pub async fn embedded_with(
+    public_url: &str,
+    warm: usize,
+    caps: Caps,
+    decap_url: &str,
+    setup: impl FnOnce(&Path),
+) -> Embedded {
     let dir = tempfile::tempdir().unwrap();
     let scripts = dir.path().join("scripts");
     setup(&scripts);
@@ -68,8 +87,8 @@ pub async fn embedded(public_url: &str, warm: usize, setup: impl FnOnce(&Path)) 
         ports,
         ControllerConfig {
             public_url: public_url.into(),
-            decap_url: "http://127.0.0.1:9".into(),
-            caps: Caps::default(),
+            decap_url: decap_url.into(),
+            caps,
             kill_grace: Duration::from_secs(1),
             lock_margin: Duration::from_secs(60),
             max_log_bytes: 1 << 20,
@@ -108,6 +127,15 @@ impl Embedded {
             sessions: Default::default(),
             secrets: None,
         }
+    }
+
+    /// Serves the router with `auth` on `listener` (the address builds were
+    /// given as their `DECAP_URL`), in the background.
+    pub fn serve(&self, listener: tokio::net::TcpListener, auth: AuthConfig) {
+        let router = decap_server::router(Arc::new(self.server(auth)));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
     }
 
     /// The CI status hub on this database.

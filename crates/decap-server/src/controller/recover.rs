@@ -1,0 +1,103 @@
+//! Recovery: the controller's state rebuilt from the stores after a start,
+//! a crash or taking the lead.
+
+use std::collections::HashSet;
+
+use decap_core::Result;
+use decap_core::build::{BuildId, BuildStatus};
+use decap_core::lifecycle::{Event, Gone};
+use decap_core::ports::{DeferredEntry, PushOutcome};
+
+use super::{Controller, now};
+
+impl Controller {
+    /// Rebuilds the controller's state from the stores after a start or a
+    /// crash: running builds whose environment is gone end with the outcome
+    /// they reported, or as errored (lock released, log kept), builds accepted but never scheduled are scheduled,
+    /// the queue is reconciled with the build records, stale locks are freed,
+    /// and deferred builds resume.
+    pub async fn recover(&self) -> Result<()> {
+        let mut s = self.sched.lock().await;
+        s.open = self.ports.queue.is_open().await?;
+        let live: HashSet<BuildId> = self.ports.executor.live().await?.into_iter().collect();
+        for b in self
+            .ports
+            .builds
+            .with_status(&[BuildStatus::Running])
+            .await?
+        {
+            if live.contains(&b.id) {
+                s.running.start(b.id, b.project.clone(), b.lock_key());
+                let _ = self.live.open(b.id);
+            } else {
+                if b.reported.is_none() {
+                    tracing::warn!(build_id = %b.id, "build was running when Decap stopped; finishing it as errored");
+                }
+                self.apply_locked(&mut s, b.id, Event::EnvironmentGone(Gone::LostInRestart))
+                    .await?;
+            }
+        }
+        let entries = self.ports.queue.list().await?;
+        let mut queued_ids = HashSet::new();
+        for e in entries {
+            match self.ports.builds.get(e.build_id).await? {
+                Some(b) if b.status == BuildStatus::Deferred => {
+                    queued_ids.insert(e.build_id);
+                    s.key_added(e.lock_key());
+                }
+                _ => {
+                    self.ports.queue.remove(e.build_id).await?;
+                }
+            }
+        }
+        for b in self
+            .ports
+            .builds
+            .with_status(&[BuildStatus::Deferred])
+            .await?
+        {
+            if !queued_ids.contains(&b.id) {
+                // Deferred in the record but not in the queue: put it back.
+                let entry = DeferredEntry {
+                    build_id: b.id,
+                    project: b.project.clone(),
+                    branch: b.branch.clone(),
+                    git_ref: b.git_ref.clone(),
+                    commit: b.commit.clone(),
+                    deferred_at: now(),
+                    reason: b
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "resubmitted after a restart".into()),
+                };
+                if self.ports.queue.push(&entry).await? == PushOutcome::Added {
+                    s.key_added(entry.lock_key());
+                }
+            }
+        }
+        for lock in self.ports.locks.list().await? {
+            if s.running.contains(lock.owner) {
+                continue;
+            }
+            let stale = match self.ports.builds.get(lock.owner).await? {
+                None => true,
+                Some(b) => b.status.is_final(),
+            };
+            if stale {
+                tracing::warn!(key = %lock.key, owner = %lock.owner, "releasing a lock left by an ended build");
+                self.ports.locks.release(&lock.key, lock.owner).await?;
+            }
+        }
+        for b in self
+            .ports
+            .builds
+            .with_status(&[BuildStatus::Queued])
+            .await?
+        {
+            self.schedule_locked(&mut s, b).await?;
+        }
+        self.drain_locked(&mut s).await?;
+        self.metrics.running.set(s.running.len() as i64);
+        Ok(())
+    }
+}
