@@ -1,0 +1,87 @@
+//! What a build's bctool calls with its own token: log and artifact uploads, its result, its lock.
+
+use super::{load_as_build, view};
+use crate::AppState;
+use crate::auth::peer;
+use crate::error::{ApiError, ApiResult};
+use axum::Json;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use decap_api_types::{BuildResult, BuildView};
+use decap_core::ports::BlobKind;
+
+/// `PUT /api/v1/logs/{id}` — the gzipped console log.
+pub async fn put_log(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    put_blob(app, id, req, BlobKind::LogGz).await
+}
+
+/// `PUT /api/v1/artifacts/{id}` — the artifacts tar.gz.
+pub async fn put_artifacts(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    put_blob(app, id, req, BlobKind::ArtifactsTarGz).await
+}
+
+async fn put_blob(app: AppState, id: String, req: Request, kind: BlobKind) -> ApiResult<Response> {
+    let b = load_as_build(&app, &id, req.headers().clone(), peer(&req)).await?;
+    let length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let size = crate::uploads::store(&app, b.id, kind, length, req.into_body()).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "bytes": size })),
+    )
+        .into_response())
+}
+
+/// `POST /api/v1/build/{id}/result` — bctool records how the build ended.
+pub async fn put_result(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Json<BuildView>> {
+    let b = load_as_build(&app, &id, req.headers().clone(), peer(&req)).await?;
+    let body = axum::body::to_bytes(req.into_body(), 64 * 1024)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "a result is at most 64 KiB"))?;
+    let result: BuildResult = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("malformed result: {e}")))?;
+    // The build ends once its environment is gone; the record keeps the
+    // outcome meanwhile. In a task of its own, so that the answer reaching
+    // a client that went away (bctool exits at once) cancels nothing.
+    let controller = app.controller.clone();
+    let outcome = decap_core::lifecycle::outcome_of_result(
+        result.exit_code,
+        result.timed_out,
+        result.message,
+    );
+    let now = tokio::spawn(async move { controller.report(b.id, outcome).await })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(view(&app, &now)))
+}
+
+/// `POST /api/v1/build/{id}/unlock` — the script releases its lock early.
+pub async fn unlock_build(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    let b = load_as_build(&app, &id, req.headers().clone(), peer(&req)).await?;
+    let released = app.controller.release_own_lock(b.id).await?;
+    Ok(Json(serde_json::json!({ "released": released })).into_response())
+}
+
+/// `POST /api/v1/build/{id}/metadata` — a script records its exit code
+/// itself (the original `record-build-metadata`); the same as a result.
+pub use put_result as record_metadata;

@@ -1,0 +1,99 @@
+//! A build's page.
+
+use super::{
+    BuildRow, Peer, Viewer, When, core_error_page, not_found_page, render, row, viewer, when,
+};
+use crate::AppState;
+use askama::Template;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use decap_core::build::{BuildId, BuildStatus};
+
+#[derive(Template)]
+#[template(path = "build.html")]
+struct BuildPage {
+    viewer: Viewer,
+    b: BuildRow,
+    git_ref: String,
+    full_commit: String,
+    team: String,
+    project: String,
+    started: Option<When>,
+    ended: Option<When>,
+    exit_code: String,
+    scripts_commit: String,
+    executor: String,
+    rerun_of: String,
+    is_final: bool,
+    can_cancel: bool,
+    artifacts: Vec<String>,
+    artifacts_error: String,
+}
+
+/// `GET /builds/{id}` — one build: its facts, its console (live while it
+/// runs), its artifacts, Rerun and Cancel.
+pub async fn build(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ci: Peer,
+) -> Response {
+    let Ok(id) = BuildId::parse(&id) else {
+        return not_found_page("That is not a build id.");
+    };
+    let b = match app.controller.build(id).await {
+        Ok(b) => b,
+        Err(decap_core::Error::NotFound(_)) => {
+            return not_found_page("There is no such build (it may have been removed).");
+        }
+        Err(e) => return core_error_page(e),
+    };
+    let (artifacts, artifacts_error) = if b.status.is_final() {
+        artifact_names(&app, b.id).await
+    } else {
+        (Vec::new(), String::new())
+    };
+    render(&BuildPage {
+        viewer: viewer(&app, &headers, ci.0),
+        b: row(&b),
+        git_ref: b.git_ref.clone(),
+        full_commit: b.commit.clone().unwrap_or_default(),
+        team: b.project.team.clone(),
+        project: b.project.project.clone(),
+        started: b.start_time.map(when),
+        ended: b.end_time.map(when),
+        exit_code: b.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+        scripts_commit: b.scripts_commit.clone().unwrap_or_default(),
+        executor: match (&b.executor, &b.sandbox) {
+            (Some(e), Some(s)) => format!("{e} (sandbox: {s})"),
+            (Some(e), None) => e.clone(),
+            _ => String::new(),
+        },
+        rerun_of: b.rerun_of.map(|r| r.to_string()).unwrap_or_default(),
+        is_final: b.status.is_final(),
+        can_cancel: matches!(
+            b.status,
+            BuildStatus::Running | BuildStatus::Deferred | BuildStatus::Queued
+        ),
+        artifacts,
+        artifacts_error,
+    })
+}
+
+/// The files of a build's artifacts, from their index (made once).
+async fn artifact_names(app: &AppState, id: BuildId) -> (Vec<String>, String) {
+    match crate::uploads::index(app, id).await {
+        Ok(Some(index)) => (
+            index.files.into_iter().take(1000).map(|f| f.path).collect(),
+            String::new(),
+        ),
+        Ok(None) => (Vec::new(), String::new()),
+        Err(e) => (
+            Vec::new(),
+            format!("the artifacts cannot be read: {}", e.message),
+        ),
+    }
+}
+
+// ------------------------------------------------------------ queue, locks
