@@ -15,16 +15,30 @@ use decap_core::{Error, ProjectKey};
 use decap_server::{AuthConfig, Controller};
 use secrecy::SecretString;
 
-use common::app::{Embedded, embedded_with};
+use common::app::{Embedded, Options, embedded_with};
 use common::{TOKEN, project};
 
 /// A served controller with `caps` over one project, `acme/widgets`, whose
 /// build runs `script`.
 async fn served(caps: Caps, script: &str) -> Embedded {
+    served_with(caps, script, false).await
+}
+
+/// [`served`], with or without the executor's exit events (`lose_exits`),
+/// and its running builds looked at every 100 ms.
+async fn served_with(caps: Caps, script: &str, lose_exits: bool) -> Embedded {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let script = script.to_owned();
-    let e = embedded_with(&url, 0, caps, &url, |scripts| {
+    let options = Options {
+        public_url: &url,
+        caps,
+        decap_url: &url,
+        drain_interval: Duration::from_millis(100),
+        lose_exits,
+        ..Options::default()
+    };
+    let e = embedded_with(options, |scripts| {
         project(scripts, "acme/widgets", r#"{"buildImage": "x"}"#, &script)
     })
     .await;
@@ -282,4 +296,30 @@ async fn a_restart_ends_builds_whose_environment_is_gone_with_what_they_reported
     // Recovering again finds nothing left to do.
     c.recover().await.unwrap();
     assert_eq!(c.build(ids[1]).await.unwrap(), lost);
+}
+
+#[tokio::test]
+async fn a_build_whose_end_never_arrives_ends_when_its_environment_is_seen_gone() {
+    let e = served_with(
+        Caps {
+            global: 1,
+            per_project: 1,
+        },
+        "echo done\n",
+        true,
+    )
+    .await;
+    let c = &e.controller;
+    let builds = request(c, &["main", "second"]).await;
+    let first = ended(c, builds[0].id).await;
+    assert_eq!(
+        first.status,
+        BuildStatus::Succeeded,
+        "its reported result is taken: {first:?}"
+    );
+    assert_eq!(first.message, None);
+    // The room it held went to the next build, which ends the same way.
+    let second = ended(c, builds[1].id).await;
+    assert_eq!(second.status, BuildStatus::Succeeded, "{second:?}");
+    assert!(locks(c).await.is_empty());
 }

@@ -3,6 +3,7 @@
 //! reported, a cancel, an environment gone, a failed launch, a restart)
 //! goes through [`Controller::apply_locked`].
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use decap_core::build::{Build, BuildId, BuildStatus};
@@ -207,6 +208,43 @@ impl Controller {
                 });
             }
             other => return Err(not_here(other)),
+        }
+        Ok(())
+    }
+
+    /// Level-triggered: a build running here whose environment was gone at
+    /// two looks in a row ends, even if its executor's exit event never
+    /// came (a lost watch, an executor that restarted). `missing` carries
+    /// what the previous look found gone. Two looks, so that an exit event
+    /// on its way (which names the limits the build ran into) comes first.
+    pub(super) async fn reconcile_running(&self, missing: &mut HashSet<BuildId>) -> Result<()> {
+        if self.sched.lock().await.running.is_empty() {
+            missing.clear();
+            return Ok(());
+        }
+        // Listed before the mutex is taken (the executor may be remote): a
+        // build launched meanwhile looks gone once, and is live at the next
+        // look.
+        let live: HashSet<BuildId> = self.ports.executor.live().await?.into_iter().collect();
+        let mut s = self.sched.lock().await;
+        let gone: Vec<BuildId> = s.running.ids().filter(|id| !live.contains(id)).collect();
+        let mut still_missing = HashSet::new();
+        let mut drain = false;
+        for id in gone {
+            if !missing.contains(&id) {
+                still_missing.insert(id);
+                continue;
+            }
+            tracing::warn!(build_id = %id, "the build's environment is gone but its end never arrived; ending the build");
+            let event = Event::EnvironmentGone(Gone::Exited {
+                reason: "its environment is gone (its end was not reported)".into(),
+                limits: Vec::new(),
+            });
+            drain |= self.apply_locked(&mut s, id, event).await?.drain;
+        }
+        *missing = still_missing;
+        if drain {
+            self.drain_locked(&mut s).await?;
         }
         Ok(())
     }

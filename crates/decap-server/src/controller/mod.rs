@@ -78,7 +78,9 @@ pub struct ControllerConfig {
     /// AWS; empty when bctool ships everything through the server.
     pub bctool_env: Vec<(String, String)>,
     /// How often the deferral queue is retried besides the moments room frees
-    /// (catches locks that lapsed or were freed by another replica).
+    /// (catches locks that lapsed or were freed by another replica), and
+    /// running builds' environments are looked at (catches an end whose
+    /// exit event was lost).
     pub drain_interval: Duration,
 }
 
@@ -293,11 +295,16 @@ impl Controller {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut missing = std::collections::HashSet::new();
             loop {
                 tick.tick().await;
                 let Some(this) = this.upgrade() else { break };
                 if !this.is_leading() {
+                    missing.clear();
                     continue;
+                }
+                if let Err(e) = this.reconcile_running(&mut missing).await {
+                    tracing::warn!(error = %e, "cannot look at running builds' environments");
                 }
                 if this.leadership.get().is_some() {
                     this.adopt_queued(every * 2).await;

@@ -30,24 +30,51 @@ pub struct Embedded {
 /// folder it is given, with `warm` warm bctools, answering as `public_url`.
 pub async fn embedded(public_url: &str, warm: usize, setup: impl FnOnce(&Path)) -> Embedded {
     embedded_with(
-        public_url,
-        warm,
-        Caps::default(),
-        "http://127.0.0.1:9",
+        Options {
+            public_url,
+            warm,
+            ..Options::default()
+        },
         setup,
     )
     .await
 }
 
-/// [`embedded`] with caps, and with builds reaching the server at
-/// `decap_url` (see [`Embedded::serve`]).
-pub async fn embedded_with(
-    public_url: &str,
-    warm: usize,
-    caps: Caps,
-    decap_url: &str,
-    setup: impl FnOnce(&Path),
-) -> Embedded {
+/// How [`embedded_with`] sets the controller up.
+pub struct Options<'a> {
+    pub public_url: &'a str,
+    pub warm: usize,
+    pub caps: Caps,
+    /// Where builds reach the server (see [`Embedded::serve`]).
+    pub decap_url: &'a str,
+    pub drain_interval: Duration,
+    /// The executor's exit events never reach the controller.
+    pub lose_exits: bool,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Options {
+            public_url: "http://decap.test",
+            warm: 0,
+            caps: Caps::default(),
+            decap_url: "http://127.0.0.1:9",
+            drain_interval: Duration::from_secs(3600),
+            lose_exits: false,
+        }
+    }
+}
+
+/// [`embedded`] with more of the controller's settings.
+pub async fn embedded_with(o: Options<'_>, setup: impl FnOnce(&Path)) -> Embedded {
+    let Options {
+        public_url,
+        warm,
+        caps,
+        decap_url,
+        drain_interval,
+        lose_exits,
+    } = o;
     let dir = tempfile::tempdir().unwrap();
     let scripts = dir.path().join("scripts");
     setup(&scripts);
@@ -94,10 +121,16 @@ pub async fn embedded_with(
             max_log_bytes: 1 << 20,
             upload_caps: decap_server::uploads::UploadCaps::new(1 << 20, 64 << 20),
             bctool_env: Vec::new(),
-            drain_interval: Duration::from_secs(3600),
+            drain_interval,
         },
         LiveLogs::new(data.join("live"), 1 << 20).unwrap(),
     );
+    let exits = if lose_exits {
+        drop(exits);
+        tokio::sync::mpsc::unbounded_channel().1
+    } else {
+        exits
+    };
     controller.start(exits).await.unwrap();
     Embedded {
         controller,
