@@ -156,6 +156,18 @@ impl Step {
     pub fn does(&self, effect: Effect) -> bool {
         self.effects().any(|e| e == effect)
     }
+
+    /// Whether the step changes nothing but the record and the build's
+    /// environment: no lock, no queue, no place under the caps. Such a step
+    /// need not wait for the scheduling that launches builds.
+    pub fn only_record_and_environment(&self) -> bool {
+        self.effects().all(|e| {
+            matches!(
+                e,
+                Effect::Publish | Effect::StopEnvironment | Effect::StopAfterGrace
+            )
+        })
+    }
 }
 
 /// What ending a running build does besides writing it: the lock goes with
@@ -789,6 +801,13 @@ mod tests {
             }
             let effects: Vec<Effect> = step.effects().collect();
             assert_eq!(effects, row.effects, "row {i}: {:?}", row.event);
+            let only_record = matches!(row.event, Event::Report(_))
+                || (matches!(row.event, Event::Cancel) && row.from == Running);
+            assert_eq!(
+                step.only_record_and_environment(),
+                only_record || row.effects.iter().all(|e| *e == Publish),
+                "row {i}"
+            );
         }
     }
 

@@ -90,13 +90,62 @@ impl Controller {
 
     /// Applies `event` under the scheduling mutex, resubmits deferred builds
     /// if room was freed, and answers what is left to do outside the mutex.
+    /// A result reported or a running build cancelled changes only the
+    /// record: it does not wait for the mutex, which launches hold while
+    /// environments start (bctool waits for the answer before it exits).
     async fn apply_here(&self, id: BuildId, event: Event) -> Result<Applied> {
+        if matches!(event, Event::Report(_) | Event::Cancel)
+            && let Some(applied) = self.apply_unlocked(id, &event).await?
+        {
+            return Ok(applied);
+        }
         let mut s = self.sched.lock().await;
         let applied = self.apply_locked(&mut s, id, event).await?;
         if applied.drain {
             self.drain_locked(&mut s).await?;
         }
         Ok(applied)
+    }
+
+    /// Applies an event that does not depend on what this controller holds
+    /// (`held` only matters to an environment gone) without the mutex, when
+    /// its step changes only the record and the environment; `None` when it
+    /// needs the mutex after all.
+    async fn apply_unlocked(&self, id: BuildId, event: &Event) -> Result<Option<Applied>> {
+        for _ in 0..TRIES {
+            let b = self.build(id).await?;
+            let step = lifecycle::decide(&b, false, event.clone(), now())?;
+            if !step.only_record_and_environment() {
+                return Ok(None);
+            }
+            let mut applied = Applied {
+                build: b,
+                wrote: false,
+                later: Vec::new(),
+                drain: false,
+                released: false,
+            };
+            if let Some(next) = step.write {
+                if !self
+                    .ports
+                    .builds
+                    .update(&next, applied.build.status)
+                    .await?
+                {
+                    continue;
+                }
+                applied.build = next;
+                applied.wrote = true;
+            }
+            for effect in step.then {
+                match effect {
+                    Effect::Publish => self.publish(&applied.build),
+                    other => applied.later.push(other),
+                }
+            }
+            return Ok(Some(applied));
+        }
+        Ok(None)
     }
 
     /// Applies `event`, then does what waits on the build's environment.
