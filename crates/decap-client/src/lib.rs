@@ -258,7 +258,18 @@ impl Client {
         id: &str,
         follow: bool,
     ) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
-        let path = format!("/api/v1/logs/{}?follow={follow}", enc(id));
+        self.log_from(id, follow, 0).await
+    }
+
+    /// `GET /api/v1/logs/{id}?offset=…`: the log from byte `offset` on
+    /// (to resume a follow that broke).
+    pub async fn log_from(
+        &self,
+        id: &str,
+        follow: bool,
+        offset: u64,
+    ) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
+        let path = format!("/api/v1/logs/{}?follow={follow}&offset={offset}", enc(id));
         let resp = self.send(self.request(Method::GET, &path)).await?;
         Ok(resp
             .bytes_stream()

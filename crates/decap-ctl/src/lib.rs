@@ -416,6 +416,61 @@ fn show_build(b: &BuildView) {
     }
 }
 
+/// How long `logs --follow` keeps trying to reach a server that went away
+/// (a restart, an upgrade) before it gives up.
+const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Follows a build's console to its end. When the stream breaks (the
+/// server restarted or was upgraded) it resumes from the last byte shown:
+/// nothing is shown twice and nothing is missed.
+async fn follow_log(client: &Client, id: &str, out: &mut tokio::io::Stdout) -> Result<()> {
+    let mut offset: u64 = 0;
+    let mut broken_since: Option<std::time::Instant> = None;
+    loop {
+        let result = match client.log_from(id, true, offset).await {
+            Err(e) => Err(e),
+            Ok(stream) => {
+                let mut stream = Box::pin(stream);
+                let mut result = Ok(());
+                while let Some(chunk) = stream.next().await {
+                    match chunk {
+                        Ok(c) => {
+                            out.write_all(&c).await?;
+                            out.flush().await?;
+                            offset += c.len() as u64;
+                            broken_since = None;
+                        }
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                result
+            }
+        };
+        let e = match result {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let broken = matches!(e, decap_client::ClientError::Protocol(_)) || e.is_transient();
+        if !broken {
+            return Err(e.into());
+        }
+        let since = *broken_since.get_or_insert_with(|| {
+            eprintln!("decapctl: the log stream broke ({e}); resuming at byte {offset}");
+            std::time::Instant::now()
+        });
+        if since.elapsed() > RECONNECT_FOR {
+            return Err(anyhow::Error::new(e).context(format!(
+                "the log stream stayed broken for {} s",
+                RECONNECT_FOR.as_secs()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 async fn write_stream<S>(mut stream: S, output: &std::path::Path) -> Result<u64>
 where
     S: futures::Stream<Item = decap_client::Result<bytes::Bytes>> + Unpin,
@@ -492,11 +547,15 @@ pub async fn main(cli: Cli) -> Result<i32> {
             }
         }
         Command::Builds(BuildsCmd::Logs { id, follow }) => {
-            let mut stream = Box::pin(client.log(&id, follow).await?);
             let mut out = tokio::io::stdout();
-            while let Some(chunk) = stream.next().await {
-                out.write_all(&chunk?).await?;
-                out.flush().await?;
+            if !follow {
+                let mut stream = Box::pin(client.log(&id, false).await?);
+                while let Some(chunk) = stream.next().await {
+                    out.write_all(&chunk?).await?;
+                    out.flush().await?;
+                }
+            } else {
+                follow_log(&client, &id, &mut out).await?;
             }
             if follow {
                 let b = client.build(&id).await?;

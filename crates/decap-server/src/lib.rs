@@ -20,6 +20,7 @@ pub mod oauth;
 pub mod secrets;
 pub mod session;
 pub mod statuses;
+pub mod streams;
 pub mod ui;
 pub mod uploads;
 pub mod webhook;

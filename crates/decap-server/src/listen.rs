@@ -13,8 +13,10 @@
 //!   `Content-Length` before reading) and in time by
 //!   [`crate::limits::body_timeout`].
 //! * On shutdown, accepting stops, each connection is asked to close after
-//!   its current request, and after `drain` whatever is left is dropped:
-//!   viewers of live streams never hold the shutdown up.
+//!   its current request (one taken just before, whose request is on its
+//!   way, gets it answered), and after `drain` whatever is left is dropped.
+//!   Live streams end at once when the server stops
+//!   ([`crate::streams`]), so viewers never hold the shutdown up.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,6 +28,10 @@ use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
+
+/// How long a connection taken just before a stop may take to send its
+/// first request.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(1000);
 
 /// Limits of an accept loop.
 #[derive(Debug, Clone, Copy)]
@@ -124,8 +130,11 @@ pub async fn serve<L: Accept>(
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            // Whether a request has come on this connection yet.
+            let (asked_tx, mut asked) = watch::channel(false);
             let service = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    asked_tx.send_replace(true);
                     match peer {
                         Some(p) => {
                             req.extensions_mut().insert(ConnectInfo(p));
@@ -149,6 +158,17 @@ pub async fn serve<L: Accept>(
             tokio::select! {
                 _ = conn.as_mut() => return,
                 _ = stop.wait_for(|s| *s) => {}
+            }
+            // A connection taken just before the stop whose request is
+            // still on its way gets that request answered: closing it now
+            // would lose the request (a webhook GitHub does not send
+            // again). An idle keep-alive connection closes at once.
+            if !*asked.borrow() {
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = asked.wait_for(|a| *a) => {}
+                    _ = tokio::time::sleep(FIRST_REQUEST_GRACE.min(limits.drain)) => {}
+                }
             }
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(limits.drain, conn).await;

@@ -1,6 +1,6 @@
 //! Console logs: stored, live (server-sent events) and followed.
 
-use super::{load, load_as_build, only_flag, view};
+use super::{load, load_as_build, query_pairs, unknown_param, view};
 use crate::AppState;
 use crate::auth::peer;
 use crate::error::{ApiError, ApiResult};
@@ -8,7 +8,7 @@ use crate::livelog::LineSplitter;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use decap_core::build::{Build, BuildId};
@@ -75,7 +75,23 @@ pub async fn get_log(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
     let b = load(&app, &id).await?;
-    let follow = only_flag(&q, "follow")?;
+    let mut follow = false;
+    let mut offset: u64 = 0;
+    for (k, v) in query_pairs(&q)? {
+        match k.as_str() {
+            "follow" => {
+                follow = v
+                    .parse()
+                    .map_err(|_| ApiError::bad_request("invalid follow: true or false"))?
+            }
+            "offset" => {
+                offset = v.parse().map_err(|_| {
+                    ApiError::bad_request("invalid offset: a byte offset into the log")
+                })?
+            }
+            other => return Err(unknown_param(other, &["follow", "offset"])),
+        }
+    }
     let source = if follow && !b.status.is_final() {
         wait_for_log(&app, b.id).await?
     } else {
@@ -83,14 +99,28 @@ pub async fn get_log(
     };
     let body = match source {
         LogSource::None => return Err(log_gone(&b)),
-        LogSource::Stored(s) => Body::from_stream(s),
-        LogSource::Live(live) if follow => Body::from_stream(live.follow(0)),
+        LogSource::Stored(s) => Body::from_stream(skip_bytes(s, offset)),
+        LogSource::Live(live) if follow => {
+            // Cut (not ended) when the server stops, so that the client
+            // sees the break and resumes from its offset.
+            Body::from_stream(crate::streams::cut_when_stopping(
+                live.follow(offset),
+                app.controller.stopping(),
+                Err(std::io::Error::other(
+                    "Decap is restarting; resume from your offset",
+                )),
+            ))
+        }
         LogSource::Live(live) => {
             // A snapshot of what has arrived so far.
-            let bytes = tokio::task::spawn_blocking(move || live.snapshot())
+            let mut bytes = tokio::task::spawn_blocking(move || live.snapshot())
                 .await
                 .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
                 .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+            let from = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
+            bytes.drain(..from);
             Body::from(bytes)
         }
     };
@@ -194,7 +224,8 @@ pub async fn log_events(
         }
         let _ = tx.send(Event::default().event("end").data("end")).await;
     });
-    let stream = ReceiverStream::new(rx).map(Ok);
+    let stream =
+        crate::streams::until_stopping(ReceiverStream::new(rx).map(Ok), app.controller.stopping());
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
@@ -251,7 +282,26 @@ pub async fn stream_log(
     })?;
     let mut at = offset;
     let mut body = req.into_body().into_data_stream();
-    while let Some(chunk) = body.next().await {
+    // Cut when the server stops, so that the stop does not wait on the
+    // build; bctool resumes the stream (the spool ignores what it has).
+    let mut stopping = app.controller.stopping();
+    loop {
+        let next = tokio::select! {
+            next = body.next() => next,
+            _ = stopping.wait_for(|s| *s) => {
+                // The connection closes with this answer rather than
+                // reading the rest of a body that does not end.
+                let mut cut = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("Decap is restarting; {} bytes received, resume the stream", live.received()),
+                )
+                .into_response();
+                cut.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(cut);
+            }
+        };
+        let Some(chunk) = next else { break };
         let chunk =
             chunk.map_err(|e| ApiError::bad_request(format!("the log stream broke: {e}")))?;
         at = live

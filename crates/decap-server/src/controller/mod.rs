@@ -130,6 +130,9 @@ pub struct Controller {
     leading: std::sync::atomic::AtomicBool,
     /// Builds' secrets, when a store is set.
     secrets: std::sync::OnceLock<Arc<dyn decap_core::ports::SecretStore>>,
+    /// Turns true when the server stops: live streams end, nothing more
+    /// is launched.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Delivers executor events to the controller through a channel, so the
@@ -190,6 +193,7 @@ impl Controller {
             leadership: std::sync::OnceLock::new(),
             leading: std::sync::atomic::AtomicBool::new(true),
             secrets: std::sync::OnceLock::new(),
+            stopping: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -315,6 +319,19 @@ impl Controller {
             }
         });
         Ok(())
+    }
+
+    /// The server stops (or hands over to a new process): nothing is
+    /// launched from now on (what arrives waits on the deferral queue for
+    /// the next process), and every live stream (event streams and log
+    /// follows) ends with a hint to reconnect.
+    pub fn begin_stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Turns true when live streams must end.
+    pub fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stopping.subscribe()
     }
 
     /// Status changes of every build, for live views.

@@ -174,6 +174,12 @@ impl Controller {
     /// Whether a build may try to launch now: the executor must be able to
     /// launch, then the caps, the queue and the lock decide.
     fn admit(&self, s: &Sched, project: &ProjectKey, key: &LockKey, key_waiting: bool) -> Decision {
+        if *self.stopping.borrow() {
+            // What arrives while this process stops waits for the next one.
+            return Decision::Defer(DeferReason::ExecutorUnavailable(
+                "Decap is restarting".into(),
+            ));
+        }
         if let Some(why) = self.ports.executor.unavailable() {
             return Decision::Defer(DeferReason::ExecutorUnavailable(why));
         }
@@ -421,6 +427,7 @@ impl Controller {
 
     pub(super) async fn drain_locked(&self, s: &mut Sched) -> Result<()> {
         if !self.is_leading()
+            || *self.stopping.borrow()
             || !s.open
             || s.waiting_keys.is_empty()
             || self.ports.executor.unavailable().is_some()

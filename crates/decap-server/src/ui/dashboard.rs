@@ -224,6 +224,7 @@ pub async fn events(
             };
             Ok(Event::default().event("build").data(data))
         });
+    let stream = crate::streams::until_stopping(stream, app.controller.stopping());
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
