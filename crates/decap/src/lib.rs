@@ -1,6 +1,8 @@
 //! The `decap` binary's library: command-line parsing, validation into a
 //! typed configuration, and the wiring of adapters into the server.
 
+mod handoff;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -582,12 +584,14 @@ struct ServeArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => {
+            // Before any thread starts: reading LISTEN_FDS clears it.
+            let inherited = handoff::Inherited::take()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .max_blocking_threads(64)
                 .enable_all()
                 .build()?;
-            runtime.block_on(serve(*args))
+            runtime.block_on(serve(*args, inherited))
         }
         Command::AwsResources(args) => {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -981,8 +985,10 @@ fn raise_open_files() -> u64 {
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     let set_level = install_tracing(&args.log_level, args.log_format)?;
+    // At once: a signal that comes before its handler would end the process.
+    let signals = Signals::install()?;
     if args.max_builds == 0 || args.max_builds_per_project == 0 {
         bail!("--max-builds and --max-builds-per-project must be at least 1");
     }
@@ -1003,10 +1009,29 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .context("cannot read the build scripts")?,
     );
 
+    let upgrade = handoff::Upgrade::capture(&data_dir)?;
+    if let Some(predecessor) = &inherited.predecessor {
+        // An upgrade in place: the old process stops now; its data dir,
+        // locks and builds are free once it has exited. Connections wait
+        // in the socket's backlog meanwhile.
+        handoff::take_over(predecessor).await?;
+    }
+
     let open_files = raise_open_files();
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = match inherited.listener {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tracing::info!(addr = %l.local_addr()?, "serving the listening socket passed in LISTEN_FDS (--listen is not used)");
+            l
+        }
+        None => tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?,
+    };
+    let listen_fd = std::os::fd::AsFd::as_fd(&listener)
+        .try_clone_to_owned()
+        .context("cannot keep the listening socket for an upgrade")?;
     let local = listener.local_addr()?;
     let sandbox_dir = decap_embedded::sandbox::SandboxDir::for_data_dir(&data_dir)
         .context("the sandbox folder")?;
@@ -1299,7 +1324,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
     let app = decap_server::router(server);
     tracing::info!(%local, %public_url, data_dir = %data_dir.display(), scripts = %scripts_spec, "decap is serving");
-    println!("decap: serving {public_url}");
+    let pid_file = data_dir.join("decap.pid");
+    if let Err(e) = std::fs::write(&pid_file, format!("{}\n", std::process::id())) {
+        tracing::warn!(file = %pid_file.display(), error = %e, "cannot write the pid file");
+    }
+    {
+        // Whoever started decap may have stopped reading its output.
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "decap: serving {public_url}");
+        let _ = std::io::stdout().flush();
+    }
     let limits = decap_server::listen::ListenLimits {
         // Leave room for files, sockets of builds and the stores.
         max_connections: args
@@ -1321,8 +1355,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
         limits,
         stop_rx,
     ));
-    shutdown().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let successor = signals.wait_for_stop(&upgrade, &listen_fd).await;
+    drop(listen_fd);
     tracing::info!("stopping");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    // Nothing more is launched (what arrives waits in the deferral queue
+    // for the next process), live streams end at once with a hint to
+    // reconnect, and requests in flight finish, up to the drain time.
+    controller.begin_stop();
     let _ = stop_tx.send(true);
     let _ = tokio::join!(tcp, builds);
     // Nothing of the builds is left behind: no process, mount or cgroup.
@@ -1335,17 +1376,65 @@ async fn serve(args: ServeArgs) -> Result<()> {
         // Its folder too, when nothing else is in it.
         let _ = std::fs::remove_dir(&sandbox_dir.0);
     }
+    if std::fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == std::process::id().to_string())
+    {
+        let _ = std::fs::remove_file(&pid_file);
+    }
     tracing::info!("decap stopped");
+    if let Some(successor) = successor {
+        // Held until this process exits: the successor opens the data dir
+        // once the connection closes.
+        let _ = SUCCESSOR.set(successor);
+    }
     Ok(())
 }
 
-async fn shutdown() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// The process that took over in an upgrade, whose connection stays open
+/// until this process exits.
+static SUCCESSOR: std::sync::OnceLock<handoff::Successor> = std::sync::OnceLock::new();
+
+/// The signals `decap serve` answers: `SIGTERM` and Ctrl-C stop it,
+/// `SIGUSR2` upgrades it in place.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            usr2: signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?,
+        })
+    }
+
+    /// Waits for `SIGTERM` or Ctrl-C (`None`), or for an upgrade in place
+    /// (`SIGUSR2`) that a new process took over (`Some`). An upgrade that
+    /// fails is logged, and serving goes on.
+    async fn wait_for_stop(
+        mut self,
+        upgrade: &handoff::Upgrade,
+        listener: &std::os::fd::OwnedFd,
+    ) -> Option<handoff::Successor> {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return None,
+                _ = tokio::signal::ctrl_c() => return None,
+                _ = self.usr2.recv() => {
+                    tracing::info!("upgrading in place (SIGUSR2)");
+                    match upgrade.start(listener).await {
+                        Ok(successor) => {
+                            tracing::info!(pid = successor.pid, "the new decap takes over; stopping");
+                            // Under systemd, the new process is the
+                            // service's main process from now on.
+                            let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(successor.pid)]);
+                            return Some(successor);
+                        }
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "the upgrade failed; serving on"),
+                    }
+                }
+            }
+        }
     }
 }

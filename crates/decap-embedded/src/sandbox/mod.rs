@@ -33,7 +33,7 @@
 
 pub mod cgroup;
 pub mod disk;
-mod fds;
+pub mod fds;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
