@@ -26,10 +26,18 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// `decap`'s command line.
+/// The version and the commit it was built from (`0.1.0 (1a2b3c4d5e6f)`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("DECAP_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "decap",
-    version,
+    version = VERSION,
     about = "Decap, a Kubernetes-native build orchestrator"
 )]
 pub struct Cli {
@@ -1275,9 +1283,7 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         },
         version: decap_api_types::Version {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            commit: option_env!("DECAP_GIT_COMMIT")
-                .unwrap_or("unknown")
-                .to_owned(),
+            commit: env!("DECAP_GIT_COMMIT").to_owned(),
         },
         set_log_level: Some(set_level),
         hub: Some(Arc::new(decap_server::hub::Hub::new(

@@ -870,3 +870,39 @@ async fn each_change_of_a_project_is_posted_to_its_status_webhooks_without_statu
     assert_eq!(payload["project_removed"], true);
     assert_eq!(payload["latest_revisions"], serde_json::json!([]));
 }
+
+#[tokio::test]
+async fn the_binaries_and_the_api_name_the_same_version_and_commit() {
+    let (_dir, scripts, data) = dirs();
+    project(&scripts, "acme/widgets", r#"{"buildImage": "x"}"#, "true\n");
+    let decap = Decap::start(&data, &scripts, &[]);
+    let v = decap.api().json("/api/v1/version").await;
+    let (version, commit) = (
+        v["version"].as_str().unwrap(),
+        v["commit"].as_str().unwrap(),
+    );
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    assert_ne!(commit, "", "{v}");
+    let expected = format!("{version} ({commit})");
+    for (bin, name) in [
+        (env!("CARGO_BIN_EXE_decap"), "decap"),
+        (env!("CARGO_BIN_EXE_decapctl"), "decapctl"),
+    ] {
+        let out = std::process::Command::new(bin)
+            .arg("--version")
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("{name} {expected}")
+        );
+    }
+    let ctl = std::process::Command::new(env!("CARGO_BIN_EXE_decapctl"))
+        .args(["version", "--server", &decap.url])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&ctl.stdout).trim(),
+        format!("decap {expected}")
+    );
+}

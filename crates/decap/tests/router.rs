@@ -683,6 +683,11 @@ async fn the_pages_render_and_escape_what_builds_and_names_carry() {
             "{path}"
         );
         assert!(html.contains("<title>"), "{path}");
+        // every page names the version and commit serving it
+        assert!(
+            html.contains("<footer class=\"muted\">Decap test (test)</footer>"),
+            "{path}"
+        );
     }
     // the broken project shows its error
     let (_, _, projects) = page(&app, get("/projects")).await;

@@ -239,6 +239,8 @@ pub struct Viewer {
     pub user: String,
     /// Builds run with no sandbox (`--sandbox none`): every page says so.
     pub unsandboxed: bool,
+    /// Decap's version and commit, in every page's footer.
+    pub version: String,
 }
 
 fn viewer(app: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> Viewer {
@@ -257,6 +259,7 @@ fn viewer(app: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> View
             .unwrap_or_default()
             .to_owned(),
         unsandboxed: app.controller.ports.executor.sandbox() == "none",
+        version: format!("{} ({})", app.version.version, app.version.commit),
     }
 }
 
@@ -343,6 +346,7 @@ pub(crate) fn error_page(status: StatusCode, title: &str, message: &str) -> Resp
             logged_in: false,
             user: String::new(),
             unsandboxed: false,
+            version: String::new(),
         },
     });
     *r.status_mut() = status;

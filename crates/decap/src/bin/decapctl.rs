@@ -1,9 +1,16 @@
 //! decapctl: see the `decap-ctl` crate.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() {
-    let cli = decap_ctl::Cli::parse();
+    // decapctl carries the version of the decap it was built with.
+    let matches = decap_ctl::Cli::command()
+        .version(decap::VERSION)
+        .get_matches();
+    let cli = match decap_ctl::Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
