@@ -5,6 +5,8 @@
 //! prints medians and p99s; the machine is shared, so compare ratios taken in
 //! one run.
 
+mod restarts;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -49,6 +51,9 @@ enum What {
     /// 1,000 held unsigned webhook connections: the server's memory and
     /// /healthz's answer time.
     HeldConnections,
+    /// Pushes at 50/s across an upgrade in place and a socket-activated
+    /// restart; a SIGTERM with 200 live viewers and 5 running builds.
+    Restarts,
     /// Everything.
     All,
 }
@@ -1096,6 +1101,9 @@ async fn main() -> Result<()> {
     }
     if all || matches!(cli.what, What::HeldConnections) {
         held_connections().await?;
+    }
+    if all || matches!(cli.what, What::Restarts) {
+        restarts::restarts().await?;
     }
     Ok(())
 }
