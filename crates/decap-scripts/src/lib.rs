@@ -154,12 +154,25 @@ impl ScriptsRepo for FsScriptsRepo {
             }
         }
         let catalog = Arc::new(catalog);
+        let invalid: Vec<String> = catalog
+            .projects
+            .values()
+            .filter_map(|p| p.error.as_ref().map(|e| format!("{}: {e}", p.key)))
+            .collect();
         tracing::info!(
             commit = %catalog.commit,
             projects = catalog.projects.len(),
+            invalid = invalid.len(),
             problems = catalog.problems.len(),
             "build scripts read"
         );
+        // Which projects cannot build, and why: at start-up and whenever
+        // the scripts change (they are on the projects page too).
+        if self.catalog().commit != catalog.commit {
+            for problem in invalid.iter().chain(&catalog.problems) {
+                tracing::warn!("build scripts: {problem}");
+            }
+        }
         match self.current.write() {
             Ok(mut c) => *c = catalog.clone(),
             Err(poisoned) => *poisoned.into_inner() = catalog.clone(),
