@@ -79,6 +79,12 @@ enum Command {
     },
     /// The server's version.
     Version,
+    /// Print a shell completion script: `decapctl completion bash >
+    /// /etc/bash_completion.d/decapctl` (or zsh, fish, elvish, powershell).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Comment a CI run's summary on the open pull request of its commit,
     /// with its detail files uploaded to S3 for a number of days.
     NotifyPr(Box<notify::NotifyArgs>),
@@ -508,6 +514,16 @@ where
 
 /// Runs decapctl; returns the exit code.
 pub async fn main(cli: Cli) -> Result<i32> {
+    if let Command::Completion { shell } = cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "decapctl", &mut script);
+        // A reader that stops early (`| head`) is not an error.
+        return match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+            _ => Ok(0),
+        };
+    }
     let client = Client::new(&cli.server, cli.token.clone())?;
     let json = cli.json;
     match cli.command {
@@ -793,6 +809,7 @@ pub async fn main(cli: Cli) -> Result<i32> {
                 println!("secret {name} of {} removed", scope_words(scope));
             }
         }
+        Command::Completion { .. } => {}
         Command::Version => {
             let v = client.version().await?;
             if json {

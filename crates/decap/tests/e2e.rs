@@ -906,3 +906,30 @@ async fn the_binaries_and_the_api_name_the_same_version_and_commit() {
         format!("decap {expected}")
     );
 }
+
+#[test]
+fn decapctl_prints_completions_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "_decapctl()"),
+        ("zsh", "#compdef decapctl"),
+        ("fish", "complete -c decapctl"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_decapctl"))
+            .args(["completion", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains(marker), "{shell}: {script}");
+        assert!(
+            script.contains("builds") && script.contains("secrets"),
+            "{shell}"
+        );
+    }
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_decapctl"))
+        .args(["completion", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("possible values"));
+}
