@@ -11,19 +11,40 @@ use tokio::sync::watch;
 pub struct Leadership {
     /// `true` while this replica holds the Lease.
     pub leading: watch::Receiver<bool>,
-    task: tokio::task::JoinHandle<()>,
+    /// Ends the relay, whose end releases the Lease.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Leadership {
+    /// Gives the Lease up (a replica that stops): the next replica leads at
+    /// once instead of after the Lease's duration. Waits up to `limit` for
+    /// the Kubernetes API to take it.
+    pub async fn release(mut self, limit: Duration) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take()
+            && tokio::time::timeout(limit, task).await.is_err()
+        {
+            tracing::warn!("the Lease was not released in time; it lapses instead");
+        }
+    }
 }
 
 impl Drop for Leadership {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
 /// Competes for the Lease `name` in `namespace` as `identity` (the pod's
 /// name): held for `duration`, renewed `grace` before it expires. Whoever
 /// holds it leads; a leader that stops renewing (killed, partitioned) loses
-/// it once `duration` has passed.
+/// it once `duration` has passed, and one that stops cleanly gives it up
+/// ([`Leadership::release`]).
 pub async fn elect(
     client: Client,
     namespace: &str,
@@ -46,17 +67,42 @@ pub async fn elect(
                 format!("cannot use the Lease {namespace}/{name} for leader election: {e}"),
             )
         })?;
-    let (rx, handle) = manager.watch().await;
+    // The manager releases the Lease once its channel has no receiver: the
+    // only one is the relay's, and the controller gets the relay's copy.
+    let (mut from_manager, handle) = manager.watch().await;
+    let (tx, rx) = watch::channel(*from_manager.borrow());
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let identity = identity.to_owned();
-    let mut changes = rx.clone();
     let task = tokio::spawn(async move {
-        while changes.changed().await.is_ok() {
-            let leading = *changes.borrow();
-            tracing::info!(identity = %identity, leading, "leadership changed");
+        loop {
+            tokio::select! {
+                changed = from_manager.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let leading = *from_manager.borrow_and_update();
+                    tracing::info!(identity = %identity, leading, "leadership changed");
+                    tx.send_replace(leading);
+                }
+                _ = &mut stopped => {
+                    drop(from_manager);
+                    tx.send_replace(false);
+                    match handle.await {
+                        Ok(Ok(_)) => tracing::info!(identity = %identity, "released the Lease"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "releasing the Lease failed; it lapses instead"),
+                        Err(_) => {}
+                    }
+                    return;
+                }
+            }
         }
         if let Ok(Err(e)) = handle.await {
             tracing::error!(error = %e, "leader election stopped");
         }
     });
-    Ok(Leadership { leading: rx, task })
+    Ok(Leadership {
+        leading: rx,
+        stop: Some(stop),
+        task: Some(task),
+    })
 }

@@ -79,3 +79,69 @@ async fn one_replica_leads_and_another_takes_over_when_it_goes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stops_cleanly_gives_its_lease_up() {
+    use decap_kube::k8s_openapi::api::coordination::v1::Lease;
+    let client = decap_kube::client(Some(&kubeconfig())).await.unwrap();
+    let ns = format!("release-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let mut n = Namespace::default();
+    n.metadata.name = Some(ns.clone());
+    let _ = namespaces.create(&PostParams::default(), &n).await;
+    let (duration, grace) = (Duration::from_secs(6), Duration::from_secs(2));
+    let a = elect(
+        client.clone(),
+        &ns,
+        "decap-leader",
+        "replica-a",
+        duration,
+        grace,
+    )
+    .await
+    .unwrap();
+    let start = Instant::now();
+    while !*a.leading.borrow() {
+        assert!(start.elapsed() < Duration::from_secs(20), "a never leads");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let b = elect(
+        client.clone(),
+        &ns,
+        "decap-leader",
+        "replica-b",
+        duration,
+        grace,
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!*b.leading.borrow(), "b waits while a leads");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity);
+    assert_eq!(
+        holder(leases.get("decap-leader").await.unwrap()).as_deref(),
+        Some("replica-a")
+    );
+    let mut a_leading = a.leading.clone();
+    a.release(Duration::from_secs(5)).await;
+    assert!(
+        !*a_leading.borrow_and_update(),
+        "a no longer leads once released"
+    );
+    let after = leases.get("decap-leader").await.unwrap();
+    assert!(
+        holder(after.clone()).as_deref() != Some("replica-a"),
+        "the Lease still names a: {after:?}"
+    );
+    // b takes it when it looks again, within the Lease's duration.
+    let released = Instant::now();
+    while !*b.leading.borrow() {
+        assert!(
+            released.elapsed() < duration + Duration::from_secs(5),
+            "b never took the released lead"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = namespaces.delete(&ns, &Default::default()).await;
+}

@@ -1178,7 +1178,7 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         },
         live,
     );
-    let _leadership = match (&kube_client, args.kube.leader_election) {
+    let leadership = match (&kube_client, args.kube.leader_election) {
         (Some(client), true) => {
             let identity = args
                 .kube
@@ -1372,6 +1372,10 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     controller.begin_stop();
     let _ = stop_tx.send(true);
     let _ = tokio::join!(tcp, builds);
+    // Another replica leads at once rather than when the Lease lapses.
+    if let Some(leadership) = leadership {
+        leadership.release(Duration::from_secs(5)).await;
+    }
     // Nothing of the builds is left behind: no process, mount or cgroup.
     if let Some(local) = &local_builds {
         local.shutdown().await;

@@ -1317,3 +1317,25 @@ async fn detail_files_are_uploaded_with_the_token_and_read_by_link() {
         StatusCode::NOT_FOUND
     );
 }
+
+#[tokio::test]
+async fn a_stopping_server_is_alive_but_not_ready_and_launches_nothing() {
+    let app = app().await;
+    app.controller.begin_stop();
+    let ready = app.router.clone().oneshot(get("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let alive = app.router.clone().oneshot(get("/healthz")).await.unwrap();
+    assert_eq!(alive.status(), StatusCode::OK);
+    // What arrives now waits on the queue for the next process.
+    let b = app
+        .controller
+        .request_builds(
+            &decap_core::names::ProjectKey::new("acme", "widgets").unwrap(),
+            &["main".to_owned()],
+            decap_core::build::Trigger::Manual,
+        )
+        .await
+        .unwrap();
+    assert_eq!(b[0].status, decap_core::build::BuildStatus::Deferred);
+    assert_eq!(b[0].message.as_deref(), Some("Decap is restarting"));
+}

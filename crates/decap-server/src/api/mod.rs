@@ -277,6 +277,13 @@ pub async fn healthz() -> &'static str {
 }
 
 pub async fn readyz(State(app): State<AppState>) -> ApiResult<&'static str> {
+    if *app.controller.stopping().borrow() {
+        // Load balancers send no more requests to a server that stops.
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping: Decap is restarting or being upgraded",
+        ));
+    }
     app.controller.ports.builds.count_by_status().await?;
     if app.controller.ports.executor.sandbox() == "none" {
         return Ok(
