@@ -118,6 +118,55 @@ fn sql_err(e: rusqlite::Error) -> Error {
     Error::backend("sqlite", e)
 }
 
+/// The schema's version, kept in `PRAGMA user_version`. A database of an
+/// earlier version is brought up to this one when opened; 0 is the schema
+/// of the releases before versions were kept (0.0.0), which this one
+/// extends only with tables and indexes created if missing (the records
+/// are JSON whose new fields have defaults).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Each step from version `n` to `n + 1`, applied in one transaction with
+/// the version bump.
+const MIGRATIONS: &[&str] = &[
+    // 0 → 1: nothing to change; the version starts being kept.
+    "",
+];
+
+/// Creates what is missing and migrates an older schema; refuses a newer one
+/// (written by a later Decap, which this one could damage).
+fn migrate(conn: &Connection, path: &Path) -> Result<()> {
+    let found: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql_err)?;
+    if found > SCHEMA_VERSION {
+        return Err(Error::backend(
+            "sqlite",
+            format!(
+                "{} was written by a newer Decap (schema {found}; this one knows up to {SCHEMA_VERSION}): run that Decap, or a newer one",
+                path.display()
+            ),
+        ));
+    }
+    conn.execute_batch(SCHEMA).map_err(sql_err)?;
+    for (from, step) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        let to = from as i64 + 1;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {step}; PRAGMA user_version = {to}; COMMIT;"
+        ))
+        .map_err(|e| {
+            Error::backend(
+                "sqlite",
+                format!(
+                    "migrating {} from schema {from} to {to}: {e}",
+                    path.display()
+                ),
+            )
+        })?;
+        tracing::info!(from, to, db = %path.display(), "database schema migrated");
+    }
+    Ok(())
+}
+
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -137,7 +186,7 @@ impl SqliteDb {
         let conn = open_connection(path).map_err(|e| {
             Error::backend("sqlite", format!("cannot open {}: {e}", path.display()))
         })?;
-        conn.execute_batch(SCHEMA).map_err(sql_err)?;
+        migrate(&conn, path)?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("decap-sqlite-writer".into())

@@ -28,7 +28,7 @@ mod secrets;
 
 pub use blobs::FileBlobStore;
 pub use builds::SqliteBuildStore;
-pub use db::SqliteDb;
+pub use db::{SCHEMA_VERSION, SqliteDb};
 pub use details::FileDetailStore;
 pub use executor::{
     LocalExecutor, LocalExecutorConfig, NetworkMode, SandboxMode, bubblewrap_works,

@@ -933,3 +933,99 @@ fn decapctl_prints_completions_for_each_shell() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("possible values"));
 }
+
+#[tokio::test]
+async fn a_data_dir_of_the_previous_release_is_kept_and_goes_on() {
+    let (_dir, scripts, data) = dirs();
+    project(
+        &scripts,
+        "acme/widgets",
+        r#"{"buildImage": "x"}"#,
+        "echo \"building $BRANCH_TO_BUILD\"\n",
+    );
+    // The database as decap 0.0.0 left it (tests/fixtures/sqlite).
+    std::fs::create_dir_all(&data).unwrap();
+    let dump = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/sqlite/decap-0.0.0.sql"),
+    )
+    .unwrap();
+    rusqlite::Connection::open(data.join("decap.db"))
+        .unwrap()
+        .execute_batch(&dump)
+        .unwrap();
+    let decap = Decap::start(&data, &scripts, &[]);
+    let api = decap.api();
+    let status_of = |v: &serde_json::Value, branch: &str| {
+        v["builds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["branch"] == branch)
+            .map(|b| b["status"].as_str().unwrap().to_owned())
+    };
+    let v = api.json("/api/v1/builds/acme/widgets").await;
+    assert_eq!(status_of(&v, "main").as_deref(), Some("succeeded"), "{v}");
+    assert_eq!(status_of(&v, "fails").as_deref(), Some("failed"), "{v}");
+    assert_eq!(status_of(&v, "waits").as_deref(), Some("deferred"), "{v}");
+    // Its queue was closed, and stays closed; opened, the build that
+    // waited runs.
+    assert_eq!(api.json("/api/v1/queue").await["state"], "closed");
+    let opened = api
+        .http
+        .put(format!("{}/api/v1/queue", api.base))
+        .bearer_auth(common::TOKEN)
+        .json(&serde_json::json!({"state": "open"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(opened.status(), 200);
+    let waits = v["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["branch"] == "waits")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b = api.finished(&waits, MINUTE).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    drop(decap);
+    let version: i64 = rusqlite::Connection::open(data.join("decap.db"))
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, decap_embedded::SCHEMA_VERSION);
+}
+
+#[test]
+fn a_data_dir_of_a_newer_release_is_refused_untouched() {
+    let (_dir, scripts, data) = dirs();
+    project(&scripts, "acme/widgets", r#"{"buildImage": "x"}"#, "true\n");
+    std::fs::create_dir_all(&data).unwrap();
+    let db = rusqlite::Connection::open(data.join("decap.db")).unwrap();
+    db.execute_batch("CREATE TABLE future (x); PRAGMA user_version = 99;")
+        .unwrap();
+    drop(db);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_decap"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--sandbox", "none"])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--scripts")
+        .arg(&scripts)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("written by a newer Decap (schema 99"), "{err}");
+    let tables: i64 = rusqlite::Connection::open(data.join("decap.db"))
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(tables, 1, "nothing was created in it");
+}
