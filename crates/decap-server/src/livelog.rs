@@ -127,6 +127,21 @@ impl LiveLogs {
         Some(LiveReader { log, file })
     }
 
+    /// The builds whose spools are in the folder (this run's and those an
+    /// earlier run left).
+    pub fn spooled(&self) -> Vec<BuildId> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| {
+                let name = e.ok()?.file_name();
+                let id = name.to_str()?.strip_suffix(".log")?;
+                BuildId::parse(id).ok()
+            })
+            .collect()
+    }
+
     /// The spool left by an earlier run of the server, if any.
     pub fn leftover(&self, id: BuildId) -> Option<PathBuf> {
         let p = self.spool_path(id);

@@ -1379,6 +1379,10 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     // Nothing of the builds is left behind: no process, mount or cgroup.
     if let Some(local) = &local_builds {
         local.shutdown().await;
+        // Each stopped build ends (record, lock, log) before the exit.
+        if !controller.quiesce(Duration::from_secs(10)).await {
+            tracing::warn!("some stopped builds were not ended in time; the next start ends them");
+        }
     }
     // The socket goes unless a newer server on the same data dir made its own.
     if socket_inode.is_some() && socket_inode == inode(&socket_path) {

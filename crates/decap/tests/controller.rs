@@ -323,3 +323,42 @@ async fn a_build_whose_end_never_arrives_ends_when_its_environment_is_seen_gone(
     assert_eq!(second.status, BuildStatus::Succeeded, "{second:?}");
     assert!(locks(c).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_restart_keeps_the_console_of_a_build_that_ended_before_its_log_was_stored() {
+    let e = served(Caps::default(), "true\n").await;
+    let c = &e.controller;
+    let at = time::OffsetDateTime::now_utc();
+    // An earlier run ended the build, then stopped before storing its log:
+    // the record is final, the spool is still there.
+    let git_ref = decap_core::refs::GitRef::branch("main").unwrap();
+    let mut b = Build::new(widgets(), &git_ref, None, Trigger::Api, at);
+    c.ports.builds.insert(&b).await.unwrap();
+    b.transition(BuildStatus::Running, at).unwrap();
+    b.transition(BuildStatus::Failed, at).unwrap();
+    assert!(
+        c.ports
+            .builds
+            .update(&b, BuildStatus::Queued)
+            .await
+            .unwrap()
+    );
+    let spool = c.live.open(b.id).unwrap();
+    spool.append_at(0, b"the last words\n").unwrap();
+    drop(spool);
+    c.recover().await.unwrap();
+    let (_, log) = c
+        .ports
+        .blobs
+        .get(b.id, decap_core::ports::BlobKind::LogGz)
+        .await
+        .unwrap()
+        .expect("the spool became the log");
+    let chunks: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(log).await.unwrap();
+    let bytes = chunks.concat();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text)
+        .unwrap();
+    assert_eq!(text, "the last words\n");
+    assert!(c.live.spooled().is_empty(), "and the spool is gone");
+}

@@ -312,7 +312,7 @@ impl Controller {
 
     /// Stores the spool as the build's log when bctool did not upload one
     /// (the environment died), then drops the spool.
-    async fn keep_log(&self, id: BuildId) {
+    pub(super) async fn keep_log(&self, id: BuildId) {
         let spool = self
             .live
             .get(id)
@@ -338,6 +338,23 @@ impl Controller {
             }
         }
         self.live.remove(id);
+    }
+
+    /// Waits, up to `limit`, until every build this controller ran has
+    /// ended and what ending it does (its record, lock, log) is done: a
+    /// server that stopped its builds waits for this before it exits.
+    pub async fn quiesce(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            // Taken under the mutex that ending a build holds throughout.
+            if self.sched.lock().await.running.is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Cancels a queued, deferred or running build. A running build's

@@ -37,6 +37,19 @@ impl Controller {
                     .await?;
             }
         }
+        // Spools an earlier run left of builds that ended meanwhile (it
+        // stopped between ending a build and storing its log): kept as the
+        // log when none is stored, then dropped.
+        for id in self.live.spooled() {
+            if s.running.contains(id) {
+                continue;
+            }
+            match self.ports.builds.get(id).await? {
+                Some(b) if !b.status.is_final() => {}
+                Some(_) => self.keep_log(id).await,
+                None => self.live.remove(id),
+            }
+        }
         let entries = self.ports.queue.list().await?;
         let mut queued_ids = HashSet::new();
         for e in entries {
