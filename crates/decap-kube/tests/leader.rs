@@ -18,14 +18,20 @@ fn kubeconfig() -> PathBuf {
     }))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_replica_leads_and_another_takes_over_when_it_goes() {
+/// A client of the test bed and a namespace of this test's own.
+async fn namespace(prefix: &str) -> (decap_kube::kube::Client, Api<Namespace>, String) {
     let client = decap_kube::client(Some(&kubeconfig())).await.unwrap();
-    let ns = format!("leader-{}", std::process::id());
+    let ns = format!("{prefix}-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let mut n = Namespace::default();
     n.metadata.name = Some(ns.clone());
     let _ = namespaces.create(&PostParams::default(), &n).await;
+    (client, namespaces, ns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_leads_and_another_takes_over_when_it_goes() {
+    let (client, _, ns) = namespace("leader").await;
 
     let (duration, grace) = (Duration::from_secs(3), Duration::from_secs(1));
     let a = elect(
@@ -83,12 +89,7 @@ async fn one_replica_leads_and_another_takes_over_when_it_goes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_stops_cleanly_gives_its_lease_up() {
     use decap_kube::k8s_openapi::api::coordination::v1::Lease;
-    let client = decap_kube::client(Some(&kubeconfig())).await.unwrap();
-    let ns = format!("release-{}", std::process::id());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let mut n = Namespace::default();
-    n.metadata.name = Some(ns.clone());
-    let _ = namespaces.create(&PostParams::default(), &n).await;
+    let (client, namespaces, ns) = namespace("release").await;
     let (duration, grace) = (Duration::from_secs(6), Duration::from_secs(2));
     let a = elect(
         client.clone(),

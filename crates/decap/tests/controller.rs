@@ -18,6 +18,12 @@ use secrecy::SecretString;
 use common::app::{Embedded, Options, embedded_with};
 use common::{TOKEN, project};
 
+/// Room for one build at a time.
+const ONE_AT_A_TIME: Caps = Caps {
+    global: 1,
+    per_project: 1,
+};
+
 /// A served controller with `caps` over one project, `acme/widgets`, whose
 /// build runs `script`.
 async fn served(caps: Caps, script: &str) -> Embedded {
@@ -98,14 +104,7 @@ async fn locks(c: &Controller) -> Vec<String> {
 
 #[tokio::test]
 async fn a_build_holds_its_lock_and_place_until_it_ends_then_the_next_runs() {
-    let e = served(
-        Caps {
-            global: 1,
-            per_project: 1,
-        },
-        "echo hello\nsleep 0.3\n",
-    )
-    .await;
+    let e = served(ONE_AT_A_TIME, "echo hello\nsleep 0.3\n").await;
     let c = &e.controller;
     let builds = request(c, &["main", "second"]).await;
     assert_eq!(builds[0].status, BuildStatus::Running);
@@ -162,14 +161,7 @@ async fn a_result_reported_while_the_script_goes_on_is_taken_once_it_is_stopped(
 
 #[tokio::test]
 async fn a_cancelled_build_is_stopped_before_its_lock_goes() {
-    let e = served(
-        Caps {
-            global: 1,
-            per_project: 1,
-        },
-        "sleep 60\n",
-    )
-    .await;
+    let e = served(ONE_AT_A_TIME, "sleep 60\n").await;
     let c = &e.controller;
     let builds = request(c, &["main", "second"]).await;
     let cancelled = c.cancel(builds[0].id).await.unwrap();
@@ -196,14 +188,7 @@ async fn a_cancelled_build_is_stopped_before_its_lock_goes() {
 
 #[tokio::test]
 async fn a_deferred_build_cancelled_leaves_the_queue() {
-    let e = served(
-        Caps {
-            global: 1,
-            per_project: 1,
-        },
-        "sleep 60\n",
-    )
-    .await;
+    let e = served(ONE_AT_A_TIME, "sleep 60\n").await;
     let c = &e.controller;
     let builds = request(c, &["main", "second"]).await;
     assert_eq!(c.waiting_count().await, 1);
@@ -222,14 +207,7 @@ async fn a_deferred_build_cancelled_leaves_the_queue() {
 
 #[tokio::test]
 async fn a_script_that_unlocks_early_frees_its_branch_but_not_its_place() {
-    let e = served(
-        Caps {
-            global: 1,
-            per_project: 1,
-        },
-        "sleep 60\n",
-    )
-    .await;
+    let e = served(ONE_AT_A_TIME, "sleep 60\n").await;
     let c = &e.controller;
     let b = request(c, &["main"]).await.remove(0);
     assert!(c.release_own_lock(b.id).await.unwrap());
@@ -300,15 +278,7 @@ async fn a_restart_ends_builds_whose_environment_is_gone_with_what_they_reported
 
 #[tokio::test]
 async fn a_build_whose_end_never_arrives_ends_when_its_environment_is_seen_gone() {
-    let e = served_with(
-        Caps {
-            global: 1,
-            per_project: 1,
-        },
-        "echo done\n",
-        true,
-    )
-    .await;
+    let e = served_with(ONE_AT_A_TIME, "echo done\n", true).await;
     let c = &e.controller;
     let builds = request(c, &["main", "second"]).await;
     let first = ended(c, builds[0].id).await;

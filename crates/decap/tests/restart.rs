@@ -319,24 +319,60 @@ async fn a_socket_activated_restart_refuses_no_webhook() {
     let _ = second.wait().await;
 }
 
-#[tokio::test]
-async fn a_stop_does_not_wait_for_viewers_and_tells_them_to_reconnect() {
+/// A socket-activated decap running one build that prints a line every
+/// `pause` seconds, `lines` times.
+struct Streaming {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    scripts: PathBuf,
+    listener: std::net::TcpListener,
+    first: tokio::process::Child,
+    url: String,
+    api: common::Api,
+    id: String,
+}
+
+async fn streaming(lines: u32, pause: &str) -> Streaming {
     let dir = tempfile::tempdir().unwrap();
     let scripts = dir.path().join("scripts");
     project(
         &scripts,
         "acme/widgets",
         r#"{"buildImage": "x"}"#,
-        "for i in $(seq 1 400); do echo line $i; sleep 0.02; done\n",
+        &format!("for i in $(seq 1 {lines}); do echo line $i; sleep {pause}; done\n"),
     );
     let data = dir.path().join("data");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (mut first, url) = started(serve(&data, &scripts, Some(&listener))).await;
+    let (first, url) = started(serve(&data, &scripts, Some(&listener))).await;
     let api = common::Api {
         http: reqwest::Client::new(),
         base: url.clone(),
     };
     let id = api.request("acme/widgets", &["main"]).await.remove(0);
+    Streaming {
+        _dir: dir,
+        data,
+        scripts,
+        listener,
+        first,
+        url,
+        api,
+        id,
+    }
+}
+
+#[tokio::test]
+async fn a_stop_does_not_wait_for_viewers_and_tells_them_to_reconnect() {
+    let Streaming {
+        _dir,
+        data: _,
+        scripts: _,
+        listener,
+        mut first,
+        url,
+        api: _,
+        id,
+    } = streaming(400, "0.02").await;
     // 50 viewers of the live log and of the pages' live updates.
     let mut viewers = Vec::new();
     for i in 0..50 {
@@ -368,22 +404,16 @@ async fn a_stop_does_not_wait_for_viewers_and_tells_them_to_reconnect() {
 
 #[tokio::test]
 async fn a_log_follow_resumes_across_a_restart_without_repeats() {
-    let dir = tempfile::tempdir().unwrap();
-    let scripts = dir.path().join("scripts");
-    project(
-        &scripts,
-        "acme/widgets",
-        r#"{"buildImage": "x"}"#,
-        "for i in $(seq 1 300); do echo line $i; sleep 0.01; done\n",
-    );
-    let data = dir.path().join("data");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (mut first, url) = started(serve(&data, &scripts, Some(&listener))).await;
-    let api = common::Api {
-        http: reqwest::Client::new(),
-        base: url.clone(),
-    };
-    let id = api.request("acme/widgets", &["main"]).await.remove(0);
+    let Streaming {
+        _dir,
+        data,
+        scripts,
+        listener,
+        mut first,
+        url,
+        api,
+        id,
+    } = streaming(300, "0.01").await;
     let follow = tokio::process::Command::new(env!("CARGO_BIN_EXE_decapctl"))
         .args(["builds", "logs", "--follow", &id])
         .env("DECAP_URL", &url)
