@@ -160,6 +160,10 @@ test("remove a deferred build from the queue page", async (page, url, shot) => {
 test("unlock a held lock, then cancel its build", async (page, url, shot) => {
   await login(page, url);
   const id = await buildBranch(page, url, "slow", "main");
+  // Its time counts up while it runs.
+  await page.waitForSelector("#took");
+  const took = await page.textContent("#took");
+  await until("the running time to count up", async () => (await page.textContent("#took")) !== took, 5000);
   await page.waitForSelector("#console:has-text('holding the lock')", { timeout: 20000 });
   await page.goto(url + "/queue");
   await page.waitForSelector("code:has-text('acme/slow/main')");

@@ -150,6 +150,23 @@
     });
   }
 
+  // How long, as the server writes it (ui::duration_text).
+  function durationText(ms) {
+    var s = Math.floor(ms / 1000);
+    if (ms < 1000) { return ms + " ms"; }
+    if (s < 60) { return s + "." + Math.floor((ms % 1000) / 100) + " s"; }
+    if (s < 3600) { return Math.floor(s / 60) + " min " + (s % 60) + " s"; }
+    return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+  }
+
+  // A running build's time counts up on its page.
+  function tickDurations() {
+    document.querySelectorAll("[data-since]").forEach(function (el) {
+      var since = Date.parse(el.getAttribute("data-since"));
+      if (!isNaN(since)) { el.textContent = durationText(Math.max(0, Date.now() - since)); }
+    });
+  }
+
   function init() {
     closeStreams();
     var pre = document.getElementById("console");
@@ -176,4 +193,5 @@
   });
   window.addEventListener("pagehide", closeStreams);
   setInterval(refreshTimes, 30000);
+  setInterval(tickDurations, 1000);
 }());

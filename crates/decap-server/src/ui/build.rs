@@ -21,6 +21,9 @@ struct BuildPage {
     project: String,
     started: Option<When>,
     ended: Option<When>,
+    /// When a running build started (RFC 3339), so that the page counts
+    /// how long it has been running; empty otherwise.
+    running_since: String,
     exit_code: String,
     scripts_commit: String,
     executor: String,
@@ -63,6 +66,10 @@ pub async fn build(
         project: b.project.project.clone(),
         started: b.start_time.map(when),
         ended: b.end_time.map(when),
+        running_since: match (b.status, b.start_time) {
+            (BuildStatus::Running, Some(t)) => when(t).exact,
+            _ => String::new(),
+        },
         exit_code: b.exit_code.map(|c| c.to_string()).unwrap_or_default(),
         scripts_commit: b.scripts_commit.clone().unwrap_or_default(),
         executor: match (&b.executor, &b.sandbox) {
