@@ -171,6 +171,11 @@ impl Upgrade {
         let outcome = tokio::select! {
             met = async {
                 let (conn, _) = meet.accept().await.context("the new decap did not connect")?;
+                // Only the process started here may say it takes over.
+                let peer = conn.peer_cred().ok().and_then(|c| c.pid());
+                if peer != i32::try_from(pid).ok() {
+                    bail!("process {peer:?}, not the new decap ({pid}), connected to {}", self.rendezvous.display());
+                }
                 let mut lines = BufReader::new(conn);
                 let mut line = String::new();
                 lines.read_line(&mut line).await.context("the new decap did not say it takes over")?;
