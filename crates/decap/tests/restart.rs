@@ -204,6 +204,19 @@ fn pid_file(data: &Path) -> Option<i32> {
         .ok()
 }
 
+/// Stops whatever decap serves `data` when dropped: the new process of an
+/// upgrade outlives its parent, and a test that fails must not leave it
+/// running.
+struct StopsServerOf(PathBuf);
+
+impl Drop for StopsServerOf {
+    fn drop(&mut self) {
+        if let Some(pid) = pid_file(&self.0) {
+            stop(pid);
+        }
+    }
+}
+
 /// Stops the process `pid` (a grandchild: this test reaps it as its
 /// subreaper) and waits until it is gone.
 fn stop(pid: i32) {
@@ -217,6 +230,7 @@ async fn an_upgrade_in_place_refuses_no_webhook_and_builds_each_once() {
     // test's child, to be stopped and reaped here.
     nix::sys::prctl::set_child_subreaper(true).unwrap();
     let (_dir, data, scripts) = dirs();
+    let _cleanup = StopsServerOf(data.clone());
     let (mut old, url) = started(serve(&data, &scripts, None)).await;
     let old_pid = old.id().unwrap() as i32;
     assert_eq!(pid_file(&data), Some(old_pid));
