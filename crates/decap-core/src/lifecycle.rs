@@ -62,6 +62,17 @@ pub enum Event {
     Unlock,
 }
 
+impl Event {
+    /// The environment ended (exited or was stopped) for `reason`, running
+    /// into no limit.
+    pub fn exited(reason: impl Into<String>) -> Event {
+        Event::EnvironmentGone(Gone::Exited {
+            reason: reason.into(),
+            limits: Vec::new(),
+        })
+    }
+}
+
 /// What a launch records on the build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Launch {
@@ -490,10 +501,7 @@ mod tests {
     }
 
     fn exited(reason: &str) -> Event {
-        Event::EnvironmentGone(Gone::Exited {
-            reason: reason.into(),
-            limits: vec![],
-        })
+        Event::exited(reason)
     }
 
     fn succeeded() -> Outcome {

@@ -35,6 +35,19 @@ pub(super) struct Applied {
     pub released: bool,
 }
 
+impl Applied {
+    /// Nothing done yet to `build`, as read.
+    fn read(build: Build) -> Applied {
+        Applied {
+            build,
+            wrote: false,
+            later: Vec::new(),
+            drain: false,
+            released: false,
+        }
+    }
+}
+
 impl Controller {
     /// Applies `event` to build `id`: decides on the record as it stands,
     /// writes it (a compare-and-set on the status read) and does the step's
@@ -53,13 +66,7 @@ impl Controller {
                 with_write,
                 then,
             } = lifecycle::decide(&b, s.running.contains(id), event.clone(), now())?;
-            let mut applied = Applied {
-                build: b,
-                wrote: false,
-                later: Vec::new(),
-                drain: false,
-                released: false,
-            };
+            let mut applied = Applied::read(b);
             match write {
                 Some(next) => {
                     let prev = applied.build.status;
@@ -118,13 +125,7 @@ impl Controller {
             if !step.only_record_and_environment() {
                 return Ok(None);
             }
-            let mut applied = Applied {
-                build: b,
-                wrote: false,
-                later: Vec::new(),
-                drain: false,
-                released: false,
-            };
+            let mut applied = Applied::read(b);
             if let Some(next) = step.write {
                 if !self
                     .ports
@@ -208,32 +209,19 @@ impl Controller {
     /// Does what waits on a build's environment: stopping it, then ending
     /// the build.
     async fn follow_up(self: &Arc<Self>, id: BuildId, effect: Effect) -> Result<()> {
-        let stopped = || {
-            Event::EnvironmentGone(Gone::Exited {
-                reason: "stopped".into(),
-                limits: Vec::new(),
-            })
-        };
         match effect {
             Effect::StopEnvironment => {
                 if let Err(e) = self.ports.executor.cancel(id).await {
                     tracing::warn!(build_id = %id, error = %e, "stopping the build environment failed");
                 }
-                self.apply_here(id, stopped()).await?;
+                self.apply_here(id, Event::exited("stopped")).await?;
             }
             Effect::StopAfterGrace => {
                 let live = self.ports.executor.live().await?.contains(&id);
                 if !live {
                     // No environment here to wait for (it ended already, or
                     // another replica launched it): end it now.
-                    self.apply_here(
-                        id,
-                        Event::EnvironmentGone(Gone::Exited {
-                            reason: "no environment".into(),
-                            limits: Vec::new(),
-                        }),
-                    )
-                    .await?;
+                    self.apply_here(id, Event::exited("no environment")).await?;
                     return Ok(());
                 }
                 let this = self.clone();
@@ -250,7 +238,7 @@ impl Controller {
                         if let Err(e) = this.ports.executor.cancel(id).await {
                             tracing::warn!(build_id = %id, error = %e, "stopping the build environment failed");
                         }
-                        if let Err(e) = this.apply_here(id, stopped()).await {
+                        if let Err(e) = this.apply_here(id, Event::exited("stopped")).await {
                             tracing::error!(build_id = %id, error = %e, "cannot finish a build");
                         }
                     }
@@ -285,10 +273,7 @@ impl Controller {
                 continue;
             }
             tracing::warn!(build_id = %id, "the build's environment is gone but its end never arrived; ending the build");
-            let event = Event::EnvironmentGone(Gone::Exited {
-                reason: "its environment is gone (its end was not reported)".into(),
-                limits: Vec::new(),
-            });
+            let event = Event::exited("its environment is gone (its end was not reported)");
             drain |= self.apply_locked(&mut s, id, event).await?.drain;
         }
         *missing = still_missing;
