@@ -391,6 +391,10 @@ pub struct BuildResult {
     /// Notes (upload failures, truncated log) to keep on the build.
     #[serde(default)]
     pub message: Option<String>,
+    /// The memory limit, in bytes, when a process of the build was killed
+    /// for going past it (bctool sees this in a container's cgroup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_hit: Option<u64>,
 }
 
 /// The name of the header bctool sends to resume a live log stream.

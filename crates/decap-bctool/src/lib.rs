@@ -165,6 +165,10 @@ struct RunArgs {
     /// say so in its console.
     #[arg(skip)]
     withheld: Option<String>,
+    /// Lines for the top of the console, from the executor (a pulled
+    /// image, a setting it cannot honour).
+    #[arg(skip)]
+    notices: Vec<String>,
 }
 
 /// Reads the launch from standard input and runs it.
@@ -195,6 +199,12 @@ async fn standby(exit_with_parent: bool, serve: Option<(PathBuf, u16)>) -> Resul
             .iter()
             .find(|(k, _)| k == WITHHELD_VAR)
             .map(|(_, v)| v.clone()),
+        notices: launch
+            .bctool_env
+            .iter()
+            .find(|(k, _)| k == NOTICES_VAR)
+            .map(|(_, v)| notices(v))
+            .unwrap_or_default(),
         command: launch.command,
         env: Some(launch.env),
         cwd: Some(PathBuf::from(&launch.cwd)),
@@ -252,6 +262,9 @@ pub async fn main(cli: Cli) -> Result<i32> {
         // line should not wait for TLS roots or credentials to load.
         Command::Run(mut args) => {
             args.withheld = std::env::var(WITHHELD_VAR).ok();
+            args.notices = std::env::var(NOTICES_VAR)
+                .map(|v| notices(&v))
+                .unwrap_or_default();
             run_prepared(prepare(serve)?, connect, id, args).await
         }
         Command::Standby { .. } | Command::Install { .. } => unreachable!("handled above"),
@@ -287,6 +300,7 @@ pub async fn main(cli: Cli) -> Result<i32> {
                 exit_code,
                 timed_out,
                 message,
+                memory_limit_hit: None,
             };
             connect.await?.record_result(&id, &result).await?;
             Ok(0)
@@ -411,10 +425,18 @@ impl Shipper {
             return Ok(());
         };
         let build = BuildId::parse(id)?;
-        let outcome = lifecycle::outcome_of_result(
-            result.exit_code,
-            result.timed_out,
-            result.message.clone(),
+        let limits: Vec<decap_core::limits::LimitHit> = result
+            .memory_limit_hit
+            .map(decap_core::limits::LimitHit::Memory)
+            .into_iter()
+            .collect();
+        let outcome = lifecycle::with_limits(
+            lifecycle::outcome_of_result(
+                result.exit_code,
+                result.timed_out,
+                result.message.clone(),
+            ),
+            &limits,
         );
         for _ in 0..5 {
             let Some(b) = retry_direct(|| d.builds.get(build)).await? else {
@@ -496,6 +518,44 @@ fn retry_budget(setting: Option<String>, exit_with_parent: bool) -> Duration {
 
 /// Names of secrets a build does not get (a pull request from a fork).
 const WITHHELD_VAR: &str = "DECAP_SECRETS_WITHHELD";
+
+/// Set by executors whose build has a memory cgroup of its own (a
+/// container): bctool tells from it whether a process was killed for
+/// memory.
+const CGROUP_MEMORY_VAR: &str = "DECAP_BCTOOL_CGROUP_MEMORY";
+
+/// The memory limit, when the build's own cgroup (cgroup v1 or v2, as a
+/// container sees it) counts a process killed for going past it.
+fn memory_limit_hit() -> Option<u64> {
+    if std::env::var(CGROUP_MEMORY_VAR).ok().as_deref() != Some("1") {
+        return None;
+    }
+    let count = |file: &str| -> Option<u64> {
+        std::fs::read_to_string(file).ok()?.lines().find_map(|l| {
+            l.strip_prefix("oom_kill ")
+                .and_then(|n| n.trim().parse().ok())
+        })
+    };
+    let read =
+        |file: &str| -> Option<u64> { std::fs::read_to_string(file).ok()?.trim().parse().ok() };
+    if let Some(kills) = count("/sys/fs/cgroup/memory/memory.oom_control") {
+        return (kills > 0)
+            .then(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes").unwrap_or(0));
+    }
+    let kills = count("/sys/fs/cgroup/memory.events")?;
+    (kills > 0).then(|| read("/sys/fs/cgroup/memory.max").unwrap_or(0))
+}
+
+/// Lines from the executor for the top of the console, one per line.
+const NOTICES_VAR: &str = "DECAP_NOTICES";
+
+fn notices(v: &str) -> Vec<String> {
+    v.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
 
 /// The setting of [`retry_budget`], in seconds.
 const RETRY_VAR: &str = "DECAP_BCTOOL_RETRY_SECS";
@@ -675,6 +735,9 @@ async fn run_prepared(
     let reader_console = console.clone();
     let masker = masker(&args);
     let mut notes_at_start = String::new();
+    for line in &args.notices {
+        notes_at_start.push_str(&format!("[decap: {line}]\n"));
+    }
     if let Some(names) = args.withheld.as_deref().filter(|n| !n.is_empty()) {
         notes_at_start.push_str(&format!(
             "[decap: this build is of a pull request from a fork, so it gets no secrets: {} are empty]\n",
@@ -952,6 +1015,7 @@ async fn finish(
         exit_code,
         timed_out,
         message: (!notes.is_empty()).then(|| notes.join("; ")),
+        memory_limit_hit: memory_limit_hit(),
     };
     if let Err(e) = shipper.record_result(id, &result).await {
         eprintln!("bctool: recording the result failed: {e:#}");

@@ -733,10 +733,21 @@ impl RecordedExits {
 /// to nowhere (`decap_url` is a closed port, and bctool is told not to wait
 /// for it): the suite is about environments, not results.
 pub fn launch_spec(script: &str, timeout: Duration) -> decap_core::ports::LaunchSpec {
+    launch_spec_in("debian:bookworm-slim", script, timeout)
+}
+
+/// [`launch_spec`] of a project whose `buildImage` is `image`.
+pub fn launch_spec_in(
+    image: &str,
+    script: &str,
+    timeout: Duration,
+) -> decap_core::ports::LaunchSpec {
     use decap_core::catalog::{ProjectEntry, ScriptFile};
     let key = ProjectKey::new("contract", "executor").expect("valid");
     let descriptor = decap_core::descriptor::ProjectDescriptor::parse(
-        br#"{"buildImage": "debian:bookworm-slim"}"#,
+        serde_json::json!({ "buildImage": image })
+            .to_string()
+            .as_bytes(),
     )
     .expect("valid descriptor");
     let mut build = Build::new(
@@ -782,6 +793,18 @@ pub async fn executor_suite(
     exits: Arc<RecordedExits>,
     limit: Duration,
 ) {
+    executor_suite_in(executor, exits, limit, "debian:bookworm-slim").await;
+}
+
+/// [`executor_suite`] with builds whose `buildImage` is `image` (for
+/// executors that run it, with no registry to pull from).
+pub async fn executor_suite_in(
+    executor: Arc<dyn decap_core::ports::Executor>,
+    exits: Arc<RecordedExits>,
+    limit: Duration,
+    image: &str,
+) {
+    let launch_spec = |script: &str, timeout| launch_spec_in(image, script, timeout);
     // A build that ends by itself: reported once.
     let spec = launch_spec("#!/bin/sh\necho contract\n", Duration::from_secs(60));
     let id = spec.build.id;

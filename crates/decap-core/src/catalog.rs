@@ -45,6 +45,38 @@ impl ProjectEntry {
             self.descriptor.as_ref()
         }
     }
+
+    /// What of this project an executor that runs builds on the host (the
+    /// local executor) cannot honour, in words for the build's console
+    /// and the project's page: its `buildImage` and its sidecars.
+    pub fn not_honoured_on_the_host(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(d) = self.valid_descriptor() {
+            let image = d.descriptor.build_image.trim();
+            if !image.is_empty() {
+                out.push(format!(
+                    "this build runs on the host, not in its buildImage {image} (the local executor does not use images: run Decap with --executor container for that)"
+                ));
+            }
+        }
+        if !self.sidecars.is_empty() {
+            let names: Vec<String> = self
+                .sidecars
+                .iter()
+                .map(|s| {
+                    s.get("name")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or("unnamed")
+                        .to_owned()
+                })
+                .collect();
+            out.push(format!(
+                "this project's sidecars ({}) do not run under the local executor: the build runs without them (run Decap with --executor container for that)",
+                names.join(", ")
+            ));
+        }
+        out
+    }
 }
 
 /// The build-scripts repo at one commit.

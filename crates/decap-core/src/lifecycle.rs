@@ -211,29 +211,35 @@ pub fn outcome_when_gone(b: &Build, gone: &Gone) -> Outcome {
             ),
         }),
         Gone::Exited { reason, limits } => {
-            let mut outcome = b.reported.clone().unwrap_or(Outcome {
+            let outcome = b.reported.clone().unwrap_or(Outcome {
                 status: BuildStatus::Errored,
                 exit_code: None,
                 message: Some(format!(
                     "the build environment ended without reporting a result: {reason}"
                 )),
             });
-            if !limits.is_empty() {
-                let named: Vec<String> = limits.iter().map(ToString::to_string).collect();
-                outcome.message = Some(match outcome.message.take() {
-                    Some(m) => format!("{}; {m}", named.join("; ")),
-                    None => named.join("; "),
-                });
-                if matches!(
-                    outcome.status,
-                    BuildStatus::Errored | BuildStatus::Succeeded
-                ) {
-                    outcome.status = BuildStatus::Failed;
-                }
-            }
-            outcome
+            with_limits(outcome, limits)
         }
     }
+}
+
+/// An outcome with the limits the build ran into named first: a build
+/// that hit one did not succeed.
+pub fn with_limits(mut outcome: Outcome, limits: &[LimitHit]) -> Outcome {
+    if !limits.is_empty() {
+        let named: Vec<String> = limits.iter().map(ToString::to_string).collect();
+        outcome.message = Some(match outcome.message.take() {
+            Some(m) => format!("{}; {m}", named.join("; ")),
+            None => named.join("; "),
+        });
+        if matches!(
+            outcome.status,
+            BuildStatus::Errored | BuildStatus::Succeeded
+        ) {
+            outcome.status = BuildStatus::Failed;
+        }
+    }
+    outcome
 }
 
 /// The outcome of a script's result: its exit code, or timed out.

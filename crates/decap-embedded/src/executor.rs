@@ -1140,9 +1140,16 @@ impl Executor for LocalExecutor {
         }
     }
 
-    async fn launch(&self, spec: LaunchSpec) -> Result<()> {
+    async fn launch(&self, mut spec: LaunchSpec) -> Result<()> {
         let inner = &self.inner;
         let id = spec.build.id;
+        // What this executor cannot honour is said at the top of the
+        // build's console.
+        let notices = spec.project.not_honoured_on_the_host();
+        if !notices.is_empty() {
+            spec.bctool_env
+                .push(("DECAP_NOTICES".into(), notices.join("\n")));
+        }
         if inner.running.lock().map_err(exec_err)?.contains_key(&id) {
             return Ok(()); // already running: adopt, never duplicate
         }

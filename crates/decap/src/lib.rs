@@ -126,6 +126,26 @@ enum ExecutorKind {
     Local,
     /// One Kubernetes pod per build.
     Kubernetes,
+    /// One container per build (its buildImage, its sidecars beside it),
+    /// on Podman or Docker.
+    Container,
+}
+
+/// The container executor's settings (`--executor container`).
+#[derive(Args, Debug, Clone)]
+struct ContainerArgs {
+    /// The container engine's API socket (default: DOCKER_HOST or
+    /// CONTAINER_HOST, then the rootless and rootful Podman sockets, then
+    /// Docker's).
+    #[arg(long, env = "DECAP_CONTAINER_SOCKET")]
+    container_socket: Option<PathBuf>,
+    /// The engine network builds join for outbound access.
+    #[arg(long, env = "DECAP_CONTAINER_NETWORK", default_value = "bridge")]
+    container_network: String,
+    /// Keep the containers of a failed build this many seconds for a look
+    /// (`podman logs`, `podman inspect`) before they are removed.
+    #[arg(long, env = "DECAP_KEEP_FAILED_CONTAINERS_SECS", default_value_t = 0)]
+    keep_failed_containers_secs: u64,
 }
 
 /// The Kubernetes executor's settings (`--executor kubernetes`).
@@ -467,6 +487,8 @@ struct ServeArgs {
     builds_url: Option<String>,
     #[command(flatten)]
     kube: KubeArgs,
+    #[command(flatten)]
+    container: ContainerArgs,
     /// The build sandbox (bubblewrap, a user namespace, slirp4netns, cgroup
     /// limits): auto or bubblewrap (Decap refuses to start when it cannot be
     /// made), or none (builds run as Decap's user and see the host; every
@@ -859,7 +881,9 @@ async fn secret_store(
 /// The executor's checks of each project as the scripts are read.
 fn project_check(kind: ExecutorKind) -> Option<decap_scripts::ProjectCheck> {
     match kind {
-        ExecutorKind::Kubernetes => Some(Arc::new(|entry| decap_kube::pod::sidecars(entry).err())),
+        ExecutorKind::Kubernetes | ExecutorKind::Container => {
+            Some(Arc::new(|entry| decap_kube::pod::sidecars(entry).err()))
+        }
         ExecutorKind::Local => None,
     }
 }
@@ -960,6 +984,40 @@ async fn local_executor(
     Ok(executor)
 }
 
+async fn container_executor(
+    args: &ServeArgs,
+    data_dir: &Path,
+    build_socket: &Path,
+    events: Arc<ExecutorEventsChannel>,
+) -> Result<decap_container::ContainerExecutor> {
+    let engine = match &args.container.container_socket {
+        Some(p) => p.clone(),
+        None => decap_container::find_engine().map_err(anyhow::Error::msg)?,
+    };
+    let bctool = bctool_command(args.bctool.clone())?
+        .into_iter()
+        .next()
+        .map(PathBuf::from)
+        .context("no bctool binary")?;
+    let executor = decap_container::ContainerExecutor::new(
+        decap_container::ContainerExecutorConfig {
+            engine,
+            instance: decap_embedded::sandbox::instance(data_dir),
+            build_socket: build_socket.to_owned(),
+            bctool,
+            url_port: 9090,
+            kill_grace: Duration::from_secs(args.kill_grace_secs.max(1)),
+            defaults: default_limits(args)?,
+            keep_failed: Duration::from_secs(args.container.keep_failed_containers_secs),
+            network: args.container.container_network.clone(),
+        },
+        events,
+    )
+    .await?;
+    tracing::info!(executor = %executor.describe(), "container executor ready");
+    Ok(executor)
+}
+
 /// The socket sandboxed builds reach the server through (the sandbox dir
 /// is reachable by build users, so they get it bound in; any user may
 /// connect to it, and what arrives there is never taken for a local client).
@@ -1044,7 +1102,7 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     let sandbox_dir = decap_embedded::sandbox::SandboxDir::for_data_dir(&data_dir)
         .context("the sandbox folder")?;
     let socket_path = sandbox_dir.socket();
-    if matches!(args.executor, ExecutorKind::Local) {
+    if matches!(args.executor, ExecutorKind::Local | ExecutorKind::Container) {
         // One server per data dir: refuse before touching its socket.
         drop(sandbox_dir.lock().context("the data dir")?);
     }
@@ -1065,7 +1123,7 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         ExecutorKind::Kubernetes => {
             Some(decap_kube::client(args.kube.kubeconfig.as_deref()).await?)
         }
-        ExecutorKind::Local => None,
+        ExecutorKind::Local | ExecutorKind::Container => None,
     };
     // Builds' secrets; the key's folder is hidden from sandboxed builds
     // (`local_executor` adds it to the sandbox's hidden folders).
@@ -1081,6 +1139,9 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
                 .await
                 .context("Kubernetes executor")?,
         ),
+        None if matches!(args.executor, ExecutorKind::Container) => {
+            Arc::new(container_executor(&args, &data_dir, &socket_path, events).await?)
+        }
         None => {
             let local = Arc::new(
                 local_executor(&args, &data_dir, sandbox_dir.clone(), local.port(), events).await?,
@@ -1387,8 +1448,15 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     // The socket goes unless a newer server on the same data dir made its own.
     if socket_inode.is_some() && socket_inode == inode(&socket_path) {
         let _ = std::fs::remove_file(&socket_path);
-        // Its folder too, when nothing else is in it.
-        let _ = std::fs::remove_dir(&sandbox_dir.0);
+        // Its folders too, when nothing else is in them, unless builds
+        // that outlive this process have the socket's folder bound in
+        // (containers): the next server's socket appears there.
+        if local_builds.is_some() {
+            if let Some(run) = socket_path.parent() {
+                let _ = std::fs::remove_dir(run);
+            }
+            let _ = std::fs::remove_dir(&sandbox_dir.0);
+        }
     }
     if std::fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == std::process::id().to_string())
     {

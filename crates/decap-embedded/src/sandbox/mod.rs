@@ -99,6 +99,13 @@ impl SandboxDir {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
             dir
         };
+        // The build socket's own folder: what builds get bound in.
+        let run = dir.join("run");
+        match std::fs::create_dir(&run) {
+            Ok(()) => std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
         Ok(SandboxDir(dir))
     }
 
@@ -172,7 +179,7 @@ impl SandboxDir {
 
     /// The build socket.
     pub fn socket(&self) -> PathBuf {
-        self.0.join("build.sock")
+        self.0.join("run").join("build.sock")
     }
 
     /// The workspaces' folder.

@@ -106,6 +106,8 @@ struct ProjectPage {
     description: String,
     repo_url: String,
     error: String,
+    /// What this server's executor cannot honour of the project.
+    warnings: Vec<String>,
     branches: Vec<String>,
     builds: Vec<BuildRow>,
     next_cursor: String,
@@ -244,6 +246,12 @@ pub async fn project(
         error: match &entry {
             None => "This project is no longer in the build scripts.".to_owned(),
             Some(e) => e.error.clone().unwrap_or_default(),
+        },
+        warnings: match &entry {
+            Some(e) if app.controller.ports.executor.name() == "local" => {
+                e.not_honoured_on_the_host()
+            }
+            _ => Vec::new(),
         },
         branches,
         builds: page.builds.iter().map(row).collect(),

@@ -1,0 +1,440 @@
+//! The container executor against a real engine: Podman's Docker-compatible
+//! service, with images made without a registry (`tests/bed/podman.sh`,
+//! which `tests/run` starts: it sets `DECAP_TEST_CONTAINER_SOCKET`,
+//! `DECAP_TEST_BUILD_IMAGE` and `DECAP_TEST_REDIS_IMAGE`).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Decap, eventually, project};
+use decap_contract_tests::{RecordedExits, executor_suite_in};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run the tests through tests/run, which starts the container engine \
+             (or `eval \"$(tests/bed/podman.sh start)\"`)"
+        )
+    })
+}
+
+fn engine() -> PathBuf {
+    PathBuf::from(var("DECAP_TEST_CONTAINER_SOCKET"))
+}
+
+fn image() -> String {
+    var("DECAP_TEST_BUILD_IMAGE")
+}
+
+fn redis() -> String {
+    var("DECAP_TEST_REDIS_IMAGE")
+}
+
+fn sidecar(scripts: &Path, key: &str, file: &str, json: &serde_json::Value) {
+    std::fs::write(scripts.join(key).join(file), json.to_string()).unwrap();
+}
+
+fn descriptor(image: &str, extra: serde_json::Value) -> String {
+    let mut d = serde_json::json!({ "buildImage": image });
+    if let (Some(d), Some(extra)) = (d.as_object_mut(), extra.as_object()) {
+        d.extend(extra.clone());
+    }
+    d.to_string()
+}
+
+/// The containers of a build, as the engine lists them.
+fn containers_of(build: &str) -> Vec<String> {
+    let out = Command::new("podman")
+        .args(["ps", "-a", "--format", "{{.Names}}", "--filter"])
+        .arg(format!("label=decap.build-id={build}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn start(dir: &Path, engine: &Path, extra: &[&str], env: &[(&str, &str)]) -> Decap {
+    let mut args = vec![
+        "--executor",
+        "container",
+        "--container-socket",
+        engine.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Decap::start_with_env(&dir.join("data"), &dir.join("scripts"), &args, env)
+}
+
+async fn log_of(decap: &Decap, id: &str) -> String {
+    decap
+        .api()
+        .get(&format!("/api/v1/logs/{id}"))
+        .await
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_container_executor_keeps_the_executor_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let socket = run.join("build.sock");
+    // The suite's builds report to nowhere: a listener that answers nothing.
+    let _socket = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let exits = Arc::new(RecordedExits::default());
+    let executor = decap_container::ContainerExecutor::new(
+        decap_container::ContainerExecutorConfig {
+            engine: engine(),
+            instance: format!("contract-{}", std::process::id()),
+            build_socket: socket,
+            bctool: PathBuf::from(env!("CARGO_BIN_EXE_bctool")),
+            url_port: 9090,
+            kill_grace: Duration::from_secs(1),
+            defaults: Default::default(),
+            keep_failed: Duration::ZERO,
+            network: "bridge".into(),
+        },
+        exits.clone(),
+    )
+    .await
+    .unwrap();
+    executor_suite_in(Arc::new(executor), exits, MINUTE, &image()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_runs_in_its_image_as_a_user_with_its_redis_sidecar_on_localhost_and_leaves_no_container()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    project(
+        &scripts,
+        "acme/cache",
+        &descriptor(
+            &redis(),
+            serde_json::json!({"resources": {"memory": "256Mi"}}),
+        ),
+        "#!/bin/sh\nset -e\necho \"user $(id -u) in $(pwd) on Debian $(cat /etc/debian_version)\"\n\
+         redis-cli -h 127.0.0.1 set greeting hello >/dev/null\necho \"redis says $(redis-cli get greeting)\"\n\
+         echo kept > \"$ARTIFACTS_DIR/out.txt\"\n",
+    );
+    sidecar(
+        &scripts,
+        "acme/cache",
+        "redis-sidecar.json",
+        &serde_json::json!({
+            "name": "redis",
+            "image": redis(),
+            "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 1, "failureThreshold": 20}
+        }),
+    );
+    let decap = start(dir.path(), &engine(), &[], &[]);
+    let api = decap.api();
+    let id = api.request("acme/cache", &["main"]).await.remove(0);
+    let b = api.finished(&id, MINUTE).await;
+    let log = log_of(&decap, &id).await;
+    assert_eq!(b["status"], "succeeded", "{b}\n{log}");
+    assert_eq!(b["executor"], "container", "{b}");
+    assert!(
+        log.contains("user 1000 in /decap/workspace/src on Debian 12"),
+        "{log}"
+    );
+    assert!(log.contains("redis says hello"), "{log}");
+    assert!(!log.contains("[decap:"), "nothing to warn of: {log}");
+    let files = api
+        .http
+        .get(format!("{}/api/v1/artifacts/{id}", api.base))
+        .header("accept", "text/plain")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(files.contains("out.txt"), "{files}");
+    eventually("the build's containers to be removed", MINUTE, || async {
+        containers_of(&id).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_goes_wrong_in_a_container_build_is_its_error_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    let waits = "#!/bin/sh\necho started\nsleep 60\n";
+    project(
+        &scripts,
+        "acme/noimage",
+        &descriptor("localhost/decap-no-such-image:1", serde_json::json!({})),
+        waits,
+    );
+    project(
+        &scripts,
+        "acme/neverready",
+        &descriptor(&image(), serde_json::json!({})),
+        waits,
+    );
+    sidecar(
+        &scripts,
+        "acme/neverready",
+        "db-sidecar.json",
+        &serde_json::json!({
+            "name": "db", "image": image(), "command": ["sleep", "300"],
+            "readinessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1, "failureThreshold": 2}
+        }),
+    );
+    project(
+        &scripts,
+        "acme/sidecarexits",
+        &descriptor(&image(), serde_json::json!({})),
+        waits,
+    );
+    sidecar(
+        &scripts,
+        "acme/sidecarexits",
+        "queue-sidecar.json",
+        &serde_json::json!({"name": "queue", "image": image(), "command": ["sh", "-c", "sleep 2; exit 7"]}),
+    );
+    project(
+        &scripts,
+        "acme/hungry",
+        &descriptor(
+            &image(),
+            serde_json::json!({"resources": {"memory": "64Mi"}}),
+        ),
+        "#!/bin/sh\necho eating\nhead -c 400000000 /dev/zero | tail > /dev/null\necho \"tail: $?\"\n",
+    );
+    let decap = start(dir.path(), &engine(), &[], &[]);
+    let api = decap.api();
+    let cases = [
+        ("acme/noimage", "errored", "localhost/decap-no-such-image:1"),
+        (
+            "acme/neverready",
+            "errored",
+            "sidecar db did not pass its readinessProbe within 2 s",
+        ),
+        (
+            "acme/sidecarexits",
+            "errored",
+            "sidecar queue exited with code 7 while the build ran",
+        ),
+        ("acme/hungry", "failed", "memory"),
+    ];
+    let mut ids = Vec::new();
+    for (key, _, _) in &cases {
+        ids.push(api.request(key, &["main"]).await.remove(0));
+    }
+    for ((key, status, words), id) in cases.iter().zip(&ids) {
+        let b = api.finished(id, MINUTE).await;
+        assert_eq!(
+            b["status"],
+            *status,
+            "{key}: {b}\n{}",
+            log_of(&decap, id).await
+        );
+        let message = b["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(words),
+            "{key}: {message:?} should say {words:?}"
+        );
+    }
+    for id in &ids {
+        eventually("the build's containers to be removed", MINUTE, || async {
+            containers_of(id).is_empty().then_some(())
+        })
+        .await;
+    }
+    let locks = api.json("/api/v1/locks").await;
+    assert!(locks["locks"].as_array().unwrap().is_empty(), "{locks}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_container_builds_running_when_decap_is_killed_finish_with_their_true_results() {
+    let dir = tempfile::tempdir().unwrap();
+    project(
+        &dir.path().join("scripts"),
+        "acme/many",
+        &descriptor(&image(), serde_json::json!({})),
+        "#!/bin/sh\necho \"started $BRANCH_TO_BUILD\"\nsleep 8\necho \"finished $BRANCH_TO_BUILD\"\n\
+         case \"$BRANCH_TO_BUILD\" in fail-*) exit 3;; esac\n",
+    );
+    let listen = format!("127.0.0.1:{}", free_port());
+    let env = [("DECAP_LISTEN", listen.as_str())];
+    let extra = ["--max-builds-per-project", "8"];
+    let mut decap = start(dir.path(), &engine(), &extra, &env);
+    let api = decap.api();
+    let branches = ["ok-1", "fail-2", "ok-3", "fail-4", "ok-5"];
+    let ids = api.request("acme/many", &branches).await;
+    for id in &ids {
+        eventually("the build to print its first line", MINUTE, || async {
+            log_of(&decap, id).await.contains("started").then_some(())
+        })
+        .await;
+    }
+    decap.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let decap = start(dir.path(), &engine(), &extra, &env);
+    let api = decap.api();
+    for (id, branch) in ids.iter().zip(branches) {
+        let b = api.finished(id, MINUTE).await;
+        let log = log_of(&decap, id).await;
+        let (status, code) = if branch.starts_with("ok-") {
+            ("succeeded", 0)
+        } else {
+            ("failed", 3)
+        };
+        assert_eq!(b["status"], status, "{b}\n{log}");
+        assert_eq!(b["exitCode"], code, "{b}");
+        assert!(log.contains(&format!("finished {branch}")), "{log}");
+    }
+    let locks = api.json("/api/v1/locks").await;
+    assert!(locks["locks"].as_array().unwrap().is_empty(), "{locks}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Podman API service of this test's own, to take away and bring back.
+struct Service {
+    socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl Service {
+    fn start(socket: &Path) -> Service {
+        let mut s = Service {
+            socket: socket.to_owned(),
+            child: None,
+        };
+        s.restart();
+        s
+    }
+
+    fn restart(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let child = Command::new("podman")
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", self.socket.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "podman system service did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_wait_deferred_while_the_engine_is_away_and_resume_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    project(
+        &dir.path().join("scripts"),
+        "acme/widgets",
+        &descriptor(&image(), serde_json::json!({})),
+        "#!/bin/sh\necho \"built $BRANCH_TO_BUILD\"\n",
+    );
+    let socket = dir.path().join("engine.sock");
+    let mut service = Service::start(&socket);
+    let decap = start(dir.path(), &socket, &[], &[]);
+    let api = decap.api();
+    let first = api.request("acme/widgets", &["before"]).await.remove(0);
+    assert_eq!(api.finished(&first, MINUTE).await["status"], "succeeded");
+
+    service.stop();
+    let mut ids = Vec::new();
+    let mut deferred = None;
+    for n in 0..40 {
+        let id = api
+            .request("acme/widgets", &[&format!("during-{n}")])
+            .await
+            .remove(0);
+        ids.push(id.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let b = api.build(&id).await;
+        if b["status"] == "deferred" {
+            deferred = Some(b);
+            break;
+        }
+    }
+    let b = deferred.expect("a build waits deferred while the engine is away");
+    let message = b["message"].as_str().unwrap_or_default();
+    assert!(message.contains("container engine"), "{b}");
+
+    service.restart();
+    // Those launched before Decap noticed start once the engine is back;
+    // those deferred run then.
+    for id in &ids {
+        let b = api.finished(id, MINUTE).await;
+        assert_eq!(b["status"], "succeeded", "{b}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_executor_says_what_of_a_project_it_cannot_honour() {
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    project(
+        &scripts,
+        "acme/cache",
+        r#"{"buildImage": "example/builder:1"}"#,
+        "#!/bin/sh\necho building\n",
+    );
+    sidecar(
+        &scripts,
+        "acme/cache",
+        "redis-sidecar.json",
+        &serde_json::json!({"name": "redis", "image": "redis:7"}),
+    );
+    let decap = Decap::start(&dir.path().join("data"), &scripts, &[]);
+    let api = decap.api();
+    let id = api.request("acme/cache", &["main"]).await.remove(0);
+    assert_eq!(api.finished(&id, MINUTE).await["status"], "succeeded");
+    let log = log_of(&decap, &id).await;
+    let first: Vec<&str> = log.lines().take(2).collect();
+    assert!(
+        first[0].contains("not in its buildImage example/builder:1"),
+        "{log}"
+    );
+    assert!(first[1].contains("sidecars (redis) do not run"), "{log}");
+    let page = api.get("/projects/acme/cache").await.text().await.unwrap();
+    assert!(
+        page.contains("sidecars (redis) do not run under the local executor"),
+        "{page}"
+    );
+}
