@@ -169,6 +169,14 @@ struct RunArgs {
     /// image, a setting it cannot honour).
     #[arg(skip)]
     notices: Vec<String>,
+    /// Start the command only once this file exists and ends with a line
+    /// `.` (the container executor writes it when the build's sidecars are
+    /// ready); the lines before are notes for the top of the console.
+    #[arg(long, hide = true)]
+    start_when: Option<PathBuf>,
+    /// How long to wait for `--start-when`'s file before giving up.
+    #[arg(long, hide = true, default_value_t = 600)]
+    start_within_secs: u64,
 }
 
 /// Reads the launch from standard input and runs it.
@@ -199,6 +207,8 @@ async fn standby(exit_with_parent: bool, serve: Option<(PathBuf, u16)>) -> Resul
             .iter()
             .find(|(k, _)| k == WITHHELD_VAR)
             .map(|(_, v)| v.clone()),
+        start_when: None,
+        start_within_secs: 0,
         notices: launch
             .bctool_env
             .iter()
@@ -265,7 +275,12 @@ pub async fn main(cli: Cli) -> Result<i32> {
             args.notices = std::env::var(NOTICES_VAR)
                 .map(|v| notices(&v))
                 .unwrap_or_default();
-            run_prepared(prepare(serve)?, connect, id, args).await
+            let prepared = prepare(serve)?;
+            if let Some(file) = args.start_when.clone() {
+                let more = start_when(&file, Duration::from_secs(args.start_within_secs)).await?;
+                args.notices.extend(more);
+            }
+            run_prepared(prepared, connect, id, args).await
         }
         Command::Standby { .. } | Command::Install { .. } => unreachable!("handled above"),
         Command::Unlock => {
@@ -544,6 +559,27 @@ fn memory_limit_hit() -> Option<u64> {
     }
     let kills = count("/sys/fs/cgroup/memory.events")?;
     (kills > 0).then(|| read("/sys/fs/cgroup/memory.max").unwrap_or(0))
+}
+
+/// Waits for the executor's go: `file` complete (ending with a line `.`);
+/// returns the lines before it.
+async fn start_when(file: &Path, within: Duration) -> Result<Vec<String>> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(file)
+            && let Some(body) = text.strip_suffix(".\n")
+        {
+            return Ok(notices(body));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "the build was never told to start ({} did not appear within {} s): its sidecars did not get ready",
+                file.display(),
+                within.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// Lines from the executor for the top of the console, one per line.

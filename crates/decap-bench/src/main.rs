@@ -5,6 +5,7 @@
 //! prints medians and p99s; the machine is shared, so compare ratios taken in
 //! one run.
 
+mod containers;
 mod restarts;
 
 use std::path::Path;
@@ -54,6 +55,10 @@ enum What {
     /// Pushes at 50/s across an upgrade in place and a socket-activated
     /// restart; a SIGTERM with 200 live viewers and 5 running builds.
     Restarts,
+    /// Builds in containers (Podman or Docker): a push to the first line
+    /// against `podman run --rm IMAGE true`, the first line after a
+    /// sidecar's readiness probe, 20 builds at once.
+    Containers,
     /// Everything.
     All,
 }
@@ -1104,6 +1109,9 @@ async fn main() -> Result<()> {
     }
     if all || matches!(cli.what, What::Restarts) {
         restarts::restarts().await?;
+    }
+    if all || matches!(cli.what, What::Containers) {
+        containers::containers().await?;
     }
     Ok(())
 }

@@ -141,6 +141,33 @@ fn failed(what: String, e: &bollard::errors::Error) -> Failure {
     }
 }
 
+/// Whether the engine is a rootless Podman. Its Docker-compatible `/info`
+/// does not say (Docker's lists `name=rootless` among its security
+/// options), so Podman's own `/libpod/info` is asked; Docker answers that
+/// with 404.
+async fn podman_rootless(socket: &Path) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut s = tokio::net::UnixStream::connect(socket).await.ok()?;
+        s.write_all(b"GET /v4.0.0/libpod/info HTTP/1.0\r\nHost: d\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.ok()?;
+        let text = String::from_utf8_lossy(&answer);
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        v["host"]["security"]["rootless"].as_bool()
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), ask).await,
+        Ok(Some(true))
+    )
+}
+
 /// [`Executor`] over a container engine: see the crate's documentation.
 pub struct ContainerExecutor {
     inner: Arc<Inner>,
@@ -169,6 +196,8 @@ struct State {
     reasons: HashMap<BuildId, String>,
     /// Why the engine cannot be used now.
     unavailable: Option<String>,
+    /// The engine ignores resource limits (rootless on cgroup v1).
+    no_limits: bool,
 }
 
 impl ContainerExecutor {
@@ -243,14 +272,28 @@ impl Inner {
                 .map_err(|e| e.to_string())?;
             let d = d.negotiate_version().await.map_err(|e| e.to_string())?;
             d.ping().await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(d)
+            // Rootless on cgroup v1, the engine cannot apply limits (Podman
+            // ignores them with a warning): builds are told, not misled.
+            let info = d.info().await.map_err(|e| e.to_string())?;
+            let rootless = info
+                .security_options
+                .iter()
+                .flatten()
+                .any(|o| o.contains("name=rootless"))
+                || podman_rootless(&self.config.engine).await;
+            let v1 = info
+                .cgroup_version
+                .as_ref()
+                .is_some_and(|v| v.to_string() == "1");
+            Ok::<_, String>((d, rootless && v1))
         };
         let answer = tokio::time::timeout(Duration::from_secs(5), answer)
             .await
             .unwrap_or_else(|_| Err("no answer within 5 s".into()));
         let mut s = self.lock();
         match answer {
-            Ok(d) => {
+            Ok((d, no_limits)) => {
+                s.no_limits = no_limits;
                 if s.unavailable.take().is_some() {
                     tracing::info!(engine = %path, "the container engine answers again");
                 }
@@ -325,6 +368,12 @@ impl Inner {
     /// ends it.
     async fn reconcile(self: &Arc<Self>) {
         let Ok(docker) = self.docker() else { return };
+        // What was starting or live before the look: a build whose start
+        // ends during the look is judged at the next one.
+        let (starting, known): (HashSet<BuildId>, HashSet<BuildId>) = {
+            let s = self.lock();
+            (s.starting.keys().copied().collect(), s.live.clone())
+        };
         let listed = docker
             .list_containers(Some(
                 ListContainersOptionsBuilder::new()
@@ -361,14 +410,6 @@ impl Inner {
                 }
             }
         }
-        let (starting, known, reported): (HashSet<BuildId>, HashSet<BuildId>, HashSet<BuildId>) = {
-            let s = self.lock();
-            (
-                s.starting.keys().copied().collect(),
-                s.live.clone(),
-                s.reported.clone(),
-            )
-        };
         let running = |st: &Option<ContainerSummaryStateEnum>| {
             matches!(
                 st,
@@ -384,22 +425,21 @@ impl Inner {
         {
             let mut s = self.lock();
             for (id, st) in &builds {
-                if starting.contains(id) {
+                // One reported meanwhile (a cancel) stays ended.
+                if starting.contains(id) || s.reported.contains(id) {
                     continue;
                 }
                 if running(st) {
                     s.live.insert(*id);
                 } else {
                     s.live.remove(id);
-                    if !reported.contains(id) {
-                        ended.push(*id);
-                    }
+                    ended.push(*id);
                 }
             }
-            // A build container that vanished (removed from outside).
+            // A build container that vanished (removed from outside): it
+            // was live before the look, and is in no list now.
             for id in known.iter().filter(|id| !builds.contains_key(id)) {
-                s.live.remove(id);
-                if !reported.contains(id) {
+                if !s.reported.contains(id) && s.live.remove(id) {
                     s.reasons.entry(*id).or_insert_with(|| {
                         "the build container was removed while the build ran".into()
                     });
@@ -416,8 +456,15 @@ impl Inner {
             }
             match builds.get(id) {
                 None => {
-                    // Left from a start that never finished.
-                    if !ended.contains(id) {
+                    // Left from a start that never finished; not one that
+                    // began, or got its build container, during the look
+                    // (a build is starting before any container of it is
+                    // made).
+                    let busy = {
+                        let s = self.lock();
+                        s.starting.contains_key(id) || s.live.contains(id)
+                    };
+                    if !busy && !ended.contains(id) {
                         self.remove_all(&docker, *id).await;
                     }
                 }
@@ -660,8 +707,17 @@ impl Inner {
     ) -> std::result::Result<(), Failure> {
         let docker = self.docker().map_err(|e| Failure::Engine(e.to_string()))?;
         let id = spec.build.id;
-        let limits = spec::limits(spec, self.config.defaults);
+        let mut limits = spec::limits(spec, self.config.defaults);
         let mut notices = Vec::new();
+        if self.lock().no_limits {
+            notices.push(
+                "the container engine runs rootless on cgroup v1 and cannot limit a build: resources.memory, cpu and pids are not enforced here"
+                    .to_owned(),
+            );
+            limits.memory_bytes = None;
+            limits.cpu_millis = None;
+            limits.pids = None;
+        }
         let asks_disk = spec
             .project
             .valid_descriptor()
@@ -726,13 +782,18 @@ impl Inner {
                     .and_then(|a| a.parse().ok());
             }
         }
-        for s in sidecars {
-            if let Some(p) = &s.readiness_probe {
-                self.wait_ready(&docker, id, s, p, address)
-                    .await
-                    .map_err(Failure::Build)?;
-            }
-        }
+        // The build container starts while the sidecars get ready, its
+        // script held until they are: the build's first line follows the
+        // last probe by the time bctool takes to see a file.
+        let probes: Vec<u64> = sidecars
+            .iter()
+            .filter_map(|s| {
+                s.readiness_probe
+                    .as_ref()
+                    .map(|p| probe::deadline(p).as_secs())
+            })
+            .collect();
+        let start_within = probes.iter().max().map(|d| d + 60);
         let socket_dir = self
             .config
             .build_socket
@@ -749,6 +810,7 @@ impl Inner {
                 kill_grace_secs: self.config.kill_grace.as_secs(),
                 network,
                 notices: &notices,
+                start_within,
             },
             &limits,
         );
@@ -784,6 +846,36 @@ impl Inner {
             .start_container(&name, None)
             .await
             .map_err(|e| failed("the build container cannot start".into(), &e))?;
+        if start_within.is_none() {
+            return Ok(());
+        }
+        let mut ready = Vec::new();
+        for s in sidecars {
+            if let Some(p) = &s.readiness_probe {
+                let waited = std::time::Instant::now();
+                self.wait_ready(&docker, id, s, p, address)
+                    .await
+                    .map_err(Failure::Build)?;
+                let at = time::OffsetDateTime::now_utc()
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                ready.push(format!(
+                    "sidecar {} passed its readinessProbe at {at}, {:.1} s after it started",
+                    s.name,
+                    waited.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        let go = spec::start_tar(&ready)
+            .map_err(|e| Failure::Build(format!("cannot pack the start file: {e}")))?;
+        docker
+            .upload_to_container(
+                &name,
+                Some(UploadToContainerOptionsBuilder::new().path("/").build()),
+                bollard::body_full(go.into()),
+            )
+            .await
+            .map_err(|e| failed("cannot tell the build container to start".into(), &e))?;
         Ok(())
     }
 

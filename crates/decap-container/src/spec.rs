@@ -119,7 +119,12 @@ fn restricted(h: &mut HostConfig) {
 
 /// The build's environment: the documented variables, the descriptor's
 /// `env`, the secrets, and bctool's own settings.
-pub fn build_env(spec: &LaunchSpec, url_port: u16, notices: &[String]) -> Vec<String> {
+pub fn build_env(
+    spec: &LaunchSpec,
+    url_port: u16,
+    notices: &[String],
+    memory_limited: bool,
+) -> Vec<String> {
     let b = &spec.build;
     let ws = |sub: &str| format!("{WORKSPACE_DIR}/{sub}");
     let mut vars: Vec<(String, String)> = vec![
@@ -153,15 +158,27 @@ pub fn build_env(spec: &LaunchSpec, url_port: u16, notices: &[String]) -> Vec<St
     if !notices.is_empty() {
         vars.push(("DECAP_NOTICES".into(), notices.join("\n")));
     }
-    // The container's memory cgroup is the build's own: bctool reads from
-    // it whether a process was killed for memory.
-    vars.push(("DECAP_BCTOOL_CGROUP_MEMORY".into(), "1".into()));
+    // A container with a memory limit has a memory cgroup of its own:
+    // bctool reads from it whether a process was killed for memory.
+    if memory_limited {
+        vars.push(("DECAP_BCTOOL_CGROUP_MEMORY".into(), "1".into()));
+    }
     vars.extend(spec.bctool_env.iter().cloned());
     vars.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
-/// bctool's command line in the build container.
-pub fn build_command(spec: &LaunchSpec, url_port: u16, kill_grace_secs: u64) -> Vec<String> {
+/// The file that tells a build waiting on its sidecars to start.
+pub const START_FILE: &str = "/decap/start";
+
+/// bctool's command line in the build container; with `start_within`, the
+/// script starts only once [`START_FILE`] is written (within that many
+/// seconds).
+pub fn build_command(
+    spec: &LaunchSpec,
+    url_port: u16,
+    kill_grace_secs: u64,
+    start_within: Option<u64>,
+) -> Vec<String> {
     let mut cmd: Vec<String> = vec![
         BCTOOL.into(),
         "run".into(),
@@ -182,6 +199,14 @@ pub fn build_command(spec: &LaunchSpec, url_port: u16, kill_grace_secs: u64) -> 
     masked.push("DECAP_BUILD_TOKEN");
     for m in masked {
         cmd.extend(["--mask-env".into(), m.into()]);
+    }
+    if let Some(secs) = start_within {
+        cmd.extend([
+            "--start-when".into(),
+            START_FILE.into(),
+            "--start-within-secs".into(),
+            secs.to_string(),
+        ]);
     }
     cmd.push("--".into());
     let shebang = spec
@@ -215,6 +240,9 @@ pub struct BuildContainer<'a> {
     pub network: String,
     /// Lines for the top of the build's console.
     pub notices: &'a [String],
+    /// Wait this many seconds at most for [`START_FILE`] before the script
+    /// (a build with sidecars to wait for).
+    pub start_within: Option<u64>,
 }
 
 /// The build container's create body.
@@ -248,8 +276,18 @@ pub fn build_body(spec: &LaunchSpec, c: &BuildContainer<'_>, l: &Limits) -> Cont
     ContainerCreateBody {
         image: Some(image),
         user: Some(format!("{uid}:{gid}")),
-        env: Some(build_env(spec, c.url_port, c.notices)),
-        cmd: Some(build_command(spec, c.url_port, c.kill_grace_secs)),
+        env: Some(build_env(
+            spec,
+            c.url_port,
+            c.notices,
+            l.memory_bytes.is_some(),
+        )),
+        cmd: Some(build_command(
+            spec,
+            c.url_port,
+            c.kill_grace_secs,
+            c.start_within,
+        )),
         entrypoint: Some(Vec::new()),
         working_dir: Some(format!("{WORKSPACE_DIR}/src")),
         labels: Some(labels(c.instance, spec, "build", None)),
@@ -341,6 +379,24 @@ pub fn base_network(l: &Limits, network: &str) -> String {
         Network::None => "none".into(),
         Network::Outbound => network.to_owned(),
     }
+}
+
+/// [`START_FILE`] as a tar to unpack at `/`: the notes for the console,
+/// then a line `.` that says it is whole.
+pub fn start_tar(notices: &[String]) -> std::io::Result<Vec<u8>> {
+    let mut text = String::new();
+    for n in notices {
+        text.push_str(n);
+        text.push('\n');
+    }
+    text.push_str(".\n");
+    let mut t = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(text.len() as u64);
+    t.append_data(&mut h, START_FILE.trim_start_matches('/'), text.as_bytes())?;
+    t.into_inner()
 }
 
 /// The scripts and the workspace's folders, as a tar to unpack at `/`,
@@ -436,7 +492,7 @@ mod tests {
         let mut spec =
             decap_contract_tests::launch_spec("echo hi\n", std::time::Duration::from_secs(5));
         spec.secrets = vec![("API_KEY".into(), "s3cr3t-value".into())];
-        let cmd = build_command(&spec, 7000, 3);
+        let cmd = build_command(&spec, 7000, 3, None);
         let tail: Vec<&str> = cmd.iter().rev().take(3).map(String::as_str).collect();
         assert_eq!(tail, ["/decap/scripts/build.sh", "/bin/sh", "--"]);
         let joined = cmd.join(" ");

@@ -149,7 +149,15 @@ async fn a_build_runs_in_its_image_as_a_user_with_its_redis_sidecar_on_localhost
         "{log}"
     );
     assert!(log.contains("redis says hello"), "{log}");
-    assert!(!log.contains("[decap:"), "nothing to warn of: {log}");
+    assert!(
+        log.starts_with("[decap: sidecar redis passed its readinessProbe at "),
+        "the console says when the sidecar was ready: {log}"
+    );
+    assert_eq!(
+        log.matches("[decap:").count(),
+        1,
+        "nothing to warn of: {log}"
+    );
     let files = api
         .http
         .get(format!("{}/api/v1/artifacts/{id}", api.base))
@@ -436,5 +444,170 @@ async fn the_local_executor_says_what_of_a_project_it_cannot_honour() {
     assert!(
         page.contains("sidecars (redis) do not run under the local executor"),
         "{page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_examples_run_in_the_base_build_image() {
+    // The bed builds build-container/Dockerfile as decap-build-base, the
+    // image the examples name.
+    assert!(!var("DECAP_TEST_BUILD_BASE_IMAGE").is_empty());
+    let dir = tempfile::tempdir().unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/build-scripts");
+    let engine = engine();
+    let decap = Decap::start(
+        &dir.path().join("data"),
+        &examples,
+        &[
+            "--executor",
+            "container",
+            "--container-socket",
+            engine.to_str().unwrap(),
+        ],
+    );
+    let api = decap.api();
+    for (key, status, words) in [
+        ("examples/hello-world", "succeeded", "hello from build"),
+        ("examples/live-and-artifacts", "succeeded", "step 5 of 5"),
+        ("examples/always-fails", "failed", ""),
+    ] {
+        let id = api.request(key, &["main"]).await.remove(0);
+        let b = api.finished(&id, MINUTE).await;
+        let log = log_of(&decap, &id).await;
+        assert_eq!(b["status"], status, "{key}: {b}\n{log}");
+        assert!(log.contains(words), "{key}: {log}");
+        assert!(!log.contains("[decap:"), "{key}: nothing to warn of: {log}");
+    }
+}
+
+/// `decap serve` run as a user, builds on that user's rootless Podman.
+struct AsUser {
+    child: Child,
+    url: String,
+}
+
+impl Drop for AsUser {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rootless_podman_runs_builds_with_their_sidecars_as_rootful_does() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let user = var("DECAP_TEST_ROOTLESS_USER");
+    let runtime = var("DECAP_TEST_ROOTLESS_RUNTIME_DIR");
+    let pw = nix::unistd::User::from_name(&user).unwrap().unwrap();
+    // Everything the user's Decap reads or writes is the user's: the
+    // binaries (the build's are under root's home), scripts and data.
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("decap");
+    std::fs::create_dir(&base).unwrap();
+    for (from, to) in [
+        (env!("CARGO_BIN_EXE_decap"), "decap"),
+        (env!("CARGO_BIN_EXE_bctool"), "bctool"),
+    ] {
+        std::fs::copy(from, base.join(to)).unwrap();
+    }
+    let scripts = base.join("scripts");
+    project(
+        &scripts,
+        "acme/cache",
+        &descriptor(
+            &redis(),
+            serde_json::json!({"resources": {"memory": "256Mi"}}),
+        ),
+        "#!/bin/sh\nset -e\necho \"user $(id -u)\"\nredis-cli -h 127.0.0.1 set k rootless >/dev/null\necho \"redis says $(redis-cli get k)\"\n",
+    );
+    sidecar(
+        &scripts,
+        "acme/cache",
+        "redis-sidecar.json",
+        &serde_json::json!({
+            "name": "redis", "image": redis(),
+            "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 1, "failureThreshold": 20}
+        }),
+    );
+    let status = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{}:{}", pw.uid, pw.gid))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // No --container-socket: found where rootless clients look.
+    let mut child = Command::new(base.join("decap"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--executor",
+            "container",
+            "--kill-grace-secs",
+            "1",
+        ])
+        .arg("--data-dir")
+        .arg(base.join("data"))
+        .arg("--scripts")
+        .arg(&scripts)
+        .env_clear()
+        .env("HOME", &pw.dir)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("DECAP_API_TOKEN", common::TOKEN)
+        .env("DECAP_LOG", "warn")
+        .env("DECAP_BCTOOL", base.join("bctool"))
+        .env("DECAP_SECRETS_KEY_FILE", base.join("secrets.key"))
+        .uid(pw.uid.as_raw())
+        .gid(pw.gid.as_raw())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let url = loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                if let Some(u) = l.strip_prefix("decap: serving ") {
+                    break u.to_owned();
+                }
+            }
+            _ => panic!("decap (as {user}) exited before serving"),
+        }
+    };
+    let server = AsUser { child, url };
+    let api = common::Api {
+        http: reqwest::Client::new(),
+        base: server.url.clone(),
+    };
+    let id = api.request("acme/cache", &["main"]).await.remove(0);
+    let b = api.finished(&id, MINUTE).await;
+    let log = api
+        .get(&format!("/api/v1/logs/{id}"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(b["status"], "succeeded", "{b}\n{log}");
+    assert!(log.contains("user 1000"), "{log}");
+    assert!(log.contains("redis says rootless"), "{log}");
+    // cgroup v1 rootless: the engine cannot limit, and the build is told.
+    assert!(
+        log.contains("rootless on cgroup v1 and cannot limit a build"),
+        "{log}"
     );
 }

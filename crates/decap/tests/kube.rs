@@ -779,3 +779,81 @@ async fn of_two_replicas_only_the_leader_launches_and_the_other_takes_over_when_
     let b = api.finished(&id, MINUTE).await;
     assert_eq!(b["status"], "succeeded", "{b}");
 }
+
+/// The same project, with a sidecar answering on localhost, built by the
+/// Kubernetes executor (in a pod on the test node) and by the container
+/// executor (in containers on the bed's Podman): the same layout, the same
+/// variables, the same result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_project_with_a_sidecar_runs_alike_in_a_pod_and_in_containers() {
+    let image =
+        std::env::var("DECAP_TEST_BUILD_IMAGE").expect("tests/run starts tests/bed/podman.sh");
+    let engine =
+        std::env::var("DECAP_TEST_CONTAINER_SOCKET").expect("tests/run starts tests/bed/podman.sh");
+    let bed = Bed::new("e2e-parity").await;
+    let port = free_port();
+    // Perl and bash are in every Debian (and on the test node's host).
+    let serve = format!(
+        "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => {port}, Listen => 5, ReuseAddr => 1) or die $!; while (my $c = $s->accept) {{ print $c \"pong\\n\"; close $c }}"
+    );
+    project(
+        &bed.scripts(),
+        "acme/parity",
+        &serde_json::json!({"buildImage": image}).to_string(),
+        &format!(
+            "#!/bin/bash\nset -e\necho \"layout: $(pwd) $HOME $ARTIFACTS_DIR $DECAP_BUILD_SCRIPTS\"\n\
+             for i in $(seq 1 100); do\n  if exec 3<>/dev/tcp/127.0.0.1/{port}; then break; fi 2>/dev/null\n  sleep 0.1\ndone\n\
+             read -r answer <&3\necho \"sidecar said $answer\"\necho kept > \"$ARTIFACTS_DIR/kept.txt\"\nexit 4\n"
+        ),
+    );
+    sidecar(
+        &bed.scripts(),
+        "acme/parity",
+        "echo-sidecar.json",
+        &serde_json::json!({"name": "echo", "image": image, "command": ["perl", "-e", serve]})
+            .to_string(),
+    );
+    let mut results = Vec::new();
+    for executor in ["kubernetes", "container"] {
+        let decap = if executor == "kubernetes" {
+            bed.start(&admin_kubeconfig(), &[], &[])
+        } else {
+            let data = bed.dir.path().join("data-containers");
+            Decap::start(
+                &data,
+                &bed.scripts(),
+                &["--executor", "container", "--container-socket", &engine],
+            )
+        };
+        let api = decap.api();
+        let id = api.request("acme/parity", &["main"]).await.remove(0);
+        let b = api.finished(&id, MINUTE).await;
+        let log = api
+            .get(&format!("/api/v1/logs/{id}"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        let kept = api
+            .get(&format!("/api/v1/artifacts/{id}/kept.txt"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(b["executor"], executor, "{b}");
+        results.push((b["status"].clone(), b["exitCode"].clone(), log, kept));
+    }
+    let (pod, containers) = (&results[0], &results[1]);
+    assert_eq!(pod.0, "failed", "{:?}", pod);
+    assert_eq!(pod.1, 4, "{:?}", pod);
+    assert!(pod.2.contains("sidecar said pong"), "{}", pod.2);
+    assert!(
+        pod.2.contains("layout: /decap/workspace/src /decap/workspace/home /decap/workspace/artifacts /decap/scripts"),
+        "{}",
+        pod.2
+    );
+    assert_eq!(
+        pod, containers,
+        "a pod and containers give the same result, log and artifacts"
+    );
+}
