@@ -201,7 +201,11 @@ rootless_start() {
     if [ "$(as_user podman image inspect --format '{{index .Labels "decap.bed"}}' "$REDIS" 2>/dev/null)" != "$BED_VERSION" ]; then
         as_user podman load -q < "$IMAGES/decap-redis-$SUITE-2.tar" >/dev/null 2>&1
     fi
-    as_user podman system service --time=0 "unix://$run/podman/podman.sock" > "$STATE/rootless.log" 2>&1 &
+    # Started directly (not through the function), so that its pid is
+    # podman's own and stop reaches it.
+    setpriv --reuid="$uid" --regid="$gid" --init-groups \
+        env -i HOME="$home" USER="$ROOTLESS_USER" XDG_RUNTIME_DIR="$run" PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+        podman system service --time=0 "unix://$run/podman/podman.sock" > "$STATE/rootless.log" 2>&1 &
     echo $! > "$STATE/rootless-pid"
     for _ in $(seq 1 300); do
         if as_user curl -sf --unix-socket "$run/podman/podman.sock" http://d/_ping >/dev/null 2>&1; then
