@@ -377,12 +377,28 @@ async fn builds_wait_deferred_while_the_engine_is_away_and_resume_when_it_return
         &descriptor(&image(), serde_json::json!({})),
         "#!/bin/sh\necho \"built $BRANCH_TO_BUILD\"\n",
     );
+    project(
+        &dir.path().join("scripts"),
+        "acme/long",
+        &descriptor(&image(), serde_json::json!({})),
+        "#!/bin/sh\necho started\nsleep 4\necho \"finished while the engine was away\"\n",
+    );
     let socket = dir.path().join("engine.sock");
     let mut service = Service::start(&socket);
     let decap = start(dir.path(), &socket, &[], &[]);
     let api = decap.api();
     let first = api.request("acme/widgets", &["before"]).await.remove(0);
     assert_eq!(api.finished(&first, MINUTE).await["status"], "succeeded");
+    // A build running when the engine goes away goes on (its containers
+    // do not need the API service) and keeps its true result.
+    let long = api.request("acme/long", &["main"]).await.remove(0);
+    eventually("the long build to start", MINUTE, || async {
+        log_of(&decap, &long)
+            .await
+            .contains("started")
+            .then_some(())
+    })
+    .await;
 
     service.stop();
     let mut ids = Vec::new();
@@ -411,6 +427,16 @@ async fn builds_wait_deferred_while_the_engine_is_away_and_resume_when_it_return
         let b = api.finished(id, MINUTE).await;
         assert_eq!(b["status"], "succeeded", "{b}");
     }
+    let b = api.finished(&long, MINUTE).await;
+    let log = log_of(&decap, &long).await;
+    assert_eq!(b["status"], "succeeded", "{b}\n{log}");
+    assert!(log.contains("finished while the engine was away"), "{log}");
+    eventually(
+        "the long build's containers to be removed",
+        MINUTE,
+        || async { containers_of(&long).is_empty().then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

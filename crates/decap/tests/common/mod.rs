@@ -45,6 +45,14 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// A log without the local executor's note that it runs builds on the
+/// host rather than in their `buildImage` (every local build's first line).
+pub fn script_lines(log: &str) -> String {
+    log.split_inclusive('\n')
+        .filter(|l| !l.starts_with("[decap: this build runs on the host"))
+        .collect()
+}
+
 /// A running `decap serve`, killed on drop.
 pub struct Decap {
     pub child: Child,
