@@ -23,6 +23,25 @@ mvn_fetch() {
     touch "$lib/.complete"
 }
 
+# go_install WHAT MODULE@VERSION COMMAND BIN: builds COMMAND (the last part
+# of the module path) with `go install` into BIN, once; the module cache and
+# build cache stay in the cache folder.
+go_install() {
+    local what=$1 module=$2 command=$3 bin=$4
+    if [ -x "$bin" ]; then
+        return 0
+    fi
+    command -v go >/dev/null 2>&1 || { say "Go is needed to build $what"; exit 1; }
+    say "building $what ($module, once; cached in $CACHE)"
+    local gobin
+    gobin=$(mktemp -d)
+    GOBIN="$gobin" GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOFLAGS="-buildvcs=false" \
+        nice -n 10 go install "$module"
+    mkdir -p "$(dirname "$bin")"
+    mv "$gobin/$command" "$bin"
+    rmdir "$gobin"
+}
+
 # wait_ready "CHECK COMMAND" EXPORTS...: waits up to 30 s for the server
 # started with its pid in $STATE/pid to pass the check, then prints the
 # export lines; shows the server's log and fails otherwise.

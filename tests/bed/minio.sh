@@ -17,18 +17,7 @@ BIN="$CACHE/bin/minio-$MINIO_VERSION"
 STATE="${DECAP_TEST_BED_DIR:-$CACHE/run}/minio"
 
 install() {
-    if [ -x "$BIN" ]; then
-        return 0
-    fi
-    command -v go >/dev/null 2>&1 || { say "Go is needed to build MinIO"; exit 1; }
-    say "building MinIO $MINIO_VERSION (once; cached in $CACHE)"
-    local gobin
-    gobin=$(mktemp -d)
-    GOBIN="$gobin" GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOFLAGS="-buildvcs=false" \
-        nice -n 10 go install "github.com/minio/minio@$MINIO_VERSION"
-    mkdir -p "$(dirname "$BIN")"
-    mv "$gobin/minio" "$BIN"
-    rmdir "$gobin"
+    go_install MinIO "github.com/minio/minio@$MINIO_VERSION" minio "$BIN"
 }
 
 start() {

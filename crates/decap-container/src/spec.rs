@@ -181,9 +181,9 @@ pub fn build_command(
 ) -> Vec<String> {
     let mut cmd: Vec<String> = vec![
         BCTOOL.into(),
+        // The console is echoed to the container's output too, as in a
+        // pod: `podman logs` shows a kept build's console.
         "run".into(),
-        "--echo".into(),
-        "false".into(),
         "--timeout-secs".into(),
         spec.timeout.as_secs().max(1).to_string(),
         "--kill-grace-secs".into(),

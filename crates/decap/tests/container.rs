@@ -62,6 +62,14 @@ fn containers_of(build: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the engine has no container of the build left.
+async fn containers_removed(build: &str) {
+    eventually("the build's containers to be removed", MINUTE, || async {
+        containers_of(build).is_empty().then_some(())
+    })
+    .await;
+}
+
 fn start(dir: &Path, engine: &Path, extra: &[&str], env: &[(&str, &str)]) -> Decap {
     let mut args = vec![
         "--executor",
@@ -134,7 +142,10 @@ async fn a_build_runs_in_its_image_as_a_user_with_its_redis_sidecar_on_localhost
         &serde_json::json!({
             "name": "redis",
             "image": redis(),
-            "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 1, "failureThreshold": 20}
+            // Probed at its address, as a kubelet probes a pod's: it
+            // listens beyond its own loopback.
+            "args": ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", ""],
+            "readinessProbe": {"tcpSocket": {"port": 6379}, "periodSeconds": 1, "failureThreshold": 20}
         }),
     );
     let decap = start(dir.path(), &engine(), &[], &[]);
@@ -169,10 +180,7 @@ async fn a_build_runs_in_its_image_as_a_user_with_its_redis_sidecar_on_localhost
         .await
         .unwrap();
     assert!(files.contains("out.txt"), "{files}");
-    eventually("the build's containers to be removed", MINUTE, || async {
-        containers_of(&id).is_empty().then_some(())
-    })
-    .await;
+    containers_removed(&id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,10 +265,7 @@ async fn what_goes_wrong_in_a_container_build_is_its_error_named() {
         );
     }
     for id in &ids {
-        eventually("the build's containers to be removed", MINUTE, || async {
-            containers_of(id).is_empty().then_some(())
-        })
-        .await;
+        containers_removed(id).await;
     }
     let locks = api.json("/api/v1/locks").await;
     assert!(locks["locks"].as_array().unwrap().is_empty(), "{locks}");
@@ -431,12 +436,7 @@ async fn builds_wait_deferred_while_the_engine_is_away_and_resume_when_it_return
     let log = log_of(&decap, &long).await;
     assert_eq!(b["status"], "succeeded", "{b}\n{log}");
     assert!(log.contains("finished while the engine was away"), "{log}");
-    eventually(
-        "the long build's containers to be removed",
-        MINUTE,
-        || async { containers_of(&long).is_empty().then_some(()) },
-    )
-    .await;
+    containers_removed(&long).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -636,4 +636,79 @@ async fn rootless_podman_runs_builds_with_their_sidecars_as_rootful_does() {
         log.contains("rootless on cgroup v1 and cannot limit a build"),
         "{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_missing_here_is_pulled_with_the_pull_in_the_console() {
+    let registry = var("DECAP_TEST_REGISTRY");
+    // The base image, in the bed's registry under a name not present here.
+    let name = format!("{registry}/decap/pulled:{}", std::process::id());
+    let run = |args: &[&str]| {
+        let out = Command::new("podman").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["tag", &image(), &name]);
+    run(&["push", "--tls-verify=false", &name]);
+    run(&["rmi", &name]);
+    let dir = tempfile::tempdir().unwrap();
+    project(
+        &dir.path().join("scripts"),
+        "acme/pulled",
+        &descriptor(&name, serde_json::json!({})),
+        "#!/bin/sh\necho \"running in the pulled image\"\n",
+    );
+    let decap = start(dir.path(), &engine(), &[], &[]);
+    let api = decap.api();
+    let id = api.request("acme/pulled", &["main"]).await.remove(0);
+    let b = api.finished(&id, MINUTE).await;
+    let log = log_of(&decap, &id).await;
+    assert_eq!(b["status"], "succeeded", "{b}\n{log}");
+    assert!(
+        log.starts_with(&format!(
+            "[decap: image {name} is not present here: pulling it]"
+        )),
+        "{log}"
+    );
+    assert!(log.contains(&format!("[decap: pulled {name} in ")), "{log}");
+    assert!(log.contains("running in the pulled image"), "{log}");
+    let _ = Command::new("podman").args(["rmi", &name]).output();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_build_keeps_its_containers_for_a_look_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    project(
+        &dir.path().join("scripts"),
+        "acme/broken",
+        &descriptor(&image(), serde_json::json!({})),
+        "#!/bin/sh\necho \"about to fail\"\nexit 2\n",
+    );
+    project(
+        &dir.path().join("scripts"),
+        "acme/fine",
+        &descriptor(&image(), serde_json::json!({})),
+        "#!/bin/sh\necho fine\n",
+    );
+    let decap = start(
+        dir.path(),
+        &engine(),
+        &["--keep-failed-containers-secs", "3"],
+        &[],
+    );
+    let api = decap.api();
+    let broken = api.request("acme/broken", &["main"]).await.remove(0);
+    let fine = api.request("acme/fine", &["main"]).await.remove(0);
+    assert_eq!(api.finished(&broken, MINUTE).await["status"], "failed");
+    assert_eq!(api.finished(&fine, MINUTE).await["status"], "succeeded");
+    containers_removed(&fine).await;
+    // The failed one is still there to look at, then goes.
+    let kept = containers_of(&broken);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let out = Command::new("podman").args(["logs", &kept[0]]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("about to fail"));
+    containers_removed(&broken).await;
 }
