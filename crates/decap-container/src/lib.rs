@@ -201,10 +201,10 @@ struct State {
 }
 
 impl ContainerExecutor {
-    /// An executor over the engine at `config.engine`, which must answer
-    /// now (its running builds are adopted before Decap serves). An engine
-    /// that goes away later is not an error: builds wait, deferred with the
-    /// reason, until it answers again.
+    /// An executor over the engine at `config.engine`. An engine that does
+    /// not answer (now or later) is not an error: builds wait, deferred
+    /// with the reason, until it does, and its running builds are adopted
+    /// then.
     pub async fn new(
         config: ContainerExecutorConfig,
         events: Arc<dyn ExecutorEvents>,
@@ -216,12 +216,9 @@ impl ContainerExecutor {
             wake: tokio::sync::Notify::new(),
         });
         inner.connect().await;
-        if let Some(why) = inner.lock().unavailable.clone() {
-            return Err(engine_err(format!(
-                "{why} (start it: `systemctl start podman.socket`, or `podman system service --time=0 &`)"
-            )));
+        if inner.lock().docker.is_some() {
+            inner.reconcile().await;
         }
-        inner.reconcile().await;
         let watched = inner.clone();
         tokio::spawn(async move { watched.watch().await });
         let evented = inner.clone();
@@ -302,7 +299,9 @@ impl Inner {
             Err(e) => {
                 let why = format!("the container engine at {path} is not answering: {e}");
                 if s.unavailable.as_deref() != Some(why.as_str()) {
-                    tracing::warn!("{why}; builds wait until it does");
+                    tracing::warn!(
+                        "{why}; builds wait until it does (start it: `systemctl start podman.socket`, or `podman system service --time=0 &`)"
+                    );
                 }
                 s.docker = None;
                 s.unavailable = Some(why);

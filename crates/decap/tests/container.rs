@@ -708,7 +708,45 @@ async fn a_failed_build_keeps_its_containers_for_a_look_when_asked() {
     // The failed one is still there to look at, then goes.
     let kept = containers_of(&broken);
     assert_eq!(kept.len(), 1, "{kept:?}");
-    let out = Command::new("podman").args(["logs", &kept[0]]).output().unwrap();
+    let out = Command::new("podman")
+        .args(["logs", &kept[0]])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("about to fail"));
     containers_removed(&broken).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decap_starts_before_its_engine_and_builds_wait_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    project(
+        &dir.path().join("scripts"),
+        "acme/early",
+        &descriptor(&image(), serde_json::json!({})),
+        "#!/bin/sh\necho \"built once the engine came\"\n",
+    );
+    let socket = dir.path().join("engine.sock");
+    let decap = start(dir.path(), &socket, &[], &[]);
+    let api = decap.api();
+    let id = api.request("acme/early", &["main"]).await.remove(0);
+    let b = eventually("the build to wait deferred", MINUTE, || async {
+        let b = api.build(&id).await;
+        (b["status"] == "deferred").then_some(b)
+    })
+    .await;
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("container engine"),
+        "{b}"
+    );
+    let _service = Service::start(&socket);
+    let b = api.finished(&id, MINUTE).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert!(
+        log_of(&decap, &id)
+            .await
+            .contains("built once the engine came")
+    );
 }

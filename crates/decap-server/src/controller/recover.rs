@@ -19,14 +19,23 @@ impl Controller {
     pub async fn recover(&self) -> Result<()> {
         let mut s = self.sched.lock().await;
         s.open = self.ports.queue.is_open().await?;
-        let live: HashSet<BuildId> = self.ports.executor.live().await?.into_iter().collect();
+        // An executor that cannot say what runs (its engine is away) leaves
+        // running builds running: the periodic look ends those whose
+        // environment is gone once it can say.
+        let live: Option<HashSet<BuildId>> = match self.ports.executor.live().await {
+            Ok(ids) => Some(ids.into_iter().collect()),
+            Err(e) => {
+                tracing::warn!(error = %e, "the executor cannot say which builds run: running builds are kept until it can");
+                None
+            }
+        };
         for b in self
             .ports
             .builds
             .with_status(&[BuildStatus::Running])
             .await?
         {
-            if live.contains(&b.id) {
+            if live.as_ref().is_none_or(|l| l.contains(&b.id)) {
                 s.running.start(b.id, b.project.clone(), b.lock_key());
                 let _ = self.live.open(b.id);
             } else {
