@@ -23,9 +23,16 @@ function project(root, key, descriptor, script) {
 async function serve(setup) {
   if (!BIN) { throw new Error("set DECAP_BIN to the decap binary"); }
   const root = fs.mkdtempSync(path.join(os.tmpdir(), "decap-ui-"));
+  let child = null;
+  // Gone however the run ends (a failure, an exception, a signal).
+  process.on("exit", () => {
+    if (child && child.exitCode === null) { child.kill("SIGKILL"); }
+    fs.rmSync(root, { recursive: true, force: true });
+  });
+  for (const sig of ["SIGINT", "SIGTERM"]) { process.on(sig, () => process.exit(130)); }
   const scripts = path.join(root, "scripts");
   setup(scripts);
-  const child = spawn(BIN, ["serve", "--listen", "127.0.0.1:0", "--data-dir", path.join(root, "data"),
+  child = spawn(BIN, ["serve", "--listen", "127.0.0.1:0", "--data-dir", path.join(root, "data"),
     "--scripts", scripts, "--sandbox", "auto", "--kill-grace-secs", "1"], {
     env: { ...process.env, DECAP_API_TOKEN: TOKEN, DECAP_LOG: "warn" },
     stdio: ["ignore", "pipe", "inherit"],

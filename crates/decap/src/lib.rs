@@ -51,6 +51,14 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Create or delete the AWS resources Decap uses, or print its IAM policy.
     AwsResources(Box<AwsResourcesArgs>),
+    /// The build-side tool, as builds call it: runs a build's script and
+    /// ships its console, log, artifacts and result (`decap bctool --help`).
+    #[command(disable_help_flag = true)]
+    Bctool {
+        /// bctool's own arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -623,6 +631,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 .build()?;
             runtime.block_on(serve(*args, inherited))
         }
+        Command::Bctool { args } => {
+            // `main` hands `decap bctool …` to bctool before parsing; this
+            // is the same for a caller of `run`.
+            let mut argv = vec![std::ffi::OsString::from("bctool")];
+            argv.extend(args);
+            std::process::exit(run_bctool(argv));
+        }
         Command::AwsResources(args) => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -753,6 +768,13 @@ fn secret(s: Option<String>) -> Option<SecretString> {
     s.filter(|s| !s.is_empty()).map(SecretString::from)
 }
 
+/// Colour in the log only on a terminal, and not when `NO_COLOR` is set
+/// (<https://no-color.org>): files and CI logs get plain text.
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn install_tracing(level: &str, format: LogFormat) -> Result<decap_server::LogLevelSetter> {
     let filter =
         EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?;
@@ -768,7 +790,11 @@ fn install_tracing(level: &str, format: LogFormat) -> Result<decap_server::LogLe
             .try_init()?;
     } else {
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(colour())
+                    .with_writer(std::io::stderr),
+            )
             .try_init()?;
     }
     Ok(Arc::new(move |level: &str| {

@@ -108,6 +108,9 @@ struct ProjectPage {
     error: String,
     /// What this server's executor cannot honour of the project.
     warnings: Vec<String>,
+    /// Whether the project names its repository (whose refs the page
+    /// then asks for).
+    has_repo: bool,
     branches: Vec<String>,
     builds: Vec<BuildRow>,
     next_cursor: String,
@@ -247,6 +250,7 @@ pub async fn project(
             None => "This project is no longer in the build scripts.".to_owned(),
             Some(e) => e.error.clone().unwrap_or_default(),
         },
+        has_repo: d.is_some_and(|d| d.repo_url.as_deref().is_some_and(|u| !u.trim().is_empty())),
         warnings: match &entry {
             Some(e) if app.controller.ports.executor.name() == "local" => {
                 e.not_honoured_on_the_host()

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Every build sees these variables; see the API document for the full list.
+# Every build sees these variables; the README (Build scripts) lists them all.
 set -eu
 echo "hello from build ${BUILD_ID}"
 echo "project:  ${PROJECT_KEY}"
