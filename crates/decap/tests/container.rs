@@ -41,6 +41,16 @@ fn sidecar(scripts: &Path, key: &str, file: &str, json: &serde_json::Value) {
     std::fs::write(scripts.join(key).join(file), json.to_string()).unwrap();
 }
 
+/// A project of the bed's base image running `script`.
+fn plain(scripts: &Path, key: &str, script: &str) {
+    project(
+        scripts,
+        key,
+        &descriptor(&image(), serde_json::json!({})),
+        script,
+    );
+}
+
 fn descriptor(image: &str, extra: serde_json::Value) -> String {
     let mut d = serde_json::json!({ "buildImage": image });
     if let (Some(d), Some(extra)) = (d.as_object_mut(), extra.as_object()) {
@@ -194,12 +204,7 @@ async fn what_goes_wrong_in_a_container_build_is_its_error_named() {
         &descriptor("localhost/decap-no-such-image:1", serde_json::json!({})),
         waits,
     );
-    project(
-        &scripts,
-        "acme/neverready",
-        &descriptor(&image(), serde_json::json!({})),
-        waits,
-    );
+    plain(&scripts, "acme/neverready", waits);
     sidecar(
         &scripts,
         "acme/neverready",
@@ -209,12 +214,7 @@ async fn what_goes_wrong_in_a_container_build_is_its_error_named() {
             "readinessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1, "failureThreshold": 2}
         }),
     );
-    project(
-        &scripts,
-        "acme/sidecarexits",
-        &descriptor(&image(), serde_json::json!({})),
-        waits,
-    );
+    plain(&scripts, "acme/sidecarexits", waits);
     sidecar(
         &scripts,
         "acme/sidecarexits",
@@ -274,10 +274,9 @@ async fn what_goes_wrong_in_a_container_build_is_its_error_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_container_builds_running_when_decap_is_killed_finish_with_their_true_results() {
     let dir = tempfile::tempdir().unwrap();
-    project(
+    plain(
         &dir.path().join("scripts"),
         "acme/many",
-        &descriptor(&image(), serde_json::json!({})),
         "#!/bin/sh\necho \"started $BRANCH_TO_BUILD\"\nsleep 8\necho \"finished $BRANCH_TO_BUILD\"\n\
          case \"$BRANCH_TO_BUILD\" in fail-*) exit 3;; esac\n",
     );
@@ -376,16 +375,14 @@ impl Drop for Service {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builds_wait_deferred_while_the_engine_is_away_and_resume_when_it_returns() {
     let dir = tempfile::tempdir().unwrap();
-    project(
+    plain(
         &dir.path().join("scripts"),
         "acme/widgets",
-        &descriptor(&image(), serde_json::json!({})),
         "#!/bin/sh\necho \"built $BRANCH_TO_BUILD\"\n",
     );
-    project(
+    plain(
         &dir.path().join("scripts"),
         "acme/long",
-        &descriptor(&image(), serde_json::json!({})),
         "#!/bin/sh\necho started\nsleep 4\necho \"finished while the engine was away\"\n",
     );
     let socket = dir.path().join("engine.sock");
@@ -406,22 +403,7 @@ async fn builds_wait_deferred_while_the_engine_is_away_and_resume_when_it_return
     .await;
 
     service.stop();
-    let mut ids = Vec::new();
-    let mut deferred = None;
-    for n in 0..40 {
-        let id = api
-            .request("acme/widgets", &[&format!("during-{n}")])
-            .await
-            .remove(0);
-        ids.push(id.clone());
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let b = api.build(&id).await;
-        if b["status"] == "deferred" {
-            deferred = Some(b);
-            break;
-        }
-    }
-    let b = deferred.expect("a build waits deferred while the engine is away");
+    let (ids, b) = api.request_until_deferred("acme/widgets", "during").await;
     let message = b["message"].as_str().unwrap_or_default();
     assert!(message.contains("container engine"), "{b}");
 
@@ -681,16 +663,14 @@ async fn an_image_missing_here_is_pulled_with_the_pull_in_the_console() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_build_keeps_its_containers_for_a_look_when_asked() {
     let dir = tempfile::tempdir().unwrap();
-    project(
+    plain(
         &dir.path().join("scripts"),
         "acme/broken",
-        &descriptor(&image(), serde_json::json!({})),
         "#!/bin/sh\necho \"about to fail\"\nexit 2\n",
     );
-    project(
+    plain(
         &dir.path().join("scripts"),
         "acme/fine",
-        &descriptor(&image(), serde_json::json!({})),
         "#!/bin/sh\necho fine\n",
     );
     let decap = start(
@@ -719,10 +699,9 @@ async fn a_failed_build_keeps_its_containers_for_a_look_when_asked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decap_starts_before_its_engine_and_builds_wait_for_it() {
     let dir = tempfile::tempdir().unwrap();
-    project(
+    plain(
         &dir.path().join("scripts"),
         "acme/early",
-        &descriptor(&image(), serde_json::json!({})),
         "#!/bin/sh\necho \"built once the engine came\"\n",
     );
     let socket = dir.path().join("engine.sock");

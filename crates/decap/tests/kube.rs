@@ -398,22 +398,7 @@ async fn builds_wait_deferred_while_the_api_server_is_unreachable_and_resume_whe
     // Until Decap notices, a build may still be launched (its pod is then
     // created once the API server answers); once it has, builds wait
     // deferred.
-    let mut ids = Vec::new();
-    let mut deferred = None;
-    for n in 0..60 {
-        let id = api
-            .request("acme/widgets", &[&format!("during-{n}")])
-            .await
-            .remove(0);
-        ids.push(id.clone());
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let b = api.build(&id).await;
-        if b["status"] == "deferred" {
-            deferred = Some(b);
-            break;
-        }
-    }
-    let b = deferred.expect("a build waits deferred while the API server is unreachable");
+    let (ids, b) = api.request_until_deferred("acme/widgets", "during").await;
     assert!(
         b["message"]
             .as_str()

@@ -243,6 +243,30 @@ impl Api {
         .await
     }
 
+    /// Requests a build of a new branch `PREFIX-n` of `project` every
+    /// 300 ms until one waits deferred (the executor was seen to be away);
+    /// returns every id requested and that build.
+    pub async fn request_until_deferred(
+        &self,
+        project: &str,
+        prefix: &str,
+    ) -> (Vec<String>, serde_json::Value) {
+        let mut ids = Vec::new();
+        for n in 0..60 {
+            let id = self
+                .request(project, &[&format!("{prefix}-{n}")])
+                .await
+                .remove(0);
+            ids.push(id.clone());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let b = self.build(&id).await;
+            if b["status"] == "deferred" {
+                return (ids, b);
+            }
+        }
+        panic!("no build of {project} waited deferred");
+    }
+
     /// Requests manual builds; returns their ids.
     pub async fn request(&self, project: &str, branches: &[&str]) -> Vec<String> {
         let q: Vec<String> = branches.iter().map(|b| format!("branch={b}")).collect();
