@@ -188,7 +188,7 @@ pub async fn dashboard(State(app): State<AppState>, headers: HeaderMap, ci: Peer
                     .commit
                     .as_deref()
                     .map(|c| c.chars().take(10).collect())
-                    .unwrap_or_else(|| "(no commit)".to_owned()),
+                    .unwrap_or_default(),
                 builds: builds.into_iter().map(row).collect(),
             })
         })
