@@ -236,6 +236,54 @@ test("a lost live connection resumes without repeating lines", async (page, url,
   await shot("resumed");
 }, ["ERR_INTERNET_DISCONNECTED", "ERR_NETWORK_CHANGED"]);
 
+// What reads as something gone wrong, on a page a new user sees.
+const ALARMING = /\b(error|could not|cannot|unable|failed to|panic)\b/i;
+
+test("every page of a fresh Decap on the shipped examples reads as healthy", async (page, _url, shot) => {
+  const examples = path.join(__dirname, "..", "..", "examples", "build-scripts");
+  const fresh = await serve((scripts) => fs.cpSync(examples, scripts, { recursive: true }));
+  try {
+    const url = fresh.url;
+    const keys = fs.readdirSync(path.join(examples, "examples")).map((p) => "examples/" + p);
+    // One build of each, as a new user would start them.
+    const ids = [];
+    for (const key of keys) {
+      const r = await fetch(`${url}/api/v1/builds/${key}?branch=main`, {
+        method: "POST", headers: { authorization: "Bearer " + TOKEN },
+      });
+      check(r.status === 202, key + ": " + r.status);
+      ids.push((await r.json()).builds[0].id);
+    }
+    for (const id of ids) {
+      await until("build " + id + " to end", async () => {
+        const b = await (await fetch(`${url}/api/v1/build/${id}`)).json();
+        return !["queued", "deferred", "running"].includes(b.status);
+      }, 60000);
+    }
+    const pages = ["/", "/projects", "/queue", "/login"]
+      .concat(keys.map((k) => "/projects/" + k))
+      .concat(ids.map((id) => "/builds/" + id));
+    for (const p of pages) {
+      await page.goto(url + p);
+      await page.waitForLoadState("networkidle");
+      const alerts = await page.locator(".problem, [role=alert]").allTextContents();
+      check(alerts.length === 0, p + " shows a problem: " + alerts.join(" | "));
+      // The console of a build is the build's own words (always-fails
+      // says it failed); the page around it is Decap's.
+      const text = await page.evaluate(() => {
+        const c = document.querySelector("#console");
+        if (c) { c.remove(); }
+        return document.body.innerText;
+      });
+      const m = text.match(ALARMING);
+      check(!m, p + " reads \"" + (m && m[0]) + "\": " + text.slice(Math.max(0, text.search(ALARMING) - 80), text.search(ALARMING) + 80));
+      await shot(p.replace(/[^a-z0-9]+/gi, "-"));
+    }
+  } finally {
+    await stop(fresh.child);
+  }
+});
+
 (async () => {
   check(BIN, "set DECAP_BIN to the decap binary");
   fs.mkdirSync(SHOTS, { recursive: true });

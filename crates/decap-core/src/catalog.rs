@@ -55,7 +55,7 @@ impl ProjectEntry {
             let image = d.descriptor.build_image.trim();
             if !image.is_empty() {
                 out.push(format!(
-                    "this build runs on the host, not in its buildImage {image} (the local executor does not use images: run Decap with --executor container for that)"
+                    "builds of this project run on the host, not in its buildImage {image} (the local executor uses no images: run Decap with --executor container for that)"
                 ));
             }
         }
@@ -71,7 +71,7 @@ impl ProjectEntry {
                 })
                 .collect();
             out.push(format!(
-                "this project's sidecars ({}) do not run under the local executor: the build runs without them (run Decap with --executor container for that)",
+                "this project's sidecars ({}) do not run under the local executor: its builds run without them (run Decap with --executor container for that)",
                 names.join(", ")
             ));
         }

@@ -49,7 +49,7 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
 /// host rather than in their `buildImage` (every local build's first line).
 pub fn script_lines(log: &str) -> String {
     log.split_inclusive('\n')
-        .filter(|l| !l.starts_with("[decap: this build runs on the host"))
+        .filter(|l| !l.starts_with("[decap: builds of this project run on the host"))
         .collect()
 }
 
