@@ -1034,3 +1034,52 @@ fn a_data_dir_of_a_newer_release_is_refused_untouched() {
         .unwrap();
     assert_eq!(tables, 1, "nothing was created in it");
 }
+
+#[tokio::test]
+async fn the_project_page_offers_each_branch_once_built_ones_first_then_the_repositorys_others() {
+    let (dir, scripts, data) = dirs();
+    // A real repository, local: main and feature/x.
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["commit", "-q", "--allow-empty", "-m", "first"]);
+    git(&["branch", "feature/x"]);
+    project(
+        &scripts,
+        "acme/repo",
+        &serde_json::json!({"buildImage": "x", "repoUrl": repo.to_str().unwrap()}).to_string(),
+        "true\n",
+    );
+    let decap = Decap::start(&data, &scripts, &[]);
+    let api = decap.api();
+    let id = api.request("acme/repo", &["main"]).await.remove(0);
+    api.finished(&id, Duration::from_secs(60)).await;
+    let page = api.get("/projects/acme/repo").await.text().await.unwrap();
+    assert!(
+        page.contains("<span>main</span>"),
+        "main, built lately, is listed: {page}"
+    );
+    assert!(
+        page.contains("/ui/refs/acme/repo"),
+        "the page asks for the repository's refs"
+    );
+    let refs = api.get("/ui/refs/acme/repo").await.text().await.unwrap();
+    assert!(refs.contains("<span>feature/x</span>"), "{refs}");
+    assert!(
+        !refs.contains("<span>main</span>"),
+        "main is not offered twice: {refs}"
+    );
+}

@@ -174,26 +174,9 @@ pub async fn project(
     if entry.is_none() && page.builds.is_empty() && history.cursor.is_none() {
         return not_found_page(&format!("There is no project {key}."));
     }
-    // Branches: those built lately (the plain list); the repository's own
-    // refs load into the page from /ui/refs when it can list them.
-    let mut branches: Vec<String> = Vec::new();
-    if let Ok(recent) = app
-        .controller
-        .ports
-        .builds
-        .list(&BuildQuery {
-            project: Some(key.clone()),
-            limit: 200,
-            ..BuildQuery::default()
-        })
-        .await
-    {
-        for b in recent.builds {
-            if !branches.contains(&b.branch) {
-                branches.push(b.branch);
-            }
-        }
-    }
+    // Branches: those built lately (the plain list); the repository's
+    // other refs load into the page from /ui/refs when it can list them.
+    let branches = recent_branches(&app, &key).await;
     let stats = app
         .controller
         .ports
@@ -298,6 +281,29 @@ struct RefsFragment {
 
 /// `GET /ui/refs/{team}/{project}` — the repository's branches and tags,
 /// each with a Build button (an htmx fragment of the project page).
+/// The branches of a project's latest 200 builds, newest first, once each.
+async fn recent_branches(app: &AppState, key: &ProjectKey) -> Vec<String> {
+    let mut branches: Vec<String> = Vec::new();
+    if let Ok(recent) = app
+        .controller
+        .ports
+        .builds
+        .list(&BuildQuery {
+            project: Some(key.clone()),
+            limit: 200,
+            ..BuildQuery::default()
+        })
+        .await
+    {
+        for b in recent.builds {
+            if !branches.contains(&b.branch) {
+                branches.push(b.branch);
+            }
+        }
+    }
+    branches
+}
+
 pub async fn refs_fragment(
     State(app): State<AppState>,
     Path((team, project)): Path<(String, String)>,
@@ -305,10 +311,20 @@ pub async fn refs_fragment(
     ci: Peer,
 ) -> Response {
     let can_act = viewer(&app, &headers, ci.0).can_act;
+    // The branches built lately are on the page already, each with its
+    // Build button: the repository adds the others.
+    let shown = match ProjectKey::new(&team, &project) {
+        Ok(key) => recent_branches(&app, &key).await,
+        Err(_) => Vec::new(),
+    };
     let (refs, error) =
         match crate::api::refs(State(app), Path((team.clone(), project.clone()))).await {
             Ok(axum::Json(r)) => (
-                r.refs.into_iter().map(|r| (r.name, r.kind)).collect(),
+                r.refs
+                    .into_iter()
+                    .filter(|r| !shown.contains(&r.name))
+                    .map(|r| (r.name, r.kind))
+                    .collect(),
                 String::new(),
             ),
             Err(e) => (Vec::new(), e.message),
