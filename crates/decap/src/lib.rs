@@ -1465,6 +1465,11 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     }
     // Nothing of the builds is left behind: no process, mount or cgroup.
     if let Some(local) = &local_builds {
+        // A launch already under way when the stop began (it holds the
+        // scheduling lock) finishes first: the shutdown then stops its
+        // build, rather than taking its bctool away while it starts.
+        // Nothing new is launched once stopping.
+        let _ = controller.drain().await;
         local.shutdown().await;
         // Each stopped build ends (record, lock, log) before the exit.
         if !controller.quiesce(Duration::from_secs(10)).await {
