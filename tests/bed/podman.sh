@@ -41,7 +41,9 @@ current() {
 
 packages() {
     local missing=()
-    for tool in podman:podman runc:runc debootstrap:debootstrap; do
+    # catatonit (the init builds run under) and uidmap (rootless Podman) are
+    # only recommended by Debian's podman: asked for by name.
+    for tool in podman:podman runc:runc debootstrap:debootstrap catatonit:catatonit newuidmap:uidmap; do
         command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
     done
     [ "${#missing[@]}" -eq 0 ] && return 0
