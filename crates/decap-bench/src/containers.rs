@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use decap_bench::{TOKEN, start, write_project};
+use decap_bench::{request_builds, start, write_project};
 
 use crate::{WARM_GAP_MS, epoch_ms, push_build, summary, wait_final};
 
@@ -146,28 +146,8 @@ pub async fn containers() -> Result<()> {
 
     // 3. 20 builds at once, 16 at most running: the cap and the locks hold.
     let branches: Vec<String> = (0..20).map(|i| format!("b{i}")).collect();
-    let q: Vec<String> = branches.iter().map(|b| format!("branch={b}")).collect();
     let t0 = epoch_ms();
-    let r: serde_json::Value = http
-        .post(format!(
-            "{}/api/v1/builds/bench/many?{}",
-            server.url,
-            q.join("&")
-        ))
-        .bearer_auth(TOKEN)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let ids: Vec<String> = r["builds"]
-        .as_array()
-        .context("no builds")?
-        .iter()
-        .filter_map(|b| b["id"].as_str().map(str::to_owned))
-        .collect();
-    if ids.len() != 20 {
-        bail!("20 builds asked, {} started: {r}", ids.len());
-    }
+    let ids = request_builds(&http, &server.url, "bench/many", &branches).await?;
     let mut most = 0;
     let mut done: HashMap<String, serde_json::Value> = HashMap::new();
     let started = Instant::now();

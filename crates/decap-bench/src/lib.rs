@@ -113,3 +113,35 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
 }
+
+/// Requests manual builds of `branches` of `project` (`team/name`) with the
+/// API token; returns their ids.
+pub async fn request_builds(
+    http: &reqwest::Client,
+    url: &str,
+    project: &str,
+    branches: &[String],
+) -> Result<Vec<String>> {
+    let q: Vec<String> = branches.iter().map(|b| format!("branch={b}")).collect();
+    let v: serde_json::Value = http
+        .post(format!("{url}/api/v1/builds/{project}?{}", q.join("&")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let ids: Vec<String> = v["builds"]
+        .as_array()
+        .with_context(|| format!("no builds in the answer: {v}"))?
+        .iter()
+        .filter_map(|b| b["id"].as_str().map(str::to_owned))
+        .collect();
+    if ids.len() != branches.len() {
+        bail!(
+            "{} builds asked, {} started: {v}",
+            branches.len(),
+            ids.len()
+        );
+    }
+    Ok(ids)
+}

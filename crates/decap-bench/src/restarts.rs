@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use decap_bench::{SECRET, TOKEN, percentile, target_dir, write_project};
+use decap_bench::{SECRET, TOKEN, percentile, request_builds, target_dir, write_project};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -214,23 +214,8 @@ pub async fn restarts() -> Result<()> {
     )?;
     let (mut server, url) = started(decap(&data, &scripts, None, &["--max-builds", "5"])?).await?;
     let http = reqwest::Client::new();
-    let q: Vec<String> = (0..5).map(|i| format!("branch=b{i}")).collect();
-    let v: serde_json::Value = http
-        .post(format!(
-            "{url}/api/v1/builds/bench/restarts?{}",
-            q.join("&")
-        ))
-        .bearer_auth(TOKEN)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let ids: Vec<String> = v["builds"]
-        .as_array()
-        .context("no builds")?
-        .iter()
-        .filter_map(|b| b["id"].as_str().map(str::to_owned))
-        .collect();
+    let branches: Vec<String> = (0..5).map(|i| format!("b{i}")).collect();
+    let ids = request_builds(&http, &url, "bench/restarts", &branches).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut viewers = Vec::new();
     for i in 0..200 {

@@ -984,13 +984,16 @@ impl Executor for ContainerExecutor {
         }
         let sidecars =
             decap_kube::pod::sidecars(&spec.project).map_err(|e| Error::invalid("sidecar", e))?;
+        // What the engine would refuse of a sidecar is refused now, before
+        // anything of the build is made.
+        let limits = spec::limits(&spec, self.inner.config.defaults);
         for s in &sidecars {
             spec::sidecar_body(
                 &spec,
                 &self.inner.config.instance,
                 s,
                 String::new(),
-                &spec::limits(&spec, self.inner.config.defaults),
+                &limits,
             )
             .map_err(|e| Error::invalid("sidecar", e))?;
         }

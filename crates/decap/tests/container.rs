@@ -179,16 +179,7 @@ async fn a_build_runs_in_its_image_as_a_user_with_its_redis_sidecar_on_localhost
         1,
         "nothing to warn of: {log}"
     );
-    let files = api
-        .http
-        .get(format!("{}/api/v1/artifacts/{id}", api.base))
-        .header("accept", "text/plain")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let files = api.artifact_names(&id).await;
     assert!(files.contains("out.txt"), "{files}");
     containers_removed(&id).await;
 }

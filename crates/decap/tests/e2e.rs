@@ -64,16 +64,7 @@ async fn a_signed_push_runs_a_build_whose_log_artifacts_and_result_are_kept() {
         "the server's secrets do not reach builds"
     );
 
-    let names = api
-        .http
-        .get(format!("{}/api/v1/artifacts/{id}", decap.url))
-        .header("accept", "text/plain")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let names = api.artifact_names(&id).await;
     assert_eq!(names.trim(), "sub/report.txt");
     let file = api
         .get(&format!("/api/v1/artifacts/{id}/sub/report.txt"))

@@ -243,6 +243,19 @@ impl Api {
         .await
     }
 
+    /// The names of a build's artifacts, one per line.
+    pub async fn artifact_names(&self, id: &str) -> String {
+        self.http
+            .get(format!("{}/api/v1/artifacts/{id}", self.base))
+            .header("accept", "text/plain")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Requests a build of a new branch `PREFIX-n` of `project` every
     /// 300 ms until one waits deferred (the executor was seen to be away);
     /// returns every id requested and that build.
