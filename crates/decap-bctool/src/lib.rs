@@ -39,6 +39,16 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::sync::watch;
 
+/// Writes a line to bctool's standard error and never fails (where
+/// `eprintln!` panics): a build outlives the server that started it, whose
+/// standard error it may share.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// bctool's command line.
 #[derive(Parser, Debug)]
 #[command(
@@ -285,7 +295,7 @@ pub async fn main(cli: Cli) -> Result<i32> {
         Command::Standby { .. } | Command::Install { .. } => unreachable!("handled above"),
         Command::Unlock => {
             let released = connect.await?.unlock(&id).await?;
-            eprintln!(
+            note!(
                 "bctool: {}",
                 if released {
                     "lock released"
@@ -360,7 +370,7 @@ fn install(dir: &Path, workspace: Option<&Path>) -> Result<()> {
             std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1777))?;
         }
     }
-    eprintln!("bctool: installed {}", to.display());
+    note!("bctool: installed {}", to.display());
     Ok(())
 }
 
@@ -465,12 +475,12 @@ impl Shipper {
             )?;
             let Some(reported) = step.write else {
                 if b.status.is_final() {
-                    eprintln!(
+                    note!(
                         "bctool: the build is already {}; its result stays",
                         b.status
                     );
                 } else {
-                    eprintln!("bctool: the build's result was already reported; it stays");
+                    note!("bctool: the build's result was already reported; it stays");
                 }
                 return Ok(());
             };
@@ -508,7 +518,7 @@ where
         match f().await {
             Err(e @ decap_core::Error::Backend { .. }) if attempt < 2 => {
                 attempt += 1;
-                eprintln!("bctool: {e}; retrying in 1s");
+                note!("bctool: {e}; retrying in 1s");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             other => return other,
@@ -612,7 +622,7 @@ where
             // store behind it) is retried a few times only.
             Err(e @ ClientError::Api { .. }) if e.is_transient() && answered_failures < 6 => {
                 answered_failures += 1;
-                eprintln!("bctool: {e}; retrying in {delay:?}");
+                note!("bctool: {e}; retrying in {delay:?}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -620,7 +630,7 @@ where
             Err(e @ ClientError::Unreachable { .. })
                 if tokio::time::Instant::now() + delay < give_up =>
             {
-                eprintln!("bctool: {e}; retrying in {delay:?}");
+                note!("bctool: {e}; retrying in {delay:?}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -670,7 +680,7 @@ fn serve_socket(socket: PathBuf, port: u16) -> Result<()> {
                     Ok(mut unix) => {
                         let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
                     }
-                    Err(e) => eprintln!("bctool: cannot reach Decap's socket: {e}"),
+                    Err(e) => note!("bctool: cannot reach Decap's socket: {e}"),
                 }
             });
         }
@@ -749,7 +759,9 @@ async fn run_prepared(
             console
                 .progress
                 .send_replace(Progress { len, closed: true });
-            eprint!("{note}");
+            {
+                let _ = std::io::stderr().write_all(note.as_bytes());
+            }
             return finish(
                 &shipper,
                 &id,
@@ -848,6 +860,7 @@ async fn run_prepared(
             shipper.client.clone(),
             id.clone(),
             console.clone(),
+            shipper.retry_budget,
         ))
     });
 
@@ -1045,7 +1058,7 @@ async fn finish(
         notes.push(format!("uploading the artifacts failed: {e:#}"));
     }
     for n in &notes {
-        eprintln!("bctool: {n}");
+        note!("bctool: {n}");
     }
     let result = BuildResult {
         exit_code,
@@ -1054,33 +1067,59 @@ async fn finish(
         memory_limit_hit: memory_limit_hit(),
     };
     if let Err(e) = shipper.record_result(id, &result).await {
-        eprintln!("bctool: recording the result failed: {e:#}");
+        note!("bctool: recording the result failed: {e:#}");
     }
     Ok(exit_code)
 }
 
-/// Streams the console file to the server as it grows, reconnecting (and
-/// resending from the start, which the server trims) if the stream breaks.
-async fn stream_console(client: Client, id: String, console: Arc<Console>) {
-    for attempt in 0..6u32 {
-        let rx = console.progress.subscribe();
-        let file = match std::fs::File::open(&console.path) {
-            Ok(f) => f,
-            Err(e) => {
-                eprintln!("bctool: cannot read the console file: {e}");
+/// Streams the console file to the server as it grows. A stream that
+/// breaks (the server restarting or killed, the network) is taken up again
+/// where the server's copy ends, for as long as the build runs and a
+/// `budget` after; the whole log is uploaded at the end in any case.
+async fn stream_console(client: Client, id: String, console: Arc<Console>, budget: Duration) {
+    let not_running =
+        |e: &ClientError| matches!(e, ClientError::Api { status, .. } if status.as_u16() == 409);
+    let mut from = Some(0u64);
+    let mut delay = RESUME_FIRST;
+    let mut give_up: Option<tokio::time::Instant> = None;
+    loop {
+        if let Some(at) = from.take() {
+            let rx = console.progress.subscribe();
+            let file = match std::fs::File::open(&console.path) {
+                Ok(f) => f,
+                Err(e) => {
+                    note!("bctool: cannot read the console file: {e}");
+                    return;
+                }
+            };
+            let began = tokio::time::Instant::now();
+            let body = reqwest::Body::wrap_stream(decap_tail::follow(file, at, rx));
+            match client.stream_log(&id, at, body).await {
+                Ok(()) => return,
+                Err(e) if not_running(&e) => return, // cancelled, or ended
+                Err(e) => note!("bctool: live console stream broke ({e}); resuming"),
+            }
+            if began.elapsed() > Duration::from_secs(5) {
+                delay = RESUME_FIRST; // it had been streaming: a new break
+            }
+        }
+        if console.progress.borrow().closed {
+            let deadline = *give_up.get_or_insert_with(|| tokio::time::Instant::now() + budget);
+            if tokio::time::Instant::now() >= deadline {
                 return;
             }
-        };
-        let body = reqwest::Body::wrap_stream(decap_tail::follow(file, 0, rx));
-        match client.stream_log(&id, 0, body).await {
-            Ok(()) => return,
-            Err(e) => {
-                if matches!(&e, ClientError::Api { status, .. } if status.as_u16() == 409) {
-                    return; // the build is no longer running (cancelled)
-                }
-                eprintln!("bctool: live console stream broke ({e}); reconnecting");
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
-            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(RESUME_MAX);
+        match client.log_received(&id).await {
+            Ok(n) => from = Some(n),
+            Err(e) if not_running(&e) => return,
+            Err(_) => {} // still away: try again
         }
     }
 }
+
+/// The first wait before a broken console stream is taken up again; it
+/// doubles up to [`RESUME_MAX`] while the server stays away.
+const RESUME_FIRST: Duration = Duration::from_millis(50);
+const RESUME_MAX: Duration = Duration::from_secs(1);

@@ -377,6 +377,7 @@ async fn sandbox_alone(runs: usize, network: bool) -> Result<Option<Vec<f64>>> {
     )?;
     let sandbox = Sandbox::new(bwrap, net, 1_900_000_000, Vec::new(), dir.socket(), 9);
     let truth = Path::new("/bin/true");
+    let messages = dir.0.join("ws.err");
     let mut v = Vec::new();
     for _ in 0..runs {
         let plan = Plan {
@@ -387,6 +388,7 @@ async fn sandbox_alone(runs: usize, network: bool) -> Result<Option<Vec<f64>>> {
             uid,
             network,
             stdin: false,
+            stderr: &messages,
         };
         let t = Instant::now();
         let mut started = sandbox

@@ -380,6 +380,26 @@ impl Client {
         .await
     }
 
+    /// How many bytes of a running build's console stream the server has
+    /// (where bctool resumes a broken stream): `POST
+    /// /api/v1/build/{id}/log/stream` with nothing to add.
+    pub async fn log_received(&self, id: &str) -> Result<u64> {
+        #[derive(serde::Deserialize)]
+        struct Received {
+            received: u64,
+        }
+        let rb = self
+            .request(
+                Method::POST,
+                &format!("/api/v1/build/{}/log/stream", enc(id)),
+            )
+            .header(decap_api_types::LOG_OFFSET_HEADER, "0")
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(Vec::new());
+        let r: Received = self.json(rb).await?;
+        Ok(r.received)
+    }
+
     /// bctool: streams console bytes starting at `offset`.
     pub async fn stream_log(&self, id: &str, offset: u64, body: reqwest::Body) -> Result<()> {
         let rb = self

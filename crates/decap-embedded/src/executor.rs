@@ -18,8 +18,9 @@ use decap_core::{Error, Result};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
+use crate::record::{EnvRecord, ProcId, unix_now};
 use crate::sandbox::cgroup::{BuildCgroup, Cgroups};
 use crate::sandbox::disk::{DiskQuota, Workspace};
 use crate::sandbox::{Plan, Sandbox, SandboxDir, SandboxNetwork, WORKSPACE};
@@ -92,6 +93,12 @@ pub struct LocalExecutorConfig {
 /// A build's environment ends when bctool does: the sandbox's PID namespace
 /// takes every process of the build with it, and its cgroup is emptied
 /// before the end is reported, so that an ended build has no processes.
+///
+/// Builds outlive the server: bubblewrap and the network helper run in a
+/// session of their own, each environment keeps a record beside its
+/// workspace ([`crate::record`]), and the next server on the same data dir
+/// adopts the builds still running (bctool reaches it on the socket it
+/// makes anew in the folder the sandbox has bound) and clears up the rest.
 pub struct LocalExecutor {
     inner: Arc<Inner>,
 }
@@ -114,7 +121,6 @@ struct Inner {
     /// Set at shutdown: what is prepared after it is thrown away.
     closed: std::sync::atomic::AtomicBool,
     events: Arc<dyn ExecutorEvents>,
-    spawner: Spawner,
 }
 
 /// What an environment stands on, made ahead of time: a build user, a
@@ -140,7 +146,7 @@ struct Env {
     ws: Arc<Workspace>,
     uid: Option<u32>,
     cgroup: Option<Arc<BuildCgroup>>,
-    child: tokio::process::Child,
+    child: Proc,
     stdin: Option<tokio::process::ChildStdin>,
     /// The sandbox's first process (host pid).
     init_pid: Option<u32>,
@@ -148,6 +154,52 @@ struct Env {
     pgid: Pid,
     disk: Option<u64>,
 }
+
+/// The process an environment lasts as long as: bubblewrap (or bctool,
+/// unsandboxed), started by this server or adopted from an earlier one.
+enum Proc {
+    Child(tokio::process::Child),
+    Adopted(ProcId),
+}
+
+impl Proc {
+    /// Waits for it to exit; answers how, in words.
+    async fn wait(&mut self) -> String {
+        match self {
+            Proc::Child(c) => match c.wait().await {
+                Ok(s) => format!("the build process exited ({s})"),
+                Err(e) => format!("the build process could not be awaited: {e}"),
+            },
+            Proc::Adopted(p) => {
+                // Not this process's child: its exit is seen, not awaited.
+                while p.alive() {
+                    tokio::time::sleep(ADOPTED_POLL).await;
+                }
+                "the build process exited (it ran on while Decap restarted)".into()
+            }
+        }
+    }
+
+    /// Kills it (its group, when started here).
+    fn kill(&mut self) {
+        match self {
+            Proc::Child(c) => {
+                let _ = c.start_kill();
+            }
+            Proc::Adopted(p) => p.signal(Signal::SIGKILL),
+        }
+    }
+
+    fn id(&self) -> Option<ProcId> {
+        match self {
+            Proc::Child(c) => c.id().and_then(ProcId::of),
+            Proc::Adopted(p) => Some(*p),
+        }
+    }
+}
+
+/// How often an adopted build's process is looked at.
+const ADOPTED_POLL: Duration = Duration::from_millis(100);
 
 /// What a running build's controls need.
 struct Running {
@@ -178,48 +230,6 @@ impl Running {
             return;
         }
         let _ = killpg(self.pgid, signal);
-    }
-}
-
-/// Starts processes from one thread that lives as long as the executor:
-/// bubblewrap's `--die-with-parent` (`PR_SET_PDEATHSIG`) follows the thread
-/// that forked, so a build started from a short-lived worker thread would be
-/// killed when that thread retires.
-struct Spawner {
-    tx: Mutex<std::sync::mpsc::Sender<SpawnJob>>,
-}
-
-type SpawnJob = (
-    tokio::process::Command,
-    oneshot::Sender<std::io::Result<tokio::process::Child>>,
-);
-
-impl Spawner {
-    fn new() -> Result<Spawner> {
-        let handle = tokio::runtime::Handle::try_current()
-            .map_err(|_| exec_err("the local executor needs a tokio runtime"))?;
-        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
-        std::thread::Builder::new()
-            .name("decap-spawner".into())
-            .spawn(move || {
-                let _runtime = handle.enter();
-                while let Ok((mut cmd, reply)) = rx.recv() {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .map_err(exec_err)?;
-        Ok(Spawner { tx: Mutex::new(tx) })
-    }
-
-    async fn spawn(&self, cmd: tokio::process::Command) -> std::io::Result<tokio::process::Child> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .lock()
-            .map_err(|_| std::io::Error::other("the spawner is gone"))?
-            .send((cmd, reply))
-            .map_err(|_| std::io::Error::other("the spawner is gone"))?;
-        rx.await
-            .map_err(|_| std::io::Error::other("the spawner is gone"))?
     }
 }
 
@@ -298,12 +308,21 @@ impl LocalExecutor {
             .lock()
             .map_err(|e| Error::invalid("data dir", e.to_string()))?;
         config.dir.sweep_dead();
+        let work_root = config.dir.work_root();
+        // Builds an earlier server on this data dir left running.
+        let left: Vec<(PathBuf, EnvRecord)> = EnvRecord::all(&work_root)
+            .into_iter()
+            .filter_map(|(ws, r)| r.filter(EnvRecord::running_build).map(|r| (ws, r)))
+            .collect();
         let (sandbox, cgroups, bctool) = match config.sandbox {
             SandboxMode::None => (None, None, PathBuf::from(program)),
             SandboxMode::Bubblewrap => {
                 let (s, c) = Self::sandbox_for(&config).inspect_err(|_| {
-                    // A server that cannot start leaves no folder behind.
-                    let _ = std::fs::remove_dir_all(&config.dir.0);
+                    // A server that cannot start leaves no folder behind
+                    // (unless builds still run in it).
+                    if left.is_empty() {
+                        let _ = std::fs::remove_dir_all(&config.dir.0);
+                    }
                 })?;
                 let staged = config
                     .dir
@@ -312,17 +331,27 @@ impl LocalExecutor {
                 (Some(s), c, staged)
             }
         };
-        let work_root = config.dir.work_root();
         let quota = if sandbox.is_some() {
             DiskQuota::detect()
         } else {
             DiskQuota::Measured
         };
+        // What is not adopted is cleared: environments that were warm or
+        // whose build ended while no server ran, and their helpers.
+        let keep: Vec<String> = left
+            .iter()
+            .filter_map(|(ws, _)| Some(ws.file_name()?.to_string_lossy().into_owned()))
+            .collect();
+        for (_, r) in EnvRecord::all(&work_root) {
+            if let Some(r) = r.filter(|r| !r.running_build()) {
+                r.kill();
+            }
+        }
         if let Some(c) = &cgroups {
-            c.sweep();
+            c.sweep_except(&keep);
         }
         if work_root.exists() {
-            clear_work_root(&work_root);
+            clear_work_root(&work_root, &keep);
         }
         std::fs::create_dir_all(&work_root).map_err(exec_err)?;
         let inner = Arc::new(Inner {
@@ -338,7 +367,6 @@ impl LocalExecutor {
             slots: Mutex::new(Vec::new()),
             closed: std::sync::atomic::AtomicBool::new(false),
             events,
-            spawner: Spawner::new()?,
         });
         if inner.sandbox.is_some()
             && let Err(e) = inner.try_sandbox().await
@@ -346,6 +374,9 @@ impl LocalExecutor {
             // Nothing of a server that could not start is left behind.
             LocalExecutor { inner }.shutdown().await;
             return Err(e);
+        }
+        for (ws, record) in left {
+            inner.adopt(ws, record);
         }
         inner.refill_slots();
         for _ in 0..inner.config.warm {
@@ -421,12 +452,18 @@ impl LocalExecutor {
     }
 }
 
-/// Empties the work root, unmounting workspaces an earlier run left mounted.
-pub(crate) fn clear_work_root(root: &Path) {
+/// Empties the work root but for the workspaces named in `keep` (with
+/// their filesystems and records), unmounting workspaces an earlier run
+/// left mounted.
+pub(crate) fn clear_work_root(root: &Path, keep: &[String]) {
+    let kept = |p: &Path| {
+        p.file_stem()
+            .is_some_and(|s| keep.iter().any(|k| s.to_string_lossy() == *k))
+    };
     if let Ok(rd) = std::fs::read_dir(root) {
         for e in rd.flatten() {
             let p = e.path();
-            if p.extension().is_some_and(|x| x == "img") {
+            if p.extension().is_some_and(|x| x == "img") && !kept(&p) {
                 let ws = p.with_extension("");
                 let _ = std::process::Command::new(crate::sandbox::disk::tool("umount"))
                     .arg("-l")
@@ -436,7 +473,24 @@ pub(crate) fn clear_work_root(root: &Path) {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(root);
+    if keep.is_empty() {
+        let _ = std::fs::remove_dir_all(root);
+        return;
+    }
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            let p = e.path();
+            // `x.json.partial` is not kept: its stem is `x.json`.
+            if kept(&p) {
+                continue;
+            }
+            if p.is_dir() {
+                let _ = std::fs::remove_dir_all(&p);
+            } else {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -716,6 +770,7 @@ impl Inner {
                 exec_err(format!("cannot set the build's limits: {e}")),
             ));
         }
+        let messages = EnvRecord::messages_path(&ws.dir);
         let started = match &self.sandbox {
             Some(sandbox) => {
                 let network = limits.is_none_or(|l| l.network == Network::Outbound);
@@ -727,32 +782,52 @@ impl Inner {
                     uid,
                     network,
                     stdin,
+                    stderr: &messages,
                 };
-                sandbox
-                    .start(
-                        &plan,
-                        async |cmd| self.spawner.spawn(cmd).await,
-                        |pids| match &cgroup {
-                            Some(cg) => pids.iter().try_for_each(|p| cg.add(*p)),
-                            None => Ok(()),
-                        },
-                    )
-                    .await
-                    .map(|s| (s.child, Some(s.init_pid), s.slirp))
+                // bubblewrap sets the sandbox's loopback up while
+                // slirp4netns configures its interface: once in a few
+                // hundred starts the kernel refuses one of the two, and the
+                // sandbox is not made. That is tried again, twice.
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    let started = sandbox
+                        .start(
+                            &plan,
+                            async |mut cmd| cmd.spawn(),
+                            |pids| match &cgroup {
+                                Some(cg) => pids.iter().try_for_each(|p| cg.add(*p)),
+                                None => Ok(()),
+                            },
+                        )
+                        .await;
+                    match started {
+                        Err(e) if attempt < 3 => {
+                            tracing::debug!(error = %e, attempt, "the sandbox did not start; trying again");
+                            if let Some(cg) = &cgroup {
+                                cg.kill_all();
+                            }
+                        }
+                        other => break other.map(|s| (s.child, Some(s.init_pid), s.slirp)),
+                    }
+                }
             }
-            None => {
-                let mut cmd = tokio::process::Command::new(self.program());
-                cmd.args(&args)
-                    .env_clear()
-                    .envs(env)
-                    .current_dir(ws.dir.join("src"))
-                    .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::inherit())
-                    .process_group(0)
-                    .kill_on_drop(false);
-                self.spawner.spawn(cmd).await.map(|c| (c, None, None))
-            }
+            None => match crate::sandbox::messages_file(&messages) {
+                Ok(stderr) => {
+                    let mut cmd = tokio::process::Command::new(self.program());
+                    cmd.args(&args)
+                        .env_clear()
+                        .envs(env)
+                        .current_dir(ws.dir.join("src"))
+                        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+                        .stdout(Stdio::null())
+                        .stderr(stderr)
+                        .kill_on_drop(false);
+                    crate::sandbox::fds::own_session(&mut cmd);
+                    cmd.spawn().map(|c| (c, None, None))
+                }
+                Err(e) => Err(e),
+            },
         };
         let (mut child, init_pid, slirp) = match started {
             Ok(s) => s,
@@ -766,22 +841,31 @@ impl Inner {
         };
         let stdin = if stdin { child.stdin.take() } else { None };
         let Some(pid) = child.id() else {
+            if let Some(s) = slirp {
+                s.stop().await;
+            }
             if let Some(cg) = &cgroup {
                 cg.remove();
             }
             return Err(fail(&ws, exec_err("bctool exited at once")));
         };
-        Ok(Env {
+        let env = Env {
             ws: Arc::new(ws),
             uid,
             cgroup,
-            child,
+            child: Proc::Child(child),
             stdin,
             init_pid,
             slirp,
             pgid: Pid::from_raw(pid as i32),
             disk,
-        })
+        };
+        // Recorded at once: a server that dies now leaves nothing the next
+        // one does not know of.
+        if let Err(e) = self.record(&env, None, limits) {
+            tracing::warn!(error = %e, "cannot record an environment for the next server");
+        }
+        Ok(env)
     }
 
     /// Starts the sandbox once, running `bctool --version`, so that a
@@ -798,13 +882,22 @@ impl Inner {
                 )
             })?;
         let mut probe = probe;
-        let status = probe.child.wait().await.map_err(exec_err)?;
+        let status = match &mut probe.child {
+            Proc::Child(c) => c.wait().await.map_err(exec_err)?,
+            Proc::Adopted(_) => return Err(exec_err("the sandbox probe was not started here")),
+        };
+        let said = crate::sandbox::messages(&EnvRecord::messages_path(&probe.ws.dir));
         self.dispose(probe).await;
         if !status.success() {
+            let said = if said.is_empty() {
+                String::new()
+            } else {
+                format!(": {said}")
+            };
             return Err(Error::invalid(
                 "sandbox",
                 format!(
-                    "no sandbox can be made here: bctool did not run in it ({status}); pass --sandbox none to run builds unsandboxed"
+                    "no sandbox can be made here: bctool did not run in it ({status}{said}); pass --sandbox none to run builds unsandboxed"
                 ),
             ));
         }
@@ -814,7 +907,9 @@ impl Inner {
     async fn start_warm(&self) -> Result<Env> {
         let name = format!("warm-{}", uuid::Uuid::now_v7());
         let dir = self.work_root.join(&name);
-        let args = self.bctool_args(&["standby", "--exit-with-parent"]);
+        // A warm bctool exits when its standard input closes (the server is
+        // gone); one handed a build runs it to its end.
+        let args = self.bctool_args(&["standby"]);
         let env = self
             .make_env(name, args, self.base_env(&dir), None, true, |_| Ok(()))
             .await?;
@@ -942,7 +1037,6 @@ impl Inner {
         let dir = self.work_root.join(&name);
         let mut sub: Vec<String> = vec![
             "run".into(),
-            "--exit-with-parent".into(),
             "--echo".into(),
             "false".into(),
             "--timeout-secs".into(),
@@ -966,6 +1060,99 @@ impl Inner {
             write_scripts(spec, ws)
         })
         .await
+    }
+
+    /// Writes an environment's record beside its workspace, with its build
+    /// once it has one.
+    fn record(
+        &self,
+        env: &Env,
+        build: Option<(BuildId, Duration)>,
+        limits: Option<&Limits>,
+    ) -> Result<()> {
+        let Some(process) = env.child.id() else {
+            return Ok(()); // gone already: nothing to adopt
+        };
+        EnvRecord {
+            build_id: build.map(|(id, _)| id.to_string()),
+            process,
+            init_pid: env.init_pid,
+            slirp: env.slirp.as_ref().map(|s| s.id),
+            uid: env.uid,
+            disk: env.disk,
+            limits: limits.copied(),
+            deadline: build.map(|(_, backstop)| unix_now() + backstop.as_secs()),
+        }
+        .write(&env.ws.dir)
+        .map_err(exec_err)
+    }
+
+    /// How long a build may run before it is killed whatever bctool says:
+    /// its own timeout plus grace plus a minute.
+    fn backstop(&self, timeout: Duration) -> Duration {
+        timeout + self.config.kill_grace * 2 + Duration::from_secs(60)
+    }
+
+    /// Follows a build an earlier server started (its record in `ws`'s
+    /// folder), as though this server had started it.
+    fn adopt(self: &Arc<Self>, ws: PathBuf, record: EnvRecord) {
+        let Some(id) = record
+            .build_id
+            .as_deref()
+            .and_then(|b| BuildId::parse(b).ok())
+        else {
+            return;
+        };
+        let name = ws
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let cgroup = self
+            .cgroups
+            .as_ref()
+            .and_then(|c| c.create(&name).ok())
+            .map(|cg| {
+                if let Some(l) = &record.limits {
+                    // The same values again: the group learns what they are,
+                    // to name one the build runs into.
+                    let _ = cg.set_limits(l);
+                }
+                Arc::new(cg)
+            });
+        if let (Some(s), Some(uid)) = (&self.sandbox, record.uid) {
+            s.claim_uid(uid);
+        }
+        let backstop = record.deadline.map_or(Duration::from_secs(60), |d| {
+            Duration::from_secs(d.saturating_sub(unix_now()))
+        });
+        let env = Env {
+            ws: Arc::new(Workspace::adopt(&ws, record.disk)),
+            uid: record.uid,
+            cgroup,
+            child: Proc::Adopted(record.process),
+            stdin: None,
+            init_pid: record.init_pid,
+            slirp: record.slirp.map(crate::sandbox::Slirp::adopted),
+            pgid: Pid::from_raw(record.process.pid as i32),
+            disk: record.disk,
+        };
+        tracing::info!(build_id = %id, "adopting a build that ran on while Decap restarted");
+        self.run(id, env, backstop);
+    }
+
+    /// Registers a running build and follows it.
+    fn run(self: &Arc<Self>, id: BuildId, env: Env, backstop: Duration) {
+        let (gone_tx, gone_rx) = watch::channel(false);
+        let running = Arc::new(Running {
+            pgid: env.pgid,
+            init_pid: env.init_pid,
+            cgroup: env.cgroup.clone(),
+            gone: gone_rx,
+        });
+        if let Ok(mut r) = self.running.lock() {
+            r.insert(id, running);
+        }
+        tokio::spawn(self.clone().follow(id, env, backstop, gone_tx));
     }
 
     /// Stops an environment that never ran a build and removes it.
@@ -1007,13 +1194,12 @@ impl Inner {
         self: Arc<Self>,
         id: BuildId,
         mut env: Env,
-        timeout: Duration,
+        backstop: Duration,
         gone: watch::Sender<bool>,
     ) {
-        // A backstop in case bctool itself hangs: its own timeout plus grace
-        // plus a minute, then everything is killed.
-        let backstop =
-            tokio::time::sleep(timeout + self.config.kill_grace * 2 + Duration::from_secs(60));
+        // A backstop in case bctool itself hangs (see [`Inner::backstop`]):
+        // then everything is killed.
+        let backstop = tokio::time::sleep(backstop);
         tokio::pin!(backstop);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1025,7 +1211,7 @@ impl Inner {
                 status = env.child.wait() => break status,
                 () = &mut backstop, if !stopping => {
                     tracing::warn!(build_id = %id, "bctool outlived its timeout; killing the build");
-                    self.kill_now(id, &env);
+                    self.kill_now(id, &mut env);
                     stopping = true;
                 }
                 _ = tick.tick(), if !stopping => {
@@ -1050,9 +1236,15 @@ impl Inner {
             }
         };
         // Whatever is left of the build goes too, before its end is told.
-        self.kill_now(id, &env);
+        self.kill_now(id, &mut env);
         if let Some(s) = env.slirp.take() {
             s.stop().await;
+        }
+        // What bctool said on the way (a server it could not reach, an
+        // upload that failed) goes to the server's log.
+        let said = crate::sandbox::messages(&EnvRecord::messages_path(&env.ws.dir));
+        if !said.is_empty() {
+            tracing::info!(build_id = %id, messages = %said, "the build's bctool said");
         }
         let ws = env.ws.clone();
         let cgroup = env.cgroup.clone();
@@ -1081,10 +1273,7 @@ impl Inner {
             r.remove(&id);
         }
         let _ = gone.send(true);
-        let reason = match status {
-            Ok(s) => format!("the build process exited ({s})"),
-            Err(e) => format!("the build process could not be awaited: {e}"),
-        };
+        let reason = status;
         self.events.environment_exited(EnvironmentExit {
             build_id: id,
             reason,
@@ -1093,10 +1282,11 @@ impl Inner {
     }
 
     /// SIGKILL to everything of a build, at once.
-    fn kill_now(&self, id: BuildId, env: &Env) {
+    fn kill_now(&self, id: BuildId, env: &mut Env) {
         if let Some(r) = self.running(id) {
             r.signal(Signal::SIGKILL);
         }
+        env.child.kill();
         let _ = killpg(env.pgid, Signal::SIGKILL);
         if let Some(init) = env.init_pid {
             let _ = nix::sys::signal::kill(Pid::from_raw(init as i32), Signal::SIGKILL);
@@ -1162,15 +1352,11 @@ impl Executor for LocalExecutor {
                 env
             }
         };
-        let (gone_tx, gone_rx) = watch::channel(false);
-        let running = Arc::new(Running {
-            pgid: env.pgid,
-            init_pid: env.init_pid,
-            cgroup: env.cgroup.clone(),
-            gone: gone_rx,
-        });
-        inner.running.lock().map_err(exec_err)?.insert(id, running);
-        tokio::spawn(inner.clone().follow(id, env, spec.timeout, gone_tx));
+        let backstop = inner.backstop(spec.timeout);
+        if let Err(e) = inner.record(&env, Some((id, backstop)), Some(&limits)) {
+            tracing::warn!(build_id = %id, error = %e, "cannot record the build for the next server: a restart ends it");
+        }
+        inner.run(id, env, backstop);
         Ok(())
     }
 
@@ -1192,11 +1378,19 @@ impl Executor for LocalExecutor {
 }
 
 impl LocalExecutor {
-    /// Stops everything this executor started and removes it: running
-    /// builds are killed (the server is going; they would die with it) and
-    /// their workspaces and cgroups removed, as are the warm environments
-    /// and prepared slots. Waits a few seconds at most.
-    pub async fn shutdown(&self) {
+    /// Lets go of what this executor made before the server exits. Running
+    /// builds go on (the next server on this data dir adopts them; see
+    /// [`LocalExecutor`]); the warm environments and prepared slots are
+    /// removed. With no build running, nothing of this server is left: its
+    /// cgroups, workspaces and folder go. Answers how many builds go on.
+    pub async fn shutdown(&self) -> usize {
+        self.release().await
+    }
+
+    /// Kills every running build (they end as stopped by the server), then
+    /// lets go as [`LocalExecutor::shutdown`] does. Waits a few seconds at
+    /// most for them to be gone.
+    pub async fn stop_all(&self) -> usize {
         let running: Vec<Arc<Running>> = self
             .inner
             .running
@@ -1213,23 +1407,29 @@ impl LocalExecutor {
                 let _ = g.wait_for(|g| *g).await;
             }
         };
-        let all_gone = tokio::time::timeout(Duration::from_secs(5), gone)
+        if tokio::time::timeout(Duration::from_secs(5), gone)
             .await
-            .is_ok();
-        self.clear_pools();
-        if !all_gone {
-            // Left for the next server's sweep, which kills what is left.
-            tracing::warn!("some builds' processes outlived the shutdown");
-            return;
+            .is_err()
+        {
+            tracing::warn!("some builds' processes outlived the stop");
         }
-        // Nothing of this server is left: its cgroups, workspaces, socket
-        // and folder go (the lock is held until the process exits, so no
-        // other server can be using the folder meanwhile).
+        self.release().await
+    }
+
+    async fn release(&self) -> usize {
+        self.clear_pools();
+        let running = self.inner.running.lock().map(|r| r.len()).unwrap_or(0);
+        if running > 0 {
+            return running;
+        }
+        // The lock is held until the process exits, so no other server can
+        // be using the folder meanwhile.
         if let Some(c) = &self.inner.cgroups {
             c.remove();
         }
-        clear_work_root(&self.inner.work_root);
+        clear_work_root(&self.inner.work_root, &[]);
         let _ = std::fs::remove_dir_all(&self.inner.config.dir.0);
+        0
     }
 
     fn clear_pools(&self) {
@@ -1255,7 +1455,11 @@ fn dispose_slot(slot: Slot) {
 /// Warm bctools see their standard input close and exit; make sure.
 fn dispose_warm(mut w: Env) {
     let _ = killpg(w.pgid, Signal::SIGKILL);
-    let _ = w.child.start_kill();
+    w.child.kill();
+    if let Some(s) = w.slirp.take() {
+        // Not tied to the server's life: stopped here.
+        s.id.signal(Signal::SIGKILL);
+    }
     if let Some(init) = w.init_pid {
         let _ = nix::sys::signal::kill(Pid::from_raw(init as i32), Signal::SIGKILL);
     }

@@ -23,6 +23,7 @@ mod hub;
 mod ledger;
 mod locks;
 mod queue;
+mod record;
 pub mod sandbox;
 mod secrets;
 

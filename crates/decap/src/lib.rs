@@ -535,6 +535,11 @@ struct ServeArgs {
     /// Seconds a stopped build gets between TERM and KILL.
     #[arg(long, env = "DECAP_KILL_GRACE_SECS", default_value_t = 10)]
     kill_grace_secs: u64,
+    /// Stop running local builds when `decap serve` stops (not in an
+    /// upgrade in place). By default they run on, and the next `decap
+    /// serve` on the same data dir adopts them and records how they end.
+    #[arg(long, env = "DECAP_STOP_BUILDS_ON_EXIT")]
+    stop_builds_on_exit: bool,
     /// Console logs are kept up to this many bytes.
     #[arg(long, env = "DECAP_MAX_LOG_BYTES", default_value_t = 32 * 1024 * 1024)]
     max_log_bytes: u64,
@@ -1463,17 +1468,29 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     if let Some(leadership) = leadership {
         leadership.release(Duration::from_secs(5)).await;
     }
-    // Nothing of the builds is left behind: no process, mount or cgroup.
+    // Local builds run on; the next start on this data dir adopts them.
+    let mut builds_go_on = 0;
     if let Some(local) = &local_builds {
         // A launch already under way when the stop began (it holds the
-        // scheduling lock) finishes first: the shutdown then stops its
-        // build, rather than taking its bctool away while it starts.
-        // Nothing new is launched once stopping.
+        // scheduling lock) finishes first, so that its build is recorded
+        // for the next server. Nothing new is launched once stopping.
         let _ = controller.drain().await;
-        local.shutdown().await;
-        // Each stopped build ends (record, lock, log) before the exit.
-        if !controller.quiesce(Duration::from_secs(10)).await {
-            tracing::warn!("some stopped builds were not ended in time; the next start ends them");
+        if args.stop_builds_on_exit && successor.is_none() {
+            builds_go_on = local.stop_all().await;
+            // Each stopped build ends (record, lock, log) before the exit.
+            if !controller.quiesce(Duration::from_secs(10)).await {
+                tracing::warn!(
+                    "some stopped builds were not ended in time; the next start ends them"
+                );
+            }
+        } else {
+            builds_go_on = local.shutdown().await;
+        }
+        if builds_go_on > 0 {
+            tracing::info!(
+                builds = builds_go_on,
+                "running builds go on; the next `decap serve` on this data dir adopts them and records how they end"
+            );
         }
     }
     // The socket goes unless a newer server on the same data dir made its own.
@@ -1481,8 +1498,9 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         let _ = std::fs::remove_file(&socket_path);
         // Its folders too, when nothing else is in them, unless builds
         // that outlive this process have the socket's folder bound in
-        // (containers): the next server's socket appears there.
-        if local_builds.is_some() {
+        // (local builds going on, containers): the next server's socket
+        // appears there.
+        if local_builds.is_some() && builds_go_on == 0 {
             if let Some(run) = socket_path.parent() {
                 let _ = std::fs::remove_dir(run);
             }

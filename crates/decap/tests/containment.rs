@@ -403,9 +403,9 @@ printf '%s' "$DECAP_BUILD_TOKEN" > "$ARTIFACTS_DIR/stolen"
 
 #[tokio::test]
 async fn warm_sandboxes_outlive_the_threads_that_made_them() {
-    // Warm environments are made in the background; bubblewrap's
-    // --die-with-parent follows the thread that forked it, so one made on a
-    // short-lived thread used to be killed when that thread retired.
+    // Warm environments are made in the background, on whichever thread:
+    // none is tied to the thread that forked it (one made on a short-lived
+    // thread used to be killed when that thread retired).
     let (_dir, scripts, data) = dirs();
     project(
         &scripts,

@@ -417,7 +417,7 @@ async fn caps_defer_builds_and_finishing_builds_resubmit_them_at_once() {
 }
 
 #[tokio::test]
-async fn a_killed_server_finishes_its_running_builds_as_errored_on_restart_and_resumes_the_queue() {
+async fn a_killed_server_adopts_its_running_builds_on_restart_and_resumes_the_queue() {
     let (_dir, scripts, data) = dirs();
     project(
         &scripts,
@@ -431,7 +431,16 @@ async fn a_killed_server_finishes_its_running_builds_as_errored_on_restart_and_r
         r#"{"buildImage": "x"}"#,
         "echo quick\n",
     );
-    let mut decap = Decap::start(&data, &scripts, &[]);
+    // Unsandboxed builds reach the server at its address: the same after
+    // the restart.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = [("DECAP_LISTEN", listen.as_str())];
+    let mut decap = Decap::start_with_env(&data, &scripts, &[], &env);
     let api = decap.api();
     let slow = api.request("acme/slow", &["main"]).await;
     eventually("the slow build to print", MINUTE, || async {
@@ -449,18 +458,26 @@ async fn a_killed_server_finishes_its_running_builds_as_errored_on_restart_and_r
     assert_eq!(api.build(&waiting[0]).await["status"], "deferred");
     decap.kill();
 
-    let decap = Decap::start(&data, &scripts, &[]);
+    // The build ran on: the new server adopts it, with its lock and log.
+    let decap = Decap::start_with_env(&data, &scripts, &[], &env);
     let api = decap.api();
     let b = api.build(&slow[0]).await;
-    assert_eq!(b["status"], "errored", "{b}");
-    assert!(b["message"].as_str().unwrap().contains("stopped"), "{b}");
+    assert_eq!(b["status"], "running", "{b}");
+    assert_eq!(api.build(&waiting[0]).await["status"], "deferred");
     let log = api
         .get(&format!("/api/v1/logs/{}", slow[0]))
         .await
         .text()
         .await
         .unwrap();
-    assert!(log.contains("first line"), "the live log was kept");
+    assert!(log.contains("first line"), "the live log was kept: {log}");
+    assert_eq!(
+        api.send(Method::DELETE, &format!("/api/v1/build/{}", slow[0]))
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(api.finished(&slow[0], MINUTE).await["status"], "cancelled");
     // the deferred build resumed: it runs (and would run 600 s), so cancel it
     eventually("the deferred build to resume", MINUTE, || async {
         (api.build(&waiting[0]).await["status"] == "running").then_some(())
@@ -470,7 +487,7 @@ async fn a_killed_server_finishes_its_running_builds_as_errored_on_restart_and_r
     assert_eq!(
         locks["locks"][0]["buildId"],
         waiting[0].as_str(),
-        "the old lock was released and taken by the next build"
+        "the adopted build's lock was released and taken by the next build"
     );
     assert_eq!(
         api.send(Method::DELETE, &format!("/api/v1/build/{}", waiting[0]))

@@ -203,6 +203,12 @@ impl Cgroups {
     /// Removes the groups a previous run of this server left behind, killing
     /// whatever still runs in them.
     pub fn sweep(&self) {
+        self.sweep_except(&[]);
+    }
+
+    /// As [`Cgroups::sweep`], but for the groups named in `keep` (builds
+    /// adopted after a restart).
+    pub fn sweep_except(&self, keep: &[String]) {
         let mut names = std::collections::BTreeSet::new();
         for p in self.parents() {
             if let Ok(rd) = std::fs::read_dir(p) {
@@ -213,7 +219,7 @@ impl Cgroups {
                 }
             }
         }
-        for name in names {
+        for name in names.into_iter().filter(|n| !keep.contains(n)) {
             if let Ok(cg) = self.create(&name) {
                 cg.kill_all();
                 cg.remove();

@@ -133,6 +133,17 @@ impl Workspace {
         Ok(ws)
     }
 
+    /// The workspace at `dir` that a build an earlier server started runs
+    /// in (its filesystem, if it has one, is still mounted).
+    pub fn adopt(dir: &Path, limit: Option<u64>) -> Workspace {
+        let image = dir.with_extension("img");
+        Workspace {
+            dir: dir.to_owned(),
+            image: image.exists().then_some(image),
+            limit,
+        }
+    }
+
     fn unmount(dir: &Path) {
         if dir.with_extension("img").exists() {
             let _ = run(Command::new(tool("umount")).arg("-l").arg(dir));
@@ -153,13 +164,16 @@ impl Workspace {
         }
     }
 
-    /// Removes the workspace (and its filesystem).
+    /// Removes the workspace (and its filesystem), and then its
+    /// environment's record.
     pub fn remove(&self) {
         if let Some(image) = &self.image {
             let _ = run(Command::new(tool("umount")).arg(&self.dir));
             let _ = std::fs::remove_file(image);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(crate::record::EnvRecord::messages_path(&self.dir));
+        let _ = std::fs::remove_file(crate::record::EnvRecord::path(&self.dir));
     }
 }
 

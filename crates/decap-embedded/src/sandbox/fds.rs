@@ -54,3 +54,20 @@ pub fn owning_userns(netns: &std::fs::File) -> std::io::Result<OwnedFd> {
     // SAFETY: `fd` is a fresh descriptor returned by the kernel above.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// Starts the child of `cmd` in a session (and process group) of its own,
+/// apart from the server's: a build outlives the server, and a signal to
+/// the server's group (a terminal's Ctrl-C) does not reach it.
+#[allow(unsafe_code)]
+pub fn own_session(cmd: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only setsid, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -49,8 +49,12 @@ use tokio::io::AsyncReadExt;
 pub const WORKSPACE: &str = "/decap/workspace";
 /// bctool inside the sandbox.
 pub const BCTOOL: &str = "/decap/bin/bctool";
+/// The folder of the server's build socket inside the sandbox (the host's
+/// folder is bound, not the socket: a server that starts while the build
+/// runs makes its socket anew there, and the build reaches it).
+pub const SOCKET_DIR: &str = "/run/decap";
 /// The server's build socket inside the sandbox.
-pub const SOCKET: &str = "/run/decap/decap.sock";
+pub const SOCKET: &str = "/run/decap/build.sock";
 
 /// The host folders a build sees read-only (those that exist; a symbolic
 /// link such as merged-`/usr`'s `/bin` stays a link).
@@ -163,10 +167,23 @@ impl SandboxDir {
             let Ok(lock) = other.lock() else {
                 continue; // alive
             };
-            tracing::info!(folder = %dir.display(), "clearing what a Decap server that is gone left");
             let work = other.work_root();
+            if crate::record::EnvRecord::all(&work).iter().any(|(_, r)| {
+                r.as_ref()
+                    .is_some_and(crate::record::EnvRecord::running_build)
+            }) {
+                // Its builds run on, for its server to adopt when it starts
+                // again; what they leave is cleared after.
+                continue;
+            }
+            tracing::info!(folder = %dir.display(), "clearing what a Decap server that is gone left");
+            for (_, r) in crate::record::EnvRecord::all(&work) {
+                if let Some(r) = r {
+                    r.kill();
+                }
+            }
             if work.exists() {
-                crate::executor::clear_work_root(&work);
+                crate::executor::clear_work_root(&work, &[]);
             }
             if let Ok(cg) = cgroup::Cgroups::detect(&instance(&dir)) {
                 cg.sweep();
@@ -248,6 +265,10 @@ pub struct Plan<'a> {
     pub network: bool,
     /// Whether bctool reads its launch on standard input (warm).
     pub stdin: bool,
+    /// Where bubblewrap's and bctool's own messages go: a file of the
+    /// environment's, not the server's standard error, which a build that
+    /// outlives the server must not hold.
+    pub stderr: &'a Path,
 }
 
 /// A started sandbox.
@@ -260,17 +281,27 @@ pub struct Started {
     pub slirp: Option<Slirp>,
 }
 
-/// slirp4netns serving one sandbox. It exits when this is dropped (its
-/// `--exit-fd` closes), also when the server dies.
+/// slirp4netns serving one sandbox. It is not tied to the server's life
+/// (the build outlives the server) but to the sandbox's: it exits when the
+/// sandbox's processes are gone (they alone hold its `--exit-fd` open).
+/// Whoever ends the build stops it too, this server or the next.
 pub struct Slirp {
-    child: tokio::process::Child,
-    _exit: std::io::PipeWriter,
+    pub(crate) id: crate::record::ProcId,
+    child: Option<tokio::process::Child>,
 }
 
 impl Slirp {
+    /// The helper of a build adopted after a restart.
+    pub(crate) fn adopted(id: crate::record::ProcId) -> Slirp {
+        Slirp { id, child: None }
+    }
+
     /// Stops it; the sandbox's tap device goes with it.
     pub async fn stop(mut self) {
-        let _ = self.child.kill().await;
+        self.id.signal(nix::sys::signal::Signal::SIGKILL);
+        if let Some(c) = &mut self.child {
+            let _ = c.kill().await;
+        }
     }
 }
 
@@ -349,6 +380,16 @@ impl Sandbox {
         self.uids.as_ref().and_then(UidPool::allocate)
     }
 
+    /// Marks a user id as taken by a build adopted after a restart.
+    pub fn claim_uid(&self, uid: u32) {
+        if let Some(pool) = &self.uids
+            && uid >= pool.base
+            && let Ok(mut used) = pool.used.lock()
+        {
+            used.insert(uid - pool.base);
+        }
+    }
+
     /// Gives a build's user id back.
     pub fn free_uid(&self, uid: Option<u32>) {
         if let (Some(pool), Some(uid)) = (&self.uids, uid) {
@@ -383,7 +424,6 @@ impl Sandbox {
             "--unshare-cgroup-try".into(),
             "--disable-userns".into(),
             "--new-session".into(),
-            "--die-with-parent".into(),
             "--hostname".into(),
             "decap-build".into(),
         ];
@@ -433,7 +473,8 @@ impl Sandbox {
             "/tmp".into(),
         ]);
         a.extend(["--ro-bind".into(), text(plan.bctool), BCTOOL.into()]);
-        a.extend(["--ro-bind".into(), text(&self.socket), SOCKET.into()]);
+        let socket_dir = self.socket.parent().unwrap_or(&self.socket);
+        a.extend(["--ro-bind".into(), text(socket_dir), SOCKET_DIR.into()]);
         if plan.network && self.has_network() {
             let fd = fd_arg(data_pipe(b"nameserver 10.0.2.3\n")?, &mut fds);
             a.extend(["--ro-bind-data".into(), fd, "/etc/resolv.conf".into()]);
@@ -477,9 +518,9 @@ impl Sandbox {
                 Stdio::null()
             })
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .process_group(0)
+            .stderr(messages_file(plan.stderr)?)
             .kill_on_drop(false);
+        fds::own_session(&mut cmd);
         if let Some(uid) = plan.uid {
             cmd.uid(uid).gid(uid);
         }
@@ -496,7 +537,18 @@ impl Sandbox {
         spawn: impl AsyncFnOnce(tokio::process::Command) -> std::io::Result<tokio::process::Child>,
         setup: impl FnOnce(&[u32]) -> std::io::Result<()>,
     ) -> std::io::Result<Started> {
-        let (mut cmd, fds, info_r, block_w) = self.command(plan)?;
+        let (mut cmd, mut fds, info_r, block_w) = self.command(plan)?;
+        // The network helper lives as long as the sandbox, whichever
+        // server runs then: it exits when the write end of this pipe, held
+        // by the sandbox's processes alone, closes.
+        let slirp_exit = match (&self.network, plan.network) {
+            (SandboxNetwork::Slirp(_), true) => {
+                let (exit_r, exit_w) = std::io::pipe()?;
+                fds.push(exit_w.into());
+                Some(OwnedFd::from(exit_r))
+            }
+            _ => None,
+        };
         fds::pass(&mut cmd, fds, 3);
         let mut child = spawn(cmd).await?;
         let stopped = async {
@@ -506,8 +558,10 @@ impl Sandbox {
             // sandbox), so a TERM to the cgroup reaches bctool and the
             // script, which stop gracefully.
             setup(&[info])?;
-            let slirp = match (&self.network, plan.network) {
-                (SandboxNetwork::Slirp(path), true) => Some(start_slirp(path, info).await?),
+            let slirp = match (&self.network, slirp_exit) {
+                (SandboxNetwork::Slirp(path), Some(exit)) => {
+                    Some(start_slirp(path, info, exit).await?)
+                }
                 _ => None,
             };
             Ok::<_, std::io::Error>((info, slirp))
@@ -516,7 +570,14 @@ impl Sandbox {
         match stopped {
             Ok((init_pid, slirp)) => {
                 let mut block_w = block_w;
-                block_w.write_all(b"1")?;
+                if let Err(e) = block_w.write_all(b"1") {
+                    if let Some(s) = slirp {
+                        s.stop().await;
+                    }
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    return Err(e);
+                }
                 Ok(Started {
                     child,
                     init_pid,
@@ -527,13 +588,31 @@ impl Sandbox {
                 drop(block_w);
                 let _ = child.start_kill();
                 let status = child.wait().await;
+                let said = messages(plan.stderr);
                 Err(std::io::Error::other(format!(
-                    "the sandbox could not start: {e} (bubblewrap: {})",
-                    status.map_or_else(|e| e.to_string(), |s| s.to_string())
+                    "the sandbox could not start: {e} (bubblewrap: {}{}{said})",
+                    status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+                    if said.is_empty() { "" } else { ": " },
                 )))
             }
         }
     }
+}
+
+/// The file an environment's own messages go to, opened for appending.
+pub(crate) fn messages_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// What an environment said in its messages file, the last 4 KiB at most,
+/// trimmed.
+pub(crate) fn messages(path: &Path) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let tail = &text[text.len().saturating_sub(4096)..];
+    String::from_utf8_lossy(tail).trim().to_owned()
 }
 
 /// Reads bubblewrap's `--info-fd` JSON: the sandbox's first process.
@@ -547,7 +626,7 @@ async fn read_info(info: OwnedFd) -> std::io::Result<u32> {
             let n = rx.read(&mut buf).await?;
             if n == 0 {
                 return Err(std::io::Error::other(
-                    "bubblewrap failed while setting up the sandbox (see its message above)",
+                    "bubblewrap failed while setting up the sandbox",
                 ));
             }
             text.extend_from_slice(&buf[..n]);
@@ -566,11 +645,10 @@ async fn read_info(info: OwnedFd) -> std::io::Result<u32> {
 
 /// Starts slirp4netns on the sandbox's network namespace and waits until
 /// its interface is up.
-async fn start_slirp(slirp: &Path, pid: u32) -> std::io::Result<Slirp> {
+async fn start_slirp(slirp: &Path, pid: u32, exit: OwnedFd) -> std::io::Result<Slirp> {
     let netns = format!("/proc/{pid}/ns/net");
     let (ready_r, ready_w) = std::io::pipe()?;
-    let (exit_r, exit_w) = std::io::pipe()?;
-    let mut passed: Vec<OwnedFd> = vec![ready_w.into(), exit_r.into()];
+    let mut passed: Vec<OwnedFd> = vec![ready_w.into(), exit];
     let mut cmd = tokio::process::Command::new(slirp);
     cmd.args([
         "--configure",
@@ -595,8 +673,9 @@ async fn start_slirp(slirp: &Path, pid: u32) -> std::io::Result<Slirp> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .kill_on_drop(true);
+        .kill_on_drop(false);
     fds::pass(&mut cmd, passed, 3);
+    fds::own_session(&mut cmd);
     let mut child = cmd.spawn()?;
     drop(cmd);
     let mut ready = std::fs::File::from(OwnedFd::from(ready_r));
@@ -605,10 +684,13 @@ async fn start_slirp(slirp: &Path, pid: u32) -> std::io::Result<Slirp> {
         ready.read(&mut b)
     });
     match tokio::time::timeout(Duration::from_secs(10), waited).await {
-        Ok(Ok(Ok(1))) => Ok(Slirp {
-            child,
-            _exit: exit_w,
-        }),
+        Ok(Ok(Ok(1))) => match child.id().and_then(crate::record::ProcId::of) {
+            Some(id) => Ok(Slirp {
+                id,
+                child: Some(child),
+            }),
+            None => Err(std::io::Error::other("slirp4netns exited at once")),
+        },
         _ => {
             let _ = child.start_kill();
             Err(std::io::Error::other(

@@ -97,6 +97,9 @@ impl Decap {
             .env("DECAP_GITHUB_WEBHOOK_SECRET", SECRET)
             .env("DECAP_API_TOKEN", TOKEN)
             .env("DECAP_LOG", "warn")
+            // A test's builds end with its server (a test that restarts it
+            // under running builds says DECAP_STOP_BUILDS_ON_EXIT=false).
+            .env("DECAP_STOP_BUILDS_ON_EXIT", "true")
             .env("DECAP_BCTOOL", env!("CARGO_BIN_EXE_bctool"))
             // Beside the data dir, not in the user's ~/.config.
             .env(
