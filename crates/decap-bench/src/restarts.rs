@@ -131,6 +131,41 @@ fn report(name: &str, sent: &[(Result<u16, String>, f64)]) {
     }
 }
 
+/// How the builds of the pushes ended: waits (a minute at most) until each
+/// of `n` has ended, then says how many succeeded and how many did not.
+async fn outcomes(url: &str, n: usize) -> String {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: serde_json::Value = match http
+            .get(format!(
+                "{url}/api/v1/builds/bench/restarts?branch=main&limit=1000"
+            ))
+            .send()
+            .await
+        {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(e) => return format!("builds unknown: {e}"),
+        };
+        let builds = v["builds"].as_array().cloned().unwrap_or_default();
+        let status = |b: &serde_json::Value| b["status"].as_str().unwrap_or("").to_owned();
+        let ended = builds
+            .iter()
+            .filter(|b| !matches!(status(b).as_str(), "queued" | "deferred" | "running"))
+            .count();
+        if (builds.len() >= n && ended == builds.len()) || Instant::now() > deadline {
+            let ok = builds.iter().filter(|b| status(b) == "succeeded").count();
+            return format!(
+                "{} builds of {n} pushes: {ok} succeeded, {} did not, {} not ended",
+                builds.len(),
+                ended - ok,
+                builds.len() - ended
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn pid_of(data: &Path) -> Option<i32> {
     std::fs::read_to_string(data.join("decap.pid"))
         .ok()?
@@ -163,6 +198,7 @@ pub async fn restarts() -> Result<()> {
     .await;
     let _ = tokio::time::timeout(Duration::from_secs(30), old.wait()).await;
     report("upgrade in place (SIGUSR2 at 3 s)", &sent);
+    println!("  {}", outcomes(&url, sent.len()).await);
     match pid_of(&data) {
         Some(p) if p != old_pid => stop_pid(p),
         _ => println!("  the upgrade did not take place"),
@@ -200,6 +236,7 @@ pub async fn restarts() -> Result<()> {
         stopped.as_secs_f64() * 1000.0,
         serving.as_secs_f64() * 1000.0
     );
+    println!("  {}", outcomes(&url, sent.len()).await);
     if let Some(pid) = second.id() {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
     }
@@ -237,5 +274,30 @@ pub async fn restarts() -> Result<()> {
         t0.elapsed().as_secs_f64() * 1000.0
     );
     drop(viewers);
+    // The builds ran on: the next start adopts them (then they are
+    // cancelled, not left to run their 150 s).
+    let (mut server, url) = started(decap(&data, &scripts, None, &["--max-builds", "5"])?).await?;
+    let mut running = 0;
+    for id in &ids {
+        let b: serde_json::Value = http
+            .get(format!("{url}/api/v1/build/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if b["status"] == "running" {
+            running += 1;
+        }
+        http.delete(format!("{url}/api/v1/build/{id}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+    }
+    println!("  the next start found {running} of the 5 builds running on, and adopted them");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    if let Some(pid) = server.id() {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    }
+    let _ = server.wait().await;
     Ok(())
 }
