@@ -139,7 +139,7 @@ async fn outcomes(url: &str, n: usize) -> String {
     loop {
         let v: serde_json::Value = match http
             .get(format!(
-                "{url}/api/v1/builds/bench/restarts?branch=main&limit=1000"
+                "{url}/api/v1/builds/bench/restarts?branch=main&limit=500"
             ))
             .send()
             .await

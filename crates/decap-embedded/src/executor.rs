@@ -379,14 +379,11 @@ impl LocalExecutor {
             inner.adopt(ws, record);
         }
         inner.refill_slots();
+        // Warmed in the background: the server serves meanwhile (what
+        // arrives in the first moments starts cold), so that a restart or
+        // an upgrade keeps webhooks waiting in the backlog no longer.
         for _ in 0..inner.config.warm {
-            match inner.start_warm().await {
-                Ok(w) => inner.park(w),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot start a warm bctool; builds start cold");
-                    break;
-                }
-            }
+            inner.replenish();
         }
         Ok(LocalExecutor { inner })
     }

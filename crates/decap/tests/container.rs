@@ -573,9 +573,10 @@ async fn rootless_podman_runs_builds_with_their_sidecars_as_rootful_does() {
         .uid(pw.uid.as_raw())
         .gid(pw.gid.as_raw())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    common::relay_stderr(&mut child);
     let stdout = child.stdout.take().unwrap();
     let mut lines = std::io::BufReader::new(stdout).lines();
     let url = loop {

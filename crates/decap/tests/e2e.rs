@@ -1080,6 +1080,16 @@ async fn the_project_page_offers_each_branch_once_built_ones_first_then_the_repo
         page.contains("<span>main</span>"),
         "main, built lately, is listed: {page}"
     );
+    // The durations chart has its scale (0 to the longest build) and says
+    // which end is the oldest.
+    for label in [
+        r#"text-anchor="end">0</text>"#,
+        ">oldest</text>",
+        ">newest</text>",
+        "on a scale up to ",
+    ] {
+        assert!(page.contains(label), "{label} on the chart: {page}");
+    }
     assert!(
         page.contains("/ui/refs/acme/repo"),
         "the page asks for the repository's refs"

@@ -686,7 +686,7 @@ async fn lease_holder(client: &Client, ns: &str) -> Option<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn of_two_replicas_only_the_leader_launches_and_the_other_takes_over_when_it_dies() {
+async fn only_the_leader_launches_and_another_takes_over_when_it_stops_or_dies() {
     let bed = Bed::new("e2e-replicas").await;
     let world = common::aws::World::create().await;
     project(
@@ -747,16 +747,39 @@ async fn of_two_replicas_only_the_leader_launches_and_the_other_takes_over_when_
         .unwrap();
     assert!(log.contains("built via-follower"), "{log}");
 
-    // The leader dies without letting go: the other takes over once the
-    // Lease lapses, and launches.
-    let mut first = first;
-    first.kill();
+    // The leader stops (a rolling update): it lets go of the Lease as it
+    // stops, so the other takes over without waiting for it to lapse.
+    drop(first);
+    let released = lease_holder(&bed.client, &bed.ns).await;
+    assert_ne!(
+        released.as_deref(),
+        Some("replica-a"),
+        "a leader that stopped still holds the Lease"
+    );
     let api = second.api();
-    eventually("the follower to take the lead", 2 * MINUTE, || {
+    eventually("the follower to take the lead", MINUTE, || {
         let client = bed.client.clone();
         let ns = bed.ns.clone();
         async move {
             (lease_holder(&client, &ns).await.as_deref() == Some("replica-b")).then_some(())
+        }
+    })
+    .await;
+    let id = api.request("acme/ha", &["after-handover"]).await.remove(0);
+    let b = api.finished(&id, MINUTE).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+
+    // The leader dies without letting go: the other takes over once the
+    // Lease lapses, and launches.
+    let third = start("replica-c");
+    let mut second = second;
+    second.kill();
+    let api = third.api();
+    eventually("the follower to take the lead", 2 * MINUTE, || {
+        let client = bed.client.clone();
+        let ns = bed.ns.clone();
+        async move {
+            (lease_holder(&client, &ns).await.as_deref() == Some("replica-c")).then_some(())
         }
     })
     .await;

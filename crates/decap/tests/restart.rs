@@ -51,7 +51,7 @@ fn serve_in(
         )
         .env_remove("LISTEN_PID")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .kill_on_drop(true);
     match fd {
         Some(l) => {
@@ -69,6 +69,7 @@ fn serve_in(
 /// Starts `cmd` and answers the process and the URL it serves.
 async fn started(mut cmd: tokio::process::Command) -> (tokio::process::Child, String) {
     let mut child = cmd.spawn().unwrap();
+    common::relay_stderr_async(&mut child);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let url = loop {
         match lines.next_line().await.unwrap() {
@@ -272,7 +273,7 @@ async fn an_upgrade_to_a_binary_that_cannot_start_keeps_the_old_one_serving() {
                 .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
         )
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .kill_on_drop(true);
     let (mut old, url) = started(from_copy).await;
     let old_pid = old.id().unwrap() as i32;
@@ -386,11 +387,14 @@ async fn a_stop_does_not_wait_for_viewers_and_tells_them_to_reconnect() {
         api,
         id,
     } = streaming(150, "0.02").await;
-    // 50 viewers of the live log and of the pages' live updates.
+    // Five builds streaming, 200 viewers of their live logs and of the
+    // pages' live updates.
+    let mut ids = vec![id];
+    ids.extend(api.request("acme/widgets", &["b1", "b2", "b3", "b4"]).await);
     let mut viewers = Vec::new();
-    for i in 0..50 {
+    for i in 0..200 {
         let path = if i % 2 == 0 {
-            format!("{url}/api/v1/logs/{id}/events")
+            format!("{url}/api/v1/logs/{}/events", ids[i % ids.len()])
         } else {
             format!("{url}/ui/events")
         };
@@ -412,18 +416,20 @@ async fn a_stop_does_not_wait_for_viewers_and_tells_them_to_reconnect() {
         let text = v.text().await.unwrap_or_default();
         assert!(text.contains("event: reconnect"), "{text}");
     }
-    // The build ran on; the next start records its end and its whole log.
+    // The builds ran on; the next start records their ends and whole logs.
     let (mut second, _) = started(serve(&data, &scripts, Some(&listener))).await;
-    let b = api.finished(&id, Duration::from_secs(60)).await;
-    assert_eq!(b["status"], "succeeded", "{b}");
-    let log = api
-        .get(&format!("/api/v1/logs/{id}"))
-        .await
-        .text()
-        .await
-        .unwrap();
-    for l in 1..=150 {
-        assert_eq!(log.matches(&format!("line {l}\n")).count(), 1, "{log}");
+    for id in &ids {
+        let b = api.finished(id, Duration::from_secs(60)).await;
+        assert_eq!(b["status"], "succeeded", "{b}");
+        let log = api
+            .get(&format!("/api/v1/logs/{id}"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        for l in 1..=150 {
+            assert_eq!(log.matches(&format!("line {l}\n")).count(), 1, "{log}");
+        }
     }
     kill(Pid::from_raw(second.id().unwrap() as i32), Signal::SIGTERM).unwrap();
     second.wait().await.unwrap();

@@ -947,6 +947,10 @@ async fn other_ci_servers_report_builds_and_the_hub_derives_pending_and_fixed() 
     );
     assert!(html.contains("hub h-fixed"), "{html}");
     assert!(
+        html.contains("(successful where the revision before failed)"),
+        "the boxes' legend: {html}"
+    );
+    assert!(
         html.contains(r#"href="https://ci.example.com/builds/3""#),
         "{html}"
     );

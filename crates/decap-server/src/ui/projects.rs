@@ -81,11 +81,30 @@ pub async fn projects(State(app): State<AppState>, headers: HeaderMap, ci: Peer)
     })
 }
 
+/// The durations chart: bars on a scale from 0 to the longest build.
+pub struct Chart {
+    /// The bars, oldest first.
+    pub bars: Vec<Bar>,
+    /// The drawing's width (the scale's labels, then a bar per build).
+    pub width: usize,
+    /// The top of the scale (the longest build) and its middle, in words.
+    pub top: String,
+    /// The middle of the scale, in words.
+    pub middle: String,
+}
+
+/// Where the bars start, right of the scale's labels.
+const CHART_LEFT: usize = 48;
+/// The bars' baseline (0), with [`CHART_HEIGHT`] above it.
+const CHART_BASE: i64 = 66;
+/// The tallest bar.
+const CHART_HEIGHT: i64 = 60;
+
 /// A bar of the durations chart.
 pub struct Bar {
     /// x of its left edge.
     pub x: usize,
-    /// Its height (of 60).
+    /// Its height (of [`CHART_HEIGHT`]).
     pub height: i64,
     /// y of its top.
     pub y: i64,
@@ -120,7 +139,7 @@ struct ProjectPage {
     builds_counted: usize,
     failure_rate: String,
     average: String,
-    bars: Vec<Bar>,
+    chart: Chart,
     /// Whether the Subscribe button shows (GitHub is configured).
     can_subscribe: bool,
 }
@@ -191,17 +210,17 @@ pub async fn project(
         .max()
         .unwrap_or(1)
         .max(1);
-    let bars = stats
+    let bars: Vec<Bar> = stats
         .points
         .iter()
         .enumerate()
         .map(|(i, p)| {
             let ms = p.duration_ms.unwrap_or(0);
-            let height = (ms * 60 / longest).max(2);
+            let height = (ms * CHART_HEIGHT / longest).max(2);
             Bar {
-                x: i * 10,
+                x: CHART_LEFT + 1 + i * 10,
                 height,
-                y: 60 - height,
+                y: CHART_BASE - height,
                 status: p.status.as_str(),
                 title: format!(
                     "{}: {}",
@@ -264,7 +283,12 @@ pub async fn project(
             .average_duration_ms
             .map(duration_text)
             .unwrap_or_else(|| "—".to_owned()),
-        bars,
+        chart: Chart {
+            width: CHART_LEFT + (bars.len() * 10).max(100),
+            bars,
+            top: duration_text(longest),
+            middle: duration_text(longest / 2),
+        },
         can_subscribe: app.github_hooks.is_some(),
     })
 }

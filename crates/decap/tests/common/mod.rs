@@ -111,9 +111,10 @@ impl Decap {
             )
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("decap starts");
+        relay_stderr(&mut child);
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let url = loop {
@@ -164,6 +165,39 @@ impl Drop for Decap {
         }
         self.kill();
     }
+}
+
+/// Copies a server's standard error into the test's own output, which the
+/// test harness shows only for a test that fails: the warnings and errors
+/// that tests of failures bring about on purpose stay out of a green run.
+/// Call from the test's thread (the reader thread inherits its capture).
+pub fn relay_stderr(child: &mut std::process::Child) {
+    if let Some(err) = child.stderr.take() {
+        relay(err);
+    }
+}
+
+/// [`relay_stderr`] for a process started with tokio.
+pub fn relay_stderr_async(child: &mut tokio::process::Child) {
+    if let Some(err) = child.stderr.take()
+        && let Ok(fd) = err.into_owned_fd()
+    {
+        // tokio left it non-blocking; the reader thread blocks.
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        if let Ok(flags) = fcntl(&fd, FcntlArg::F_GETFL) {
+            let flags = OFlag::from_bits_truncate(flags) - OFlag::O_NONBLOCK;
+            let _ = fcntl(&fd, FcntlArg::F_SETFL(flags));
+        }
+        relay(std::fs::File::from(fd));
+    }
+}
+
+fn relay(from: impl std::io::Read + Send + 'static) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+        }
+    });
 }
 
 /// Polls `f` until it returns Some or the time is up.
