@@ -34,7 +34,10 @@ async function serve(setup) {
   setup(scripts);
   child = spawn(BIN, ["serve", "--listen", "127.0.0.1:0", "--data-dir", path.join(root, "data"),
     "--scripts", scripts, "--sandbox", "auto", "--kill-grace-secs", "1"], {
-    env: { ...process.env, DECAP_API_TOKEN: TOKEN, DECAP_LOG: "warn" },
+    // A webhook secret, so that its absence is not warned of; the builds
+    // end with the server, which then clears what they left.
+    env: { ...process.env, DECAP_API_TOKEN: TOKEN, DECAP_LOG: "warn",
+      DECAP_GITHUB_WEBHOOK_SECRET: "ui-tests", DECAP_STOP_BUILDS_ON_EXIT: "true" },
     stdio: ["ignore", "pipe", "inherit"],
   });
   const url = await new Promise((resolve, reject) => {

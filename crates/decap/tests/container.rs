@@ -469,6 +469,11 @@ async fn the_shipped_examples_run_in_the_base_build_image() {
         ("examples/hello-world", "succeeded", "hello from build"),
         ("examples/live-and-artifacts", "succeeded", "step 5 of 5"),
         ("examples/always-fails", "failed", ""),
+        (
+            "examples/from-a-repository",
+            "succeeded",
+            "the greeter says: Hello, Decap!",
+        ),
     ] {
         let id = api.request(key, &["main"]).await.remove(0);
         let b = api.finished(&id, MINUTE).await;

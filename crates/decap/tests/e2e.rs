@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::Read;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Decap, eventually, project, push_payload};
@@ -1100,4 +1101,45 @@ async fn the_project_page_offers_each_branch_once_built_ones_first_then_the_repo
         !refs.contains("<span>main</span>"),
         "main is not offered twice: {refs}"
     );
+}
+
+/// The shipped example that builds a real git repository, in the sandbox
+/// as `decap serve` runs it by default: each branch is cloned from the
+/// repository and its own tests decide the result.
+#[tokio::test]
+async fn the_shipped_repository_example_builds_each_branch_from_its_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/build-scripts");
+    let decap = Decap::start(&dir.path().join("data"), &examples, &["--sandbox", "auto"]);
+    let api = decap.api();
+    let ids = api
+        .request(
+            "examples/from-a-repository",
+            &["main", "feature/shout", "feature/typo"],
+        )
+        .await;
+    for (id, (status, words)) in ids.iter().zip([
+        (
+            "succeeded",
+            "building main at 1ad8c8e: A greeter and its tests",
+        ),
+        (
+            "succeeded",
+            "building feature/shout at a1b4253: Shout when asked",
+        ),
+        ("failed", "FAIL: greet 'Ada' says 'Helo, Ada!'"),
+    ]) {
+        let b = api.finished(id, MINUTE).await;
+        let log = api
+            .get(&format!("/api/v1/logs/{id}"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(b["status"], status, "{b}\n{log}");
+        assert!(log.contains(words), "{log}");
+        if status == "succeeded" {
+            assert!(api.artifact_names(id).await.contains("greet.sh"));
+        }
+    }
 }
