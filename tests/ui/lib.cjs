@@ -38,8 +38,12 @@ async function serve(setup) {
     // end with the server, which then clears what they left.
     env: { ...process.env, DECAP_API_TOKEN: TOKEN, DECAP_LOG: "warn",
       DECAP_GITHUB_WEBHOOK_SECRET: "ui-tests", DECAP_STOP_BUILDS_ON_EXIT: "true" },
-    stdio: ["ignore", "pipe", "inherit"],
+    stdio: ["ignore", "pipe", "pipe"],
   });
+  // What decap says is kept, and shown only when a test fails
+  // (`serverLogs`): the warnings that tests of failures bring about on
+  // purpose stay out of a green run.
+  readline.createInterface({ input: child.stderr }).on("line", (l) => logs.push(l));
   const url = await new Promise((resolve, reject) => {
     const lines = readline.createInterface({ input: child.stdout });
     lines.on("line", (l) => { if (l.startsWith("decap: serving ")) { resolve(l.slice(15)); } });
@@ -60,4 +64,8 @@ function stop(child) {
   });
 }
 
-module.exports = { TOKEN, BIN, CHROMIUM, project, serve, stop };
+// Every line the servers of this run wrote to their standard error.
+const logs = [];
+function serverLogs() { return logs.join("\n"); }
+
+module.exports = { TOKEN, BIN, CHROMIUM, project, serve, stop, serverLogs };

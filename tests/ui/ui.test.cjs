@@ -12,7 +12,7 @@ const { chromium } = require("playwright-core");
 const fs = require("node:fs");
 const os = require("node:os");
 const path = require("node:path");
-const { TOKEN, BIN, CHROMIUM, project, serve, stop } = require("./lib.cjs");
+const { TOKEN, BIN, CHROMIUM, project, serve, stop, serverLogs } = require("./lib.cjs");
 
 const SHOTS = process.env.DECAP_UI_SCREENSHOTS || path.join(os.tmpdir(), "decap-ui-screenshots");
 
@@ -315,6 +315,7 @@ test("every page of a fresh Decap on the shipped examples reads as healthy", asy
   await browser.close();
   await stop(decap.child);
   fs.rmSync(decap.root, { recursive: true, force: true });
+  if (failed) { console.log("decap's own messages:\n" + serverLogs()); }
   console.log(`test result: ${failed ? "FAILED" : "ok"}. ${passed} passed; ${failed} failed (screenshots in ${SHOTS})`);
   process.exit(failed ? 1 : 0);
 })().catch((e) => { console.error(e); process.exit(1); });

@@ -1022,7 +1022,8 @@ impl Inner {
                 Ok(()) => return Ok(Some(warm)),
                 Err(e) => {
                     // That one died while waiting; try the next.
-                    tracing::warn!(error = %e, "a warm bctool was gone");
+                    let said = crate::sandbox::messages(&EnvRecord::messages_path(&warm.ws.dir));
+                    tracing::warn!(error = %e, said = %said, "a warm bctool was gone");
                     self.dispose(warm).await;
                 }
             }
