@@ -633,3 +633,106 @@ printf '%s' "$DEPLOY_KEY" | md5sum > "$ARTIFACTS_DIR/deploy-key.md5"
         "{log}"
     );
 }
+
+/// `decap serve` as a user without root (`nobody`): it started until now.
+fn serve_as_nobody(base: &std::path::Path) -> (std::process::Child, common::Api) {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(base.join("decap"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--sandbox", "auto"])
+        .args(["--kill-grace-secs", "1"])
+        .arg("--data-dir")
+        .arg(base.join("data"))
+        .arg("--scripts")
+        .arg(base.join("scripts"))
+        .env_clear()
+        .env("HOME", base)
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("DECAP_API_TOKEN", common::TOKEN)
+        .env("DECAP_LOG", "warn")
+        .env("DECAP_BCTOOL", base.join("bctool"))
+        .env("DECAP_SECRETS_KEY_FILE", base.join("secrets.key"))
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::relay_stderr(&mut child);
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                if let Some(u) = l.strip_prefix("decap: serving ") {
+                    break u.to_owned();
+                }
+            }
+            _ => panic!("decap (as nobody) exited before serving"),
+        }
+    };
+    let api = common::Api {
+        http: reqwest::Client::new(),
+        base: url,
+    };
+    (child, api)
+}
+
+#[tokio::test]
+async fn without_root_the_sandbox_has_its_network_and_its_builds_outlive_a_killed_server() {
+    if !nix::unistd::geteuid().is_root() {
+        // Becoming `nobody` takes root; CI runs as root.
+        eprintln!("skipped: run as root to try the sandbox as another user");
+        return;
+    }
+    let public = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let target = format!("{}/{}", host_address(), public.local_addr().unwrap().port());
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("decap");
+    std::fs::create_dir(&base).unwrap();
+    for (from, to) in [
+        (env!("CARGO_BIN_EXE_decap"), "decap"),
+        (env!("CARGO_BIN_EXE_bctool"), "bctool"),
+    ] {
+        std::fs::copy(from, base.join(to)).unwrap();
+    }
+    project(
+        &base.join("scripts"),
+        "acme/reach",
+        r#"{"buildImage": "x"}"#,
+        &format!(
+            "#!/bin/bash\necho \"user $(id -u)\"\n(exec 3<>/dev/tcp/{target}) && echo OUTBOUND-OK || echo outbound-failed\n\
+             for i in $(seq 1 40); do echo \"line $i\"; sleep 0.05; done\nexit 3\n"
+        ),
+    );
+    let status = std::process::Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (mut first, api) = serve_as_nobody(&base);
+    let id = api.request("acme/reach", &["main"]).await.remove(0);
+    let log = eventually("the build to stream", MINUTE, || async {
+        let log = log_of(&api, &id).await;
+        log.contains("line 2").then_some(log)
+    })
+    .await;
+    assert!(log.contains("user 65534"), "{log}");
+    assert!(log.contains("OUTBOUND-OK"), "{log}");
+    let _ = first.kill();
+    let _ = first.wait();
+    let (mut second, api) = serve_as_nobody(&base);
+    let b = api.finished(&id, MINUTE).await;
+    assert_eq!(b["status"], "failed", "{b}");
+    assert_eq!(b["exitCode"], 3, "{b}");
+    assert_eq!(b["sandbox"], "bubblewrap", "{b}");
+    let log = log_of(&api, &id).await;
+    for l in 1..=40 {
+        assert_eq!(log.matches(&format!("line {l}\n")).count(), 1, "{log}");
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = second.wait();
+}

@@ -1,6 +1,7 @@
-//! The two things the sandbox needs that the standard library does not
-//! offer safely: handing chosen file descriptors to a child at chosen
-//! numbers, and finding the user namespace that owns a network namespace.
+//! What the sandbox needs that the standard library does not offer safely:
+//! handing chosen file descriptors to a child at chosen numbers, starting a
+//! child in a session of its own or in a given user namespace, and finding
+//! the user namespace that owns a network namespace.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
@@ -65,6 +66,27 @@ pub fn own_session(cmd: &mut tokio::process::Command) {
     unsafe {
         cmd.pre_exec(|| {
             if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Makes the child of `cmd` enter the user namespace `userns` before it
+/// runs: the network helper of a sandbox made without root, which may
+/// configure the sandbox's network only from the namespace that owns it.
+#[allow(unsafe_code)]
+pub fn enter_userns(cmd: &mut tokio::process::Command, userns: OwnedFd) {
+    let raw = userns.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec, which has
+    // one thread (as setns(CLONE_NEWUSER) requires), and calls only setns,
+    // which is async-signal-safe. The descriptor stays open in the parent
+    // until `userns` (moved into the closure) is dropped with the command.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &userns;
+            if libc::setns(raw, libc::CLONE_NEWUSER) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

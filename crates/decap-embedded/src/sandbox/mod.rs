@@ -648,7 +648,7 @@ async fn read_info(info: OwnedFd) -> std::io::Result<u32> {
 async fn start_slirp(slirp: &Path, pid: u32, exit: OwnedFd) -> std::io::Result<Slirp> {
     let netns = format!("/proc/{pid}/ns/net");
     let (ready_r, ready_w) = std::io::pipe()?;
-    let mut passed: Vec<OwnedFd> = vec![ready_w.into(), exit];
+    let passed: Vec<OwnedFd> = vec![ready_w.into(), exit];
     let mut cmd = tokio::process::Command::new(slirp);
     cmd.args([
         "--configure",
@@ -661,11 +661,11 @@ async fn start_slirp(slirp: &Path, pid: u32, exit: OwnedFd) -> std::io::Result<S
         "--exit-fd=4",
     ]);
     if !nix::unistd::geteuid().is_root() {
-        // The namespace belongs to the build's user namespace: join that
-        // one (its owner may).
+        // The namespace belongs to the sandbox's user namespace, where only
+        // the user is mapped: slirp4netns enters it before it runs (its own
+        // --userns-path would want to become root there, and cannot).
         let ns = std::fs::File::open(&netns)?;
-        passed.push(fds::owning_userns(&ns)?);
-        cmd.arg("--userns-path=/proc/self/fd/5");
+        fds::enter_userns(&mut cmd, fds::owning_userns(&ns)?);
     }
     cmd.arg(&netns)
         .arg("tap0")
