@@ -1242,7 +1242,11 @@ impl Inner {
         // upload that failed) goes to the server's log.
         let said = crate::sandbox::messages(&EnvRecord::messages_path(&env.ws.dir));
         if !said.is_empty() {
-            tracing::info!(build_id = %id, messages = %said, "the build's bctool said");
+            if status.contains("exit status: 0") {
+                tracing::info!(build_id = %id, messages = %said, "the build's bctool said");
+            } else {
+                tracing::warn!(build_id = %id, messages = %said, how = %status, "the build's environment said");
+            }
         }
         let ws = env.ws.clone();
         let cgroup = env.cgroup.clone();

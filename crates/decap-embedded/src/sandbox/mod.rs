@@ -560,6 +560,7 @@ impl Sandbox {
             setup(&[info])?;
             let slirp = match (&self.network, slirp_exit) {
                 (SandboxNetwork::Slirp(path), Some(exit)) => {
+                    loopback_up(info).await;
                     Some(start_slirp(path, info, exit).await?)
                 }
                 _ => None,
@@ -641,6 +642,22 @@ async fn read_info(info: OwnedFd) -> std::io::Result<u32> {
     tokio::time::timeout(Duration::from_secs(30), read)
         .await
         .map_err(|_| std::io::Error::other("bubblewrap did not set the sandbox up in 30 s"))?
+}
+
+/// Waits (50 ms at most) until bubblewrap has set the loopback of the
+/// sandbox whose first process is `pid` up: slirp4netns configuring its
+/// interface in the same namespace meanwhile made bubblewrap's set-up fail
+/// now and then ("loopback: Failed RTM_NEWADDR"), and the build with it.
+async fn loopback_up(pid: u32) {
+    let routes = format!("/proc/{pid}/net/fib_trie");
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+    while tokio::time::Instant::now() < deadline {
+        match std::fs::read_to_string(&routes) {
+            Ok(text) if text.contains("127.0.0.1") => return,
+            Ok(_) => tokio::time::sleep(Duration::from_micros(200)).await,
+            Err(_) => return, // gone, or not to be read here: go on
+        }
+    }
 }
 
 /// Starts slirp4netns on the sandbox's network namespace and waits until
