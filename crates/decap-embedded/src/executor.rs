@@ -163,19 +163,26 @@ enum Proc {
 }
 
 impl Proc {
-    /// Waits for it to exit; answers how, in words.
-    async fn wait(&mut self) -> String {
+    /// Waits for it to exit; answers how, in words, and whether it is
+    /// known to have succeeded.
+    async fn wait(&mut self) -> (String, bool) {
         match self {
             Proc::Child(c) => match c.wait().await {
-                Ok(s) => format!("the build process exited ({s})"),
-                Err(e) => format!("the build process could not be awaited: {e}"),
+                Ok(s) => (format!("the build process exited ({s})"), s.success()),
+                Err(e) => (
+                    format!("the build process could not be awaited: {e}"),
+                    false,
+                ),
             },
             Proc::Adopted(p) => {
                 // Not this process's child: its exit is seen, not awaited.
                 while p.alive() {
                     tokio::time::sleep(ADOPTED_POLL).await;
                 }
-                "the build process exited (it ran on while Decap restarted)".into()
+                (
+                    "the build process exited (it ran on while Decap restarted)".into(),
+                    false,
+                )
             }
         }
     }
@@ -309,11 +316,13 @@ impl LocalExecutor {
             .map_err(|e| Error::invalid("data dir", e.to_string()))?;
         config.dir.sweep_dead();
         let work_root = config.dir.work_root();
-        // Builds an earlier server on this data dir left running.
-        let left: Vec<(PathBuf, EnvRecord)> = EnvRecord::all(&work_root)
+        // Builds an earlier server on this data dir left running, and the
+        // environments of its that are over (warm ones, builds that ended
+        // while no server ran): those are cleared below.
+        let (left, over): (Vec<_>, Vec<_>) = EnvRecord::all(&work_root)
             .into_iter()
-            .filter_map(|(ws, r)| r.filter(EnvRecord::running_build).map(|r| (ws, r)))
-            .collect();
+            .filter_map(|(ws, r)| Some((ws, r?)))
+            .partition(|(_, r)| r.running_build());
         let (sandbox, cgroups, bctool) = match config.sandbox {
             SandboxMode::None => (None, None, PathBuf::from(program)),
             SandboxMode::Bubblewrap => {
@@ -342,10 +351,8 @@ impl LocalExecutor {
             .iter()
             .filter_map(|(ws, _)| Some(ws.file_name()?.to_string_lossy().into_owned()))
             .collect();
-        for (_, r) in EnvRecord::all(&work_root) {
-            if let Some(r) = r.filter(|r| !r.running_build()) {
-                r.kill();
-            }
+        for (_, r) in &over {
+            r.kill();
         }
         if let Some(c) = &cgroups {
             c.sweep_except(&keep);
@@ -1204,7 +1211,7 @@ impl Inner {
         let mut ticks = 0u64;
         let mut hits: Vec<LimitHit> = Vec::new();
         let mut stopping = false;
-        let status = loop {
+        let (status, succeeded) = loop {
             tokio::select! {
                 status = env.child.wait() => break status,
                 () = &mut backstop, if !stopping => {
@@ -1242,7 +1249,7 @@ impl Inner {
         // upload that failed) goes to the server's log.
         let said = crate::sandbox::messages(&EnvRecord::messages_path(&env.ws.dir));
         if !said.is_empty() {
-            if status.contains("exit status: 0") {
+            if succeeded {
                 tracing::info!(build_id = %id, messages = %said, "the build's bctool said");
             } else {
                 tracing::warn!(build_id = %id, messages = %said, how = %status, "the build's environment said");
@@ -1275,10 +1282,9 @@ impl Inner {
             r.remove(&id);
         }
         let _ = gone.send(true);
-        let reason = status;
         self.events.environment_exited(EnvironmentExit {
             build_id: id,
-            reason,
+            reason: status,
             limits: hits,
         });
     }

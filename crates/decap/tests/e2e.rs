@@ -45,12 +45,7 @@ async fn a_signed_push_runs_a_build_whose_log_artifacts_and_result_are_kept() {
     assert!(b["scriptsCommit"].as_str().unwrap().starts_with("sha256:"));
     assert!(b["durationMs"].as_i64().is_some());
 
-    let log = api
-        .get(&format!("/api/v1/logs/{id}"))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let log = api.log(&id).await;
     assert!(
         log.contains(&format!("building acme/widgets main {SHA}")),
         "{log}"
@@ -251,12 +246,7 @@ async fn failures_timeouts_and_cancels_end_as_they_should() {
     let long = api.request("acme/long", &["main"]).await;
     let id = &long[0];
     eventually("the long build to print", MINUTE, || async {
-        let text = api
-            .get(&format!("/api/v1/logs/{id}"))
-            .await
-            .text()
-            .await
-            .unwrap();
+        let text = api.log(id).await;
         text.contains("started").then_some(())
     })
     .await;
@@ -1130,12 +1120,7 @@ async fn the_shipped_repository_example_builds_each_branch_from_its_repository()
         ("failed", "FAIL: greet 'Ada' says 'Helo, Ada!'"),
     ]) {
         let b = api.finished(id, MINUTE).await;
-        let log = api
-            .get(&format!("/api/v1/logs/{id}"))
-            .await
-            .text()
-            .await
-            .unwrap();
+        let log = api.log(id).await;
         assert_eq!(b["status"], status, "{b}\n{log}");
         assert!(log.contains(words), "{log}");
         if status == "succeeded" {

@@ -421,12 +421,7 @@ async fn a_stop_does_not_wait_for_viewers_and_tells_them_to_reconnect() {
     for id in &ids {
         let b = api.finished(id, Duration::from_secs(60)).await;
         assert_eq!(b["status"], "succeeded", "{b}");
-        let log = api
-            .get(&format!("/api/v1/logs/{id}"))
-            .await
-            .text()
-            .await
-            .unwrap();
+        let log = api.log(id).await;
         for l in 1..=150 {
             assert_eq!(log.matches(&format!("line {l}\n")).count(), 1, "{log}");
         }
@@ -465,12 +460,7 @@ async fn a_log_follow_resumes_across_a_restart_without_repeats() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("resuming at byte"), "{stderr}");
-    let stored = api
-        .get(&format!("/api/v1/logs/{id}"))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let stored = api.log(&id).await;
     assert!(stored.contains("line 1\n"), "{stored}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
@@ -548,12 +538,7 @@ exit ${BRANCH_TO_BUILD#b}
         assert_eq!(b["exitCode"], i as u64, "{b}");
         let status = if i == 0 { "succeeded" } else { "failed" };
         assert_eq!(b["status"], status, "{b}");
-        let log = api
-            .get(&format!("/api/v1/logs/{id}"))
-            .await
-            .text()
-            .await
-            .unwrap();
+        let log = api.log(id).await;
         let lines = if i == 0 { 20 } else { 80 };
         for l in 1..=lines {
             let line = format!("b{i} line {l}\n");

@@ -168,19 +168,18 @@ impl SandboxDir {
                 continue; // alive
             };
             let work = other.work_root();
-            if crate::record::EnvRecord::all(&work).iter().any(|(_, r)| {
-                r.as_ref()
-                    .is_some_and(crate::record::EnvRecord::running_build)
-            }) {
+            let records: Vec<_> = crate::record::EnvRecord::all(&work)
+                .into_iter()
+                .filter_map(|(_, r)| r)
+                .collect();
+            if records.iter().any(crate::record::EnvRecord::running_build) {
                 // Its builds run on, for its server to adopt when it starts
                 // again; what they leave is cleared after.
                 continue;
             }
             tracing::info!(folder = %dir.display(), "clearing what a Decap server that is gone left");
-            for (_, r) in crate::record::EnvRecord::all(&work) {
-                if let Some(r) = r {
-                    r.kill();
-                }
+            for r in &records {
+                r.kill();
             }
             if work.exists() {
                 crate::executor::clear_work_root(&work, &[]);

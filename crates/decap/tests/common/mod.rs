@@ -280,6 +280,15 @@ impl Api {
         .await
     }
 
+    /// A build's console log as it stands (live, or stored once ended).
+    pub async fn log(&self, id: &str) -> String {
+        self.get(&format!("/api/v1/logs/{id}"))
+            .await
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// The names of a build's artifacts, one per line.
     pub async fn artifact_names(&self, id: &str) -> String {
         self.http
