@@ -11,13 +11,14 @@
 //!
 //! Logs, artifacts and the result go through the server, or, when the build
 //! environment has AWS settings (`DECAP_BCTOOL_DIRECT=1`, see
-//! [`decap_aws::direct`]), straight to S3 and DynamoDB as the original
+//! `decap_aws::direct`), straight to S3 and DynamoDB as the original
 //! bctool did; the live console still streams to the server when the build
 //! has a token for it. Uploads are packed while they are sent (see [`pack`]),
 //! so no output is ever whole in memory or copied to a temporary file.
 //!
 //! bctool never prints its token, its credentials or the environment.
 
+mod direct;
 pub mod pack;
 
 use std::io::{Read, Write};
@@ -29,11 +30,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use decap_api_types::BuildResult;
-use decap_aws::{DirectConfig, DirectStores};
 use decap_client::{Client, ClientError};
 use decap_core::build::BuildId;
 use decap_core::lifecycle;
-use decap_core::ports::{BlobKind, BlobStore, BuildStore, LockStore};
+use decap_core::ports::BlobKind;
 use decap_tail::Progress;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -231,7 +231,7 @@ async fn standby(exit_with_parent: bool, serve: Option<(PathBuf, u16)>) -> Resul
     };
     let (server, token) = (launch.server, launch.token);
     let vars: std::collections::HashMap<String, String> = launch.bctool_env.into_iter().collect();
-    let direct = DirectConfig::from_vars(|k| vars.get(k).cloned()).map_err(anyhow::Error::msg)?;
+    let direct = direct::config(|k| vars.get(k).cloned())?;
     run_prepared(
         prepared,
         Shipper::connect(
@@ -257,12 +257,11 @@ pub async fn main(cli: Cli) -> Result<i32> {
         return Ok(0);
     }
     let credentials = std::env::var_os("DECAP_CREDENTIALS_DIR").map(PathBuf::from);
-    let direct = DirectConfig::from_vars(|k| {
+    let direct = direct::config(|k| {
         std::env::var(k)
             .ok()
             .or_else(|| credential_file(credentials.as_deref()?, k))
-    })
-    .map_err(anyhow::Error::msg)?;
+    })?;
     let connect = Shipper::connect(
         &cli.build.server,
         cli.build.token.clone(),
@@ -381,20 +380,20 @@ pub struct Shipper {
     retry_budget: Duration,
     /// The build has a token, so its console can stream to the server.
     live: bool,
-    direct: Option<DirectStores>,
+    direct: Option<direct::DirectStores>,
 }
 
 impl Shipper {
     async fn connect(
         server: &str,
         token: Option<String>,
-        direct: Option<DirectConfig>,
+        direct: Option<direct::Config>,
         retry_budget: Duration,
     ) -> Result<Shipper> {
         let live = token.is_some();
         let client = Client::new(server, token)?;
         let direct = match direct {
-            Some(config) => Some(config.stores().await),
+            Some(config) => Some(direct::stores(config).await),
             None => None,
         };
         Ok(Shipper {
@@ -735,7 +734,7 @@ async fn run_prepared(
         cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
     } else {
         // bctool's own settings (credentials among them) are not the script's.
-        for var in decap_aws::direct::VARS {
+        for var in direct::VARS {
             cmd.env_remove(var);
         }
     }

@@ -10,7 +10,27 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
+#[cfg(feature = "github")]
 mod notify;
+
+/// `notify-pr` without GitHub's API: refused, whatever its settings.
+#[cfg(not(feature = "github"))]
+mod notify {
+    /// Any settings: this decapctl cannot act on them.
+    #[derive(clap::Args, Debug)]
+    pub struct NotifyArgs {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        _settings: Vec<std::ffi::OsString>,
+    }
+
+    /// Says why `notify-pr` cannot run.
+    pub async fn notify_pr(_: NotifyArgs, _: bool, _: &decap_client::Client) -> anyhow::Result<()> {
+        anyhow::bail!(
+            "notify-pr comments on pull requests through GitHub's API, which this decapctl \
+             was built without (the cargo feature `github`): build Decap with its default features"
+        )
+    }
+}
 
 /// decapctl's command line.
 #[derive(Parser, Debug)]

@@ -258,36 +258,7 @@ pub async fn notify_pr(args: NotifyArgs, json: bool, decap: &decap_client::Clien
         }
     }
     if !files.is_empty() && api == "s3" {
-        let bucket = s.need("store_bucket")?;
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(
-            aws_config::Region::new(s.get("store_region").unwrap_or("us-east-1").to_owned()),
-        );
-        if let (Some(id), Some(secret)) = (s.get("store_identity"), s.get("store_secret")) {
-            loader = loader.credentials_provider(aws_credential_types::Credentials::new(
-                id,
-                secret,
-                None,
-                None,
-                "decapctl-notify-pr",
-            ));
-        }
-        let sdk = loader.load().await;
-        let store = decap_aws::details::S3Details::new(
-            &sdk,
-            decap_aws::details::DetailsConfig {
-                bucket: bucket.to_owned(),
-                prefix: s.get("store_prefix").unwrap_or("notify-pr/").to_owned(),
-                endpoint_url: s.get("store_endpoint").map(str::to_owned),
-                force_path_style: s.get("store_endpoint").is_some(),
-            },
-        );
-        store.expire_after(days).await?;
-        let valid = Duration::from_secs(u64::from(days) * 24 * 3600);
-        for (name, path) in &files {
-            let key = store.key(owner, repo, &commit, name);
-            let url = store.upload(&key, path, valid).await?;
-            links.push((name.clone(), url));
-        }
+        links.extend(upload_s3(&s, owner, repo, &commit, days, &files).await?);
     }
 
     let mut body = format!(
@@ -329,4 +300,65 @@ pub async fn notify_pr(args: NotifyArgs, json: bool, decap: &decap_client::Clien
         );
     }
     Ok(())
+}
+
+/// Uploads the detail files to S3 under a prefix that expires after `days`;
+/// answers each file's name and a link to it.
+#[cfg(feature = "aws")]
+async fn upload_s3(
+    s: &Settings,
+    owner: &str,
+    repo: &str,
+    commit: &str,
+    days: u32,
+    files: &[(String, PathBuf)],
+) -> Result<Vec<(String, String)>> {
+    let mut links = Vec::new();
+    let bucket = s.need("store_bucket")?;
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(
+        aws_config::Region::new(s.get("store_region").unwrap_or("us-east-1").to_owned()),
+    );
+    if let (Some(id), Some(secret)) = (s.get("store_identity"), s.get("store_secret")) {
+        loader = loader.credentials_provider(aws_credential_types::Credentials::new(
+            id,
+            secret,
+            None,
+            None,
+            "decapctl-notify-pr",
+        ));
+    }
+    let sdk = loader.load().await;
+    let store = decap_aws::details::S3Details::new(
+        &sdk,
+        decap_aws::details::DetailsConfig {
+            bucket: bucket.to_owned(),
+            prefix: s.get("store_prefix").unwrap_or("notify-pr/").to_owned(),
+            endpoint_url: s.get("store_endpoint").map(str::to_owned),
+            force_path_style: s.get("store_endpoint").is_some(),
+        },
+    );
+    store.expire_after(days).await?;
+    let valid = Duration::from_secs(u64::from(days) * 24 * 3600);
+    for (name, path) in files {
+        let key = store.key(owner, repo, commit, name);
+        let url = store.upload(&key, path, valid).await?;
+        links.push((name.clone(), url));
+    }
+    Ok(links)
+}
+
+/// S3 needs the AWS SDK, which this decapctl was built without.
+#[cfg(not(feature = "aws"))]
+async fn upload_s3(
+    _: &Settings,
+    _: &str,
+    _: &str,
+    _: &str,
+    _: u32,
+    _: &[(String, PathBuf)],
+) -> Result<Vec<(String, String)>> {
+    bail!(
+        "store_api s3: this decapctl was built without the AWS SDK (the cargo feature `aws`); \
+         use store_api decap (this Decap server's own store), or build Decap with its default features"
+    )
 }

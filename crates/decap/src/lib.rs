@@ -1,7 +1,11 @@
 //! The `decap` binary's library: command-line parsing, validation into a
 //! typed configuration, and the wiring of adapters into the server.
 
+mod aws;
+mod containers;
+mod github;
 mod handoff;
+mod kube;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -377,63 +381,6 @@ impl StorageArgs {
             || self.lock_store == TableBackend::Dynamodb
             || self.deferral_queue == QueueBackend::Sqs
     }
-
-    fn s3(&self) -> decap_aws::S3Config {
-        decap_aws::S3Config {
-            logs_bucket: self.s3_logs_bucket.clone(),
-            artifacts_bucket: self.s3_artifacts_bucket.clone(),
-            key_prefix: self.s3_prefix.clone(),
-            force_path_style: self.s3_path_style,
-            endpoint_url: self.s3_endpoint.clone(),
-        }
-    }
-
-    /// bctool's settings for its direct path, or none.
-    fn bctool_env(&self, sdk: Option<&aws_config::SdkConfig>) -> Result<Vec<(String, String)>> {
-        if !self.bctool_direct {
-            return Ok(Vec::new());
-        }
-        if self.blob_store != BlobBackend::S3
-            || self.build_store != TableBackend::Dynamodb
-            || self.lock_store != TableBackend::Dynamodb
-        {
-            bail!(
-                "--bctool-direct needs --blob-store s3, --build-store dynamodb and --lock-store dynamodb: bctool writes where the server reads"
-            );
-        }
-        let credentials = match (
-            &self.bctool_aws_access_key_id,
-            &self.bctool_aws_secret_access_key,
-        ) {
-            (Some(id), Some(secret)) => Some(decap_aws::direct::StaticCredentials {
-                access_key_id: id.clone(),
-                secret_access_key: secret.clone(),
-                session_token: None,
-            }),
-            (None, None) => None,
-            _ => bail!("--bctool-aws-access-key-id and --bctool-aws-secret-access-key go together"),
-        };
-        let region = self.aws_region.clone().or_else(|| {
-            sdk.and_then(aws_config::SdkConfig::region)
-                .map(ToString::to_string)
-        });
-        Ok(decap_aws::DirectConfig {
-            region,
-            s3: self.s3(),
-            dynamodb: self.dynamodb(),
-            credentials,
-        }
-        .to_vars())
-    }
-
-    fn dynamodb(&self) -> decap_aws::DynamoDbConfig {
-        decap_aws::DynamoDbConfig {
-            builds_table: self.dynamodb_builds_table.clone(),
-            deliveries_table: self.dynamodb_deliveries_table.clone(),
-            locks_table: self.dynamodb_locks_table.clone(),
-            endpoint_url: self.dynamodb_endpoint.clone(),
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -647,106 +594,9 @@ pub fn run(cli: Cli) -> Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(aws_resources(*args))
+            runtime.block_on(aws::resources(*args))
         }
     }
-}
-
-async fn aws_resources(args: AwsResourcesArgs) -> Result<()> {
-    let st = &args.storage;
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if let Some(region) = &st.aws_region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
-    }
-    let sdk = loader.load().await;
-    let resources = decap_aws::resources::Resources {
-        s3: st.s3(),
-        dynamodb: st.dynamodb(),
-        deferred_table: st.dynamodb_deferred_table.clone(),
-        ledger_table: st.dynamodb_ledger_table.clone(),
-        queue_name: args.sqs_queue_name.clone(),
-        sqs_endpoint: st.sqs_endpoint.clone(),
-        log_retention_days: args.log_retention_days,
-    };
-    let account_and_region = || async {
-        let account = match &args.account_id {
-            Some(a) => a.clone(),
-            None => decap_aws::resources::account_id(&sdk).await?,
-        };
-        let region = sdk
-            .region()
-            .map(|r| r.as_ref().to_owned())
-            .context("no region: pass --aws-region or set AWS_REGION")?;
-        anyhow::Ok((account, region))
-    };
-    let mut identities = decap_aws::iam::Identities {
-        user: args.iam_user.clone(),
-        role: None,
-        bctool_user: args.iam_bctool_user.clone(),
-        endpoint: args.iam_endpoint.clone(),
-    };
-    match args.action {
-        ResourcesAction::Create => {
-            let created = decap_aws::resources::create(&sdk, &resources).await?;
-            if let Some(role) = &args.iam_role {
-                let (account, _) = account_and_region().await?;
-                let trust = match (&args.iam_trust_policy, &args.iam_oidc_provider) {
-                    (Some(file), _) => {
-                        let text = std::fs::read_to_string(file)
-                            .with_context(|| format!("cannot read {}", file.display()))?;
-                        serde_json::from_str(&text).with_context(|| {
-                            format!("{} is not a JSON trust policy", file.display())
-                        })?
-                    }
-                    (None, Some(provider)) => decap_aws::iam::service_account_trust_policy(
-                        &account,
-                        provider,
-                        &args.iam_service_account,
-                    )?,
-                    (None, None) => bail!(
-                        "--iam-role needs --iam-trust-policy FILE or --iam-oidc-provider ISSUER"
-                    ),
-                };
-                identities.role = Some((role.clone(), trust));
-            }
-            if !identities.is_empty() {
-                let (account, region) = account_and_region().await?;
-                let arns = decap_aws::iam::create(
-                    &sdk,
-                    &identities,
-                    &decap_aws::resources::policy(&account, &region, &resources)?,
-                    &decap_aws::resources::bctool_policy(&account, &region, &resources)?,
-                )
-                .await?;
-                for arn in arns {
-                    println!("identity {arn} holds its policy");
-                }
-            }
-            println!(
-                "created; run decap with --deferral-queue sqs --sqs-queue-url {}",
-                created.queue_url
-            );
-        }
-        ResourcesAction::Delete => {
-            if let Some(role) = &args.iam_role {
-                identities.role = Some((role.clone(), serde_json::Value::Null));
-            }
-            decap_aws::iam::delete(&sdk, &identities).await?;
-            decap_aws::resources::delete(&sdk, &resources).await?;
-            println!("deleted");
-        }
-        ResourcesAction::Policy => {
-            let (account, region) = account_and_region().await?;
-            let policy = match args.policy_for {
-                PolicyFor::Decap => decap_aws::resources::policy(&account, &region, &resources)?,
-                PolicyFor::Bctool => {
-                    decap_aws::resources::bctool_policy(&account, &region, &resources)?
-                }
-            };
-            println!("{}", serde_json::to_string_pretty(&policy)?);
-        }
-    }
-    Ok(())
 }
 
 /// Finds `examples/build-scripts` above the working directory or the binary.
@@ -882,15 +732,13 @@ async fn secret_store(
     args: &ServeArgs,
     data_dir: &Path,
     db: &SqliteDb,
-    kube_client: Option<&decap_kube::kube::Client>,
+    kube: Option<&kube::Kube>,
 ) -> Result<(Arc<dyn decap_core::ports::SecretStore>, Option<PathBuf>)> {
-    if let Some(client) = kube_client {
+    if let Some(kube) = kube {
         let namespace = &args.kube.kube_namespace;
-        let store = decap_kube::KubeSecretStore::connect(client.clone(), namespace)
-            .await
-            .context("builds' secrets (Kubernetes Secrets in the build namespace)")?;
+        let store = kube.secret_store(namespace).await?;
         tracing::info!(%namespace, "builds' secrets are Kubernetes Secrets in the build namespace");
-        return Ok((Arc::new(store), None));
+        return Ok((store, None));
     }
     let path = secrets_key_file(args)?;
     if path.starts_with(data_dir) {
@@ -912,26 +760,8 @@ async fn secret_store(
 /// The executor's checks of each project as the scripts are read.
 fn project_check(kind: ExecutorKind) -> Option<decap_scripts::ProjectCheck> {
     match kind {
-        ExecutorKind::Kubernetes | ExecutorKind::Container => {
-            Some(Arc::new(|entry| decap_kube::pod::sidecars(entry).err()))
-        }
+        ExecutorKind::Kubernetes | ExecutorKind::Container => kube::sidecar_check(),
         ExecutorKind::Local => None,
-    }
-}
-
-fn kube_config(args: &ServeArgs) -> decap_kube::KubeExecutorConfig {
-    let k = &args.kube;
-    decap_kube::KubeExecutorConfig {
-        namespace: k.kube_namespace.clone(),
-        bctool_image: k.kube_bctool_image.clone(),
-        bctool_command: vec![k.kube_bctool_path.clone()],
-        service_account: k.kube_service_account.clone(),
-        credentials_secret: k.kube_credentials_secret.clone(),
-        default_cpu: k.kube_default_cpu.clone(),
-        default_memory: k.kube_default_memory.clone(),
-        kill_grace: Duration::from_secs(args.kill_grace_secs.max(1)),
-        finished_pod_ttl: Duration::from_secs(k.kube_finished_pod_ttl_secs),
-        image_pull_policy: k.kube_image_pull_policy.clone(),
     }
 }
 
@@ -1015,40 +845,6 @@ async fn local_executor(
     Ok(executor)
 }
 
-async fn container_executor(
-    args: &ServeArgs,
-    data_dir: &Path,
-    build_socket: &Path,
-    events: Arc<ExecutorEventsChannel>,
-) -> Result<decap_container::ContainerExecutor> {
-    let engine = match &args.container.container_socket {
-        Some(p) => p.clone(),
-        None => decap_container::find_engine().map_err(anyhow::Error::msg)?,
-    };
-    let bctool = bctool_command(args.bctool.clone())?
-        .into_iter()
-        .next()
-        .map(PathBuf::from)
-        .context("no bctool binary")?;
-    let executor = decap_container::ContainerExecutor::new(
-        decap_container::ContainerExecutorConfig {
-            engine,
-            instance: decap_embedded::sandbox::instance(data_dir),
-            build_socket: build_socket.to_owned(),
-            bctool,
-            url_port: 9090,
-            kill_grace: Duration::from_secs(args.kill_grace_secs.max(1)),
-            defaults: default_limits(args)?,
-            keep_failed: Duration::from_secs(args.container.keep_failed_containers_secs),
-            network: args.container.container_network.clone(),
-        },
-        events,
-    )
-    .await?;
-    tracing::info!(executor = %executor.describe(), "container executor ready");
-    Ok(executor)
-}
-
 /// The socket sandboxed builds reach the server through (the sandbox dir
 /// is reachable by build users, so they get it bound in; any user may
 /// connect to it, and what arrives there is never taken for a local client).
@@ -1082,8 +878,28 @@ fn raise_open_files() -> u64 {
     }
 }
 
+/// Refuses, before anything is touched, what this build of `decap` left
+/// out (its cargo features): each backend asked for must be in it.
+fn built_in(args: &ServeArgs) -> Result<()> {
+    let st = &args.storage;
+    if args.executor == ExecutorKind::Kubernetes && !cfg!(feature = "kubernetes") {
+        bail!("--executor kubernetes: {}", kube::LEFT_OUT);
+    }
+    if args.executor == ExecutorKind::Container && !cfg!(feature = "containers") {
+        bail!("--executor container: {}", containers::LEFT_OUT);
+    }
+    if (st.uses_aws() || st.bctool_direct) && !cfg!(feature = "aws") {
+        bail!("{}", aws::LEFT_OUT);
+    }
+    if github::configured(args) && !cfg!(feature = "github") {
+        bail!("DECAP_GITHUB_TOKEN or a GitHub App: {}", github::LEFT_OUT);
+    }
+    Ok(())
+}
+
 async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     let set_level = install_tracing(&args.log_level, args.log_format)?;
+    built_in(&args)?;
     // At once: a signal that comes before its handler would end the process.
     let signals = Signals::install()?;
     if args.max_builds == 0 || args.max_builds_per_project == 0 {
@@ -1150,28 +966,21 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
 
     let db = SqliteDb::open(&data_dir.join("decap.db"))?;
     let (events, exits) = ExecutorEventsChannel::new();
-    let kube_client = match args.executor {
-        ExecutorKind::Kubernetes => {
-            Some(decap_kube::client(args.kube.kubeconfig.as_deref()).await?)
-        }
+    let kube = match args.executor {
+        ExecutorKind::Kubernetes => Some(kube::Kube::connect(&args).await?),
         ExecutorKind::Local | ExecutorKind::Container => None,
     };
     // Builds' secrets; the key's folder is hidden from sandboxed builds
     // (`local_executor` adds it to the sandbox's hidden folders).
-    let (secrets, secrets_key_dir) =
-        secret_store(&args, &data_dir, &db, kube_client.as_ref()).await?;
+    let (secrets, secrets_key_dir) = secret_store(&args, &data_dir, &db, kube.as_ref()).await?;
     if let Some(dir) = &secrets_key_dir {
         tracing::debug!(folder = %dir.display(), "the secrets key's folder is hidden from builds");
     }
     let mut local_builds: Option<Arc<LocalExecutor>> = None;
-    let executor: Arc<dyn decap_core::ports::Executor> = match &kube_client {
-        Some(client) => Arc::new(
-            decap_kube::KubeExecutor::new(client.clone(), kube_config(&args), events)
-                .await
-                .context("Kubernetes executor")?,
-        ),
+    let executor: Arc<dyn decap_core::ports::Executor> = match &kube {
+        Some(kube) => kube.executor(&args, events).await?,
         None if matches!(args.executor, ExecutorKind::Container) => {
-            Arc::new(container_executor(&args, &data_dir, &socket_path, events).await?)
+            containers::executor(&args, &data_dir, &socket_path, events).await?
         }
         None => {
             let local = Arc::new(
@@ -1182,61 +991,24 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         }
     };
     let st = &args.storage;
-    let aws = if st.uses_aws() {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(region) = &st.aws_region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        Some(loader.load().await)
-    } else {
-        None
-    };
+    let aws = aws::Aws::connect(st).await?;
     let blobs: Arc<dyn decap_core::ports::BlobStore> = match (st.blob_store, &aws) {
-        (BlobBackend::S3, Some(sdk)) => Arc::new(
-            decap_aws::S3BlobStore::connect(sdk, st.s3())
-                .await
-                .context("S3 blob store")?,
-        ),
+        (BlobBackend::S3, Some(aws)) => aws.blobs(st).await?,
         _ => Arc::new(FileBlobStore::new(data_dir.join("blobs"))),
     };
     let builds: Arc<dyn decap_core::ports::BuildStore> = match (st.build_store, &aws) {
-        (TableBackend::Dynamodb, Some(sdk)) => Arc::new(
-            decap_aws::DynamoDbBuildStore::connect(sdk, st.dynamodb())
-                .await
-                .context("DynamoDB build store")?,
-        ),
+        (TableBackend::Dynamodb, Some(aws)) => aws.builds(st).await?,
         _ => Arc::new(SqliteBuildStore::new(db.clone())),
     };
     let locks: Arc<dyn decap_core::ports::LockStore> = match (st.lock_store, &aws) {
-        (TableBackend::Dynamodb, Some(sdk)) => Arc::new(
-            decap_aws::DynamoDbLockStore::connect(sdk, st.dynamodb())
-                .await
-                .context("DynamoDB lock store")?,
-        ),
+        (TableBackend::Dynamodb, Some(aws)) => aws.locks(st).await?,
         _ => Arc::new(SqliteLockStore::new(db.clone())),
     };
     let queue: Arc<dyn decap_core::ports::DeferralQueue> = match (st.deferral_queue, &aws) {
-        (QueueBackend::Sqs, Some(sdk)) => {
-            let queue_url = st
-                .sqs_queue_url
-                .clone()
-                .context("--deferral-queue sqs needs --sqs-queue-url (DECAP_SQS_QUEUE_URL)")?;
-            let config = decap_aws::SqsConfig {
-                queue_url,
-                index_table: st.dynamodb_deferred_table.clone(),
-                sqs_endpoint: st.sqs_endpoint.clone(),
-                dynamodb_endpoint: st.dynamodb_endpoint.clone(),
-                visibility: Duration::from_secs(60),
-            };
-            Arc::new(
-                decap_aws::SqsDeferralQueue::connect(sdk, config)
-                    .await
-                    .context("SQS deferral queue")?,
-            )
-        }
+        (QueueBackend::Sqs, Some(aws)) => aws.queue(st).await?,
         _ => Arc::new(SqliteDeferralQueue::new(db.clone())),
     };
-    let bctool_env = st.bctool_env(aws.as_ref())?;
+    let bctool_env = aws::Aws::bctool_env(st, aws.as_ref())?;
     let ports = Ports {
         builds,
         locks,
@@ -1270,24 +1042,14 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         },
         live,
     );
-    let leadership = match (&kube_client, args.kube.leader_election) {
-        (Some(client), true) => {
+    let leadership = match (&kube, args.kube.leader_election) {
+        (Some(kube), true) => {
             let identity = args
                 .kube
                 .kube_pod_name
                 .clone()
                 .unwrap_or_else(host_identity);
-            let leadership = decap_kube::leader::elect(
-                client.clone(),
-                &args.kube.kube_lease_namespace,
-                &args.kube.kube_lease_name,
-                &identity,
-                Duration::from_secs(15),
-                Duration::from_secs(5),
-            )
-            .await
-            .context("leader election")?;
-            controller.set_leadership(leadership.leading.clone());
+            let leadership = kube.elect(&args, &identity, &controller).await?;
             tracing::info!(identity = %identity, lease = %args.kube.kube_lease_name, "leader election on");
             Some(leadership)
         }
@@ -1298,52 +1060,23 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     controller.start(exits).await.context("recovering state")?;
     let mut github_hooks: Option<Arc<dyn decap_core::ports::RepositoryHooks>> = None;
     let mut github_refs: Option<Arc<dyn decap_core::ports::RepositoryRefs>> = None;
-    let github_app = match (
-        args.github_app_id,
-        &args.github_app_key_file,
-        args.github_app_installation_id,
-    ) {
-        (Some(app_id), Some(key), Some(installation_id)) => Some(decap_github::GitHubApp {
-            app_id,
-            private_key_pem: std::fs::read_to_string(key)
-                .with_context(|| format!("cannot read the GitHub App key {}", key.display()))?,
-            installation_id,
-        }),
-        _ => None,
-    };
-    let github_token = args.github_token.clone().filter(|t| !t.is_empty());
-    if github_token.is_some() || github_app.is_some() {
-        let github = decap_github::GitHubStatuses::new(&decap_github::GitHubConfig {
-            api_url: args.github_api_url.clone(),
-            token: github_token.unwrap_or_default(),
-            app: github_app,
-            max_wait: Duration::from_secs(300),
-        })
-        .context("GitHub")?;
-        let github = Arc::new(github);
-        github_hooks = Some(github.clone());
-        github_refs = Some(github.clone());
+    if let Some(github) = github::connect(&args)? {
+        github_hooks = Some(github.hooks);
+        github_refs = Some(github.refs);
         // Shared by the replicas with the DynamoDB build store, so that
         // each state and comment is told once by whichever replica.
         let ledger: Arc<dyn decap_core::ports::StatusLedger> = match (st.build_store, &aws) {
-            (TableBackend::Dynamodb, Some(sdk)) => Arc::new(
-                decap_aws::DynamoDbStatusLedger::connect(
-                    sdk,
-                    &st.dynamodb_ledger_table,
-                    st.dynamodb_endpoint.as_deref(),
-                )
-                .await
-                .context("DynamoDB status ledger")?,
-            ),
+            (TableBackend::Dynamodb, Some(aws)) => aws.ledger(st).await?,
             _ => Arc::new(decap_embedded::SqliteStatusLedger::new(db.clone())),
         };
         decap_server::statuses::StatusReporter::new(
             controller.clone(),
-            github.clone(),
+            github.statuses,
             ledger.clone(),
         )
         .spawn();
-        decap_server::comments::PrCommenter::new(controller.clone(), github, ledger).spawn();
+        decap_server::comments::PrCommenter::new(controller.clone(), github.comments, ledger)
+            .spawn();
         tracing::info!(api = %args.github_api_url, "reporting commit statuses and pull-request comments to GitHub");
     }
 

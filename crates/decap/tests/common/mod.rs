@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod app;
+#[cfg(feature = "aws")]
 pub mod aws;
 
 use std::io::{BufRead, BufReader};
