@@ -1107,7 +1107,14 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     .flatten()
     .collect();
     if webhook_secrets.is_empty() {
-        tracing::warn!("no DECAP_GITHUB_WEBHOOK_SECRET: GitHub webhooks are refused");
+        if args.insecure_local {
+            // On one's own machine (deploy/serve) this is expected.
+            tracing::info!(
+                "GitHub webhooks are off: set DECAP_GITHUB_WEBHOOK_SECRET to accept them"
+            );
+        } else {
+            tracing::warn!("no DECAP_GITHUB_WEBHOOK_SECRET: GitHub webhooks are refused");
+        }
     }
     let api_token = secret(args.api_token.clone());
     if api_token.is_none() && !args.insecure_local {
