@@ -482,6 +482,11 @@ struct ServeArgs {
     /// Seconds a stopped build gets between TERM and KILL.
     #[arg(long, env = "DECAP_KILL_GRACE_SECS", default_value_t = 10)]
     kill_grace_secs: u64,
+    /// How long bctool keeps trying to reach a server that is away (a
+    /// restart, an upgrade, a crash) to ship a build's console, log,
+    /// artifacts and result, before it gives up on them.
+    #[arg(long, env = "DECAP_BCTOOL_RETRY_SECS", default_value_t = 300)]
+    bctool_retry_secs: u64,
     /// Stop running local builds when `decap serve` stops (not in an
     /// upgrade in place). By default they run on, and the next `decap
     /// serve` on the same data dir adopts them and records how they end.
@@ -1027,7 +1032,11 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         (QueueBackend::Sqs, Some(aws)) => aws.queue(st).await?,
         _ => Arc::new(SqliteDeferralQueue::new(db.clone())),
     };
-    let bctool_env = aws::Aws::bctool_env(st, aws.as_ref())?;
+    let mut bctool_env = aws::Aws::bctool_env(st, aws.as_ref())?;
+    bctool_env.push((
+        "DECAP_BCTOOL_RETRY_SECS".into(),
+        args.bctool_retry_secs.to_string(),
+    ));
     let ports = Ports {
         builds,
         locks,

@@ -44,6 +44,8 @@ fn serve_in(
         .env("DECAP_GITHUB_WEBHOOK_SECRET", SECRET)
         .env("DECAP_API_TOKEN", TOKEN)
         .env("DECAP_LOG", "warn")
+        // A build of a server that is gone for good stops trying soon.
+        .env("DECAP_BCTOOL_RETRY_SECS", "30")
         .env("DECAP_BCTOOL", env!("CARGO_BIN_EXE_bctool"))
         .env(
             "DECAP_SECRETS_KEY_FILE",
@@ -616,4 +618,56 @@ exit ${BRANCH_TO_BUILD#b}
     assert!(left.is_empty(), "{left:?}");
     kill(Pid::from_raw(second.id().unwrap() as i32), Signal::SIGTERM).unwrap();
     second.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_build_whose_server_never_comes_back_gives_up_after_the_retry_time() {
+    let (dir, data, scripts) = dirs();
+    project(
+        &scripts,
+        "acme/slow",
+        r#"{"buildImage": "x"}"#,
+        "echo started\nsleep 1\necho done\n",
+    );
+    let mut cmd = serve(&data, &scripts, None);
+    cmd.arg("--bctool-retry-secs").arg("2");
+    let (mut server, url) = started(cmd).await;
+    let api = common::Api {
+        http: reqwest::Client::new(),
+        base: url,
+    };
+    let id = api.request("acme/slow", &["main"]).await.remove(0);
+    let record = {
+        let work = decap_embedded::sandbox::SandboxDir::for_data_dir(&data)
+            .unwrap()
+            .work_root();
+        let id = id.clone();
+        eventually("the build's record", Duration::from_secs(30), move || {
+            let work = work.clone();
+            let id = id.clone();
+            async move {
+                std::fs::read_dir(&work).ok()?.flatten().find_map(|e| {
+                    let text = std::fs::read_to_string(e.path()).ok()?;
+                    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+                    (v["buildId"] == id.as_str()).then_some(v)
+                })
+            }
+        })
+        .await
+    };
+    let pid = record["process"]["pid"].as_i64().unwrap() as i32;
+    // Gone for good: the build finishes its script, tries to ship its log
+    // and result for two seconds, and ends.
+    kill(Pid::from_raw(server.id().unwrap() as i32), Signal::SIGKILL).unwrap();
+    server.wait().await.unwrap();
+    let t0 = Instant::now();
+    while kill(Pid::from_raw(pid), None).is_ok() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "bctool still runs {:?} after its server was killed",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(dir);
 }

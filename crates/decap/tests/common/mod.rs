@@ -101,6 +101,8 @@ impl Decap {
             // A test's builds end with its server (a test that restarts it
             // under running builds says DECAP_STOP_BUILDS_ON_EXIT=false).
             .env("DECAP_STOP_BUILDS_ON_EXIT", "true")
+            // A build of a server that is gone for good stops trying soon.
+            .env("DECAP_BCTOOL_RETRY_SECS", "30")
             .env("DECAP_BCTOOL", env!("CARGO_BIN_EXE_bctool"))
             // Beside the data dir, not in the user's ~/.config.
             .env(
