@@ -180,11 +180,7 @@ mod imp {
 
     pub(crate) async fn resources(args: AwsResourcesArgs) -> Result<()> {
         let st = &args.storage;
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(region) = &st.aws_region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        let sdk = loader.load().await;
+        let sdk = sdk(st).await;
         let resources = decap_aws::resources::Resources {
             s3: st.s3(),
             dynamodb: st.dynamodb(),
