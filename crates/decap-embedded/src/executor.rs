@@ -121,9 +121,6 @@ struct Inner {
     /// Set at shutdown: what is prepared after it is thrown away.
     closed: std::sync::atomic::AtomicBool,
     events: Arc<dyn ExecutorEvents>,
-    /// Whether a sandbox could be made here: unknown (`None`) until the
-    /// check made at start has ended; builds wait for it.
-    checked: tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>>,
 }
 
 /// What an environment stands on, made ahead of time: a build user, a
@@ -297,13 +294,9 @@ fn write_scripts(spec: &LaunchSpec, ws: &Path) -> Result<()> {
 }
 
 impl LocalExecutor {
-    /// Makes an executor, adopts the builds an earlier server left running
-    /// and starts its warm pool. With the sandbox, it starts one to be sure
-    /// it works here, in the background: builds wait for that check (see
-    /// [`LocalExecutor::checked`]), and the warm pool starts once it has
-    /// passed. A server that must not serve without a sandbox awaits
-    /// `checked` first; one that takes over a listening socket serves at
-    /// once, so that connections wait in its backlog no longer.
+    /// Makes an executor and starts its warm pool. With the sandbox, it
+    /// first starts one to be sure it works here, and refuses (with the
+    /// reason and the fix) when it does not.
     pub async fn new(config: LocalExecutorConfig, events: Arc<dyn ExecutorEvents>) -> Result<Self> {
         let Some(program) = config.bctool.first() else {
             return Err(Error::invalid("bctool", "no bctool command given"));
@@ -361,22 +354,13 @@ impl LocalExecutor {
         for (_, r) in &over {
             r.kill();
         }
-        // Cleared in the background, from lists made now (what this server
-        // makes meanwhile is on neither): an upgrade's old server leaves
-        // its warm environments to this one, and webhooks wait in the
-        // backlog until this one serves.
-        let stale_groups: Vec<String> = cgroups
-            .as_ref()
-            .map(|c| {
-                c.names()
-                    .into_iter()
-                    .filter(|n| !keep.contains(n))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let stale = stale_entries(&work_root, &keep);
+        if let Some(c) = &cgroups {
+            c.sweep_except(&keep);
+        }
+        if work_root.exists() {
+            clear_work_root(&work_root, &keep);
+        }
         std::fs::create_dir_all(&work_root).map_err(exec_err)?;
-        let (check, checked) = tokio::sync::watch::channel(sandbox.is_none().then_some(Ok(())));
         let inner = Arc::new(Inner {
             config,
             work_root,
@@ -390,58 +374,25 @@ impl LocalExecutor {
             slots: Mutex::new(Vec::new()),
             closed: std::sync::atomic::AtomicBool::new(false),
             events,
-            checked,
         });
+        if inner.sandbox.is_some()
+            && let Err(e) = inner.try_sandbox().await
+        {
+            // Nothing of a server that could not start is left behind.
+            LocalExecutor { inner }.shutdown().await;
+            return Err(e);
+        }
         for (ws, record) in left {
             inner.adopt(ws, record);
         }
-        let this = inner.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Some(c) = &this.cgroups {
-                c.sweep_named(stale_groups);
-            }
-            clear_entries(stale);
-        });
-        // Checked, then slots prepared and warmed, in the background: the
-        // server serves meanwhile (what arrives in the first moments starts
-        // cold, once the check has passed), so that a restart or an upgrade
-        // keeps webhooks waiting in the backlog no longer.
-        let this = inner.clone();
-        tokio::spawn(async move {
-            if this.sandbox.is_some() {
-                let outcome = this.try_sandbox().await.map_err(|e| match e {
-                    Error::Invalid { reason, .. } => reason,
-                    other => other.to_string(),
-                });
-                let passed = outcome.is_ok();
-                let _ = check.send(Some(outcome));
-                if !passed {
-                    return;
-                }
-            }
-            this.refill_slots();
-            for _ in 0..this.config.warm {
-                this.replenish();
-            }
-        });
-        Ok(LocalExecutor { inner })
-    }
-
-    /// Waits until the sandbox has been tried (at once without one), and
-    /// says why none can be made here when it failed. A server that cannot
-    /// serve builds then calls [`LocalExecutor::shutdown`], which leaves
-    /// nothing of it behind.
-    pub async fn checked(&self) -> Result<()> {
-        let mut checked = self.inner.checked.clone();
-        let outcome = checked
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| exec_err("the sandbox check was lost"))?
-            .clone();
-        match outcome {
-            Some(Err(reason)) => Err(Error::invalid("sandbox", reason)),
-            _ => Ok(()),
+        inner.refill_slots();
+        // Warmed in the background: the server serves meanwhile (what
+        // arrives in the first moments starts cold), so that a restart or
+        // an upgrade keeps webhooks waiting in the backlog no longer.
+        for _ in 0..inner.config.warm {
+            inner.replenish();
         }
+        Ok(LocalExecutor { inner })
     }
 
     fn sandbox_for(config: &LocalExecutorConfig) -> Result<(Sandbox, Option<Cgroups>)> {
@@ -509,55 +460,39 @@ impl LocalExecutor {
 /// their filesystems and records), unmounting workspaces an earlier run
 /// left mounted.
 pub(crate) fn clear_work_root(root: &Path, keep: &[String]) {
-    let stale = stale_entries(root, keep);
-    if keep.is_empty() {
-        unmount(&stale);
-        let _ = std::fs::remove_dir_all(root);
-        return;
-    }
-    clear_entries(stale);
-}
-
-/// What the workspaces' folder holds that is not of the environments in
-/// `keep` (their workspaces, filesystem images, records and messages).
-fn stale_entries(root: &Path, keep: &[String]) -> Vec<PathBuf> {
     let kept = |p: &Path| {
         p.file_stem()
             .is_some_and(|s| keep.iter().any(|k| s.to_string_lossy() == *k))
     };
-    // `x.json.partial` is not kept: its stem is `x.json`.
-    std::fs::read_dir(root)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| !kept(p))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Unmounts the workspaces whose filesystem images are among `entries`.
-fn unmount(entries: &[PathBuf]) {
-    for p in entries {
-        if p.extension().is_some_and(|x| x == "img") {
-            let _ = std::process::Command::new(crate::sandbox::disk::tool("umount"))
-                .arg("-l")
-                .arg(p.with_extension(""))
-                .stderr(Stdio::null())
-                .status();
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "img") && !kept(&p) {
+                let ws = p.with_extension("");
+                let _ = std::process::Command::new(crate::sandbox::disk::tool("umount"))
+                    .arg("-l")
+                    .arg(&ws)
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
     }
-}
-
-/// Removes `entries` of the workspaces' folder, their workspaces unmounted
-/// first.
-fn clear_entries(entries: Vec<PathBuf>) {
-    unmount(&entries);
-    for p in entries {
-        if p.is_dir() {
-            let _ = std::fs::remove_dir_all(&p);
-        } else {
-            let _ = std::fs::remove_file(&p);
+    if keep.is_empty() {
+        let _ = std::fs::remove_dir_all(root);
+        return;
+    }
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            let p = e.path();
+            // `x.json.partial` is not kept: its stem is `x.json`.
+            if kept(&p) {
+                continue;
+            }
+            if p.is_dir() {
+                let _ = std::fs::remove_dir_all(&p);
+            } else {
+                let _ = std::fs::remove_file(&p);
+            }
         }
     }
 }
@@ -1416,8 +1351,6 @@ impl Executor for LocalExecutor {
         if inner.running.lock().map_err(exec_err)?.contains_key(&id) {
             return Ok(()); // already running: adopt, never duplicate
         }
-        // Only in a sandbox known to work here.
-        self.checked().await?;
         let limits = Limits::resolve(spec.project.valid_descriptor(), inner.config.defaults);
         let env = match inner.launch_warm(&spec, &limits).await? {
             Some(env) => env,
@@ -1460,25 +1393,6 @@ impl LocalExecutor {
     /// cgroups, workspaces and folder go. Answers how many builds go on.
     pub async fn shutdown(&self) -> usize {
         self.release().await
-    }
-
-    /// Lets go for an upgrade in place, at once: running builds go on as
-    /// with [`LocalExecutor::shutdown`], and the warm environments are
-    /// stopped, but their workspaces and cgroups stay for the new server on
-    /// this data dir, which clears them in the background as it starts:
-    /// the stop costs no time that webhooks wait on in the backlog.
-    /// Answers how many builds go on.
-    pub fn hand_over(&self) -> usize {
-        self.inner
-            .closed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Ok(mut pool) = self.inner.slots.lock() {
-            pool.clear();
-        }
-        if let Ok(mut pool) = self.inner.warm.lock() {
-            pool.drain(..).for_each(|mut w| kill_warm(&mut w));
-        }
-        self.inner.running.lock().map(|r| r.len()).unwrap_or(0)
     }
 
     /// Kills every running build (they end as stopped by the server), then
@@ -1546,23 +1460,17 @@ fn dispose_slot(slot: Slot) {
     slot.ws.remove();
 }
 
-/// Stops a warm environment's processes (its bctool, the sandbox's init,
-/// slirp4netns, which is not tied to the server's life).
-fn kill_warm(w: &mut Env) {
+/// Warm bctools see their standard input close and exit; make sure.
+fn dispose_warm(mut w: Env) {
     let _ = killpg(w.pgid, Signal::SIGKILL);
     w.child.kill();
     if let Some(s) = w.slirp.take() {
+        // Not tied to the server's life: stopped here.
         s.id.signal(Signal::SIGKILL);
     }
     if let Some(init) = w.init_pid {
         let _ = nix::sys::signal::kill(Pid::from_raw(init as i32), Signal::SIGKILL);
     }
-}
-
-/// Warm bctools see their standard input close and exit; make sure, and
-/// remove what they stood on.
-fn dispose_warm(mut w: Env) {
-    kill_warm(&mut w);
     if let Some(cg) = w.cgroup.take() {
         cg.kill_all();
         cg.remove();

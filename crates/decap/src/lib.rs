@@ -820,7 +820,6 @@ async fn local_executor(
     dir: decap_embedded::sandbox::SandboxDir,
     url_port: u16,
     events: Arc<ExecutorEventsChannel>,
-    check_first: bool,
 ) -> Result<LocalExecutor> {
     let executor = LocalExecutor::new(
         LocalExecutorConfig {
@@ -847,11 +846,6 @@ async fn local_executor(
         events,
     )
     .await?;
-    if check_first && let Err(e) = executor.checked().await {
-        // Nothing of a server that could not start is left behind.
-        executor.shutdown().await;
-        return Err(e.into());
-    }
     tracing::info!(sandbox = %executor.describe(), "local executor ready");
     Ok(executor)
 }
@@ -942,7 +936,6 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     }
 
     let open_files = raise_open_files();
-    let took_over_socket = inherited.listener.is_some();
     let listener = match inherited.listener {
         Some(l) => {
             l.set_nonblocking(true)?;
@@ -996,19 +989,7 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         }
         None => {
             let local = Arc::new(
-                local_executor(
-                    &args,
-                    &data_dir,
-                    sandbox_dir.clone(),
-                    local.port(),
-                    events,
-                    // A server taking over a listening socket (an upgrade,
-                    // socket activation) serves while its sandbox is tried:
-                    // connections wait in the backlog meanwhile. Builds
-                    // wait for the check; a failed one stops the server.
-                    !took_over_socket,
-                )
-                .await?,
+                local_executor(&args, &data_dir, sandbox_dir.clone(), local.port(), events).await?,
             );
             local_builds = Some(local.clone());
             local
@@ -1222,30 +1203,7 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         stop_rx,
     ));
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    // A sandbox that turns out not to work here stops the server.
-    let sandbox_failed = {
-        let local = local_builds.clone();
-        async move {
-            match local {
-                Some(local) => match local.checked().await {
-                    Err(e) => format!("{e}"),
-                    Ok(()) => std::future::pending().await,
-                },
-                None => std::future::pending().await,
-            }
-        }
-    };
-    let (successor, failure) = match signals
-        .wait_for_stop(&upgrade, &listen_fd, sandbox_failed)
-        .await
-    {
-        Stop::Asked => (None, None),
-        Stop::Upgraded(successor) => (Some(successor), None),
-        Stop::Failed(why) => {
-            tracing::error!(error = %why, "stopping: builds cannot run here");
-            (None, Some(why))
-        }
-    };
+    let successor = signals.wait_for_stop(&upgrade, &listen_fd).await;
     drop(listen_fd);
     tracing::info!("stopping");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
@@ -1255,7 +1213,6 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     controller.begin_stop();
     let _ = stop_tx.send(true);
     let _ = tokio::join!(tcp, builds);
-    tracing::debug!("requests in flight have ended");
     // Another replica leads at once rather than when the Lease lapses.
     if let Some(leadership) = leadership {
         leadership.release(Duration::from_secs(5)).await;
@@ -1267,11 +1224,7 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         // scheduling lock) finishes first, so that its build is recorded
         // for the next server. Nothing new is launched once stopping.
         let _ = controller.drain().await;
-        tracing::debug!("launches under way have ended");
-        if successor.is_some() {
-            // The new server clears what this one prepared.
-            builds_go_on = local.hand_over();
-        } else if args.stop_builds_on_exit {
+        if args.stop_builds_on_exit && successor.is_none() {
             builds_go_on = local.stop_all().await;
             // Each stopped build ends (record, lock, log) before the exit.
             if !controller.quiesce(Duration::from_secs(10)).await {
@@ -1308,9 +1261,6 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         let _ = std::fs::remove_file(&pid_file);
     }
     tracing::info!("decap stopped");
-    if let Some(why) = failure {
-        bail!("{why}");
-    }
     if let Some(successor) = successor {
         // Held until this process exits: the successor opens the data dir
         // once the connection closes.
@@ -1322,16 +1272,6 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
 /// The process that took over in an upgrade, whose connection stays open
 /// until this process exits.
 static SUCCESSOR: std::sync::OnceLock<handoff::Successor> = std::sync::OnceLock::new();
-
-/// Why `decap serve` stops.
-enum Stop {
-    /// `SIGTERM` or Ctrl-C.
-    Asked,
-    /// A new process took over (`SIGUSR2`).
-    Upgraded(handoff::Successor),
-    /// Builds cannot run here (the sandbox check failed).
-    Failed(String),
-}
 
 /// The signals `decap serve` answers: `SIGTERM` and Ctrl-C stop it,
 /// `SIGUSR2` upgrades it in place.
@@ -1349,21 +1289,18 @@ impl Signals {
         })
     }
 
-    /// Waits for `SIGTERM` or Ctrl-C, for an upgrade in place (`SIGUSR2`)
-    /// that a new process took over, or for `failed` to say why builds
-    /// cannot run. An upgrade that fails is logged, and serving goes on.
+    /// Waits for `SIGTERM` or Ctrl-C (`None`), or for an upgrade in place
+    /// (`SIGUSR2`) that a new process took over (`Some`). An upgrade that
+    /// fails is logged, and serving goes on.
     async fn wait_for_stop(
         mut self,
         upgrade: &handoff::Upgrade,
         listener: &std::os::fd::OwnedFd,
-        failed: impl std::future::Future<Output = String>,
-    ) -> Stop {
-        let mut failed = std::pin::pin!(failed);
+    ) -> Option<handoff::Successor> {
         loop {
             tokio::select! {
-                _ = self.term.recv() => return Stop::Asked,
-                _ = tokio::signal::ctrl_c() => return Stop::Asked,
-                why = &mut failed => return Stop::Failed(why),
+                _ = self.term.recv() => return None,
+                _ = tokio::signal::ctrl_c() => return None,
                 _ = self.usr2.recv() => {
                     tracing::info!("upgrading in place (SIGUSR2)");
                     match upgrade.start(listener).await {
@@ -1372,7 +1309,7 @@ impl Signals {
                             // Under systemd, the new process is the
                             // service's main process from now on.
                             let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(successor.pid)]);
-                            return Stop::Upgraded(successor);
+                            return Some(successor);
                         }
                         Err(e) => tracing::error!(error = %format!("{e:#}"), "the upgrade failed; serving on"),
                     }

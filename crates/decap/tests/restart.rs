@@ -335,59 +335,6 @@ async fn a_socket_activated_restart_refuses_no_webhook() {
     let _ = second.wait().await;
 }
 
-#[tokio::test]
-async fn a_socket_activated_server_serves_while_its_sandbox_is_tried_and_stops_when_it_fails() {
-    let (dir, data, scripts) = dirs();
-    // A bubblewrap that cannot make a sandbox here.
-    let fake = dir.path().join("fake-bin");
-    std::fs::create_dir_all(&fake).unwrap();
-    let bwrap = fake.join("bwrap");
-    std::fs::write(
-        &bwrap,
-        "#!/bin/sh\necho 'bwrap: no permission here' >&2\nexit 1\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&bwrap, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let path = format!("{}:{}", fake.display(), std::env::var("PATH").unwrap());
-
-    // Started on a socket of its own, it refuses to serve, as before.
-    let mut plain = serve_in(&data, &scripts, None, "auto");
-    plain.env("PATH", &path);
-    let out = plain.output().await.unwrap();
-    assert!(!out.status.success());
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("decap: serving"));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no sandbox can be made here"), "{err}");
-
-    // Taking a listening socket over, it serves at once (connections must
-    // not wait on the check), then stops with the reason and a failure.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut activated = serve_in(&data, &scripts, Some(&listener), "auto");
-    activated.env("PATH", &path);
-    let mut child = activated.spawn().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut served = false;
-    while let Some(line) = lines.next_line().await.unwrap() {
-        served |= line.starts_with("decap: serving ");
-    }
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
-        .await
-        .expect("it stops by itself")
-        .unwrap();
-    let mut err = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut err)
-        .await
-        .unwrap();
-    assert!(served, "{err}");
-    assert!(!status.success(), "{status}");
-    assert!(err.contains("no sandbox can be made here"), "{err}");
-    assert!(
-        err.contains("bwrap: no permission here") || err.contains("bctool did not run"),
-        "{err}"
-    );
-}
-
 /// A socket-activated decap running one build that prints a line every
 /// `pause` seconds, `lines` times.
 struct Streaming {

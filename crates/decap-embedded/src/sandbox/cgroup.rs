@@ -209,11 +209,6 @@ impl Cgroups {
     /// As [`Cgroups::sweep`], but for the groups named in `keep` (builds
     /// adopted after a restart).
     pub fn sweep_except(&self, keep: &[String]) {
-        self.sweep_named(self.names().into_iter().filter(|n| !keep.contains(n)));
-    }
-
-    /// The builds' groups there are now, by name.
-    pub fn names(&self) -> std::collections::BTreeSet<String> {
         let mut names = std::collections::BTreeSet::new();
         for p in self.parents() {
             if let Ok(rd) = std::fs::read_dir(p) {
@@ -224,12 +219,7 @@ impl Cgroups {
                 }
             }
         }
-        names
-    }
-
-    /// Kills what runs in these groups and removes them.
-    pub fn sweep_named(&self, names: impl IntoIterator<Item = String>) {
-        for name in names {
+        for name in names.into_iter().filter(|n| !keep.contains(n)) {
             if let Ok(cg) = self.create(&name) {
                 cg.kill_all();
                 cg.remove();

@@ -244,17 +244,7 @@ impl Controller {
         mut exits: mpsc::UnboundedReceiver<EnvironmentExit>,
     ) -> Result<()> {
         if self.is_leading() {
-            self.recover_state().await?;
-            // Launched in the background: the server serves meanwhile.
-            let this = self.clone();
-            tokio::spawn(async move {
-                let mut pause = Duration::from_millis(500);
-                while let Err(e) = this.resume().await {
-                    tracing::warn!(error = %e, "cannot launch the builds that waited across the start; trying again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(10));
-                }
-            });
+            self.recover().await?;
         }
         if let Some(leadership) = self.leadership.get() {
             let mut changes = leadership.clone();

@@ -12,18 +12,11 @@ use super::{Controller, now};
 
 impl Controller {
     /// Rebuilds the controller's state from the stores after a start or a
-    /// crash, then launches what waits: see [`Controller::recover_state`]
-    /// and [`Controller::resume`].
+    /// crash: running builds whose environment is gone end with the outcome
+    /// they reported, or as errored (lock released, log kept), builds accepted but never scheduled are scheduled,
+    /// the queue is reconciled with the build records, stale locks are freed,
+    /// and deferred builds resume.
     pub async fn recover(&self) -> Result<()> {
-        self.recover_state().await?;
-        self.resume().await
-    }
-
-    /// Rebuilds the controller's state from the stores: running builds
-    /// whose environment is gone end with the outcome they reported, or as
-    /// errored (lock released, log kept), the queue is reconciled with the
-    /// build records and stale locks are freed. Nothing is launched.
-    pub(super) async fn recover_state(&self) -> Result<()> {
         let mut s = self.sched.lock().await;
         s.open = self.ports.queue.is_open().await?;
         // An executor that cannot say what runs (its engine is away) leaves
@@ -117,17 +110,6 @@ impl Controller {
                 self.ports.locks.release(&lock.key, lock.owner).await?;
             }
         }
-        self.metrics.running.set(s.running.len() as i64);
-        Ok(())
-    }
-
-    /// Launches what waits after a recovery: builds accepted but never
-    /// scheduled, in the order they came, then the deferred builds there
-    /// is room for. At a start this runs once the server serves, so that
-    /// connections waiting in the backlog (a restart, an upgrade) wait for
-    /// no launch.
-    pub(super) async fn resume(&self) -> Result<()> {
-        let mut s = self.sched.lock().await;
         for b in self
             .ports
             .builds
