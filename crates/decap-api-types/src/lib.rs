@@ -61,6 +61,9 @@ pub struct BuildView {
     /// The build is of a pull request from a fork: it got no secrets.
     #[serde(default)]
     pub from_fork: bool,
+    /// How each phase of a preset build went.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<decap_core::preset::PhaseRecord>,
     /// The build's page.
     pub url: String,
 }
@@ -90,6 +93,7 @@ impl BuildView {
             message: b.message.clone(),
             rerun_of: b.rerun_of.map(|id| id.to_string()),
             from_fork: b.from_fork,
+            phases: b.phases.clone(),
             url: format!("{}/builds/{}", base_url.trim_end_matches('/'), b.id),
         }
     }
@@ -395,6 +399,9 @@ pub struct BuildResult {
     /// for going past it (bctool sees this in a container's cgroup).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_limit_hit: Option<u64>,
+    /// How each phase of a preset build went (`bctool phases`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<decap_core::preset::PhaseRecord>,
 }
 
 /// The name of the header bctool sends to resume a live log stream.

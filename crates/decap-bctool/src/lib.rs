@@ -20,6 +20,7 @@
 
 mod direct;
 pub mod pack;
+pub mod phases;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -123,6 +124,13 @@ enum Command {
         /// The build's workspace, whose folders are made writable for any user.
         #[arg(long)]
         workspace: Option<PathBuf>,
+    },
+    /// Runs a preset build's phases (the `build.sh` Decap writes for a
+    /// project with a `language` runs this): fetches the project's tree,
+    /// then runs machine, setup and test, each a section of the console.
+    Phases {
+        /// The plan Decap wrote beside the build's scripts.
+        plan: PathBuf,
     },
     /// Records the build's result.
     RecordBuildMetadata {
@@ -315,6 +323,10 @@ pub async fn main(cli: Cli) -> Result<i32> {
             connect.await?.put_artifacts(&id, &dir).await?;
             Ok(0)
         }
+        Command::Phases { plan } => {
+            let shipper = connect.await?;
+            phases::run(shipper.client.clone(), &id, &plan).await
+        }
         Command::RecordBuildMetadata {
             exit_code,
             timed_out,
@@ -325,6 +337,7 @@ pub async fn main(cli: Cli) -> Result<i32> {
                 timed_out,
                 message,
                 memory_limit_hit: None,
+                phases: Vec::new(),
             };
             connect.await?.record_result(&id, &result).await?;
             Ok(0)
@@ -454,7 +467,7 @@ impl Shipper {
             .map(decap_core::limits::LimitHit::Memory)
             .into_iter()
             .collect();
-        let outcome = lifecycle::with_limits(
+        let mut outcome = lifecycle::with_limits(
             lifecycle::outcome_of_result(
                 result.exit_code,
                 result.timed_out,
@@ -462,6 +475,7 @@ impl Shipper {
             ),
             &limits,
         );
+        outcome.phases = decap_core::preset::bounded(result.phases.clone());
         for _ in 0..5 {
             let Some(b) = retry_direct(|| d.builds.get(build)).await? else {
                 bail!("build {id} is not in the build store");
@@ -741,6 +755,8 @@ async fn run_prepared(
     if let Some(cwd) = &args.cwd {
         cmd.current_dir(cwd);
     }
+    let phases_file = _work.path().join("phases.json");
+    cmd.env(phases::PHASES_VAR, &phases_file);
     cmd.args(&args.command[1..])
         .stdin(Stdio::null())
         .stdout(writer.try_clone()?)
@@ -770,6 +786,7 @@ async fn run_prepared(
                 false,
                 vec![note.trim().to_owned()],
                 None,
+                Vec::new(),
             )
             .await;
         }
@@ -917,6 +934,7 @@ async fn run_prepared(
             args.max_log_bytes
         ));
     }
+    let phases = phases::read_records(&phases_file);
     finish(
         &shipper,
         &id,
@@ -926,6 +944,7 @@ async fn run_prepared(
         timed_out,
         notes,
         streamer,
+        phases,
     )
     .await
 }
@@ -1030,6 +1049,7 @@ async fn finish(
     timed_out: bool,
     mut notes: Vec<String>,
     streamer: Option<tokio::task::JoinHandle<()>>,
+    phases: Vec<decap_core::preset::PhaseRecord>,
 ) -> Result<i32> {
     if let Some(s) = streamer {
         // The live stream ends once the reader has closed the console.
@@ -1064,6 +1084,7 @@ async fn finish(
         timed_out,
         message: (!notes.is_empty()).then(|| notes.join("; ")),
         memory_limit_hit: memory_limit_hit(),
+        phases,
     };
     if let Err(e) = shipper.record_result(id, &result).await {
         note!("bctool: recording the result failed: {e:#}");

@@ -286,6 +286,28 @@ impl Client {
             .map_err(|e| ClientError::Protocol(format!("the download broke: {e}"))))
     }
 
+    /// `GET /api/v1/build/{id}/source?commit=C`: a preset build's tree, a
+    /// `tar.gz` byte stream.
+    pub async fn source(
+        &self,
+        id: &str,
+        commit: &str,
+    ) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
+        let resp = self
+            .send(self.request(
+                Method::GET,
+                &format!(
+                    "/api/v1/build/{}/source?commit={}",
+                    enc(id),
+                    query_value(commit)
+                ),
+            ))
+            .await?;
+        Ok(resp
+            .bytes_stream()
+            .map_err(|e| ClientError::Protocol(format!("the download broke: {e}"))))
+    }
+
     /// `GET /api/v1/artifacts/{id}` with `Accept: text/plain`.
     pub async fn artifact_names(&self, id: &str) -> Result<Vec<String>> {
         let rb = self

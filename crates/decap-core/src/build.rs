@@ -247,6 +247,9 @@ pub struct Build {
     /// The build is of a pull request from a fork: it gets no secrets.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub from_fork: bool,
+    /// How each phase of a preset build went (see [`crate::preset`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<crate::preset::PhaseRecord>,
 }
 
 /// How a build ends.
@@ -261,6 +264,9 @@ pub struct Outcome {
     /// Why, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// How each phase of a preset build went, as bctool reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<crate::preset::PhaseRecord>,
 }
 
 impl Build {
@@ -296,6 +302,7 @@ impl Build {
             token_sha256: None,
             reported: None,
             from_fork: false,
+            phases: Vec::new(),
         }
     }
 

@@ -56,8 +56,14 @@ pub enum Network {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Descriptor {
-    /// The container image the build runs in (required, as in the original).
+    /// The container image the build runs in (required, as in the original,
+    /// unless `language` names a preset, whose image is then the default).
+    #[serde(default)]
     pub build_image: String,
+    /// The project's language: with it the project needs no `build.sh`
+    /// (see [`crate::preset`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<crate::preset::Language>,
     /// Which repository manager serves the project's refs (`github`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repo_manager: Option<String>,
@@ -122,10 +128,10 @@ impl ProjectDescriptor {
     pub fn parse(json: &[u8]) -> Result<Self> {
         let descriptor: Descriptor = serde_json::from_slice(json)
             .map_err(|e| Error::invalid("project.json", e.to_string()))?;
-        if descriptor.build_image.trim().is_empty() {
+        if descriptor.build_image.trim().is_empty() && descriptor.language.is_none() {
             return Err(Error::invalid(
                 "project.json",
-                "buildImage must not be empty",
+                "buildImage must not be empty (or name a language, whose preset has an image)",
             ));
         }
         if let Some(secs) = descriptor.build_timeout_seconds

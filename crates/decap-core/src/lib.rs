@@ -31,6 +31,7 @@ pub mod lifecycle;
 pub mod limits;
 pub mod names;
 pub mod ports;
+pub mod preset;
 pub mod refs;
 pub mod schedule;
 pub mod secrets;

@@ -209,6 +209,7 @@ pub fn outcome_when_gone(b: &Build, gone: &Gone) -> Outcome {
             message: Some(
                 "Decap stopped while this build ran; its build environment is gone".into(),
             ),
+            phases: Vec::new(),
         }),
         Gone::Exited { reason, limits } => {
             let outcome = b.reported.clone().unwrap_or(Outcome {
@@ -217,6 +218,7 @@ pub fn outcome_when_gone(b: &Build, gone: &Gone) -> Outcome {
                 message: Some(format!(
                     "the build environment ended without reporting a result: {reason}"
                 )),
+                phases: Vec::new(),
             });
             with_limits(outcome, limits)
         }
@@ -252,6 +254,7 @@ pub fn outcome_of_result(exit_code: i32, timed_out: bool, message: Option<String
         },
         exit_code: Some(exit_code),
         message,
+        phases: Vec::new(),
     }
 }
 
@@ -261,6 +264,9 @@ fn ended(mut b: Build, outcome: Outcome, now: OffsetDateTime) -> Result<Build> {
     b.transition(outcome.status, now)?;
     if outcome.exit_code.is_some() {
         b.exit_code = outcome.exit_code;
+    }
+    if !outcome.phases.is_empty() {
+        b.phases = outcome.phases;
     }
     // A deferred build's message says why it waited: it no longer does.
     b.message = outcome.message.or(if prev == BuildStatus::Deferred {
@@ -306,6 +312,7 @@ pub fn decide(build: &Build, held: bool, event: Event, now: OffsetDateTime) -> R
                     message: Some(format!(
                         "not queued: the same branch and commit already waits as build {other}"
                     )),
+                    phases: Vec::new(),
                 },
                 now,
             )?;
@@ -349,6 +356,7 @@ pub fn decide(build: &Build, held: bool, event: Event, now: OffsetDateTime) -> R
                     status: Errored,
                     exit_code: None,
                     message: Some(message),
+                    phases: Vec::new(),
                 },
                 now,
             )?;
@@ -367,6 +375,7 @@ pub fn decide(build: &Build, held: bool, event: Event, now: OffsetDateTime) -> R
                 status: Errored,
                 exit_code: None,
                 message: Some(format!("the executor could not start the build: {error}")),
+                phases: Vec::new(),
             });
             Ok(end_running(ended(b, outcome, now)?))
         }
@@ -399,6 +408,7 @@ pub fn decide(build: &Build, held: bool, event: Event, now: OffsetDateTime) -> R
                         status: Cancelled,
                         exit_code: None,
                         message: Some("cancelled".into()),
+                        phases: Vec::new(),
                     },
                     now,
                 )?;
@@ -420,6 +430,7 @@ pub fn decide(build: &Build, held: bool, event: Event, now: OffsetDateTime) -> R
                         status: Cancelled,
                         exit_code: None,
                         message: Some("cancelled".into()),
+                        phases: Vec::new(),
                     });
                     b
                 });
@@ -847,6 +858,7 @@ mod tests {
             status: Running,
             exit_code: None,
             message: None,
+            phases: Vec::new(),
         };
         assert!(decide(&at(Running), true, Event::Report(not_final), t(5)).is_err());
     }

@@ -8,6 +8,8 @@
 //! A broken project (bad JSON, bad regex, a missing field, an unsafe name) is
 //! listed with its error; it never hides or breaks the others.
 
+pub mod source;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -346,8 +348,28 @@ fn load_project(key: ProjectKey, dir: &Path) -> Option<ProjectEntry> {
             Err(e) => errors.push(e.to_string()),
         },
     }
+    let language = entry
+        .descriptor
+        .as_ref()
+        .and_then(|d| d.descriptor.language);
     if !by_path.contains_key("build.sh") {
-        errors.push("build.sh is missing".to_owned());
+        match (language, &entry.descriptor) {
+            // A preset project: Decap writes its build.sh at launch.
+            (Some(_), Some(d)) if d.descriptor.repo_url.as_deref().is_some_and(|u| !u.trim().is_empty()) => {}
+            (Some(l), Some(_)) => errors.push(format!(
+                "a {l} project with no build.sh needs its repoUrl: Decap checks the repository out for the {l} preset"
+            )),
+            _ => errors.push("build.sh is missing (or name a language in project.json to build with its preset)".to_owned()),
+        }
+    }
+    if by_path.contains_key(decap_core::preset::PLAN_FILE)
+        && language.is_some()
+        && !by_path.contains_key("build.sh")
+    {
+        errors.push(format!(
+            "{} is a name Decap keeps for the preset it writes",
+            decap_core::preset::PLAN_FILE
+        ));
     }
     for (path, f) in &by_path {
         if path.contains('/') || !path.ends_with("-sidecar.json") {

@@ -87,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .route("/build/{id}/result", post(api::put_result))
         .route("/build/{id}/metadata", post(api::record_metadata))
         .route("/build/{id}/unlock", post(api::unlock_build))
+        .route("/build/{id}/source", get(api::get_source))
         .route("/build/{id}/log/stream", post(api::stream_log))
         .route("/logs/{id}", get(api::get_log).put(api::put_log))
         .route("/logs/{id}/events", get(api::log_events))

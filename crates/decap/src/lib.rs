@@ -389,6 +389,25 @@ enum LogFormat {
     Json,
 }
 
+/// `LANGUAGE=IMAGE` of `--preset-image`.
+fn parse_preset_image(v: &str) -> Result<(decap_core::preset::Language, String), String> {
+    let (lang, image) = v
+        .split_once('=')
+        .ok_or_else(|| format!("{v:?}: expected LANGUAGE=IMAGE"))?;
+    let language = decap_core::preset::Language::from_name(lang.trim()).ok_or_else(|| {
+        let known: Vec<&str> = decap_core::preset::Language::ALL
+            .iter()
+            .map(|l| l.name())
+            .collect();
+        format!("unknown language {lang:?} (known: {})", known.join(", "))
+    })?;
+    let image = image.trim();
+    if image.is_empty() || image.chars().any(char::is_whitespace) {
+        return Err(format!("{v:?}: the image must be one word"));
+    }
+    Ok((language, image.to_owned()))
+}
+
 /// `decap serve`.
 #[derive(Args, Debug)]
 struct ServeArgs {
@@ -487,6 +506,11 @@ struct ServeArgs {
     /// artifacts and result, before it gives up on them.
     #[arg(long, env = "DECAP_BCTOOL_RETRY_SECS", default_value_t = 300)]
     bctool_retry_secs: u64,
+    /// The build image of a language's preset, in place of Decap's own
+    /// (`python=registry.example.com/python:3.12`); repeat for each language.
+    /// A project's `buildImage` still wins.
+    #[arg(long = "preset-image", env = "DECAP_PRESET_IMAGES", value_delimiter = ',', value_parser = parse_preset_image, value_name = "LANGUAGE=IMAGE")]
+    preset_images: Vec<(decap_core::preset::Language, String)>,
     /// Stop running local builds when `decap serve` stops (not in an
     /// upgrade in place). By default they run on, and the next `decap
     /// serve` on the same data dir adopts them and records how they end.
@@ -1066,6 +1090,10 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         _ => None,
     };
     controller.set_secrets(secrets.clone());
+    controller.set_presets(
+        Arc::new(decap_scripts::source::Sources::new(&args.data_dir)),
+        args.preset_images.iter().cloned().collect(),
+    );
     controller.start(exits).await.context("recovering state")?;
     let mut github_hooks: Option<Arc<dyn decap_core::ports::RepositoryHooks>> = None;
     let mut github_refs: Option<Arc<dyn decap_core::ports::RepositoryRefs>> = None;

@@ -65,7 +65,7 @@ pub async fn put_result(
         .map(decap_core::limits::LimitHit::Memory)
         .into_iter()
         .collect();
-    let outcome = decap_core::lifecycle::with_limits(
+    let mut outcome = decap_core::lifecycle::with_limits(
         decap_core::lifecycle::outcome_of_result(
             result.exit_code,
             result.timed_out,
@@ -73,6 +73,7 @@ pub async fn put_result(
         ),
         &limits,
     );
+    outcome.phases = decap_core::preset::bounded(result.phases);
     let now = tokio::spawn(async move { controller.report(b.id, outcome).await })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
@@ -93,3 +94,85 @@ pub async fn unlock_build(
 /// `POST /api/v1/build/{id}/metadata` — a script records its exit code
 /// itself (the original `record-build-metadata`); the same as a result.
 pub use put_result as record_metadata;
+
+/// The query of `GET /api/v1/build/{id}/source`.
+#[derive(Debug, serde::Deserialize)]
+pub struct SourceQuery {
+    /// The commit the build's plan names.
+    commit: String,
+}
+
+/// `GET /api/v1/build/{id}/source?commit=C` — a preset build's tree, as a
+/// `tar.gz` of its project's repository at that commit (fetched into the
+/// mirror first if this replica lacks it, with the project's token, which
+/// never leaves the server).
+pub async fn get_source(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<SourceQuery>,
+    req: Request,
+) -> ApiResult<Response> {
+    let b = load_as_build(&app, &id, req.headers().clone(), peer(&req)).await?;
+    let sources = app
+        .controller
+        .sources()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "this server runs no preset builds"))?;
+    let entry = app.controller.project(&b.project)?;
+    let url = crate::controller::preset_language(&entry)
+        .and_then(|_| entry.valid_descriptor()?.descriptor.repo_url.clone())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("project {} does not build with a preset", b.project),
+            )
+        })?;
+    if q.commit.len() != 40 || !q.commit.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(ApiError::bad_request("commit must be a full commit id"));
+    }
+    let token = app.controller.repo_token_of(&b).await;
+    let commit = sources
+        .pinned(
+            &url,
+            decap_scripts::source::Want {
+                git_ref: &b.git_ref,
+                commit: Some(&q.commit),
+            },
+            token.as_deref(),
+        )
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    let mut child = sources.archive(&url, &commit)?;
+    let stdout = child.stdout.take().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "git archive has no output",
+        )
+    })?;
+    // The child lives as long as its output is read; dropping the body
+    // kills it.
+    let stream = futures::stream::unfold(
+        (tokio_util::io::ReaderStream::new(stdout), child),
+        |(mut out, mut child)| async move {
+            use futures::StreamExt as _;
+            match out.next().await {
+                Some(chunk) => Some((chunk, (out, child))),
+                None => {
+                    let status = child.wait().await;
+                    match status {
+                        Ok(s) if s.success() => None,
+                        Ok(s) => Some((
+                            Err(std::io::Error::other(format!("git archive failed: {s}"))),
+                            (out, child),
+                        )),
+                        Err(e) => Some((Err(e), (out, child))),
+                    }
+                }
+            }
+        },
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "application/gzip")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}

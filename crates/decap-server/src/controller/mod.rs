@@ -34,6 +34,8 @@ use crate::livelog::LiveLogs;
 use crate::metrics::Metrics;
 
 mod lifecycle;
+mod preset;
+pub use preset::preset_language;
 mod recover;
 mod schedule;
 
@@ -130,6 +132,8 @@ pub struct Controller {
     leading: std::sync::atomic::AtomicBool,
     /// Builds' secrets, when a store is set.
     secrets: std::sync::OnceLock<Arc<dyn decap_core::ports::SecretStore>>,
+    /// Projects' own repositories and the presets' images, for preset builds.
+    presets: std::sync::OnceLock<Arc<preset::Presets>>,
     /// Turns true when the server stops: live streams end, nothing more
     /// is launched.
     stopping: tokio::sync::watch::Sender<bool>,
@@ -193,6 +197,7 @@ impl Controller {
             leadership: std::sync::OnceLock::new(),
             leading: std::sync::atomic::AtomicBool::new(true),
             secrets: std::sync::OnceLock::new(),
+            presets: std::sync::OnceLock::new(),
             stopping: tokio::sync::watch::Sender::new(false),
         })
     }
@@ -205,6 +210,19 @@ impl Controller {
         self.leading
             .store(*leading.borrow(), std::sync::atomic::Ordering::SeqCst);
         let _ = self.leadership.set(leading);
+    }
+
+    /// Runs preset projects (a `language` and no `build.sh`) from their
+    /// repositories, mirrored in `sources`, with `images` in place of the
+    /// presets' own.
+    pub fn set_presets(
+        &self,
+        sources: Arc<decap_scripts::source::Sources>,
+        images: std::collections::BTreeMap<decap_core::preset::Language, String>,
+    ) {
+        let _ = self
+            .presets
+            .set(Arc::new(preset::Presets { sources, images }));
     }
 
     /// Gives builds their project's (and team's) secrets from `store`.

@@ -110,6 +110,7 @@ impl Controller {
     /// status. Returns the ids whose scheduling failed.
     pub(super) async fn schedule_batch(&self, builds: Vec<Build>) -> Vec<BuildId> {
         let mut failed = Vec::new();
+        self.prefetch(&builds).await;
         let mut s = self.sched.lock().await;
         let mut deferrals = Vec::new();
         for b in builds {
@@ -311,7 +312,7 @@ impl Controller {
             .valid_descriptor()
             .map(|d| d.timeout())
             .unwrap_or(DEFAULT_BUILD_TIMEOUT);
-        let secrets = match self.secrets_for(&b).await {
+        let mut secrets = match self.secrets_for(&b).await {
             Ok(s) => s,
             Err(e) => {
                 // Without its secrets the build would run wrong: it waits
@@ -319,6 +320,14 @@ impl Controller {
                 // keeps it).
                 self.ports.locks.release(&lock.key, b.id).await?;
                 return Err(e);
+            }
+        };
+        let entry = match self.with_preset(&b, entry, &mut secrets).await {
+            Ok(entry) => entry,
+            Err(message) => {
+                self.apply_locked(s, b.id, Event::Refuse { message })
+                    .await?;
+                return Ok(());
             }
         };
         let mut bctool_env = self.config.bctool_env.clone();

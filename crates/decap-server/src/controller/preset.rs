@@ -1,0 +1,183 @@
+//! Preset builds (a project with a `language` and no `build.sh`): the
+//! project's repository is fetched into a mirror before the build's
+//! environment starts, its `.decap.json` read, and the launch carries the
+//! plan (`decap-preset.json`), a `build.sh` that runs it (`bctool phases`),
+//! the services' sidecars and the preset's image. The build fetches its
+//! tree from the server (`GET /api/v1/build/{id}/source`), so the
+//! repository's credentials never enter it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use decap_core::build::Build;
+use decap_core::catalog::{ProjectEntry, ScriptFile};
+use decap_core::preset::{self, Language, PLAN_FILE, Plan};
+use decap_scripts::source::{Sources, TOKEN_SECRET, Want};
+
+use super::Controller;
+
+/// What preset builds need.
+pub(crate) struct Presets {
+    pub(crate) sources: Arc<Sources>,
+    pub(crate) images: BTreeMap<Language, String>,
+}
+
+/// The `build.sh` of a preset build.
+const DRIVER: &str = "#!/bin/sh\n# Written by Decap: this project builds with its language's preset.\nexec bctool phases \"${DECAP_BUILD_SCRIPTS}/decap-preset.json\"\n";
+
+/// The language of a project that builds with its preset (no `build.sh`).
+pub fn preset_language(entry: &ProjectEntry) -> Option<Language> {
+    let language = entry.valid_descriptor()?.descriptor.language?;
+    (!entry.files.iter().any(|f| f.path == "build.sh")).then_some(language)
+}
+
+impl Controller {
+    /// Where preset builds' repositories are mirrored, when set.
+    pub fn sources(&self) -> Option<Arc<Sources>> {
+        self.presets.get().map(|p| p.sources.clone())
+    }
+
+    /// Fetches the repositories of the preset builds among `builds` (outside
+    /// the scheduling lock, so that a slow remote holds up nothing else);
+    /// their launch then finds the commit in the mirror.
+    pub(super) async fn prefetch(&self, builds: &[Build]) {
+        let Some(presets) = self.presets.get() else {
+            return;
+        };
+        let catalog = self.ports.scripts.catalog();
+        let mut fetches = Vec::new();
+        for b in builds {
+            let Some(entry) = catalog.project(&b.project) else {
+                continue;
+            };
+            if preset_language(entry).is_none() {
+                continue;
+            }
+            let Some(url) = entry
+                .valid_descriptor()
+                .and_then(|d| d.descriptor.repo_url.clone())
+            else {
+                continue;
+            };
+            fetches.push(async move {
+                let token = self.repo_token(b).await;
+                let want = Want {
+                    git_ref: &b.git_ref,
+                    commit: b.commit.as_deref(),
+                };
+                if let Err(e) = presets.sources.fetch(&url, want, token.as_deref()).await {
+                    tracing::info!(build_id = %b.id, error = %e, "cannot fetch the project's repository yet");
+                }
+            });
+        }
+        futures::future::join_all(fetches).await;
+    }
+
+    /// The project's `REPO_TOKEN` secret, for fetching its repository.
+    pub async fn repo_token_of(&self, b: &Build) -> Option<String> {
+        self.repo_token(b).await
+    }
+
+    /// The project's `REPO_TOKEN` secret, if it has one (never for a pull
+    /// request from a fork).
+    async fn repo_token(&self, b: &Build) -> Option<String> {
+        if b.from_fork {
+            return None;
+        }
+        let secrets = self.secrets_for(b).await.ok()?;
+        secrets
+            .into_iter()
+            .find(|(k, _)| k == TOKEN_SECRET)
+            .map(|(_, v)| v)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The entry a launch carries: for a preset build, the plan, its
+    /// driver, the services' sidecars and the image; the preset's image for
+    /// a project with a `language` and its own `build.sh`. The repository's
+    /// token leaves `secrets`. An error is why the build cannot start (its
+    /// repository cannot be fetched).
+    pub(super) async fn with_preset(
+        &self,
+        b: &Build,
+        mut entry: ProjectEntry,
+        secrets: &mut Vec<(String, String)>,
+    ) -> Result<ProjectEntry, String> {
+        let Some(d) = entry.valid_descriptor().map(|d| d.descriptor.clone()) else {
+            return Ok(entry);
+        };
+        let Some(language) = d.language else {
+            return Ok(entry);
+        };
+        let images = self.presets.get().map(|p| &p.images);
+        if d.build_image.trim().is_empty() {
+            let image = images
+                .and_then(|i| i.get(&language).cloned())
+                .unwrap_or_else(|| language.preset().image.to_owned());
+            if let Some(pd) = entry.descriptor.as_mut() {
+                pd.descriptor.build_image = image;
+            }
+        }
+        if preset_language(&entry).is_none() {
+            return Ok(entry);
+        }
+        let Some(presets) = self.presets.get() else {
+            return Err("this server runs no preset builds (it has no folder for sources)".into());
+        };
+        let token = secrets
+            .iter()
+            .position(|(k, _)| k == TOKEN_SECRET)
+            .map(|i| secrets.remove(i).1)
+            .filter(|v| !v.is_empty());
+        let url = d.repo_url.clone().unwrap_or_default();
+        let want = Want {
+            git_ref: &b.git_ref,
+            commit: b.commit.as_deref(),
+        };
+        let commit = presets
+            .sources
+            .pinned(&url, want, token.as_deref())
+            .await
+            .map_err(|e| format!("the repository could not be checked out: {e}"))?;
+        let plan = match presets
+            .sources
+            .read_file(&url, &commit, preset::OVERRIDE_FILE)
+            .await
+        {
+            Err(e) => Err(e.to_string()),
+            Ok(file) => preset::plan(language, file.as_deref()),
+        };
+        let plan = match plan {
+            Ok(mut plan) => {
+                plan.commit = commit;
+                plan
+            }
+            Err(error) => Plan {
+                language,
+                phases: Vec::new(),
+                env: Vec::new(),
+                services: Vec::new(),
+                override_file: true,
+                commit,
+                error: Some(error),
+            },
+        };
+        for s in &plan.services {
+            if let Some(service) = preset::Service::named(s) {
+                entry.sidecars.push(service.sidecar());
+            }
+        }
+        let json = serde_json::to_vec_pretty(&plan).map_err(|e| e.to_string())?;
+        entry.files.push(ScriptFile {
+            path: "build.sh".into(),
+            executable: true,
+            content: Arc::from(DRIVER.as_bytes()),
+        });
+        entry.files.push(ScriptFile {
+            path: PLAN_FILE.into(),
+            executable: false,
+            content: Arc::from(json),
+        });
+        Ok(entry)
+    }
+}
