@@ -203,8 +203,12 @@ pub struct Teams {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DescriptorView {
-    /// The build image.
+    /// The build image (empty for a project with a `language` that names
+    /// none: its preset's image is used).
     pub build_image: String,
+    /// The language whose preset the project builds with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
     /// The repository manager.
     pub repo_manager: Option<String>,
     /// The repository URL.

@@ -557,7 +557,11 @@ impl Inner {
         let path = match &self.sandbox {
             // bctool is on the build's PATH, for `bctool unlock` and the like.
             Some(_) => format!("/decap/bin:{}", self.config.path),
-            None => self.config.path.clone(),
+            None => format!(
+                "{}:{}",
+                inside.join("bin").to_string_lossy(),
+                self.config.path
+            ),
         };
         vec![
             ("PATH".into(), path),
@@ -679,6 +683,18 @@ impl Inner {
                 return Err(exec_err(format!("cannot make the workspace: {e}")));
             }
         };
+        if self.sandbox.is_none() {
+            // Unsandboxed, `bctool` on the build's PATH is this one (the
+            // `decap` binary answers to that name too).
+            let bin = ws.dir.join("bin");
+            let program = std::fs::canonicalize(&self.bctool).unwrap_or(self.bctool.clone());
+            let linked = std::fs::create_dir_all(&bin)
+                .and_then(|()| std::os::unix::fs::symlink(&program, bin.join("bctool")));
+            if let Err(e) = linked {
+                ws.remove();
+                return Err(exec_err(format!("cannot put bctool in the workspace: {e}")));
+            }
+        }
         let cgroup = match &self.cgroups {
             Some(c) => match c.create(&name) {
                 Ok(cg) => Some(cg),

@@ -65,17 +65,48 @@
     }
   }
 
+  // A preset build's phases are sections of its console, between
+  // "── phase NAME ──" and "── phase NAME: OUTCOME ──": each is folded into
+  // a <details>, open while it runs and when it failed.
+  var SECTION_START = /^── phase (machine|setup|test) ──$/;
+  var SECTION_END = /^── phase (machine|setup|test): (.*) ──$/;
+  function appendLine(pre, line, state) {
+    var m = SECTION_START.exec(line);
+    if (m && !state.section) {
+      var d = document.createElement("details");
+      d.className = "section";
+      d.open = true;
+      var s = document.createElement("summary");
+      s.textContent = line;
+      d.appendChild(s);
+      pre.appendChild(d);
+      state.section = d;
+      state.sectionName = m[1];
+      return;
+    }
+    var e = SECTION_END.exec(line);
+    if (e && state.section && e[1] === state.sectionName) {
+      var d2 = state.section;
+      d2.firstChild.textContent = line;
+      var failed = e[2].indexOf("passed") !== 0;
+      if (failed) { d2.className += " failed"; } else { d2.open = false; }
+      state.section = null;
+      return;
+    }
+    appendAnsi(state.section || pre, line, state);
+  }
+
   function followConsole(pre) {
     var id = pre.getAttribute("data-build");
     var wasFinal = pre.getAttribute("data-final") === "true";
-    var state = { fg: null, bold: false };
+    var state = { fg: null, bold: false, section: null, sectionName: "" };
     pre.textContent = ""; // a fresh stream starts from the first byte
     var label = document.getElementById("console-state");
     var es = new EventSource("/api/v1/logs/" + encodeURIComponent(id) + "/events");
     streams.push(es);
     es.addEventListener("log", function (e) {
       var atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 8;
-      appendAnsi(pre, e.data, state);
+      appendLine(pre, e.data, state);
       if (atBottom) { pre.scrollTop = pre.scrollHeight; }
     });
     es.addEventListener("status", function (e) {

@@ -140,6 +140,7 @@ pub async fn projects(
             project: p.key.project.clone(),
             descriptor: p.descriptor.as_ref().map(|d| DescriptorView {
                 build_image: d.descriptor.build_image.clone(),
+                language: d.descriptor.language.map(|l| l.name().to_owned()),
                 repo_manager: d.descriptor.repo_manager.clone(),
                 repo_url: d.descriptor.repo_url.clone(),
                 repo_description: d.descriptor.repo_description.clone(),

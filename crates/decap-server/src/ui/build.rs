@@ -32,6 +32,51 @@ struct BuildPage {
     can_cancel: bool,
     artifacts: Vec<String>,
     artifacts_error: String,
+    phases: Vec<PhaseRow>,
+}
+
+/// A phase of a preset build, as the build page shows it.
+pub(crate) struct PhaseRow {
+    pub(crate) name: &'static str,
+    /// `passed`, `failed (exit code N)` or `not run`.
+    pub(crate) outcome: String,
+    pub(crate) ok: bool,
+    pub(crate) took: String,
+    /// Each command and where it came from (`default`, `.decap.json`).
+    pub(crate) commands: Vec<(String, &'static str)>,
+}
+
+/// The rows of a build's phases.
+pub(crate) fn phase_rows(phases: &[decap_core::preset::PhaseRecord]) -> Vec<PhaseRow> {
+    phases
+        .iter()
+        .map(|p| PhaseRow {
+            name: p.name.name(),
+            outcome: match p.exit_code {
+                None => "not run".into(),
+                Some(0) => "passed".into(),
+                Some(c) => format!("failed (exit code {c})"),
+            },
+            ok: p.exit_code == Some(0),
+            took: match p.exit_code {
+                None => String::new(),
+                Some(_) => format!("{:.2} s", p.duration_ms as f64 / 1000.0),
+            },
+            commands: p
+                .commands
+                .iter()
+                .map(|c| {
+                    (
+                        c.run.clone(),
+                        match c.from {
+                            decap_core::preset::CommandSource::Default => "default",
+                            decap_core::preset::CommandSource::Override => ".decap.json",
+                        },
+                    )
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 /// `GET /builds/{id}` — one build: its facts, its console (live while it
@@ -85,6 +130,7 @@ pub async fn build(
         ),
         artifacts,
         artifacts_error,
+        phases: phase_rows(&b.phases),
     })
 }
 

@@ -142,6 +142,13 @@ struct ProjectPage {
     chart: Chart,
     /// Whether the Subscribe button shows (GitHub is configured).
     can_subscribe: bool,
+    /// The language of a project that builds with its preset; empty
+    /// otherwise.
+    language: String,
+    /// Where `phases` come from: the latest build that ran them, or the
+    /// preset with the defaults.
+    phases_from: String,
+    phases: Vec<super::build::PhaseRow>,
 }
 
 /// `GET /projects/{team}/{project}` — branches with a Build button, the
@@ -237,7 +244,34 @@ pub async fn project(
         .as_ref()
         .and_then(|e| e.descriptor.as_ref())
         .map(|d| &d.descriptor);
+    let language = entry.as_ref().and_then(crate::controller::preset_language);
+    let (phases_from, phases) = match language {
+        None => (String::new(), Vec::new()),
+        Some(l) => match page.builds.iter().find(|b| !b.phases.is_empty()) {
+            Some(b) => (b.id.to_string(), super::build::phase_rows(&b.phases)),
+            None => (
+                String::new(),
+                decap_core::preset::plan(l, None)
+                    .map(|plan| {
+                        plan.phases
+                            .into_iter()
+                            .map(|p| decap_core::preset::PhaseRecord {
+                                name: p.name,
+                                duration_ms: 0,
+                                exit_code: None,
+                                commands: p.commands,
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .map(|r| super::build::phase_rows(&r))
+                    .unwrap_or_default(),
+            ),
+        },
+    };
     render(&ProjectPage {
+        language: language.map(|l| l.name().to_owned()).unwrap_or_default(),
+        phases_from,
+        phases,
         viewer: viewer(&app, &headers, ci.0),
         team: key.team.clone(),
         project: key.project.clone(),

@@ -1,0 +1,570 @@
+//! Language presets, through a real `decap serve`: small real projects of
+//! each language (made here, with nothing to download) built by their
+//! preset with no build.sh; overrides that drop, add and fail; an override
+//! file that is not valid; a repository that cannot be cloned; a private
+//! repository fetched with the project's token, which the build never sees.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{Decap, TOKEN};
+
+const WAIT: Duration = Duration::from_secs(180);
+
+/// Runs `sh -ec script` in `dir` as a committer.
+fn sh(dir: &Path, script: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-ec", script])
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Dev")
+        .env("GIT_AUTHOR_EMAIL", "dev@example.com")
+        .env("GIT_COMMITTER_NAME", "Dev")
+        .env("GIT_COMMITTER_EMAIL", "dev@example.com")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// A git repository at `dir` holding `files` on `main`; returns its commit.
+fn repo(dir: &Path, files: &[(&str, &str)]) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    for (path, content) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    sh(
+        dir,
+        "git init -q -b main . 2>/dev/null || { git init -q . && git checkout -q -b main; }
+         git add -A && git commit -qm 'the project' && git rev-parse HEAD",
+    )
+}
+
+/// A project of `language` building `repo_url`, with no build.sh.
+fn preset_project(scripts: &Path, key: &str, language: &str, repo_url: &str, env: &str) {
+    let dir = scripts.join(key);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("project.json"),
+        format!(
+            r#"{{"language": "{language}", "repoUrl": "{repo_url}", "buildTimeoutSeconds": 300, "env": {{{env}}}}}"#
+        ),
+    )
+    .unwrap();
+}
+
+/// Everything under `root` readable by the sandbox's build users.
+fn readable(root: &Path) {
+    sh(root, "chmod -R a+rX .");
+}
+
+fn phases(b: &serde_json::Value) -> Vec<(String, Option<i64>)> {
+    b["phases"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    (
+                        p["name"].as_str().unwrap().to_owned(),
+                        p["exitCode"].as_i64(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn all_passed() -> Vec<(String, Option<i64>)> {
+    ["machine", "setup", "test"]
+        .iter()
+        .map(|p| ((*p).to_owned(), Some(0)))
+        .collect()
+}
+
+async fn build_of(d: &Decap, project: &str) -> (serde_json::Value, String) {
+    let id = d.api().request(project, &["main"]).await.remove(0);
+    let b = d.api().finished(&id, WAIT).await;
+    let log = d.api().log(&id).await;
+    (b, log)
+}
+
+fn tool(cmd: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("{cmd} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_language_builds_with_its_preset_and_no_build_sh() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scripts = tmp.path().join("scripts");
+    let repos = tmp.path().join("repos");
+    let mut projects: Vec<(&str, PathBuf)> = Vec::new();
+    let shell = repos.join("shell");
+    repo(
+        &shell,
+        &[(
+            "test.sh",
+            "echo \"shell tests pass in $(basename \"$(pwd)\") with CI=$CI\"\n",
+        )],
+    );
+    projects.push(("shell", shell));
+    let python = repos.join("python");
+    repo(
+        &python,
+        &[
+            (
+                "greet/__init__.py",
+                "def greet(n):\n    return f'hello {n}'\n",
+            ),
+            (
+                "tests/test_greet.py",
+                "from greet import greet\n\ndef test_greet():\n    assert greet('x') == 'hello x'\n",
+            ),
+            (
+                "pyproject.toml",
+                "[tool.pytest.ini_options]\npythonpath = ['.']\n",
+            ),
+        ],
+    );
+    projects.push(("python", python));
+    let node = repos.join("node");
+    repo(
+        &node,
+        &[
+            (
+                "package.json",
+                r#"{"name": "greet", "version": "1.0.0", "private": true, "scripts": {"test": "node --test"}}"#,
+            ),
+            (
+                "greet.test.js",
+                "const test = require('node:test');\nconst assert = require('node:assert');\ntest('greets', () => assert.strictEqual(`hello ${'x'}`, 'hello x'));\n",
+            ),
+        ],
+    );
+    projects.push(("node", node));
+    let go = repos.join("go");
+    repo(
+        &go,
+        &[
+            ("go.mod", "module example.com/greet\n\ngo 1.21\n"),
+            (
+                "greet.go",
+                "package greet\n\nfunc Greet(n string) string { return \"hello \" + n }\n",
+            ),
+            (
+                "greet_test.go",
+                "package greet\n\nimport \"testing\"\n\nfunc TestGreet(t *testing.T) {\n\tif Greet(\"x\") != \"hello x\" {\n\t\tt.Fatal(\"no\")\n\t}\n}\n",
+            ),
+        ],
+    );
+    projects.push(("go", go));
+    let rust = repos.join("rust");
+    repo(
+        &rust,
+        &[
+            (
+                "Cargo.toml",
+                "[package]\nname = \"greet\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[profile.dev]\ndebug = 0\n",
+            ),
+            (
+                "src/lib.rs",
+                "pub fn greet(n: &str) -> String { format!(\"hello {n}\") }\n\n#[test]\nfn greets() { assert_eq!(greet(\"x\"), \"hello x\"); }\n",
+            ),
+        ],
+    );
+    projects.push(("rust", rust));
+    // The toolchains as this machine has them (rustup's in the test's home).
+    let rustup_home = std::env::var("RUSTUP_HOME")
+        .unwrap_or_else(|_| format!("{}/.rustup", std::env::var("HOME").unwrap_or_default()));
+    let path = std::env::var("PATH").unwrap_or_default();
+    for (language, dir) in &projects {
+        let env = match *language {
+            "rust" => format!(r#""RUSTUP_HOME": "{rustup_home}", "CARGO_TARGET_DIR": "target""#),
+            _ => String::new(),
+        };
+        preset_project(
+            &scripts,
+            &format!("langs/{language}"),
+            language,
+            &dir.to_string_lossy(),
+            &env,
+        );
+    }
+    readable(tmp.path());
+    // Unsandboxed, the builds see this machine's toolchains where they are
+    // (rustup's and pyenv's under the home folder).
+    let d = Decap::start_with_env(
+        &tmp.path().join("data"),
+        &scripts,
+        &["--max-builds", "2"],
+        &[("PATH", &path)],
+    );
+    for (language, _) in &projects {
+        let needs = match *language {
+            "python" => "python3 -m pytest --version",
+            "node" => "npm --version",
+            "go" => "go version",
+            "rust" => "cargo --version",
+            _ => "true",
+        };
+        assert!(
+            tool(needs),
+            "this machine lacks {needs} (tests/run installs it)"
+        );
+        let (b, log) = build_of(&d, &format!("langs/{language}")).await;
+        assert_eq!(b["status"], "succeeded", "{language}: {b}\n{log}");
+        assert_eq!(phases(&b), all_passed(), "{language}: {b}");
+        assert!(
+            log.contains(&format!("[decap: the {language} preset, at commit ")),
+            "{language}: {log}"
+        );
+        for phase in ["machine", "setup", "test"] {
+            assert!(
+                log.contains(&format!("── phase {phase} ──\n")),
+                "{language}: {log}"
+            );
+            assert!(
+                log.contains(&format!("── phase {phase}: passed in ")),
+                "{language}: {log}"
+            );
+        }
+        assert!(log.contains("CI=true (default)"), "{log}");
+        let test_cmd = decap_core::preset::Language::from_name(language)
+            .unwrap()
+            .preset()
+            .test[0];
+        assert!(
+            log.contains(&format!("$ {test_cmd}\n")),
+            "{language}: {log}"
+        );
+    }
+    // The shell project's test ran in the checkout.
+    let (_, log) = build_of(&d, "langs/shell").await;
+    assert!(
+        log.contains("shell tests pass in src with CI=true"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_sandbox_a_preset_build_fetches_its_tree_from_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scripts = tmp.path().join("scripts");
+    let shell = tmp.path().join("repos/shell");
+    let commit = repo(
+        &shell,
+        &[
+            ("test.sh", "echo \"tests of $(cat VERSION) pass\"; ls -a\n"),
+            ("VERSION", "1.2.3\n"),
+        ],
+    );
+    preset_project(&scripts, "acme/sh", "shell", &shell.to_string_lossy(), "");
+    readable(tmp.path());
+    let d = Decap::start(&tmp.path().join("data"), &scripts, &["--sandbox", "auto"]);
+    let (b, log) = build_of(&d, "acme/sh").await;
+    assert_eq!(b["status"], "succeeded", "{b}\n{log}");
+    assert_eq!(b["sandbox"], "bubblewrap", "{b}");
+    assert!(log.contains("tests of 1.2.3 pass"), "{log}");
+    assert!(
+        log.contains(&format!("at commit {}]", &commit[..12])),
+        "{log}"
+    );
+    // The tree, not the repository: no .git, and the host's folder is not there.
+    assert!(!log.contains(".git\n"), "{log}");
+    assert!(
+        !log.contains(&tmp.path().to_string_lossy().into_owned()),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_override_file_drops_adds_and_fails_and_an_invalid_one_fails_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scripts = tmp.path().join("scripts");
+    let adjusted = tmp.path().join("repos/adjusted");
+    repo(
+        &adjusted,
+        &[
+            ("test.sh", "echo default test ran\n"),
+            (
+                ".decap.json",
+                r#"{
+  "machine": {"custom": ["export FROM_MACHINE=kept"]},
+  "setup": {"custom": ["echo setting up; cd sub"]},
+  "test": {"override": true, "custom": ["echo \"own test with $GREETING in $(basename $(pwd)), $FROM_MACHINE\"", "exit 3", "echo never"]},
+  "env": {"GREETING": "hi there"}
+}"#,
+            ),
+            ("sub/keep", ""),
+        ],
+    );
+    let invalid = tmp.path().join("repos/invalid");
+    repo(
+        &invalid,
+        &[
+            ("test.sh", "echo should not run\n"),
+            (
+                ".decap.json",
+                "{\n  \"test\": {\"custom\": \"not a list\"}\n}\n",
+            ),
+        ],
+    );
+    let passing = tmp.path().join("repos/passing");
+    repo(
+        &passing,
+        &[
+            ("test.sh", "echo default test ran\n"),
+            (
+                ".decap.json",
+                r#"{"test": {"custom": ["echo and mine after it"]}}"#,
+            ),
+        ],
+    );
+    preset_project(
+        &scripts,
+        "acme/adjusted",
+        "shell",
+        &adjusted.to_string_lossy(),
+        "",
+    );
+    preset_project(
+        &scripts,
+        "acme/invalid",
+        "shell",
+        &invalid.to_string_lossy(),
+        "",
+    );
+    preset_project(
+        &scripts,
+        "acme/passing",
+        "shell",
+        &passing.to_string_lossy(),
+        "",
+    );
+    readable(tmp.path());
+    let d = Decap::start(&tmp.path().join("data"), &scripts, &[]);
+
+    let (b, log) = build_of(&d, "acme/adjusted").await;
+    assert_eq!(b["status"], "failed", "{b}\n{log}");
+    assert_eq!(b["exitCode"], 3, "{b}");
+    assert_eq!(
+        phases(&b),
+        vec![
+            ("machine".to_owned(), Some(0)),
+            ("setup".to_owned(), Some(0)),
+            ("test".to_owned(), Some(3))
+        ]
+    );
+    assert!(log.contains("GREETING=hi there (override)"), "{log}");
+    assert!(log.contains("own test with hi there in sub, kept"), "{log}");
+    assert!(!log.contains("default test ran"), "{log}");
+    assert!(!log.contains("never\n"), "{log}");
+    assert!(
+        log.contains("── phase test: failed (exit code 3) in "),
+        "{log}"
+    );
+    let test = &b["phases"][2]["commands"];
+    assert_eq!(test[0]["from"], "override", "{test}");
+    assert_eq!(test.as_array().unwrap().len(), 3, "{test}");
+
+    let (b, log) = build_of(&d, "acme/passing").await;
+    assert_eq!(b["status"], "succeeded", "{b}\n{log}");
+    let at_default = log.find("default test ran").unwrap();
+    let at_mine = log.find("and mine after it").unwrap();
+    assert!(at_default < at_mine, "{log}");
+
+    let (b, log) = build_of(&d, "acme/invalid").await;
+    assert_eq!(b["status"], "failed", "{b}\n{log}");
+    assert!(
+        log.contains(".decap.json, line 2, column 33: invalid type: string \"not a list\", expected a sequence"),
+        "{log}"
+    );
+    assert!(!log.contains("── phase"), "no phase runs: {log}");
+    assert!(!log.contains("should not run"), "{log}");
+
+    // The project page says which commands ran and where each came from.
+    let page = d
+        .api()
+        .get("/projects/acme/adjusted")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("The shell preset"), "{page}");
+    assert!(
+        page.contains("<code>exit 3</code> <span class=\"muted\">(.decap.json)</span>"),
+        "{page}"
+    );
+    let id = b["id"].as_str().unwrap();
+    let page = d
+        .api()
+        .get(&format!("/builds/{id}"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !page.contains("id=\"phases-h\""),
+        "a build that ran no phase shows none: {page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_cannot_be_checked_out_or_is_missing_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scripts = tmp.path().join("scripts");
+    let nowhere = tmp.path().join("repos/nowhere");
+    preset_project(&scripts, "acme/gone", "go", &nowhere.to_string_lossy(), "");
+    // A language without a repository, and a build.sh that wins.
+    std::fs::create_dir_all(scripts.join("acme/norepo")).unwrap();
+    std::fs::write(
+        scripts.join("acme/norepo/project.json"),
+        r#"{"language": "python"}"#,
+    )
+    .unwrap();
+    common::project(
+        &scripts,
+        "acme/own",
+        r#"{"language": "node"}"#,
+        "echo my own build.sh; test ! -f \"$DECAP_BUILD_SCRIPTS/decap-preset.json\"\n",
+    );
+    readable(tmp.path());
+    let d = Decap::start(&tmp.path().join("data"), &scripts, &[]);
+    let (b, _) = build_of(&d, "acme/gone").await;
+    assert_eq!(b["status"], "errored", "{b}");
+    let message = b["message"].as_str().unwrap();
+    assert!(
+        message.contains("the repository could not be checked out: ")
+            && message.contains("cannot fetch refs/heads/main of "),
+        "{message}"
+    );
+    let projects = d.api().json("/api/v1/projects").await;
+    let norepo = projects["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["project"] == "norepo")
+        .unwrap();
+    assert!(
+        norepo["error"]
+            .as_str()
+            .unwrap()
+            .contains("a python project with no build.sh needs its repoUrl"),
+        "{norepo}"
+    );
+    let (b, log) = build_of(&d, "acme/own").await;
+    assert_eq!(b["status"], "succeeded", "{b}\n{log}");
+    assert!(log.contains("my own build.sh"), "{log}");
+    assert!(b["phases"].is_null(), "{b}");
+    assert!(
+        log.contains("not in its buildImage docker.io/library/node:lts-slim"),
+        "the preset chose the image: {log}"
+    );
+}
+
+/// A repository served over git's dumb HTTP protocol, only to requests
+/// with `Authorization: Basic x-access-token:TOKEN`.
+async fn private_http_repo(bare: PathBuf, token: &str) -> String {
+    use axum::extract::Path as AxPath;
+    use axum::http::{HeaderMap, StatusCode};
+    use base64::Engine as _;
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"))
+    );
+    let app = axum::Router::new().route(
+        "/repo.git/{*path}",
+        axum::routing::get(move |AxPath(path): AxPath<String>, headers: HeaderMap| {
+            let bare = bare.clone();
+            let expected = expected.clone();
+            async move {
+                let auth = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                if auth != expected {
+                    return Err(StatusCode::UNAUTHORIZED);
+                }
+                if path.split('/').any(|c| c == "..") {
+                    return Err(StatusCode::BAD_REQUEST);
+                }
+                std::fs::read(bare.join(&path)).map_err(|_| StatusCode::NOT_FOUND)
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/repo.git")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_repository_is_fetched_with_the_token_the_build_never_sees() {
+    const REPO_TOKEN: &str = "ghs_private-repository-token-0123456789";
+    let tmp = tempfile::tempdir().unwrap();
+    let scripts = tmp.path().join("scripts");
+    let work = tmp.path().join("repos/private");
+    repo(
+        &work,
+        &[(
+            "test.sh",
+            "echo private tests pass; env | sort; cat /proc/$PPID/environ 2>/dev/null | tr '\\0' '\\n'; echo end of env\n",
+        )],
+    );
+    let bare = tmp.path().join("repos/private.git");
+    sh(
+        tmp.path(),
+        &format!(
+            "git clone -q --bare {} {} && git -C {} update-server-info",
+            work.display(),
+            bare.display(),
+            bare.display()
+        ),
+    );
+    let url = private_http_repo(bare, REPO_TOKEN).await;
+    preset_project(&scripts, "acme/private", "shell", &url, "");
+    readable(tmp.path());
+    let d = Decap::start(&tmp.path().join("data"), &scripts, &[]);
+
+    // Without the token: GitHub's answer to a stranger, said plainly.
+    let (b, _) = build_of(&d, "acme/private").await;
+    assert_eq!(b["status"], "errored", "{b}");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be checked out"),
+        "{b}"
+    );
+
+    let r = d
+        .api()
+        .http
+        .put(format!("{}/api/v1/secrets/acme/private/REPO_TOKEN", d.url))
+        .bearer_auth(TOKEN)
+        .body(REPO_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let (b, log) = build_of(&d, "acme/private").await;
+    assert_eq!(b["status"], "succeeded", "{b}\n{log}");
+    assert!(log.contains("private tests pass"), "{log}");
+    assert!(log.contains("end of env"), "{log}");
+    assert!(
+        !log.contains("REPO_TOKEN"),
+        "the build has no such variable: {log}"
+    );
+    assert!(!log.contains("private-repository-token"), "{log}");
+    assert!(!log.contains("x-access-token"), "{log}");
+}
