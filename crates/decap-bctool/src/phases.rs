@@ -4,8 +4,8 @@
 //!
 //! It fetches the project's tree at the plan's commit from the server (the
 //! repository's credentials stay there) into the working folder, then runs
-//! the phases in order, each in its own `sh` that picks up the variables and
-//! the folder the phase before left, each a section of the console between
+//! the phases in order in one `sh` (a variable one phase exports, or a
+//! folder it enters, is the next one's), each a section of the console between
 //! two marker lines (`── phase setup ──` … `── phase setup: passed in 1.20 s
 //! ──`, which the web UI folds). The first command that fails ends the
 //! build with its exit code; the phases after it do not run. How each phase
@@ -87,75 +87,164 @@ pub async fn run(client: Client, id: &str, plan_path: &Path) -> Result<i32> {
         "[decap: checked out {short} in {}]",
         seconds(started.elapsed())
     ));
+    let exit = run_phases(&plan, &mut records, record_to.as_deref()).await?;
+    write_records(record_to.as_deref(), &records);
+    Ok(exit)
+}
+
+/// Runs the phases in one `sh`, so that a variable one exports or a
+/// folder it enters is the next one's. Between phases the shell tells
+/// bctool through a FIFO and waits for its answer on another, so that the
+/// marker lines bctool prints fall between the phases' own output, and each
+/// phase is timed by bctool's clock.
+async fn run_phases(
+    plan: &Plan,
+    records: &mut [PhaseRecord],
+    record_to: Option<&Path>,
+) -> Result<i32> {
+    use tokio::io::AsyncBufReadExt;
     let work = tempfile::tempdir().context("cannot make a temporary folder")?;
-    let state = work.path().join("state");
-    let mut exit = 0;
+    let events = work.path().join("events");
+    let answers = work.path().join("answers");
+    for fifo in [&events, &answers] {
+        nix::unistd::mkfifo(
+            fifo,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .with_context(|| format!("cannot make {}", fifo.display()))?;
+    }
+    // Both ends held read-write, so that neither side's open ever waits.
+    let from_sh = tokio::net::unix::pipe::OpenOptions::new()
+        .read_write(true)
+        .open_receiver(&events)?;
+    let mut to_sh = tokio::net::unix::pipe::OpenOptions::new()
+        .read_write(true)
+        .open_sender(&answers)?;
+    let mut lines = tokio::io::BufReader::new(from_sh).lines();
+    let mut script = format!(
+        "decap_mark() {{ printf '%s\\n' \"$1\" > {ev}; read -r decap_go < {ans}; }}\n",
+        ev = quoted(&events.to_string_lossy()),
+        ans = quoted(&answers.to_string_lossy()),
+    );
     for (i, phase) in plan.phases.iter().enumerate() {
-        let name = phase.name.name();
-        say(&start_marker(name));
-        if phase.name == decap_core::preset::PhaseName::Machine {
-            for v in &plan.env {
-                say(&format!("{}={} ({})", v.name, v.value, v.from));
-            }
-        }
-        let mut script = String::from("set +e\n");
-        script.push_str(&format!(
-            "if [ -f {s} ]; then . {s}; fi\nif [ -f {p} ]; then cd \"$(cat {p})\"; fi\n",
-            s = quoted(&state.to_string_lossy()),
-            p = quoted(&format!("{}.pwd", state.to_string_lossy())),
-        ));
-        script.push_str(&format!(
-            "decap_save() {{ export -p > {s}; pwd > {p}; }}\n",
-            s = quoted(&state.to_string_lossy()),
-            p = quoted(&format!("{}.pwd", state.to_string_lossy())),
-        ));
+        script.push_str(&format!("decap_mark 'start {i}'\n"));
         for c in &phase.commands {
             script.push_str(&format!(
-                "printf '%s\\n' {}\neval {} || {{ decap_rc=$?; decap_save; exit $decap_rc; }}\n",
+                "printf '%s\\n' {}\neval {} || {{ decap_rc=$?; decap_mark \"end {i} $decap_rc\"; exit $decap_rc; }}\n",
                 quoted(&format!("$ {}", c.run)),
                 quoted(&c.run)
             ));
         }
-        script.push_str("decap_save\n");
-        let t = Instant::now();
-        let status = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(&script)
-            .envs(plan.env.iter().map(|v| (&v.name, &v.value)))
-            .stdin(std::process::Stdio::null())
-            .status()
-            .await
-            .context("cannot run sh")?;
-        let took = t.elapsed();
-        let code = match (
-            status.code(),
-            std::os::unix::process::ExitStatusExt::signal(&status),
-        ) {
-            (Some(c), _) => c,
-            (None, Some(sig)) => 128 + sig,
-            (None, None) => 1,
-        };
-        records[i].duration_ms = took.as_millis() as u64;
-        records[i].exit_code = Some(code);
-        if code == 0 {
-            say(&format!("── phase {name}: passed in {} ──", seconds(took)));
-        } else {
-            say(&format!(
-                "── phase {name}: failed (exit code {code}) in {} ──",
-                seconds(took)
-            ));
-        }
-        write_records(record_to.as_deref(), &records);
-        if code != 0 {
-            exit = code;
-            for later in &plan.phases[i + 1..] {
-                say(&format!("── phase {}: not run ──", later.name));
+        script.push_str(&format!("decap_mark 'end {i} 0'\n"));
+    }
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .envs(plan.env.iter().map(|v| (&v.name, &v.value)))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .context("cannot run sh")?;
+    let mut current: Option<(usize, Instant)> = None;
+    let mut failed: Option<i32> = None;
+    // A stop (timeout, cancel) signals the whole process group: the phase
+    // running then is recorded as stopped before bctool goes.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.context("waiting for sh")?,
+            _ = term.recv() => {
+                stopped(plan, records, record_to, current.take(), 128 + 15);
+                let _ = child.start_kill();
+                return Ok(128 + 15);
             }
-            break;
+            _ = int.recv() => {
+                stopped(plan, records, record_to, current.take(), 128 + 2);
+                let _ = child.start_kill();
+                return Ok(128 + 2);
+            }
+            line = lines.next_line() => {
+                let Some(line) = line? else { continue };
+                let mut words = line.split_whitespace();
+                let (what, i) = (words.next(), words.next().and_then(|w| w.parse::<usize>().ok()));
+                match (what, i) {
+                    (Some("start"), Some(i)) if i < plan.phases.len() => {
+                        say(&start_marker(plan.phases[i].name.name()));
+                        if plan.phases[i].name == decap_core::preset::PhaseName::Machine {
+                            for v in &plan.env {
+                                say(&format!("{}={} ({})", v.name, v.value, v.from));
+                            }
+                        }
+                        current = Some((i, Instant::now()));
+                    }
+                    (Some("end"), Some(i)) if i < plan.phases.len() => {
+                        let code: i32 = words.next().and_then(|w| w.parse().ok()).unwrap_or(1);
+                        let took = current.take().map(|(_, t)| t.elapsed()).unwrap_or_default();
+                        end_phase(plan, records, i, code, took);
+                        write_records(record_to, records);
+                        if code != 0 {
+                            failed = Some(code);
+                        }
+                    }
+                    _ => {}
+                }
+                to_sh.write_all(b"go\n").await?;
+            }
+        }
+    };
+    let code = match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
+        (Some(c), _) => c,
+        (None, Some(sig)) => 128 + sig,
+        (None, None) => 1,
+    };
+    // A phase cut short (a command that called `exit`, a signal) ends with
+    // the shell's status.
+    if let Some((i, t)) = current.take() {
+        let code = if code == 0 { 1 } else { code };
+        end_phase(plan, records, i, code, t.elapsed());
+        failed = Some(code);
+    }
+    let exit = failed.unwrap_or(code);
+    if exit != 0 {
+        for r in records.iter().filter(|r| r.exit_code.is_none()) {
+            say(&format!("── phase {}: not run ──", r.name));
         }
     }
-    write_records(record_to.as_deref(), &records);
+    write_records(record_to, records);
     Ok(exit)
+}
+
+/// The phase running when the build was stopped by a signal ends with
+/// `code`; the record is written at once.
+fn stopped(
+    plan: &Plan,
+    records: &mut [PhaseRecord],
+    record_to: Option<&Path>,
+    current: Option<(usize, Instant)>,
+    code: i32,
+) {
+    if let Some((i, t)) = current {
+        end_phase(plan, records, i, code, t.elapsed());
+    }
+    write_records(record_to, records);
+}
+
+/// Ends phase `i` with `code` after `took`: its record and its marker.
+fn end_phase(plan: &Plan, records: &mut [PhaseRecord], i: usize, code: i32, took: Duration) {
+    let name = plan.phases[i].name.name();
+    records[i].duration_ms = took.as_millis() as u64;
+    records[i].exit_code = Some(code);
+    if code == 0 {
+        say(&format!("── phase {name}: passed in {} ──", seconds(took)));
+    } else {
+        say(&format!(
+            "── phase {name}: failed (exit code {code}) in {} ──",
+            seconds(took)
+        ));
+    }
 }
 
 fn write_records(to: Option<&Path>, records: &[PhaseRecord]) {

@@ -59,6 +59,9 @@ enum What {
     /// against `podman run --rm IMAGE true`, the first line after a
     /// sidecar's readiness probe, 20 builds at once.
     Containers,
+    /// A preset build (checkout, override file, three phases) against a
+    /// build.sh running the same command, on one server, interleaved.
+    Presets,
     /// Everything.
     All,
 }
@@ -636,6 +639,107 @@ async fn end_to_end(runs: usize) -> Result<()> {
     Ok(())
 }
 
+/// Runs `script` with `sh -ec` in `dir` as a committer; its output.
+fn git_sh(dir: &Path, script: &str) -> Result<String> {
+    let out = Command::new("sh")
+        .args(["-ec", script])
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Bench")
+        .env("GIT_AUTHOR_EMAIL", "bench@example.com")
+        .env("GIT_COMMITTER_NAME", "Bench")
+        .env("GIT_COMMITTER_EMAIL", "bench@example.com")
+        .output()?;
+    if !out.status.success() {
+        bail!("{script}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The preset's own cost: each round pushes a new commit of a local
+/// repository and builds it twice, once as a `shell` preset project (the
+/// server fetches the commit, reads `.decap.json`, bctool fetches the tree
+/// and runs three phases) and once as a project whose `build.sh` runs the
+/// same command; webhook → result stored, on the embedded default (the
+/// sandbox when it can run here).
+async fn presets(runs: usize) -> Result<()> {
+    let repo_dir = tempfile::tempdir()?;
+    let repo = repo_dir.path().join("repo");
+    std::fs::create_dir_all(&repo)?;
+    std::fs::write(repo.join("test.sh"), "echo tests pass\n")?;
+    std::fs::write(repo.join(".decap.json"), r#"{"test": {"custom": []}}"#)?;
+    git_sh(
+        &repo,
+        "git init -q -b main . && git add -A && git commit -qm one",
+    )?;
+    git_sh(repo_dir.path(), "chmod -R a+rX .")?;
+    let url = repo.to_string_lossy().into_owned();
+    let server = start(
+        |s| {
+            let dir = s.join("bench/preset");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(
+                dir.join("project.json"),
+                format!(r#"{{"language": "shell", "repoUrl": "{url}"}}"#),
+            )?;
+            // The same command on the same file, from the scripts folder.
+            write_project(
+                s,
+                "bench/script",
+                r#"{"buildImage": "x"}"#,
+                "sh \"$DECAP_BUILD_SCRIPTS/test.sh\"\n",
+            )?;
+            std::fs::write(s.join("bench/script/test.sh"), "echo tests pass\n")?;
+            Ok(())
+        },
+        &[],
+    )?;
+    let http = reqwest::Client::new();
+    let (mut preset, mut script) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        std::fs::write(repo.join("round"), i.to_string())?;
+        let commit = git_sh(
+            &repo,
+            "git add -A && git commit -qm round && git rev-parse HEAD",
+        )?;
+        for (project, into) in [("preset", &mut preset), ("script", &mut script)] {
+            let body = push_body("bench", project, "main", &commit);
+            let t = Instant::now();
+            let resp = http
+                .post(format!("{}/hooks/github", server.url))
+                .header("x-github-event", "push")
+                .header("x-github-delivery", format!("{project}-{i}"))
+                .header(
+                    "x-hub-signature-256",
+                    decap_server::auth::sign(SECRET, &body),
+                )
+                .body(body)
+                .send()
+                .await?;
+            let v: serde_json::Value = resp.json().await?;
+            let id = v["builds"][0]
+                .as_str()
+                .with_context(|| format!("push {i} of {project} started no build: {v}"))?
+                .to_owned();
+            let b = wait_final(&http, &server.url, &id).await?;
+            into.push(t.elapsed().as_secs_f64() * 1000.0);
+            if b["status"] != "succeeded" {
+                bail!("build {id} of {project} ended {}", b["status"]);
+            }
+        }
+    }
+    let (p50, p99) = summary(
+        "shell preset (fetch, .decap.json, tree, three phases), push → result",
+        preset,
+    );
+    let (s50, s99) = summary("the same command in a build.sh, push → result", script);
+    println!(
+        "  the preset's own overhead: p50 {:.2} ms, p99 {:.2} ms",
+        p50 - s50,
+        p99 - s99
+    );
+    Ok(())
+}
+
 async fn drain() -> Result<()> {
     let projects = 100;
     let requests = 1000;
@@ -1090,6 +1194,9 @@ async fn main() -> Result<()> {
     }
     if all || matches!(cli.what, What::Drain) {
         drain().await?;
+    }
+    if all || matches!(cli.what, What::Presets) {
+        presets(100).await?;
     }
     if all || matches!(cli.what, What::Webhooks) {
         webhooks().await?;

@@ -372,8 +372,9 @@ impl Service {
     }
 
     /// The sidecar, as a Kubernetes `Container` (what `*-sidecar.json`
-    /// holds), named after the service.
-    pub fn sidecar(&self) -> serde_json::Value {
+    /// holds), named after the service, of `image` when the operator chose
+    /// one (else the catalog's).
+    pub fn sidecar(&self, image: Option<&str>) -> serde_json::Value {
         let env: Vec<serde_json::Value> = self
             .sidecar_env
             .iter()
@@ -381,7 +382,7 @@ impl Service {
             .collect();
         serde_json::json!({
             "name": self.name,
-            "image": self.image,
+            "image": image.unwrap_or(self.image),
             "env": env,
             "readinessProbe": {
                 "exec": {"command": self.ready},
@@ -678,7 +679,7 @@ mod tests {
             get("REDIS_URL").as_deref(),
             Some("redis://127.0.0.1:6379/0")
         );
-        let sidecar = Service::named("redis").expect("redis").sidecar();
+        let sidecar = Service::named("redis").expect("redis").sidecar(None);
         assert_eq!(sidecar["name"], "redis");
         assert_eq!(sidecar["readinessProbe"]["exec"]["command"][0], "redis-cli");
     }

@@ -24,6 +24,10 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a local git command may take.
 const LOCAL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A file of a commit: its content, none when the commit has no such file,
+/// or why it cannot be read (too large).
+pub type FileAt = std::result::Result<Option<Vec<u8>>, String>;
+
 /// The mirrors, under `DATA_DIR/sources`.
 #[derive(Debug)]
 pub struct Sources {
@@ -50,6 +54,9 @@ impl Sources {
     }
 
     fn mirror(&self, url: &str) -> PathBuf {
+        if let Some(local) = local_repository(url) {
+            return local;
+        }
         let hash = hex::encode(Sha256::digest(url.as_bytes()));
         self.dir.join(format!("{}.git", &hash[..24]))
     }
@@ -76,6 +83,14 @@ impl Sources {
                 "ref",
                 format!("{:?} is not a full ref", want.git_ref),
             ));
+        }
+        if let Some(local) = local_repository(url) {
+            // A repository on this machine is read in place: nothing to copy.
+            let rev = want.commit.unwrap_or(want.git_ref);
+            return self
+                .resolve(&local, rev)
+                .await
+                .map_err(|e| cannot_fetch(url, rev, e));
         }
         let mirror = self.mirror(url);
         let lock = self.lock(&mirror);
@@ -138,7 +153,7 @@ impl Sources {
     /// build's commit, or its ref as last fetched), fetched otherwise.
     pub async fn pinned(&self, url: &str, want: Want<'_>, token: Option<&str>) -> Result<String> {
         let mirror = self.mirror(url);
-        if mirror.join("HEAD").is_file() {
+        if local_repository(url).is_none() && mirror.join("HEAD").is_file() {
             let rev = match want.commit {
                 Some(c) if c.chars().all(|c| c.is_ascii_hexdigit()) => c.to_owned(),
                 Some(_) => String::new(),
@@ -153,39 +168,107 @@ impl Sources {
         self.fetch(url, want, token).await
     }
 
+    /// The commit a launch builds and the file at `path` in it (the
+    /// override file), from the mirror when it holds the commit (the
+    /// build's, or its ref's as last fetched), fetched first otherwise: one
+    /// `git cat-file` when nothing is fetched.
+    pub async fn checkout(
+        &self,
+        url: &str,
+        want: Want<'_>,
+        token: Option<&str>,
+        path: &str,
+    ) -> Result<(String, FileAt)> {
+        let local = local_repository(url);
+        let mirror = self.mirror(url);
+        let rev = match (want.commit, &local) {
+            (Some(c), _) => c.to_owned(),
+            (None, Some(_)) => want.git_ref.to_owned(),
+            (None, None) => local_ref(want.git_ref),
+        };
+        if (local.is_some() || mirror.join("HEAD").is_file())
+            && let Some(found) = self.inspect(&mirror, &rev, path).await?
+        {
+            return Ok(found);
+        }
+        let commit = self.fetch(url, want, token).await?;
+        self.inspect(&mirror, &commit, path).await?.ok_or_else(|| {
+            Error::backend(
+                "source",
+                format!("{commit} is not in the mirror after its fetch"),
+            )
+        })
+    }
+
+    /// One `git cat-file --batch` in `repo`: the commit `rev` names and the
+    /// file at `path` in it (none when there is no such file); `None` when
+    /// `rev` names no commit there.
+    async fn inspect(
+        &self,
+        repo: &Path,
+        rev: &str,
+        path: &str,
+    ) -> Result<Option<(String, FileAt)>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let plain =
+            |s: &str| !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !plain(rev) || rev.starts_with('-') || !plain(path) {
+            return Err(Error::invalid("revision", format!("{rev:?}:{path:?}")));
+        }
+        let mut child = tokio::process::Command::new("git")
+            .args(["cat-file", "--batch"])
+            .current_dir(repo)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Error::backend("git", format!("cannot run git: {e}")))?;
+        let ask = format!("{rev}^{{commit}}\n{rev}:{path}\n");
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| Error::backend("git", "no stdin"))?;
+        let mut stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| Error::backend("git", "no stdout"))?;
+        let read = async {
+            stdin.write_all(ask.as_bytes()).await?;
+            drop(stdin);
+            // A commit object and the file, bounded: a larger file is refused
+            // from its size alone.
+            let mut out = Vec::new();
+            (&mut stdout)
+                .take(MAX_OVERRIDE_BYTES + 64 * 1024)
+                .read_to_end(&mut out)
+                .await?;
+            Ok::<_, std::io::Error>(out)
+        };
+        let out = tokio::time::timeout(LOCAL_TIMEOUT, read)
+            .await
+            .map_err(|_| Error::backend("git", "git cat-file took too long"))?
+            .map_err(|e| Error::backend("git", format!("git cat-file: {e}")))?;
+        let _ = child.kill().await;
+        let (commit, rest) = match batch_entry(&out) {
+            Some((oid, "commit", _, rest)) => (oid.to_owned(), rest),
+            _ => return Ok(None),
+        };
+        let file = match batch_entry(rest) {
+            Some((_, "blob", body, _)) => Ok(Some(body.to_vec())),
+            Some((_, _, _, _)) => Ok(None),
+            None if rest.ends_with(b" missing\n") => Ok(None),
+            None => Err(format!(
+                "{path} is larger than {MAX_OVERRIDE_BYTES} bytes, the most Decap reads"
+            )),
+        };
+        Ok(Some((commit, file)))
+    }
+
     async fn resolve(&self, mirror: &Path, rev: &str) -> Result<String> {
         let spec = format!("{rev}^{{commit}}");
         git_out(&["rev-parse", "--verify", "--quiet", &spec], mirror).await
-    }
-
-    /// The file at `path` in `commit` of the mirror of `url`, when there is
-    /// one (at most [`MAX_OVERRIDE_BYTES`]).
-    pub async fn read_file(&self, url: &str, commit: &str, path: &str) -> Result<Option<Vec<u8>>> {
-        let mirror = self.mirror(url);
-        let listed = git_out(&["ls-tree", "--long", commit, "--", path], &mirror).await?;
-        // `<mode> blob <oid> <size>\t<path>`
-        let Some(fields) = listed.split('\t').next() else {
-            return Ok(None);
-        };
-        let fields: Vec<&str> = fields.split_whitespace().collect();
-        if fields.len() != 4 || fields[1] != "blob" {
-            return Ok(None);
-        }
-        let size: u64 = fields[3].parse().unwrap_or(u64::MAX);
-        if size > MAX_OVERRIDE_BYTES {
-            return Err(Error::invalid(
-                "override file",
-                format!("{path} is {size} bytes; at most {MAX_OVERRIDE_BYTES} are read"),
-            ));
-        }
-        let out = run(
-            &["cat-file", "blob", fields[2]],
-            Some(&mirror),
-            None,
-            LOCAL_TIMEOUT,
-        )
-        .await?;
-        Ok(Some(out))
     }
 
     /// The tree of `commit` as a `tar.gz`, written by `git archive` to the
@@ -210,6 +293,37 @@ impl Sources {
             .spawn()
             .map_err(|e| Error::backend("git", format!("cannot run git: {e}")))
     }
+}
+
+/// Whether `url` is a repository on this machine, read in place.
+pub fn is_local(url: &str) -> bool {
+    local_repository(url).is_some()
+}
+
+/// The folder of a repository on this machine named by its path (not a
+/// URL: `file://` ones are mirrored like any other), which is read in
+/// place rather than mirrored.
+fn local_repository(url: &str) -> Option<PathBuf> {
+    let path = url;
+    if !path.starts_with('/') {
+        return None;
+    }
+    let path = Path::new(path);
+    (path.join(".git").exists() || path.join("HEAD").is_file()).then(|| path.to_owned())
+}
+
+/// One entry of `git cat-file --batch`'s output: its object id, type and
+/// content, and what follows; `None` for a `missing` line or an entry cut
+/// short.
+fn batch_entry(out: &[u8]) -> Option<(&str, &str, &[u8], &[u8])> {
+    let eol = out.iter().position(|&b| b == b'\n')?;
+    let header = std::str::from_utf8(&out[..eol]).ok()?;
+    let mut words = header.split(' ');
+    let (oid, kind, size) = (words.next()?, words.next()?, words.next()?);
+    let size: usize = size.parse().ok()?;
+    let body = out.get(eol + 1..eol + 1 + size)?;
+    let rest = out.get(eol + 2 + size..).unwrap_or_default();
+    Some((oid, kind, body, rest))
 }
 
 /// Where the mirror keeps a fetched ref (`refs/heads/main` →
@@ -352,7 +466,8 @@ mod tests {
             &repo,
             "git init -q -b main . && echo '{}' > .decap.json && echo hi > a.txt && git add . && git commit -qm one",
         );
-        let url = repo.to_string_lossy().into_owned();
+        // A URL, so mirrored (a plain path is read in place: see below).
+        let url = format!("file://{}", repo.display());
         let sources = Sources::new(&tmp.path().join("data"));
         let tip = sources
             .fetch(
@@ -366,19 +481,23 @@ mod tests {
             .await
             .expect("fetch");
         assert_eq!(tip.len(), 40);
+        let want = Want {
+            git_ref: "refs/heads/main",
+            commit: Some(&tip),
+        };
         assert_eq!(
             sources
-                .read_file(&url, &tip, ".decap.json")
+                .checkout(&url, want, None, ".decap.json")
                 .await
                 .expect("read"),
-            Some(b"{}\n".to_vec())
+            (tip.clone(), Ok(Some(b"{}\n".to_vec())))
         );
         assert_eq!(
             sources
-                .read_file(&url, &tip, "missing")
+                .checkout(&url, want, None, "missing")
                 .await
                 .expect("read"),
-            None
+            (tip.clone(), Ok(None))
         );
         // A later commit, named: fetched; the first, named: already there.
         sh(&repo, "echo two > a.txt && git commit -qam two");
@@ -431,6 +550,44 @@ mod tests {
             );
         }
         assert!(names.contains(&"a.txt".to_owned()), "{names:?}");
+        assert!(
+            tmp.path().join("data/sources").is_dir(),
+            "the URL was mirrored"
+        );
+
+        // A path is read in place: the commit of the ref as it stands now,
+        // with no mirror made.
+        let in_place = Sources::new(&tmp.path().join("data2"));
+        let path = repo.to_string_lossy().into_owned();
+        let (commit, file) = in_place
+            .checkout(
+                &path,
+                Want {
+                    git_ref: "refs/heads/main",
+                    commit: None,
+                },
+                None,
+                ".decap.json",
+            )
+            .await
+            .expect("read in place");
+        assert_eq!(commit, second);
+        assert_eq!(file, Ok(Some(b"{}\n".to_vec())));
+        assert!(!tmp.path().join("data2/sources").exists());
+        let missing = in_place
+            .checkout(
+                &path,
+                Want {
+                    git_ref: "refs/heads/main",
+                    commit: Some("0123456789012345678901234567890123456789"),
+                },
+                None,
+                ".decap.json",
+            )
+            .await
+            .expect_err("no such commit")
+            .to_string();
+        assert!(missing.contains("cannot fetch 0123456789"), "{missing}");
     }
 
     #[tokio::test]

@@ -389,6 +389,25 @@ enum LogFormat {
     Json,
 }
 
+/// `SERVICE=IMAGE` of `--service-image`.
+fn parse_service_image(v: &str) -> Result<(String, String), String> {
+    let (name, image) = v
+        .split_once('=')
+        .ok_or_else(|| format!("{v:?}: expected SERVICE=IMAGE"))?;
+    let service = decap_core::preset::Service::named(name.trim()).ok_or_else(|| {
+        let known: Vec<&str> = decap_core::preset::SERVICES
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        format!("unknown service {name:?} (known: {})", known.join(", "))
+    })?;
+    let image = image.trim();
+    if image.is_empty() || image.chars().any(char::is_whitespace) {
+        return Err(format!("{v:?}: the image must be one word"));
+    }
+    Ok((service.name.to_owned(), image.to_owned()))
+}
+
 /// `LANGUAGE=IMAGE` of `--preset-image`.
 fn parse_preset_image(v: &str) -> Result<(decap_core::preset::Language, String), String> {
     let (lang, image) = v
@@ -511,6 +530,11 @@ struct ServeArgs {
     /// A project's `buildImage` still wins.
     #[arg(long = "preset-image", env = "DECAP_PRESET_IMAGES", value_delimiter = ',', value_parser = parse_preset_image, value_name = "LANGUAGE=IMAGE")]
     preset_images: Vec<(decap_core::preset::Language, String)>,
+    /// The image of a service a preset project names in its `.decap.json`
+    /// (`postgresql=registry.example.com/postgres:16`), in place of Decap's
+    /// own; repeat for each service.
+    #[arg(long = "service-image", env = "DECAP_SERVICE_IMAGES", value_delimiter = ',', value_parser = parse_service_image, value_name = "SERVICE=IMAGE")]
+    service_images: Vec<(String, String)>,
     /// Stop running local builds when `decap serve` stops (not in an
     /// upgrade in place). By default they run on, and the next `decap
     /// serve` on the same data dir adopts them and records how they end.
@@ -1093,6 +1117,7 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     controller.set_presets(
         Arc::new(decap_scripts::source::Sources::new(&args.data_dir)),
         args.preset_images.iter().cloned().collect(),
+        args.service_images.iter().cloned().collect(),
     );
     controller.start(exits).await.context("recovering state")?;
     let mut github_hooks: Option<Arc<dyn decap_core::ports::RepositoryHooks>> = None;

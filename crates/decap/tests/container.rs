@@ -726,3 +726,77 @@ async fn decap_starts_before_its_engine_and_builds_wait_for_it() {
             .contains("built once the engine came")
     );
 }
+
+/// A `shell` preset project whose repository names the `redis` service in
+/// its `.decap.json`: the build runs in the preset's image (the operator's
+/// choice here: the bed's redis image, which has redis-cli) with the
+/// catalog's redis sidecar (of the operator's image), reached at
+/// `REDIS_URL`, its tree fetched from the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preset_build_runs_in_its_image_with_a_service_of_the_catalog() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("test.sh"),
+        "set -e\nredis-cli -u \"$REDIS_URL\" set greeting hi >/dev/null\n\
+         echo \"redis says $(redis-cli -u \"$REDIS_URL\" get greeting) to user $(id -u) in $(pwd)\"\n",
+    )
+    .unwrap();
+    std::fs::write(repo.join(".decap.json"), r#"{"services": ["redis"]}"#).unwrap();
+    let git = Command::new("sh")
+        .args([
+            "-ec",
+            "git init -q -b main . && git add -A && git -c user.name=Dev -c user.email=dev@example.com commit -qm one",
+        ])
+        .current_dir(&repo)
+        .status()
+        .unwrap();
+    assert!(git.success());
+    let scripts = dir.path().join("scripts/acme/preset");
+    std::fs::create_dir_all(&scripts).unwrap();
+    std::fs::write(
+        scripts.join("project.json"),
+        serde_json::json!({"language": "shell", "repoUrl": repo.to_string_lossy()}).to_string(),
+    )
+    .unwrap();
+    let shell_image = format!("shell={}", redis());
+    let redis_image = format!("redis={}", redis());
+    let decap = start(
+        dir.path(),
+        &engine(),
+        &[
+            "--preset-image",
+            &shell_image,
+            "--service-image",
+            &redis_image,
+        ],
+        &[],
+    );
+    let api = decap.api();
+    let id = api.request("acme/preset", &["main"]).await.remove(0);
+    let b = api.finished(&id, MINUTE).await;
+    let log = log_of(&decap, &id).await;
+    assert_eq!(b["status"], "succeeded", "{b}\n{log}");
+    assert!(
+        log.contains("redis says hi to user 1000 in /decap/workspace/src"),
+        "{log}"
+    );
+    assert!(
+        log.contains("REDIS_URL=redis://127.0.0.1:6379/0 (redis)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("[decap: sidecar redis passed its readinessProbe at "),
+        "{log}"
+    );
+    assert!(log.contains("── phase test: passed in "), "{log}");
+    let phases: Vec<i64> = b["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["exitCode"].as_i64().unwrap())
+        .collect();
+    assert_eq!(phases, [0, 0, 0], "{b}");
+    containers_removed(&id).await;
+}

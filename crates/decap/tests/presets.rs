@@ -568,3 +568,46 @@ async fn a_private_repository_is_fetched_with_the_token_the_build_never_sees() {
     assert!(!log.contains("private-repository-token"), "{log}");
     assert!(!log.contains("x-access-token"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preset_build_stopped_by_its_timeout_records_the_phase_it_was_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scripts = tmp.path().join("scripts");
+    let slow = tmp.path().join("repos/slow");
+    repo(
+        &slow,
+        &[
+            ("test.sh", "echo testing; sleep 60; echo never\n"),
+            (".decap.json", r#"{"setup": {"custom": ["echo ready"]}}"#),
+        ],
+    );
+    let dir = scripts.join("acme/slow");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("project.json"),
+        format!(
+            r#"{{"language": "shell", "repoUrl": "{}", "buildTimeoutSeconds": 2}}"#,
+            slow.display()
+        ),
+    )
+    .unwrap();
+    readable(tmp.path());
+    let d = Decap::start(&tmp.path().join("data"), &scripts, &[]);
+    let (b, log) = build_of(&d, "acme/slow").await;
+    assert_eq!(b["status"], "timed_out", "{b}\n{log}");
+    assert_eq!(
+        phases(&b),
+        vec![
+            ("machine".to_owned(), Some(0)),
+            ("setup".to_owned(), Some(0)),
+            ("test".to_owned(), Some(143))
+        ],
+        "{b}"
+    );
+    assert!(log.contains("testing\n"), "{log}");
+    assert!(!log.contains("never"), "{log}");
+    assert!(
+        log.contains("── phase test: failed (exit code 143) in "),
+        "{log}"
+    );
+}

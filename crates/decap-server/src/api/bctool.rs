@@ -129,6 +129,9 @@ pub async fn get_source(
     if q.commit.len() != 40 || !q.commit.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(ApiError::bad_request("commit must be a full commit id"));
     }
+    if let Some(tree) = app.controller.prepared_tree(b.id, &q.commit).await {
+        return Ok(([(header::CONTENT_TYPE, "application/gzip")], tree).into_response());
+    }
     let token = app.controller.repo_token_of(&b).await;
     let commit = sources
         .pinned(

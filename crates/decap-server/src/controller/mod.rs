@@ -214,15 +214,19 @@ impl Controller {
 
     /// Runs preset projects (a `language` and no `build.sh`) from their
     /// repositories, mirrored in `sources`, with `images` in place of the
-    /// presets' own.
+    /// presets' own and `service_images` in place of the services'.
     pub fn set_presets(
         &self,
         sources: Arc<decap_scripts::source::Sources>,
         images: std::collections::BTreeMap<decap_core::preset::Language, String>,
+        service_images: std::collections::BTreeMap<String, String>,
     ) {
-        let _ = self
-            .presets
-            .set(Arc::new(preset::Presets { sources, images }));
+        let _ = self.presets.set(Arc::new(preset::Presets {
+            sources,
+            images,
+            service_images,
+            prepared: std::sync::Mutex::new(std::collections::VecDeque::new()),
+        }));
     }
 
     /// Gives builds their project's (and team's) secrets from `store`.

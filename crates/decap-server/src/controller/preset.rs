@@ -20,7 +20,24 @@ use super::Controller;
 pub(crate) struct Presets {
     pub(crate) sources: Arc<Sources>,
     pub(crate) images: BTreeMap<Language, String>,
+    /// The operator's images for the services, by name.
+    pub(crate) service_images: BTreeMap<String, String>,
+    /// Trees made at launch, while the build's environment starts, for
+    /// bctool's first request (the most recent [`MAX_PREPARED`]).
+    pub(crate) prepared: std::sync::Mutex<std::collections::VecDeque<Prepared>>,
 }
+
+/// A tree made at launch: the build, its commit, and the `tar.gz` once
+/// made (`None` inside when it is too large to hold: then it is streamed).
+pub(crate) struct Prepared {
+    build: decap_core::build::BuildId,
+    commit: String,
+    tree: tokio::sync::watch::Receiver<Option<Option<bytes::Bytes>>>,
+}
+
+/// How many prepared trees are kept, and the largest kept in memory.
+const MAX_PREPARED: usize = 32;
+const MAX_PREPARED_BYTES: usize = 8 * 1024 * 1024;
 
 /// The `build.sh` of a preset build.
 const DRIVER: &str = "#!/bin/sh\n# Written by Decap: this project builds with its language's preset.\nexec bctool phases \"${DECAP_BUILD_SCRIPTS}/decap-preset.json\"\n";
@@ -53,6 +70,14 @@ impl Controller {
             if preset_language(entry).is_none() {
                 continue;
             }
+            // A repository on this machine is read in place at launch.
+            if entry
+                .valid_descriptor()
+                .and_then(|d| d.descriptor.repo_url.as_deref())
+                .is_some_and(decap_scripts::source::is_local)
+            {
+                continue;
+            }
             let Some(url) = entry
                 .valid_descriptor()
                 .and_then(|d| d.descriptor.repo_url.clone())
@@ -71,6 +96,65 @@ impl Controller {
             });
         }
         futures::future::join_all(fetches).await;
+    }
+
+    /// Makes the build's tree in the background, so that it is ready when
+    /// bctool asks.
+    fn prepare_tree(
+        &self,
+        presets: &Presets,
+        build: decap_core::build::BuildId,
+        url: &str,
+        commit: &str,
+    ) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        if let Ok(mut prepared) = presets.prepared.lock() {
+            prepared.push_back(Prepared {
+                build,
+                commit: commit.to_owned(),
+                tree: rx,
+            });
+            while prepared.len() > MAX_PREPARED {
+                prepared.pop_front();
+            }
+        }
+        let child = presets.sources.archive(url, commit);
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let made = async {
+                let mut child = child.ok()?;
+                let mut out = Vec::new();
+                child
+                    .stdout
+                    .take()?
+                    .take(MAX_PREPARED_BYTES as u64 + 1)
+                    .read_to_end(&mut out)
+                    .await
+                    .ok()?;
+                let done = child.wait().await.ok()?;
+                (done.success() && out.len() <= MAX_PREPARED_BYTES).then(|| bytes::Bytes::from(out))
+            };
+            let _ = tx.send(Some(made.await));
+        });
+    }
+
+    /// The tree made at launch for `build` at `commit`, once; `None` when
+    /// there is none (it is then made on request).
+    pub async fn prepared_tree(
+        &self,
+        build: decap_core::build::BuildId,
+        commit: &str,
+    ) -> Option<bytes::Bytes> {
+        let presets = self.presets.get()?;
+        let mut tree = {
+            let mut prepared = presets.prepared.lock().ok()?;
+            let i = prepared
+                .iter()
+                .position(|p| p.build == build && p.commit == commit)?;
+            prepared.remove(i)?.tree
+        };
+        let made = tree.wait_for(Option::is_some).await.ok()?.clone();
+        made.flatten()
     }
 
     /// The project's `REPO_TOKEN` secret, for fetching its repository.
@@ -134,19 +218,12 @@ impl Controller {
             git_ref: &b.git_ref,
             commit: b.commit.as_deref(),
         };
-        let commit = presets
+        let (commit, file) = presets
             .sources
-            .pinned(&url, want, token.as_deref())
+            .checkout(&url, want, token.as_deref(), preset::OVERRIDE_FILE)
             .await
             .map_err(|e| format!("the repository could not be checked out: {e}"))?;
-        let plan = match presets
-            .sources
-            .read_file(&url, &commit, preset::OVERRIDE_FILE)
-            .await
-        {
-            Err(e) => Err(e.to_string()),
-            Ok(file) => preset::plan(language, file.as_deref()),
-        };
+        let plan = file.and_then(|f| preset::plan(language, f.as_deref()));
         let plan = match plan {
             Ok(mut plan) => {
                 plan.commit = commit;
@@ -164,8 +241,12 @@ impl Controller {
         };
         for s in &plan.services {
             if let Some(service) = preset::Service::named(s) {
-                entry.sidecars.push(service.sidecar());
+                let image = presets.service_images.get(service.name).map(String::as_str);
+                entry.sidecars.push(service.sidecar(image));
             }
+        }
+        if plan.error.is_none() {
+            self.prepare_tree(presets, b.id, &url, &plan.commit);
         }
         let json = serde_json::to_vec_pretty(&plan).map_err(|e| e.to_string())?;
         entry.files.push(ScriptFile {
