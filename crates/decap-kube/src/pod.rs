@@ -207,9 +207,10 @@ fn build_env(spec: &LaunchSpec) -> Vec<EnvVar> {
     let b = &spec.build;
     let ws = |sub: &str| format!("{WORKSPACE_DIR}/{sub}");
     let mut vars = vec![
+        // bctool is on the build's PATH (`bctool unlock`, a preset's phases).
         env(
             "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            format!("{BIN_DIR}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
         ),
         env("HOME", ws("home")),
         env("TMPDIR", ws("tmp")),

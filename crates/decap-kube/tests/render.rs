@@ -210,3 +210,34 @@ fn secrets_reach_the_build_through_its_secret_and_a_forks_build_gets_none() {
             .contains_key("secret.DEPLOY_KEY")
     );
 }
+
+#[test]
+fn the_services_of_the_preset_catalog_are_valid_restricted_sidecars() {
+    let mut s = spec("widgets", "main");
+    s.project.sidecars = decap_core::preset::SERVICES
+        .iter()
+        .map(|service| service.sidecar(None))
+        .collect();
+    let containers = sidecars(&s.project).unwrap();
+    assert_eq!(containers.len(), decap_core::preset::SERVICES.len());
+    for (c, service) in containers.iter().zip(decap_core::preset::SERVICES) {
+        assert_eq!(c.name, service.name);
+        let sc = c.security_context.clone().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true), "{}", c.name);
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+        let probe = c.readiness_probe.clone().unwrap();
+        assert!(probe.exec.is_some(), "{}", c.name);
+    }
+    let pod = render(&s, &KubeExecutorConfig::default()).unwrap().pod;
+    let names: Vec<String> = pod
+        .spec
+        .unwrap()
+        .init_containers
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    for service in decap_core::preset::SERVICES {
+        assert!(names.contains(&service.name.to_owned()), "{names:?}");
+    }
+}

@@ -865,3 +865,67 @@ async fn the_same_project_with_a_sidecar_runs_alike_in_a_pod_and_in_containers()
         "a pod and containers give the same result, log and artifacts"
     );
 }
+
+/// A `shell` preset project pushed at a real commit: the pod runs the
+/// driver Decap wrote into its scripts, and bctool fetches the tree from the
+/// server, so no credential or clone tool is needed in the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preset_project_builds_in_a_pod_with_its_tree_from_the_server() {
+    let bed = Bed::new("preset").await;
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::write(
+        repo.path().join("test.sh"),
+        "echo \"pod tests of $(cat VERSION) pass in $(pwd)\"\n",
+    )
+    .unwrap();
+    std::fs::write(repo.path().join("VERSION"), "2.0\n").unwrap();
+    let out = std::process::Command::new("sh")
+        .args([
+            "-ec",
+            "git init -q -b main . && git add -A && git -c user.name=Dev -c user.email=dev@example.com commit -qm one && git rev-parse HEAD",
+        ])
+        .current_dir(repo.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let commit = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let dir = bed.scripts().join("acme/preset");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("project.json"),
+        serde_json::json!({"language": "shell", "repoUrl": repo.path().to_string_lossy()})
+            .to_string(),
+    )
+    .unwrap();
+    let decap = bed.start(&admin_kubeconfig(), &[], &[]);
+    let api = decap.api();
+    let body = push_payload("acme", "preset", "refs/heads/main", &commit);
+    let resp = api.webhook("push", "kube-preset-1", &body).await;
+    assert_eq!(resp.status(), 202);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    let id = v["builds"][0].as_str().unwrap().to_owned();
+    let b = api.finished(&id, MINUTE).await;
+    let log = api
+        .get(&format!("/api/v1/logs/{id}"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(b["status"], "succeeded", "{b}\n{log}");
+    assert_eq!(b["executor"], "kubernetes");
+    assert!(
+        log.contains("pod tests of 2.0 pass in /decap/workspace/src"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("at commit {}]", &commit[..12])),
+        "{log}"
+    );
+    let phases: Vec<i64> = b["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["exitCode"].as_i64().unwrap())
+        .collect();
+    assert_eq!(phases, [0, 0, 0], "{b}");
+}
