@@ -12,7 +12,23 @@ const { chromium } = require("playwright-core");
 const fs = require("node:fs");
 const os = require("node:os");
 const path = require("node:path");
+const { execFileSync } = require("node:child_process");
 const { TOKEN, BIN, CHROMIUM, project, serve, stop, serverLogs } = require("./lib.cjs");
+
+// A git repository beside the scripts, for a preset project: test.sh prints
+// and ends with `exitCode`.
+function presetProject(scripts, key, exitCode) {
+  const repo = path.join(scripts, "..", "repos", key.replace("/", "-"));
+  fs.mkdirSync(repo, { recursive: true });
+  fs.writeFileSync(path.join(repo, "test.sh"), "echo 'the tests run'\nexit " + exitCode + "\n");
+  const git = (...args) => execFileSync("git", args, { cwd: repo, stdio: "ignore" });
+  git("init", "-q", "-b", "main", ".");
+  git("add", "-A");
+  git("-c", "user.name=Dev", "-c", "user.email=dev@example.com", "commit", "-qm", "one");
+  const dir = path.join(scripts, key);
+  fs.mkdirSync(dir, { recursive: true });
+  fs.writeFileSync(path.join(dir, "project.json"), JSON.stringify({ language: "shell", repoUrl: repo }));
+}
 
 const SHOTS = process.env.DECAP_UI_SCREENSHOTS || path.join(os.tmpdir(), "decap-ui-screenshots");
 
@@ -22,6 +38,8 @@ async function startDecap() {
       "printf '\\033[32mgreen line\\033[0m\\n'\nfor i in 1 2 3 4 5 6; do echo \"line $i\"; sleep 0.4; done\n" +
       "echo '<script>window.__xss = 1</script>'\nmkdir -p \"$ARTIFACTS_DIR/out\"\necho report > \"$ARTIFACTS_DIR/out/report.txt\"\n");
     project(scripts, "acme/slow", { buildImage: "x" }, "echo holding the lock\nsleep 60\n");
+    presetProject(scripts, "acme/preset", 0);
+    presetProject(scripts, "acme/presetfails", 4);
     project(scripts, "acme/evil", {
       buildImage: "x",
       repoDescription: "<script>window.__xss = 2</script><img src=x onerror=\"window.__xss=3\">",
@@ -135,6 +153,35 @@ test("build a branch from the project page, watch it live, download an artifact,
   await page.waitForSelector("text=a rerun of");
   await page.waitForSelector("#build-status:has-text('succeeded')", { timeout: 30000 });
   await shot("rerun");
+});
+
+test("a preset build folds its phases in the console and lists them", async (page, url, shot) => {
+  await login(page, url);
+  await page.goto(url + "/projects/acme/preset");
+  await page.waitForSelector("#preset-h:has-text('The shell preset')");
+  check((await page.textContent("table.phases")).includes("sh ./test.sh"), "the project page lists the preset's commands");
+  await shot("preset-project");
+  await buildBranch(page, url, "preset", "main");
+  await page.waitForSelector("#build-status:has-text('succeeded')", { timeout: 30000 });
+  await page.waitForSelector("#console details.section >> nth=2", { timeout: 15000 });
+  const sections = await page.$$eval("#console details.section",
+    (ds) => ds.map((d) => ({ open: d.open, summary: d.querySelector("summary").textContent })));
+  check(sections.length === 3, "three sections: " + JSON.stringify(sections));
+  check(sections.every((s) => !s.open), "passed phases are folded: " + JSON.stringify(sections));
+  check(sections[2].summary.startsWith("── phase test: passed in "), "the summary says how it went: " + sections[2].summary);
+  check(!(await page.isVisible("text=the tests run")), "a folded phase hides its lines");
+  await page.click("#console details.section >> nth=2 >> summary");
+  await page.waitForSelector("text=the tests run");
+  await page.waitForSelector("#phases-h");
+  check((await page.textContent("table.phases")).includes("passed"), "the phases table shows each outcome");
+  await shot("preset-build");
+  await buildBranch(page, url, "presetfails", "main");
+  await page.waitForSelector("#build-status:has-text('failed')", { timeout: 30000 });
+  await page.waitForSelector("#console details.section.failed", { timeout: 15000 });
+  const failed = await page.$eval("#console details.section.failed", (d) => ({ open: d.open, summary: d.querySelector("summary").textContent }));
+  check(failed.open && failed.summary.includes("failed (exit code 4)"), "the failed phase stays open: " + JSON.stringify(failed));
+  check(await page.isVisible("text=the tests run"), "its lines show");
+  await shot("preset-failed");
 });
 
 test("remove a deferred build from the queue page", async (page, url, shot) => {

@@ -141,6 +141,8 @@ async fn run_phases(
         .arg("-c")
         .arg(&script)
         .envs(plan.env.iter().map(|v| (&v.name, &v.value)))
+        // The commit checked out, also when the build was asked for a branch.
+        .env("COMMIT_SHA", &plan.commit)
         .stdin(std::process::Stdio::null())
         .spawn()
         .context("cannot run sh")?;

@@ -79,8 +79,11 @@
       var s = document.createElement("summary");
       s.textContent = line;
       d.appendChild(s);
+      var body = document.createElement("div");
+      d.appendChild(body);
       pre.appendChild(d);
       state.section = d;
+      state.sectionBody = body;
       state.sectionName = m[1];
       return;
     }
@@ -93,13 +96,13 @@
       state.section = null;
       return;
     }
-    appendAnsi(state.section || pre, line, state);
+    appendAnsi(state.section ? state.sectionBody : pre, line, state);
   }
 
   function followConsole(pre) {
     var id = pre.getAttribute("data-build");
     var wasFinal = pre.getAttribute("data-final") === "true";
-    var state = { fg: null, bold: false, section: null, sectionName: "" };
+    var state = { fg: null, bold: false, section: null, sectionBody: null, sectionName: "" };
     pre.textContent = ""; // a fresh stream starts from the first byte
     var label = document.getElementById("console-state");
     var es = new EventSource("/api/v1/logs/" + encodeURIComponent(id) + "/events");
@@ -133,11 +136,23 @@
       if (label) { label.textContent = wasFinal ? "stored log" : "finished"; }
       pre.setAttribute("data-done", "true");
       if (!wasFinal) {
-        // Show the final facts and the artifacts.
-        setTimeout(function () {
-          refresh("#build-head");
-          refresh("#artifacts");
-        }, 300);
+        // Show the final facts, the phases and the artifacts once the build
+        // has ended (its environment may take a moment after its log).
+        var tries = 0;
+        var untilEnded = function () {
+          refresh("#build-head", function () {
+            refreshTimes();
+            var st = document.querySelector("#build-status .status");
+            var ended = st && !/s-(running|queued|deferred)/.test(st.className);
+            if (ended || ++tries >= 30) {
+              refresh("#phases");
+              refresh("#artifacts");
+            } else {
+              setTimeout(untilEnded, 1000);
+            }
+          });
+        };
+        setTimeout(untilEnded, 300);
       }
     });
   }

@@ -264,7 +264,10 @@ async fn in_the_sandbox_a_preset_build_fetches_its_tree_from_the_server() {
     let commit = repo(
         &shell,
         &[
-            ("test.sh", "echo \"tests of $(cat VERSION) pass\"; ls -a\n"),
+            (
+                "test.sh",
+                "echo \"tests of $(cat VERSION) pass at $COMMIT_SHA\"; ls -a\n",
+            ),
             ("VERSION", "1.2.3\n"),
         ],
     );
@@ -274,7 +277,10 @@ async fn in_the_sandbox_a_preset_build_fetches_its_tree_from_the_server() {
     let (b, log) = build_of(&d, "acme/sh").await;
     assert_eq!(b["status"], "succeeded", "{b}\n{log}");
     assert_eq!(b["sandbox"], "bubblewrap", "{b}");
-    assert!(log.contains("tests of 1.2.3 pass"), "{log}");
+    assert!(
+        log.contains(&format!("tests of 1.2.3 pass at {commit}")),
+        "{log}"
+    );
     assert!(
         log.contains(&format!("at commit {}]", &commit[..12])),
         "{log}"
