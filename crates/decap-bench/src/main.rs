@@ -681,6 +681,13 @@ async fn presets(runs: usize) -> Result<()> {
                 dir.join("project.json"),
                 format!(r#"{{"language": "shell", "repoUrl": "{url}"}}"#),
             )?;
+            // The same repository as a URL: mirrored, so each push is fetched.
+            let dir = s.join("bench/mirrored");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(
+                dir.join("project.json"),
+                format!(r#"{{"language": "shell", "repoUrl": "file://{url}"}}"#),
+            )?;
             // The same command on the same file, from the scripts folder.
             write_project(
                 s,
@@ -694,14 +701,18 @@ async fn presets(runs: usize) -> Result<()> {
         &[],
     )?;
     let http = reqwest::Client::new();
-    let (mut preset, mut script) = (Vec::new(), Vec::new());
+    let (mut preset, mut script, mut mirrored) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
         std::fs::write(repo.join("round"), i.to_string())?;
         let commit = git_sh(
             &repo,
             "git add -A && git commit -qm round && git rev-parse HEAD",
         )?;
-        for (project, into) in [("preset", &mut preset), ("script", &mut script)] {
+        for (project, into) in [
+            ("preset", &mut preset),
+            ("script", &mut script),
+            ("mirrored", &mut mirrored),
+        ] {
             let body = push_body("bench", project, "main", &commit);
             let t = Instant::now();
             let resp = http
@@ -728,7 +739,7 @@ async fn presets(runs: usize) -> Result<()> {
         }
     }
     let (p50, p99) = summary(
-        "shell preset (fetch, .decap.json, tree, three phases), push → result",
+        "shell preset, the repository a path read in place (commit and .decap.json, tree, three phases), push → result",
         preset,
     );
     let (s50, s99) = summary("the same command in a build.sh, push → result", script);
@@ -736,6 +747,15 @@ async fn presets(runs: usize) -> Result<()> {
         "  the preset's own overhead: p50 {:.2} ms, p99 {:.2} ms",
         p50 - s50,
         p99 - s99
+    );
+    let (m50, m99) = summary(
+        "the same preset, the repository a file:// URL (each push fetched into the mirror), push → result",
+        mirrored,
+    );
+    println!(
+        "  with a fetch: p50 {:.2} ms, p99 {:.2} ms over the build.sh",
+        m50 - s50,
+        m99 - s99
     );
     Ok(())
 }

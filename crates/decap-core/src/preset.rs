@@ -134,8 +134,8 @@ pub const PRESETS: &[Preset] = &[
         language: Language::Ruby,
         image: "docker.io/library/ruby:3-slim",
         env: &[("CI", "true"), ("RAILS_ENV", "test"), ("RACK_ENV", "test")],
-        setup: &["bundle install"],
-        test: &["bundle exec rake test"],
+        setup: &["if [ -f Gemfile ]; then bundle install; fi"],
+        test: &["if [ -f Gemfile ]; then bundle exec rake test; else rake test; fi"],
     },
     Preset {
         language: Language::Go,
@@ -166,6 +166,52 @@ pub const PRESETS: &[Preset] = &[
         test: &["sh ./test.sh"],
     },
 ];
+
+/// The presets as a Markdown table, as the README shows them (a test keeps
+/// the two the same).
+pub fn markdown_table() -> String {
+    let cell = |cmds: &[&str]| {
+        if cmds.is_empty() {
+            "—".to_owned()
+        } else {
+            cmds.iter()
+                .map(|c| format!("`{}`", c.replace('|', "\\|")))
+                .collect::<Vec<_>>()
+                .join("<br>")
+        }
+    };
+    let mut out = String::from(
+        "| `language` | image | machine (variables) | setup | test |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for p in PRESETS {
+        let env: Vec<String> = p.env.iter().map(|(k, v)| format!("`{k}={v}`")).collect();
+        out.push_str(&format!(
+            "| `{}` | `{}` | {} | {} | {} |\n",
+            p.language,
+            p.image,
+            env.join(" "),
+            cell(p.setup),
+            cell(p.test)
+        ));
+    }
+    out
+}
+
+/// The services as a Markdown table, as the README shows them.
+pub fn services_table() -> String {
+    let mut out =
+        String::from("| service | image | the build's variables |\n| --- | --- | --- |\n");
+    for s in SERVICES {
+        let env: Vec<String> = s.env.iter().map(|(k, v)| format!("`{k}={v}`")).collect();
+        out.push_str(&format!(
+            "| `{}` | `{}` | {} |\n",
+            s.name,
+            s.image,
+            env.join(" ")
+        ));
+    }
+    out
+}
 
 /// The three phases, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -21,6 +21,10 @@ pub const TOKEN_SECRET: &str = "REPO_TOKEN";
 pub const MAX_OVERRIDE_BYTES: u64 = 64 * 1024;
 /// How long a fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
+/// git's fetch, marked for [`run`], which adds the settings that keep a
+/// mirror's fetch to the fetch (no automatic housekeeping after it).
+const FETCH: &str = "fetch";
+
 /// How long a local git command may take.
 const LOCAL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -117,7 +121,15 @@ impl Sources {
         let local = local_ref(want.git_ref);
         let refspec = format!("+{}:{local}", want.git_ref);
         let by_ref = git(
-            &["fetch", "--quiet", "--no-tags", "--", url, &refspec],
+            &[
+                FETCH,
+                "--quiet",
+                "--no-tags",
+                "--no-write-fetch-head",
+                "--",
+                url,
+                &refspec,
+            ],
             Some(&mirror),
             token,
             FETCH_TIMEOUT,
@@ -134,7 +146,15 @@ impl Sources {
                 }
                 // The ref has moved on (or never held it): ask for the commit.
                 git(
-                    &["fetch", "--quiet", "--no-tags", "--", url, c],
+                    &[
+                        FETCH,
+                        "--quiet",
+                        "--no-tags",
+                        "--no-write-fetch-head",
+                        "--",
+                        url,
+                        c,
+                    ],
                     Some(&mirror),
                     token,
                     FETCH_TIMEOUT,
@@ -400,6 +420,9 @@ async fn run(
     within: Duration,
 ) -> Result<Vec<u8>> {
     let mut cmd = tokio::process::Command::new("git");
+    if args.first() == Some(&FETCH) {
+        cmd.args(["-c", "gc.auto=0", "-c", "maintenance.auto=false"]);
+    }
     cmd.args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_ALLOW_PROTOCOL", "file:git:http:https:ssh")

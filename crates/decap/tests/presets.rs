@@ -183,6 +183,45 @@ async fn each_language_builds_with_its_preset_and_no_build_sh() {
         ],
     );
     projects.push(("rust", rust));
+    let java = repos.join("java");
+    repo(
+        &java,
+        &[
+            (
+                "pom.xml",
+                r#"<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>example</groupId>
+  <artifactId>greet</artifactId>
+  <version>1.0</version>
+  <properties>
+    <maven.compiler.source>17</maven.compiler.source>
+    <maven.compiler.target>17</maven.compiler.target>
+    <project.build.sourceEncoding>UTF-8</project.build.sourceEncoding>
+  </properties>
+  <dependencies>
+    <dependency><groupId>junit</groupId><artifactId>junit</artifactId><version>4.13.2</version><scope>test</scope></dependency>
+  </dependencies>
+</project>
+"#,
+            ),
+            (
+                "src/main/java/g/Greet.java",
+                "package g;\npublic class Greet { public static String greet(String n) { return \"hello \" + n; } }\n",
+            ),
+            (
+                "src/test/java/g/GreetTest.java",
+                "package g;\nimport org.junit.Test;\nimport static org.junit.Assert.assertEquals;\npublic class GreetTest { @Test public void greets() { assertEquals(\"hello x\", Greet.greet(\"x\")); } }\n",
+            ),
+        ],
+    );
+    projects.push(("java", java));
+    // Maven's plugins and junit come from Maven Central once, then from
+    // the test bed's cache (outside the checkout).
+    let m2 = format!(
+        "{}/.cache/decap/m2",
+        std::env::var("HOME").unwrap_or_default()
+    );
     // The toolchains as this machine has them (rustup's in the test's home).
     let rustup_home = std::env::var("RUSTUP_HOME")
         .unwrap_or_else(|_| format!("{}/.rustup", std::env::var("HOME").unwrap_or_default()));
@@ -190,6 +229,7 @@ async fn each_language_builds_with_its_preset_and_no_build_sh() {
     for (language, dir) in &projects {
         let env = match *language {
             "rust" => format!(r#""RUSTUP_HOME": "{rustup_home}", "CARGO_TARGET_DIR": "target""#),
+            "java" => format!(r#""MAVEN_OPTS": "-Dmaven.repo.local={m2}""#),
             _ => String::new(),
         };
         preset_project(
@@ -215,6 +255,7 @@ async fn each_language_builds_with_its_preset_and_no_build_sh() {
             "node" => "npm --version",
             "go" => "go version",
             "rust" => "cargo --version",
+            "java" => "mvn --version",
             _ => "true",
         };
         assert!(
@@ -332,7 +373,7 @@ async fn an_override_file_drops_adds_and_fails_and_an_invalid_one_fails_first() 
             ("test.sh", "echo default test ran\n"),
             (
                 ".decap.json",
-                r#"{"test": {"custom": ["echo and mine after it"]}}"#,
+                r#"{"test": {"custom": ["echo and mine after it", "echo \"redis at $REDIS_URL\""]}, "services": ["redis"]}"#,
             ),
         ],
     );
@@ -388,6 +429,13 @@ async fn an_override_file_drops_adds_and_fails_and_an_invalid_one_fails_first() 
     let at_default = log.find("default test ran").unwrap();
     let at_mine = log.find("and mine after it").unwrap();
     assert!(at_default < at_mine, "{log}");
+    // On one machine the service is not started, and the console says so;
+    // its variables are set all the same.
+    assert!(
+        log.contains("this project's sidecars (redis) do not run under the local executor"),
+        "{log}"
+    );
+    assert!(log.contains("redis at redis://127.0.0.1:6379/0"), "{log}");
 
     let (b, log) = build_of(&d, "acme/invalid").await;
     assert_eq!(b["status"], "failed", "{b}\n{log}");
@@ -616,4 +664,20 @@ async fn a_preset_build_stopped_by_its_timeout_records_the_phase_it_was_in() {
         log.contains("── phase test: failed (exit code 143) in "),
         "{log}"
     );
+}
+
+#[test]
+fn the_readme_shows_the_presets_and_services_as_the_code_has_them() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .unwrap();
+    for table in [
+        decap_core::preset::markdown_table(),
+        decap_core::preset::services_table(),
+    ] {
+        assert!(
+            readme.contains(&table),
+            "README.md should hold this table, as the code has it:\n{table}"
+        );
+    }
 }
