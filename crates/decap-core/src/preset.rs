@@ -690,7 +690,10 @@ mod tests {
         assert_eq!(
             runs(&p, PhaseName::Test),
             vec![
-                ("bundle exec rake test".to_owned(), CommandSource::Default),
+                (
+                    Language::Ruby.preset().test[0].to_owned(),
+                    CommandSource::Default
+                ),
                 ("make lint".to_owned(), CommandSource::Override)
             ]
         );

@@ -103,6 +103,43 @@ fn tool(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// A Node package whose test runs with `node --test` (nothing to download).
+fn node_project(dir: &Path) {
+    let node = dir;
+    repo(
+        &node,
+        &[
+            (
+                "package.json",
+                r#"{"name": "greet", "version": "1.0.0", "private": true, "scripts": {"test": "node --test"}}"#,
+            ),
+            (
+                "greet.test.js",
+                "const test = require('node:test');\nconst assert = require('node:assert');\ntest('greets', () => assert.strictEqual(`hello ${'x'}`, 'hello x'));\n",
+            ),
+        ],
+    );
+}
+
+/// A Go module with a test (nothing to download).
+fn go_project(dir: &Path) {
+    let go = dir;
+    repo(
+        &go,
+        &[
+            ("go.mod", "module example.com/greet\n\ngo 1.21\n"),
+            (
+                "greet.go",
+                "package greet\n\nfunc Greet(n string) string { return \"hello \" + n }\n",
+            ),
+            (
+                "greet_test.go",
+                "package greet\n\nimport \"testing\"\n\nfunc TestGreet(t *testing.T) {\n\tif Greet(\"x\") != \"hello x\" {\n\t\tt.Fatal(\"no\")\n\t}\n}\n",
+            ),
+        ],
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_language_builds_with_its_preset_and_no_build_sh() {
     let tmp = tempfile::tempdir().unwrap();
@@ -138,35 +175,10 @@ async fn each_language_builds_with_its_preset_and_no_build_sh() {
     );
     projects.push(("python", python));
     let node = repos.join("node");
-    repo(
-        &node,
-        &[
-            (
-                "package.json",
-                r#"{"name": "greet", "version": "1.0.0", "private": true, "scripts": {"test": "node --test"}}"#,
-            ),
-            (
-                "greet.test.js",
-                "const test = require('node:test');\nconst assert = require('node:assert');\ntest('greets', () => assert.strictEqual(`hello ${'x'}`, 'hello x'));\n",
-            ),
-        ],
-    );
+    node_project(&node);
     projects.push(("node", node));
     let go = repos.join("go");
-    repo(
-        &go,
-        &[
-            ("go.mod", "module example.com/greet\n\ngo 1.21\n"),
-            (
-                "greet.go",
-                "package greet\n\nfunc Greet(n string) string { return \"hello \" + n }\n",
-            ),
-            (
-                "greet_test.go",
-                "package greet\n\nimport \"testing\"\n\nfunc TestGreet(t *testing.T) {\n\tif Greet(\"x\") != \"hello x\" {\n\t\tt.Fatal(\"no\")\n\t}\n}\n",
-            ),
-        ],
-    );
+    go_project(&go);
     projects.push(("go", go));
     let rust = repos.join("rust");
     repo(
@@ -313,8 +325,21 @@ async fn in_the_sandbox_a_preset_build_fetches_its_tree_from_the_server() {
         ],
     );
     preset_project(&scripts, "acme/sh", "shell", &shell.to_string_lossy(), "");
+    // Toolchains under /usr are the sandbox's too.
+    let node = tmp.path().join("repos/node");
+    node_project(&node);
+    preset_project(&scripts, "acme/node", "node", &node.to_string_lossy(), "");
+    let go = tmp.path().join("repos/go");
+    go_project(&go);
+    preset_project(&scripts, "acme/go", "go", &go.to_string_lossy(), "");
     readable(tmp.path());
     let d = Decap::start(&tmp.path().join("data"), &scripts, &["--sandbox", "auto"]);
+    for project in ["acme/node", "acme/go"] {
+        let (b, log) = build_of(&d, project).await;
+        assert_eq!(b["status"], "succeeded", "{project}: {b}\n{log}");
+        assert_eq!(b["sandbox"], "bubblewrap", "{b}");
+        assert_eq!(phases(&b), all_passed(), "{project}: {b}");
+    }
     let (b, log) = build_of(&d, "acme/sh").await;
     assert_eq!(b["status"], "succeeded", "{b}\n{log}");
     assert_eq!(b["sandbox"], "bubblewrap", "{b}");
