@@ -105,9 +105,8 @@ fn tool(cmd: &str) -> bool {
 
 /// A Node package whose test runs with `node --test` (nothing to download).
 fn node_project(dir: &Path) {
-    let node = dir;
     repo(
-        &node,
+        dir,
         &[
             (
                 "package.json",
@@ -123,9 +122,8 @@ fn node_project(dir: &Path) {
 
 /// A Go module with a test (nothing to download).
 fn go_project(dir: &Path) {
-    let go = dir;
     repo(
-        &go,
+        dir,
         &[
             ("go.mod", "module example.com/greet\n\ngo 1.21\n"),
             (
