@@ -2,7 +2,8 @@
 //! each language (made here, with nothing to download) built by their
 //! preset with no build.sh; overrides that drop, add and fail; an override
 //! file that is not valid; a repository that cannot be cloned; a private
-//! repository fetched with the project's token, which the build never sees.
+//! repository (served by `git http-backend`) fetched with the project's
+//! token, which the build never sees.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -549,40 +550,90 @@ async fn what_cannot_be_checked_out_or_is_missing_says_why() {
     );
 }
 
-/// A repository served over git's dumb HTTP protocol, only to requests
-/// with `Authorization: Basic x-access-token:TOKEN`.
-async fn private_http_repo(bare: PathBuf, token: &str) -> String {
-    use axum::extract::Path as AxPath;
-    use axum::http::{HeaderMap, StatusCode};
+/// The bare repositories under `root`, served by git's own smart HTTP
+/// server (`git http-backend`, as a CGI program), only to requests with
+/// `Authorization: Basic x-access-token:TOKEN` (what GitHub takes).
+async fn private_http_repo(root: PathBuf, token: &str) -> String {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    use axum::response::IntoResponse;
     use base64::Engine as _;
     let expected = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"))
     );
-    let app = axum::Router::new().route(
-        "/repo.git/{*path}",
-        axum::routing::get(move |AxPath(path): AxPath<String>, headers: HeaderMap| {
-            let bare = bare.clone();
-            let expected = expected.clone();
-            async move {
-                let auth = headers
-                    .get("authorization")
+    let handler = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+        let root = root.clone();
+        let expected = expected.clone();
+        async move {
+            let header = |name: &str| {
+                headers
+                    .get(name)
                     .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                if auth != expected {
-                    return Err(StatusCode::UNAUTHORIZED);
-                }
-                if path.split('/').any(|c| c == "..") {
-                    return Err(StatusCode::BAD_REQUEST);
-                }
-                std::fs::read(bare.join(&path)).map_err(|_| StatusCode::NOT_FOUND)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            if header("authorization") != expected {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [("www-authenticate", "Basic realm=\"git\"")],
+                )
+                    .into_response();
             }
-        }),
-    );
+            let mut cgi = tokio::process::Command::new("git")
+                .arg("http-backend")
+                .env_clear()
+                .env("GIT_PROJECT_ROOT", &root)
+                .env("GIT_HTTP_EXPORT_ALL", "1")
+                .env("REQUEST_METHOD", method.as_str())
+                .env("PATH_INFO", uri.path())
+                .env("QUERY_STRING", uri.query().unwrap_or_default())
+                .env("CONTENT_TYPE", header("content-type"))
+                .env("CONTENT_LENGTH", body.len().to_string())
+                .env("HTTP_CONTENT_ENCODING", header("content-encoding"))
+                .env("GIT_PROTOCOL", header("git-protocol"))
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdin = cgi.stdin.take().unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut stdin, &body)
+                .await
+                .unwrap();
+            drop(stdin);
+            let out = cgi.wait_with_output().await.unwrap().stdout;
+            // CGI: headers, a blank line, the body.
+            let split = out
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|i| (i, 4))
+                .or_else(|| out.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)))
+                .unwrap();
+            let head = String::from_utf8_lossy(&out[..split.0]).into_owned();
+            let mut status = StatusCode::OK;
+            let mut response_headers = HeaderMap::new();
+            for line in head.lines() {
+                let Some((k, v)) = line.split_once(':') else {
+                    continue;
+                };
+                let v = v.trim();
+                if k.eq_ignore_ascii_case("status") {
+                    status = StatusCode::from_u16(v[..3].parse().unwrap()).unwrap();
+                } else if let (Ok(k), Ok(v)) = (
+                    axum::http::HeaderName::try_from(k.trim()),
+                    axum::http::HeaderValue::try_from(v),
+                ) {
+                    response_headers.insert(k, v);
+                }
+            }
+            (status, response_headers, out[split.0 + split.1..].to_vec()).into_response()
+        }
+    };
+    let app = axum::Router::new().fallback(handler);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}/repo.git")
+    format!("http://{addr}/private.git")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -598,17 +649,14 @@ async fn a_private_repository_is_fetched_with_the_token_the_build_never_sees() {
             "echo private tests pass; env | sort; cat /proc/$PPID/environ 2>/dev/null | tr '\\0' '\\n'; echo end of env\n",
         )],
     );
-    let bare = tmp.path().join("repos/private.git");
+    let served = tmp.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    let bare = served.join("private.git");
     sh(
         tmp.path(),
-        &format!(
-            "git clone -q --bare {} {} && git -C {} update-server-info",
-            work.display(),
-            bare.display(),
-            bare.display()
-        ),
+        &format!("git clone -q --bare {} {}", work.display(), bare.display()),
     );
-    let url = private_http_repo(bare, REPO_TOKEN).await;
+    let url = private_http_repo(served, REPO_TOKEN).await;
     preset_project(&scripts, "acme/private", "shell", &url, "");
     readable(tmp.path());
     let d = Decap::start(&tmp.path().join("data"), &scripts, &[]);
@@ -644,6 +692,29 @@ async fn a_private_repository_is_fetched_with_the_token_the_build_never_sees() {
     );
     assert!(!log.contains("private-repository-token"), "{log}");
     assert!(!log.contains("x-access-token"), "{log}");
+
+    // A push of a new commit: the mirror fetches it, with the token.
+    std::fs::write(work.join("test.sh"), "echo second commit tests pass\n").unwrap();
+    let commit = sh(
+        &work,
+        &format!(
+            "git commit -qam second && git push -q {} main && git rev-parse HEAD",
+            bare.display()
+        ),
+    );
+    let body = common::push_payload("acme", "private", "refs/heads/main", &commit);
+    let r = d.api().webhook("push", "private-push-1", &body).await;
+    assert_eq!(r.status(), 202);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let id = v["builds"][0].as_str().unwrap().to_owned();
+    let b = d.api().finished(&id, WAIT).await;
+    let log = d.api().log(&id).await;
+    assert_eq!(b["status"], "succeeded", "{b}\n{log}");
+    assert!(log.contains("second commit tests pass"), "{log}");
+    assert!(
+        log.contains(&format!("at commit {}]", &commit[..12])),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
