@@ -276,6 +276,9 @@ impl Sources {
             _ => return Ok(None),
         };
         let file = match batch_entry(rest) {
+            Some((_, "blob", body, _)) if body.len() as u64 > MAX_OVERRIDE_BYTES => Err(format!(
+                "{path} is larger than {MAX_OVERRIDE_BYTES} bytes, the most Decap reads"
+            )),
             Some((_, "blob", body, _)) => Ok(Some(body.to_vec())),
             Some((_, _, _, _)) => Ok(None),
             None if rest.ends_with(b" missing\n") => Ok(None),

@@ -390,6 +390,12 @@ async fn an_override_file_drops_adds_and_fails_and_an_invalid_one_fails_first() 
             ),
         ],
     );
+    let huge = tmp.path().join("repos/huge");
+    let big = format!(r#"{{"env": {{"PAD": "{}"}}}}"#, "x".repeat(70 * 1024));
+    repo(
+        &huge,
+        &[("test.sh", "echo should not run\n"), (".decap.json", &big)],
+    );
     let passing = tmp.path().join("repos/passing");
     repo(
         &passing,
@@ -415,6 +421,7 @@ async fn an_override_file_drops_adds_and_fails_and_an_invalid_one_fails_first() 
         &invalid.to_string_lossy(),
         "",
     );
+    preset_project(&scripts, "acme/huge", "shell", &huge.to_string_lossy(), "");
     preset_project(
         &scripts,
         "acme/passing",
@@ -468,6 +475,14 @@ async fn an_override_file_drops_adds_and_fails_and_an_invalid_one_fails_first() 
         "{log}"
     );
     assert!(!log.contains("── phase"), "no phase runs: {log}");
+    assert!(!log.contains("should not run"), "{log}");
+
+    let (b, log) = build_of(&d, "acme/huge").await;
+    assert_eq!(b["status"], "failed", "{b}\n{log}");
+    assert!(
+        log.contains(".decap.json is larger than 65536 bytes, the most Decap reads"),
+        "{log}"
+    );
     assert!(!log.contains("should not run"), "{log}");
 
     // The project page says which commands ran and where each came from.
@@ -715,6 +730,43 @@ async fn a_private_repository_is_fetched_with_the_token_the_build_never_sees() {
         log.contains(&format!("at commit {}]", &commit[..12])),
         "{log}"
     );
+
+    // A pull request from a fork: its build gets no secrets, but Decap
+    // fetches its head with the token all the same (the build never sees it).
+    std::fs::write(work.join("test.sh"), "echo \"the fork's tests pass\"\n").unwrap();
+    let head = sh(
+        &work,
+        &format!(
+            "git commit -qam fork && git push -q {} HEAD:refs/pull/7/head && git rev-parse HEAD",
+            bare.display()
+        ),
+    );
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/github/pull_request-opened.payload.json");
+    let mut pr: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
+    pr["number"] = 7.into();
+    pr["pull_request"]["number"] = 7.into();
+    pr["pull_request"]["head"]["sha"] = head.clone().into();
+    pr["pull_request"]["base"]["repo"]["name"] = "private".into();
+    pr["pull_request"]["base"]["repo"]["owner"]["login"] = "acme".into();
+    pr["pull_request"]["base"]["repo"]["full_name"] = "acme/private".into();
+    pr["pull_request"]["head"]["repo"]["full_name"] = "mallory/private".into();
+    let body = serde_json::to_vec(&pr).unwrap();
+    let r = d
+        .api()
+        .webhook("pull_request", "private-fork-1", &body)
+        .await;
+    assert_eq!(r.status(), 202);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let id = v["builds"][0].as_str().unwrap().to_owned();
+    let b = d.api().finished(&id, WAIT).await;
+    let log = d.api().log(&id).await;
+    assert_eq!(b["fromFork"], true, "{b}");
+    assert_eq!(b["ref"], "refs/pull/7/head", "{b}");
+    assert_eq!(b["status"], "succeeded", "{b}\n{log}");
+    assert!(log.contains("the fork's tests pass"), "{log}");
+    assert!(!log.contains("private-repository-token"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

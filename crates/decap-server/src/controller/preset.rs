@@ -162,17 +162,16 @@ impl Controller {
         self.repo_token(b).await
     }
 
-    /// The project's `REPO_TOKEN` secret, if it has one (never for a pull
-    /// request from a fork).
+    /// The project's (or team's) `REPO_TOKEN` secret, if it has one. Also
+    /// for a pull request from a fork: the token is Decap's to fetch with
+    /// and never reaches the build.
     async fn repo_token(&self, b: &Build) -> Option<String> {
-        if b.from_fork {
-            return None;
-        }
-        let secrets = self.secrets_for(b).await.ok()?;
+        let store = self.secrets.get()?;
+        let secrets = store.for_build(&b.project).await.ok()?;
         secrets
             .into_iter()
             .find(|(k, _)| k == TOKEN_SECRET)
-            .map(|(_, v)| v)
+            .map(|(_, v)| v.expose().to_owned())
             .filter(|v| !v.is_empty())
     }
 
@@ -213,6 +212,12 @@ impl Controller {
             .position(|(k, _)| k == TOKEN_SECRET)
             .map(|i| secrets.remove(i).1)
             .filter(|v| !v.is_empty());
+        // A fork's build gets no secrets, but its repository is fetched
+        // here, with the token, which the build never sees.
+        let token = match token {
+            None if b.from_fork => self.repo_token(b).await,
+            token => token,
+        };
         let url = d.repo_url.clone().unwrap_or_default();
         let want = Want {
             git_ref: &b.git_ref,
