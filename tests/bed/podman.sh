@@ -8,9 +8,12 @@
 #   localhost/decap-redis:bookworm    FROM it, with redis-server (sidecar tests)
 #   localhost/decap-build-base        build-container/Dockerfile FROM it (the
 #                                     image the shipped examples name)
+#   localhost/decap-presets:bookworm  FROM it, with pytest, Node.js and npm,
+#                                     and Go (the language presets' tests)
 #
-# Both are cached as archives under ~/.cache/decap/images, so only the first
-# run on a machine pays for debootstrap (~30 s) and the Redis build (~20 s).
+# All are cached as archives under ~/.cache/decap/images, so only the first
+# run on a machine pays for debootstrap (~30 s), the Redis build (~20 s) and
+# the presets image (~2 min, about 1 GB).
 #
 #   tests/bed/podman.sh install   install Podman, runc, debootstrap; make the images
 #   tests/bed/podman.sh start     start the API service; prints `export` lines
@@ -31,6 +34,8 @@ REDIS="localhost/decap-redis:$SUITE"
 # The project's own base build image (build-container/), which the shipped
 # examples name.
 BUILD_BASE="localhost/decap-build-base:latest"
+# The toolchains of three language presets, for builds of them in containers.
+PRESETS="localhost/decap-presets:$SUITE"
 CONF=/etc/containers/containers.conf
 # Images of an older bed (a label on each) are made again.
 BED_VERSION=2
@@ -105,32 +110,53 @@ base_image() {
     podman import -q --change 'CMD ["/bin/bash"]' --change "LABEL decap.bed=$BED_VERSION" "$archive" "$BASE" >/dev/null
 }
 
-# A service image for sidecar tests: Redis from Debian's packages, with a
-# readiness check.
+# An image FROM the Debian base, its Containerfile on standard input, made
+# once and cached as an archive: derived_image TAG ARCHIVE.
+derived_image() {
+    local tag=$1 archive=$2
+    if current "$tag"; then
+        cat >/dev/null
+        return 0
+    fi
+    if [ -f "$archive" ]; then
+        cat >/dev/null
+        podman load -i "$archive" >/dev/null 2>&1
+        return 0
+    fi
+    say "building $tag from $BASE (once; cached in $IMAGES)"
+    local ctx
+    ctx=$(mktemp -d)
+    cat > "$ctx/Containerfile"
+    podman build --network host -q -t "$tag" "$ctx" >/dev/null 2>"$ctx.log" \
+        || { tail -20 "$ctx.log" >&2; say "building $tag failed"; exit 1; }
+    rm -f "$ctx.log"
+    rm -rf "$ctx"
+    mkdir -p "$IMAGES"
+    podman save -o "$archive.partial" "$tag" >/dev/null 2>&1
+    mv "$archive.partial" "$archive"
+}
+
+# A service image for sidecar tests: Redis from Debian's packages.
 redis_image() {
-    current "$REDIS" && return 0
-    local archive="$IMAGES/decap-redis-$SUITE-2.tar"
-    if [ ! -f "$archive" ]; then
-        say "building $REDIS from $BASE (once; cached in $IMAGES)"
-        local ctx
-        ctx=$(mktemp -d)
-        cat > "$ctx/Containerfile" <<EOF
+    derived_image "$REDIS" "$IMAGES/decap-redis-$SUITE-2.tar" <<EOF
 FROM $BASE
 RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server \
  && rm -rf /var/lib/apt/lists/*
 USER redis
 CMD ["redis-server", "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no"]
 EOF
-        podman build --network host -q -t "$REDIS" "$ctx" >/dev/null 2>"$ctx.log" \
-            || { tail -20 "$ctx.log" >&2; say "building $REDIS failed"; exit 1; }
-        rm -f "$ctx.log"
-        rm -rf "$ctx"
-        mkdir -p "$IMAGES"
-        podman save -o "$archive.partial" "$REDIS" >/dev/null 2>&1
-        mv "$archive.partial" "$archive"
-        return 0
-    fi
-    podman load -i "$archive" >/dev/null 2>&1
+}
+
+# The language presets' image: Debian's pytest, Node.js with npm, and Go,
+# for preset builds in containers (the presets' own images are in
+# registries these machines cannot reach).
+presets_image() {
+    derived_image "$PRESETS" "$IMAGES/decap-presets-$SUITE-1.tar" <<EOF
+FROM $BASE
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    python3-pytest nodejs npm golang-go ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+EOF
 }
 
 # build-container/Dockerfile, built from the Debian base image; cached by
@@ -166,6 +192,7 @@ install() {
     base_image
     redis_image
     build_base_image
+    presets_image
 }
 
 # Rootless Podman beside the rootful one (as root only): a user of the
@@ -242,6 +269,7 @@ start() {
         "DECAP_TEST_CONTAINER_SOCKET=$socket" \
         "DECAP_TEST_BUILD_IMAGE=$BASE" \
         "DECAP_TEST_REDIS_IMAGE=$REDIS" \
+        "DECAP_TEST_PRESETS_IMAGE=$PRESETS" \
         "DECAP_TEST_BUILD_BASE_IMAGE=$BUILD_BASE"
     rootless_start
 }

@@ -791,12 +791,59 @@ async fn a_preset_build_runs_in_its_image_with_a_service_of_the_catalog() {
         "{log}"
     );
     assert!(log.contains("── phase test: passed in "), "{log}");
-    let phases: Vec<i64> = b["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["exitCode"].as_i64().unwrap())
-        .collect();
+    let phases = common::presets::phase_exit_codes(&b);
     assert_eq!(phases, [0, 0, 0], "{b}");
     containers_removed(&id).await;
+}
+
+/// Makes a project's repository in a folder.
+type Maker = fn(&Path);
+
+/// The python, node and go presets in containers, in the bed's image with
+/// those toolchains (`--preset-image`; the presets' own images are in
+/// registries these machines cannot reach).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_node_and_go_presets_build_in_containers() {
+    use common::presets::{go_project, node_project, python_project};
+    let dir = tempfile::tempdir().unwrap();
+    let image = var("DECAP_TEST_PRESETS_IMAGE");
+    let makers: [(&str, Maker); 3] = [
+        ("python", python_project),
+        ("node", node_project),
+        ("go", go_project),
+    ];
+    let mut flags = Vec::new();
+    for (language, make) in makers {
+        let repo = dir.path().join("repos").join(language);
+        make(&repo);
+        let project = dir.path().join("scripts/langs").join(language);
+        std::fs::create_dir_all(&project).unwrap();
+        std::fs::write(
+            project.join("project.json"),
+            serde_json::json!({"language": language, "repoUrl": repo.to_string_lossy()})
+                .to_string(),
+        )
+        .unwrap();
+        flags.push(format!("{language}={image}"));
+    }
+    let images = flags.join(",");
+    let decap = start(dir.path(), &engine(), &["--preset-image", &images], &[]);
+    let api = decap.api();
+    for (language, _) in makers {
+        let id = api
+            .request(&format!("langs/{language}"), &["main"])
+            .await
+            .remove(0);
+        let b = api.finished(&id, 3 * MINUTE).await;
+        let log = log_of(&decap, &id).await;
+        assert_eq!(b["status"], "succeeded", "{language}: {b}\n{log}");
+        assert_eq!(b["executor"], "container", "{b}");
+        let phases = common::presets::phase_exit_codes(&b);
+        assert_eq!(phases, [0, 0, 0], "{language}: {b}");
+        assert!(
+            log.contains(&format!("[decap: the {language} preset, at commit ")),
+            "{log}"
+        );
+        containers_removed(&id).await;
+    }
 }

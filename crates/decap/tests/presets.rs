@@ -11,43 +11,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::presets::{go_project, node_project, python_project, repo, sh};
 use common::{Decap, TOKEN};
 
 const WAIT: Duration = Duration::from_secs(180);
-
-/// Runs `sh -ec script` in `dir` as a committer.
-fn sh(dir: &Path, script: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-ec", script])
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "Dev")
-        .env("GIT_AUTHOR_EMAIL", "dev@example.com")
-        .env("GIT_COMMITTER_NAME", "Dev")
-        .env("GIT_COMMITTER_EMAIL", "dev@example.com")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// A git repository at `dir` holding `files` on `main`; returns its commit.
-fn repo(dir: &Path, files: &[(&str, &str)]) -> String {
-    std::fs::create_dir_all(dir).unwrap();
-    for (path, content) in files {
-        let p = dir.join(path);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, content).unwrap();
-    }
-    sh(
-        dir,
-        "git init -q -b main . 2>/dev/null || { git init -q . && git checkout -q -b main; }
-         git add -A && git commit -qm 'the project' && git rev-parse HEAD",
-    )
-}
 
 /// A project of `language` building `repo_url`, with no build.sh.
 fn preset_project(scripts: &Path, key: &str, language: &str, repo_url: &str, env: &str) {
@@ -104,41 +71,6 @@ fn tool(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// A Node package whose test runs with `node --test` (nothing to download).
-fn node_project(dir: &Path) {
-    repo(
-        dir,
-        &[
-            (
-                "package.json",
-                r#"{"name": "greet", "version": "1.0.0", "private": true, "scripts": {"test": "node --test"}}"#,
-            ),
-            (
-                "greet.test.js",
-                "const test = require('node:test');\nconst assert = require('node:assert');\ntest('greets', () => assert.strictEqual(`hello ${'x'}`, 'hello x'));\n",
-            ),
-        ],
-    );
-}
-
-/// A Go module with a test (nothing to download).
-fn go_project(dir: &Path) {
-    repo(
-        dir,
-        &[
-            ("go.mod", "module example.com/greet\n\ngo 1.21\n"),
-            (
-                "greet.go",
-                "package greet\n\nfunc Greet(n string) string { return \"hello \" + n }\n",
-            ),
-            (
-                "greet_test.go",
-                "package greet\n\nimport \"testing\"\n\nfunc TestGreet(t *testing.T) {\n\tif Greet(\"x\") != \"hello x\" {\n\t\tt.Fatal(\"no\")\n\t}\n}\n",
-            ),
-        ],
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_language_builds_with_its_preset_and_no_build_sh() {
     let tmp = tempfile::tempdir().unwrap();
@@ -155,23 +87,7 @@ async fn each_language_builds_with_its_preset_and_no_build_sh() {
     );
     projects.push(("shell", shell));
     let python = repos.join("python");
-    repo(
-        &python,
-        &[
-            (
-                "greet/__init__.py",
-                "def greet(n):\n    return f'hello {n}'\n",
-            ),
-            (
-                "tests/test_greet.py",
-                "from greet import greet\n\ndef test_greet():\n    assert greet('x') == 'hello x'\n",
-            ),
-            (
-                "pyproject.toml",
-                "[tool.pytest.ini_options]\npythonpath = ['.']\n",
-            ),
-        ],
-    );
+    python_project(&python);
     projects.push(("python", python));
     let node = repos.join("node");
     node_project(&node);

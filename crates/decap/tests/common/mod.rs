@@ -5,6 +5,7 @@
 pub mod app;
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod presets;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
