@@ -113,11 +113,30 @@ async fn send_hook(
 
 /// Sends one signed push of `team/project` at `main` and returns the build it started.
 async fn push_build(http: &reqwest::Client, url: &str, project: &str, n: usize) -> Result<String> {
-    let body = push_body("bench", project, "main", &format!("{:040x}", n + 1));
+    push_commit(
+        http,
+        url,
+        project,
+        &format!("{project}-{n}"),
+        &format!("{:040x}", n + 1),
+    )
+    .await
+}
+
+/// Sends a signed push of `commit` to `bench/project`'s `main` as delivery
+/// `delivery`; returns the build it started.
+async fn push_commit(
+    http: &reqwest::Client,
+    url: &str,
+    project: &str,
+    delivery: &str,
+    commit: &str,
+) -> Result<String> {
+    let body = push_body("bench", project, "main", commit);
     let resp = http
         .post(format!("{url}/hooks/github"))
         .header("x-github-event", "push")
-        .header("x-github-delivery", format!("{project}-{n}"))
+        .header("x-github-delivery", delivery)
         .header(
             "x-hub-signature-256",
             decap_server::auth::sign(SECRET, &body),
@@ -128,7 +147,7 @@ async fn push_build(http: &reqwest::Client, url: &str, project: &str, n: usize) 
     let v: serde_json::Value = resp.json().await?;
     Ok(v["builds"][0]
         .as_str()
-        .context("no build started")?
+        .with_context(|| format!("push {delivery} started no build: {v}"))?
         .to_owned())
 }
 
@@ -713,24 +732,15 @@ async fn presets(runs: usize) -> Result<()> {
             ("script", &mut script),
             ("mirrored", &mut mirrored),
         ] {
-            let body = push_body("bench", project, "main", &commit);
             let t = Instant::now();
-            let resp = http
-                .post(format!("{}/hooks/github", server.url))
-                .header("x-github-event", "push")
-                .header("x-github-delivery", format!("{project}-{i}"))
-                .header(
-                    "x-hub-signature-256",
-                    decap_server::auth::sign(SECRET, &body),
-                )
-                .body(body)
-                .send()
-                .await?;
-            let v: serde_json::Value = resp.json().await?;
-            let id = v["builds"][0]
-                .as_str()
-                .with_context(|| format!("push {i} of {project} started no build: {v}"))?
-                .to_owned();
+            let id = push_commit(
+                &http,
+                &server.url,
+                project,
+                &format!("{project}-{i}"),
+                &commit,
+            )
+            .await?;
             let b = wait_final(&http, &server.url, &id).await?;
             into.push(t.elapsed().as_secs_f64() * 1000.0);
             if b["status"] != "succeeded" {

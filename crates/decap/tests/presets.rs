@@ -743,3 +743,31 @@ fn the_readme_shows_the_presets_and_services_as_the_code_has_them() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_too_large_to_hold_in_memory_is_streamed_to_the_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scripts = tmp.path().join("scripts");
+    let big = tmp.path().join("repos/big");
+    repo(
+        &big,
+        &[(
+            "test.sh",
+            "echo \"the blob has $(wc -c < blob) bytes, sha256 $(sha256sum < blob | cut -c1-16)\"\n",
+        )],
+    );
+    // 6 MiB that do not compress: more than the server holds in memory.
+    let sum = sh(
+        &big,
+        "head -c 6291456 /dev/urandom > blob && git add blob && git commit -qm blob && sha256sum < blob | cut -c1-16",
+    );
+    preset_project(&scripts, "acme/big", "shell", &big.to_string_lossy(), "");
+    readable(tmp.path());
+    let d = Decap::start(&tmp.path().join("data"), &scripts, &[]);
+    let (b, log) = build_of(&d, "acme/big").await;
+    assert_eq!(b["status"], "succeeded", "{b}\n{log}");
+    assert!(
+        log.contains(&format!("the blob has 6291456 bytes, sha256 {sum}")),
+        "{log}"
+    );
+}

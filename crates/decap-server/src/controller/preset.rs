@@ -36,8 +36,8 @@ pub(crate) struct Prepared {
 }
 
 /// How many prepared trees are kept, and the largest kept in memory.
-const MAX_PREPARED: usize = 32;
-const MAX_PREPARED_BYTES: usize = 8 * 1024 * 1024;
+const MAX_PREPARED: usize = 16;
+const MAX_PREPARED_BYTES: usize = 4 * 1024 * 1024;
 
 /// The `build.sh` of a preset build.
 const DRIVER: &str = "#!/bin/sh\n# Written by Decap: this project builds with its language's preset.\nexec bctool phases \"${DECAP_BUILD_SCRIPTS}/decap-preset.json\"\n";
@@ -131,8 +131,14 @@ impl Controller {
                     .read_to_end(&mut out)
                     .await
                     .ok()?;
+                if out.len() > MAX_PREPARED_BYTES {
+                    // Too large to hold: served as a stream on request. The
+                    // child, no longer read, would wait on its pipe forever.
+                    let _ = child.kill().await;
+                    return None;
+                }
                 let done = child.wait().await.ok()?;
-                (done.success() && out.len() <= MAX_PREPARED_BYTES).then(|| bytes::Bytes::from(out))
+                done.success().then(|| bytes::Bytes::from(out))
             };
             let _ = tx.send(Some(made.await));
         });
