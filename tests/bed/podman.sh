@@ -8,12 +8,12 @@
 #   localhost/decap-redis:bookworm    FROM it, with redis-server (sidecar tests)
 #   localhost/decap-build-base        build-container/Dockerfile FROM it (the
 #                                     image the shipped examples name)
-#   localhost/decap-presets:bookworm  FROM it, with pytest, Node.js and npm,
-#                                     and Go (the language presets' tests)
+#   localhost/decap-presets:bookworm  FROM it, with pytest, Node.js and npm, Go
+#                                     and Cargo (the language presets' tests)
 #
 # All are cached as archives under ~/.cache/decap/images, so only the first
 # run on a machine pays for debootstrap (~30 s), the Redis build (~20 s) and
-# the presets image (~2 min, about 1 GB).
+# the presets image (~2.5 min, about 1.8 GB).
 #
 #   tests/bed/podman.sh install   install Podman, runc, debootstrap; make the images
 #   tests/bed/podman.sh start     start the API service; prints `export` lines
@@ -147,14 +147,14 @@ CMD ["redis-server", "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--a
 EOF
 }
 
-# The language presets' image: Debian's pytest, Node.js with npm, and Go,
+# The language presets' image: Debian's pytest, Node.js with npm, Go and Cargo,
 # for preset builds in containers (the presets' own images are in
 # registries these machines cannot reach).
 presets_image() {
-    derived_image "$PRESETS" "$IMAGES/decap-presets-$SUITE-1.tar" <<EOF
+    derived_image "$PRESETS" "$IMAGES/decap-presets-$SUITE-2.tar" <<EOF
 FROM $BASE
 RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    python3-pytest nodejs npm golang-go ca-certificates \
+    python3-pytest nodejs npm golang-go cargo ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 EOF
 }

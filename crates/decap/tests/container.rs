@@ -799,18 +799,19 @@ async fn a_preset_build_runs_in_its_image_with_a_service_of_the_catalog() {
 /// Makes a project's repository in a folder.
 type Maker = fn(&Path);
 
-/// The python, node and go presets in containers, in the bed's image with
-/// those toolchains (`--preset-image`; the presets' own images are in
+/// The python, node, go and rust presets in containers, in the bed's image
+/// with those toolchains (`--preset-image`; the presets' own images are in
 /// registries these machines cannot reach).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_python_node_and_go_presets_build_in_containers() {
-    use common::presets::{go_project, node_project, python_project};
+async fn the_python_node_go_and_rust_presets_build_in_containers() {
+    use common::presets::{go_project, node_project, python_project, rust_project};
     let dir = tempfile::tempdir().unwrap();
     let image = var("DECAP_TEST_PRESETS_IMAGE");
-    let makers: [(&str, Maker); 3] = [
+    let makers: [(&str, Maker); 4] = [
         ("python", python_project),
         ("node", node_project),
         ("go", go_project),
+        ("rust", rust_project),
     ];
     let mut flags = Vec::new();
     for (language, make) in makers {

@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::presets::{go_project, node_project, python_project, repo, sh};
+use common::presets::{go_project, node_project, python_project, repo, rust_project, sh};
 use common::{Decap, TOKEN};
 
 const WAIT: Duration = Duration::from_secs(180);
@@ -96,19 +96,7 @@ async fn each_language_builds_with_its_preset_and_no_build_sh() {
     go_project(&go);
     projects.push(("go", go));
     let rust = repos.join("rust");
-    repo(
-        &rust,
-        &[
-            (
-                "Cargo.toml",
-                "[package]\nname = \"greet\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[profile.dev]\ndebug = 0\n",
-            ),
-            (
-                "src/lib.rs",
-                "pub fn greet(n: &str) -> String { format!(\"hello {n}\") }\n\n#[test]\nfn greets() { assert_eq!(greet(\"x\"), \"hello x\"); }\n",
-            ),
-        ],
-    );
+    rust_project(&rust);
     projects.push(("rust", rust));
     let java = repos.join("java");
     repo(

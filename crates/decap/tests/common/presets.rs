@@ -94,6 +94,23 @@ pub fn go_project(dir: &Path) {
     );
 }
 
+/// A Cargo crate with a test (nothing to download).
+pub fn rust_project(dir: &Path) {
+    repo(
+        dir,
+        &[
+            (
+                "Cargo.toml",
+                "[package]\nname = \"greet\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[profile.dev]\ndebug = 0\n",
+            ),
+            (
+                "src/lib.rs",
+                "pub fn greet(n: &str) -> String { format!(\"hello {n}\") }\n\n#[test]\nfn greets() { assert_eq!(greet(\"x\"), \"hello x\"); }\n",
+            ),
+        ],
+    );
+}
+
 /// The exit codes of a build's phases, in order (a phase that did not run
 /// fails the test).
 pub fn phase_exit_codes(b: &serde_json::Value) -> Vec<i64> {
