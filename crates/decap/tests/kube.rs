@@ -905,12 +905,7 @@ async fn a_preset_project_builds_in_a_pod_with_its_tree_from_the_server() {
     let v: serde_json::Value = resp.json().await.unwrap();
     let id = v["builds"][0].as_str().unwrap().to_owned();
     let b = api.finished(&id, MINUTE).await;
-    let log = api
-        .get(&format!("/api/v1/logs/{id}"))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let log = api.log(&id).await;
     assert_eq!(b["status"], "succeeded", "{b}\n{log}");
     assert_eq!(b["executor"], "kubernetes");
     assert!(

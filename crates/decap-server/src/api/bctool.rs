@@ -132,7 +132,7 @@ pub async fn get_source(
     if let Some(tree) = app.controller.prepared_tree(b.id, &q.commit).await {
         return Ok(([(header::CONTENT_TYPE, "application/gzip")], tree).into_response());
     }
-    let token = app.controller.repo_token_of(&b).await;
+    let token = app.controller.repo_token(&b).await;
     let commit = sources
         .pinned(
             &url,

@@ -70,20 +70,16 @@ impl Controller {
             if preset_language(entry).is_none() {
                 continue;
             }
-            // A repository on this machine is read in place at launch.
-            if entry
-                .valid_descriptor()
-                .and_then(|d| d.descriptor.repo_url.as_deref())
-                .is_some_and(decap_scripts::source::is_local)
-            {
-                continue;
-            }
             let Some(url) = entry
                 .valid_descriptor()
                 .and_then(|d| d.descriptor.repo_url.clone())
             else {
                 continue;
             };
+            // A repository on this machine is read in place at launch.
+            if decap_scripts::source::is_local(&url) {
+                continue;
+            }
             fetches.push(async move {
                 let token = self.repo_token(b).await;
                 let want = Want {
@@ -163,15 +159,10 @@ impl Controller {
         made.flatten()
     }
 
-    /// The project's `REPO_TOKEN` secret, for fetching its repository.
-    pub async fn repo_token_of(&self, b: &Build) -> Option<String> {
-        self.repo_token(b).await
-    }
-
     /// The project's (or team's) `REPO_TOKEN` secret, if it has one. Also
     /// for a pull request from a fork: the token is Decap's to fetch with
     /// and never reaches the build.
-    async fn repo_token(&self, b: &Build) -> Option<String> {
+    pub async fn repo_token(&self, b: &Build) -> Option<String> {
         let store = self.secrets.get()?;
         let secrets = store.for_build(&b.project).await.ok()?;
         secrets
