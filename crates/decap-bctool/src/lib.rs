@@ -114,6 +114,11 @@ enum Command {
         #[arg(long)]
         exit_with_parent: bool,
     },
+    /// Takes over a build that `decap-runner` started (the runner becomes
+    /// bctool with this; the launch is on standard input again) and
+    /// carries it on as `run` would.
+    #[command(hide = true)]
+    Adopt(AdoptArgs),
     /// Copies bctool into a folder and makes a build's workspace folders
     /// (`src`, `artifacts`, `home`, `tmp`). The Kubernetes executor's init
     /// container runs this from the Decap image, so that any build image
@@ -197,6 +202,32 @@ struct RunArgs {
     start_within_secs: u64,
 }
 
+/// What `decap-runner` hands over as it becomes bctool.
+#[derive(Args, Debug)]
+struct AdoptArgs {
+    /// The build's command, started (its own process group).
+    #[arg(long, conflicts_with = "spawn_error")]
+    pid: Option<u32>,
+    /// Why the command could not start.
+    #[arg(long)]
+    spawn_error: Option<String>,
+    /// The read end of the command's console pipe.
+    #[arg(long)]
+    console_fd: i32,
+    /// The runner's private folder (the console file and phase records).
+    #[arg(long)]
+    work: PathBuf,
+    /// The runner's parent when it started (for `--exit-with-parent`).
+    #[arg(long)]
+    parent: u32,
+    /// The sandbox's end of the build socket, listening.
+    #[arg(long)]
+    listen_fd: Option<i32>,
+    /// Stop the build if the parent dies.
+    #[arg(long)]
+    exit_with_parent: bool,
+}
+
 /// Reads the launch from standard input and runs it.
 async fn standby(exit_with_parent: bool, serve: Option<(PathBuf, u16)>) -> Result<i32> {
     use tokio::io::AsyncBufReadExt;
@@ -207,8 +238,41 @@ async fn standby(exit_with_parent: bool, serve: Option<(PathBuf, u16)>) -> Resul
         // The executor went away without a build for us.
         return Ok(0);
     }
+    run_launch(prepared, &line, exit_with_parent).await
+}
+
+/// Takes over what `decap-runner` started, and runs it to its end.
+async fn adopt(a: AdoptArgs, serve_socket: Option<PathBuf>) -> Result<i32> {
+    let handed = handed::take(a.console_fd, a.listen_fd)?;
+    if let (Some(listener), Some(socket)) = (handed.listener, serve_socket) {
+        serve_listener(listener, socket)?;
+    }
+    let started = match (a.pid, a.spawn_error) {
+        (Some(pid), _) => Ok(pid),
+        (None, Some(e)) => Err(e),
+        (None, None) => bail!("adopt needs --pid or --spawn-error"),
+    };
+    let prepared = prepare_in(
+        Work::Handed(HandedDir(a.work)),
+        handed.console,
+        None,
+        a.parent,
+        Some(started),
+    )?;
+    // The runner held TERM and INT back until here; any that came are
+    // delivered now, to the handlers just made.
+    handed::unblock_stop_signals()?;
+    let mut line = String::new();
+    std::io::stdin()
+        .read_to_string(&mut line)
+        .context("cannot read the launch")?;
+    run_launch(prepared, &line, a.exit_with_parent).await
+}
+
+/// Runs a standby launch (one JSON line) on what was prepared for it.
+async fn run_launch(prepared: Prepared, line: &str, exit_with_parent: bool) -> Result<i32> {
     let launch: decap_api_types::StandbyLaunch =
-        serde_json::from_str(&line).context("the standby launch is not valid JSON")?;
+        serde_json::from_str(line).context("the standby launch is not valid JSON")?;
     if launch.command.is_empty() {
         bail!("the standby launch has no command");
     }
@@ -257,13 +321,15 @@ async fn standby(exit_with_parent: bool, serve: Option<(PathBuf, u16)>) -> Resul
 /// Runs bctool; returns the process exit code.
 pub async fn main(cli: Cli) -> Result<i32> {
     let serve = cli.build.serve_socket.clone().zip(cli.build.serve_port);
-    if let Command::Standby { exit_with_parent } = cli.command {
-        return standby(exit_with_parent, serve).await;
-    }
-    if let Command::Install { dir, workspace } = &cli.command {
-        install(dir, workspace.as_deref())?;
-        return Ok(0);
-    }
+    let command = match cli.command {
+        Command::Standby { exit_with_parent } => return standby(exit_with_parent, serve).await,
+        Command::Adopt(a) => return adopt(a, cli.build.serve_socket.clone()).await,
+        Command::Install { dir, workspace } => {
+            install(&dir, workspace.as_deref())?;
+            return Ok(0);
+        }
+        other => other,
+    };
     let credentials = std::env::var_os("DECAP_CREDENTIALS_DIR").map(PathBuf::from);
     let direct = direct::config(|k| {
         std::env::var(k)
@@ -276,7 +342,7 @@ pub async fn main(cli: Cli) -> Result<i32> {
         direct,
         retry_budget(
             std::env::var(RETRY_VAR).ok(),
-            matches!(&cli.command, Command::Run(a) if a.exit_with_parent),
+            matches!(&command, Command::Run(a) if a.exit_with_parent),
         ),
     );
     let id = cli
@@ -284,7 +350,7 @@ pub async fn main(cli: Cli) -> Result<i32> {
         .build_id
         .clone()
         .context("no build id: set BUILD_ID or pass --build-id")?;
-    match cli.command {
+    match command {
         // The shipper is made after the command starts: the build's first
         // line should not wait for TLS roots or credentials to load.
         Command::Run(mut args) => {
@@ -299,7 +365,9 @@ pub async fn main(cli: Cli) -> Result<i32> {
             }
             run_prepared(prepared, connect, id, args).await
         }
-        Command::Standby { .. } | Command::Install { .. } => unreachable!("handled above"),
+        Command::Standby { .. } | Command::Adopt(_) | Command::Install { .. } => {
+            unreachable!("handled above")
+        }
         Command::Unlock => {
             let released = connect.await?.unlock(&id).await?;
             note!(
@@ -658,15 +726,159 @@ struct Console {
     progress: watch::Sender<Progress>,
 }
 
+/// A run's private folder: its own, or the one `decap-runner` made.
+enum Work {
+    Temp(tempfile::TempDir),
+    Handed(HandedDir),
+}
+
+impl Work {
+    fn path(&self) -> &Path {
+        match self {
+            Work::Temp(t) => t.path(),
+            Work::Handed(h) => &h.0,
+        }
+    }
+}
+
+/// The runner's folder, removed when the run is over.
+struct HandedDir(PathBuf);
+
+impl Drop for HandedDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The build's command: started here, or by `decap-runner` before it
+/// became bctool (then waited for on a thread, as tokio cannot adopt it).
+enum Proc {
+    Tokio(tokio::process::Child),
+    Adopted {
+        pid: u32,
+        waiter: tokio::task::JoinHandle<std::io::Result<std::process::ExitStatus>>,
+        status: Option<std::process::ExitStatus>,
+    },
+}
+
+impl Proc {
+    fn adopted(pid: u32) -> Self {
+        let waiter = tokio::task::spawn_blocking(move || handed::wait(pid));
+        Proc::Adopted {
+            pid,
+            waiter,
+            status: None,
+        }
+    }
+
+    fn id(&self) -> Option<u32> {
+        match self {
+            Proc::Tokio(c) => c.id(),
+            Proc::Adopted { pid, status, .. } => status.is_none().then_some(*pid),
+        }
+    }
+
+    /// Waits for the command to exit; cancel-safe, and may be called again.
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            Proc::Tokio(c) => c.wait().await,
+            Proc::Adopted { waiter, status, .. } => {
+                if let Some(s) = status {
+                    return Ok(*s);
+                }
+                let s = waiter.await.map_err(std::io::Error::other)??;
+                *status = Some(s);
+                Ok(s)
+            }
+        }
+    }
+}
+
+/// Taking over what `decap-runner` hands on across `execve`.
+#[allow(unsafe_code)]
+mod handed {
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    use anyhow::{Context, Result, bail};
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+
+    pub(super) struct Handed {
+        pub console: std::io::PipeReader,
+        pub listener: Option<std::net::TcpListener>,
+    }
+
+    /// Owns the descriptors the runner named. Each must be open, and is
+    /// taken once: they are checked before they are owned.
+    pub(super) fn take(console_fd: i32, listen_fd: Option<i32>) -> Result<Handed> {
+        let check = |fd: i32| -> Result<()> {
+            if fd <= 2 {
+                bail!("descriptor {fd} is not one the runner hands on");
+            }
+            nix::fcntl::fcntl(
+                unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+                nix::fcntl::FcntlArg::F_GETFD,
+            )
+            .with_context(|| format!("descriptor {fd} is not open"))?;
+            Ok(())
+        };
+        check(console_fd)?;
+        if let Some(l) = listen_fd {
+            check(l)?;
+            if l == console_fd {
+                bail!("the console and the listener are one descriptor");
+            }
+        }
+        // SAFETY: both are open (checked above), distinct, not standard
+        // streams, and owned by nothing else in this process: the runner
+        // left them open across `execve` for bctool to take.
+        let console = std::io::PipeReader::from(unsafe { OwnedFd::from_raw_fd(console_fd) });
+        let listener =
+            listen_fd.map(|fd| std::net::TcpListener::from(unsafe { OwnedFd::from_raw_fd(fd) }));
+        Ok(Handed { console, listener })
+    }
+
+    /// Lets TERM and INT through again (the runner blocked them).
+    pub(super) fn unblock_stop_signals() -> Result<()> {
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGTERM);
+        set.add(Signal::SIGINT);
+        sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None).context("cannot unblock signals")
+    }
+
+    /// Waits for a child this process did not spawn through tokio.
+    pub(super) fn wait(pid: u32) -> std::io::Result<std::process::ExitStatus> {
+        use nix::sys::wait::{WaitStatus, waitpid};
+        use std::os::unix::process::ExitStatusExt;
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        loop {
+            match waitpid(pid, None) {
+                Ok(WaitStatus::Exited(_, code)) => {
+                    return Ok(std::process::ExitStatus::from_raw((code & 0xff) << 8));
+                }
+                Ok(WaitStatus::Signaled(_, sig, core)) => {
+                    let raw = sig as i32 | if core { 0x80 } else { 0 };
+                    return Ok(std::process::ExitStatus::from_raw(raw));
+                }
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(std::io::Error::from(e)),
+            }
+        }
+    }
+}
+
 /// What a run needs before its command starts: made ahead of time by a
 /// warm bctool, so that the build's first line waits for none of it.
 struct Prepared {
     started_parent: u32,
-    _work: tempfile::TempDir,
+    _work: Work,
     console: Arc<Console>,
     log_file: std::fs::File,
     reader: std::io::PipeReader,
-    writer: std::io::PipeWriter,
+    /// The pipe's write end, for a command still to start; `None` when the
+    /// runner started it (`started`).
+    writer: Option<std::io::PipeWriter>,
+    /// The command the runner started (its pid), or why it could not.
+    started: Option<std::result::Result<u32, String>>,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     /// Installs the SIGCHLD handler tokio's child reaping needs before the
@@ -679,6 +891,11 @@ struct Prepared {
 fn serve_socket(socket: PathBuf, port: u16) -> Result<()> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", port))
         .with_context(|| format!("cannot serve Decap's socket on 127.0.0.1:{port}"))?;
+    serve_listener(listener, socket)
+}
+
+/// Serves the build socket on a listener already bound.
+fn serve_listener(listener: std::net::TcpListener, socket: PathBuf) -> Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     tokio::spawn(async move {
@@ -706,20 +923,37 @@ fn prepare(serve: Option<(PathBuf, u16)>) -> Result<Prepared> {
         serve_socket(socket, port)?;
     }
     let work = tempfile::tempdir().context("cannot make a temporary folder")?;
+    // One pipe for stdout and stderr, so the log interleaves them as written.
+    let (reader, writer) = std::io::pipe()?;
+    prepare_in(
+        Work::Temp(work),
+        reader,
+        Some(writer),
+        std::os::unix::process::parent_id(),
+        None,
+    )
+}
+
+fn prepare_in(
+    work: Work,
+    reader: std::io::PipeReader,
+    writer: Option<std::io::PipeWriter>,
+    started_parent: u32,
+    started: Option<std::result::Result<u32, String>>,
+) -> Result<Prepared> {
     let console = Arc::new(Console {
         path: work.path().join("console.log"),
         progress: watch::channel(Progress::default()).0,
     });
     let log_file = std::fs::File::create(&console.path)?;
-    // One pipe for stdout and stderr, so the log interleaves them as written.
-    let (reader, writer) = std::io::pipe()?;
     Ok(Prepared {
-        started_parent: std::os::unix::process::parent_id(),
+        started_parent,
         _work: work,
         console,
         log_file,
         reader,
         writer,
+        started,
         term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
         int: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?,
         _child: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?,
@@ -739,36 +973,47 @@ async fn run_prepared(
         mut log_file,
         mut reader,
         writer,
+        started,
         mut term,
         mut int,
         _child,
     } = prepared;
-    let mut cmd = tokio::process::Command::new(&args.command[0]);
-    if let Some(env) = &args.env {
-        cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
-    } else {
-        // bctool's own settings (credentials among them) are not the script's.
-        for var in direct::VARS {
-            cmd.env_remove(var);
-        }
-    }
-    if let Some(cwd) = &args.cwd {
-        cmd.current_dir(cwd);
-    }
     let phases_file = _work.path().join("phases.json");
-    cmd.env(phases::PHASES_VAR, &phases_file);
-    cmd.args(&args.command[1..])
-        .stdin(Stdio::null())
-        .stdout(writer.try_clone()?)
-        .stderr(writer)
-        .process_group(0);
-    let spawned = cmd.spawn();
-    drop(cmd); // closes bctool's copies of the pipe's write end
+    let spawned = match (started, writer) {
+        (Some(Ok(pid)), _) => Ok(Proc::adopted(pid)),
+        (Some(Err(e)), _) => Err(e),
+        (None, None) => Err("bctool has no console for the command".to_owned()),
+        (None, Some(writer)) => {
+            let mut cmd = tokio::process::Command::new(&args.command[0]);
+            if let Some(env) = &args.env {
+                cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+            } else {
+                // bctool's own settings (credentials among them) are not the script's.
+                for var in direct::VARS {
+                    cmd.env_remove(var);
+                }
+            }
+            if let Some(cwd) = &args.cwd {
+                cmd.current_dir(cwd);
+            }
+            cmd.env(phases::PHASES_VAR, &phases_file);
+            cmd.args(&args.command[1..])
+                .stdin(Stdio::null())
+                .stdout(writer.try_clone()?)
+                .stderr(writer)
+                .process_group(0);
+            let spawned = cmd.spawn();
+            drop(cmd); // closes bctool's copies of the pipe's write end
+            spawned
+                .map(Proc::Tokio)
+                .map_err(|e| format!("bctool could not start {:?}: {e}", args.command[0]))
+        }
+    };
     let shipper = connect.await?;
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            let note = format!("bctool could not start {:?}: {e}\n", args.command[0]);
+            let note = format!("{e}\n");
             log_file.write_all(note.as_bytes())?;
             let len = note.len() as u64;
             console
@@ -1024,11 +1269,7 @@ impl ConsoleSink {
 }
 
 /// TERM the process group, wait the grace period, then KILL it.
-async fn stop(
-    child: &mut tokio::process::Child,
-    pgid: Pid,
-    grace: Duration,
-) -> Result<std::process::ExitStatus> {
+async fn stop(child: &mut Proc, pgid: Pid, grace: Duration) -> Result<std::process::ExitStatus> {
     let _ = killpg(pgid, Signal::SIGTERM);
     match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => Ok(status?),

@@ -25,7 +25,7 @@ fn descriptor(image: &str) -> String {
 }
 
 /// The first line of a log that is not one of Decap's notes, as epoch ms.
-fn first_line_ms(log: &str) -> Result<f64> {
+pub(crate) fn first_line_ms(log: &str) -> Result<f64> {
     let line = log
         .lines()
         .find(|l| !l.starts_with("[decap:"))

@@ -6,6 +6,7 @@
 //! one run.
 
 mod containers;
+mod light;
 mod restarts;
 
 use std::path::Path;
@@ -62,6 +63,10 @@ enum What {
     /// A preset build (checkout, override file, three phases) against a
     /// build.sh running the same command, on one server, interleaved.
     Presets,
+    /// How light and quick: exec → /readyz, idle memory of every process
+    /// (server, warm environments), the warm runner's, 200 builds on
+    /// distinct branches under a cap of 8; each beside its floor.
+    Light,
     /// Everything.
     All,
 }
@@ -339,14 +344,7 @@ async fn first_line(sandbox: &str, warm: usize, runs: usize) -> Result<(f64, f64
             .await?
             .text()
             .await?;
-        let ran: f64 = log
-            .lines()
-            .next()
-            .context("empty log")?
-            .trim()
-            .replace(',', ".")
-            .parse::<f64>()?
-            * 1000.0;
+        let ran = containers::first_line_ms(&log)?;
         lat.push(ran - t0);
         let parse = |k: &str| {
             b[k].as_str()
@@ -405,6 +403,7 @@ async fn sandbox_alone(runs: usize, network: bool) -> Result<Option<Vec<f64>>> {
         let plan = Plan {
             workspace: &ws,
             bctool: truth,
+            runner: None,
             args: Vec::new(),
             env: Vec::new(),
             uid,
@@ -1248,6 +1247,9 @@ async fn main() -> Result<()> {
     }
     if all || matches!(cli.what, What::Restarts) {
         restarts::restarts().await?;
+    }
+    if all || matches!(cli.what, What::Light) {
+        light::light().await?;
     }
     if all || matches!(cli.what, What::Containers) {
         containers::containers().await?;

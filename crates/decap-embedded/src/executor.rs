@@ -57,6 +57,10 @@ pub struct LocalExecutorConfig {
     /// How to run bctool: a program and its leading arguments (`[bctool]`,
     /// or `[decap, bctool]` when the controller binary carries it).
     pub bctool: Vec<OsString>,
+    /// `decap-runner`, which waits in warm environments instead of a whole
+    /// bctool and becomes bctool when a build arrives (a tenth of its
+    /// memory). Without it, warm environments hold `bctool standby`.
+    pub runner: Option<PathBuf>,
     /// Sandboxing.
     pub sandbox: SandboxMode,
     /// The network of sandboxed builds.
@@ -109,6 +113,8 @@ struct Inner {
     work_root: PathBuf,
     /// bctool as the sandbox binds it (staged in the sandbox dir).
     bctool: PathBuf,
+    /// `decap-runner` (staged in the sandbox dir when sandboxing).
+    runner: Option<PathBuf>,
     /// This server's hold on its sandbox dir.
     _lock: std::fs::File,
     sandbox: Option<Sandbox>,
@@ -132,6 +138,13 @@ struct Slot {
     uid: Option<u32>,
     cgroup: Option<BuildCgroup>,
     disk: Option<u64>,
+}
+
+/// What an environment starts: bctool with these arguments, or
+/// `decap-runner` with these (a warm one).
+enum Entry {
+    Bctool(Vec<String>),
+    Runner(Vec<String>),
 }
 
 /// How many prepared slots wait for cold starts.
@@ -323,8 +336,16 @@ impl LocalExecutor {
             .into_iter()
             .filter_map(|(ws, r)| Some((ws, r?)))
             .partition(|(_, r)| r.running_build());
-        let (sandbox, cgroups, bctool) = match config.sandbox {
-            SandboxMode::None => (None, None, PathBuf::from(program)),
+        if let Some(r) = &config.runner
+            && !r.is_file()
+        {
+            return Err(Error::invalid(
+                "runner",
+                format!("{} does not exist", r.display()),
+            ));
+        }
+        let (sandbox, cgroups, bctool, runner) = match config.sandbox {
+            SandboxMode::None => (None, None, PathBuf::from(program), config.runner.clone()),
             SandboxMode::Bubblewrap => {
                 let (s, c) = Self::sandbox_for(&config).inspect_err(|_| {
                     // A server that cannot start leaves no folder behind
@@ -337,7 +358,13 @@ impl LocalExecutor {
                     .dir
                     .stage_bctool(Path::new(program))
                     .map_err(|e| exec_err(format!("cannot stage bctool for the sandbox: {e}")))?;
-                (Some(s), c, staged)
+                let runner = match &config.runner {
+                    Some(r) => Some(config.dir.stage_runner(r).map_err(|e| {
+                        exec_err(format!("cannot stage decap-runner for the sandbox: {e}"))
+                    })?),
+                    None => None,
+                };
+                (Some(s), c, staged, runner)
             }
         };
         let quota = if sandbox.is_some() {
@@ -365,6 +392,7 @@ impl LocalExecutor {
             config,
             work_root,
             bctool,
+            runner,
             _lock: lock,
             sandbox,
             cgroups,
@@ -544,6 +572,22 @@ impl Inner {
         args
     }
 
+    /// The arguments of `decap-runner` in a warm environment: what it
+    /// serves, and the bctool it becomes.
+    fn runner_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(s) = &self.sandbox {
+            args.extend(["--serve-port".into(), s.url_port.to_string()]);
+        }
+        args.push("--".into());
+        args.push(match &self.sandbox {
+            Some(_) => crate::sandbox::BCTOOL.into(),
+            None => self.bctool.to_string_lossy().into_owned(),
+        });
+        args.extend(self.bctool_args(&[]));
+        args
+    }
+
     /// The environment bctool starts with (the build's comes later for a
     /// warm one).
     fn base_env(&self, ws: &Path) -> Vec<(String, String)> {
@@ -635,7 +679,7 @@ impl Inner {
     async fn make_env(
         &self,
         name: String,
-        args: Vec<String>,
+        entry: Entry,
         env: Vec<(String, String)>,
         limits: Option<&Limits>,
         stdin: bool,
@@ -656,7 +700,7 @@ impl Inner {
         };
         let slot_uid = slot.uid;
         let made = self
-            .make_env_in(slot, args, env, limits, stdin, prepare)
+            .make_env_in(slot, entry, env, limits, stdin, prepare)
             .await;
         if made.is_err()
             && let Some(s) = &self.sandbox
@@ -759,7 +803,7 @@ impl Inner {
     async fn make_env_in(
         &self,
         slot: Slot,
-        args: Vec<String>,
+        entry: Entry,
         env: Vec<(String, String)>,
         limits: Option<&Limits>,
         stdin: bool,
@@ -771,6 +815,10 @@ impl Inner {
             cgroup,
             disk,
         } = slot;
+        let (runner, args) = match entry {
+            Entry::Bctool(args) => (false, args),
+            Entry::Runner(args) => (true, args),
+        };
         let cgroup = cgroup.map(Arc::new);
         let fail = |ws: &Workspace, e: Error| {
             if let Some(cg) = &cgroup {
@@ -797,6 +845,7 @@ impl Inner {
                 let plan = Plan {
                     workspace: &ws.dir,
                     bctool: self.program(),
+                    runner: self.runner.as_deref().filter(|_| runner),
                     args,
                     env,
                     uid,
@@ -834,7 +883,11 @@ impl Inner {
             }
             None => match crate::sandbox::messages_file(&messages) {
                 Ok(stderr) => {
-                    let mut cmd = tokio::process::Command::new(self.program());
+                    let program = match &self.runner {
+                        Some(r) if runner => r.as_path(),
+                        _ => self.program(),
+                    };
+                    let mut cmd = tokio::process::Command::new(program);
                     cmd.args(&args)
                         .env_clear()
                         .envs(env)
@@ -893,7 +946,7 @@ impl Inner {
     async fn try_sandbox(&self) -> Result<()> {
         let args = self.bctool_args(&["--version"]);
         let probe = self
-            .make_env(format!("probe-{}", uuid::Uuid::now_v7()), args, Vec::new(), None, false, |_| Ok(()))
+            .make_env(format!("probe-{}", uuid::Uuid::now_v7()), Entry::Bctool(args), Vec::new(), None, false, |_| Ok(()))
             .await
             .map_err(|e| {
                 Error::invalid(
@@ -929,9 +982,12 @@ impl Inner {
         let dir = self.work_root.join(&name);
         // A warm bctool exits when its standard input closes (the server is
         // gone); one handed a build runs it to its end.
-        let args = self.bctool_args(&["standby"]);
+        let entry = match &self.runner {
+            Some(_) => Entry::Runner(self.runner_args()),
+            None => Entry::Bctool(self.bctool_args(&["standby"])),
+        };
         let env = self
-            .make_env(name, args, self.base_env(&dir), None, true, |_| Ok(()))
+            .make_env(name, entry, self.base_env(&dir), None, true, |_| Ok(()))
             .await?;
         // Most builds take the default limits: set them now, so that a
         // launch writes only what differs.
@@ -1077,7 +1133,7 @@ impl Inner {
         // settings.
         let mut env = self.build_env(spec, &dir);
         env.extend(spec.bctool_env.iter().cloned());
-        self.make_env(name, args, env, Some(limits), false, |ws| {
+        self.make_env(name, Entry::Bctool(args), env, Some(limits), false, |ws| {
             write_scripts(spec, ws)
         })
         .await

@@ -509,6 +509,11 @@ struct ServeArgs {
     /// The bctool binary (default: this binary's own `bctool` subcommand).
     #[arg(long, env = "DECAP_BCTOOL")]
     bctool: Option<PathBuf>,
+    /// What waits in warm environments for a build, then becomes bctool:
+    /// a `decap-runner` binary, or `none` for a whole `bctool standby`
+    /// (default: the `decap-runner` beside this binary, when there is one).
+    #[arg(long, env = "DECAP_RUNNER")]
+    runner: Option<PathBuf>,
     /// Connections served at once (capped at half the open-file limit,
     /// which Decap raises to its maximum at start).
     #[arg(long, env = "DECAP_MAX_CONNECTIONS", default_value_t = 4096)]
@@ -721,6 +726,29 @@ fn bctool_command(arg: Option<PathBuf>) -> Result<Vec<std::ffi::OsString>> {
     Ok(vec![exe.into_os_string(), "bctool".into()])
 }
 
+/// What waits in warm environments: `--runner PATH` (`none`: no runner),
+/// or the `decap-runner` installed beside this binary (cargo builds and
+/// installs the two together).
+fn runner_command(arg: Option<PathBuf>) -> Result<Option<PathBuf>> {
+    match arg {
+        Some(p) if p.as_os_str() == "none" => Ok(None),
+        Some(p) => Ok(Some(p)),
+        None => {
+            let exe = std::env::current_exe().context("cannot find this binary's path")?;
+            let beside = exe.with_file_name("decap-runner");
+            if beside.is_file() {
+                Ok(Some(beside))
+            } else {
+                tracing::info!(
+                    looked = %beside.display(),
+                    "no decap-runner beside decap: warm environments hold a whole bctool"
+                );
+                Ok(None)
+            }
+        }
+    }
+}
+
 /// Runs bctool from inside the `decap` binary (`decap bctool run -- …`);
 /// returns the exit code.
 pub fn run_bctool(args: Vec<std::ffi::OsString>) -> i32 {
@@ -876,6 +904,7 @@ async fn local_executor(
                 .chain(secrets_key_file(args)?.parent().map(Path::to_owned))
                 .collect(),
             bctool: bctool_command(args.bctool.clone())?,
+            runner: runner_command(args.runner.clone())?,
             sandbox: match args.sandbox {
                 Sandbox::Auto | Sandbox::Bubblewrap => SandboxMode::Bubblewrap,
                 Sandbox::None => SandboxMode::None,

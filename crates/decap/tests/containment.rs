@@ -736,3 +736,111 @@ async fn without_root_the_sandbox_has_its_network_and_its_builds_outlive_a_kille
     );
     let _ = second.wait();
 }
+
+/// The warm processes named `name` under `root`, with their resident KiB.
+fn descendants_named(root: u32, name: &str) -> Vec<(u32, u64)> {
+    let mut parents = std::collections::HashMap::new();
+    let mut comms = std::collections::HashMap::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let comm = stat[stat.find('(').unwrap() + 1..close].to_owned();
+        let ppid: u32 = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        parents.insert(pid, ppid);
+        comms.insert(pid, comm);
+    }
+    let under = |mut p: u32| {
+        while let Some(&pp) = parents.get(&p) {
+            if pp == root {
+                return true;
+            }
+            if pp <= 1 {
+                return false;
+            }
+            p = pp;
+        }
+        false
+    };
+    comms
+        .iter()
+        .filter(|(pid, c)| c.as_str() == name && under(**pid))
+        .map(|(pid, _)| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let rss = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            (*pid, rss)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_warm_environment_waits_in_the_small_runner_which_becomes_bctool_with_its_build() {
+    let (_dir, scripts, data) = dirs();
+    // The script reaches Decap at once: the runner listened before the
+    // script started, so bctool serves that connection once it has become
+    // bctool; and `bctool` itself runs in the build.
+    project(
+        &scripts,
+        "acme/eager",
+        r#"{"buildImage": "x"}"#,
+        "#!/bin/bash\necho \"first: $(curl -s -o /dev/null -w '%{http_code}' \"$DECAP_URL/healthz\")\"\nbctool unlock\necho done\n",
+    );
+    project(
+        &scripts,
+        "acme/long",
+        r#"{"buildImage": "x"}"#,
+        "#!/bin/bash\necho started\nsleep 30\n",
+    );
+    let decap = sandboxed(&data, &scripts, &["--warm-standbys", "2"]);
+    let server = decap.child.id();
+    let runners = eventually("two warm runners", MINUTE, || async {
+        let r = descendants_named(server, "decap-runner");
+        (r.len() == 2).then_some(r)
+    })
+    .await;
+    assert!(
+        descendants_named(server, "bctool").is_empty(),
+        "no whole bctool waits"
+    );
+    for (pid, rss) in &runners {
+        // A whole bctool waited at 8 MiB; the runner is a small program.
+        assert!(*rss < 4 * 1024, "runner {pid} holds {rss} KiB");
+    }
+    let api = decap.api();
+    for _ in 0..3 {
+        let ids = api.request("acme/eager", &["main"]).await;
+        let b = api.finished(&ids[0], MINUTE).await;
+        assert_eq!(b["status"], "succeeded", "{b}");
+        let log = log_of(&api, &ids[0]).await;
+        assert!(log.contains("first: 200"), "{log}");
+        assert!(log.contains("lock released"), "{log}");
+        assert!(log.contains("done"), "{log}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A cancel that comes while the runner is becoming bctool waits for
+    // bctool's handlers: the build stops gracefully and says so.
+    for _ in 0..3 {
+        let ids = api.request("acme/long", &["main"]).await;
+        api.send(Method::DELETE, &format!("/api/v1/build/{}", ids[0]))
+            .await;
+        let b = api.finished(&ids[0], MINUTE).await;
+        assert_eq!(b["status"], "cancelled", "{b}");
+        assert_eq!(processes_of(&ids[0]), 0, "a cancel leaves no process");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -21,6 +21,7 @@ async fn local(sandbox: SandboxMode, warm: usize) {
             dir: sandbox_dir,
             hide: Vec::new(),
             bctool: vec![env!("CARGO_BIN_EXE_bctool").into()],
+            runner: Some(env!("CARGO_BIN_EXE_decap-runner").into()),
             sandbox,
             network: NetworkMode::Slirp4netns,
             uid_base: 1_900_000_000,

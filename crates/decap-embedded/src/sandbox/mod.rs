@@ -49,6 +49,8 @@ use tokio::io::AsyncReadExt;
 pub const WORKSPACE: &str = "/decap/workspace";
 /// bctool inside the sandbox.
 pub const BCTOOL: &str = "/decap/bin/bctool";
+/// `decap-runner` inside the sandbox (what waits, warm, for a build).
+pub const RUNNER: &str = "/decap/bin/decap-runner";
 /// The folder of the server's build socket inside the sandbox (the host's
 /// folder is bound, not the socket: a server that starts while the build
 /// runs makes its socket anew there, and the build reaches it).
@@ -205,8 +207,17 @@ impl SandboxDir {
 
     /// bctool as builds get it: a hard link to (or a copy of) `program`.
     pub fn stage_bctool(&self, program: &Path) -> std::io::Result<PathBuf> {
-        let to = self.0.join("bctool");
-        let partial = self.0.join(".bctool.partial");
+        self.stage(program, "bctool")
+    }
+
+    /// `decap-runner` as warm environments get it, staged as bctool is.
+    pub fn stage_runner(&self, program: &Path) -> std::io::Result<PathBuf> {
+        self.stage(program, "decap-runner")
+    }
+
+    fn stage(&self, program: &Path, name: &str) -> std::io::Result<PathBuf> {
+        let to = self.0.join(name);
+        let partial = self.0.join(format!(".{name}.partial"));
         let _ = std::fs::remove_file(&partial);
         if std::fs::hard_link(program, &partial).is_err() {
             std::fs::copy(program, &partial)?;
@@ -254,7 +265,10 @@ pub struct Plan<'a> {
     pub workspace: &'a Path,
     /// bctool on the host.
     pub bctool: &'a Path,
-    /// bctool's arguments (after the program).
+    /// `decap-runner` on the host, when the sandbox starts it (warm) rather
+    /// than bctool; it becomes bctool (bound at [`BCTOOL`] all the same).
+    pub runner: Option<&'a Path>,
+    /// The arguments of bctool, or of the runner (after the program).
     pub args: Vec<String>,
     /// Its environment (the whole of it).
     pub env: Vec<(String, String)>,
@@ -472,6 +486,9 @@ impl Sandbox {
             "/tmp".into(),
         ]);
         a.extend(["--ro-bind".into(), text(plan.bctool), BCTOOL.into()]);
+        if let Some(runner) = plan.runner {
+            a.extend(["--ro-bind".into(), text(runner), RUNNER.into()]);
+        }
         let socket_dir = self.socket.parent().unwrap_or(&self.socket);
         a.extend(["--ro-bind".into(), text(socket_dir), SOCKET_DIR.into()]);
         if plan.network && self.has_network() {
@@ -504,7 +521,12 @@ impl Sandbox {
             "--chdir".into(),
             format!("{WORKSPACE}/src"),
             "--".into(),
-            BCTOOL.into(),
+            if plan.runner.is_some() {
+                RUNNER
+            } else {
+                BCTOOL
+            }
+            .into(),
         ]);
         a.extend(plan.args.iter().cloned());
         let mut cmd = tokio::process::Command::new(&self.bwrap);

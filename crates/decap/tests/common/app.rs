@@ -86,6 +86,7 @@ pub async fn embedded_with(o: Options<'_>, setup: impl FnOnce(&Path)) -> Embedde
             dir: decap_embedded::sandbox::SandboxDir(data.join("sandbox")),
             hide: vec![],
             bctool: vec![env!("CARGO_BIN_EXE_bctool").into()],
+            runner: Some(env!("CARGO_BIN_EXE_decap-runner").into()),
             sandbox: SandboxMode::None,
             network: decap_embedded::NetworkMode::None,
             uid_base: 1_900_000_000,
