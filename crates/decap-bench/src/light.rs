@@ -259,6 +259,167 @@ async fn burst(url: &str) -> Result<(f64, f64)> {
     Ok((last_start, clock.elapsed().as_secs_f64()))
 }
 
+/// A wrk script that sends signed pushes of `branches` of `bench/app`
+/// (each a fresh commit), every request with a delivery id of its own.
+fn wrk_script(branches: &[String]) -> String {
+    let mut lua = String::from("local reqs = {\n");
+    for (i, b) in branches.iter().enumerate() {
+        let body = crate::push_body("bench", "app", b, &format!("{:040x}", i + 1));
+        let sig = decap_server::auth::sign(SECRET, &body);
+        let body = String::from_utf8_lossy(&body);
+        lua.push_str(&format!(
+            "  {{ body = [==[{body}]==], sig = \"{sig}\" }},\n"
+        ));
+    }
+    lua.push_str(
+        r#"}
+local n = #reqs
+local i = 0
+local sent = 0
+local tid = 0
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+function init(args)
+  i = (tid or 0) * 7919 % n
+end
+function request()
+  i = i % n + 1
+  sent = sent + 1
+  local r = reqs[i]
+  return wrk.format("POST", "/hooks/github", {
+    ["x-github-event"] = "push",
+    ["x-github-delivery"] = "wrk-" .. tostring(tid) .. "-" .. tostring(sent),
+    ["x-hub-signature-256"] = r.sig,
+    ["content-type"] = "application/json",
+  }, r.body)
+end
+"#,
+    );
+    lua
+}
+
+/// Runs wrk against `url` with `script`: (requests per second, p50 ms,
+/// p99 ms, non-2xx answers).
+fn run_wrk(url: &str, script: &Path, connections: u32, secs: u32) -> Result<(f64, f64, f64, u64)> {
+    let out = Command::new("wrk")
+        .args(["-t", "1", "-c", &connections.to_string(), "-d"])
+        .arg(format!("{secs}s"))
+        .args(["--latency", "-s"])
+        .arg(script)
+        .arg(format!("{url}/hooks/github"))
+        .output()
+        .context("wrk is not installed: apt-get install wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let ms = |v: &str| -> Option<f64> {
+        let (n, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+        let n: f64 = n.parse().ok()?;
+        Some(match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            _ => return None,
+        })
+    };
+    let pct = |p: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(p))
+            .and_then(|v| ms(v.trim()))
+    };
+    let rate = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no rate in wrk's output: {text}"))?;
+    let non2xx = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Ok((
+        rate,
+        pct("50%").context("no p50")?,
+        pct("99%").context("no p99")?,
+        non2xx,
+    ))
+}
+
+/// The smallest durable SQLite commit on this disk (one small row, WAL,
+/// `synchronous=FULL`, as Decap's store commits): the floor of a durable
+/// answer.
+fn sqlite_commit_floor(runs: usize) -> Result<Vec<f64>> {
+    let dir = tempfile::tempdir()?;
+    let db = rusqlite::Connection::open(dir.path().join("floor.db"))?;
+    db.pragma_update(None, "journal_mode", "WAL")?;
+    db.pragma_update(None, "synchronous", "FULL")?;
+    db.execute("CREATE TABLE t (x INTEGER)", [])?;
+    let mut v = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let t = Instant::now();
+        db.execute("INSERT INTO t (x) VALUES (?1)", [i as i64])?;
+        v.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(v)
+}
+
+/// Signed webhooks as fast as wrk sends them (one wrk thread, 32
+/// connections, 10 s), durably recorded before each answer.
+pub fn webhooks_wrk() -> Result<()> {
+    let _ = summary(
+        "floor: an empty SQLite commit, synchronous=FULL",
+        sqlite_commit_floor(200)?,
+    );
+    let scripts = tempfile::tempdir()?;
+    for (label, branch_of) in [
+        ("ref not managed (recorded, no build)", "unmanaged"),
+        ("a build each (queue closed: every build deferred)", "main"),
+    ] {
+        let branches: Vec<String> = (0..2000)
+            .map(|i| match branch_of {
+                "main" => format!("main-{i}"),
+                _ => format!("unmanaged-{i}"),
+            })
+            .collect();
+        let lua = scripts.path().join(format!("{branch_of}.lua"));
+        std::fs::write(&lua, wrk_script(&branches))?;
+        let server = start(
+            |s| {
+                write_project(
+                    s,
+                    "bench/app",
+                    r#"{"buildImage": "x", "managedRefRegex": "main.*"}"#,
+                    "true\n",
+                )
+            },
+            &[],
+        )?;
+        if branch_of == "main" {
+            let _ = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-X", "PUT", "-H"])
+                .arg(format!("authorization: Bearer {TOKEN}"))
+                .args([
+                    "-H",
+                    "content-type: application/json",
+                    "-d",
+                    r#"{"state": "closed"}"#,
+                ])
+                .arg(format!("{}/api/v1/queue", server.url))
+                .status()?;
+        }
+        let (rate, p50, p99, bad) = run_wrk(&server.url, &lua, 32, 10)?;
+        println!(
+            "webhooks with wrk, {label}: {rate:.0}/s, p50 {p50:.2} ms, p99 {p99:.2} ms, {bad} answers not 2xx"
+        );
+    }
+    Ok(())
+}
+
 pub async fn light() -> Result<()> {
     let (floor, _) = summary("floor: fork+exec of /bin/true", exec_floor(200)?);
 

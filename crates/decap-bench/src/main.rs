@@ -65,7 +65,8 @@ enum What {
     Presets,
     /// How light and quick: exec → /readyz, idle memory of every process
     /// (server, warm environments), the warm runner's, 200 builds on
-    /// distinct branches under a cap of 8; each beside its floor.
+    /// distinct branches under a cap of 8; signed webhooks sent by wrk;
+    /// each beside its floor.
     Light,
     /// Everything.
     All,
@@ -306,24 +307,38 @@ fn epoch_ms() -> f64 {
 const WARM_GAP_MS: u64 = 200;
 
 async fn first_line(sandbox: &str, warm: usize, runs: usize) -> Result<(f64, f64)> {
+    first_line_with(sandbox, warm, runs, &[]).await
+}
+
+async fn first_line_with(
+    sandbox: &str,
+    warm: usize,
+    runs: usize,
+    extra: &[&str],
+) -> Result<(f64, f64)> {
     // The script's first line prints the wall clock as it runs; the log,
     // read back after the build, tells when that was.
     let script = "#!/bin/bash\necho \"$EPOCHREALTIME\"\n";
     let warm_arg = warm.to_string();
+    let mut args = vec!["--sandbox", sandbox, "--warm-standbys", &warm_arg];
+    args.extend_from_slice(extra);
     let server = start(
         |s| write_project(s, "bench/first", r#"{"buildImage": "x"}"#, script),
-        &["--sandbox", sandbox, "--warm-standbys", &warm_arg],
+        &args,
     )?;
     let expected = if sandbox == "none" {
         "none"
     } else {
         "bubblewrap"
     };
-    let label = match (expected, warm) {
+    let mut label = match (expected, warm) {
         ("none", _) => "no sandbox".to_owned(),
         (_, 0) => "sandbox, cold".to_owned(),
         _ => "sandbox, warm".to_owned(),
     };
+    if !extra.is_empty() {
+        label = format!("{label}, {}", extra.join(" "));
+    }
     let http = reqwest::Client::new();
     let mut lat = Vec::new();
     let mut launch = Vec::new();
@@ -1196,6 +1211,9 @@ async fn main() -> Result<()> {
         first_line("none", 2, 200).await?;
         let (w50, w99) = first_line("auto", 2, 200).await?;
         println!("  warm: p50 {w50:.2} ms, p99 {w99:.2} ms");
+        // The same with a whole bctool waiting instead of decap-runner.
+        let (b50, _) = first_line_with("auto", 2, 200, &["--runner", "none"]).await?;
+        println!("  warm runner ÷ warm bctool, p50: {:.2}", w50 / b50);
         let (c50, c99) = first_line("auto", 0, 100).await?;
         match sandbox_alone(100, true).await? {
             None => println!("the sandbox cannot be made here; its floor is not measured"),
@@ -1250,6 +1268,7 @@ async fn main() -> Result<()> {
     }
     if all || matches!(cli.what, What::Light) {
         light::light().await?;
+        light::webhooks_wrk()?;
     }
     if all || matches!(cli.what, What::Containers) {
         containers::containers().await?;

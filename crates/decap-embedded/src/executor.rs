@@ -941,12 +941,17 @@ impl Inner {
         Ok(env)
     }
 
-    /// Starts the sandbox once, running `bctool --version`, so that a
-    /// sandbox that cannot work here is known at start-up.
+    /// Starts the sandbox once, running the runner (or `bctool --version`),
+    /// so that a sandbox that cannot work here is known at start-up.
     async fn try_sandbox(&self) -> Result<()> {
-        let args = self.bctool_args(&["--version"]);
+        // The runner, when there is one, is the quicker probe: with nothing
+        // on its standard input it binds the build socket's port and exits.
+        let entry = match &self.runner {
+            Some(_) => Entry::Runner(self.runner_args()),
+            None => Entry::Bctool(self.bctool_args(&["--version"])),
+        };
         let probe = self
-            .make_env(format!("probe-{}", uuid::Uuid::now_v7()), Entry::Bctool(args), Vec::new(), None, false, |_| Ok(()))
+            .make_env(format!("probe-{}", uuid::Uuid::now_v7()), entry, Vec::new(), None, false, |_| Ok(()))
             .await
             .map_err(|e| {
                 Error::invalid(
@@ -970,7 +975,7 @@ impl Inner {
             return Err(Error::invalid(
                 "sandbox",
                 format!(
-                    "no sandbox can be made here: bctool did not run in it ({status}{said}); pass --sandbox none to run builds unsandboxed"
+                    "no sandbox can be made here: bctool (or decap-runner) did not run in it ({status}{said}); pass --sandbox none to run builds unsandboxed"
                 ),
             ));
         }
@@ -1071,23 +1076,7 @@ impl Inner {
                 self.dispose(warm).await;
                 return Err(e);
             }
-            let inside = self.inside(&warm.ws.dir);
-            let launch = StandbyLaunch {
-                server: self.url(spec),
-                build_id: spec.build.id.to_string(),
-                token: spec.build_token.clone(),
-                command: self.script_command(spec, &warm.ws.dir),
-                env: self.build_env(spec, &warm.ws.dir),
-                cwd: inside.join("src").to_string_lossy().into_owned(),
-                artifacts_dir: inside.join("artifacts").to_string_lossy().into_owned(),
-                timeout_secs: spec.timeout.as_secs().max(1),
-                kill_grace_secs: self.config.kill_grace.as_secs().max(1),
-                max_log_bytes: spec.max_log_bytes,
-                bctool_env: spec.bctool_env.clone(),
-                masked: Self::masked(spec),
-            };
-            let mut line = serde_json::to_vec(&launch).map_err(exec_err)?;
-            line.push(b'\n');
+            let line = self.standby_launch(spec, &warm.ws.dir)?;
             let Some(mut stdin) = warm.stdin.take() else {
                 self.dispose(warm).await;
                 continue;
@@ -1109,9 +1098,65 @@ impl Inner {
         }
     }
 
+    /// The launch line a waiting runner (or `bctool standby`) is handed.
+    fn standby_launch(&self, spec: &LaunchSpec, ws: &Path) -> Result<Vec<u8>> {
+        let inside = self.inside(ws);
+        let launch = StandbyLaunch {
+            server: self.url(spec),
+            build_id: spec.build.id.to_string(),
+            token: spec.build_token.clone(),
+            command: self.script_command(spec, ws),
+            env: self.build_env(spec, ws),
+            cwd: inside.join("src").to_string_lossy().into_owned(),
+            artifacts_dir: inside.join("artifacts").to_string_lossy().into_owned(),
+            timeout_secs: spec.timeout.as_secs().max(1),
+            kill_grace_secs: self.config.kill_grace.as_secs().max(1),
+            max_log_bytes: spec.max_log_bytes,
+            bctool_env: spec.bctool_env.clone(),
+            masked: Self::masked(spec),
+        };
+        let mut line = serde_json::to_vec(&launch).map_err(exec_err)?;
+        line.push(b'\n');
+        Ok(line)
+    }
+
     async fn launch_cold(&self, spec: &LaunchSpec, limits: &Limits) -> Result<Env> {
         let name = spec.build.id.to_string();
         let dir = self.work_root.join(&name);
+        if self.runner.is_some() {
+            // Cold, the runner starts too: it is handed the build the
+            // moment it is up, so the script waits for no bctool start.
+            let mut env = self
+                .make_env(
+                    name,
+                    Entry::Runner(self.runner_args()),
+                    self.base_env(&dir),
+                    Some(limits),
+                    true,
+                    |ws| write_scripts(spec, ws),
+                )
+                .await?;
+            let handed = match (self.standby_launch(spec, &env.ws.dir), env.stdin.take()) {
+                (Ok(line), Some(mut stdin)) => async {
+                    stdin.write_all(&line).await?;
+                    stdin.flush().await
+                }
+                .await
+                .map_err(|e| exec_err(format!("cannot hand the build to its runner: {e}"))),
+                (Err(e), _) => Err(e),
+                (Ok(_), None) => Err(exec_err("the runner has no standard input")),
+            };
+            if let Err(e) = handed {
+                let said = crate::sandbox::messages(&EnvRecord::messages_path(&env.ws.dir));
+                self.dispose(env).await;
+                return Err(if said.is_empty() {
+                    e
+                } else {
+                    exec_err(format!("{e} ({said})"))
+                });
+            }
+            return Ok(env);
+        }
         let mut sub: Vec<String> = vec![
             "run".into(),
             "--echo".into(),

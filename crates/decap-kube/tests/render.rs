@@ -16,7 +16,12 @@ use decap_kube::pod::{render, sidecars};
 use time::OffsetDateTime;
 
 fn fixtures() -> decap_core::catalog::Catalog {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/scripts");
+    // Where this checkout is as the test runs (cargo sets it), not where
+    // the binary was compiled: a target folder shared by two checkouts may
+    // hold a test built in the other.
+    let manifest =
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
+    let root = Path::new(&manifest).join("tests/fixtures/scripts");
     decap_scripts::load_catalog(
         &root,
         Some("0123456789abcdef0123456789abcdef01234567".into()),

@@ -6,6 +6,7 @@ mod containers;
 mod github;
 mod handoff;
 mod kube;
+mod memory;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -980,8 +981,10 @@ fn built_in(args: &ServeArgs) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
+    memory::limit_arenas();
     let set_level = install_tracing(&args.log_level, args.log_format)?;
     built_in(&args)?;
+    memory::keep_trimmed();
     // At once: a signal that comes before its handler would end the process.
     let signals = Signals::install()?;
     if args.max_builds == 0 || args.max_builds_per_project == 0 {

@@ -789,7 +789,7 @@ fn descendants_named(root: u32, name: &str) -> Vec<(u32, u64)> {
 }
 
 #[tokio::test]
-async fn a_warm_environment_waits_in_the_small_runner_which_becomes_bctool_with_its_build() {
+async fn builds_start_through_the_small_runner_warm_or_cold_which_then_becomes_bctool() {
     let (_dir, scripts, data) = dirs();
     // The script reaches Decap at once: the runner listened before the
     // script started, so bctool serves that connection once it has become
@@ -821,7 +821,18 @@ async fn a_warm_environment_waits_in_the_small_runner_which_becomes_bctool_with_
         // A whole bctool waited at 8 MiB; the runner is a small program.
         assert!(*rss < 4 * 1024, "runner {pid} holds {rss} KiB");
     }
-    let api = decap.api();
+    eager_and_cancelled(&decap.api()).await;
+    drop(decap);
+    // Cold, the runner starts with the sandbox and is handed the build at
+    // once: the same holds.
+    let (_dir2, _, data2) = dirs();
+    let decap = sandboxed(&data2, &scripts, &["--warm-standbys", "0"]);
+    eager_and_cancelled(&decap.api()).await;
+}
+
+/// Three builds that reach Decap at once, then three cancelled as soon as
+/// they are asked for.
+async fn eager_and_cancelled(api: &common::Api) {
     for _ in 0..3 {
         let ids = api.request("acme/eager", &["main"]).await;
         let b = api.finished(&ids[0], MINUTE).await;
