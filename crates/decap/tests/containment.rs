@@ -837,7 +837,7 @@ async fn eager_and_cancelled(api: &common::Api) {
         let ids = api.request("acme/eager", &["main"]).await;
         let b = api.finished(&ids[0], MINUTE).await;
         assert_eq!(b["status"], "succeeded", "{b}");
-        let log = log_of(&api, &ids[0]).await;
+        let log = log_of(api, &ids[0]).await;
         assert!(log.contains("first: 200"), "{log}");
         assert!(log.contains("lock released"), "{log}");
         assert!(log.contains("done"), "{log}");
