@@ -321,7 +321,7 @@ async fn first_line_with(
     let script = "#!/bin/bash\necho \"$EPOCHREALTIME\"\n";
     let warm_arg = warm.to_string();
     let mut args = vec!["--sandbox", sandbox, "--warm-standbys", &warm_arg];
-    args.extend_from_slice(extra);
+    args.extend(extra.iter().filter(|e| !e.starts_with("idle:")));
     let server = start(
         |s| write_project(s, "bench/first", r#"{"buildImage": "x"}"#, script),
         &args,
@@ -342,11 +342,16 @@ async fn first_line_with(
     let http = reqwest::Client::new();
     let mut lat = Vec::new();
     let mut launch = Vec::new();
+    // `idle:N` in `extra`'s place: each push comes after N seconds of quiet.
+    let gap = match extra.first().and_then(|e| e.strip_prefix("idle:")) {
+        Some(secs) => Duration::from_secs(secs.parse()?),
+        None => Duration::from_millis(WARM_GAP_MS),
+    };
     for i in 0..runs {
         // What a build took (a warm environment, a prepared workspace) is
         // made again after it: give that the moment it needs, as the time
         // between pushes that are not a burst would.
-        tokio::time::sleep(Duration::from_millis(WARM_GAP_MS)).await;
+        tokio::time::sleep(gap).await;
         let t0 = epoch_ms();
         let id = push_build(&http, &server.url, "first", i).await?;
         let b = wait_final(&http, &server.url, &id).await?;
@@ -1214,6 +1219,8 @@ async fn main() -> Result<()> {
         // The same with a whole bctool waiting instead of decap-runner.
         let (b50, _) = first_line_with("auto", 2, 200, &["--runner", "none"]).await?;
         println!("  warm runner ÷ warm bctool, p50: {:.2}", w50 / b50);
+        // After a minute of quiet (three pushes, 61 s apart).
+        first_line_with("auto", 2, 3, &["idle:61"]).await?;
         let (c50, c99) = first_line("auto", 0, 100).await?;
         match sandbox_alone(100, true).await? {
             None => println!("the sandbox cannot be made here; its floor is not measured"),
