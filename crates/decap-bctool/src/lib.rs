@@ -266,6 +266,9 @@ async fn adopt(a: AdoptArgs, serve_socket: Option<PathBuf>) -> Result<i32> {
     std::io::stdin()
         .read_to_string(&mut line)
         .context("cannot read the launch")?;
+    // Read once, and no longer there to be read.
+    let null = std::fs::File::open("/dev/null").context("cannot open /dev/null")?;
+    nix::unistd::dup2_stdin(&null).context("cannot close the launch")?;
     run_launch(prepared, &line, a.exit_with_parent).await
 }
 

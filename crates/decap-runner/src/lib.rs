@@ -14,6 +14,13 @@
 //! So the first line of a build waits for neither bctool's start nor its
 //! runtime, and what waits weighs what this small program weighs.
 //!
+//! bctool reads the launch again from a memory file on its standard input
+//! and then closes it. The build's script, started first and running as
+//! the same user, could read that file in the meantime: the launch holds
+//! nothing the script does not have (its own environment, its token)
+//! except bctool's settings, so on bctool's direct path, whose settings
+//! are AWS credentials, the executor uses no runner.
+//!
 //! Its command line (the executor's, not a person's):
 //!
 //! ```text

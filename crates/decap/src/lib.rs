@@ -905,7 +905,14 @@ async fn local_executor(
                 .chain(secrets_key_file(args)?.parent().map(Path::to_owned))
                 .collect(),
             bctool: bctool_command(args.bctool.clone())?,
-            runner: runner_command(args.runner.clone())?,
+            // On bctool's direct path the launch carries AWS credentials:
+            // a whole bctool waits then, and has read them before the
+            // build's script starts (the runner hands the launch on after).
+            runner: if args.storage.bctool_direct {
+                None
+            } else {
+                runner_command(args.runner.clone())?
+            },
             sandbox: match args.sandbox {
                 Sandbox::Auto | Sandbox::Bubblewrap => SandboxMode::Bubblewrap,
                 Sandbox::None => SandboxMode::None,

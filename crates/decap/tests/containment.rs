@@ -515,17 +515,25 @@ async fn held_bodies_and_idle_connections_cannot_exhaust_the_server() {
     assert!(t.elapsed() < Duration::from_secs(5));
     let used = rss();
     assert!(used < 128 << 20, "the server holds {used} bytes");
-    // Past the header and body timeouts, the server lets them all go.
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    let mut closed = 0;
-    for s in idle.iter_mut().chain(held.iter_mut()) {
-        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        let mut buf = [0u8; 512];
-        if matches!(s.read(&mut buf), Ok(0) | Ok(_)) {
-            closed += 1;
-        }
+    // Past the header and body timeouts (10 s), the server lets them all
+    // go: each is answered or closed within 30 s (other tests load the
+    // machine meanwhile).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut open: Vec<_> = idle.into_iter().chain(held).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !open.is_empty() && Instant::now() < deadline {
+        open.retain_mut(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+            let mut buf = [0u8; 512];
+            s.read(&mut buf).is_err()
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(closed, 1040, "every held connection was answered or closed");
+    assert_eq!(
+        1040 - open.len(),
+        1040,
+        "every held connection was answered or closed"
+    );
 }
 
 async fn set_secret(api: &common::Api, path: &str, value: &str) {
