@@ -241,8 +241,21 @@ async fn standby(exit_with_parent: bool, serve: Option<(PathBuf, u16)>) -> Resul
     run_launch(prepared, &line, exit_with_parent).await
 }
 
-/// Takes over what `decap-runner` started, and runs it to its end.
+/// Takes over what `decap-runner` started, and runs it to its end. A
+/// command that bctool cannot carry on is not left running unwatched: its
+/// group is killed.
 async fn adopt(a: AdoptArgs, serve_socket: Option<PathBuf>) -> Result<i32> {
+    let pid = a.pid;
+    let adopted = adopt_and_run(a, serve_socket).await;
+    if adopted.is_err()
+        && let Some(pid) = pid
+    {
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    adopted
+}
+
+async fn adopt_and_run(a: AdoptArgs, serve_socket: Option<PathBuf>) -> Result<i32> {
     let handed = handed::take(a.console_fd, a.listen_fd)?;
     if let (Some(listener), Some(socket)) = (handed.listener, serve_socket) {
         serve_listener(listener, socket)?;

@@ -59,10 +59,8 @@ fn the_runner_starts_nothing_on_a_launch_it_cannot_read() {
     assert!(!touched.exists());
 }
 
-#[test]
-fn a_runner_that_cannot_become_bctool_stops_the_command_it_started() {
-    let dir = tempfile::tempdir().unwrap();
-    let pid_file = dir.path().join("pid");
+/// A launch whose command writes its pid to `pid_file`, then sleeps.
+fn sleeper(pid_file: &std::path::Path) -> Vec<u8> {
     let launch = serde_json::json!({
         "command": ["/bin/sh", "-c", format!("echo $$ > {}; exec sleep 30", pid_file.display())],
         "env": [["PATH", "/usr/bin:/bin"]],
@@ -70,21 +68,18 @@ fn a_runner_that_cannot_become_bctool_stops_the_command_it_started() {
     });
     let mut line = serde_json::to_vec(&launch).unwrap();
     line.push(b'\n');
-    let (code, err) = runner(&["--", "/nonexistent/bctool"], &line);
-    assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains("cannot start bctool (/nonexistent/bctool)"),
-        "{err}"
-    );
-    // Whatever of the command had started was killed with its group.
+    line
+}
+
+/// Whatever of the command had started is gone (or a zombie not yet reaped).
+fn command_gone(pid_file: &std::path::Path) {
     std::thread::sleep(std::time::Duration::from_millis(200));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while let Ok(pid) = std::fs::read_to_string(&pid_file) {
+    while let Ok(pid) = std::fs::read_to_string(pid_file) {
         let stat =
             std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
-        // Gone, or a zombie not yet reaped.
         if stat.is_empty() || stat.contains(") Z ") {
-            break;
+            return;
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -92,4 +87,34 @@ fn a_runner_that_cannot_become_bctool_stops_the_command_it_started() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+#[test]
+fn a_runner_that_cannot_become_bctool_stops_the_command_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let line = sleeper(&pid_file);
+    let (code, err) = runner(&["--", "/nonexistent/bctool"], &line);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot start bctool (/nonexistent/bctool)"),
+        "{err}"
+    );
+    command_gone(&pid_file);
+}
+
+#[test]
+fn a_launch_bctool_cannot_carry_on_stops_the_command_the_runner_started() {
+    // Enough for the runner (a command), not for bctool (no server, no
+    // build): bctool says so and kills what the runner started.
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let line = sleeper(&pid_file);
+    let (code, err) = runner(&["--", env!("CARGO_BIN_EXE_bctool")], &line);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("the standby launch is not valid JSON"),
+        "{err}"
+    );
+    command_gone(&pid_file);
 }
