@@ -863,3 +863,72 @@ async fn eager_and_cancelled(api: &common::Api) {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// Processes whose command line names `needle`.
+fn processes_naming(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_sandbox_that_fails_while_it_starts_leaves_no_process_behind() {
+    // The server could not put the sandbox in its cgroup (its server was
+    // stopping and removed it): bubblewrap and the child it had made go.
+    use decap_embedded::sandbox::disk::{DiskQuota, Workspace};
+    use decap_embedded::sandbox::{Plan, Sandbox, SandboxDir, SandboxNetwork};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = SandboxDir::for_data_dir(tmp.path()).unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(dir.socket()).unwrap();
+    let ws = dir.0.join("failing-start");
+    let uid = nix::unistd::geteuid()
+        .is_root()
+        .then_some(1_900_000_000u32 + 61_000);
+    Workspace::create(&ws, DiskQuota::Measured, None, uid).unwrap();
+    let bwrap = ["/usr/bin/bwrap", "/bin/bwrap"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+        .expect("bubblewrap is installed for the containment tests");
+    let sandbox = Sandbox::new(
+        bwrap,
+        SandboxNetwork::None,
+        1_900_000_000,
+        Vec::new(),
+        dir.socket(),
+        9,
+    );
+    let messages = dir.0.join("failing-start.err");
+    for _ in 0..10 {
+        let plan = Plan {
+            workspace: &ws,
+            bctool: std::path::Path::new("/bin/true"),
+            runner: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            uid,
+            network: false,
+            stdin: false,
+            stderr: &messages,
+        };
+        let started = sandbox
+            .start(&plan, async |mut cmd| cmd.spawn(), |_| {
+                Err(std::io::Error::other("the cgroup is gone"))
+            })
+            .await;
+        let err = started.err().expect("the start fails").to_string();
+        assert!(err.contains("the cgroup is gone"), "{err}");
+        let needle = ws.to_string_lossy().into_owned();
+        eventually("the failed sandbox's processes to be gone", MINUTE, || async {
+            processes_naming(&needle).is_empty().then_some(())
+        })
+        .await;
+    }
+}

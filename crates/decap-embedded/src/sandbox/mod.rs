@@ -572,6 +572,11 @@ impl Sandbox {
         };
         fds::pass(&mut cmd, fds, 3);
         let mut child = spawn(cmd).await?;
+        // Until the sandbox is up, a start that fails or is abandoned
+        // (its server stopping) kills bubblewrap's whole group: killing the
+        // outer bubblewrap alone left its child, the sandbox's init, waiting
+        // forever for the user mapping its parent was to write.
+        let mut group = GroupGuard(child.id().map(|p| p as i32));
         let stopped = async {
             let info = read_info(info_r).await?;
             // Only the sandbox goes in the build's cgroup: bubblewrap's own
@@ -596,10 +601,11 @@ impl Sandbox {
                     if let Some(s) = slirp {
                         s.stop().await;
                     }
-                    let _ = child.start_kill();
+                    group.kill();
                     let _ = child.wait().await;
                     return Err(e);
                 }
+                group.disarm();
                 Ok(Started {
                     child,
                     init_pid,
@@ -608,7 +614,7 @@ impl Sandbox {
             }
             Err(e) => {
                 drop(block_w);
-                let _ = child.start_kill();
+                group.kill();
                 let status = child.wait().await;
                 let said = messages(plan.stderr);
                 Err(std::io::Error::other(format!(
@@ -618,6 +624,32 @@ impl Sandbox {
                 )))
             }
         }
+    }
+}
+
+/// Kills a starting sandbox's process group (bubblewrap leads a session
+/// of its own, and its child stays in its group until the sandbox is up)
+/// when dropped, unless disarmed.
+struct GroupGuard(Option<i32>);
+
+impl GroupGuard {
+    fn kill(&self) {
+        if let Some(pgid) = self.0 {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
