@@ -919,16 +919,20 @@ async fn a_sandbox_that_fails_while_it_starts_leaves_no_process_behind() {
             stderr: &messages,
         };
         let started = sandbox
-            .start(&plan, async |mut cmd| cmd.spawn(), |_| {
-                Err(std::io::Error::other("the cgroup is gone"))
-            })
+            .start(
+                &plan,
+                async |mut cmd| cmd.spawn(),
+                |_| Err(std::io::Error::other("the cgroup is gone")),
+            )
             .await;
         let err = started.err().expect("the start fails").to_string();
         assert!(err.contains("the cgroup is gone"), "{err}");
         let needle = ws.to_string_lossy().into_owned();
-        eventually("the failed sandbox's processes to be gone", MINUTE, || async {
-            processes_naming(&needle).is_empty().then_some(())
-        })
+        eventually(
+            "the failed sandbox's processes to be gone",
+            MINUTE,
+            || async { processes_naming(&needle).is_empty().then_some(()) },
+        )
         .await;
     }
 }
