@@ -118,3 +118,10 @@ fn a_launch_bctool_cannot_carry_on_stops_the_command_the_runner_started() {
     );
     command_gone(&pid_file);
 }
+
+#[test]
+fn the_runner_names_the_phases_file_as_bctool_reads_it() {
+    // The runner cannot link bctool (that is its point), so it keeps its
+    // own copy of the variable's name: the two must not drift apart.
+    assert_eq!(decap_runner::PHASES_VAR, decap_bctool::phases::PHASES_VAR);
+}
