@@ -101,6 +101,10 @@ enum Inner {
 
 struct Search {
     automaton: AhoCorasick,
+    /// The patterns again, in small groups that aho-corasick can each give a
+    /// vectorised prefilter; see [`screen`]. Empty when the automaton has
+    /// one of its own or the groups would be too many.
+    screen: Vec<AhoCorasick>,
     prefixes: PrefixTrie,
     patterns: usize,
 }
@@ -109,6 +113,15 @@ impl Masker {
     /// Builds a masker for `secrets`. Empty values are ignored; values shorter
     /// than [`MIN_MASKED_LEN`] are counted in [`Masker::skipped`].
     pub fn new<I, S>(secrets: I) -> Masker
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<[u8]>,
+    {
+        Masker::build(secrets, true)
+    }
+
+    /// [`Masker::new`], with or without the screen (tests compare the two).
+    fn build<I, S>(secrets: I, screened: bool) -> Masker
     where
         I: IntoIterator<Item = S>,
         S: AsRef<[u8]>,
@@ -134,6 +147,11 @@ impl Masker {
             match build_automaton(&patterns) {
                 Some(automaton) => Inner::Search(Search {
                     automaton,
+                    screen: if screened {
+                        screen(&patterns)
+                    } else {
+                        Vec::new()
+                    },
                     prefixes: PrefixTrie::new(&patterns),
                     patterns: patterns.len(),
                 }),
@@ -260,7 +278,17 @@ impl fmt::Debug for StreamMasker {
 }
 
 impl Search {
+    /// Whether no pattern occurs anywhere in `input`, as the screen can
+    /// tell quickly (false when there is no screen).
+    fn surely_clear(&self, input: &[u8]) -> bool {
+        !self.screen.is_empty() && !self.screen.iter().any(|group| group.is_match(input))
+    }
+
     fn mask_into(&self, input: &[u8], out: &mut Vec<u8>) {
+        if self.surely_clear(input) {
+            out.extend_from_slice(input);
+            return;
+        }
         let mut done = 0;
         for found in self.automaton.find_iter(input) {
             out.extend_from_slice(&input[done..found.start()]);
@@ -282,6 +310,10 @@ impl Search {
     fn emit_settled(&self, buf: &[u8], out: &mut Vec<u8>) -> usize {
         let mut done = 0;
         let mut open = self.open_tail(buf, 0);
+        if self.surely_clear(buf) {
+            out.extend_from_slice(&buf[..open]);
+            return open;
+        }
         for found in self.automaton.find_iter(buf) {
             if found.start() >= open {
                 break;
@@ -328,6 +360,40 @@ fn build_automaton(patterns: &[Vec<u8>]) -> Option<AhoCorasick> {
     }
     builder.kind(Some(AhoCorasickKind::NoncontiguousNFA));
     builder.build(patterns).ok()
+}
+
+/// Patterns per screening group: aho-corasick gives an automaton a
+/// prefilter (Teddy, or a search for rare bytes) only for a few dozen
+/// patterns, and without one its DFA scans about 300 MB/s here. Twenty
+/// secrets make about 80 patterns after de-duplication (each raw and as
+/// base64 at three alignments).
+const SCREEN_GROUP: usize = 32;
+
+/// At most this many groups; past it a screen would cost more than the
+/// automaton's own scan saves.
+const SCREEN_GROUPS_MAX: usize = 8;
+
+/// Groups of the patterns, each its own automaton with a prefilter, to tell
+/// quickly that a chunk of output holds no pattern at all (the usual case)
+/// before the full leftmost-longest search. In one run of 200 MB of
+/// compiler-like lines with 20 secrets: about 300 MB/s for the full DFA,
+/// several GB/s for the screen.
+fn screen(patterns: &[Vec<u8>]) -> Vec<AhoCorasick> {
+    if patterns.len() <= SCREEN_GROUP || patterns.len() > SCREEN_GROUP * SCREEN_GROUPS_MAX {
+        return Vec::new();
+    }
+    let mut groups = Vec::new();
+    for group in patterns.chunks(SCREEN_GROUP) {
+        match AhoCorasick::builder()
+            .kind(Some(AhoCorasickKind::DFA))
+            .build(group)
+        {
+            Ok(automaton) => groups.push(automaton),
+            // No screen at all rather than one that misses a group.
+            Err(_) => return Vec::new(),
+        }
+    }
+    groups
 }
 
 /// An upper bound on the size of the patterns' DFA: at most a state per
@@ -853,6 +919,78 @@ mod tests {
                 .unwrap_or(0);
             prop_assert_eq!(trie.longest_suffix(&window), expected);
         }
+    }
+
+    /// Enough secrets for more patterns than one screening group holds.
+    fn many_secrets_and_input() -> impl Strategy<Value = (Vec<Vec<u8>>, Vec<u8>)> {
+        let byte = proptest::sample::select(b"abcd\n".to_vec());
+        proptest::collection::vec(proptest::collection::vec(byte, 4..14), 8..24).prop_flat_map(
+            |secrets| {
+                let n = secrets.len();
+                (Just(secrets), input(n)).prop_map(|(secrets, pieces)| {
+                    let input = assemble(&secrets, &pieces);
+                    (secrets, input)
+                })
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// The screen only skips work: with it, whole and streamed output is
+        /// what the full search alone gives.
+        #[test]
+        fn the_screen_changes_nothing(
+            (secrets, input) in many_secrets_and_input(),
+            mut cuts in proptest::collection::vec(0..200usize, 0..16),
+        ) {
+            let screened = Masker::new(&secrets);
+            let plain = Masker::build(&secrets, false);
+            if let Inner::Search(search) = &*screened.inner {
+                prop_assert!(search.patterns <= SCREEN_GROUP || !search.screen.is_empty());
+            }
+            let expected = plain.mask(&input);
+            prop_assert_eq!(&screened.mask(&input), &expected);
+            cuts.sort_unstable();
+            prop_assert_eq!(&stream_in_chunks(&screened, &input, &cuts), &expected);
+        }
+    }
+
+    #[test]
+    fn twenty_secrets_get_a_screen_that_still_masks_them() {
+        let secrets: Vec<String> = (0..20)
+            .map(|i| format!("s3cr3t-{i:02}-{}", "k".repeat(24 + i)))
+            .collect();
+        let masker = Masker::new(&secrets);
+        let Inner::Search(search) = &*masker.inner else {
+            panic!("no search for 20 secrets");
+        };
+        assert!(
+            search.patterns > SCREEN_GROUP,
+            "{} patterns",
+            search.patterns
+        );
+        assert!(!search.screen.is_empty());
+        let mut input = b"a line of build output\n".repeat(5000);
+        let clean = masker.mask(&input);
+        assert_eq!(clean, input);
+        input.extend_from_slice(secrets[19].as_bytes());
+        input.extend_from_slice(b" and ");
+        input.extend_from_slice(
+            STANDARD
+                .encode(format!("x{}", secrets[7]).as_bytes())
+                .as_bytes(),
+        );
+        let out = masker.mask(&input);
+        for secret in &secrets {
+            assert!(!contains(&out, secret.as_bytes()));
+        }
+        assert!(
+            out.ends_with(b"***"),
+            "{:?}",
+            String::from_utf8_lossy(&out[out.len() - 80..])
+        );
     }
 
     proptest! {
