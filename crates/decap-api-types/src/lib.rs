@@ -411,6 +411,12 @@ pub struct BuildResult {
 /// The name of the header bctool sends to resume a live log stream.
 pub const LOG_OFFSET_HEADER: &str = "x-decap-log-offset";
 
+/// Set to `1` in bctool's environment by an executor whose environment's
+/// `TMPDIR` is thrown away with it (a local build's workspace): bctool then
+/// leaves its private folder there, rather than delete a large console file
+/// before it can exit.
+pub const TMPDIR_DISCARDED_VAR: &str = "DECAP_TMPDIR_DISCARDED";
+
 /// What the local executor sends a warm bctool (`bctool standby`) on its
 /// standard input, as one JSON line, to start a build. Sent over a pipe, so
 /// the token never shows in a process listing.

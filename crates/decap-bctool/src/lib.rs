@@ -265,13 +265,7 @@ async fn adopt_and_run(a: AdoptArgs, serve_socket: Option<PathBuf>) -> Result<i3
         (None, Some(e)) => Err(e),
         (None, None) => bail!("adopt needs --pid or --spawn-error"),
     };
-    let prepared = prepare_in(
-        Work::Handed(HandedDir(a.work)),
-        handed.console,
-        None,
-        a.parent,
-        Some(started),
-    )?;
+    let prepared = prepare_in(Work(a.work), handed.console, None, a.parent, Some(started))?;
     // The runner held TERM and INT back until here; any that came are
     // delivered now, to the handlers just made.
     handed::unblock_stop_signals()?;
@@ -743,25 +737,22 @@ struct Console {
 }
 
 /// A run's private folder: its own, or the one `decap-runner` made.
-enum Work {
-    Temp(tempfile::TempDir),
-    Handed(HandedDir),
-}
+/// bctool's private folder (the console file, the phases' records): made
+/// by bctool or handed over by the runner, removed when the run is over
+/// unless the environment goes with it.
+struct Work(PathBuf);
 
 impl Work {
     fn path(&self) -> &Path {
-        match self {
-            Work::Temp(t) => t.path(),
-            Work::Handed(h) => &h.0,
-        }
+        &self.0
     }
 }
 
-/// The runner's folder, removed when the run is over.
-struct HandedDir(PathBuf);
-
-impl Drop for HandedDir {
+impl Drop for Work {
     fn drop(&mut self) {
+        if std::env::var_os(decap_api_types::TMPDIR_DISCARDED_VAR).is_some_and(|v| v == "1") {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -910,6 +901,9 @@ fn serve_socket(socket: PathBuf, port: u16) -> Result<()> {
     serve_listener(listener, socket)
 }
 
+/// The buffer each way of a connection carried to the build socket.
+const PROXY_BYTES: usize = 256 * 1024;
+
 /// Serves the build socket on a listener already bound.
 fn serve_listener(listener: std::net::TcpListener, socket: PathBuf) -> Result<()> {
     listener.set_nonblocking(true)?;
@@ -924,7 +918,15 @@ fn serve_listener(listener: std::net::TcpListener, socket: PathBuf) -> Result<()
             tokio::spawn(async move {
                 match tokio::net::UnixStream::connect(&socket).await {
                     Ok(mut unix) => {
-                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
+                        // The console's live stream passes here: large
+                        // buffers (tokio's default is 8 KiB) save syscalls.
+                        let _ = tokio::io::copy_bidirectional_with_sizes(
+                            &mut tcp,
+                            &mut unix,
+                            PROXY_BYTES,
+                            PROXY_BYTES,
+                        )
+                        .await;
                     }
                     Err(e) => note!("bctool: cannot reach Decap's socket: {e}"),
                 }
@@ -940,9 +942,9 @@ fn prepare(serve: Option<(PathBuf, u16)>) -> Result<Prepared> {
     }
     let work = tempfile::tempdir().context("cannot make a temporary folder")?;
     // One pipe for stdout and stderr, so the log interleaves them as written.
-    let (reader, writer) = std::io::pipe()?;
+    let (reader, writer) = decap_runner::console_pipe()?;
     prepare_in(
-        Work::Temp(work),
+        Work(work.keep()),
         reader,
         Some(writer),
         std::os::unix::process::parent_id(),
@@ -1093,8 +1095,8 @@ async fn run_prepared(
             echo,
         };
         sink.stored = sink.console.progress.borrow().len;
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut masked = Vec::with_capacity(64 * 1024);
+        let mut buf = vec![0u8; READ_BYTES];
+        let mut masked = Vec::with_capacity(READ_BYTES);
         let mut stream = (!masker.is_empty()).then(|| masker.stream());
         loop {
             // With secrets, a tail that may begin one is held back until
@@ -1209,6 +1211,11 @@ async fn run_prepared(
     )
     .await
 }
+
+/// The most the console reader takes from the pipe at once: a fast script
+/// fills the pipe between reads, and each read and write costs about as
+/// much at 16 KiB as at 256 KiB.
+const READ_BYTES: usize = 256 * 1024;
 
 /// The masker of a run: the values of its `--mask-env` variables, from the
 /// command's environment.

@@ -140,7 +140,7 @@ fn run(args: Args) -> Result<i32, String> {
         .map_err(|e| format!("cannot block signals: {e}"))?;
 
     let work = work_dir()?;
-    let (reader, writer) = std::io::pipe().map_err(|e| format!("cannot make a pipe: {e}"))?;
+    let (reader, writer) = console_pipe().map_err(|e| format!("cannot make a pipe: {e}"))?;
     let stderr = writer
         .try_clone()
         .map_err(|e| format!("cannot make a pipe: {e}"))?;
@@ -247,6 +247,20 @@ fn read_launch() -> Result<Option<Vec<u8>>, String> {
             return Err(format!("the launch is over {MAX_LAUNCH} bytes"));
         }
     }
+}
+
+/// How much a console pipe holds: the most an unprivileged process may ask
+/// for by default (`/proc/sys/fs/pipe-max-size`). With the kernel's 64 KiB
+/// a script printing fast stalls on every read bctool makes.
+pub const CONSOLE_PIPE_BYTES: i32 = 1 << 20;
+
+/// The pipe a build's console goes through (its stdout and stderr), widened
+/// to [`CONSOLE_PIPE_BYTES`] when the kernel allows it.
+pub fn console_pipe() -> std::io::Result<(std::io::PipeReader, std::io::PipeWriter)> {
+    let (reader, writer) = std::io::pipe()?;
+    // Best effort: a narrower pipe only costs speed.
+    let _ = fcntl(&reader, FcntlArg::F_SETPIPE_SZ(CONSOLE_PIPE_BYTES));
+    Ok((reader, writer))
 }
 
 /// A private folder for the console file and the phases' records.

@@ -6,12 +6,17 @@
 //! logs to any number of viewers without holding the bytes in memory.
 #![deny(missing_docs)]
 
-use std::io::SeekFrom;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::Stream;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
+
+/// The most one read takes. A follower holds no buffer between reads, so
+/// many followers of quiet logs cost nothing; one catching up on a fast log
+/// reads large pieces, one blocking-pool trip each.
+pub const MAX_READ: usize = 256 * 1024;
 
 /// How far a followed file has got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -23,10 +28,9 @@ pub struct Progress {
 }
 
 struct Follow {
-    file: tokio::fs::File,
+    file: Arc<std::fs::File>,
     pos: u64,
     rx: watch::Receiver<Progress>,
-    buf: Vec<u8>,
 }
 
 /// Reads `file` from `from` as the writer's [`Progress`] grows, ending once
@@ -39,20 +43,19 @@ pub fn follow(
     rx: watch::Receiver<Progress>,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
     let state = Follow {
-        file: tokio::fs::File::from_std(file),
+        file: Arc::new(file),
         pos: from,
         rx,
-        buf: vec![0; 64 * 1024],
     };
     futures::stream::unfold(state, |mut st| async move {
         loop {
             let progress = *st.rx.borrow_and_update();
             if st.pos < progress.len {
-                match read_at(&mut st, progress.len).await {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        st.pos += n as u64;
-                        let chunk = Bytes::copy_from_slice(&st.buf[..n]);
+                let want = ((progress.len - st.pos) as usize).min(MAX_READ);
+                match read_at(&st.file, st.pos, want).await {
+                    Ok(chunk) if chunk.is_empty() => {}
+                    Ok(chunk) => {
+                        st.pos += chunk.len() as u64;
                         return Some((Ok(chunk), st));
                     }
                     Err(e) => return Some((Err(e), st)),
@@ -68,10 +71,17 @@ pub fn follow(
     })
 }
 
-async fn read_at(st: &mut Follow, len: u64) -> std::io::Result<usize> {
-    let want = ((len - st.pos) as usize).min(st.buf.len());
-    st.file.seek(SeekFrom::Start(st.pos)).await?;
-    st.file.read(&mut st.buf[..want]).await
+/// Up to `want` bytes of `file` from `pos`, read on the blocking pool.
+async fn read_at(file: &Arc<std::fs::File>, pos: u64, want: usize) -> std::io::Result<Bytes> {
+    let file = Arc::clone(file);
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0; want];
+        let n = file.read_at(&mut buf, pos)?;
+        buf.truncate(n);
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 #[cfg(test)]
