@@ -612,6 +612,8 @@ impl Inner {
             ("HOME".into(), text(inside.join("home"))),
             ("TMPDIR".into(), text(tmp)),
             ("LANG".into(), "C.UTF-8".into()),
+            // TMPDIR is in the workspace, removed with the environment.
+            (decap_api_types::TMPDIR_DISCARDED_VAR.into(), "1".into()),
         ]
     }
 
@@ -1382,7 +1384,6 @@ impl Inner {
                 cg.remove();
             }
             left.extend(ws.full());
-            ws.remove();
             left
         })
         .await
@@ -1391,9 +1392,6 @@ impl Inner {
             if !hits.contains(&h) {
                 hits.push(h);
             }
-        }
-        if let Some(s) = &self.sandbox {
-            s.free_uid(env.uid);
         }
         if let Ok(mut r) = self.running.lock() {
             r.remove(&id);
@@ -1404,6 +1402,15 @@ impl Inner {
             reason: status,
             limits: hits,
         });
+        // Nothing of the build runs any more (its cgroup is empty and
+        // gone), so its end is told before its workspace goes: emptying a
+        // workspace that holds a large log takes tens of milliseconds. The
+        // build's user is free again only once its files are gone.
+        let ws = env.ws.clone();
+        let _ = tokio::task::spawn_blocking(move || ws.remove()).await;
+        if let Some(s) = &self.sandbox {
+            s.free_uid(env.uid);
+        }
     }
 
     /// SIGKILL to everything of a build, at once.

@@ -551,18 +551,25 @@ exit ${BRANCH_TO_BUILD#b}
             "the artifacts of b{i}"
         );
     }
-    // Nothing of the builds is left: no workspace, record or process.
+    // Nothing of the builds is left: no workspace, record or process (a
+    // workspace goes just after its build's end is recorded).
     let work = Path::new("/var/lib/decap")
         .join(decap_embedded::sandbox::instance(&data))
         .join("work");
-    let left: Vec<String> = std::fs::read_dir(&work)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| ids.iter().any(|id| n.starts_with(id.as_str())))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    let left = || -> Vec<String> {
+        std::fs::read_dir(&work)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| ids.iter().any(|id| n.starts_with(id.as_str())))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !left().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(left().is_empty(), "{:?}", left());
     kill(Pid::from_raw(second.id().unwrap() as i32), Signal::SIGTERM).unwrap();
     second.wait().await.unwrap();
 }

@@ -168,6 +168,18 @@ impl Workspace {
     /// environment's record.
     pub fn remove(&self) {
         if let Some(image) = &self.image {
+            // Emptied while mounted: deleting a file drops its pages not yet
+            // written, where unmounting would first write them all into the
+            // image that goes next.
+            if let Ok(entries) = std::fs::read_dir(&self.dir) {
+                for e in entries.flatten() {
+                    let p = e.path();
+                    let _ = match e.file_type() {
+                        Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+                        _ => std::fs::remove_file(&p),
+                    };
+                }
+            }
             let _ = run(Command::new(tool("umount")).arg(&self.dir));
             let _ = std::fs::remove_file(image);
         }
