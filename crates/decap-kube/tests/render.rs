@@ -3,7 +3,6 @@
 //! with `INSTA_UPDATE=always cargo test -p decap-kube --test render`).
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::time::Duration;
 
 use decap_core::build::{Build, BuildId, BuildStatus, Trigger};
@@ -15,13 +14,17 @@ use decap_kube::labels::is_valid_label_value;
 use decap_kube::pod::{render, sidecars};
 use time::OffsetDateTime;
 
+/// Where this checkout is as the test runs (cargo sets it), not where the
+/// binary was compiled: a target folder shared by two checkouts may hold a
+/// test built in the other.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())
+        .into()
+}
+
 fn fixtures() -> decap_core::catalog::Catalog {
-    // Where this checkout is as the test runs (cargo sets it), not where
-    // the binary was compiled: a target folder shared by two checkouts may
-    // hold a test built in the other.
-    let manifest =
-        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
-    let root = Path::new(&manifest).join("tests/fixtures/scripts");
+    let root = manifest_dir().join("tests/fixtures/scripts");
     decap_scripts::load_catalog(
         &root,
         Some("0123456789abcdef0123456789abcdef01234567".into()),
@@ -69,8 +72,13 @@ fn spec(project: &str, branch: &str) -> LaunchSpec {
 #[test]
 fn build_pod_with_a_sidecar() {
     let r = render(&spec("widgets", "main"), &KubeExecutorConfig::default()).unwrap();
-    insta::assert_json_snapshot!("widgets_pod", r.pod);
-    insta::assert_json_snapshot!("widgets_scripts", r.scripts);
+    // The snapshots of this checkout, for the same reason as the fixtures.
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path(manifest_dir().join("tests/snapshots"));
+    settings.bind(|| {
+        insta::assert_json_snapshot!("widgets_pod", r.pod);
+        insta::assert_json_snapshot!("widgets_scripts", r.scripts);
+    });
 }
 
 #[test]
