@@ -180,13 +180,56 @@ impl Workspace {
                     };
                 }
             }
-            let _ = run(Command::new(tool("umount")).arg(&self.dir));
+            if run(Command::new(tool("umount")).arg(&self.dir)).is_err() {
+                // Still busy (a process of the sandbox not yet gone):
+                // detached now, unmounted by the kernel once free. Left
+                // mounted, it would outlive its image, which is deleted
+                // next, and keep its folder.
+                let _ = run(Command::new(tool("umount")).arg("-l").arg(&self.dir));
+            }
             let _ = std::fs::remove_file(image);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_file(crate::record::EnvRecord::messages_path(&self.dir));
         let _ = std::fs::remove_file(crate::record::EnvRecord::path(&self.dir));
     }
+}
+
+/// The mount points under `root` (not `root` itself), from
+/// `/proc/self/mountinfo`, deepest first.
+pub(crate) fn mounts_under(root: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mount_path(p)))
+        .filter(|p| p.starts_with(root) && p != root)
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// mountinfo writes space, tab, newline and backslash in octal (`\040`).
+fn unescape_mount_path(p: &str) -> String {
+    let bytes = p.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)))
+            .map(|d| d.iter().fold(0u32, |v, b| v * 8 + u32::from(b - b'0')))
+            .and_then(|v| u8::try_from(v).ok());
+        if let (b'\\', Some(v)) = (bytes[i], octal) {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The bytes a folder's files take on disk (symbolic links not followed).
@@ -233,5 +276,12 @@ mod tests {
         assert_eq!(ws.full(), Some(LimitHit::Disk(64 << 10)));
         ws.remove();
         assert!(!dir.path().join("w").exists());
+    }
+
+    #[test]
+    fn mount_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path("/a\\040b\\134c"), "/a b\\c");
+        assert_eq!(unescape_mount_path("/plain/path"), "/plain/path");
+        assert_eq!(unescape_mount_path("/odd\\9xy\\"), "/odd\\9xy\\");
     }
 }
