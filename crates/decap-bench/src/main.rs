@@ -438,7 +438,7 @@ async fn sandbox_alone(runs: usize, network: bool) -> Result<Option<Vec<f64>>> {
         started.child.wait().await?;
         v.push(t.elapsed().as_secs_f64() * 1000.0);
         if let Some(s) = started.slirp.take() {
-            s.stop().await;
+            s.stop();
         }
     }
     let _ = std::fs::remove_dir_all(&dir.0);

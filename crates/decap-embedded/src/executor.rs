@@ -126,6 +126,9 @@ struct Inner {
     slots: Mutex<Vec<Slot>>,
     /// Set at shutdown: what is prepared after it is thrown away.
     closed: std::sync::atomic::AtomicBool,
+    /// The removal of the start-up probe's environment, under way in the
+    /// background; a release waits for it.
+    probe_cleanup: Mutex<Option<tokio::task::JoinHandle<()>>>,
     events: Arc<dyn ExecutorEvents>,
 }
 
@@ -401,8 +404,10 @@ impl LocalExecutor {
             warm: Mutex::new(Vec::new()),
             slots: Mutex::new(Vec::new()),
             closed: std::sync::atomic::AtomicBool::new(false),
+            probe_cleanup: Mutex::new(None),
             events,
         });
+        tracing::debug!("local executor: folders cleared, tools staged");
         if inner.sandbox.is_some()
             && let Err(e) = inner.try_sandbox().await
         {
@@ -410,6 +415,7 @@ impl LocalExecutor {
             LocalExecutor { inner }.shutdown().await;
             return Err(e);
         }
+        tracing::debug!("local executor: the sandbox works");
         for (ws, record) in left {
             inner.adopt(ws, record);
         }
@@ -492,6 +498,22 @@ pub(crate) fn clear_work_root(root: &Path, keep: &[String]) {
         p.file_stem()
             .is_some_and(|s| keep.iter().any(|k| s.to_string_lossy() == *k))
     };
+    // Whatever is still mounted there (also a workspace whose image is
+    // already gone) is detached first: a mount point cannot be removed.
+    for mount in crate::sandbox::disk::mounts_under(root) {
+        let workspace = mount
+            .strip_prefix(root)
+            .ok()
+            .and_then(|rel| rel.components().next())
+            .map(|c| root.join(c));
+        if workspace.is_some_and(|ws| !kept(&ws)) {
+            let _ = std::process::Command::new(crate::sandbox::disk::tool("umount"))
+                .arg("-l")
+                .arg(&mount)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
     if let Ok(rd) = std::fs::read_dir(root) {
         for e in rd.flatten() {
             let p = e.path();
@@ -917,7 +939,7 @@ impl Inner {
         let stdin = if stdin { child.stdin.take() } else { None };
         let Some(pid) = child.id() else {
             if let Some(s) = slirp {
-                s.stop().await;
+                s.stop();
             }
             if let Some(cg) = &cgroup {
                 cg.remove();
@@ -945,13 +967,14 @@ impl Inner {
 
     /// Starts the sandbox once, running the runner (or `bctool --version`),
     /// so that a sandbox that cannot work here is known at start-up.
-    async fn try_sandbox(&self) -> Result<()> {
+    async fn try_sandbox(self: &Arc<Self>) -> Result<()> {
         // The runner, when there is one, is the quicker probe: with nothing
         // on its standard input it binds the build socket's port and exits.
         let entry = match &self.runner {
             Some(_) => Entry::Runner(self.runner_args()),
             None => Entry::Bctool(self.bctool_args(&["--version"])),
         };
+        let began = std::time::Instant::now();
         let probe = self
             .make_env(format!("probe-{}", uuid::Uuid::now_v7()), entry, Vec::new(), None, false, |_| Ok(()))
             .await
@@ -967,7 +990,21 @@ impl Inner {
             Proc::Adopted(_) => return Err(exec_err("the sandbox probe was not started here")),
         };
         let said = crate::sandbox::messages(&EnvRecord::messages_path(&probe.ws.dir));
-        self.dispose(probe).await;
+        tracing::debug!(
+            ms = began.elapsed().as_millis() as u64,
+            "the sandbox probe ran"
+        );
+        if status.success() {
+            // What it leaves (its cgroup, its workspace's filesystem) goes
+            // in the background: the server need not wait for it to serve.
+            let this = self.clone();
+            let cleanup = tokio::spawn(async move { this.dispose(probe).await });
+            if let Ok(mut c) = self.probe_cleanup.lock() {
+                *c = Some(cleanup);
+            }
+        } else {
+            self.dispose(probe).await;
+        }
         if !status.success() {
             let said = if said.is_empty() {
                 String::new()
@@ -1072,7 +1109,7 @@ impl Inner {
                 && let Some(slirp) = warm.slirp.take()
             {
                 // The tap device goes with its helper: loopback only.
-                slirp.stop().await;
+                slirp.stop();
             }
             if let Err(e) = write_scripts(spec, &warm.ws.dir) {
                 self.dispose(warm).await;
@@ -1287,7 +1324,7 @@ impl Inner {
         }
         let _ = env.child.wait().await;
         if let Some(s) = env.slirp.take() {
-            s.stop().await;
+            s.stop();
         }
         let cgroup = env.cgroup.take();
         let ws = env.ws.clone();
@@ -1362,7 +1399,7 @@ impl Inner {
         // Whatever is left of the build goes too, before its end is told.
         self.kill_now(id, &mut env);
         if let Some(s) = env.slirp.take() {
-            s.stop().await;
+            s.stop();
         }
         // What bctool said on the way (a server it could not reach, an
         // upload that failed) goes to the server's log.
@@ -1549,7 +1586,17 @@ impl LocalExecutor {
     }
 
     async fn release(&self) -> usize {
+        let probe = self
+            .inner
+            .probe_cleanup
+            .lock()
+            .ok()
+            .and_then(|mut c| c.take());
+        if let Some(cleanup) = probe {
+            let _ = cleanup.await;
+        }
         self.clear_pools();
+        tracing::debug!("local executor: warm environments and slots gone");
         let running = self.inner.running.lock().map(|r| r.len()).unwrap_or(0);
         if running > 0 {
             return running;
@@ -1568,12 +1615,29 @@ impl LocalExecutor {
         self.inner
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Ok(mut pool) = self.inner.slots.lock() {
-            pool.drain(..).for_each(dispose_slot);
-        }
-        if let Ok(mut pool) = self.inner.warm.lock() {
-            pool.drain(..).for_each(dispose_warm);
-        }
+        let slots: Vec<Slot> = self
+            .inner
+            .slots
+            .lock()
+            .map(|mut pool| pool.drain(..).collect())
+            .unwrap_or_default();
+        let warm: Vec<Env> = self
+            .inner
+            .warm
+            .lock()
+            .map(|mut pool| pool.drain(..).collect())
+            .unwrap_or_default();
+        // Each waits on processes and an unmount for a few milliseconds:
+        // side by side, a stop (or an upgrade's switch) waits for the
+        // slowest rather than for all of them in turn.
+        std::thread::scope(|scope| {
+            for slot in slots {
+                scope.spawn(move || dispose_slot(slot));
+            }
+            for env in warm {
+                scope.spawn(move || dispose_warm(env));
+            }
+        });
     }
 }
 
@@ -1605,5 +1669,47 @@ fn dispose_warm(mut w: Env) {
 impl Drop for LocalExecutor {
     fn drop(&mut self) {
         self.clear_pools();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A workspace left mounted after its image went (an unmount that
+    /// failed while a sandbox's process still held it) does not keep the
+    /// work root from being cleared.
+    #[test]
+    fn a_workspace_left_mounted_without_its_image_is_cleared() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("work");
+        let orphan = root.join("warm-orphan");
+        let kept = root.join("build-kept");
+        std::fs::create_dir_all(&orphan).expect("mkdir");
+        std::fs::create_dir_all(&kept).expect("mkdir");
+        for d in [&orphan, &kept] {
+            let st = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+                .arg(d)
+                .status()
+                .expect("mount");
+            assert!(st.success());
+        }
+        std::fs::write(orphan.join("left"), b"x").expect("write");
+        clear_work_root(&root, &["build-kept".to_owned()]);
+        let mounted = crate::sandbox::disk::mounts_under(&root);
+        assert_eq!(
+            mounted,
+            vec![kept.clone()],
+            "only the kept one stays mounted"
+        );
+        assert!(!orphan.exists());
+        clear_work_root(&root, &[]);
+        assert!(crate::sandbox::disk::mounts_under(&root).is_empty());
+        assert!(!root.exists());
     }
 }

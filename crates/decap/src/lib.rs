@@ -1305,6 +1305,7 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     controller.begin_stop();
     let _ = stop_tx.send(true);
     let _ = tokio::join!(tcp, builds);
+    tracing::debug!("stopping: connections closed");
     // Another replica leads at once rather than when the Lease lapses.
     if let Some(leadership) = leadership {
         leadership.release(Duration::from_secs(5)).await;
@@ -1327,6 +1328,7 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         } else {
             builds_go_on = local.shutdown().await;
         }
+        tracing::debug!("stopping: local executor let go");
         if builds_go_on > 0 {
             tracing::info!(
                 builds = builds_go_on,
