@@ -987,6 +987,38 @@ fn built_in(args: &ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Leader election is for more than one replica, and replicas share
+/// nothing kept in their own data dirs: a build a follower accepted would
+/// wait there forever, and results would reach a replica that never
+/// launched the build. Refused before anything is touched unless builds,
+/// locks, the queue and the blobs are in the shared stores.
+fn shared_stores_for_replicas(args: &ServeArgs) -> Result<()> {
+    if !args.kube.leader_election {
+        return Ok(());
+    }
+    let st = &args.storage;
+    let mut local = Vec::new();
+    if st.build_store != TableBackend::Dynamodb {
+        local.push("--build-store dynamodb");
+    }
+    if st.lock_store != TableBackend::Dynamodb {
+        local.push("--lock-store dynamodb");
+    }
+    if st.deferral_queue != QueueBackend::Sqs {
+        local.push("--deferral-queue sqs");
+    }
+    if st.blob_store != BlobBackend::S3 {
+        local.push("--blob-store s3");
+    }
+    if local.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "--leader-election (DECAP_LEADER_ELECTION) is for more than one replica, and replicas cannot share the embedded stores in their own data dirs: set {} (DECAP_BUILD_STORE, DECAP_LOCK_STORE, DECAP_DEFERRAL_QUEUE, DECAP_BLOB_STORE; `decap aws-resources create` makes them), or run one replica without leader election",
+        local.join(", ")
+    )
+}
+
 async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     memory::limit_arenas();
     let set_level = install_tracing(&args.log_level, args.log_format)?;
@@ -997,6 +1029,7 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     if args.max_builds == 0 || args.max_builds_per_project == 0 {
         bail!("--max-builds and --max-builds-per-project must be at least 1");
     }
+    shared_stores_for_replicas(&args)?;
     let data_dir = absolute(&args.data_dir)?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;

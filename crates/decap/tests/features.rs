@@ -215,3 +215,67 @@ async fn the_shipped_examples_build_on_the_embedded_default() {
         );
     }
 }
+
+/// Two replicas on the stores in their own data dirs split every build
+/// between them: leader election asks for the shared ones, or refuses,
+/// naming each store still embedded, before the data dir is made. Any
+/// store still embedded is refused, and also asked for by variable.
+#[test]
+fn leader_election_on_the_embedded_stores_is_refused_before_the_data_dir_is_touched() {
+    // Flags, variables, and the stores the refusal must name.
+    type Refused<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Refused; 3] = [
+        (
+            &["--leader-election"],
+            &[],
+            &[
+                "--build-store dynamodb",
+                "--lock-store dynamodb",
+                "--deferral-queue sqs",
+                "--blob-store s3",
+            ],
+        ),
+        (
+            &[],
+            &[("DECAP_LEADER_ELECTION", "true")],
+            &["--build-store dynamodb"],
+        ),
+        (
+            &[
+                "--leader-election",
+                "--build-store",
+                "dynamodb",
+                "--lock-store",
+                "dynamodb",
+                "--blob-store",
+                "s3",
+            ],
+            &[],
+            &["--deferral-queue sqs"],
+        ),
+    ];
+    for (flags, env, named) in cases {
+        let (out, touched) = serve_refused(flags, env);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{flags:?} {env:?} was served");
+        assert!(!touched, "{flags:?} {env:?}: the data dir was made first");
+        if flags.len() > 1 && !cfg!(feature = "aws") {
+            // Refused first for the stores this build lacks.
+            assert!(err.contains("was built without"), "{err}");
+            continue;
+        }
+        assert!(
+            err.contains("--leader-election") && err.contains("one replica"),
+            "{flags:?} {env:?}: {err}"
+        );
+        for store in named {
+            assert!(
+                err.contains(store),
+                "{flags:?} {env:?}: {store} not named in {err}"
+            );
+        }
+        if flags.len() > 1 {
+            assert!(!err.contains("--build-store dynamodb"), "{err}");
+        }
+    }
+}

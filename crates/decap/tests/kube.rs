@@ -615,22 +615,31 @@ async fn the_manifests_are_valid_and_their_rbac_is_enough_and_no_more() {
         r#"{"buildImage": "debian:bookworm-slim"}"#,
         "echo within-rbac\n",
     );
-    let decap = Decap::start(
+    // Leader election asks for the shared stores, as the manifests set.
+    let world = common::aws::World::create().await;
+    let mut args: Vec<String> = [
+        "--executor",
+        "kubernetes",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--kube-bctool-path",
+        env!("CARGO_BIN_EXE_bctool"),
+        "--kube-finished-pod-ttl-secs",
+        "1",
+        "--leader-election",
+        "--kube-pod-name",
+        "decap-test-replica",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend(world.args.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let decap = Decap::start_with_env(
         &dir.path().join("data"),
         &scripts,
-        &[
-            "--executor",
-            "kubernetes",
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-            "--kube-bctool-path",
-            env!("CARGO_BIN_EXE_bctool"),
-            "--kube-finished-pod-ttl-secs",
-            "1",
-            "--leader-election",
-            "--kube-pod-name",
-            "decap-test-replica",
-        ],
+        &args,
+        &common::aws::CREDENTIALS,
     );
     let api = decap.api();
     let id = api.request("acme/rbac", &["main"]).await.remove(0);
