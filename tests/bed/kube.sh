@@ -15,16 +15,10 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 NAME=kube
 . "$HERE/lib.sh"
-K8S_VERSION="v1.34.4"
-STAGING_VERSION="v0.34.4"
 ETCD_VERSION="v3.6.16"
 APISERVER="$CACHE/bin/kube-apiserver-$K8S_VERSION"
 ETCD="$CACHE/bin/etcd-$ETCD_VERSION"
 STATE="${DECAP_TEST_BED_DIR:-$CACHE/run}/kube"
-
-goenv() {
-    env GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOFLAGS="-buildvcs=false" GOTOOLCHAIN=local "$@"
-}
 
 install_etcd() {
     if [ -x "$ETCD" ]; then
@@ -35,45 +29,17 @@ install_etcd() {
     dir=$(mktemp -d)
     (
         cd "$dir"
-        goenv go mod init decap.test/etcd >/dev/null 2>&1
-        goenv go get -tool "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2
-        CGO_ENABLED=0 goenv nice -n 10 go build -trimpath -o etcd go.etcd.io/etcd/server/v3
+        k8s_goenv go mod init decap.test/etcd >/dev/null 2>&1
+        k8s_goenv go get -tool "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2
+        CGO_ENABLED=0 k8s_goenv nice -n 10 go build -trimpath -o etcd go.etcd.io/etcd/server/v3
     )
     mkdir -p "$(dirname "$ETCD")"
     mv "$dir/etcd" "$ETCD"
     rm -rf "$dir"
 }
 
-# k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces each
-# staging module with a folder of its own tree. A wrapper module replaces
-# each with its published release instead.
 install_apiserver() {
-    if [ -x "$APISERVER" ]; then
-        return 0
-    fi
-    say "building kube-apiserver $K8S_VERSION (once; cached in $CACHE; ~7 min cold)"
-    local dir gomod
-    dir=$(mktemp -d)
-    gomod=$(goenv go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
-    {
-        echo "module decap.test/kube-apiserver"
-        grep -E '^(go|godebug) ' "$gomod"
-        echo "require k8s.io/kubernetes $K8S_VERSION"
-        echo "tool k8s.io/kubernetes/cmd/kube-apiserver"
-        # "k8s.io/api => ./staging/src/k8s.io/api" becomes "k8s.io/api => k8s.io/api v0.N.P"
-        sed -n '/^replace (/,/^)/p' "$gomod" | grep -E '=> \./staging/' |
-            awk -v v="$STAGING_VERSION" '{ print "replace " $1 " => " $1 " " v }'
-    } > "$dir/go.mod"
-    (
-        cd "$dir"
-        goenv go mod tidy >&2
-        CGO_ENABLED=0 goenv nice -n 10 go build -trimpath \
-            -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=34" \
-            -o kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
-    )
-    mkdir -p "$(dirname "$APISERVER")"
-    mv "$dir/kube-apiserver" "$APISERVER"
-    rm -rf "$dir"
+    k8s_build kube-apiserver "$APISERVER"
 }
 
 install() {

@@ -42,6 +42,49 @@ go_install() {
     rmdir "$gobin"
 }
 
+# The Kubernetes release the bed's API server and node are built at.
+K8S_VERSION="v1.34.4"
+K8S_STAGING_VERSION="v0.34.4"
+
+k8s_goenv() {
+    env GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOFLAGS="-buildvcs=false" GOTOOLCHAIN=local "$@"
+}
+
+# k8s_build COMMAND BIN: builds k8s.io/kubernetes/cmd/COMMAND at
+# $K8S_VERSION into BIN, once. k8s.io/kubernetes cannot be `go install`ed:
+# its go.mod replaces each staging module with a folder of its own tree. A
+# wrapper module replaces each with its published release instead.
+k8s_build() {
+    local command=$1 bin=$2
+    if [ -x "$bin" ]; then
+        return 0
+    fi
+    command -v go >/dev/null 2>&1 || { say "Go is needed to build $command"; exit 1; }
+    say "building $command $K8S_VERSION (once; cached in $CACHE)"
+    local dir gomod
+    dir=$(mktemp -d)
+    gomod=$(k8s_goenv go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+    {
+        echo "module decap.test/$command"
+        grep -E '^(go|godebug) ' "$gomod"
+        echo "require k8s.io/kubernetes $K8S_VERSION"
+        echo "tool k8s.io/kubernetes/cmd/$command"
+        # "k8s.io/api => ./staging/src/k8s.io/api" becomes "k8s.io/api => k8s.io/api v0.N.P"
+        sed -n '/^replace (/,/^)/p' "$gomod" | grep -E '=> \./staging/' |
+            awk -v v="$K8S_STAGING_VERSION" '{ print "replace " $1 " => " $1 " " v }'
+    } > "$dir/go.mod"
+    (
+        cd "$dir"
+        k8s_goenv go mod tidy >&2
+        CGO_ENABLED=0 k8s_goenv nice -n 10 go build -trimpath \
+            -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=34" \
+            -o "$command" "k8s.io/kubernetes/cmd/$command"
+    )
+    mkdir -p "$(dirname "$bin")"
+    mv "$dir/$command" "$bin"
+    rm -rf "$dir"
+}
+
 # wait_ready "CHECK COMMAND" EXPORTS...: waits up to 30 s for the server
 # started with its pid in $STATE/pid to pass the check, then prints the
 # export lines; shows the server's log and fails otherwise.

@@ -20,46 +20,13 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 NAME=node
 . "$HERE/lib.sh"
-K8S_VERSION="v1.34.4"
-STAGING_VERSION="v0.34.4"
 KUBELET="$CACHE/bin/kubelet-$K8S_VERSION"
 PAUSE_IMAGE="localhost/decap-pause:1"
 NODE_IMAGE="localhost/decap-debian:bookworm"
 STATE="${DECAP_TEST_BED_DIR:-$CACHE/run}/node"
 
-goenv() {
-    env GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOFLAGS="-buildvcs=false" GOTOOLCHAIN=local "$@"
-}
-
-# As kube.sh builds kube-apiserver: a wrapper module replaces each staging
-# module of k8s.io/kubernetes with its published release.
 install_kubelet() {
-    if [ -x "$KUBELET" ]; then
-        return 0
-    fi
-    command -v go >/dev/null 2>&1 || { say "Go is needed to build kubelet"; exit 1; }
-    say "building kubelet $K8S_VERSION (once; cached in $CACHE)"
-    local dir gomod
-    dir=$(mktemp -d)
-    gomod=$(goenv go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
-    {
-        echo "module decap.test/kubelet"
-        grep -E '^(go|godebug) ' "$gomod"
-        echo "require k8s.io/kubernetes $K8S_VERSION"
-        echo "tool k8s.io/kubernetes/cmd/kubelet"
-        sed -n '/^replace (/,/^)/p' "$gomod" | grep -E '=> \./staging/' |
-            awk -v v="$STAGING_VERSION" '{ print "replace " $1 " => " $1 " " v }'
-    } > "$dir/go.mod"
-    (
-        cd "$dir"
-        goenv go mod tidy >&2
-        CGO_ENABLED=0 goenv nice -n 10 go build -trimpath \
-            -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=34" \
-            -o kubelet k8s.io/kubernetes/cmd/kubelet
-    )
-    mkdir -p "$(dirname "$KUBELET")"
-    mv "$dir/kubelet" "$KUBELET"
-    rm -rf "$dir"
+    k8s_build kubelet "$KUBELET"
 }
 
 install_packages() {
