@@ -736,7 +736,6 @@ struct Console {
     progress: watch::Sender<Progress>,
 }
 
-/// A run's private folder: its own, or the one `decap-runner` made.
 /// bctool's private folder (the console file, the phases' records): made
 /// by bctool or handed over by the runner, removed when the run is over
 /// unless the environment goes with it.
@@ -1212,9 +1211,9 @@ async fn run_prepared(
     .await
 }
 
-/// The most the console reader takes from the pipe at once: a fast script
-/// fills the pipe between reads, and each read and write costs about as
-/// much at 16 KiB as at 256 KiB.
+/// The most the console reader takes from the pipe at once: a script that
+/// prints fast fills the (widened) pipe between reads, and larger reads
+/// mean fewer system calls for the same bytes.
 const READ_BYTES: usize = 256 * 1024;
 
 /// The masker of a run: the values of its `--mask-env` variables, from the

@@ -994,18 +994,8 @@ impl Inner {
             ms = began.elapsed().as_millis() as u64,
             "the sandbox probe ran"
         );
-        if status.success() {
-            // What it leaves (its cgroup, its workspace's filesystem) goes
-            // in the background: the server need not wait for it to serve.
-            let this = self.clone();
-            let cleanup = tokio::spawn(async move { this.dispose(probe).await });
-            if let Ok(mut c) = self.probe_cleanup.lock() {
-                *c = Some(cleanup);
-            }
-        } else {
-            self.dispose(probe).await;
-        }
         if !status.success() {
+            self.dispose(probe).await;
             let said = if said.is_empty() {
                 String::new()
             } else {
@@ -1017,6 +1007,13 @@ impl Inner {
                     "no sandbox can be made here: bctool (or decap-runner) did not run in it ({status}{said}); pass --sandbox none to run builds unsandboxed"
                 ),
             ));
+        }
+        // What it leaves (its cgroup, its workspace's filesystem) goes in
+        // the background: the server need not wait for it to serve.
+        let this = self.clone();
+        let cleanup = tokio::spawn(async move { this.dispose(probe).await });
+        if let Ok(mut c) = self.probe_cleanup.lock() {
+            *c = Some(cleanup);
         }
         Ok(())
     }

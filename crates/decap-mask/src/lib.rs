@@ -369,8 +369,8 @@ fn build_automaton(patterns: &[Vec<u8>]) -> Option<AhoCorasick> {
 /// base64 at three alignments).
 const SCREEN_GROUP: usize = 32;
 
-/// At most this many groups; past it a screen would cost more than the
-/// automaton's own scan saves.
+/// At most this many groups: each is a pass over the output, and past
+/// eight the passes could cost more than the one scan they spare.
 const SCREEN_GROUPS_MAX: usize = 8;
 
 /// Groups of the patterns, each its own automaton with a prefilter, to tell
