@@ -332,3 +332,47 @@ async fn a_restart_keeps_the_console_of_a_build_that_ended_before_its_log_was_st
     assert_eq!(text, "the last words\n");
     assert!(c.live.spooled().is_empty(), "and the spool is gone");
 }
+
+/// A deferred build the queue lost (its entry gone behind the controller's
+/// back, as an expired or purged message is) is put back by the leader's
+/// periodic comparison of the queue with the records, and runs once when
+/// there is room.
+#[tokio::test]
+async fn a_deferred_build_the_queue_lost_is_put_back_and_runs_once() {
+    let e = served(ONE_AT_A_TIME, "sleep 60\n").await;
+    let c = &e.controller;
+    let builds = request(c, &["main", "second"]).await;
+    assert_eq!(c.waiting_count().await, 1);
+    let lost = builds[1].id;
+    assert!(c.ports.queue.remove(lost).await.unwrap(), "it was queued");
+    assert_eq!(
+        c.build(lost).await.unwrap().status,
+        BuildStatus::Deferred,
+        "the record still says it waits"
+    );
+    // Drains every 100 ms here: compared every 1.2 s, builds accepted more
+    // than 1.2 s before.
+    let start = Instant::now();
+    loop {
+        let listed = c.ports.queue.list().await.unwrap();
+        if listed.iter().any(|entry| entry.build_id == lost) {
+            assert_eq!(listed.len(), 1, "put back once");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "not put back in 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.cancel(builds[0].id).await.unwrap();
+    let ran = until(c, lost, "the lost build to run", |b| {
+        b.status == BuildStatus::Running
+    })
+    .await;
+    assert_eq!(ran.status, BuildStatus::Running);
+    assert!(c.ports.queue.list().await.unwrap().is_empty());
+    c.cancel(lost).await.unwrap();
+    let over = ended(c, lost).await;
+    assert_eq!(over.status, BuildStatus::Cancelled);
+}

@@ -89,6 +89,10 @@ pub struct ControllerConfig {
 /// How a build ends.
 pub type Finish = decap_core::build::Outcome;
 
+/// Every this many periodic drains (a minute at the default 5 s), the
+/// leader compares the deferral queue with the build records.
+const RECONCILE_EVERY: u32 = 12;
+
 struct Sched {
     running: RunningSet,
     open: bool,
@@ -322,12 +326,23 @@ impl Controller {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut missing = std::collections::HashSet::new();
+            let mut ticks = 0u32;
             loop {
                 tick.tick().await;
                 let Some(this) = this.upgrade() else { break };
                 if !this.is_leading() {
                     missing.clear();
                     continue;
+                }
+                ticks = ticks.wrapping_add(1);
+                if ticks.is_multiple_of(RECONCILE_EVERY) {
+                    let mut s = this.sched.lock().await;
+                    if let Err(e) = this
+                        .reconcile_queue_locked(&mut s, Some(every * RECONCILE_EVERY))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot compare the queue with the build records");
+                    }
                 }
                 if let Err(e) = this.reconcile_running(&mut missing).await {
                     tracing::warn!(error = %e, "cannot look at running builds' environments");

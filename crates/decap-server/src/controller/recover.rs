@@ -8,7 +8,7 @@ use decap_core::build::{BuildId, BuildStatus};
 use decap_core::lifecycle::{Event, Gone};
 use decap_core::ports::{DeferredEntry, PushOutcome};
 
-use super::{Controller, now};
+use super::{Controller, Sched, now};
 
 impl Controller {
     /// Rebuilds the controller's state from the stores after a start or a
@@ -59,44 +59,7 @@ impl Controller {
                 None => self.live.remove(id),
             }
         }
-        let entries = self.ports.queue.list().await?;
-        let mut queued_ids = HashSet::new();
-        for e in entries {
-            match self.ports.builds.get(e.build_id).await? {
-                Some(b) if b.status == BuildStatus::Deferred => {
-                    queued_ids.insert(e.build_id);
-                    s.key_added(e.lock_key());
-                }
-                _ => {
-                    self.ports.queue.remove(e.build_id).await?;
-                }
-            }
-        }
-        for b in self
-            .ports
-            .builds
-            .with_status(&[BuildStatus::Deferred])
-            .await?
-        {
-            if !queued_ids.contains(&b.id) {
-                // Deferred in the record but not in the queue: put it back.
-                let entry = DeferredEntry {
-                    build_id: b.id,
-                    project: b.project.clone(),
-                    branch: b.branch.clone(),
-                    git_ref: b.git_ref.clone(),
-                    commit: b.commit.clone(),
-                    deferred_at: now(),
-                    reason: b
-                        .message
-                        .clone()
-                        .unwrap_or_else(|| "resubmitted after a restart".into()),
-                };
-                if self.ports.queue.push(&entry).await? == PushOutcome::Added {
-                    s.key_added(entry.lock_key());
-                }
-            }
-        }
+        self.reconcile_queue_locked(&mut s, None).await?;
         for lock in self.ports.locks.list().await? {
             if s.running.contains(lock.owner) {
                 continue;
@@ -120,6 +83,70 @@ impl Controller {
         }
         self.drain_locked(&mut s).await?;
         self.metrics.running.set(s.running.len() as i64);
+        Ok(())
+    }
+
+    /// Compares the queue with the build records: an entry whose build is
+    /// not deferred any more goes, and a build deferred in its record but
+    /// missing from the queue is put back (a queue that lost it, a crash
+    /// between the two writes). At recovery (`min_age` `None`) every entry
+    /// not deferred goes. Periodically only those whose build has ended or
+    /// is gone, and only builds accepted more than `min_age` ago are put
+    /// back, so that no deferral under way is taken for a loss.
+    pub(super) async fn reconcile_queue_locked(
+        &self,
+        s: &mut Sched,
+        min_age: Option<std::time::Duration>,
+    ) -> Result<()> {
+        // The count of waiting entries per lock key is made again from
+        // what the queue holds (no deferral is under way: the scheduling
+        // lock is held).
+        s.waiting_keys.clear();
+        let entries = self.ports.queue.list().await?;
+        let mut queued_ids = HashSet::new();
+        for e in entries {
+            let stale = match self.ports.builds.get(e.build_id).await? {
+                Some(b) if b.status == BuildStatus::Deferred => {
+                    queued_ids.insert(e.build_id);
+                    s.key_added(e.lock_key());
+                    false
+                }
+                Some(b) => min_age.is_none() || b.status.is_final(),
+                None => true,
+            };
+            if stale {
+                self.ports.queue.remove(e.build_id).await?;
+            }
+        }
+        let cutoff = min_age.map(|age| now() - age);
+        for b in self
+            .ports
+            .builds
+            .with_status(&[BuildStatus::Deferred])
+            .await?
+        {
+            if queued_ids.contains(&b.id) || cutoff.is_some_and(|c| b.queued_at >= c) {
+                continue;
+            }
+            if min_age.is_some() {
+                tracing::warn!(build_id = %b.id, "a deferred build was missing from the queue; putting it back");
+            }
+            let entry = DeferredEntry {
+                build_id: b.id,
+                project: b.project.clone(),
+                branch: b.branch.clone(),
+                git_ref: b.git_ref.clone(),
+                commit: b.commit.clone(),
+                deferred_at: now(),
+                reason: b
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| "resubmitted after a restart".into()),
+            };
+            if self.ports.queue.push(&entry).await? == PushOutcome::Added {
+                s.key_added(entry.lock_key());
+            }
+        }
         Ok(())
     }
 }

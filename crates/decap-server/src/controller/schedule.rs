@@ -273,6 +273,11 @@ impl Controller {
                 self.ports.queue.remove(b.id).await?;
                 Ok(false)
             }
+            // Its own entry, put back meanwhile: it waits, once.
+            (PushOutcome::AlreadyWaiting(other), true) if other == b.id => {
+                self.publish(&deferred);
+                Ok(true)
+            }
             (PushOutcome::AlreadyWaiting(other), updated) => {
                 let current = if updated { deferred } else { b };
                 let step = lifecycle::decide(&current, false, Event::AlreadyWaiting { other }, at)?;
