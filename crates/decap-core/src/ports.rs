@@ -198,6 +198,19 @@ pub struct DeferredEntry {
 }
 
 impl DeferredEntry {
+    /// The entry of `build`, deferred at `at` for `reason`.
+    pub fn of(build: &Build, reason: String, at: OffsetDateTime) -> Self {
+        DeferredEntry {
+            build_id: build.id,
+            project: build.project.clone(),
+            branch: build.branch.clone(),
+            git_ref: build.git_ref.clone(),
+            commit: build.commit.clone(),
+            deferred_at: at,
+            reason,
+        }
+    }
+
     /// Its lock key.
     pub fn lock_key(&self) -> LockKey {
         self.project.lock_key(&self.branch)

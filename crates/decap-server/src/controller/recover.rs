@@ -131,18 +131,11 @@ impl Controller {
             if min_age.is_some() {
                 tracing::warn!(build_id = %b.id, "a deferred build was missing from the queue; putting it back");
             }
-            let entry = DeferredEntry {
-                build_id: b.id,
-                project: b.project.clone(),
-                branch: b.branch.clone(),
-                git_ref: b.git_ref.clone(),
-                commit: b.commit.clone(),
-                deferred_at: now(),
-                reason: b
-                    .message
-                    .clone()
-                    .unwrap_or_else(|| "resubmitted after a restart".into()),
-            };
+            let reason = b
+                .message
+                .clone()
+                .unwrap_or_else(|| "resubmitted after a restart".into());
+            let entry = DeferredEntry::of(&b, reason, now());
             if self.ports.queue.push(&entry).await? == PushOutcome::Added {
                 s.key_added(entry.lock_key());
             }

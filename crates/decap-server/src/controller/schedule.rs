@@ -246,15 +246,7 @@ impl Controller {
             return Ok(false);
         };
         debug_assert!(step.with_write.contains(&Effect::Enqueue));
-        let entry = DeferredEntry {
-            build_id: b.id,
-            project: b.project.clone(),
-            branch: b.branch.clone(),
-            git_ref: b.git_ref.clone(),
-            commit: b.commit.clone(),
-            deferred_at: at,
-            reason: reason.to_string(),
-        };
+        let entry = DeferredEntry::of(&b, reason.to_string(), at);
         // The queue entry and the record are written together (one group
         // commit); in the rare case the commit already waited, the record
         // is corrected after.
