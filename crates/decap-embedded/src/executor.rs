@@ -1612,18 +1612,8 @@ impl LocalExecutor {
         self.inner
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let slots: Vec<Slot> = self
-            .inner
-            .slots
-            .lock()
-            .map(|mut pool| pool.drain(..).collect())
-            .unwrap_or_default();
-        let warm: Vec<Env> = self
-            .inner
-            .warm
-            .lock()
-            .map(|mut pool| pool.drain(..).collect())
-            .unwrap_or_default();
+        let slots = take_all(&self.inner.slots);
+        let warm = take_all(&self.inner.warm);
         // Each waits on processes and an unmount for a few milliseconds:
         // side by side, a stop (or an upgrade's switch) waits for the
         // slowest rather than for all of them in turn.
@@ -1636,6 +1626,13 @@ impl LocalExecutor {
             }
         });
     }
+}
+
+/// Everything in a pool, leaving it empty.
+fn take_all<T>(pool: &Mutex<Vec<T>>) -> Vec<T> {
+    pool.lock()
+        .map(|mut pool| std::mem::take(&mut *pool))
+        .unwrap_or_default()
 }
 
 fn dispose_slot(slot: Slot) {
