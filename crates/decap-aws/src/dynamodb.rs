@@ -61,7 +61,7 @@ where
     Error::backend("dynamodb", format!("{what}: {}", crate::sdk_message(&e)))
 }
 
-fn client(sdk: &aws_config::SdkConfig, config: &DynamoDbConfig) -> Client {
+pub(crate) fn client(sdk: &aws_config::SdkConfig, config: &DynamoDbConfig) -> Client {
     let mut builder = aws_sdk_dynamodb::config::Builder::from(sdk);
     if let Some(url) = &config.endpoint_url {
         builder = builder.endpoint_url(url);
@@ -132,7 +132,7 @@ pub(crate) async fn require_table(client: &Client, table: &str) -> Result<()> {
     Ok(())
 }
 
-fn nanos(t: OffsetDateTime) -> i128 {
+pub(crate) fn nanos(t: OffsetDateTime) -> i128 {
     t.unix_timestamp_nanos()
 }
 
@@ -342,6 +342,10 @@ impl DynamoDbBuildStore {
                 .await
                 .map_err(|e| ddb_err("scanning builds", e))?;
             for item in page.items() {
+                // Pipeline runs and stage claims share the table.
+                if get_s(item, "build-id").is_ok_and(crate::runs::not_a_build) {
+                    continue;
+                }
                 out.push(item_build(item)?);
             }
             match page.last_evaluated_key() {

@@ -34,6 +34,7 @@ mod dynamodb;
 pub mod iam;
 mod ledger;
 pub mod resources;
+mod runs;
 mod s3;
 mod sqs;
 
@@ -60,5 +61,6 @@ where
 }
 pub use dynamodb::{DynamoDbBuildStore, DynamoDbConfig, DynamoDbLockStore};
 pub use ledger::DynamoDbStatusLedger;
+pub use runs::DynamoDbRunStore;
 pub use s3::{PART_BYTES, PARTS_IN_FLIGHT, S3BlobStore, S3Config};
 pub use sqs::{SqsConfig, SqsDeferralQueue};

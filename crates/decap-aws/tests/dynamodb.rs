@@ -59,6 +59,16 @@ async fn dynamodb_build_store_keeps_the_contract() {
 }
 
 #[tokio::test]
+async fn dynamodb_run_store_keeps_the_contract() {
+    let (sdk, config) = tables().await;
+    let runs = decap_aws::DynamoDbRunStore::connect(&sdk, config.clone())
+        .await
+        .unwrap();
+    let builds = DynamoDbBuildStore::connect(&sdk, config).await.unwrap();
+    decap_contract_tests::run_store_suite(Arc::new(runs), Arc::new(builds)).await;
+}
+
+#[tokio::test]
 async fn dynamodb_lock_store_keeps_the_contract() {
     let (sdk, config) = tables().await;
     let store = DynamoDbLockStore::connect(&sdk, config).await.unwrap();

@@ -772,6 +772,7 @@ pub fn launch_spec_in(
                 content: Arc::from(script.as_bytes()),
             }],
             error: None,
+            pipeline: None,
         },
         build_token: "contract-token".into(),
         decap_url: "http://127.0.0.1:9".into(),
@@ -1300,4 +1301,124 @@ pub async fn secret_store_suite(store: Arc<dyn decap_core::ports::SecretStore>) 
         }
     }
     assert!(store.for_build(&widgets_key).await.unwrap().is_empty());
+}
+
+/// The [`decap_core::ports::RunStore`] contract: a run is stored once and
+/// read back whole; a project's runs list newest first and page; recovery
+/// finds runs by time; a stage attempt's claim is granted once, the others
+/// getting the claim that won, even when they ask at once; a run's claims
+/// come back. `builds` is the same backend's build store: runs kept beside
+/// builds do not show among them.
+pub async fn run_store_suite(
+    runs: Arc<dyn decap_core::ports::RunStore>,
+    builds: Arc<dyn BuildStore>,
+) {
+    use decap_core::pipeline::{PipelineDef, PipelineRun, StageClaim};
+    let def = PipelineDef::parse(
+        br#"{"stages": [{"name": "build", "script": "build.sh"}, {"name": "test", "script": "build.sh"}]}"#,
+        &["build.sh"].into_iter().collect(),
+        &[],
+    )
+    .unwrap();
+    let p = project(&format!("runs{}", now().unix_timestamp_nanos()));
+    let start = now();
+    let mut made = Vec::new();
+    for i in 0..5i64 {
+        let t = Build::new(
+            p.clone(),
+            &GitRef::branch("main").unwrap(),
+            Some(format!("{i:040x}")),
+            Trigger::Webhook,
+            start + time::Duration::milliseconds(i),
+        );
+        let run = PipelineRun::new(&t, "scripts".into(), def.clone());
+        runs.insert(&run).await.unwrap();
+        made.push(run);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        matches!(
+            runs.insert(&made[0]).await,
+            Err(decap_core::Error::Conflict(_))
+        ),
+        "a run is stored once"
+    );
+    assert_eq!(runs.get(made[2].id).await.unwrap().as_ref(), Some(&made[2]));
+    assert_eq!(runs.get(uuid::Uuid::now_v7()).await.unwrap(), None);
+    let first = runs.list(&p, None, 3).await.unwrap();
+    let ids: Vec<_> = first.iter().map(|r| r.id).collect();
+    assert_eq!(
+        ids,
+        vec![made[4].id, made[3].id, made[2].id],
+        "newest first"
+    );
+    let rest = runs.list(&p, Some(made[2].id), 3).await.unwrap();
+    let ids: Vec<_> = rest.iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![made[1].id, made[0].id], "the next page");
+    assert!(
+        runs.list(&project("elsewhere"), None, 3)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let recent = runs.since(start).await.unwrap();
+    assert!(made.iter().all(|m| recent.iter().any(|r| r.id == m.id)));
+    assert!(
+        runs.since(start + time::Duration::hours(1))
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.project != p)
+    );
+
+    let run = &made[0];
+    let claim = |attempt: u32, build: BuildId| StageClaim {
+        run: run.id,
+        stage: "test".into(),
+        attempt,
+        build,
+        trigger: Trigger::Rerun,
+        inputs: [("build".to_owned(), BuildId::new())].into_iter().collect(),
+    };
+    let a = claim(1, BuildId::new());
+    assert_eq!(runs.claim(&a).await.unwrap(), None, "the first claim wins");
+    let b = claim(1, BuildId::new());
+    assert_eq!(
+        runs.claim(&b).await.unwrap(),
+        Some(a.clone()),
+        "the winner is told"
+    );
+    // Ten at once for the next attempt: one wins, the rest are told which.
+    let contenders: Vec<StageClaim> = (0..10).map(|_| claim(2, BuildId::new())).collect();
+    let results = futures::future::join_all(contenders.iter().map(|c| runs.claim(c))).await;
+    let winners: Vec<&StageClaim> = contenders
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| matches!(r, Ok(None)))
+        .map(|(c, _)| c)
+        .collect();
+    assert_eq!(winners.len(), 1, "one claim of an attempt wins");
+    for r in &results {
+        match r {
+            Ok(None) => {}
+            Ok(Some(w)) => assert_eq!(w, winners[0]),
+            Err(e) => panic!("a claim failed: {e}"),
+        }
+    }
+    let mut got = runs.claims(run.id).await.unwrap();
+    got.sort_by_key(|c| c.attempt);
+    assert_eq!(got, vec![a, winners[0].clone()]);
+    assert!(runs.claims(made[1].id).await.unwrap().is_empty());
+
+    let all = builds
+        .list(&BuildQuery {
+            limit: 500,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        all.builds.iter().all(|b| b.project != p),
+        "runs are not builds"
+    );
 }

@@ -250,6 +250,10 @@ pub struct Build {
     /// How each phase of a preset build went (see [`crate::preset`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<crate::preset::PhaseRecord>,
+    /// The stage of a pipeline run this build is an attempt of; none for a
+    /// project without `pipeline.json` (its one stage, `build`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<crate::pipeline::StageRef>,
 }
 
 /// How a build ends.
@@ -303,12 +307,41 @@ impl Build {
             reported: None,
             from_fork: false,
             phases: Vec::new(),
+            stage: None,
         }
     }
 
-    /// The key this build locks while it runs.
+    /// The key this build locks while it runs: its branch's
+    /// (`team/project/branch`); for a stage of a pipeline, the stage's on
+    /// that branch (`team/project/branch:stage`), or the lock the stage
+    /// shares across branches (`team/project/:lock`). `:` is in no branch
+    /// name, so none of these is another branch's key.
     pub fn lock_key(&self) -> LockKey {
-        self.project.lock_key(&self.branch)
+        self.project.lock_key(&self.queue_branch())
+    }
+
+    /// What stands for the branch in the build's lock key and deferral
+    /// queue entry (see [`Build::lock_key`]).
+    pub fn queue_branch(&self) -> String {
+        match &self.stage {
+            None => self.branch.clone(),
+            Some(s) => match &s.lock {
+                Some(lock) => format!(":{lock}"),
+                None => format!("{}:{}", self.branch, s.name),
+            },
+        }
+    }
+
+    /// The stage's name (`build` for a project without `pipeline.json`).
+    pub fn stage_name(&self) -> &str {
+        self.stage
+            .as_ref()
+            .map_or(crate::pipeline::DEFAULT_STAGE, |s| s.name.as_str())
+    }
+
+    /// The attempt number of its stage (1-based).
+    pub fn attempt(&self) -> u32 {
+        self.stage.as_ref().map_or(1, |s| s.attempt)
     }
 
     /// Moves the build to `next`, refusing what the state machine forbids.

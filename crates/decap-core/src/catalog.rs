@@ -32,6 +32,9 @@ pub struct ProjectEntry {
     pub sidecars: Vec<serde_json::Value>,
     /// The folder's files, `build.sh` among them.
     pub files: Vec<ScriptFile>,
+    /// The pipeline, when the folder has a valid `pipeline.json`; `None`
+    /// for a project with only `build.sh` (one stage, `build`).
+    pub pipeline: Option<crate::pipeline::PipelineDef>,
     /// Why the project cannot build, when its files are invalid.
     pub error: Option<String>,
 }
@@ -44,6 +47,14 @@ impl ProjectEntry {
         } else {
             self.descriptor.as_ref()
         }
+    }
+
+    /// The project's pipeline: its `pipeline.json`, or the one stage of a
+    /// project with only `build.sh`.
+    pub fn pipeline(&self) -> crate::pipeline::PipelineDef {
+        self.pipeline
+            .clone()
+            .unwrap_or_else(crate::pipeline::PipelineDef::single)
     }
 
     /// What of this project an executor that runs builds on the host (the

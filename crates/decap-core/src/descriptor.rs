@@ -178,21 +178,8 @@ impl ProjectDescriptor {
             }
         }
         if let Some(r) = &descriptor.resources {
-            if let Some(q) = &r.cpu {
-                crate::limits::parse_cpu_millis("resources.cpu", q)?;
-            }
-            if let Some(q) = &r.memory {
-                crate::limits::parse_bytes("resources.memory", q)?;
-            }
-            if let Some(q) = &r.disk {
-                crate::limits::parse_bytes("resources.disk", q)?;
-            }
-            if r.pids == Some(0) {
-                return Err(Error::invalid(
-                    "project.json",
-                    "resources.pids must be more than 0",
-                ));
-            }
+            crate::limits::check_resources(r)
+                .map_err(|e| Error::invalid("project.json", e.to_string()))?;
         }
         if descriptor
             .security_context

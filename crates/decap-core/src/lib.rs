@@ -19,6 +19,8 @@
 //! * [`hub`] derives what the CI status hub shows of other CI servers' builds.
 //! * [`secrets`] checks the names and values of builds' secrets and says
 //!   whose builds get them.
+//! * [`pipeline`] reads `pipeline.json` and derives where a run's stages
+//!   stand and which start next.
 //! * [`ports`] declares the traits the adapters implement.
 #![deny(missing_docs)]
 
@@ -30,6 +32,7 @@ pub mod hub;
 pub mod lifecycle;
 pub mod limits;
 pub mod names;
+pub mod pipeline;
 pub mod ports;
 pub mod preset;
 pub mod refs;

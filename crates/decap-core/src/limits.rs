@@ -10,6 +10,27 @@ use serde::{Deserialize, Serialize};
 use crate::descriptor::{Network, ProjectDescriptor};
 use crate::error::{Error, Result};
 
+/// Checks every quantity of `resources` (as `project.json` or a stage of
+/// `pipeline.json` writes them).
+pub fn check_resources(r: &crate::descriptor::Resources) -> Result<()> {
+    if let Some(q) = &r.cpu {
+        parse_cpu_millis("resources.cpu", q)?;
+    }
+    if let Some(q) = &r.memory {
+        parse_bytes("resources.memory", q)?;
+    }
+    if let Some(q) = &r.disk {
+        parse_bytes("resources.disk", q)?;
+    }
+    if r.pids == Some(0) {
+        return Err(Error::invalid(
+            "resources",
+            "resources.pids must be more than 0",
+        ));
+    }
+    Ok(())
+}
+
 /// Parses a CPU quantity into thousandths of a CPU: `500m` → 500, `2` →
 /// 2000, `0.5` → 500.
 pub fn parse_cpu_millis(field: &str, q: &str) -> Result<u64> {

@@ -202,13 +202,16 @@ impl fmt::Display for ProjectKey {
     }
 }
 
-/// A lock key, `team/project/branch`: at most one build of a key runs at a time.
+/// A lock key, `team/project/branch`: at most one build of a key runs at a
+/// time. A pipeline's stage locks `team/project/branch:stage`, or, when it
+/// shares a lock across branches, `team/project/:lock`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct LockKey(pub String);
 
 impl LockKey {
-    /// Parses and validates `team/project/branch` (the branch may contain `/`).
+    /// Parses and validates `team/project/branch` (the branch may contain
+    /// `/`), `team/project/branch:stage` or `team/project/:lock`.
     pub fn parse(key: &str) -> Result<Self> {
         let mut parts = key.splitn(3, '/');
         let (Some(team), Some(project), Some(branch)) = (parts.next(), parts.next(), parts.next())
@@ -220,7 +223,14 @@ impl LockKey {
         };
         validate_name("team", team)?;
         validate_name("project", project)?;
-        validate_branch(branch)?;
+        match branch.rsplit_once(':') {
+            Some(("", lock)) => validate_name("lock", lock)?,
+            Some((branch, stage)) => {
+                validate_branch(branch)?;
+                validate_name("stage", stage)?;
+            }
+            None => validate_branch(branch)?,
+        }
         Ok(LockKey(key.to_owned()))
     }
 
@@ -316,5 +326,9 @@ mod tests {
         assert!(LockKey::parse("acme/widgets/feature/x").is_ok());
         assert!(LockKey::parse("acme/widgets").is_err());
         assert!(LockKey::parse("acme/widgets/../x").is_err());
+        assert!(LockKey::parse("acme/widgets/main:test").is_ok());
+        assert!(LockKey::parse("acme/widgets/:production").is_ok());
+        assert!(LockKey::parse("acme/widgets/main:").is_err());
+        assert!(LockKey::parse("acme/widgets/:").is_err());
     }
 }

@@ -145,6 +145,39 @@ pub struct Lock {
     pub expires_at: OffsetDateTime,
 }
 
+/// Pipeline runs and the claims of their stages' attempts.
+///
+/// Contract: a run is stored once and never changes (`insert` of an id
+/// that exists is a `Conflict`); `list` gives a project's runs newest
+/// first, `before` (a run id) paging; `claim` of a stage attempt is
+/// granted to one caller only: the others get the claim that won, so a
+/// stage attempt is started once however many ask at once; `claims` gives
+/// a run's claims (any order).
+#[async_trait]
+pub trait RunStore: Send + Sync {
+    /// Stores a new run.
+    async fn insert(&self, run: &crate::pipeline::PipelineRun) -> Result<()>;
+    /// A run by id.
+    async fn get(&self, id: uuid::Uuid) -> Result<Option<crate::pipeline::PipelineRun>>;
+    /// A project's runs, newest first, older than `before` when given.
+    async fn list(
+        &self,
+        project: &ProjectKey,
+        before: Option<uuid::Uuid>,
+        limit: usize,
+    ) -> Result<Vec<crate::pipeline::PipelineRun>>;
+    /// Runs created at or after `since`, of every project (recovery).
+    async fn since(&self, since: OffsetDateTime) -> Result<Vec<crate::pipeline::PipelineRun>>;
+    /// Claims a stage attempt: `None` when this claim won, else the claim
+    /// that did.
+    async fn claim(
+        &self,
+        claim: &crate::pipeline::StageClaim,
+    ) -> Result<Option<crate::pipeline::StageClaim>>;
+    /// A run's claims.
+    async fn claims(&self, run: uuid::Uuid) -> Result<Vec<crate::pipeline::StageClaim>>;
+}
+
 /// Locks per `team/project/branch`.
 ///
 /// Contract: at most one unexpired lock per key at any instant; an expired
@@ -185,7 +218,9 @@ pub struct DeferredEntry {
     pub build_id: BuildId,
     /// Its project.
     pub project: ProjectKey,
-    /// Its branch.
+    /// Its branch; for a pipeline's stage, what stands for it in the lock
+    /// key (`branch:stage`, or `:lock` for a lock shared across branches;
+    /// see [`Build::lock_key`]), so that each stage waits on its own.
     pub branch: String,
     /// Its full ref.
     pub git_ref: String,
@@ -203,7 +238,7 @@ impl DeferredEntry {
         DeferredEntry {
             build_id: build.id,
             project: build.project.clone(),
-            branch: build.branch.clone(),
+            branch: build.queue_branch(),
             git_ref: build.git_ref.clone(),
             commit: build.commit.clone(),
             deferred_at: at,

@@ -55,6 +55,22 @@ CREATE TABLE IF NOT EXISTS deferred (
     reason TEXT NOT NULL,
     UNIQUE (team, project, branch, commit_sha)
 );
+CREATE TABLE IF NOT EXISTS pipeline_runs (
+    id TEXT PRIMARY KEY,
+    team TEXT NOT NULL,
+    project TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pipeline_runs_by_project ON pipeline_runs (team, project, id);
+CREATE INDEX IF NOT EXISTS pipeline_runs_by_time ON pipeline_runs (created_at);
+CREATE TABLE IF NOT EXISTS stage_claims (
+    run_id TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (run_id, stage, attempt)
+);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL

@@ -24,6 +24,7 @@ mod ledger;
 mod locks;
 mod queue;
 mod record;
+mod runs;
 pub mod sandbox;
 mod secrets;
 
@@ -38,6 +39,7 @@ pub use hub::SqliteStatusHub;
 pub use ledger::SqliteStatusLedger;
 pub use locks::SqliteLockStore;
 pub use queue::SqliteDeferralQueue;
+pub use runs::SqliteRunStore;
 pub use secrets::{SECRET_KEY_LEN, SecretKey, SqliteSecretStore};
 
 pub(crate) fn nanos(t: time::OffsetDateTime) -> i64 {

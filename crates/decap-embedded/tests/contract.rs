@@ -20,6 +20,16 @@ async fn sqlite_build_store_keeps_the_contract() {
 }
 
 #[tokio::test]
+async fn sqlite_run_store_keeps_the_contract() {
+    let (_dir, db) = db();
+    decap_contract_tests::run_store_suite(
+        Arc::new(decap_embedded::SqliteRunStore::new(db.clone())),
+        Arc::new(SqliteBuildStore::new(db)),
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn sqlite_lock_store_keeps_the_contract() {
     let (_dir, db) = db();
     decap_contract_tests::lock_store_suite(Arc::new(SqliteLockStore::new(db))).await;
