@@ -18,6 +18,13 @@ pub struct BuildView {
     pub id: String,
     /// The pipeline run the build belongs to.
     pub pipeline_run_id: String,
+    /// The stage of the run it is an attempt of (`build` for a project
+    /// without `pipeline.json`).
+    #[serde(default = "default_stage")]
+    pub stage: String,
+    /// Which attempt of its stage (1-based).
+    #[serde(default = "one")]
+    pub attempt: u32,
     /// The team.
     pub team: String,
     /// The project.
@@ -74,6 +81,8 @@ impl BuildView {
         BuildView {
             id: b.id.to_string(),
             pipeline_run_id: b.pipeline_run_id.to_string(),
+            stage: b.stage_name().to_owned(),
+            attempt: b.attempt(),
             team: b.project.team.clone(),
             project: b.project.project.clone(),
             project_key: b.project.to_string(),
@@ -105,6 +114,107 @@ impl BuildView {
             .map(|s| s.is_final())
             .unwrap_or(false)
     }
+}
+
+fn default_stage() -> String {
+    decap_core::pipeline::DEFAULT_STAGE.to_owned()
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One stage of a pipeline run, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StageView {
+    /// The stage's name.
+    pub name: String,
+    /// `pending`, `waiting` (a manual stage, for Promote), `skipped`, or
+    /// the status of its current attempt.
+    pub status: String,
+    /// The stages it needs.
+    pub needs: Vec<String>,
+    /// It waits for Promote.
+    pub manual: bool,
+    /// Its attempts, oldest first.
+    pub attempts: Vec<BuildView>,
+}
+
+/// `GET /api/v1/pipeline-runs/{id}`: a run with every stage of its
+/// pipeline, those not yet run among them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineRunView {
+    /// The run id.
+    pub id: String,
+    /// `team/project`.
+    pub project: String,
+    /// The branch or tag (short name).
+    pub branch: String,
+    /// The full ref.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// The commit, when known.
+    pub commit: Option<String>,
+    /// The build-scripts commit the pipeline was read at.
+    pub scripts_commit: String,
+    /// What asked for it.
+    pub trigger: String,
+    /// When it was asked for.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// `running`, `waiting`, `succeeded`, or how its first stage that did
+    /// not succeed ended.
+    pub status: String,
+    /// Every stage, in the definition's order.
+    pub stages: Vec<StageView>,
+}
+
+impl PipelineRunView {
+    /// The view of a run as it stands.
+    pub fn new(
+        run: &decap_core::pipeline::PipelineRun,
+        plan: &decap_core::pipeline::Plan,
+        base_url: &str,
+    ) -> Self {
+        PipelineRunView {
+            id: run.id.to_string(),
+            project: run.project.to_string(),
+            branch: run.branch.clone(),
+            git_ref: run.git_ref.clone(),
+            commit: run.commit.clone(),
+            scripts_commit: run.scripts_commit.clone(),
+            trigger: run.trigger.as_str().to_owned(),
+            created_at: run.created_at,
+            status: plan.status.to_owned(),
+            stages: plan
+                .stages
+                .iter()
+                .map(|s| StageView {
+                    name: s.name.clone(),
+                    status: s.status.as_str().to_owned(),
+                    needs: s.needs.clone(),
+                    manual: s.manual,
+                    attempts: s
+                        .attempts
+                        .iter()
+                        .map(|b| BuildView::from_build(b, base_url))
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `GET /api/v1/pipelines/{team}/{project}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineRunsPage {
+    /// Newest first.
+    pub runs: Vec<PipelineRunView>,
+    /// Pass as `cursor` for the next page.
+    pub next_cursor: Option<String>,
 }
 
 /// `GET /api/v1/builds/{team}/{project}`.
@@ -159,9 +269,17 @@ pub struct DurationPoint {
 
 /// `POST /api/v1/builds/{team}/{project}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct BuildsCreated {
-    /// One build per requested branch.
+    /// The builds started: one per requested branch, or, for a project
+    /// with a pipeline, the first stages of each branch's run.
     pub builds: Vec<BuildView>,
+    /// The pipeline run of the (first) requested branch.
+    #[serde(default)]
+    pub pipeline_run: Option<String>,
+    /// The pipeline run of each requested branch, in order.
+    #[serde(default)]
+    pub pipeline_runs: Vec<String>,
 }
 
 /// The answer to a webhook.
@@ -171,6 +289,13 @@ pub struct WebhookAnswer {
     pub delivery: String,
     /// The builds it started (or started the first time it was delivered).
     pub builds: Vec<String>,
+    /// The pipeline run it made, for a project with a pipeline.
+    #[serde(
+        default,
+        rename = "pipelineRun",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pipeline_run: Option<String>,
     /// Why nothing was built.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ignored: Option<String>,

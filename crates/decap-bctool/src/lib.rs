@@ -137,6 +137,13 @@ enum Command {
         /// The plan Decap wrote beside the build's scripts.
         plan: PathBuf,
     },
+    /// Fetches a pipeline stage's inputs: the artifacts of each stage it
+    /// needs (named in `DECAP_INPUT_STAGES`), unpacked into `DIR/<stage>/`.
+    /// The `build.sh` Decap writes for a stage with needs runs this first.
+    Inputs {
+        /// Where the inputs go (`$DECAP_INPUTS`).
+        dir: PathBuf,
+    },
     /// Records the build's result.
     RecordBuildMetadata {
         /// The script's exit code.
@@ -404,6 +411,10 @@ pub async fn main(cli: Cli) -> Result<i32> {
         Command::Phases { plan } => {
             let shipper = connect.await?;
             phases::run(shipper.client.clone(), &id, &plan).await
+        }
+        Command::Inputs { dir } => {
+            let shipper = connect.await?;
+            phases::inputs(&shipper.client, &id, &dir).await
         }
         Command::RecordBuildMetadata {
             exit_code,

@@ -273,11 +273,64 @@ pub fn read_records(from: &Path) -> Vec<PhaseRecord> {
         .unwrap_or_default()
 }
 
+/// The variable naming the stages whose artifacts a stage gets.
+pub const INPUT_STAGES_VAR: &str = "DECAP_INPUT_STAGES";
+
+/// Fetches each input of a pipeline stage (the artifacts of the stages it
+/// needs) into `dir/<stage>/`; a stage that stored no artifacts gets an
+/// empty folder. Exits 1 with the reason on the console when one cannot
+/// be fetched, so the stage fails saying why.
+pub async fn inputs(client: &Client, id: &str, dir: &Path) -> Result<i32> {
+    let stages = std::env::var(INPUT_STAGES_VAR).unwrap_or_default();
+    for stage in stages.split(',').filter(|s| !s.is_empty()) {
+        if stage.contains('/') || stage.starts_with('.') {
+            say(&format!("[decap: {stage:?} is not a stage name]"));
+            return Ok(1);
+        }
+        let to = dir.join(stage);
+        tokio::fs::create_dir_all(&to)
+            .await
+            .with_context(|| format!("cannot make {}", to.display()))?;
+        let started = Instant::now();
+        match client.input(id, stage).await {
+            Ok(None) => say(&format!("[decap: stage {stage} left no artifacts]")),
+            Ok(Some(stream)) => {
+                if let Err(e) = unpack_stream(stream, to.clone()).await {
+                    say(&format!(
+                        "[decap: fetching the artifacts of stage {stage} failed: {e:#}]"
+                    ));
+                    return Ok(1);
+                }
+                say(&format!(
+                    "[decap: the artifacts of stage {stage} are in {} ({})]",
+                    to.display(),
+                    seconds(started.elapsed())
+                ));
+            }
+            Err(e) => {
+                say(&format!(
+                    "[decap: fetching the artifacts of stage {stage} failed: {e}]"
+                ));
+                return Ok(1);
+            }
+        }
+    }
+    Ok(0)
+}
+
 /// Downloads the tree and unpacks it into the working folder.
 async fn fetch_source(client: &Client, id: &str, commit: &str) -> Result<()> {
+    unpack_stream(client.source(id, commit).await?, PathBuf::from(".")).await
+}
+
+/// Downloads a `tar.gz` to a temporary file and unpacks it into `to`.
+async fn unpack_stream(
+    stream: impl tokio_stream::Stream<Item = decap_client::Result<bytes::Bytes>>,
+    to: PathBuf,
+) -> Result<()> {
     let tmp = tempfile::NamedTempFile::new().context("cannot make a temporary file")?;
     let mut file = tokio::fs::File::from_std(tmp.reopen()?);
-    let mut stream = std::pin::pin!(client.source(id, commit).await?);
+    let mut stream = std::pin::pin!(stream);
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         file.write_all(&chunk).await?;
@@ -290,8 +343,8 @@ async fn fetch_source(client: &Client, id: &str, commit: &str) -> Result<()> {
         archive.set_preserve_permissions(true);
         archive.set_overwrite(true);
         archive
-            .unpack(".")
-            .context("cannot unpack the repository's tree")?;
+            .unpack(&to)
+            .with_context(|| format!("cannot unpack into {}", to.display()))?;
         Ok(())
     })
     .await?

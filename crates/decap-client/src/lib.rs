@@ -286,6 +286,24 @@ impl Client {
             .map_err(|e| ClientError::Protocol(format!("the download broke: {e}"))))
     }
 
+    /// `GET /api/v1/build/{id}/inputs/{stage}`: the artifacts (a `tar.gz`
+    /// byte stream) of the attempt of `stage` that a pipeline stage's build
+    /// needs; `None` when that attempt stored none.
+    pub async fn input(
+        &self,
+        id: &str,
+        stage: &str,
+    ) -> Result<Option<impl Stream<Item = Result<Bytes>> + use<>>> {
+        let path = format!("/api/v1/build/{}/inputs/{}", enc(id), enc(stage));
+        let resp = self.send(self.request(Method::GET, &path)).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        Ok(Some(resp.bytes_stream().map_err(|e| {
+            ClientError::Protocol(format!("the download broke: {e}"))
+        })))
+    }
+
     /// `GET /api/v1/build/{id}/source?commit=C`: a preset build's tree, a
     /// `tar.gz` byte stream.
     pub async fn source(

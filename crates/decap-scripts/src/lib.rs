@@ -333,6 +333,7 @@ fn load_project(key: ProjectKey, dir: &Path) -> Option<ProjectEntry> {
         sidecars: Vec::new(),
         files: Vec::new(),
         error: None,
+        pipeline: None,
     };
     let mut errors = Vec::new();
     let mut total = 0u64;
@@ -352,7 +353,24 @@ fn load_project(key: ProjectKey, dir: &Path) -> Option<ProjectEntry> {
         .descriptor
         .as_ref()
         .and_then(|d| d.descriptor.language);
-    if !by_path.contains_key("build.sh") {
+    if let Some(f) = by_path.get(decap_core::pipeline::PIPELINE_FILE) {
+        let paths: std::collections::BTreeSet<&str> = by_path.keys().copied().collect();
+        let names: Vec<String> = by_path
+            .iter()
+            .filter(|(p, _)| !p.contains('/') && p.ends_with("-sidecar.json"))
+            .filter_map(|(_, f)| parse_sidecar(&f.content).ok())
+            .filter_map(|s| s.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+            .collect::<Vec<String>>();
+        let sidecars: Vec<&str> = names.iter().map(String::as_str).collect();
+        match decap_core::pipeline::PipelineDef::parse(&f.content, &paths, &sidecars) {
+            Ok(p) => entry.pipeline = Some(p),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if !by_path.contains_key("build.sh")
+        && entry.pipeline.is_none()
+        && !by_path.contains_key(decap_core::pipeline::PIPELINE_FILE)
+    {
         match (language, &entry.descriptor) {
             // A preset project: Decap writes its build.sh at launch.
             (Some(_), Some(d)) if d.descriptor.repo_url.as_deref().is_some_and(|u| !u.trim().is_empty()) => {}

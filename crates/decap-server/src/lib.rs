@@ -88,6 +88,17 @@ pub fn router(state: AppState) -> Router {
         .route("/build/{id}/metadata", post(api::record_metadata))
         .route("/build/{id}/unlock", post(api::unlock_build))
         .route("/build/{id}/source", get(api::get_source))
+        .route("/build/{id}/inputs/{stage}", get(api::get_input))
+        .route("/pipelines/{team}/{project}", get(api::list_pipeline_runs))
+        .route("/pipeline-runs/{id}", get(api::get_pipeline_run))
+        .route(
+            "/pipeline-runs/{id}/stages/{stage}/rerun",
+            post(api::rerun_stage),
+        )
+        .route(
+            "/pipeline-runs/{id}/stages/{stage}/approve",
+            post(api::approve_stage),
+        )
         .route("/build/{id}/log/stream", post(api::stream_log))
         .route("/logs/{id}", get(api::get_log).put(api::put_log))
         .route("/logs/{id}/events", get(api::log_events))

@@ -375,6 +375,7 @@ async fn handle(
         let answer = WebhookAnswer {
             delivery,
             builds: vec![],
+            pipeline_run: None,
             ignored: Some("ping".into()),
         };
         return Ok(("ping", (StatusCode::OK, Json(answer)).into_response()));
@@ -382,12 +383,17 @@ async fn handle(
     let now = OffsetDateTime::now_utc();
     let catalog = app.controller.ports.scripts.catalog();
     let plan = plan(&event, body, &catalog, now)?;
-    let (builds, ignored) = match plan {
+    let (run, builds, ignored) = match plan {
         Plan::Build(mut b) => {
             b.delivery = Some(delivery.clone());
-            (vec![*b], None)
+            // A project with a pipeline gets a run, and its first stages.
+            let (run, builds) = match catalog.project(&b.project) {
+                Some(entry) => crate::controller::builds_for(entry, *b, &catalog.commit),
+                None => (None, vec![*b]),
+            };
+            (run, builds, None)
         }
-        Plan::Ignore(reason) => (vec![], Some(reason)),
+        Plan::Ignore(reason) => (None, vec![], Some(reason)),
     };
     let record = Delivery {
         id: delivery.clone(),
@@ -409,11 +415,22 @@ async fn handle(
             let answer = WebhookAnswer {
                 delivery,
                 builds: first.iter().map(|id| id.to_string()).collect(),
+                pipeline_run: None,
                 ignored: Some("repeated delivery".into()),
             };
             Ok(("duplicate", (StatusCode::OK, Json(answer)).into_response()))
         }
         DeliveryOutcome::New => {
+            if let Some(run) = &run {
+                // Made again from its builds if this fails (they are stored).
+                if let Err(e) = app
+                    .controller
+                    .record_runs(std::slice::from_ref(run), &builds)
+                    .await
+                {
+                    tracing::warn!(run = %run.id, error = %e, "cannot store a pipeline run yet");
+                }
+            }
             let answer_ids: Vec<String> = builds.iter().map(|b| b.id.to_string()).collect();
             if !builds.is_empty() {
                 app.controller.schedule_soon(builds);
@@ -426,6 +443,7 @@ async fn handle(
             let answer = WebhookAnswer {
                 delivery,
                 builds: answer_ids,
+                pipeline_run: run.map(|r| r.id.to_string()),
                 ignored,
             };
             Ok((

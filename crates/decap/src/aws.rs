@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use decap_core::ports::{BlobStore, BuildStore, DeferralQueue, LockStore, StatusLedger};
+use decap_core::ports::{BlobStore, BuildStore, DeferralQueue, LockStore, RunStore, StatusLedger};
 
 use crate::{AwsResourcesArgs, StorageArgs};
 
@@ -55,6 +55,15 @@ mod imp {
                 decap_aws::DynamoDbBuildStore::connect(&self.sdk, st.dynamodb())
                     .await
                     .context("DynamoDB build store")?,
+            ))
+        }
+
+        /// Pipeline runs in the DynamoDB build records' table.
+        pub(crate) async fn runs(&self, st: &StorageArgs) -> Result<Arc<dyn RunStore>> {
+            Ok(Arc::new(
+                decap_aws::DynamoDbRunStore::connect(&self.sdk, st.dynamodb())
+                    .await
+                    .context("DynamoDB run store")?,
             ))
         }
 
@@ -301,6 +310,10 @@ mod imp {
         }
 
         pub(crate) async fn locks(&self, _: &StorageArgs) -> Result<Arc<dyn LockStore>> {
+            match *self {}
+        }
+
+        pub(crate) async fn runs(&self, _: &StorageArgs) -> Result<Arc<dyn RunStore>> {
             match *self {}
         }
 

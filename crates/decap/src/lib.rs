@@ -1125,6 +1125,11 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         (TableBackend::Dynamodb, Some(aws)) => aws.builds(st).await?,
         _ => Arc::new(SqliteBuildStore::new(db.clone())),
     };
+    // A project's pipeline runs live beside its build records.
+    let runs: Arc<dyn decap_core::ports::RunStore> = match (st.build_store, &aws) {
+        (TableBackend::Dynamodb, Some(aws)) => aws.runs(st).await?,
+        _ => Arc::new(decap_embedded::SqliteRunStore::new(db.clone())),
+    };
     let locks: Arc<dyn decap_core::ports::LockStore> = match (st.lock_store, &aws) {
         (TableBackend::Dynamodb, Some(aws)) => aws.locks(st).await?,
         _ => Arc::new(SqliteLockStore::new(db.clone())),
@@ -1140,6 +1145,7 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     ));
     let ports = Ports {
         builds,
+        runs,
         locks,
         queue,
         blobs,

@@ -168,12 +168,14 @@ pub async fn create_builds(
     if branches.len() > 64 {
         return Err(ApiError::bad_request("at most 64 branches per request"));
     }
-    let builds = app
+    let (runs, builds) = app
         .controller
-        .request_builds(&key, &branches, trigger)
+        .request_runs(&key, &branches, trigger)
         .await?;
     let body = BuildsCreated {
         builds: builds.iter().map(|b| view(&app, b)).collect(),
+        pipeline_run: runs.first().map(|r| r.to_string()),
+        pipeline_runs: runs.iter().map(|r| r.to_string()).collect(),
     };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }

@@ -20,12 +20,14 @@ mod artifacts;
 mod bctool;
 mod builds;
 mod logs;
+mod pipelines;
 mod queue;
 
 pub use artifacts::*;
 pub use bctool::*;
 pub use builds::*;
 pub use logs::*;
+pub use pipelines::*;
 pub use queue::*;
 
 fn view(app: &AppState, b: &Build) -> BuildView {

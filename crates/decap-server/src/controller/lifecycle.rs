@@ -195,6 +195,7 @@ impl Controller {
             Effect::CountFinished => {
                 tracing::info!(build_id = %b.id, status = %b.status, exit_code = ?b.exit_code, "build finished");
                 self.count_finished(b);
+                self.stage_ended(b);
             }
             Effect::Publish => self.publish(b),
             Effect::Drain => applied.drain = true,

@@ -34,6 +34,8 @@ use crate::livelog::LiveLogs;
 use crate::metrics::Metrics;
 
 mod lifecycle;
+mod pipeline;
+pub use pipeline::{INPUT_STAGES_VAR, RunView, builds_for, stage_entry};
 mod preset;
 pub use preset::preset_language;
 mod recover;
@@ -47,6 +49,8 @@ const MAX_HEADS: usize = 1000;
 pub struct Ports {
     /// Build records and webhook deliveries.
     pub builds: Arc<dyn BuildStore>,
+    /// Pipeline runs and their stages' claims.
+    pub runs: Arc<dyn decap_core::ports::RunStore>,
     /// Branch locks.
     pub locks: Arc<dyn LockStore>,
     /// The deferral queue.
@@ -128,6 +132,8 @@ pub struct Controller {
     pub metrics: Metrics,
     sched: Mutex<Sched>,
     schedule_tx: std::sync::OnceLock<mpsc::UnboundedSender<Build>>,
+    /// Pipeline runs one of whose stages ended: their next stages start.
+    advance_tx: std::sync::OnceLock<mpsc::UnboundedSender<uuid::Uuid>>,
     status_tx: broadcast::Sender<Build>,
     pending_tokens: std::sync::Mutex<HashMap<BuildId, String>>,
     /// Set when several replicas elect a leader: only the leader launches.
@@ -196,6 +202,7 @@ impl Controller {
                 waiting_keys: HashMap::new(),
             }),
             schedule_tx: std::sync::OnceLock::new(),
+            advance_tx: std::sync::OnceLock::new(),
             status_tx,
             pending_tokens: std::sync::Mutex::new(HashMap::new()),
             leadership: std::sync::OnceLock::new(),
@@ -269,8 +276,24 @@ impl Controller {
         self: &Arc<Self>,
         mut exits: mpsc::UnboundedReceiver<EnvironmentExit>,
     ) -> Result<()> {
+        // A stage that ends starts the next ones, in the background.
+        let (tx, mut rx) = mpsc::unbounded_channel::<uuid::Uuid>();
+        let _ = self.advance_tx.set(tx);
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(run) = rx.recv().await {
+                let Some(this) = this.upgrade() else { break };
+                if !this.is_leading() {
+                    continue;
+                }
+                if let Err(e) = this.advance_run(run).await {
+                    tracing::warn!(run = %run, error = %e, "cannot start a pipeline run's next stages; trying again at the next start");
+                }
+            }
+        });
         if self.is_leading() {
             self.recover().await?;
+            self.advance_recent_runs().await?;
         }
         if let Some(leadership) = self.leadership.get() {
             let mut changes = leadership.clone();
@@ -288,6 +311,9 @@ impl Controller {
                         );
                         if let Err(e) = this.recover().await {
                             tracing::error!(error = %e, "recovery after taking the lead failed");
+                        }
+                        if let Err(e) = this.advance_recent_runs().await {
+                            tracing::error!(error = %e, "cannot look at recent pipeline runs");
                         }
                     } else if !leading && was {
                         tracing::warn!("no longer leading: launching stops here");
@@ -380,13 +406,31 @@ impl Controller {
         let _ = self.status_tx.send(build.clone());
     }
 
+    /// The longest a build of the project may run: its timeout, or the
+    /// longest of its stages'.
     pub(super) fn timeout_of(&self, project: &ProjectKey) -> Duration {
-        self.ports
-            .scripts
-            .catalog()
-            .project(project)
-            .and_then(|p| p.valid_descriptor().map(|d| d.timeout()))
-            .unwrap_or(DEFAULT_BUILD_TIMEOUT)
+        let catalog = self.ports.scripts.catalog();
+        let Some(p) = catalog.project(project) else {
+            return DEFAULT_BUILD_TIMEOUT;
+        };
+        let timeout = p
+            .valid_descriptor()
+            .map(|d| d.timeout())
+            .unwrap_or(DEFAULT_BUILD_TIMEOUT);
+        p.pipeline
+            .iter()
+            .flat_map(|d| d.stages.iter().filter_map(|s| s.timeout))
+            .map(Duration::from_secs)
+            .fold(timeout, Duration::max)
+    }
+
+    /// A pipeline stage ended: its run's next stages start.
+    pub(super) fn stage_ended(&self, b: &Build) {
+        if b.stage.is_some()
+            && let Some(tx) = self.advance_tx.get()
+        {
+            let _ = tx.send(b.pipeline_run_id);
+        }
     }
 
     pub(super) fn lock_ttl(&self, project: &ProjectKey) -> Duration {
@@ -421,6 +465,17 @@ impl Controller {
         refs: &[String],
         trigger: Trigger,
     ) -> Result<Vec<Build>> {
+        Ok(self.request_runs(project, refs, trigger).await?.1)
+    }
+
+    /// [`Controller::request_builds`], answering also the pipeline run of
+    /// each ref, in order.
+    pub async fn request_runs(
+        self: &Arc<Self>,
+        project: &ProjectKey,
+        refs: &[String],
+        trigger: Trigger,
+    ) -> Result<(Vec<uuid::Uuid>, Vec<Build>)> {
         let entry = self.project(project)?;
         if let Some(err) = &entry.error {
             return Err(Error::invalid(
@@ -439,25 +494,49 @@ impl Controller {
             .map(|r| GitRef::parse(r))
             .collect::<Result<_>>()?;
         let at = now();
-        let builds: Vec<Build> = parsed
-            .iter()
-            .map(|r| Build::new(project.clone(), r, None, trigger, at))
-            .collect();
+        let scripts_commit = self.ports.scripts.catalog().commit.clone();
+        let mut runs = Vec::new();
+        let mut run_ids = Vec::new();
+        let mut builds = Vec::new();
+        for r in &parsed {
+            let template = Build::new(project.clone(), r, None, trigger, at);
+            run_ids.push(template.pipeline_run_id);
+            let (run, made) = builds_for(&entry, template, &scripts_commit);
+            if let Some(run) = run {
+                if let Some(last) = run_ids.last_mut() {
+                    *last = run.id;
+                }
+                runs.push(run);
+            }
+            builds.extend(made);
+        }
         for b in &builds {
             self.ports.builds.insert(b).await?;
         }
+        self.record_runs(&runs, &builds).await?;
         self.schedule_ids(builds.iter().map(|b| b.id).collect())
             .await;
         let mut out = Vec::with_capacity(builds.len());
         for b in builds {
             out.push(self.build(b.id).await?);
         }
-        Ok(out)
+        Ok((run_ids, out))
     }
 
     /// A new build of the same ref and commit as `id`.
+    /// A stage of a pipeline is run again with the stages after it
+    /// ([`Controller::rerun_stage`]).
     pub async fn rerun(self: &Arc<Self>, id: BuildId) -> Result<Build> {
         let old = self.build(id).await?;
+        if let Some(stage) = &old.stage {
+            return self.rerun_stage(old.pipeline_run_id, &stage.name).await;
+        }
+        self.rerun_single(old).await
+    }
+
+    /// A new build of the same ref and commit as `old`, a build of a
+    /// project without `pipeline.json`.
+    pub(super) async fn rerun_single(self: &Arc<Self>, old: Build) -> Result<Build> {
         self.project(&old.project)?;
         let git_ref = GitRef::parse(&old.git_ref)?;
         let mut b = Build::new(

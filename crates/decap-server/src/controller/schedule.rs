@@ -305,6 +305,28 @@ impl Controller {
                 .await?;
             return Ok(());
         };
+        // A pipeline's stage runs its own script, with its own settings.
+        let mut entry = if b.stage.is_some() {
+            let staged = match self.run_of(&b).await {
+                Ok(run) => super::stage_entry(entry, &run, &b),
+                Err(decap_core::Error::NotFound(m)) => Err(m),
+                Err(e) => {
+                    self.ports.locks.release(&lock.key, b.id).await?;
+                    return Err(e);
+                }
+            };
+            match staged {
+                Ok(entry) => entry,
+                Err(message) => {
+                    self.apply_locked(s, b.id, Event::Refuse { message })
+                        .await?;
+                    return Ok(());
+                }
+            }
+        } else {
+            entry
+        };
+        super::pipeline::stage_env(&mut entry, &b);
         let timeout = entry
             .valid_descriptor()
             .map(|d| d.timeout())

@@ -105,6 +105,7 @@ pub async fn embedded_with(o: Options<'_>, setup: impl FnOnce(&Path)) -> Embedde
         .unwrap();
     let ports = Ports {
         builds: Arc::new(SqliteBuildStore::new(db.clone())),
+        runs: Arc::new(decap_embedded::SqliteRunStore::new(db.clone())),
         locks: Arc::new(SqliteLockStore::new(db.clone())),
         queue: Arc::new(SqliteDeferralQueue::new(db.clone())),
         blobs: Arc::new(FileBlobStore::new(data.join("blobs"))),

@@ -1,0 +1,459 @@
+//! Pipelines: a request makes a run with every stage of the project's
+//! `pipeline.json`; its stages start as their needs succeed
+//! ([`decap_core::pipeline::plan`] decides), each as a build of its own.
+//! Every new attempt is claimed in the run store before its build is
+//! stored, so a stage starts once however many ask (two replicas, a
+//! restart between two stages, a rerun asked twice).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use decap_core::build::{Build, BuildId, Trigger};
+use decap_core::catalog::{ProjectEntry, ScriptFile};
+use decap_core::names::ProjectKey;
+use decap_core::pipeline::{self, PipelineRun, Plan, StageClaim, StageDef, StageStart};
+use decap_core::ports::BlobKind;
+use decap_core::{Error, Result};
+use uuid::Uuid;
+
+use super::{Controller, now};
+
+/// How far back a start looks for runs that may have a stage to start.
+pub(super) const RECOVER_RUNS: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The variable naming the stages whose artifacts a stage gets (bctool's
+/// `inputs` reads it).
+pub const INPUT_STAGES_VAR: &str = "DECAP_INPUT_STAGES";
+
+/// What a request for `template`'s ref makes: for a project with
+/// `pipeline.json`, a run (pinned to `scripts_commit`) and the first
+/// attempts of the stages that start at once; otherwise `template` alone.
+pub fn builds_for(
+    entry: &ProjectEntry,
+    template: Build,
+    scripts_commit: &str,
+) -> (Option<PipelineRun>, Vec<Build>) {
+    let Some(def) = &entry.pipeline else {
+        return (None, vec![template]);
+    };
+    let run = PipelineRun::new(&template, scripts_commit.to_owned(), def.clone());
+    let builds = pipeline::plan(&run, &[])
+        .start
+        .iter()
+        .map(|s| run.attempt(s, template.trigger, template.queued_at))
+        .collect();
+    (Some(run), builds)
+}
+
+/// A pipeline run as it stands.
+#[derive(Debug, Clone)]
+pub struct RunView {
+    /// The run.
+    pub run: PipelineRun,
+    /// Its stages and status.
+    pub plan: Plan,
+}
+
+/// The `build.sh` of a stage that needs others: it fetches their
+/// artifacts into `$DECAP_INPUTS`, then runs the stage's script.
+fn driver(stage: &StageDef, script: &ScriptFile) -> String {
+    let path = stage.script.trim_start_matches("./");
+    let interpreter = script
+        .content
+        .strip_prefix(b"#!")
+        .and_then(|rest| rest.split(|&c| c == b'\n').next())
+        .map(|line| String::from_utf8_lossy(line).trim().to_owned())
+        .filter(|line| !line.is_empty())
+        .unwrap_or_else(|| "/bin/sh".to_owned());
+    format!(
+        "#!/bin/sh\n\
+         # Written by Decap: stage {name} of this project's pipeline. The\n\
+         # artifacts of the stages it needs are fetched into $DECAP_INPUTS,\n\
+         # then its script runs.\n\
+         DECAP_INPUTS=\"${{ARTIFACTS_DIR%/*}}/inputs\"\n\
+         export DECAP_INPUTS\n\
+         bctool inputs \"$DECAP_INPUTS\" || exit $?\n\
+         exec {interpreter} \"$DECAP_BUILD_SCRIPTS/{path}\"\n",
+        name = stage.name,
+    )
+}
+
+/// The project's folder as one stage of it runs: its `build.sh` is the
+/// stage's script (or a driver that fetches its inputs first), and its
+/// image, sidecars, resources and timeout are the stage's where it sets
+/// them.
+pub fn stage_entry(
+    mut entry: ProjectEntry,
+    run: &PipelineRun,
+    build: &Build,
+) -> std::result::Result<ProjectEntry, String> {
+    let Some(stage_ref) = &build.stage else {
+        return Ok(entry);
+    };
+    let Some(stage) = run.definition.stage(&stage_ref.name) else {
+        return Err(format!(
+            "stage {:?} is not in the pipeline of run {}",
+            stage_ref.name, run.id
+        ));
+    };
+    let path = stage.script.trim_start_matches("./");
+    let Some(script) = entry.files.iter().find(|f| f.path == path).cloned() else {
+        return Err(format!(
+            "stage {}: its script {path} is missing from the build scripts (at {})",
+            stage.name, run.scripts_commit
+        ));
+    };
+    let build_sh = if stage_ref.inputs.is_empty() {
+        ScriptFile {
+            path: "build.sh".into(),
+            executable: true,
+            content: script.content.clone(),
+        }
+    } else {
+        ScriptFile {
+            path: "build.sh".into(),
+            executable: true,
+            content: Arc::from(driver(stage, &script).into_bytes()),
+        }
+    };
+    entry.files.retain(|f| f.path != "build.sh");
+    entry.files.push(build_sh);
+    if let Some(names) = &stage.sidecars {
+        entry.sidecars.retain(|s| {
+            s.get("name")
+                .and_then(|n| n.as_str())
+                .is_some_and(|n| names.iter().any(|w| w == n))
+        });
+    }
+    if let Some(d) = entry.descriptor.as_mut() {
+        if let Some(image) = &stage.image {
+            d.descriptor.build_image = image.clone();
+        }
+        if let Some(r) = &stage.resources {
+            d.descriptor.resources = Some(r.clone());
+        }
+        if let Some(t) = stage.timeout {
+            d.descriptor.build_timeout_seconds = Some(t);
+        }
+        if !stage_ref.inputs.is_empty() {
+            let names: Vec<&str> = stage_ref.inputs.keys().map(String::as_str).collect();
+            d.descriptor
+                .env
+                .insert(INPUT_STAGES_VAR.into(), names.join(","));
+        }
+    }
+    Ok(entry)
+}
+
+/// Gives a build the variables that say which run, stage and attempt it is.
+pub fn stage_env(entry: &mut ProjectEntry, build: &Build) {
+    if let Some(d) = entry.descriptor.as_mut() {
+        d.descriptor.env.extend([
+            (
+                "DECAP_PIPELINE_RUN_ID".to_owned(),
+                build.pipeline_run_id.to_string(),
+            ),
+            ("DECAP_STAGE".to_owned(), build.stage_name().to_owned()),
+            ("DECAP_ATTEMPT".to_owned(), build.attempt().to_string()),
+        ]);
+    }
+}
+
+impl Controller {
+    /// Stores the runs of builds just stored, each with the claims of its
+    /// first attempts (a run that fails to be stored here is made again
+    /// from its builds when one of them launches or ends).
+    pub async fn record_runs(&self, runs: &[PipelineRun], builds: &[Build]) -> Result<()> {
+        for run in runs {
+            match self.ports.runs.insert(run).await {
+                Ok(()) | Err(Error::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+            for b in builds.iter().filter(|b| b.pipeline_run_id == run.id) {
+                if let Some(claim) = StageClaim::of(b) {
+                    self.ports.runs.claim(&claim).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The run of a stage's build; made again from the build and the
+    /// project's current definition if it was never stored (a failure
+    /// between storing a request's builds and its run).
+    pub(super) async fn run_of(&self, build: &Build) -> Result<PipelineRun> {
+        if let Some(run) = self.ports.runs.get(build.pipeline_run_id).await? {
+            return Ok(run);
+        }
+        let catalog = self.ports.scripts.catalog();
+        let def = catalog
+            .project(&build.project)
+            .and_then(|p| p.pipeline.clone())
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "pipeline run {} (and {} has no pipeline.json now)",
+                    build.pipeline_run_id, build.project
+                ))
+            })?;
+        let mut run = PipelineRun::new(build, catalog.commit.clone(), def);
+        run.id = build.pipeline_run_id;
+        tracing::warn!(run = %run.id, "a pipeline run was never stored; storing it from its builds");
+        self.record_runs(std::slice::from_ref(&run), std::slice::from_ref(build))
+            .await?;
+        Ok(self.ports.runs.get(run.id).await?.unwrap_or(run))
+    }
+
+    /// The builds of a run, by its claims; a claimed attempt whose build
+    /// was never stored (a stop between the two) is stored now, queued.
+    async fn attempts(&self, run: &PipelineRun) -> Result<(Vec<Build>, Vec<BuildId>)> {
+        let claims = self.ports.runs.claims(run.id).await?;
+        let reads =
+            futures::future::join_all(claims.iter().map(|c| self.ports.builds.get(c.build))).await;
+        let mut builds = Vec::with_capacity(claims.len());
+        let mut stored = Vec::new();
+        for (claim, read) in claims.iter().zip(reads) {
+            match read? {
+                Some(b) => builds.push(b),
+                None => {
+                    let mut b = run.attempt(&claim.start(), claim.trigger, now());
+                    b.id = claim.build;
+                    match self.ports.builds.insert(&b).await {
+                        Ok(()) => {
+                            tracing::info!(build_id = %b.id, run = %run.id, stage = %claim.stage, "storing a claimed stage attempt that was never stored");
+                            stored.push(b.id);
+                            builds.push(b);
+                        }
+                        Err(Error::Conflict(_)) => {
+                            if let Some(b) = self.ports.builds.get(claim.build).await? {
+                                builds.push(b);
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok((builds, stored))
+    }
+
+    /// A run as it stands. A build that belongs to no stored run (every
+    /// build of a project without `pipeline.json`, and those made before
+    /// pipelines) is read as the one stage of its own run.
+    pub async fn pipeline_run(&self, id: Uuid) -> Result<RunView> {
+        if let Some(run) = self.ports.runs.get(id).await? {
+            let (builds, _) = self.attempts(&run).await?;
+            let plan = pipeline::plan(&run, &builds);
+            return Ok(RunView { run, plan });
+        }
+        match self.ports.builds.get(BuildId(id)).await? {
+            Some(b) if b.stage.is_none() => {
+                let (run, builds) = pipeline::single_run(&b);
+                let plan = pipeline::plan(&run, &builds);
+                Ok(RunView { run, plan })
+            }
+            _ => Err(Error::NotFound(format!("pipeline run {id}"))),
+        }
+    }
+
+    /// A project's runs, newest first: its stored runs when it has a
+    /// pipeline, else its builds, each read as a one-stage run. `cursor`
+    /// continues a listing; the answer carries the next one.
+    pub async fn pipeline_runs(
+        &self,
+        project: &ProjectKey,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<RunView>, Option<String>)> {
+        let limit = limit.clamp(1, 100);
+        let has_pipeline = self
+            .ports
+            .scripts
+            .catalog()
+            .project(project)
+            .is_some_and(|p| p.pipeline.is_some());
+        if !has_pipeline {
+            let page = self
+                .ports
+                .builds
+                .list(&decap_core::ports::BuildQuery {
+                    project: Some(project.clone()),
+                    limit,
+                    cursor: cursor.map(str::to_owned),
+                    ..Default::default()
+                })
+                .await?;
+            let views = page
+                .builds
+                .iter()
+                .map(|b| {
+                    let (run, builds) = pipeline::single_run(b);
+                    let plan = pipeline::plan(&run, &builds);
+                    RunView { run, plan }
+                })
+                .collect();
+            return Ok((views, page.next_cursor));
+        }
+        let before = cursor
+            .map(|c| {
+                Uuid::parse_str(c)
+                    .map_err(|_| Error::invalid("cursor", "not a cursor from this server"))
+            })
+            .transpose()?;
+        let runs = self.ports.runs.list(project, before, limit + 1).await?;
+        let next = (runs.len() > limit).then(|| runs[limit - 1].id.to_string());
+        let views = futures::future::join_all(runs.into_iter().take(limit).map(|run| async move {
+            let (builds, _) = self.attempts(&run).await?;
+            let plan = pipeline::plan(&run, &builds);
+            Ok::<_, Error>(RunView { run, plan })
+        }))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+        Ok((views, next))
+    }
+
+    /// Starts the stages of a run whose needs have succeeded. Level
+    /// triggered: whoever calls it (a stage's end, a restart, an operator)
+    /// gets the same stages started once.
+    pub async fn advance_run(self: &Arc<Self>, id: Uuid) -> Result<Vec<Build>> {
+        let Some(run) = self.ports.runs.get(id).await? else {
+            return Ok(Vec::new());
+        };
+        let (builds, mut to_schedule) = self.attempts(&run).await?;
+        let plan = pipeline::plan(&run, &builds);
+        let mut started = Vec::new();
+        for s in &plan.start {
+            if let Some(b) = self.start_attempt(&run, s, run.trigger, None).await? {
+                to_schedule.push(b.id);
+                started.push(b);
+            }
+        }
+        if !to_schedule.is_empty() {
+            self.schedule_ids(to_schedule).await;
+        }
+        Ok(started)
+    }
+
+    /// Claims and stores one attempt; `None` when another caller's claim
+    /// won (that one starts it).
+    async fn start_attempt(
+        &self,
+        run: &PipelineRun,
+        start: &StageStart,
+        trigger: Trigger,
+        rerun_of: Option<BuildId>,
+    ) -> Result<Option<Build>> {
+        let mut b = run.attempt(start, trigger, now());
+        b.rerun_of = rerun_of;
+        let Some(claim) = StageClaim::of(&b) else {
+            return Ok(None);
+        };
+        if self.ports.runs.claim(&claim).await?.is_some() {
+            return Ok(None);
+        }
+        self.ports.builds.insert(&b).await?;
+        tracing::info!(build_id = %b.id, run = %run.id, stage = %start.stage, attempt = start.attempt, "starting a pipeline stage");
+        Ok(Some(b))
+    }
+
+    /// Runs a stage again, and after it the stages that need it, reusing
+    /// the attempts of the stages before it. Refused while a stage of the
+    /// run is under way, when a stage it needs has not succeeded, and when
+    /// the artifacts it needs are no longer stored.
+    pub async fn rerun_stage(self: &Arc<Self>, id: Uuid, stage: &str) -> Result<Build> {
+        self.new_attempt(id, stage, false).await
+    }
+
+    /// Promotes a manual stage that waits for it.
+    pub async fn approve_stage(self: &Arc<Self>, id: Uuid, stage: &str) -> Result<Build> {
+        self.new_attempt(id, stage, true).await
+    }
+
+    async fn new_attempt(self: &Arc<Self>, id: Uuid, stage: &str, approve: bool) -> Result<Build> {
+        let Some(run) = self.ports.runs.get(id).await? else {
+            // A one-stage run of a project without pipeline.json: its
+            // rerun is the build's.
+            if !approve
+                && stage == pipeline::DEFAULT_STAGE
+                && let Some(b) = self.ports.builds.get(BuildId(id)).await?
+                && b.stage.is_none()
+            {
+                if !b.status.is_final() {
+                    return Err(Error::Conflict(format!(
+                        "stage {stage:?} of this run is still {}: rerun once it has ended",
+                        b.status
+                    )));
+                }
+                return self.rerun_single(b).await;
+            }
+            return Err(Error::NotFound(format!("pipeline run {id}")));
+        };
+        let (builds, _) = self.attempts(&run).await?;
+        let start = if approve {
+            pipeline::approve(&run, &builds, stage)?
+        } else {
+            pipeline::rerun(&run, &builds, stage)?
+        };
+        for (need, input) in &start.inputs {
+            self.check_input(*input, need).await?;
+        }
+        let previous = builds
+            .iter()
+            .filter(|b| b.stage.as_ref().is_some_and(|s| s.name == stage))
+            .max_by_key(|b| b.attempt())
+            .map(|b| b.id);
+        let trigger = if approve {
+            Trigger::Manual
+        } else {
+            Trigger::Rerun
+        };
+        match self
+            .start_attempt(&run, &start, trigger, previous.filter(|_| !approve))
+            .await?
+        {
+            Some(b) => {
+                self.schedule_ids(vec![b.id]).await;
+                self.build(b.id).await
+            }
+            None => Err(Error::Conflict(format!(
+                "attempt {} of stage {stage:?} has just been started by another request",
+                start.attempt
+            ))),
+        }
+    }
+
+    /// Refuses to start a stage whose input (the artifacts of `build`, an
+    /// attempt of stage `need`) was stored and is gone.
+    async fn check_input(&self, build: BuildId, need: &str) -> Result<()> {
+        let blobs = &self.ports.blobs;
+        let had = blobs.get(build, BlobKind::ArtifactsIndex).await?.is_some();
+        let has = blobs.get(build, BlobKind::ArtifactsTarGz).await?.is_some();
+        if had && !has {
+            return Err(Error::Conflict(format!(
+                "the artifacts of stage {need:?} (build {build}) are no longer stored: rerun from {need:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Starts what every recent run has to start (after a restart, or on
+    /// taking the lead): a stage that ended just before a stop has its
+    /// next stages started now, once.
+    pub(super) async fn advance_recent_runs(self: &Arc<Self>) -> Result<()> {
+        let since = now() - RECOVER_RUNS;
+        let runs = self.ports.runs.since(since).await?;
+        let mut started = 0usize;
+        for run in runs {
+            match self.advance_run(run.id).await {
+                Ok(b) => started += b.len(),
+                Err(e) => {
+                    tracing::warn!(run = %run.id, error = %e, "cannot advance a pipeline run")
+                }
+            }
+        }
+        if started > 0 {
+            tracing::info!(started, "pipeline stages started after a restart");
+        }
+        Ok(())
+    }
+}

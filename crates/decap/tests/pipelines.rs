@@ -1,0 +1,294 @@
+//! Pipelines on the embedded adapters and the local executor (no sandbox),
+//! served over HTTP: stages run in order as their needs succeed, each as a
+//! build of its own with its inputs, a manual stage waits for Promote, a
+//! run is started again from the stage that failed, and no stage starts
+//! twice.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use decap_core::build::{BuildStatus, Trigger};
+use decap_core::pipeline::StageStatus;
+use decap_core::ports::BlobKind;
+use decap_core::schedule::Caps;
+use decap_core::{Error, ProjectKey};
+use decap_server::controller::RunView;
+use decap_server::{AuthConfig, Controller};
+use secrecy::SecretString;
+
+use common::TOKEN;
+use common::app::{Embedded, Options, embedded_with};
+
+const PIPELINE: &str = r#"{"stages": [
+    {"name": "build", "script": "build.sh"},
+    {"name": "test", "script": "test.sh"},
+    {"name": "deploy", "script": "deploy.sh", "manual": true, "lock": "production"}
+]}"#;
+
+/// `build` leaves an artifact naming its run; `test` checks it got that
+/// artifact, and fails its first attempt when `FLAKY` is in the project's
+/// folder; `deploy` checks its variables.
+fn write_project(root: &std::path::Path, flaky: bool) {
+    let dir = root.join("acme/flow");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("project.json"), r#"{"buildImage": "x"}"#).unwrap();
+    std::fs::write(dir.join("pipeline.json"), PIPELINE).unwrap();
+    std::fs::write(
+        dir.join("build.sh"),
+        "set -e\n[ \"$DECAP_STAGE\" = build ] && [ \"$DECAP_ATTEMPT\" -ge 1 ]\n\
+         echo \"built-$DECAP_PIPELINE_RUN_ID\" > \"$ARTIFACTS_DIR/out.txt\"\n",
+    )
+    .unwrap();
+    let fail_first = if flaky {
+        "[ \"$DECAP_ATTEMPT\" -ge 2 ] || { echo flaky; exit 3; }\n"
+    } else {
+        ""
+    };
+    std::fs::write(
+        dir.join("test.sh"),
+        format!(
+            "#!/bin/sh\nset -e\n[ \"$DECAP_STAGE\" = test ]\n\
+             [ \"$(cat \"$DECAP_INPUTS/build/out.txt\")\" = \"built-$DECAP_PIPELINE_RUN_ID\" ]\n\
+             {fail_first}echo tested\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("deploy.sh"),
+        "set -e\n[ \"$DECAP_STAGE\" = deploy ]\n[ -d \"$DECAP_INPUTS/test\" ]\n",
+    )
+    .unwrap();
+}
+
+async fn served(flaky: bool) -> Embedded {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let options = Options {
+        public_url: &url,
+        caps: Caps::default(),
+        decap_url: &url,
+        drain_interval: Duration::from_millis(100),
+        ..Options::default()
+    };
+    let e = embedded_with(options, |scripts| write_project(scripts, flaky)).await;
+    e.serve(
+        listener,
+        AuthConfig {
+            api_token: Some(SecretString::from(TOKEN)),
+            insecure_local: false,
+            webhook_secrets: Vec::new(),
+            private_reads: false,
+        },
+    );
+    e
+}
+
+fn flow() -> ProjectKey {
+    ProjectKey::new("acme", "flow").unwrap()
+}
+
+async fn request(c: &Arc<Controller>) -> uuid::Uuid {
+    let (runs, builds) = c
+        .request_runs(&flow(), &["main".to_owned()], Trigger::Api)
+        .await
+        .unwrap();
+    assert_eq!(builds.len(), 1, "only the first stage starts: {builds:?}");
+    assert_eq!(builds[0].stage_name(), "build");
+    assert_eq!(builds[0].pipeline_run_id, runs[0]);
+    runs[0]
+}
+
+/// Waits until the run's status is `status`, or fails after 30 s.
+async fn until(c: &Controller, id: uuid::Uuid, status: &str) -> RunView {
+    let start = Instant::now();
+    loop {
+        let v = c.pipeline_run(id).await.unwrap();
+        if v.plan.status == status {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "run {id} never became {status}: {:#?}",
+            v.plan
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn statuses(v: &RunView) -> Vec<&'static str> {
+    v.plan.stages.iter().map(|s| s.status.as_str()).collect()
+}
+
+#[tokio::test]
+async fn stages_run_in_order_with_their_inputs_and_a_manual_one_waits_for_promote() {
+    let e = served(false).await;
+    let c = &e.controller;
+    let id = request(c).await;
+    let first = c.pipeline_run(id).await.unwrap();
+    assert_eq!(
+        first.plan.stages.len(),
+        3,
+        "every stage is there from the start"
+    );
+    assert_eq!(first.plan.stages[2].status, StageStatus::Pending);
+    let v = until(c, id, "waiting").await;
+    assert_eq!(statuses(&v), ["succeeded", "succeeded", "waiting"]);
+    let test = &v.plan.stages[1].attempts[0];
+    assert_eq!(test.lock_key().as_str(), "acme/flow/main:test");
+    assert!(
+        matches!(c.rerun_stage(id, "nope").await, Err(Error::NotFound(_))),
+        "an unknown stage"
+    );
+    assert!(matches!(
+        c.approve_stage(id, "test").await,
+        Err(Error::Conflict(_))
+    ));
+    let deploy = c.approve_stage(id, "deploy").await.unwrap();
+    assert_eq!(deploy.trigger, Trigger::Manual);
+    assert_eq!(deploy.lock_key().as_str(), "acme/flow/:production");
+    assert!(
+        matches!(c.approve_stage(id, "deploy").await, Err(Error::Conflict(_))),
+        "approved once"
+    );
+    let v = until(c, id, "succeeded").await;
+    assert_eq!(statuses(&v), ["succeeded", "succeeded", "succeeded"]);
+    let (runs, _) = c.pipeline_runs(&flow(), None, 10).await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].run.id, id);
+}
+
+#[tokio::test]
+async fn a_failed_run_starts_again_from_the_stage_that_failed_once_however_often_asked() {
+    let e = served(true).await;
+    let c = &e.controller;
+    let id = request(c).await;
+    let v = until(c, id, "failed").await;
+    assert_eq!(statuses(&v), ["succeeded", "failed", "pending"]);
+    let build_attempt = v.plan.stages[0].attempts[0].id;
+    // Asked twice at once: one attempt.
+    let (a, b) = tokio::join!(c.rerun_stage(id, "test"), c.rerun_stage(id, "test"));
+    let started: Vec<_> = [a, b].into_iter().filter_map(Result::ok).collect();
+    assert_eq!(started.len(), 1, "one rerun starts");
+    assert_eq!(started[0].attempt(), 2);
+    let v = until(c, id, "waiting").await;
+    assert_eq!(statuses(&v), ["succeeded", "succeeded", "waiting"]);
+    assert_eq!(
+        v.plan.stages[0].attempts.len(),
+        1,
+        "the first stage is reused"
+    );
+    assert_eq!(v.plan.stages[0].attempts[0].id, build_attempt);
+    assert_eq!(v.plan.stages[1].attempts.len(), 2, "attempts are kept");
+    assert_eq!(v.plan.stages[1].attempts[0].status, BuildStatus::Failed);
+
+    // The first stage's artifacts gone: a rerun of the second is refused.
+    c.ports
+        .blobs
+        .delete(build_attempt, BlobKind::ArtifactsTarGz)
+        .await
+        .unwrap();
+    match c.rerun_stage(id, "test").await {
+        Err(Error::Conflict(m)) => assert!(m.contains("no longer stored"), "{m}"),
+        other => panic!("a rerun without its inputs: {other:?}"),
+    }
+    // From the first stage, the run starts again: the later ones wait
+    // for it.
+    let again = c.rerun_stage(id, "build").await.unwrap();
+    assert_eq!(again.attempt(), 2);
+    let v = until(c, id, "waiting").await;
+    assert_eq!(v.plan.stages[1].attempts.len(), 3);
+}
+
+#[tokio::test]
+async fn a_stage_that_ended_before_a_stop_starts_the_next_once() {
+    let e = served(false).await;
+    let c = &e.controller;
+    let id = request(c).await;
+    until(c, id, "waiting").await;
+    // As if the controller stopped between a stage's end and the next
+    // stage's start: a second run whose first stage ended, and nothing
+    // more, then two looks at it at once.
+    let run = c.ports.runs.get(id).await.unwrap().unwrap();
+    let mut copy = run.clone();
+    copy.id = uuid::Uuid::now_v7();
+    c.ports.runs.insert(&copy).await.unwrap();
+    let start = decap_core::pipeline::plan(&copy, &[]).start.remove(0);
+    let mut b = copy.attempt(&start, Trigger::Api, time::OffsetDateTime::now_utc());
+    b.status = BuildStatus::Succeeded;
+    c.ports.builds.insert(&b).await.unwrap();
+    c.ports
+        .runs
+        .claim(&decap_core::pipeline::StageClaim::of(&b).unwrap())
+        .await
+        .unwrap();
+    // Its artifact, as the first stage would have left it.
+    let tarball = {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        {
+            let mut tar = tar::Builder::new(&mut gz);
+            let body = format!("built-{}\n", copy.id);
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            tar.append_data(&mut h, "out.txt", body.as_bytes()).unwrap();
+            tar.finish().unwrap();
+        }
+        gz.finish().unwrap()
+    };
+    let stream: decap_core::ports::ByteStream = Box::pin(futures::stream::once(async move {
+        Ok(bytes::Bytes::from(tarball))
+    }));
+    c.ports
+        .blobs
+        .put(b.id, BlobKind::ArtifactsTarGz, stream)
+        .await
+        .unwrap();
+    let (one, two) = tokio::join!(c.advance_run(copy.id), c.advance_run(copy.id));
+    assert_eq!(
+        one.unwrap().len() + two.unwrap().len(),
+        1,
+        "the next stage starts once"
+    );
+    let v = until(c, copy.id, "waiting").await;
+    assert_eq!(v.plan.stages[1].attempts.len(), 1);
+    assert!(c.advance_run(copy.id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_invalid_pipeline_is_the_projects_error() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let e = embedded_with(
+        Options {
+            public_url: &url,
+            decap_url: &url,
+            ..Options::default()
+        },
+        |root| {
+            write_project(root, false);
+            std::fs::write(
+                root.join("acme/flow/pipeline.json"),
+                r#"{"stages": [{"name": "a", "script": "build.sh", "needs": ["b"]}, {"name": "b", "script": "test.sh", "needs": ["a"]}]}"#,
+            )
+            .unwrap();
+        },
+    )
+    .await;
+    let entry = e.controller.project(&flow()).unwrap();
+    assert!(
+        entry.error.as_deref().unwrap().contains("cycle"),
+        "{entry:?}"
+    );
+    match e
+        .controller
+        .request_builds(&flow(), &["main".to_owned()], Trigger::Api)
+        .await
+    {
+        Err(Error::Invalid { reason, .. }) => assert!(reason.contains("cycle"), "{reason}"),
+        other => panic!("a request of a project with a cycle: {other:?}"),
+    }
+}
