@@ -234,6 +234,44 @@ impl Client {
         self.json(self.request(Method::POST, &path)).await
     }
 
+    /// `GET /api/v1/pipelines/{team}/{project}`: a project's runs, newest
+    /// first.
+    pub async fn pipeline_runs(
+        &self,
+        team: &str,
+        project: &str,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<decap_api_types::PipelineRunsPage> {
+        let mut path = format!(
+            "/api/v1/pipelines/{}/{}?limit={limit}",
+            enc(team),
+            enc(project)
+        );
+        if let Some(c) = cursor {
+            path.push_str(&format!("&cursor={}", query_value(c)));
+        }
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// `GET /api/v1/pipeline-runs/{id}`.
+    pub async fn pipeline_run(&self, id: &str) -> Result<decap_api_types::PipelineRunView> {
+        self.json(self.request(Method::GET, &format!("/api/v1/pipeline-runs/{}", enc(id))))
+            .await
+    }
+
+    /// `POST /api/v1/pipeline-runs/{id}/stages/{stage}/rerun` or
+    /// `…/approve` (`approve`).
+    pub async fn stage_action(&self, id: &str, stage: &str, approve: bool) -> Result<BuildView> {
+        let path = format!(
+            "/api/v1/pipeline-runs/{}/stages/{}/{}",
+            enc(id),
+            enc(stage),
+            if approve { "approve" } else { "rerun" }
+        );
+        self.json(self.request(Method::POST, &path)).await
+    }
+
     /// `GET /api/v1/build/{id}`.
     pub async fn build(&self, id: &str) -> Result<BuildView> {
         self.json(self.request(Method::GET, &format!("/api/v1/build/{}", enc(id))))

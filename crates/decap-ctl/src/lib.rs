@@ -81,6 +81,10 @@ enum Command {
         /// The build id.
         id: String,
     },
+    /// Pipeline runs: a project's runs, one run's stages, a rerun from a
+    /// stage, Promote of a manual stage.
+    #[command(subcommand)]
+    Pipeline(PipelineCmd),
     /// The projects in the build scripts.
     Projects,
     /// Deferred builds.
@@ -115,6 +119,37 @@ enum Command {
     /// names, remove one. Values are never shown again.
     #[command(subcommand)]
     Secrets(SecretsCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum PipelineCmd {
+    /// A project's runs, newest first, a column per stage.
+    Runs {
+        /// team/project
+        project: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// One run: every stage with its status and attempts.
+    Show {
+        /// The pipeline run id.
+        id: String,
+    },
+    /// Run a stage again, and the stages after it.
+    Rerun {
+        /// The pipeline run id.
+        id: String,
+        /// The stage to start again from.
+        stage: String,
+    },
+    /// Promote a manual stage that waits.
+    Approve {
+        /// The pipeline run id.
+        id: String,
+        /// The stage.
+        stage: String,
+    },
 }
 
 /// The help shown after `decapctl secrets --help`.
@@ -651,6 +686,68 @@ pub async fn main(cli: Cli) -> Result<i32> {
                 println!("build {} ({}) reruns {id}", b.id, b.status)
             }
         }
+        Command::Pipeline(cmd) => match cmd {
+            PipelineCmd::Rerun { ref id, ref stage }
+            | PipelineCmd::Approve { ref id, ref stage } => {
+                let approve = matches!(cmd, PipelineCmd::Approve { .. });
+                let b = client.stage_action(id, stage, approve).await?;
+                if json {
+                    print_json(&b)?
+                } else {
+                    println!(
+                        "stage {} of run {id}: attempt {} is build {} ({})",
+                        b.stage, b.attempt, b.id, b.status
+                    )
+                }
+            }
+            PipelineCmd::Runs { project, limit } => {
+                let (team, project) = split_project(&project)?;
+                let page = client.pipeline_runs(team, project, limit, None).await?;
+                if json {
+                    print_json(&page)?
+                } else {
+                    let rows = page
+                        .runs
+                        .iter()
+                        .map(|r| {
+                            let stages: Vec<String> = r
+                                .stages
+                                .iter()
+                                .map(|s| format!("{}:{}", s.name, s.status))
+                                .collect();
+                            vec![
+                                r.id.clone(),
+                                r.branch.clone(),
+                                r.status.clone(),
+                                stages.join(" "),
+                            ]
+                        })
+                        .collect();
+                    table(&["RUN", "BRANCH", "STATUS", "STAGES"], rows)
+                }
+            }
+            PipelineCmd::Show { id } => {
+                let r = client.pipeline_run(&id).await?;
+                if json {
+                    print_json(&r)?
+                } else {
+                    println!("run {} of {} {}: {}", r.id, r.project, r.branch, r.status);
+                    let rows = r
+                        .stages
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.name.clone(),
+                                s.status.clone(),
+                                s.attempts.len().to_string(),
+                                s.attempts.last().map(|b| b.id.clone()).unwrap_or_default(),
+                            ]
+                        })
+                        .collect();
+                    table(&["STAGE", "STATUS", "ATTEMPTS", "LATEST BUILD"], rows)
+                }
+            }
+        },
         Command::Projects => {
             let p = client.projects().await?;
             if json {

@@ -58,7 +58,28 @@ fn insert_row(c: &Connection, b: &Build) -> rusqlite::Result<()> {
 impl BuildStore for SqliteBuildStore {
     async fn insert(&self, build: &Build) -> Result<()> {
         let b = build.clone();
-        self.db.write(move |c| insert_row(c, &b)).await
+        let id = b.id;
+        let inserted = self
+            .db
+            .write(move |c| {
+                let exists: Option<i64> = query_row(
+                    c,
+                    "SELECT 1 FROM builds WHERE id = ?1",
+                    [b.id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+                if exists.is_some() {
+                    return Ok(false);
+                }
+                insert_row(c, &b)?;
+                Ok(true)
+            })
+            .await?;
+        if !inserted {
+            return Err(Error::Conflict(format!("build {id} exists already")));
+        }
+        Ok(())
     }
 
     async fn insert_delivery(

@@ -176,6 +176,14 @@ pub fn router(state: AppState) -> Router {
             post(ui::subscribe),
         )
         .route("/ui/builds/{id}/rerun", post(ui::rerun))
+        .route(
+            "/ui/pipeline-runs/{id}/stages/{stage}/rerun",
+            post(ui::rerun_stage),
+        )
+        .route(
+            "/ui/pipeline-runs/{id}/stages/{stage}/approve",
+            post(ui::approve_stage),
+        )
         .route("/ui/builds/{id}/cancel", post(ui::cancel))
         .route("/ui/deferred/{id}/remove", post(ui::remove_deferred))
         .route("/ui/locks/unlock", post(ui::unlock))

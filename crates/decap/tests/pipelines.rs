@@ -136,6 +136,41 @@ async fn stages_run_in_order_with_their_inputs_and_a_manual_one_waits_for_promot
     assert_eq!(first.plan.stages[2].status, StageStatus::Pending);
     let v = until(c, id, "waiting").await;
     assert_eq!(statuses(&v), ["succeeded", "succeeded", "waiting"]);
+    // The project page draws the stages and the run's boxes; the API
+    // shows the same run.
+    let page = reqwest::get(format!("{}/projects/acme/flow", c.config.public_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(r#"<h2 id="pipeline-h">Pipeline</h2>"#),
+        "{page}"
+    );
+    assert!(page.contains(r#"<td class="stage s-waiting">"#), "{page}");
+    assert_eq!(page.matches(r#"<td class="stage s-succeeded">"#).count(), 2);
+    let api: decap_api_types::PipelineRunView =
+        reqwest::get(format!("{}/api/v1/pipeline-runs/{id}", c.config.public_url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(api.status, "waiting");
+    assert_eq!(api.stages[2].name, "deploy");
+    assert_eq!(api.stages[2].status, "waiting");
+    assert_eq!(api.stages[1].attempts[0].stage, "test");
+    let approve = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v1/pipeline-runs/{id}/stages/build/approve",
+            c.config.public_url
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(approve.status(), 409, "build is not waiting");
     let test = &v.plan.stages[1].attempts[0];
     assert_eq!(test.lock_key().as_str(), "acme/flow/main:test");
     assert!(
@@ -146,7 +181,22 @@ async fn stages_run_in_order_with_their_inputs_and_a_manual_one_waits_for_promot
         c.approve_stage(id, "test").await,
         Err(Error::Conflict(_))
     ));
-    let deploy = c.approve_stage(id, "deploy").await.unwrap();
+    // decapctl's client: the runs, one run, Promote.
+    let client = decap_client::Client::new(&c.config.public_url, Some(TOKEN.into())).unwrap();
+    let page = client.pipeline_runs("acme", "flow", 5, None).await.unwrap();
+    assert_eq!(page.runs.len(), 1);
+    assert_eq!(page.runs[0].id, id.to_string());
+    let shown = client.pipeline_run(&id.to_string()).await.unwrap();
+    assert_eq!(shown.stages.len(), 3);
+    let promoted = client
+        .stage_action(&id.to_string(), "deploy", true)
+        .await
+        .unwrap();
+    assert_eq!((promoted.stage.as_str(), promoted.attempt), ("deploy", 1));
+    let deploy = c
+        .build(decap_core::BuildId::parse(&promoted.id).unwrap())
+        .await
+        .unwrap();
     assert_eq!(deploy.trigger, Trigger::Manual);
     assert_eq!(deploy.lock_key().as_str(), "acme/flow/:production");
     assert!(

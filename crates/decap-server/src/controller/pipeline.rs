@@ -21,6 +21,10 @@ use super::{Controller, now};
 /// How far back a start looks for runs that may have a stage to start.
 pub(super) const RECOVER_RUNS: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// How old a claim whose build is missing must be before the build is
+/// stored from it (its claimer stores it right after claiming).
+const REPAIR_AFTER: Duration = Duration::from_secs(30);
+
 /// The variable naming the stages whose artifacts a stage gets (bctool's
 /// `inputs` reads it).
 pub const INPUT_STAGES_VAR: &str = "DECAP_INPUT_STAGES";
@@ -203,34 +207,54 @@ impl Controller {
         Ok(self.ports.runs.get(run.id).await?.unwrap_or(run))
     }
 
-    /// The builds of a run, by its claims; a claimed attempt whose build
-    /// was never stored (a stop between the two) is stored now, queued.
-    async fn attempts(&self, run: &PipelineRun) -> Result<(Vec<Build>, Vec<BuildId>)> {
+    /// The builds of a run, by its claims. With `repair`, a claimed
+    /// attempt whose build was never stored (a stop between the two; a
+    /// claim younger than [`REPAIR_AFTER`] is still being stored by its
+    /// claimer) is stored now, queued, and answered among those to
+    /// schedule.
+    async fn attempts(
+        &self,
+        run: &PipelineRun,
+        repair: bool,
+    ) -> Result<(Vec<Build>, Vec<BuildId>)> {
         let claims = self.ports.runs.claims(run.id).await?;
         let reads =
             futures::future::join_all(claims.iter().map(|c| self.ports.builds.get(c.build))).await;
         let mut builds = Vec::with_capacity(claims.len());
         let mut stored = Vec::new();
         for (claim, read) in claims.iter().zip(reads) {
-            match read? {
-                Some(b) => builds.push(b),
-                None => {
-                    let mut b = run.attempt(&claim.start(), claim.trigger, now());
-                    b.id = claim.build;
-                    match self.ports.builds.insert(&b).await {
-                        Ok(()) => {
-                            tracing::info!(build_id = %b.id, run = %run.id, stage = %claim.stage, "storing a claimed stage attempt that was never stored");
-                            stored.push(b.id);
-                            builds.push(b);
-                        }
-                        Err(Error::Conflict(_)) => {
-                            if let Some(b) = self.ports.builds.get(claim.build).await? {
-                                builds.push(b);
-                            }
-                        }
-                        Err(e) => return Err(e),
+            if let Some(b) = read? {
+                builds.push(b);
+                continue;
+            }
+            let claimed_at = claim
+                .build
+                .0
+                .get_timestamp()
+                .map(|t| t.to_unix())
+                .map(|(s, n)| std::time::UNIX_EPOCH + Duration::new(s, n));
+            let old = claimed_at.is_some_and(|t| {
+                std::time::SystemTime::now()
+                    .duration_since(t)
+                    .is_ok_and(|age| age > REPAIR_AFTER)
+            });
+            if !repair || !old {
+                continue;
+            }
+            let mut b = run.attempt(&claim.start(), claim.trigger, now());
+            b.id = claim.build;
+            match self.ports.builds.insert(&b).await {
+                Ok(()) => {
+                    tracing::info!(build_id = %b.id, run = %run.id, stage = %claim.stage, "storing a claimed stage attempt that was never stored");
+                    stored.push(b.id);
+                    builds.push(b);
+                }
+                Err(Error::Conflict(_)) => {
+                    if let Some(b) = self.ports.builds.get(claim.build).await? {
+                        builds.push(b);
                     }
                 }
+                Err(e) => return Err(e),
             }
         }
         Ok((builds, stored))
@@ -241,7 +265,7 @@ impl Controller {
     /// pipelines) is read as the one stage of its own run.
     pub async fn pipeline_run(&self, id: Uuid) -> Result<RunView> {
         if let Some(run) = self.ports.runs.get(id).await? {
-            let (builds, _) = self.attempts(&run).await?;
+            let (builds, _) = self.attempts(&run, false).await?;
             let plan = pipeline::plan(&run, &builds);
             return Ok(RunView { run, plan });
         }
@@ -302,7 +326,7 @@ impl Controller {
         let runs = self.ports.runs.list(project, before, limit + 1).await?;
         let next = (runs.len() > limit).then(|| runs[limit - 1].id.to_string());
         let views = futures::future::join_all(runs.into_iter().take(limit).map(|run| async move {
-            let (builds, _) = self.attempts(&run).await?;
+            let (builds, _) = self.attempts(&run, false).await?;
             let plan = pipeline::plan(&run, &builds);
             Ok::<_, Error>(RunView { run, plan })
         }))
@@ -319,7 +343,7 @@ impl Controller {
         let Some(run) = self.ports.runs.get(id).await? else {
             return Ok(Vec::new());
         };
-        let (builds, mut to_schedule) = self.attempts(&run).await?;
+        let (builds, mut to_schedule) = self.attempts(&run, true).await?;
         let plan = pipeline::plan(&run, &builds);
         let mut started = Vec::new();
         for s in &plan.start {
@@ -388,7 +412,7 @@ impl Controller {
             }
             return Err(Error::NotFound(format!("pipeline run {id}")));
         };
-        let (builds, _) = self.attempts(&run).await?;
+        let (builds, _) = self.attempts(&run, false).await?;
         let start = if approve {
             pipeline::approve(&run, &builds, stage)?
         } else {

@@ -98,6 +98,26 @@ where
     }
 }
 
+/// Does `act` for a person who may act, then goes where it says.
+pub(super) async fn act_on<F, Fut>(
+    app: &AppState,
+    headers: &HeaderMap,
+    ci: Peer,
+    act: F,
+) -> Response
+where
+    F: FnOnce(std::sync::Arc<crate::Controller>) -> Fut,
+    Fut: std::future::Future<Output = decap_core::Result<String>>,
+{
+    if let Some(r) = refuse_action(app, headers, ci.0) {
+        return r;
+    }
+    match act(app.controller.clone()).await {
+        Ok(to) => go(headers, &to),
+        Err(e) => core_error_page(e),
+    }
+}
+
 /// `POST /ui/builds/{id}/rerun`.
 pub async fn rerun(
     State(app): State<AppState>,

@@ -30,6 +30,7 @@ mod actions;
 mod build;
 mod dashboard;
 mod login;
+mod pipelines;
 mod projects;
 mod queue;
 
@@ -37,6 +38,7 @@ pub use actions::*;
 pub use build::*;
 pub use dashboard::*;
 pub use login::*;
+pub use pipelines::{approve_stage, rerun_stage};
 pub use projects::*;
 pub use queue::*;
 

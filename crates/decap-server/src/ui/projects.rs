@@ -149,6 +149,10 @@ struct ProjectPage {
     /// preset with the defaults.
     phases_from: String,
     phases: Vec<super::build::PhaseRow>,
+    /// The stages of the project's pipeline (empty without `pipeline.json`).
+    stages: Vec<super::pipelines::StageHead>,
+    /// Its recent runs.
+    runs: Vec<super::pipelines::RunRow>,
 }
 
 /// `GET /projects/{team}/{project}` — branches with a Build button, the
@@ -268,7 +272,16 @@ pub async fn project(
             ),
         },
     };
+    let (stages, runs) = match entry.as_ref().and_then(|e| e.pipeline.as_ref()) {
+        Some(def) => (
+            super::pipelines::heads(def),
+            super::pipelines::recent(&app, &key).await,
+        ),
+        None => (Vec::new(), Vec::new()),
+    };
     render(&ProjectPage {
+        stages,
+        runs,
         language: language.map(|l| l.name().to_owned()).unwrap_or_default(),
         phases_from,
         phases,

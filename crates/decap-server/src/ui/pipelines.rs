@@ -1,0 +1,169 @@
+//! The project page's pipeline: its stages drawn before they run, each
+//! recent run as a row of stage boxes (those not run yet shown as such),
+//! with Rerun-from-here and Promote.
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use decap_core::names::ProjectKey;
+use decap_core::pipeline::StageStatus;
+
+use super::actions::act_on;
+use super::{Peer, StatusView, When, status_view, when};
+use crate::AppState;
+use crate::controller::RunView;
+
+/// A stage of the definition, as the page draws it.
+pub struct StageHead {
+    /// Its name.
+    pub name: String,
+    /// What it needs, in words (`after build, lint`).
+    pub needs: String,
+    /// It waits for Promote.
+    pub manual: bool,
+}
+
+/// One stage of one run.
+pub struct StageBox {
+    /// The stage.
+    pub name: String,
+    /// `pending`, `waiting`, `skipped` or the build's status.
+    pub status: String,
+    /// Its symbol for a build status, else empty.
+    pub symbol: &'static str,
+    /// Its current (latest) attempt, if any.
+    pub build: String,
+    /// How many attempts it had.
+    pub attempts: usize,
+    /// Promote shows.
+    pub can_approve: bool,
+    /// Rerun-from-here shows.
+    pub can_rerun: bool,
+}
+
+/// One run, a row of boxes.
+pub struct RunRow {
+    /// The run id.
+    pub id: String,
+    /// Its branch.
+    pub branch: String,
+    /// Its commit, shortened.
+    pub commit: String,
+    /// Its status.
+    pub status: String,
+    /// When it was asked for.
+    pub created: When,
+    /// Its stages.
+    pub stages: Vec<StageBox>,
+}
+
+/// The pipeline's stages, for the heading of the runs table.
+pub fn heads(def: &decap_core::pipeline::PipelineDef) -> Vec<StageHead> {
+    let needs = def.needs();
+    def.stages
+        .iter()
+        .map(|s| StageHead {
+            name: s.name.clone(),
+            needs: needs[s.name.as_str()].join(", "),
+            manual: s.manual,
+        })
+        .collect()
+}
+
+/// A run as a row of boxes.
+pub fn row(v: &RunView) -> RunRow {
+    let active = v.plan.status == "running";
+    RunRow {
+        id: v.run.id.to_string(),
+        branch: v.run.branch.clone(),
+        commit: v
+            .run
+            .commit
+            .as_deref()
+            .map(|c| c.chars().take(10).collect())
+            .unwrap_or_default(),
+        status: v.plan.status.to_owned(),
+        created: when(v.run.created_at),
+        stages: v
+            .plan
+            .stages
+            .iter()
+            .map(|s| {
+                let (status, symbol) = match s.status {
+                    StageStatus::Build(b) => {
+                        let StatusView { name, symbol } = status_view(b);
+                        (name.to_owned(), symbol)
+                    }
+                    other => (other.as_str().to_owned(), ""),
+                };
+                StageBox {
+                    name: s.name.clone(),
+                    status,
+                    symbol,
+                    build: s
+                        .attempts
+                        .last()
+                        .map(|b| b.id.to_string())
+                        .unwrap_or_default(),
+                    attempts: s.attempts.len(),
+                    can_approve: s.status == StageStatus::Waiting,
+                    can_rerun: !active && matches!(s.status, StageStatus::Build(b) if b.is_final()),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// The recent runs of a project with a pipeline.
+pub async fn recent(app: &AppState, key: &ProjectKey) -> Vec<RunRow> {
+    match app.controller.pipeline_runs(key, None, 10).await {
+        Ok((runs, _)) => runs.iter().map(row).collect(),
+        Err(e) => {
+            tracing::warn!(project = %key, error = %e, "cannot list pipeline runs");
+            Vec::new()
+        }
+    }
+}
+
+/// `POST /ui/pipeline-runs/{id}/stages/{stage}/rerun`.
+pub async fn rerun_stage(
+    State(app): State<AppState>,
+    Path((id, stage)): Path<(String, String)>,
+    headers: HeaderMap,
+    ci: Peer,
+) -> Response {
+    on_run(&app, &id, stage, &headers, ci, false).await
+}
+
+/// `POST /ui/pipeline-runs/{id}/stages/{stage}/approve`.
+pub async fn approve_stage(
+    State(app): State<AppState>,
+    Path((id, stage)): Path<(String, String)>,
+    headers: HeaderMap,
+    ci: Peer,
+) -> Response {
+    on_run(&app, &id, stage, &headers, ci, true).await
+}
+
+async fn on_run(
+    app: &AppState,
+    id: &str,
+    stage: String,
+    headers: &HeaderMap,
+    ci: Peer,
+    approve: bool,
+) -> Response {
+    let id = uuid::Uuid::parse_str(id).ok();
+    act_on(app, headers, ci, |c| async move {
+        let Some(id) = id else {
+            return Err(decap_core::Error::NotFound("that pipeline run".into()));
+        };
+        let b = if approve {
+            c.approve_stage(id, &stage).await?
+        } else {
+            c.rerun_stage(id, &stage).await?
+        };
+        Ok(format!("/builds/{}", b.id))
+    })
+    .await
+}
