@@ -253,6 +253,31 @@ pub struct ProjectStatsView {
     pub average_duration_ms: Option<i64>,
     /// The builds, oldest first, for a chart.
     pub durations: Vec<DurationPoint>,
+    /// Per stage of the project's pipeline (one stage, `build`, without
+    /// `pipeline.json`), over its last `last` runs (at most 100).
+    pub pipeline: PipelineStatsView,
+}
+
+/// Figures of a project's pipeline in [`ProjectStatsView`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineStatsView {
+    /// Runs counted, each stage's duration p50 and p90 and failure rate,
+    /// and the time from a run's request to its last stage's success.
+    #[serde(flatten)]
+    pub figures: decap_core::pipeline::PipelineStats,
+    /// The running runs among them, with about how long each has left.
+    pub running: Vec<RunEstimate>,
+}
+
+/// A running run and about how long it has left.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunEstimate {
+    /// The run id.
+    pub id: String,
+    /// By its stages' medians, in ms.
+    pub estimated_left_ms: i64,
 }
 
 /// One finished build in [`ProjectStatsView`].

@@ -7,6 +7,7 @@
 
 mod containers;
 mod light;
+mod pipelines;
 mod restarts;
 
 use std::path::Path;
@@ -68,6 +69,10 @@ enum What {
     /// distinct branches under a cap of 8; signed webhooks sent by wrk;
     /// each beside its floor.
     Light,
+    /// A three-stage pipeline of trivial stages against three trivial
+    /// builds one after the other; the project page and per-stage figures
+    /// over 10,000 runs of three stages.
+    Pipelines,
     /// Everything.
     All,
 }
@@ -1257,6 +1262,9 @@ async fn main() -> Result<()> {
     }
     if all || matches!(cli.what, What::ProjectPage) {
         project_page().await?;
+    }
+    if all || matches!(cli.what, What::Pipelines) {
+        pipelines::pipelines().await?;
     }
     if all || matches!(cli.what, What::LiveViewers) {
         live_viewers().await?;

@@ -548,6 +548,34 @@ pub async fn deferral_queue_suite(queue: Arc<dyn DeferralQueue>) {
         queue.remove(e.build_id).await.unwrap();
     }
     assert!(queue.list().await.unwrap().is_empty());
+
+    // A pipeline's stages of one commit wait apart (their entries carry
+    // `branch:stage`), and each is the head of its own key.
+    let stages: Vec<DeferredEntry> = ["main:build", "main:test", ":production"]
+        .iter()
+        .map(|b| {
+            let mut e = entry(b, Some("c-stages"), t0);
+            e.git_ref = "refs/heads/main".into();
+            e
+        })
+        .collect();
+    for e in &stages {
+        assert_eq!(
+            queue.push(e).await.unwrap(),
+            PushOutcome::Added,
+            "stage {} waits apart",
+            e.branch
+        );
+    }
+    let heads = queue.receive_heads(100).await.unwrap();
+    assert_eq!(heads.len(), 3, "one head per stage key");
+    for h in &heads {
+        queue.release(h).await.unwrap();
+    }
+    assert_eq!(stages[1].lock_key().as_str(), "contract/queue/main:test");
+    for e in &stages {
+        assert!(queue.remove(e.build_id).await.unwrap());
+    }
 }
 
 fn stream_of(chunks: Vec<Bytes>) -> ByteStream {
@@ -1409,6 +1437,22 @@ pub async fn run_store_suite(
     got.sort_by_key(|c| c.attempt);
     assert_eq!(got, vec![a, winners[0].clone()]);
     assert!(runs.claims(made[1].id).await.unwrap().is_empty());
+    let mut of_two = runs.claims_of(&[run.id, made[1].id]).await.unwrap();
+    of_two.sort_by_key(|c| c.attempt);
+    assert_eq!(of_two, got, "the claims of several runs at once");
+
+    // Builds read several at once.
+    let stored: Vec<Build> = (0..3)
+        .map(|i| build_at(&format!("many{i}"), "main", now()))
+        .collect();
+    for b in &stored {
+        builds.insert(b).await.unwrap();
+    }
+    let mut wanted: Vec<BuildId> = stored.iter().map(|b| b.id).collect();
+    wanted.push(BuildId::new());
+    let mut many = builds.get_many(&wanted).await.unwrap();
+    many.sort_by_key(|b| b.id);
+    assert_eq!(many, stored, "the builds that exist, each once");
 
     let all = builds
         .list(&BuildQuery {

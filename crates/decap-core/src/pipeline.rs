@@ -793,6 +793,156 @@ pub fn single_run(build: &Build) -> (PipelineRun, Vec<Build>) {
     (run, vec![b])
 }
 
+/// Figures of one stage over a project's recent runs (its current
+/// attempt in each run that got to it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StageStats {
+    /// The stage.
+    pub name: String,
+    /// Runs in which it ended (not counting those cancelled).
+    pub runs: usize,
+    /// Of them, succeeded.
+    pub succeeded: usize,
+    /// (failed + errored + timed out) / runs; none without runs.
+    pub failure_rate: Option<f64>,
+    /// Median duration of the attempts that ran, in ms.
+    pub p50_ms: Option<i64>,
+    /// 90th percentile duration, in ms.
+    pub p90_ms: Option<i64>,
+}
+
+/// Figures of a project's pipeline over its recent runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineStats {
+    /// Runs looked at.
+    pub runs: usize,
+    /// Each stage of the current definition, in its order.
+    pub stages: Vec<StageStats>,
+    /// From a run's request (its commit pushed) to its last stage's
+    /// success, median over the runs that succeeded, in ms.
+    pub lead_time_p50_ms: Option<i64>,
+    /// The same, 90th percentile.
+    pub lead_time_p90_ms: Option<i64>,
+}
+
+/// The `p`th percentile (nearest rank) of sorted values.
+fn percentile(sorted: &[i64], p: f64) -> Option<i64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Per-stage figures over `runs` (each with its plan), for the stages of
+/// `def` (stages a run had that the definition no longer has are left
+/// out).
+pub fn stats(def: &PipelineDef, runs: &[(&PipelineRun, &Plan)]) -> PipelineStats {
+    let mut stages = Vec::with_capacity(def.stages.len());
+    for s in &def.stages {
+        let mut durations = Vec::new();
+        let (mut ran, mut succeeded, mut bad) = (0usize, 0usize, 0usize);
+        for (_, plan) in runs {
+            let Some(state) = plan.stages.iter().find(|x| x.name == s.name) else {
+                continue;
+            };
+            let StageStatus::Build(status) = state.status else {
+                continue;
+            };
+            if !status.is_final() || status == BuildStatus::Cancelled {
+                continue;
+            }
+            ran += 1;
+            match status {
+                BuildStatus::Succeeded => succeeded += 1,
+                _ => bad += 1,
+            }
+            if let Some(ms) = state.attempts.last().and_then(Build::duration_ms) {
+                durations.push(ms);
+            }
+        }
+        durations.sort_unstable();
+        stages.push(StageStats {
+            name: s.name.clone(),
+            runs: ran,
+            succeeded,
+            failure_rate: (ran > 0).then(|| bad as f64 / ran as f64),
+            p50_ms: percentile(&durations, 50.0),
+            p90_ms: percentile(&durations, 90.0),
+        });
+    }
+    let mut lead: Vec<i64> = runs
+        .iter()
+        .filter(|(_, p)| p.status == "succeeded")
+        .filter_map(|(run, p)| {
+            let done = p
+                .stages
+                .iter()
+                .filter_map(|s| s.attempts.last().and_then(|b| b.end_time))
+                .max()?;
+            Some((done - run.created_at).whole_milliseconds() as i64)
+        })
+        .collect();
+    lead.sort_unstable();
+    PipelineStats {
+        runs: runs.len(),
+        stages,
+        lead_time_p50_ms: percentile(&lead, 50.0),
+        lead_time_p90_ms: percentile(&lead, 90.0),
+    }
+}
+
+/// About how long a running run has left, in ms, by its stages' medians:
+/// each stage still to run counts its median, a running one what is left
+/// of it (at least nothing). Stages waiting for a person, and those that
+/// will not run (skipped, or after one that failed), do not count. `None`
+/// when the run is not running or a stage to run has no median yet.
+pub fn time_left(plan: &Plan, stats: &PipelineStats, now: OffsetDateTime) -> Option<i64> {
+    if plan.status != "running" {
+        return None;
+    }
+    let mut left = 0i64;
+    for s in &plan.stages {
+        let median = || stats.stages.iter().find(|x| x.name == s.name)?.p50_ms;
+        match s.status {
+            StageStatus::Build(b) if b.is_final() => {}
+            StageStatus::Skipped | StageStatus::Waiting => {}
+            StageStatus::Build(BuildStatus::Running) => {
+                let started = s.attempts.last().and_then(|b| b.start_time);
+                let ran = started.map_or(0, |t| (now - t).whole_milliseconds() as i64);
+                left += (median()? - ran).max(0);
+            }
+            StageStatus::Build(_) => left += median()?,
+            StageStatus::Pending => {
+                if !s.manual && !blocked(plan, &s.name) {
+                    left += median()?;
+                }
+            }
+        }
+    }
+    Some(left)
+}
+
+/// Whether a pending stage will not run in this run: something it needs,
+/// directly or not, ended without succeeding, or waits for a person.
+fn blocked(plan: &Plan, name: &str) -> bool {
+    let Some(s) = plan.stages.iter().find(|x| x.name == name) else {
+        return true;
+    };
+    s.needs.iter().any(|n| {
+        plan.stages
+            .iter()
+            .find(|x| &x.name == n)
+            .is_none_or(|x| match x.status {
+                StageStatus::Build(b) => b.is_final() && b != BuildStatus::Succeeded,
+                StageStatus::Waiting | StageStatus::Skipped => true,
+                StageStatus::Pending => x.manual || blocked(plan, &x.name),
+            })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1026,6 +1176,61 @@ mod tests {
         assert_eq!(p.stages.len(), 1);
         assert_eq!(p.stages[0].status, StageStatus::Build(BuildStatus::Queued));
         assert!(p.start.is_empty());
+    }
+
+    #[test]
+    fn stage_figures_and_time_left_come_from_recent_runs() {
+        let t0 = OffsetDateTime::UNIX_EPOCH;
+        let ms = time::Duration::milliseconds;
+        let mut runs = Vec::new();
+        // Ten runs: build takes 100·i ms and succeeds; test takes 1 s and
+        // fails in runs 0 and 1; deploy (manual) never runs.
+        for i in 0..10i64 {
+            let run = run_of(three(), "main");
+            let mut builds = Vec::new();
+            start(&run, &mut builds);
+            let b = &mut builds[0];
+            b.status = BuildStatus::Succeeded;
+            b.start_time = Some(t0);
+            b.end_time = Some(t0 + ms(100 * (i + 1)));
+            start(&run, &mut builds);
+            let b = &mut builds[1];
+            b.status = if i < 2 {
+                BuildStatus::Failed
+            } else {
+                BuildStatus::Succeeded
+            };
+            b.start_time = Some(t0);
+            b.end_time = Some(t0 + ms(1000));
+            let p = plan(&run, &builds);
+            runs.push((run, p));
+        }
+        let pairs: Vec<(&PipelineRun, &Plan)> = runs.iter().map(|(r, p)| (r, p)).collect();
+        let st = stats(&three(), &pairs);
+        assert_eq!(st.runs, 10);
+        assert_eq!(st.stages[0].p50_ms, Some(500));
+        assert_eq!(st.stages[0].p90_ms, Some(900));
+        assert_eq!(st.stages[0].failure_rate, Some(0.0));
+        assert_eq!(st.stages[1].failure_rate, Some(0.2));
+        assert_eq!(st.stages[1].succeeded, 8);
+        assert_eq!(st.stages[2].runs, 0);
+        assert_eq!(st.stages[2].p50_ms, None);
+        assert_eq!(st.lead_time_p50_ms, None, "no run got through deploy");
+        // A run whose build has run 200 ms: 300 ms of it left, then test's
+        // second; deploy waits for a person and does not count.
+        let run = run_of(three(), "main");
+        let mut builds = Vec::new();
+        start(&run, &mut builds);
+        builds[0].status = BuildStatus::Running;
+        builds[0].start_time = Some(t0);
+        let p = plan(&run, &builds);
+        assert_eq!(time_left(&p, &st, t0 + ms(200)), Some(300 + 1000));
+        assert_eq!(
+            time_left(&p, &st, t0 + ms(5000)),
+            Some(1000),
+            "never below nothing"
+        );
+        assert_eq!(time_left(&runs[0].1, &st, t0), None, "an ended run");
     }
 
     proptest! {

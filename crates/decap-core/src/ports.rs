@@ -89,6 +89,16 @@ pub trait BuildStore: Send + Sync {
     ) -> Result<DeliveryOutcome>;
     /// A build by id.
     async fn get(&self, id: BuildId) -> Result<Option<Build>>;
+    /// The builds of `ids` that exist, in any order (one read where the
+    /// store can).
+    async fn get_many(&self, ids: &[BuildId]) -> Result<Vec<Build>> {
+        let reads = futures::future::join_all(ids.iter().map(|id| self.get(*id))).await;
+        let mut out = Vec::with_capacity(ids.len());
+        for r in reads {
+            out.extend(r?);
+        }
+        Ok(out)
+    }
     /// Replaces a build if its stored status is `expected`; returns whether it did.
     async fn update(&self, build: &Build, expected: BuildStatus) -> Result<bool>;
     /// History, newest first, paginated.
@@ -176,6 +186,16 @@ pub trait RunStore: Send + Sync {
     ) -> Result<Option<crate::pipeline::StageClaim>>;
     /// A run's claims.
     async fn claims(&self, run: uuid::Uuid) -> Result<Vec<crate::pipeline::StageClaim>>;
+    /// The claims of several runs, in any order (one read where the store
+    /// can).
+    async fn claims_of(&self, runs: &[uuid::Uuid]) -> Result<Vec<crate::pipeline::StageClaim>> {
+        let reads = futures::future::join_all(runs.iter().map(|r| self.claims(*r))).await;
+        let mut out = Vec::new();
+        for r in reads {
+            out.extend(r?);
+        }
+        Ok(out)
+    }
 }
 
 /// Locks per `team/project/branch`.

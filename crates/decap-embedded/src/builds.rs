@@ -134,6 +134,27 @@ impl BuildStore for SqliteBuildStore {
             .await
     }
 
+    async fn get_many(&self, ids: &[BuildId]) -> Result<Vec<Build>> {
+        let ids: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+        self.db
+            .read(move |c| {
+                let mut out = Vec::with_capacity(ids.len());
+                for chunk in ids.chunks(500) {
+                    let marks = vec!["?"; chunk.len()].join(",");
+                    let mut stmt =
+                        c.prepare(&format!("SELECT record FROM builds WHERE id IN ({marks})"))?;
+                    let rows = stmt.query_map(rusqlite::params_from_iter(chunk.iter()), |r| {
+                        r.get::<_, String>(0)
+                    })?;
+                    for row in rows {
+                        out.push(from_json(&row?)?);
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
     async fn update(&self, build: &Build, expected: BuildStatus) -> Result<bool> {
         let b = build.clone();
         self.db

@@ -159,6 +159,28 @@ impl RunStore for SqliteRunStore {
             .await
     }
 
+    async fn claims_of(&self, runs: &[Uuid]) -> Result<Vec<StageClaim>> {
+        let runs: Vec<String> = runs.iter().map(|r| r.to_string()).collect();
+        self.db
+            .read(move |c| {
+                let mut out = Vec::new();
+                for chunk in runs.chunks(500) {
+                    let marks = vec!["?"; chunk.len()].join(",");
+                    let mut stmt = c.prepare(&format!(
+                        "SELECT record FROM stage_claims WHERE run_id IN ({marks})"
+                    ))?;
+                    let rows = stmt.query_map(rusqlite::params_from_iter(chunk.iter()), |r| {
+                        r.get::<_, String>(0)
+                    })?;
+                    for row in rows {
+                        out.push(from_json(&row?)?);
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
     async fn claims(&self, run: Uuid) -> Result<Vec<StageClaim>> {
         self.db
             .read(move |c| {

@@ -152,12 +152,21 @@ pub fn sidecars(entry: &ProjectEntry) -> Result<Vec<Container>, String> {
 
 fn labels(spec: &LaunchSpec) -> BTreeMap<String, String> {
     let b = &spec.build;
-    BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (TYPE_LABEL.0.to_owned(), TYPE_LABEL.1.to_owned()),
         ("team".to_owned(), label_value(&b.project.team)),
         ("project".to_owned(), label_value(&b.project.project)),
         ("branch".to_owned(), label_value(&b.branch)),
-    ])
+    ]);
+    // A pipeline's stage: `kubectl get pods -l stage=deploy`.
+    if let Some(s) = &b.stage {
+        labels.insert("stage".to_owned(), label_value(&s.name));
+        labels.insert(
+            "pipeline-run".to_owned(),
+            label_value(&b.pipeline_run_id.to_string()),
+        );
+    }
+    labels
 }
 
 fn annotations(spec: &LaunchSpec) -> BTreeMap<String, String> {
@@ -561,4 +570,28 @@ pub fn render(spec: &LaunchSpec, config: &KubeExecutorConfig) -> Result<Rendered
         scripts: cm,
         token,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stage_pod_is_labelled_with_its_stage_and_run() {
+        let mut spec =
+            decap_contract_tests::launch_spec("true\n", std::time::Duration::from_secs(5));
+        assert!(
+            !labels(&spec).contains_key("stage"),
+            "a build of no pipeline"
+        );
+        spec.build.stage = Some(decap_core::pipeline::StageRef {
+            name: "deploy".into(),
+            attempt: 2,
+            inputs: Default::default(),
+            lock: None,
+        });
+        let l = labels(&spec);
+        assert_eq!(l["stage"], "deploy");
+        assert_eq!(l["pipeline-run"], spec.build.pipeline_run_id.to_string());
+    }
 }

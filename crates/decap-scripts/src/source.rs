@@ -169,6 +169,41 @@ impl Sources {
         }
     }
 
+    /// The commit `git_ref` (a full ref) points at now in the repository
+    /// at `url`, asked with `git ls-remote` (nothing is fetched; a
+    /// repository on this machine is read in place), within `within`.
+    pub async fn head(
+        &self,
+        url: &str,
+        git_ref: &str,
+        token: Option<&str>,
+        within: Duration,
+    ) -> Result<String> {
+        check_url(url)?;
+        if !git_ref.starts_with("refs/") || git_ref.contains("..") {
+            return Err(Error::invalid(
+                "ref",
+                format!("{git_ref:?} is not a full ref"),
+            ));
+        }
+        if let Some(local) = local_repository(url) {
+            return self
+                .resolve(&local, git_ref)
+                .await
+                .map_err(|e| cannot_fetch(url, git_ref, e));
+        }
+        let out = run(&["ls-remote", "--", url, git_ref], None, token, within)
+            .await
+            .map_err(|e| cannot_fetch(url, git_ref, e))?;
+        String::from_utf8_lossy(&out)
+            .lines()
+            .find_map(|l| {
+                let (sha, name) = l.split_once('\t')?;
+                (name == git_ref).then(|| sha.to_owned())
+            })
+            .ok_or_else(|| Error::NotFound(format!("{git_ref} in {}", redact(url))))
+    }
+
     /// The commit a launch builds, from the mirror when it holds it (the
     /// build's commit, or its ref as last fetched), fetched otherwise.
     pub async fn pinned(&self, url: &str, want: Want<'_>, token: Option<&str>) -> Result<String> {

@@ -1,8 +1,10 @@
 //! Commit statuses back on the repository host: pending when a build is
 //! accepted, then success, failure or error, with the build page as target,
-//! one context per project (`decap/team/project`) and an aggregate
-//! (`decap/all`) that is green only when every project's latest build of
-//! the commit is.
+//! one context per project (`decap/team/project`), or per stage of a
+//! project's pipeline (`decap/team/project/stage`), and an aggregate
+//! (`decap/all`) that is green only when every project's (and stage's)
+//! latest build of the commit is and no pipeline run of it is still
+//! under way.
 //!
 //! The reporter follows the controller's build broadcast in the background
 //! (no call to GitHub is on a webhook's answer path) and keeps what it told
@@ -82,6 +84,14 @@ fn is_sha(s: &str) -> bool {
     s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit())
 }
 
+/// The status context of a build: its project's, or its stage's.
+fn context_of(b: &Build) -> String {
+    match &b.stage {
+        Some(s) => format!("decap/{}/{}", b.project, s.name),
+        None => format!("decap/{}", b.project),
+    }
+}
+
 fn describe(b: &Build) -> String {
     let took = b
         .duration_ms()
@@ -154,7 +164,7 @@ impl StatusReporter {
             owner: b.project.team.clone(),
             repo: b.project.project.clone(),
             sha: sha.to_owned(),
-            context: format!("decap/{}", b.project),
+            context: context_of(b),
             state: CommitState::of(b.status),
             target_url: target_url.clone(),
             description: describe(b),
@@ -194,12 +204,25 @@ impl StatusReporter {
             .iter()
             .filter(|c| c.commit.as_deref() == Some(sha))
         {
-            if !latest.iter().any(|l| l.project == candidate.project) {
+            if !latest
+                .iter()
+                .any(|l| context_of(l) == context_of(candidate))
+            {
                 latest.push(candidate);
             }
         }
-        let states: Vec<CommitState> = latest.iter().map(|l| CommitState::of(l.status)).collect();
-        let total = states.len();
+        let mut states: Vec<CommitState> =
+            latest.iter().map(|l| CommitState::of(l.status)).collect();
+        // A stage that ended while later ones are still to start leaves
+        // the commit pending, not green.
+        if b.stage.is_some()
+            && b.status.is_final()
+            && let Ok(run) = self.controller.pipeline_run(b.pipeline_run_id).await
+            && run.plan.status == "running"
+        {
+            states.push(CommitState::Pending);
+        }
+        let total = latest.len();
         let green = states
             .iter()
             .filter(|s| **s == CommitState::Success)

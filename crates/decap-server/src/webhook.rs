@@ -388,7 +388,12 @@ async fn handle(
             b.delivery = Some(delivery.clone());
             // A project with a pipeline gets a run, and its first stages.
             let (run, builds) = match catalog.project(&b.project) {
-                Some(entry) => crate::controller::builds_for(entry, *b, &catalog.commit),
+                Some(entry) => {
+                    if entry.pipeline.is_some() {
+                        app.controller.remember_catalog(&catalog);
+                    }
+                    crate::controller::builds_for(entry, *b, &catalog.commit)
+                }
                 None => (None, vec![*b]),
             };
             (run, builds, None)

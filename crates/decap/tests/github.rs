@@ -375,6 +375,63 @@ async fn a_push_build_reports_pending_then_success_once_each_even_across_a_resta
     assert_eq!(stub.seen.lock().unwrap().len(), 5, "nothing sent twice");
 }
 
+#[tokio::test]
+async fn each_stage_of_a_pipeline_gets_its_status_and_the_aggregate_waits_for_the_last() {
+    let (stub, github_url, dir, scripts) = setup(
+        r#"{"buildImage": "x", "managedRefRegex": "main"}"#,
+        "echo built\n",
+    )
+    .await;
+    std::fs::write(
+        scripts.join("acme/widgets/pipeline.json"),
+        r#"{"stages": [{"name": "build", "script": "build.sh"}, {"name": "test", "script": "test.sh"}]}"#,
+    )
+    .unwrap();
+    std::fs::write(scripts.join("acme/widgets/test.sh"), "sleep 1\n").unwrap();
+    let args = [
+        "--github-token",
+        GITHUB_TOKEN,
+        "--github-api-url",
+        &github_url,
+    ];
+    let decap = Decap::start(&dir.path().join("data"), &scripts, &args);
+    let api = decap.api();
+    let body = push_payload("acme", "widgets", "refs/heads/main", SHA);
+    let answer = api.webhook("push", "delivery-stages", &body).await;
+    assert_eq!(answer.status(), 202);
+    let v: serde_json::Value = answer.json().await.unwrap();
+    assert!(v["pipelineRun"].is_string(), "{v}");
+    let done = |t: &[(String, String)]| t.iter().any(|(c, s)| c == "decap/all" && s == "success");
+    for _ in 0..300 {
+        if done(&told(&stub)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t = told(&stub);
+    let at = |context: &str, state: &str| {
+        t.iter()
+            .position(|(c, s)| c == context && s == state)
+            .unwrap_or_else(|| panic!("{context} {state} was never told: {t:#?}"))
+    };
+    at("decap/acme/widgets/build", "pending");
+    let built = at("decap/acme/widgets/build", "success");
+    let tested = at("decap/acme/widgets/test", "success");
+    let all = at("decap/all", "success");
+    assert!(built < tested && tested < all, "{t:#?}");
+    assert_eq!(
+        t.iter()
+            .filter(|(c, s)| c == "decap/all" && s == "success")
+            .count(),
+        1,
+        "green once, after the last stage: {t:#?}"
+    );
+    assert!(
+        !t.iter().any(|(c, _)| c == "decap/acme/widgets"),
+        "a pipeline's statuses are per stage: {t:#?}"
+    );
+}
+
 fn pr_payload(action: &str, head: &str) -> Vec<u8> {
     let fixtures =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/github");

@@ -342,3 +342,107 @@ async fn an_invalid_pipeline_is_the_projects_error() {
         other => panic!("a request of a project with a cycle: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn later_stages_run_the_scripts_their_run_was_pinned_to() {
+    let e = served(false).await;
+    let c = &e.controller;
+    let dir = e.dir.path().join("scripts/acme/flow");
+    std::fs::write(
+        dir.join("build.sh"),
+        "sleep 1\necho \"built-$DECAP_PIPELINE_RUN_ID\" > \"$ARTIFACTS_DIR/out.txt\"\n",
+    )
+    .unwrap();
+    c.ports.scripts.refresh().await.unwrap();
+    let id = request(c).await;
+    let pinned = c.ports.runs.get(id).await.unwrap().unwrap().scripts_commit;
+    // While the first stage runs, the second's script changes (to one
+    // that fails) and goes on to a new commit of the scripts.
+    std::fs::write(dir.join("test.sh"), "exit 7\n").unwrap();
+    let now = c.ports.scripts.refresh().await.unwrap();
+    assert_ne!(now.commit, pinned);
+    let v = until(c, id, "waiting").await;
+    let test = &v.plan.stages[1].attempts[0];
+    assert_eq!(test.status, BuildStatus::Succeeded, "{test:?}");
+    assert_eq!(test.scripts_commit.as_deref(), Some(pinned.as_str()));
+}
+
+#[tokio::test]
+async fn a_stage_whose_script_is_missing_at_its_pinned_commit_errors_saying_so() {
+    let e = served(false).await;
+    let c = &e.controller;
+    // A run pinned to scripts this process no longer has, whose second
+    // stage names a script the current ones lack; its first stage ended.
+    let template = decap_core::Build::new(
+        flow(),
+        &decap_core::refs::GitRef::branch("main").unwrap(),
+        None,
+        Trigger::Api,
+        time::OffsetDateTime::now_utc(),
+    );
+    let mut def = c.project(&flow()).unwrap().pipeline.unwrap();
+    def.stages[1].script = "gone.sh".into();
+    let run = decap_core::pipeline::PipelineRun::new(&template, "sha256:gone".into(), def);
+    c.ports.runs.insert(&run).await.unwrap();
+    let first = decap_core::pipeline::plan(&run, &[]).start.remove(0);
+    let mut b = run.attempt(&first, Trigger::Api, time::OffsetDateTime::now_utc());
+    b.status = BuildStatus::Succeeded;
+    c.ports.builds.insert(&b).await.unwrap();
+    c.ports
+        .runs
+        .claim(&decap_core::pipeline::StageClaim::of(&b).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(c.advance_run(run.id).await.unwrap().len(), 1);
+    let v = until(c, run.id, "errored").await;
+    assert_eq!(statuses(&v), ["succeeded", "errored", "pending"]);
+    let message = v.plan.stages[1].attempts[0]
+        .message
+        .clone()
+        .unwrap_or_default();
+    assert!(message.contains("gone.sh"), "{message}");
+}
+
+#[tokio::test]
+async fn a_run_asked_for_a_branch_records_the_commit_the_branch_points_at() {
+    let e = served(false).await;
+    let c = &e.controller;
+    // The project's repository, on this machine.
+    let repo = e.dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    git(&["init", "--quiet", "--initial-branch", "main"]);
+    std::fs::write(repo.join("README"), "hello\n").unwrap();
+    git(&["add", "."]);
+    git(&["commit", "--quiet", "-m", "one"]);
+    let head = git(&["rev-parse", "HEAD"]);
+    std::fs::write(
+        e.dir.path().join("scripts/acme/flow/project.json"),
+        format!(r#"{{"buildImage": "x", "repoUrl": "{}"}}"#, repo.display()),
+    )
+    .unwrap();
+    c.ports.scripts.refresh().await.unwrap();
+    c.set_presets(
+        Arc::new(decap_scripts::source::Sources::new(&e.data)),
+        Default::default(),
+        Default::default(),
+    );
+    let id = request(c).await;
+    let run = c.ports.runs.get(id).await.unwrap().unwrap();
+    assert_eq!(run.commit.as_deref(), Some(head.as_str()));
+    let v = c.pipeline_run(id).await.unwrap();
+    assert_eq!(
+        v.plan.stages[0].attempts[0].commit.as_deref(),
+        Some(head.as_str()),
+        "its stages build that commit"
+    );
+}

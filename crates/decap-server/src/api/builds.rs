@@ -119,6 +119,10 @@ pub async fn project_stats(
     if stats.builds == 0 && app.controller.project(&key).is_err() {
         return Err(ApiError::not_found(format!("project {team}/{project}")));
     }
+    let (figures, left) = app
+        .controller
+        .pipeline_stats(&key, branch.as_deref(), last.min(100))
+        .await?;
     Ok(Json(decap_api_types::ProjectStatsView {
         project: key.to_string(),
         branch,
@@ -139,6 +143,16 @@ pub async fn project_stats(
                 duration_ms: p.duration_ms,
             })
             .collect(),
+        pipeline: decap_api_types::PipelineStatsView {
+            figures,
+            running: left
+                .into_iter()
+                .map(|(id, ms)| decap_api_types::RunEstimate {
+                    id: id.to_string(),
+                    estimated_left_ms: ms,
+                })
+                .collect(),
+        },
     }))
 }
 

@@ -41,6 +41,10 @@ pub use preset::preset_language;
 mod recover;
 mod schedule;
 
+/// How many commits of the build scripts are kept for pipelines' later
+/// stages.
+const KEPT_CATALOGS: usize = 16;
+
 /// How many deferred builds one drain considers at most.
 const MAX_HEADS: usize = 1000;
 
@@ -134,6 +138,10 @@ pub struct Controller {
     schedule_tx: std::sync::OnceLock<mpsc::UnboundedSender<Build>>,
     /// Pipeline runs one of whose stages ended: their next stages start.
     advance_tx: std::sync::OnceLock<mpsc::UnboundedSender<uuid::Uuid>>,
+    /// The build scripts as they were at recent commits, newest last, so
+    /// that a pipeline's later stages run the scripts their run was pinned
+    /// to (kept in memory: after a restart, the current ones).
+    catalogs: std::sync::Mutex<std::collections::VecDeque<Arc<decap_core::catalog::Catalog>>>,
     status_tx: broadcast::Sender<Build>,
     pending_tokens: std::sync::Mutex<HashMap<BuildId, String>>,
     /// Set when several replicas elect a leader: only the leader launches.
@@ -203,6 +211,7 @@ impl Controller {
             }),
             schedule_tx: std::sync::OnceLock::new(),
             advance_tx: std::sync::OnceLock::new(),
+            catalogs: std::sync::Mutex::new(std::collections::VecDeque::new()),
             status_tx,
             pending_tokens: std::sync::Mutex::new(HashMap::new()),
             leadership: std::sync::OnceLock::new(),
@@ -293,7 +302,13 @@ impl Controller {
         });
         if self.is_leading() {
             self.recover().await?;
-            self.advance_recent_runs().await?;
+            // In the background: the server answers meanwhile.
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.advance_recent_runs().await {
+                    tracing::error!(error = %e, "cannot look at recent pipeline runs");
+                }
+            });
         }
         if let Some(leadership) = self.leadership.get() {
             let mut changes = leadership.clone();
@@ -424,6 +439,37 @@ impl Controller {
             .fold(timeout, Duration::max)
     }
 
+    /// Keeps `catalog` among the recent ones (at most
+    /// [`KEPT_CATALOGS`] commits).
+    pub fn remember_catalog(&self, catalog: &Arc<decap_core::catalog::Catalog>) {
+        let Ok(mut kept) = self.catalogs.lock() else {
+            return;
+        };
+        if kept.back().is_some_and(|c| c.commit == catalog.commit) {
+            return;
+        }
+        kept.retain(|c| c.commit != catalog.commit);
+        kept.push_back(catalog.clone());
+        while kept.len() > KEPT_CATALOGS {
+            kept.pop_front();
+        }
+    }
+
+    /// The build scripts at `commit`, if this process still has them.
+    pub(super) fn catalog_at(&self, commit: &str) -> Option<Arc<decap_core::catalog::Catalog>> {
+        let current = self.ports.scripts.catalog();
+        if current.commit == commit {
+            return Some(current);
+        }
+        self.catalogs
+            .lock()
+            .ok()?
+            .iter()
+            .rev()
+            .find(|c| c.commit == commit)
+            .cloned()
+    }
+
     /// A pipeline stage ended: its run's next stages start.
     pub(super) fn stage_ended(&self, b: &Build) {
         if b.stage.is_some()
@@ -494,12 +540,18 @@ impl Controller {
             .map(|r| GitRef::parse(r))
             .collect::<Result<_>>()?;
         let at = now();
-        let scripts_commit = self.ports.scripts.catalog().commit.clone();
+        let catalog = self.ports.scripts.catalog();
+        self.remember_catalog(&catalog);
+        let scripts_commit = catalog.commit.clone();
         let mut runs = Vec::new();
         let mut run_ids = Vec::new();
         let mut builds = Vec::new();
         for r in &parsed {
-            let template = Build::new(project.clone(), r, None, trigger, at);
+            let mut template = Build::new(project.clone(), r, None, trigger, at);
+            if entry.pipeline.is_some() {
+                // A run is pinned to the commit its branch points at now.
+                template.commit = self.head_commit(&entry, &template).await;
+            }
             run_ids.push(template.pipeline_run_id);
             let (run, made) = builds_for(&entry, template, &scripts_commit);
             if let Some(run) = run {
@@ -521,6 +573,31 @@ impl Controller {
             out.push(self.build(b.id).await?);
         }
         Ok((run_ids, out))
+    }
+
+    /// The commit a branch of the project's repository (its `repoUrl`)
+    /// points at now, when the repository answers within 10 s; `None`
+    /// (the build runs whatever the branch holds when it starts) without
+    /// a repository or an answer.
+    async fn head_commit(&self, entry: &ProjectEntry, b: &Build) -> Option<String> {
+        let url = entry
+            .valid_descriptor()?
+            .descriptor
+            .repo_url
+            .clone()
+            .filter(|u| !u.trim().is_empty())?;
+        let sources = self.sources()?;
+        let token = self.repo_token(b).await;
+        match sources
+            .head(&url, &b.git_ref, token.as_deref(), Duration::from_secs(10))
+            .await
+        {
+            Ok(commit) => Some(commit),
+            Err(e) => {
+                tracing::warn!(project = %b.project, git_ref = %b.git_ref, error = %e, "cannot ask the repository where the branch points; the run records no commit");
+                None
+            }
+        }
     }
 
     /// A new build of the same ref and commit as `id`.

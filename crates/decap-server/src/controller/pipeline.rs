@@ -11,7 +11,9 @@ use std::time::Duration;
 use decap_core::build::{Build, BuildId, Trigger};
 use decap_core::catalog::{ProjectEntry, ScriptFile};
 use decap_core::names::ProjectKey;
-use decap_core::pipeline::{self, PipelineRun, Plan, StageClaim, StageDef, StageStart};
+use decap_core::pipeline::{
+    self, PipelineRun, PipelineStats, Plan, StageClaim, StageDef, StageStart,
+};
 use decap_core::ports::BlobKind;
 use decap_core::{Error, Result};
 use uuid::Uuid;
@@ -90,6 +92,7 @@ pub fn stage_entry(
     mut entry: ProjectEntry,
     run: &PipelineRun,
     build: &Build,
+    scripts_commit: &str,
 ) -> std::result::Result<ProjectEntry, String> {
     let Some(stage_ref) = &build.stage else {
         return Ok(entry);
@@ -102,9 +105,17 @@ pub fn stage_entry(
     };
     let path = stage.script.trim_start_matches("./");
     let Some(script) = entry.files.iter().find(|f| f.path == path).cloned() else {
+        let pinned = if scripts_commit == run.scripts_commit {
+            String::new()
+        } else {
+            format!(
+                " (the run was pinned to {}, which this server no longer holds)",
+                run.scripts_commit
+            )
+        };
         return Err(format!(
-            "stage {}: its script {path} is missing from the build scripts (at {})",
-            stage.name, run.scripts_commit
+            "stage {}: its script {path} is missing from the build scripts at {scripts_commit}{pinned}",
+            stage.name
         ));
     };
     let build_sh = if stage_ref.inputs.is_empty() {
@@ -323,17 +334,73 @@ impl Controller {
                     .map_err(|_| Error::invalid("cursor", "not a cursor from this server"))
             })
             .transpose()?;
-        let runs = self.ports.runs.list(project, before, limit + 1).await?;
+        let mut runs = self.ports.runs.list(project, before, limit + 1).await?;
         let next = (runs.len() > limit).then(|| runs[limit - 1].id.to_string());
-        let views = futures::future::join_all(runs.into_iter().take(limit).map(|run| async move {
-            let (builds, _) = self.attempts(&run, false).await?;
-            let plan = pipeline::plan(&run, &builds);
-            Ok::<_, Error>(RunView { run, plan })
-        }))
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>>>()?;
+        runs.truncate(limit);
+        // Two reads for the page: the runs' claims, then their builds.
+        let ids: Vec<Uuid> = runs.iter().map(|r| r.id).collect();
+        let claims = self.ports.runs.claims_of(&ids).await?;
+        let build_ids: Vec<BuildId> = claims.iter().map(|c| c.build).collect();
+        let mut by_run: std::collections::HashMap<Uuid, Vec<Build>> =
+            std::collections::HashMap::new();
+        for b in self.ports.builds.get_many(&build_ids).await? {
+            by_run.entry(b.pipeline_run_id).or_default().push(b);
+        }
+        let views = runs
+            .into_iter()
+            .map(|run| {
+                let builds = by_run.remove(&run.id).unwrap_or_default();
+                let plan = pipeline::plan(&run, &builds);
+                RunView { run, plan }
+            })
+            .collect();
         Ok((views, next))
+    }
+
+    /// Per-stage figures over the project's last `last` runs (of `branch`
+    /// when given; at most ten times `last` runs are looked through for
+    /// it), and the time left of each running run among them, by run.
+    pub async fn pipeline_stats(
+        &self,
+        project: &ProjectKey,
+        branch: Option<&str>,
+        last: usize,
+    ) -> Result<(PipelineStats, Vec<(Uuid, i64)>)> {
+        let def = self
+            .project(project)
+            .map(|e| e.pipeline())
+            .unwrap_or_else(|_| pipeline::PipelineDef::single());
+        let mut views = Vec::new();
+        let mut cursor: Option<String> = None;
+        let mut scanned = 0usize;
+        while views.len() < last && scanned < last.saturating_mul(10) {
+            let want = if branch.is_some() {
+                100
+            } else {
+                last - views.len()
+            };
+            let (page, next) = self
+                .pipeline_runs(project, cursor.as_deref(), want.clamp(1, 100))
+                .await?;
+            scanned += page.len();
+            views.extend(
+                page.into_iter()
+                    .filter(|v| branch.is_none_or(|b| v.run.branch == b)),
+            );
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        views.truncate(last);
+        let pairs: Vec<(&PipelineRun, &Plan)> = views.iter().map(|v| (&v.run, &v.plan)).collect();
+        let stats = pipeline::stats(&def, &pairs);
+        let at = now();
+        let left = views
+            .iter()
+            .filter_map(|v| Some((v.run.id, pipeline::time_left(&v.plan, &stats, at)?)))
+            .collect();
+        Ok((stats, left))
     }
 
     /// Starts the stages of a run whose needs have succeeded. Level

@@ -287,7 +287,28 @@ impl Controller {
     /// holds: the record moves to running while the environment starts.
     async fn launch_locked(&self, s: &mut Sched, b: Build, lock: Lock) -> Result<()> {
         let at = now();
-        let catalog = self.ports.scripts.catalog();
+        let mut catalog = self.ports.scripts.catalog();
+        self.remember_catalog(&catalog);
+        // A pipeline's stage runs the scripts its run was pinned to, while
+        // this process still has them.
+        let run = if b.stage.is_some() {
+            match self.run_of(&b).await {
+                Ok(run) => {
+                    if let Some(pinned) = self.catalog_at(&run.scripts_commit) {
+                        catalog = pinned;
+                    }
+                    Ok(run)
+                }
+                Err(decap_core::Error::NotFound(m)) => Err(m),
+                Err(e) => {
+                    self.ports.locks.release(&lock.key, b.id).await?;
+                    return Err(e);
+                }
+            }
+            .map(Some)
+        } else {
+            Ok(None)
+        };
         let entry = catalog.project(&b.project).cloned();
         let problem = match &entry {
             None => Some(format!(
@@ -306,25 +327,18 @@ impl Controller {
             return Ok(());
         };
         // A pipeline's stage runs its own script, with its own settings.
-        let mut entry = if b.stage.is_some() {
-            let staged = match self.run_of(&b).await {
-                Ok(run) => super::stage_entry(entry, &run, &b),
-                Err(decap_core::Error::NotFound(m)) => Err(m),
-                Err(e) => {
-                    self.ports.locks.release(&lock.key, b.id).await?;
-                    return Err(e);
-                }
-            };
-            match staged {
-                Ok(entry) => entry,
-                Err(message) => {
-                    self.apply_locked(s, b.id, Event::Refuse { message })
-                        .await?;
-                    return Ok(());
-                }
+        let staged = match run {
+            Ok(Some(run)) => super::stage_entry(entry, &run, &b, &catalog.commit),
+            Ok(None) => Ok(entry),
+            Err(m) => Err(m),
+        };
+        let mut entry = match staged {
+            Ok(entry) => entry,
+            Err(message) => {
+                self.apply_locked(s, b.id, Event::Refuse { message })
+                    .await?;
+                return Ok(());
             }
-        } else {
-            entry
         };
         super::pipeline::stage_env(&mut entry, &b);
         let timeout = entry

@@ -28,12 +28,13 @@ pub struct RunningRow {
     pub estimate: String,
 }
 
-/// A commit with a box per build.
+/// A commit with a box per build (a box per stage attempt for a
+/// pipeline), labelled with every ref built at it.
 pub struct CommitRow {
     /// `team/project`.
     pub project: String,
-    /// Its branch.
-    pub branch: String,
+    /// The refs its builds were of (branches, tags, pull requests).
+    pub refs: String,
     /// The commit, shortened.
     pub commit: String,
     /// Its builds, oldest first.
@@ -181,9 +182,12 @@ pub async fn dashboard(State(app): State<AppState>, headers: HeaderMap, ci: Peer
             let mut builds = by_commit.remove(&key)?;
             builds.reverse();
             let first = builds.first()?;
+            let mut refs: Vec<&str> = builds.iter().map(|b| b.branch.as_str()).collect();
+            refs.sort_unstable();
+            refs.dedup();
             Some(CommitRow {
                 project: key.0.to_string(),
-                branch: first.branch.clone(),
+                refs: refs.join(", "),
                 commit: first
                     .commit
                     .as_deref()

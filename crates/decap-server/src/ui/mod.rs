@@ -159,6 +159,8 @@ pub struct BuildRow {
     pub duration: String,
     /// Why it waits or how it ended.
     pub message: String,
+    /// The stage of a pipeline it is an attempt of (empty without one).
+    pub stage: String,
 }
 
 fn row(b: &Build) -> BuildRow {
@@ -179,6 +181,11 @@ fn row(b: &Build) -> BuildRow {
         queued: when(b.queued_at),
         duration,
         message: b.message.clone().unwrap_or_default(),
+        stage: b
+            .stage
+            .as_ref()
+            .map(|s| format!("{} (attempt {})", s.name, s.attempt))
+            .unwrap_or_default(),
     }
 }
 

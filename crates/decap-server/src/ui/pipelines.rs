@@ -9,7 +9,7 @@ use decap_core::names::ProjectKey;
 use decap_core::pipeline::StageStatus;
 
 use super::actions::act_on;
-use super::{Peer, StatusView, When, status_view, when};
+use super::{Peer, StatusView, When, duration_text, status_view, when};
 use crate::AppState;
 use crate::controller::RunView;
 
@@ -53,8 +53,36 @@ pub struct RunRow {
     pub status: String,
     /// When it was asked for.
     pub created: When,
+    /// About how long a running run has left (else empty).
+    pub left: String,
     /// Its stages.
     pub stages: Vec<StageBox>,
+}
+
+/// A stage's figures, as the page shows them.
+pub struct StageFigures {
+    /// The stage.
+    pub name: String,
+    /// Runs in which it ended.
+    pub runs: usize,
+    /// Its failure rate.
+    pub failure_rate: String,
+    /// Median duration.
+    pub p50: String,
+    /// 90th percentile duration.
+    pub p90: String,
+}
+
+/// The pipeline part of a project page.
+pub struct PipelineSection {
+    /// The recent runs.
+    pub runs: Vec<RunRow>,
+    /// Each stage's figures over the last runs.
+    pub figures: Vec<StageFigures>,
+    /// How many runs the figures are over.
+    pub counted: usize,
+    /// From request to the last stage's success, median (or a dash).
+    pub lead_time: String,
 }
 
 /// The pipeline's stages, for the heading of the runs table.
@@ -70,8 +98,8 @@ pub fn heads(def: &decap_core::pipeline::PipelineDef) -> Vec<StageHead> {
         .collect()
 }
 
-/// A run as a row of boxes.
-pub fn row(v: &RunView) -> RunRow {
+/// A run as a row of boxes; `left` is about how long it has left, in ms.
+pub fn row(v: &RunView, left: Option<i64>) -> RunRow {
     let active = v.plan.status == "running";
     RunRow {
         id: v.run.id.to_string(),
@@ -84,6 +112,9 @@ pub fn row(v: &RunView) -> RunRow {
             .unwrap_or_default(),
         status: v.plan.status.to_owned(),
         created: when(v.run.created_at),
+        left: left
+            .map(|ms| format!("about {} left", duration_text(ms)))
+            .unwrap_or_default(),
         stages: v
             .plan
             .stages
@@ -114,14 +145,51 @@ pub fn row(v: &RunView) -> RunRow {
     }
 }
 
-/// The recent runs of a project with a pipeline.
-pub async fn recent(app: &AppState, key: &ProjectKey) -> Vec<RunRow> {
-    match app.controller.pipeline_runs(key, None, 10).await {
-        Ok((runs, _)) => runs.iter().map(row).collect(),
+/// How many recent runs the project page shows.
+const SHOWN: usize = 10;
+/// How many recent runs its figures are over.
+const COUNTED: usize = 50;
+
+/// The recent runs of a project with a pipeline, and its stages' figures.
+pub async fn section(
+    app: &AppState,
+    key: &ProjectKey,
+    def: &decap_core::pipeline::PipelineDef,
+) -> PipelineSection {
+    let views = match app.controller.pipeline_runs(key, None, COUNTED).await {
+        Ok((views, _)) => views,
         Err(e) => {
             tracing::warn!(project = %key, error = %e, "cannot list pipeline runs");
             Vec::new()
         }
+    };
+    let pairs: Vec<_> = views.iter().map(|v| (&v.run, &v.plan)).collect();
+    let st = decap_core::pipeline::stats(def, &pairs);
+    let now = time::OffsetDateTime::now_utc();
+    let dash = || "—".to_owned();
+    let ms = |v: Option<i64>| v.map(duration_text).unwrap_or_else(dash);
+    PipelineSection {
+        runs: views
+            .iter()
+            .take(SHOWN)
+            .map(|v| row(v, decap_core::pipeline::time_left(&v.plan, &st, now)))
+            .collect(),
+        figures: st
+            .stages
+            .iter()
+            .map(|s| StageFigures {
+                name: s.name.clone(),
+                runs: s.runs,
+                failure_rate: s
+                    .failure_rate
+                    .map(|r| format!("{:.0} %", r * 100.0))
+                    .unwrap_or_else(dash),
+                p50: ms(s.p50_ms),
+                p90: ms(s.p90_ms),
+            })
+            .collect(),
+        counted: st.runs,
+        lead_time: ms(st.lead_time_p50_ms),
     }
 }
 

@@ -151,8 +151,8 @@ struct ProjectPage {
     phases: Vec<super::build::PhaseRow>,
     /// The stages of the project's pipeline (empty without `pipeline.json`).
     stages: Vec<super::pipelines::StageHead>,
-    /// Its recent runs.
-    runs: Vec<super::pipelines::RunRow>,
+    /// Its recent runs and its stages' figures.
+    pipeline: Option<super::pipelines::PipelineSection>,
 }
 
 /// `GET /projects/{team}/{project}` — branches with a Build button, the
@@ -272,16 +272,16 @@ pub async fn project(
             ),
         },
     };
-    let (stages, runs) = match entry.as_ref().and_then(|e| e.pipeline.as_ref()) {
+    let (stages, pipeline) = match entry.as_ref().and_then(|e| e.pipeline.as_ref()) {
         Some(def) => (
             super::pipelines::heads(def),
-            super::pipelines::recent(&app, &key).await,
+            Some(super::pipelines::section(&app, &key, def).await),
         ),
-        None => (Vec::new(), Vec::new()),
+        None => (Vec::new(), None),
     };
     render(&ProjectPage {
         stages,
-        runs,
+        pipeline,
         language: language.map(|l| l.name().to_owned()).unwrap_or_default(),
         phases_from,
         phases,
