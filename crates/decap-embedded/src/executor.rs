@@ -1105,8 +1105,9 @@ impl Inner {
             if limits.network == Network::None
                 && let Some(slirp) = warm.slirp.take()
             {
-                // The tap device goes with its helper: loopback only.
-                slirp.stop();
+                // The tap device goes with its helper (loopback only),
+                // before the build starts.
+                slirp.stop_and_wait().await;
             }
             if let Err(e) = write_scripts(spec, &warm.ws.dir) {
                 self.dispose(warm).await;

@@ -309,10 +309,22 @@ impl Slirp {
         Slirp { id, child: None }
     }
 
+    /// Stops it and returns once it has exited: its tap device, and with
+    /// it the sandbox's route out, is gone. For a warm sandbox taken by a
+    /// build that must have no network: started before, the build could
+    /// send into a tap device nothing reads any more, and wait there.
+    pub async fn stop_and_wait(mut self) {
+        self.id.signal(nix::sys::signal::Signal::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+
     /// Stops it at once: killed, it forwards nothing more, and the
     /// sandbox's tap device goes with it. Its exit is awaited in the
     /// background: closing a tap device waits for the kernel's network
-    /// grace period, 30 ms here, which no build's end or start need wait.
+    /// grace period, 30 ms here, which no build's end need wait.
     pub fn stop(mut self) {
         self.id.signal(nix::sys::signal::Signal::SIGKILL);
         if let Some(mut c) = self.child.take() {
