@@ -1030,7 +1030,7 @@ async fn run_prepared(
                 .stdout(writer.try_clone()?)
                 .stderr(writer)
                 .process_group(0);
-            let spawned = cmd.spawn();
+            let spawned = decap_runner::spawn_when_free(|| cmd.spawn());
             drop(cmd); // closes bctool's copies of the pipe's write end
             spawned
                 .map(Proc::Tokio)

@@ -154,7 +154,7 @@ fn run(args: Args) -> Result<i32, String> {
         .stdout(writer)
         .stderr(stderr)
         .process_group(0);
-    let spawned = cmd.spawn();
+    let spawned = spawn_when_free(|| cmd.spawn());
     drop(cmd); // closes the runner's copies of the pipe's write end
 
     let mut tail: Vec<String> = vec!["adopt".into()];
@@ -286,9 +286,51 @@ fn keep_open(fd: &impl AsFd) -> Result<(), String> {
         .map_err(|e| format!("cannot hand a descriptor to bctool: {e}"))
 }
 
+/// Spawns with `spawn`, again while the program is still open for writing
+/// somewhere (`ETXTBSY`, for up to half a second): the server writes a
+/// build's scripts just before they start, and a process it forks
+/// meanwhile on another thread holds their file open until it execs.
+pub fn spawn_when_free<T>(mut spawn: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let mut tries = 0;
+    loop {
+        match spawn() {
+            Err(e)
+                if e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32) && tries < 500 =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_program_still_open_for_writing_starts_once_it_is_closed() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("build.sh");
+        let mut f = std::fs::File::create(&path).expect("creates");
+        f.write_all(b"#!/bin/sh\nexit 0\n").expect("writes");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let busy = std::process::Command::new(&path).status();
+        assert_eq!(
+            busy.expect_err("busy").raw_os_error(),
+            Some(nix::errno::Errno::ETXTBSY as i32)
+        );
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            drop(f);
+        });
+        let status = spawn_when_free(|| std::process::Command::new(&path).status()).expect("runs");
+        assert!(status.success());
+        closer.join().expect("joins");
+    }
 
     #[test]
     fn parses_its_command_line() {
