@@ -962,25 +962,32 @@ async fn project_page() -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     let page = format!("{}/projects/bench/history", server.url);
-    for _ in 0..50 {
-        http.get(&page).send().await?.bytes().await?;
-    }
-    let mut ms = Vec::new();
-    for _ in 0..1000 {
-        let t = Instant::now();
-        let r = http.get(&page).send().await?;
-        let ok = r.status().is_success();
-        let body = r.bytes().await?;
-        ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        if !ok || body.len() < 1000 {
-            bail!("the project page failed");
-        }
-    }
+    let ms = get_times(&http, &page, 1000).await?;
     summary(
         "project page with 10,000 builds, server render and answer",
         ms,
     );
     Ok(())
+}
+
+/// Times `n` GETs of `url` (each answered in full, a successful page of
+/// at least 200 bytes), after 50 left out to warm up.
+async fn get_times(http: &reqwest::Client, url: &str, n: usize) -> Result<Vec<f64>> {
+    for _ in 0..50 {
+        http.get(url).send().await?.bytes().await?;
+    }
+    let mut ms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = http.get(url).send().await?;
+        let ok = r.status().is_success();
+        let body = r.bytes().await?;
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        if !ok || body.len() < 200 {
+            bail!("{url} failed: {}", String::from_utf8_lossy(&body));
+        }
+    }
+    Ok(ms)
 }
 
 /// CPU seconds a process has used (user + system), from /proc.

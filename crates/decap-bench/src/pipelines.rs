@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use decap_bench::{TOKEN, percentile, start, write_project};
+use decap_bench::{TOKEN, start, write_project};
+
+use crate::summary;
 
 const PIPELINE: &str = r#"{"stages": [
     {"name": "build", "script": "build.sh"},
@@ -24,17 +26,6 @@ fn projects(root: &Path) -> Result<()> {
     std::fs::write(dir.join("test.sh"), "true\n")?;
     std::fs::write(dir.join("deploy.sh"), "true\n")?;
     write_project(root, "bench/single", r#"{"buildImage": "x"}"#, "true\n")
-}
-
-fn summary(name: &str, mut ms: Vec<f64>) -> (f64, f64) {
-    ms.sort_by(|a, b| a.total_cmp(b));
-    let (p50, p99) = (percentile(&ms, 0.5), percentile(&ms, 0.99));
-    println!(
-        "{name}: n={} p50={p50:.2} ms p99={p99:.2} ms max={:.2} ms",
-        ms.len(),
-        ms.last().copied().unwrap_or(f64::NAN)
-    );
-    (p50, p99)
 }
 
 /// Asks for a run of `branches`; their run ids.
@@ -87,27 +78,6 @@ async fn run_ended(http: &reqwest::Client, url: &str, id: &str) -> Result<String
     }
 }
 
-/// Waits until a build has ended; its status.
-async fn build_ended(http: &reqwest::Client, url: &str, id: &str) -> Result<String> {
-    let start = Instant::now();
-    loop {
-        let v: serde_json::Value = http
-            .get(format!("{url}/api/v1/build/{id}"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let status = v["status"].as_str().unwrap_or("").to_owned();
-        if !matches!(status.as_str(), "queued" | "deferred" | "running" | "") {
-            return Ok(status);
-        }
-        if start.elapsed() > Duration::from_secs(120) {
-            bail!("build {id} did not end");
-        }
-        tokio::time::sleep(Duration::from_micros(500)).await;
-    }
-}
-
 pub async fn pipelines() -> Result<()> {
     let server = start(
         projects,
@@ -138,9 +108,9 @@ pub async fn pipelines() -> Result<()> {
             let ids =
                 decap_bench::request_builds(&http, url, "bench/single", &[format!("s{i}-{s}")])
                     .await?;
-            let status = build_ended(&http, url, &ids[0]).await?;
-            if status != "succeeded" {
-                bail!("build {} ended {status}", ids[0]);
+            let b = crate::wait_final(&http, url, &ids[0]).await?;
+            if b["status"] != "succeeded" {
+                bail!("build {} ended {}", ids[0], b["status"]);
             }
         }
         singles.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -183,21 +153,7 @@ pub async fn pipelines() -> Result<()> {
             "/api/v1/stats/bench/flow",
         ),
     ] {
-        let page = format!("{url}{path}");
-        for _ in 0..50 {
-            http.get(&page).send().await?.bytes().await?;
-        }
-        let mut ms = Vec::new();
-        for _ in 0..1000 {
-            let t = Instant::now();
-            let r = http.get(&page).send().await?;
-            let ok = r.status().is_success();
-            let body = r.bytes().await?;
-            ms.push(t.elapsed().as_secs_f64() * 1000.0);
-            if !ok || body.len() < 200 {
-                bail!("{path} failed: {}", String::from_utf8_lossy(&body));
-            }
-        }
+        let ms = crate::get_times(&http, &format!("{url}{path}"), 1000).await?;
         summary(what, ms);
     }
     Ok(())

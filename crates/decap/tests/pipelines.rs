@@ -118,6 +118,25 @@ async fn until(c: &Controller, id: uuid::Uuid, status: &str) -> RunView {
     }
 }
 
+/// Stores `run` with its first stage's attempt, succeeded and claimed, as
+/// a controller that stopped right after that stage ended leaves it.
+async fn stored_with_first_stage_ended(
+    c: &Controller,
+    run: &decap_core::pipeline::PipelineRun,
+) -> decap_core::Build {
+    c.ports.runs.insert(run).await.unwrap();
+    let first = decap_core::pipeline::plan(run, &[]).start.remove(0);
+    let mut b = run.attempt(&first, Trigger::Api, time::OffsetDateTime::now_utc());
+    b.status = BuildStatus::Succeeded;
+    c.ports.builds.insert(&b).await.unwrap();
+    c.ports
+        .runs
+        .claim(&decap_core::pipeline::StageClaim::of(&b).unwrap())
+        .await
+        .unwrap();
+    b
+}
+
 fn statuses(v: &RunView) -> Vec<&'static str> {
     v.plan.stages.iter().map(|s| s.status.as_str()).collect()
 }
@@ -264,16 +283,7 @@ async fn a_stage_that_ended_before_a_stop_starts_the_next_once() {
     let run = c.ports.runs.get(id).await.unwrap().unwrap();
     let mut copy = run.clone();
     copy.id = uuid::Uuid::now_v7();
-    c.ports.runs.insert(&copy).await.unwrap();
-    let start = decap_core::pipeline::plan(&copy, &[]).start.remove(0);
-    let mut b = copy.attempt(&start, Trigger::Api, time::OffsetDateTime::now_utc());
-    b.status = BuildStatus::Succeeded;
-    c.ports.builds.insert(&b).await.unwrap();
-    c.ports
-        .runs
-        .claim(&decap_core::pipeline::StageClaim::of(&b).unwrap())
-        .await
-        .unwrap();
+    let b = stored_with_first_stage_ended(c, &copy).await;
     // Its artifact, as the first stage would have left it.
     let tarball = {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -383,16 +393,7 @@ async fn a_stage_whose_script_is_missing_at_its_pinned_commit_errors_saying_so()
     let mut def = c.project(&flow()).unwrap().pipeline.unwrap();
     def.stages[1].script = "gone.sh".into();
     let run = decap_core::pipeline::PipelineRun::new(&template, "sha256:gone".into(), def);
-    c.ports.runs.insert(&run).await.unwrap();
-    let first = decap_core::pipeline::plan(&run, &[]).start.remove(0);
-    let mut b = run.attempt(&first, Trigger::Api, time::OffsetDateTime::now_utc());
-    b.status = BuildStatus::Succeeded;
-    c.ports.builds.insert(&b).await.unwrap();
-    c.ports
-        .runs
-        .claim(&decap_core::pipeline::StageClaim::of(&b).unwrap())
-        .await
-        .unwrap();
+    stored_with_first_stage_ended(c, &run).await;
     assert_eq!(c.advance_run(run.id).await.unwrap().len(), 1);
     let v = until(c, run.id, "errored").await;
     assert_eq!(statuses(&v), ["succeeded", "errored", "pending"]);
