@@ -282,13 +282,33 @@ impl Build {
         trigger: Trigger,
         now: OffsetDateTime,
     ) -> Self {
+        Build::of_ref(
+            project,
+            git_ref.name.clone(),
+            git_ref.full(),
+            commit,
+            trigger,
+            now,
+        )
+    }
+
+    /// [`Build::new`] from a ref already split into its short name and
+    /// its full form (a pipeline run keeps both).
+    pub(crate) fn of_ref(
+        project: ProjectKey,
+        branch: String,
+        git_ref: String,
+        commit: Option<String>,
+        trigger: Trigger,
+        now: OffsetDateTime,
+    ) -> Self {
         let id = BuildId::new();
         Build {
             id,
             pipeline_run_id: id.0,
             project,
-            branch: git_ref.name.clone(),
-            git_ref: git_ref.full(),
+            branch,
+            git_ref,
             commit,
             trigger,
             status: BuildStatus::Queued,

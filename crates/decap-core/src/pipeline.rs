@@ -379,41 +379,27 @@ impl PipelineRun {
 
     /// The build of one attempt of one stage, `queued` at `now`.
     pub fn attempt(&self, start: &StageStart, trigger: Trigger, now: OffsetDateTime) -> Build {
-        let id = BuildId::new();
-        Build {
-            id,
-            pipeline_run_id: self.id,
-            project: self.project.clone(),
-            branch: self.branch.clone(),
-            git_ref: self.git_ref.clone(),
-            commit: self.commit.clone(),
+        let mut b = Build::of_ref(
+            self.project.clone(),
+            self.branch.clone(),
+            self.git_ref.clone(),
+            self.commit.clone(),
             trigger,
-            status: BuildStatus::Queued,
-            exit_code: None,
-            queued_at: now,
-            start_time: None,
-            end_time: None,
-            scripts_commit: None,
-            executor: None,
-            sandbox: None,
-            message: None,
-            delivery: self.delivery.clone(),
-            rerun_of: None,
-            fencing_token: None,
-            token_sha256: None,
-            reported: None,
-            from_fork: self.from_fork,
-            phases: Vec::new(),
-            stage: Some(StageRef {
-                name: start.stage.clone(),
-                attempt: start.attempt,
-                inputs: start.inputs.clone(),
-                lock: self
-                    .definition
-                    .stage(&start.stage)
-                    .and_then(|s| s.lock.clone()),
-            }),
-        }
+            now,
+        );
+        b.pipeline_run_id = self.id;
+        b.delivery = self.delivery.clone();
+        b.from_fork = self.from_fork;
+        b.stage = Some(StageRef {
+            name: start.stage.clone(),
+            attempt: start.attempt,
+            inputs: start.inputs.clone(),
+            lock: self
+                .definition
+                .stage(&start.stage)
+                .and_then(|s| s.lock.clone()),
+        });
+        b
     }
 }
 
@@ -692,12 +678,21 @@ pub fn plan(run: &PipelineRun, builds: &[Build]) -> Plan {
 /// that would start.
 pub fn rerun(run: &PipelineRun, builds: &[Build], stage: &str) -> Result<StageStart> {
     let p = plan(run, builds);
-    let Some(state) = p.stages.iter().find(|s| s.name == stage) else {
-        return Err(Error::NotFound(format!(
-            "stage {stage:?} of run {}",
-            run.id
-        )));
-    };
+    let state = stage_of(run, &p, stage)?;
+    rerun_in(run, &p, state)
+}
+
+/// A stage of a plan, or `NotFound`.
+fn stage_of<'a>(run: &PipelineRun, p: &'a Plan, stage: &str) -> Result<&'a StageState> {
+    p.stages
+        .iter()
+        .find(|s| s.name == stage)
+        .ok_or_else(|| Error::NotFound(format!("stage {stage:?} of run {}", run.id)))
+}
+
+/// [`rerun`] on a plan already made.
+fn rerun_in(run: &PipelineRun, p: &Plan, state: &StageState) -> Result<StageStart> {
+    let stage = state.name.as_str();
     if let Some(busy) = p
         .stages
         .iter()
@@ -750,19 +745,14 @@ pub fn rerun(run: &PipelineRun, builds: &[Build], stage: &str) -> Result<StageSt
 /// approved.
 pub fn approve(run: &PipelineRun, builds: &[Build], stage: &str) -> Result<StageStart> {
     let p = plan(run, builds);
-    let Some(state) = p.stages.iter().find(|s| s.name == stage) else {
-        return Err(Error::NotFound(format!(
-            "stage {stage:?} of run {}",
-            run.id
-        )));
-    };
+    let state = stage_of(run, &p, stage)?;
     if state.status != StageStatus::Waiting {
         return Err(Error::Conflict(format!(
             "stage {stage:?} is {}, not waiting for approval",
             state.status.as_str()
         )));
     }
-    rerun(run, builds, stage)
+    rerun_in(run, &p, state)
 }
 
 /// A build that belongs to no stored run (every build before pipelines,

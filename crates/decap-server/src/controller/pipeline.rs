@@ -60,6 +60,20 @@ pub struct RunView {
     pub plan: Plan,
 }
 
+impl RunView {
+    /// `run` as its attempts `builds` leave it.
+    fn of(run: PipelineRun, builds: &[Build]) -> Self {
+        let plan = pipeline::plan(&run, builds);
+        RunView { run, plan }
+    }
+
+    /// A build that belongs to no stored run, as the one stage of its own.
+    fn single(b: &Build) -> Self {
+        let (run, builds) = pipeline::single_run(b);
+        RunView::of(run, &builds)
+    }
+}
+
 /// The `build.sh` of a stage that needs others: it fetches their
 /// artifacts into `$DECAP_INPUTS`, then runs the stage's script.
 fn driver(stage: &StageDef, script: &ScriptFile) -> String {
@@ -277,15 +291,10 @@ impl Controller {
     pub async fn pipeline_run(&self, id: Uuid) -> Result<RunView> {
         if let Some(run) = self.ports.runs.get(id).await? {
             let (builds, _) = self.attempts(&run, false).await?;
-            let plan = pipeline::plan(&run, &builds);
-            return Ok(RunView { run, plan });
+            return Ok(RunView::of(run, &builds));
         }
         match self.ports.builds.get(BuildId(id)).await? {
-            Some(b) if b.stage.is_none() => {
-                let (run, builds) = pipeline::single_run(&b);
-                let plan = pipeline::plan(&run, &builds);
-                Ok(RunView { run, plan })
-            }
+            Some(b) if b.stage.is_none() => Ok(RunView::single(&b)),
             _ => Err(Error::NotFound(format!("pipeline run {id}"))),
         }
     }
@@ -317,15 +326,7 @@ impl Controller {
                     ..Default::default()
                 })
                 .await?;
-            let views = page
-                .builds
-                .iter()
-                .map(|b| {
-                    let (run, builds) = pipeline::single_run(b);
-                    let plan = pipeline::plan(&run, &builds);
-                    RunView { run, plan }
-                })
-                .collect();
+            let views = page.builds.iter().map(RunView::single).collect();
             return Ok((views, page.next_cursor));
         }
         let before = cursor
@@ -350,8 +351,7 @@ impl Controller {
             .into_iter()
             .map(|run| {
                 let builds = by_run.remove(&run.id).unwrap_or_default();
-                let plan = pipeline::plan(&run, &builds);
-                RunView { run, plan }
+                RunView::of(run, &builds)
             })
             .collect();
         Ok((views, next))
