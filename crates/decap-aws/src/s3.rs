@@ -125,7 +125,9 @@ impl S3BlobStore {
     fn location(&self, build: BuildId, kind: BlobKind) -> (&str, String) {
         let bucket = match kind {
             BlobKind::LogGz => &self.config.logs_bucket,
-            BlobKind::ArtifactsTarGz | BlobKind::ArtifactsIndex => &self.config.artifacts_bucket,
+            BlobKind::ArtifactsTarGz | BlobKind::ArtifactsIndex | BlobKind::Scripts => {
+                &self.config.artifacts_bucket
+            }
         };
         let key = format!("{}v1/{build}/{}", self.config.key_prefix, kind.file_name());
         (bucket, key)

@@ -532,7 +532,9 @@ impl Shipper {
                     BlobKind::ArtifactsTarGz => {
                         retry(self.retry_budget, || self.client.put_artifacts(id, body())).await?
                     }
-                    BlobKind::ArtifactsIndex => bail!("the server indexes artifacts itself"),
+                    BlobKind::ArtifactsIndex | BlobKind::Scripts => {
+                        bail!("the server writes {} itself", kind.file_name())
+                    }
                 }
             }
         }

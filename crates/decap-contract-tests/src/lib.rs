@@ -625,6 +625,21 @@ pub async fn blob_store_suite(store: Arc<dyn BlobStore>) {
         store.get(id, BlobKind::LogGz).await.unwrap().is_none(),
         "kinds are separate"
     );
+    // Every kind is a blob of its own.
+    let kinds = [BlobKind::LogGz, BlobKind::ArtifactsIndex, BlobKind::Scripts];
+    for (i, kind) in kinds.into_iter().enumerate() {
+        let body = Bytes::from(format!("{i}:{}", kind.file_name()));
+        store.put(id, kind, stream_of(vec![body])).await.unwrap();
+    }
+    for (i, kind) in kinds.into_iter().enumerate() {
+        let (_, stream) = store.get(id, kind).await.unwrap().expect("stored");
+        assert_eq!(
+            read_all(stream).await,
+            format!("{i}:{}", kind.file_name()).into_bytes(),
+            "{kind:?} is its own blob"
+        );
+        assert!(store.delete(id, kind).await.unwrap());
+    }
 
     // replace
     store

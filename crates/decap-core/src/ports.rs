@@ -334,6 +334,10 @@ pub enum BlobKind {
     /// The artifacts' file list (JSON), written beside them so that a view
     /// never decompresses the tarball.
     ArtifactsIndex,
+    /// The build scripts of a pipeline run's project as the run was pinned
+    /// to them (JSON), keyed by the run's id: its later stages run them
+    /// even after the server that read them has restarted.
+    Scripts,
 }
 
 impl BlobKind {
@@ -343,6 +347,7 @@ impl BlobKind {
             BlobKind::LogGz => "console.log.gz",
             BlobKind::ArtifactsTarGz => "artifacts.tar.gz",
             BlobKind::ArtifactsIndex => "artifacts.index.json",
+            BlobKind::Scripts => "scripts.json",
         }
     }
 }

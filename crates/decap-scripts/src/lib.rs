@@ -22,6 +22,7 @@ use decap_core::descriptor::ProjectDescriptor;
 use decap_core::names::{ProjectKey, validate_name};
 use decap_core::ports::ScriptsRepo;
 use decap_core::{Error, Result};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The largest file a project folder may hold.
@@ -327,19 +328,24 @@ fn load_project(key: ProjectKey, dir: &Path) -> Option<ProjectEntry> {
     if !has_descriptor && !has_script {
         return None;
     }
+    let mut files = Vec::new();
+    let mut total = 0u64;
+    let unreadable = read_files(dir, "", 0, &mut files, &mut total).err();
+    Some(project_of(key, files, unreadable))
+}
+
+/// A project entry made from its folder's files (`unreadable`: why some of
+/// them could not be read).
+fn project_of(key: ProjectKey, files: Vec<ScriptFile>, unreadable: Option<String>) -> ProjectEntry {
     let mut entry = ProjectEntry {
         key,
         descriptor: None,
         sidecars: Vec::new(),
-        files: Vec::new(),
+        files,
         error: None,
         pipeline: None,
     };
-    let mut errors = Vec::new();
-    let mut total = 0u64;
-    if let Err(e) = read_files(dir, "", 0, &mut entry.files, &mut total) {
-        errors.push(e);
-    }
+    let mut errors: Vec<String> = unreadable.into_iter().collect();
     let by_path: BTreeMap<&str, &ScriptFile> =
         entry.files.iter().map(|f| (f.path.as_str(), f)).collect();
     match by_path.get("project.json") {
@@ -401,7 +407,89 @@ fn load_project(key: ProjectKey, dir: &Path) -> Option<ProjectEntry> {
     if !errors.is_empty() {
         entry.error = Some(errors.join("; "));
     }
-    Some(entry)
+    entry
+}
+
+/// One project folder as read at one scripts commit, kept beside a
+/// pipeline run so that its later stages run the scripts it was pinned to
+/// even after the server that read them has stopped.
+#[derive(Debug, Serialize, Deserialize)]
+struct Snapshot {
+    project: String,
+    commit: String,
+    files: Vec<SnapshotFile>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotFile {
+    path: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    executable: bool,
+    /// base64.
+    content: String,
+}
+
+/// The files of `entry`, as read at `commit`, in the form
+/// [`restore_project`] reads back (JSON).
+pub fn snapshot_project(entry: &ProjectEntry, commit: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let snapshot = Snapshot {
+        project: entry.key.to_string(),
+        commit: commit.to_owned(),
+        files: entry
+            .files
+            .iter()
+            .map(|f| SnapshotFile {
+                path: f.path.clone(),
+                executable: f.executable,
+                content: base64::engine::general_purpose::STANDARD.encode(&f.content),
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&snapshot).unwrap_or_default()
+}
+
+/// The project `key` from a snapshot made by [`snapshot_project`] at
+/// `commit`, parsed as the folder was then; an error when the snapshot is of
+/// another project or commit, or damaged.
+pub fn restore_project(key: &ProjectKey, commit: &str, bytes: &[u8]) -> Result<ProjectEntry> {
+    use base64::Engine as _;
+    let damaged = |why: String| {
+        Error::backend(
+            "scripts",
+            format!("the build scripts of {key} kept for commit {commit} are damaged: {why}"),
+        )
+    };
+    let snapshot: Snapshot = serde_json::from_slice(bytes).map_err(|e| damaged(e.to_string()))?;
+    if snapshot.project != key.to_string() || snapshot.commit != commit {
+        return Err(damaged(format!(
+            "they are of {} at {}",
+            snapshot.project, snapshot.commit
+        )));
+    }
+    let mut files = Vec::with_capacity(snapshot.files.len());
+    for f in snapshot.files {
+        let content = base64::engine::general_purpose::STANDARD
+            .decode(f.content.as_bytes())
+            .map_err(|e| damaged(format!("{}: {e}", f.path)))?;
+        if f.path.is_empty()
+            || f.path.starts_with('/')
+            || f.path
+                .split('/')
+                .any(|p| p == ".." || p == "." || p.is_empty())
+        {
+            return Err(damaged(format!(
+                "{:?} is not a path inside the project",
+                f.path
+            )));
+        }
+        files.push(ScriptFile {
+            path: f.path,
+            executable: f.executable,
+            content: content.into(),
+        });
+    }
+    Ok(project_of(key.clone(), files, None))
 }
 
 /// A sidecar file is one Kubernetes `Container`: a JSON object with at least
@@ -500,6 +588,58 @@ mod tests {
         let path = root.join(rel);
         std::fs::create_dir_all(path.parent().expect("has parent")).expect("mkdir");
         std::fs::write(path, content).expect("write");
+    }
+
+    #[test]
+    fn a_snapshot_gives_back_the_project_as_it_was_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        write(root, "acme/app/project.json", r#"{"buildImage": "img"}"#);
+        write(root, "acme/app/compile.sh", "echo compile\n");
+        write(root, "acme/app/lib/common.sh", "X=1\n");
+        write(
+            root,
+            "acme/app/pipeline.json",
+            r#"{"stages": [{"name": "compile", "script": "compile.sh"}]}"#,
+        );
+        std::fs::set_permissions(
+            root.join("acme/app/compile.sh"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+        let catalog = load_catalog(root, Some("c1".into())).expect("loads");
+        let key = ProjectKey::new("acme", "app").expect("key");
+        let entry = catalog.project(&key).expect("the project");
+        assert_eq!(entry.error, None);
+        let bytes = snapshot_project(entry, "c1");
+        let back = restore_project(&key, "c1", &bytes).expect("restores");
+        assert_eq!(back.error, None);
+        let files = |e: &ProjectEntry| {
+            e.files
+                .iter()
+                .map(|f| (f.path.clone(), f.executable, f.content.to_vec()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(files(&back), files(entry));
+        assert_eq!(back.pipeline, entry.pipeline);
+        assert!(
+            back.files
+                .iter()
+                .any(|f| f.path == "compile.sh" && f.executable)
+        );
+
+        let other = ProjectKey::new("acme", "other").expect("key");
+        let e = restore_project(&other, "c1", &bytes).expect_err("another project");
+        assert!(e.to_string().contains("acme/app at c1"), "{e}");
+        let e = restore_project(&key, "c2", &bytes).expect_err("another commit");
+        assert!(e.to_string().contains("damaged"), "{e}");
+        let e = restore_project(&key, "c1", b"{").expect_err("damaged");
+        assert!(e.to_string().contains("damaged"), "{e}");
+        let escaping = String::from_utf8(bytes)
+            .expect("json")
+            .replace("lib/common.sh", "../common.sh");
+        let e = restore_project(&key, "c1", escaping.as_bytes()).expect_err("outside");
+        assert!(e.to_string().contains("not a path inside"), "{e}");
     }
 
     #[test]

@@ -378,6 +378,48 @@ async fn later_stages_run_the_scripts_their_run_was_pinned_to() {
 }
 
 #[tokio::test]
+async fn later_stages_run_their_pinned_scripts_once_the_server_no_longer_holds_them() {
+    let e = served(false).await;
+    let c = &e.controller;
+    let dir = e.dir.path().join("scripts/acme/flow");
+    let gate = e.dir.path().join("gate");
+    std::fs::write(
+        dir.join("build.sh"),
+        format!(
+            "while [ ! -e {} ]; do sleep 0.05; done\n\
+             echo \"built-$DECAP_PIPELINE_RUN_ID\" > \"$ARTIFACTS_DIR/out.txt\"\n",
+            gate.display()
+        ),
+    )
+    .unwrap();
+    c.ports.scripts.refresh().await.unwrap();
+    let id = request(c).await;
+    let pinned = c.ports.runs.get(id).await.unwrap().unwrap().scripts_commit;
+    // While the first stage runs, the scripts move on through more commits
+    // than a server keeps in memory, the second stage's script failing in
+    // each: only the scripts kept beside the run still hold the pinned one.
+    for i in 0..20 {
+        std::fs::write(dir.join("test.sh"), format!("exit {}\n", 10 + i)).unwrap();
+        let catalog = c.ports.scripts.refresh().await.unwrap();
+        // As requests at each commit leave it.
+        c.remember_catalog(&catalog);
+    }
+    assert!(
+        e.data
+            .join("blobs")
+            .join(id.to_string())
+            .join(BlobKind::Scripts.file_name())
+            .is_file(),
+        "the run's scripts are kept beside it"
+    );
+    std::fs::write(&gate, "").unwrap();
+    let v = until(c, id, "waiting").await;
+    let test = &v.plan.stages[1].attempts[0];
+    assert_eq!(test.status, BuildStatus::Succeeded, "{test:?}");
+    assert_eq!(test.scripts_commit.as_deref(), Some(pinned.as_str()));
+}
+
+#[tokio::test]
 async fn a_stage_whose_script_is_missing_at_its_pinned_commit_errors_saying_so() {
     let e = served(false).await;
     let c = &e.controller;

@@ -27,6 +27,10 @@ pub(super) const RECOVER_RUNS: Duration = Duration::from_secs(7 * 24 * 3600);
 /// stored from it (its claimer stores it right after claiming).
 const REPAIR_AFTER: Duration = Duration::from_secs(30);
 
+/// The largest kept snapshot of a project's build scripts read back (the
+/// project folder's cap, in base64, with room for the names).
+const MAX_SNAPSHOT_BYTES: u64 = decap_scripts::MAX_PROJECT_BYTES / 3 * 4 + (1 << 20);
+
 /// The variable naming the stages whose artifacts a stage gets (bctool's
 /// `inputs` reads it).
 pub const INPUT_STAGES_VAR: &str = "DECAP_INPUT_STAGES";
@@ -194,6 +198,7 @@ impl Controller {
     /// from its builds when one of them launches or ends).
     pub async fn record_runs(&self, runs: &[PipelineRun], builds: &[Build]) -> Result<()> {
         for run in runs {
+            self.keep_scripts(run).await;
             match self.ports.runs.insert(run).await {
                 Ok(()) | Err(Error::Conflict(_)) => {}
                 Err(e) => return Err(e),
@@ -205,6 +210,79 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// Keeps the scripts of `run`'s project as the run is pinned to them,
+    /// beside the run, for its stages that start after this process has
+    /// stopped. Without them (the blob store down) such a stage runs the
+    /// scripts current then, and its record says which.
+    async fn keep_scripts(&self, run: &PipelineRun) {
+        let Some(entry) = self
+            .catalog_at(&run.scripts_commit)
+            .and_then(|c| c.project(&run.project).cloned())
+        else {
+            return;
+        };
+        let bytes =
+            bytes::Bytes::from(decap_scripts::snapshot_project(&entry, &run.scripts_commit));
+        let stream: decap_core::ports::ByteStream =
+            Box::pin(futures::stream::once(async move { Ok(bytes) }));
+        if let Err(e) = self
+            .ports
+            .blobs
+            .put(BuildId(run.id), BlobKind::Scripts, stream)
+            .await
+        {
+            tracing::warn!(run = %run.id, error = %e, "cannot keep the build scripts of a pipeline run");
+        }
+    }
+
+    /// The project of `run` as its scripts commit has it: from the
+    /// catalogs this process still holds, else from the scripts kept
+    /// beside the run; `None` when neither has it.
+    pub(super) async fn pinned_project(&self, run: &PipelineRun) -> Option<ProjectEntry> {
+        if let Some(entry) = self
+            .catalog_at(&run.scripts_commit)
+            .and_then(|c| c.project(&run.project).cloned())
+        {
+            return Some(entry);
+        }
+        let read = async {
+            let Some((size, mut stream)) = self
+                .ports
+                .blobs
+                .get(BuildId(run.id), BlobKind::Scripts)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let cap = MAX_SNAPSHOT_BYTES;
+            if size > cap {
+                return Err(Error::backend(
+                    "scripts",
+                    format!("the kept build scripts are {size} bytes, more than {cap}"),
+                ));
+            }
+            let mut bytes = Vec::with_capacity(size as usize);
+            while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+                let chunk = chunk.map_err(|e| Error::backend("blobs", e))?;
+                if (bytes.len() + chunk.len()) as u64 > cap {
+                    return Err(Error::backend(
+                        "scripts",
+                        "the kept build scripts grew past their size",
+                    ));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            decap_scripts::restore_project(&run.project, &run.scripts_commit, &bytes).map(Some)
+        };
+        match read.await {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::warn!(run = %run.id, error = %e, "cannot read the build scripts kept for a pipeline run");
+                None
+            }
+        }
     }
 
     /// The run of a stage's build; made again from the build and the

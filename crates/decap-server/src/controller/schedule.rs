@@ -287,15 +287,17 @@ impl Controller {
     /// holds: the record moves to running while the environment starts.
     async fn launch_locked(&self, s: &mut Sched, b: Build, lock: Lock) -> Result<()> {
         let at = now();
-        let mut catalog = self.ports.scripts.catalog();
+        let catalog = self.ports.scripts.catalog();
         self.remember_catalog(&catalog);
-        // A pipeline's stage runs the scripts its run was pinned to, while
-        // this process still has them.
+        let mut scripts_commit = catalog.commit.clone();
+        let mut pinned = None;
+        // A pipeline's stage runs the scripts its run was pinned to.
         let run = if b.stage.is_some() {
             match self.run_of(&b).await {
                 Ok(run) => {
-                    if let Some(pinned) = self.catalog_at(&run.scripts_commit) {
-                        catalog = pinned;
+                    if let Some(entry) = self.pinned_project(&run).await {
+                        scripts_commit = run.scripts_commit.clone();
+                        pinned = Some(entry);
                     }
                     Ok(run)
                 }
@@ -309,7 +311,7 @@ impl Controller {
         } else {
             Ok(None)
         };
-        let entry = catalog.project(&b.project).cloned();
+        let entry = pinned.or_else(|| catalog.project(&b.project).cloned());
         let problem = match &entry {
             None => Some(format!(
                 "project {} is no longer in the build scripts",
@@ -328,7 +330,7 @@ impl Controller {
         };
         // A pipeline's stage runs its own script, with its own settings.
         let staged = match run {
-            Ok(Some(run)) => super::stage_entry(entry, &run, &b, &catalog.commit),
+            Ok(Some(run)) => super::stage_entry(entry, &run, &b, &scripts_commit),
             Ok(None) => Ok(entry),
             Err(m) => Err(m),
         };
@@ -375,7 +377,7 @@ impl Controller {
             Event::Launch(Launch {
                 fencing_token: lock.fencing_token,
                 token_sha256: token_hash(&token),
-                scripts_commit: catalog.commit.clone(),
+                scripts_commit,
                 executor: self.ports.executor.name().to_owned(),
                 sandbox: self.ports.executor.sandbox().to_owned(),
             }),
