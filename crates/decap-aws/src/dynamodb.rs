@@ -264,12 +264,21 @@ impl DynamoDbBuildStore {
                 .expression_attribute_names("#pk", "project-key")
                 .expression_attribute_values(":pk", s(project.to_string()))
                 .set_exclusive_start_key(start.take());
-            req = match q.since {
-                Some(since) => req
+            req = match (q.since, q.before) {
+                (Some(since), Some(before)) => req
+                    .key_condition_expression("#pk = :pk AND #t BETWEEN :since AND :last")
+                    .expression_attribute_names("#t", "build-start-time")
+                    .expression_attribute_values(":since", n(nanos(since)))
+                    .expression_attribute_values(":last", n(nanos(before) - 1)),
+                (Some(since), None) => req
                     .key_condition_expression("#pk = :pk AND #t >= :since")
                     .expression_attribute_names("#t", "build-start-time")
                     .expression_attribute_values(":since", n(nanos(since))),
-                None => req.key_condition_expression("#pk = :pk"),
+                (None, Some(before)) => req
+                    .key_condition_expression("#pk = :pk AND #t < :before")
+                    .expression_attribute_names("#t", "build-start-time")
+                    .expression_attribute_values(":before", n(nanos(before))),
+                (None, None) => req.key_condition_expression("#pk = :pk"),
             };
             let page = req
                 .send()
@@ -360,6 +369,7 @@ fn keep(q: &BuildQuery, b: &Build) -> bool {
     q.branch.as_ref().is_none_or(|br| &b.branch == br)
         && (q.statuses.is_empty() || q.statuses.contains(&b.status))
         && q.since.is_none_or(|t| b.queued_at >= t)
+        && q.before.is_none_or(|t| b.queued_at < t)
         && q.project.as_ref().is_none_or(|p| &b.project == p)
 }
 

@@ -151,6 +151,45 @@ pub async fn build_store_suite(store: Arc<dyn BuildStore>) {
         5,
         "since keeps builds queued at or after it"
     );
+    // before, paged
+    let mut early = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store
+            .list(&BuildQuery {
+                project: Some(project("alpha")),
+                before: Some(t0 + time::Duration::milliseconds(3)),
+                limit: 2,
+                cursor: cursor.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        early.extend(page.builds.iter().map(|b| b.id));
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(
+        early,
+        vec![ids[2], ids[1], ids[0]],
+        "before keeps builds queued before it, newest first"
+    );
+    let window = store
+        .list(&BuildQuery {
+            project: Some(project("alpha")),
+            since: Some(t0 + time::Duration::milliseconds(20)),
+            before: Some(t0 + time::Duration::milliseconds(22)),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        window.builds.iter().map(|b| b.id).collect::<Vec<_>>(),
+        vec![ids[21], ids[20]]
+    );
     assert!(
         store
             .list(&BuildQuery {

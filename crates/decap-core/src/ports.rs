@@ -33,6 +33,8 @@ pub struct BuildQuery {
     pub statuses: Vec<BuildStatus>,
     /// Only builds queued at or after this instant.
     pub since: Option<OffsetDateTime>,
+    /// Only builds queued before this instant.
+    pub before: Option<OffsetDateTime>,
     /// At most this many (the adapter may cap it).
     pub limit: usize,
     /// Continue after this cursor (from a previous page).

@@ -212,6 +212,10 @@ impl BuildStore for SqliteBuildStore {
                     sql.push_str(" AND queued_at >= ?");
                     args.push(nanos(since).into());
                 }
+                if let Some(before) = q.before {
+                    sql.push_str(" AND queued_at < ?");
+                    args.push(nanos(before).into());
+                }
                 if let Some(cur) = cursor {
                     sql.push_str(" AND id < ?");
                     args.push(cur.to_string().into());

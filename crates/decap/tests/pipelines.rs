@@ -489,3 +489,65 @@ async fn a_run_asked_for_a_branch_records_the_commit_the_branch_points_at() {
         "its stages build that commit"
     );
 }
+
+#[tokio::test]
+async fn a_project_lists_its_builds_from_before_and_after_its_pipeline_as_runs() {
+    let e = served(false).await;
+    let c = &e.controller;
+    let pipeline = e.dir.path().join("scripts/acme/flow/pipeline.json");
+    // Two builds while the project has only build.sh …
+    std::fs::remove_file(&pipeline).unwrap();
+    c.ports.scripts.refresh().await.unwrap();
+    let mut earlier = Vec::new();
+    for branch in ["one", "two"] {
+        let (runs, builds) = c
+            .request_runs(&flow(), &[branch.to_owned()], Trigger::Api)
+            .await
+            .unwrap();
+        assert_eq!(runs, [builds[0].id.0], "a build is its own run");
+        earlier.push(builds[0].id.0);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // … then a run once it has a pipeline.
+    std::fs::write(&pipeline, PIPELINE).unwrap();
+    c.ports.scripts.refresh().await.unwrap();
+    let id = request(c).await;
+    until(c, id, "waiting").await;
+
+    let ids = |views: &[RunView]| views.iter().map(|v| v.run.id).collect::<Vec<_>>();
+    let (page, next) = c.pipeline_runs(&flow(), None, 2).await.unwrap();
+    assert_eq!(ids(&page), [id, earlier[1]], "newest first, runs then builds");
+    assert!(!page[0].single && page[1].single);
+    let (page, next) = c.pipeline_runs(&flow(), next.as_deref(), 2).await.unwrap();
+    assert_eq!(ids(&page), [earlier[0]]);
+    assert_eq!(next, None);
+    // One at a time, the same.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let (page, next) = c.pipeline_runs(&flow(), cursor.as_deref(), 1).await.unwrap();
+        seen.extend(ids(&page));
+        match next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seen, [id, earlier[1], earlier[0]]);
+    // The per-stage figures count the pipeline's runs only.
+    let (stats, _) = c.pipeline_stats(&flow(), None, 50).await.unwrap();
+    assert_eq!(stats.runs, 1, "{stats:?}");
+
+    // Without its pipeline again, the run is still one run (its stages
+    // together), beside the builds from before.
+    std::fs::remove_file(&pipeline).unwrap();
+    c.ports.scripts.refresh().await.unwrap();
+    let (page, next) = c.pipeline_runs(&flow(), None, 10).await.unwrap();
+    assert_eq!(ids(&page), [id, earlier[1], earlier[0]]);
+    assert_eq!(next, None);
+    assert_eq!(page[0].plan.stages.len(), 3, "{:?}", page[0].plan);
+    assert_eq!(statuses(&page[0]), ["succeeded", "succeeded", "waiting"]);
+    assert!(
+        c.pipeline_runs(&flow(), Some("older.x."), 1).await.is_err(),
+        "a bad cursor is an error"
+    );
+}

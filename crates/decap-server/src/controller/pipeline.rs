@@ -55,6 +55,52 @@ pub fn builds_for(
     (Some(run), builds)
 }
 
+/// The cursor of a page of a project's runs, where the last page ended:
+/// among its stored runs (a run id), among the builds from before them
+/// (`older.<nanos>.<build cursor>`), or among its builds (`builds.…`, a
+/// project without a pipeline now).
+#[derive(Debug, Clone, Copy)]
+enum ListCursor<'a> {
+    Runs(Uuid),
+    Older {
+        before: Option<time::OffsetDateTime>,
+        cursor: Option<&'a str>,
+    },
+    Builds(&'a str),
+}
+
+const OLDER_CURSOR: &str = "older.";
+const BUILDS_CURSOR: &str = "builds.";
+
+impl<'a> ListCursor<'a> {
+    fn parse(c: &'a str) -> Result<Self> {
+        let bad = || Error::invalid("cursor", "not a cursor from this server");
+        if let Some(rest) = c.strip_prefix(BUILDS_CURSOR) {
+            return Ok(ListCursor::Builds(rest));
+        }
+        if let Some(rest) = c.strip_prefix(OLDER_CURSOR) {
+            let (nanos, cursor) = rest.split_once('.').unwrap_or((rest, ""));
+            let before = match nanos {
+                "" => None,
+                n => {
+                    let n: i128 = n.parse().map_err(|_| bad())?;
+                    Some(time::OffsetDateTime::from_unix_timestamp_nanos(n).map_err(|_| bad())?)
+                }
+            };
+            let cursor = (!cursor.is_empty()).then_some(cursor);
+            return Ok(ListCursor::Older { before, cursor });
+        }
+        Uuid::parse_str(c).map(ListCursor::Runs).map_err(|_| bad())
+    }
+
+    fn older(before: Option<time::OffsetDateTime>, cursor: Option<&str>) -> String {
+        let nanos = before
+            .map(|t| t.unix_timestamp_nanos().to_string())
+            .unwrap_or_default();
+        format!("{OLDER_CURSOR}{nanos}.{}", cursor.unwrap_or_default())
+    }
+}
+
 /// A pipeline run as it stands.
 #[derive(Debug, Clone)]
 pub struct RunView {
@@ -62,19 +108,29 @@ pub struct RunView {
     pub run: PipelineRun,
     /// Its stages and status.
     pub plan: Plan,
+    /// It is a build of no stored run, shown as a one-stage run (a
+    /// project's builds from before it had a pipeline).
+    pub single: bool,
 }
 
 impl RunView {
     /// `run` as its attempts `builds` leave it.
     fn of(run: PipelineRun, builds: &[Build]) -> Self {
         let plan = pipeline::plan(&run, builds);
-        RunView { run, plan }
+        RunView {
+            run,
+            plan,
+            single: false,
+        }
     }
 
     /// A build that belongs to no stored run, as the one stage of its own.
     fn single(b: &Build) -> Self {
         let (run, builds) = pipeline::single_run(b);
-        RunView::of(run, &builds)
+        RunView {
+            single: true,
+            ..RunView::of(run, &builds)
+        }
     }
 }
 
@@ -393,28 +449,39 @@ impl Controller {
             .catalog()
             .project(project)
             .is_some_and(|p| p.pipeline.is_some());
-        if !has_pipeline {
+        let cursor = cursor.map(ListCursor::parse).transpose()?;
+        if !has_pipeline && cursor.is_none_or(|c| matches!(c, ListCursor::Builds(_))) {
+            // Its builds, each a one-stage run, or a stage of a run it
+            // stored while it had a pipeline.
             let page = self
                 .ports
                 .builds
                 .list(&decap_core::ports::BuildQuery {
                     project: Some(project.clone()),
                     limit,
-                    cursor: cursor.map(str::to_owned),
+                    cursor: match cursor {
+                        Some(ListCursor::Builds(c)) => Some(c.to_owned()),
+                        _ => None,
+                    },
                     ..Default::default()
                 })
                 .await?;
-            let views = page.builds.iter().map(RunView::single).collect();
-            return Ok((views, page.next_cursor));
+            let views = self.runs_of_builds(page.builds).await?;
+            let next = page.next_cursor.map(|c| format!("{BUILDS_CURSOR}{c}"));
+            return Ok((views, next));
         }
-        let before = cursor
-            .map(|c| {
-                Uuid::parse_str(c)
-                    .map_err(|_| Error::invalid("cursor", "not a cursor from this server"))
-            })
-            .transpose()?;
+        if let Some(ListCursor::Older { before, cursor }) = cursor {
+            let (views, next) = self
+                .singles_before(project, before, cursor.map(str::to_owned), limit)
+                .await?;
+            return Ok((views, next));
+        }
+        let before = match cursor {
+            Some(ListCursor::Runs(id)) => Some(id),
+            _ => None,
+        };
         let mut runs = self.ports.runs.list(project, before, limit + 1).await?;
-        let next = (runs.len() > limit).then(|| runs[limit - 1].id.to_string());
+        let more_runs = runs.len() > limit;
         runs.truncate(limit);
         // Two reads for the page: the runs' claims, then their builds.
         let ids: Vec<Uuid> = runs.iter().map(|r| r.id).collect();
@@ -425,14 +492,90 @@ impl Controller {
         for b in self.ports.builds.get_many(&build_ids).await? {
             by_run.entry(b.pipeline_run_id).or_default().push(b);
         }
-        let views = runs
+        let oldest = runs.last().map(|r| r.created_at);
+        let mut views: Vec<RunView> = runs
             .into_iter()
             .map(|run| {
                 let builds = by_run.remove(&run.id).unwrap_or_default();
                 RunView::of(run, &builds)
             })
             .collect();
+        if more_runs {
+            let next = views.last().map(|v| v.run.id.to_string());
+            return Ok((views, next));
+        }
+        // The stored runs end here; the project's builds from before its
+        // first stored run (before it had a pipeline) follow, each a
+        // one-stage run.
+        let room = limit - views.len();
+        let (older, next) = self
+            .singles_before(project, oldest, None, room.max(1))
+            .await?;
+        let next = if room == 0 {
+            (!older.is_empty()).then(|| ListCursor::older(oldest, None))
+        } else {
+            views.extend(older);
+            next
+        };
         Ok((views, next))
+    }
+
+    /// Up to `limit` of the project's builds queued before `before` that
+    /// belong to no stored run, each a one-stage run; and the cursor past
+    /// the builds read.
+    async fn singles_before(
+        &self,
+        project: &ProjectKey,
+        before: Option<time::OffsetDateTime>,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<RunView>, Option<String>)> {
+        let page = self
+            .ports
+            .builds
+            .list(&decap_core::ports::BuildQuery {
+                project: Some(project.clone()),
+                before,
+                limit,
+                cursor,
+                ..Default::default()
+            })
+            .await?;
+        let views = page
+            .builds
+            .iter()
+            .filter(|b| b.stage.is_none())
+            .map(RunView::single)
+            .collect();
+        let next = page
+            .next_cursor
+            .map(|c| ListCursor::older(before, Some(&c)));
+        Ok((views, next))
+    }
+
+    /// A page of builds as runs, newest first: a build of no stored run as
+    /// a one-stage run of its own, the stages of a stored run as that run
+    /// (once, where its newest attempt on the page stands).
+    async fn runs_of_builds(&self, builds: Vec<Build>) -> Result<Vec<RunView>> {
+        let mut views = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for b in &builds {
+            if b.stage.is_none() {
+                views.push(RunView::single(b));
+                continue;
+            }
+            if !seen.insert(b.pipeline_run_id) {
+                continue;
+            }
+            match self.ports.runs.get(b.pipeline_run_id).await? {
+                Some(run) => {
+                    let (attempts, _) = self.attempts(&run, false).await?;
+                    views.push(RunView::of(run, &attempts));
+                }
+                None => views.push(RunView::single(b)),
+            }
+        }
+        Ok(views)
     }
 
     /// Per-stage figures over the project's last `last` runs (of `branch`
@@ -444,10 +587,13 @@ impl Controller {
         branch: Option<&str>,
         last: usize,
     ) -> Result<(PipelineStats, Vec<(Uuid, i64)>)> {
-        let def = self
-            .project(project)
-            .map(|e| e.pipeline())
-            .unwrap_or_else(|_| pipeline::PipelineDef::single());
+        let defined = self.project(project).ok().and_then(|e| e.pipeline);
+        // A project with a pipeline counts its runs, not the builds from
+        // before it had one.
+        let counts = |v: &RunView| defined.is_none() || !v.single;
+        let def = defined
+            .clone()
+            .unwrap_or_else(pipeline::PipelineDef::single);
         let mut views = Vec::new();
         let mut cursor: Option<String> = None;
         let mut scanned = 0usize;
@@ -461,13 +607,15 @@ impl Controller {
                 .pipeline_runs(project, cursor.as_deref(), want.clamp(1, 100))
                 .await?;
             scanned += page.len();
+            // Builds from before the pipeline come after all its runs.
+            let past_runs = defined.is_some() && page.iter().any(|v| v.single);
             views.extend(
                 page.into_iter()
-                    .filter(|v| branch.is_none_or(|b| v.run.branch == b)),
+                    .filter(|v| counts(v) && branch.is_none_or(|b| v.run.branch == b)),
             );
             match next {
-                Some(c) => cursor = Some(c),
-                None => break,
+                Some(c) if !past_runs => cursor = Some(c),
+                _ => break,
             }
         }
         views.truncate(last);
