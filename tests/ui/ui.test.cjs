@@ -38,6 +38,18 @@ async function startDecap() {
       "printf '\\033[32mgreen line\\033[0m\\n'\nfor i in 1 2 3 4 5 6; do echo \"line $i\"; sleep 0.4; done\n" +
       "echo '<script>window.__xss = 1</script>'\nmkdir -p \"$ARTIFACTS_DIR/out\"\necho report > \"$ARTIFACTS_DIR/out/report.txt\"\n");
     project(scripts, "acme/slow", { buildImage: "x" }, "echo holding the lock\nsleep 60\n");
+    // A pipeline whose test fails its first attempt and whose deploy waits
+    // for Promote.
+    project(scripts, "acme/flow", { buildImage: "x" }, "echo built > \"$ARTIFACTS_DIR/app.txt\"\n");
+    const flow = path.join(scripts, "acme/flow");
+    fs.writeFileSync(path.join(flow, "pipeline.json"), JSON.stringify({ stages: [
+      { name: "build", script: "build.sh" },
+      { name: "test", script: "test.sh" },
+      { name: "deploy", script: "deploy.sh", manual: true },
+    ] }));
+    fs.writeFileSync(path.join(flow, "test.sh"),
+      "grep -q built \"$DECAP_INPUTS/build/app.txt\"\n[ \"$DECAP_ATTEMPT\" -ge 2 ] || { echo flaky; exit 3; }\necho tested\n");
+    fs.writeFileSync(path.join(flow, "deploy.sh"), "echo deployed\n");
     presetProject(scripts, "acme/preset", 0);
     presetProject(scripts, "acme/presetfails", 4);
     project(scripts, "acme/evil", {
@@ -153,6 +165,58 @@ test("build a branch from the project page, watch it live, download an artifact,
   await page.waitForSelector("text=a rerun of");
   await page.waitForSelector("#build-status:has-text('succeeded')", { timeout: 30000 });
   await shot("rerun");
+});
+
+test("a pipeline is drawn before it runs; rerun it from the failed stage, then promote the manual one", async (page, url, shot) => {
+  await login(page, url);
+  await page.goto(url + "/projects/acme/flow");
+  for (const s of ["build", "test", "deploy"]) {
+    check(await page.isVisible("ol.pipeline >> text=" + s), "stage " + s + " is drawn before any run");
+  }
+  check(await page.isVisible("text=waits for Promote"), "the manual stage says it waits for Promote");
+  await shot("pipeline-before");
+  const first = await buildBranch(page, url, "flow", "main");
+  const runs = await api(url, "GET", "/api/v1/pipelines/acme/flow");
+  const run = runs.runs[0].id;
+  check(runs.runs[0].stages[0].attempts[0].id === first, "the Build button started the run's first stage");
+  const state = async () => {
+    const r = await api(url, "GET", "/api/v1/pipeline-runs/" + run);
+    return r.stages.map((s) => s.status).join(",");
+  };
+  await until("the test stage to fail", async () => (await state()) === "succeeded,failed,pending", 30000);
+  await page.goto(url + "/projects/acme/flow");
+  const row = page.locator("table.runs tbody tr").first();
+  check((await row.locator("td.stage").count()) === 3, "the run is a row of three stage boxes");
+  check(await row.locator("td.stage.s-failed").isVisible(), "the failed stage shows failed");
+  check((await row.locator("td.stage").nth(2).textContent()).includes("pending"), "deploy, not yet run, shows pending");
+  check((await row.locator("button:has-text('Promote')").count()) === 0, "nothing to promote while test has failed");
+  await shot("pipeline-failed");
+  await Promise.all([page.waitForURL(/\/builds\//),
+    page.click("button[aria-label='Rerun run " + run + " from test']")]);
+  const rerun = page.url().split("/builds/")[1];
+  await page.waitForSelector("#build-status:has-text('succeeded')", { timeout: 30000 });
+  await until("deploy to wait for Promote", async () => (await state()) === "succeeded,succeeded,waiting", 30000);
+  await page.goto(url + "/projects/acme/flow");
+  check(await row.locator("text=attempt 2").isVisible(), "the rerun is the test stage's second attempt");
+  check((await row.locator("td.stage").nth(1).locator("a").getAttribute("href")) === "/builds/" + rerun,
+    "the test box links to its latest attempt");
+  await shot("pipeline-waiting");
+  await Promise.all([page.waitForURL(/\/builds\//),
+    page.click("button[aria-label='Promote deploy of run " + run + "']")]);
+  await page.waitForSelector("#build-status:has-text('succeeded')", { timeout: 30000 });
+  check((await page.textContent("#console")).includes("deployed"), "the promoted stage ran its script");
+  await until("the run to succeed", async () => (await api(url, "GET", "/api/v1/pipeline-runs/" + run)).status === "succeeded", 30000);
+  await page.goto(url + "/projects/acme/flow");
+  check(await row.locator("th .status.s-succeeded").isVisible(), "the run shows succeeded");
+  check((await row.locator("button:has-text('Promote')").count()) === 0, "no Promote once deployed");
+  check((await api(url, "GET", "/api/v1/pipeline-runs/" + run)).stages[1].attempts.length === 2, "both attempts of test are kept");
+  const figures = page.locator("table.figures tbody tr").nth(1);
+  const figureText = await figures.textContent();
+  check(figureText.includes("1 run, 2 attempts") && figureText.includes("50 %"),
+    "test's figures count both its attempts, the failed one among them: " + figureText);
+  check(await page.isVisible("section:has(h2:has-text('History')) >> text=test (attempt 2)"),
+    "the history names each build's stage");
+  await shot("pipeline-done");
 });
 
 test("a preset build folds its phases in the console and lists them", async (page, url, shot) => {

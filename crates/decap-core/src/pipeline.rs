@@ -794,9 +794,13 @@ pub struct StageStats {
     pub runs: usize,
     /// Of them, succeeded.
     pub succeeded: usize,
-    /// (failed + errored + timed out) / runs; none without runs.
+    /// Its attempts that ended (not counting those cancelled), reruns
+    /// among them.
+    #[serde(default)]
+    pub attempts: usize,
+    /// (failed + errored + timed out) / attempts; none without attempts.
     pub failure_rate: Option<f64>,
-    /// Median duration of the attempts that ran, in ms.
+    /// Median duration of the attempts that ended, in ms.
     pub p50_ms: Option<i64>,
     /// 90th percentile duration, in ms.
     pub p90_ms: Option<i64>,
@@ -833,11 +837,26 @@ pub fn stats(def: &PipelineDef, runs: &[(&PipelineRun, &Plan)]) -> PipelineStats
     let mut stages = Vec::with_capacity(def.stages.len());
     for s in &def.stages {
         let mut durations = Vec::new();
-        let (mut ran, mut succeeded, mut bad) = (0usize, 0usize, 0usize);
+        let (mut ran, mut succeeded) = (0usize, 0usize);
+        let (mut attempts, mut bad) = (0usize, 0usize);
         for (_, plan) in runs {
             let Some(state) = plan.stages.iter().find(|x| x.name == s.name) else {
                 continue;
             };
+            // Every attempt that ended counts: a stage that failed, then
+            // passed when run again, failed once.
+            for a in &state.attempts {
+                if !a.status.is_final() || a.status == BuildStatus::Cancelled {
+                    continue;
+                }
+                attempts += 1;
+                if a.status != BuildStatus::Succeeded {
+                    bad += 1;
+                }
+                if let Some(ms) = a.duration_ms() {
+                    durations.push(ms);
+                }
+            }
             let StageStatus::Build(status) = state.status else {
                 continue;
             };
@@ -845,12 +864,8 @@ pub fn stats(def: &PipelineDef, runs: &[(&PipelineRun, &Plan)]) -> PipelineStats
                 continue;
             }
             ran += 1;
-            match status {
-                BuildStatus::Succeeded => succeeded += 1,
-                _ => bad += 1,
-            }
-            if let Some(ms) = state.attempts.last().and_then(Build::duration_ms) {
-                durations.push(ms);
+            if status == BuildStatus::Succeeded {
+                succeeded += 1;
             }
         }
         durations.sort_unstable();
@@ -858,7 +873,8 @@ pub fn stats(def: &PipelineDef, runs: &[(&PipelineRun, &Plan)]) -> PipelineStats
             name: s.name.clone(),
             runs: ran,
             succeeded,
-            failure_rate: (ran > 0).then(|| bad as f64 / ran as f64),
+            attempts,
+            failure_rate: (attempts > 0).then(|| bad as f64 / attempts as f64),
             p50_ms: percentile(&durations, 50.0),
             p90_ms: percentile(&durations, 90.0),
         });
@@ -1192,6 +1208,15 @@ mod tests {
             };
             b.start_time = Some(t0);
             b.end_time = Some(t0 + ms(1000));
+            if i == 1 {
+                // Run again, test passes in 2 s.
+                let again = rerun(&run, &builds, "test").expect("a failed stage reruns");
+                let mut b = run.attempt(&again, Trigger::Api, OffsetDateTime::UNIX_EPOCH);
+                b.status = BuildStatus::Succeeded;
+                b.start_time = Some(t0);
+                b.end_time = Some(t0 + ms(2000));
+                builds.push(b);
+            }
             let p = plan(&run, &builds);
             runs.push((run, p));
         }
@@ -1201,8 +1226,13 @@ mod tests {
         assert_eq!(st.stages[0].p50_ms, Some(500));
         assert_eq!(st.stages[0].p90_ms, Some(900));
         assert_eq!(st.stages[0].failure_rate, Some(0.0));
-        assert_eq!(st.stages[1].failure_rate, Some(0.2));
-        assert_eq!(st.stages[1].succeeded, 8);
+        // Eleven attempts of test ended, two of them failed; nine runs
+        // got through it (one by its rerun).
+        assert_eq!(st.stages[1].attempts, 11);
+        assert_eq!(st.stages[1].failure_rate, Some(2.0 / 11.0));
+        assert_eq!(st.stages[1].succeeded, 9);
+        assert_eq!(st.stages[1].runs, 10);
+        assert_eq!(st.stages[1].p90_ms, Some(1000));
         assert_eq!(st.stages[2].runs, 0);
         assert_eq!(st.stages[2].p50_ms, None);
         assert_eq!(st.lead_time_p50_ms, None, "no run got through deploy");

@@ -516,7 +516,11 @@ async fn a_project_lists_its_builds_from_before_and_after_its_pipeline_as_runs()
 
     let ids = |views: &[RunView]| views.iter().map(|v| v.run.id).collect::<Vec<_>>();
     let (page, next) = c.pipeline_runs(&flow(), None, 2).await.unwrap();
-    assert_eq!(ids(&page), [id, earlier[1]], "newest first, runs then builds");
+    assert_eq!(
+        ids(&page),
+        [id, earlier[1]],
+        "newest first, runs then builds"
+    );
     assert!(!page[0].single && page[1].single);
     let (page, next) = c.pipeline_runs(&flow(), next.as_deref(), 2).await.unwrap();
     assert_eq!(ids(&page), [earlier[0]]);
@@ -525,7 +529,10 @@ async fn a_project_lists_its_builds_from_before_and_after_its_pipeline_as_runs()
     let mut seen = Vec::new();
     let mut cursor = None;
     loop {
-        let (page, next) = c.pipeline_runs(&flow(), cursor.as_deref(), 1).await.unwrap();
+        let (page, next) = c
+            .pipeline_runs(&flow(), cursor.as_deref(), 1)
+            .await
+            .unwrap();
         seen.extend(ids(&page));
         match next {
             Some(n) => cursor = Some(n),

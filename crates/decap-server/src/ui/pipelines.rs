@@ -63,8 +63,9 @@ pub struct RunRow {
 pub struct StageFigures {
     /// The stage.
     pub name: String,
-    /// Runs in which it ended.
-    pub runs: usize,
+    /// The runs in which it ended, and its attempts when reruns add to
+    /// them.
+    pub ended: String,
     /// Its failure rate.
     pub failure_rate: String,
     /// Median duration.
@@ -79,8 +80,8 @@ pub struct PipelineSection {
     pub runs: Vec<RunRow>,
     /// Each stage's figures over the last runs.
     pub figures: Vec<StageFigures>,
-    /// How many runs the figures are over.
-    pub counted: usize,
+    /// How many runs the figures are over, in words.
+    pub counted: String,
     /// From request to the last stage's success, median (or a dash).
     pub lead_time: String,
 }
@@ -179,7 +180,15 @@ pub async fn section(
             .iter()
             .map(|s| StageFigures {
                 name: s.name.clone(),
-                runs: s.runs,
+                ended: if s.attempts > s.runs {
+                    format!(
+                        "{}, {}",
+                        count(s.runs, "run", "runs"),
+                        count(s.attempts, "attempt", "attempts")
+                    )
+                } else {
+                    count(s.runs, "run", "runs")
+                },
                 failure_rate: s
                     .failure_rate
                     .map(|r| format!("{:.0} %", r * 100.0))
@@ -188,7 +197,7 @@ pub async fn section(
                 p90: ms(s.p90_ms),
             })
             .collect(),
-        counted: st.runs,
+        counted: count(st.runs, "run", "runs"),
         lead_time: ms(st.lead_time_p50_ms),
     }
 }
@@ -234,4 +243,9 @@ async fn on_run(
         Ok(format!("/builds/{}", b.id))
     })
     .await
+}
+
+/// `n` and the noun it counts, singular for one.
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
