@@ -72,7 +72,9 @@ fn fail(what: &str, e: impl std::fmt::Display) -> Error {
 
 /// Creates the buckets (console logs expiring after the retention), the
 /// tables with their indexes (deliveries expiring by TTL), the deferred
-/// builds' index and the FIFO queue. What exists already is kept.
+/// builds' index and the FIFO queue with its dead-letter queue (both
+/// keeping messages 14 days). What exists already is kept (the queues are
+/// brought to those settings).
 pub async fn create(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<Created> {
     let s3 = s3_client(sdk, &r.s3);
     let region = sdk.region().map(|r| r.as_ref().to_owned());
@@ -245,26 +247,36 @@ pub async fn delete(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<()> {
         }
     }
     let sqs = sqs_client(sdk, r.sqs_endpoint.as_deref());
-    match sqs.get_queue_url().queue_name(&r.queue_name).send().await {
-        Ok(found) => {
-            if let Some(url) = found.queue_url() {
-                sqs.delete_queue()
-                    .queue_url(url)
-                    .send()
-                    .await
-                    .map_err(|e| fail("deleting the queue", crate::sdk_message(&e)))?;
+    for name in [
+        r.queue_name.clone(),
+        crate::sqs::dead_letter_name(&r.queue_name),
+    ] {
+        match sqs.get_queue_url().queue_name(&name).send().await {
+            Ok(found) => {
+                if let Some(url) = found.queue_url() {
+                    sqs.delete_queue()
+                        .queue_url(url)
+                        .send()
+                        .await
+                        .map_err(|e| {
+                            fail(&format!("deleting queue {name}"), crate::sdk_message(&e))
+                        })?;
+                }
             }
-        }
-        Err(e)
-            if e.as_service_error().is_some_and(|se| {
-                use aws_sdk_sqs::error::ProvideErrorMetadata;
-                se.is_queue_does_not_exist()
-                    || se.code().is_some_and(|c| {
-                        c.contains("QueueDoesNotExist") || c.contains("NonExistentQueue")
-                    })
-            }) => {}
-        Err(e) => {
-            return Err(fail("finding the queue", crate::sdk_message(&e)));
+            Err(e)
+                if e.as_service_error().is_some_and(|se| {
+                    use aws_sdk_sqs::error::ProvideErrorMetadata;
+                    se.is_queue_does_not_exist()
+                        || se.code().is_some_and(|c| {
+                            c.contains("QueueDoesNotExist") || c.contains("NonExistentQueue")
+                        })
+                }) => {}
+            Err(e) => {
+                return Err(fail(
+                    &format!("finding queue {name}"),
+                    crate::sdk_message(&e),
+                ));
+            }
         }
     }
     Ok(())

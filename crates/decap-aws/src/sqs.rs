@@ -1,7 +1,8 @@
 //! Deferred builds on an SQS FIFO queue, listed through a DynamoDB index.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, ReturnValue, TransactWriteItem};
@@ -45,6 +46,35 @@ pub struct SqsDeferralQueue {
     sqs: aws_sdk_sqs::Client,
     ddb: aws_sdk_dynamodb::Client,
     config: SqsConfig,
+    sightings: Arc<Mutex<Sightings>>,
+}
+
+/// What this process has seen of the queue's messages, to tell one that
+/// is lost from one that is only out of sight (held by a taker, behind
+/// the oldest of its group).
+#[derive(Debug, Default)]
+struct Sightings {
+    /// When each waiting entry's message was last received (or, before
+    /// that, when the entry was first listed).
+    seen: HashMap<BuildId, Instant>,
+    /// When the last receive that took every message on offer began.
+    full_pass: Option<Instant>,
+}
+
+/// How long a message is kept: SQS's longest, on the queue and on its
+/// dead-letter queue.
+pub const RETENTION: Duration = Duration::from_secs(14 * 24 * 3600);
+/// How often a message may be received without being deleted before SQS
+/// moves it to the dead-letter queue. A build waiting behind a held lock
+/// is received at every drain (every 5 s); one moved after about 80
+/// minutes of that is sent again from the index (`requeue_lost`), and the
+/// dead-letter queue keeps the evidence.
+pub const MAX_RECEIVES: u32 = 1000;
+
+/// The dead-letter queue's name for the queue `name` (`x.fifo` →
+/// `x-dead.fifo`).
+pub fn dead_letter_name(name: &str) -> String {
+    format!("{}-dead.fifo", name.trim_end_matches(".fifo"))
 }
 
 fn err(what: &str, e: impl std::fmt::Display) -> Error {
@@ -102,6 +132,7 @@ impl SqsDeferralQueue {
             sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
             ddb: aws_sdk_dynamodb::Client::from_conf(ddb.build()),
             config,
+            sightings: Arc::default(),
         };
         queue
             .sqs
@@ -130,30 +161,96 @@ impl SqsDeferralQueue {
         Ok(queue)
     }
 
-    /// Creates a FIFO queue (for the test bed and `aws-resources/`); returns its URL.
+    /// Creates the FIFO queue and its dead-letter queue (for the test bed
+    /// and `aws-resources/`), or brings existing ones to the settings:
+    /// both keep messages for [`RETENTION`], and a message received
+    /// [`MAX_RECEIVES`] times moves to the dead-letter queue. Returns the
+    /// queue's URL.
     pub async fn create_queue(
         sdk: &aws_config::SdkConfig,
         endpoint: Option<&str>,
         name: &str,
     ) -> Result<String> {
+        use aws_sdk_sqs::types::QueueAttributeName as A;
         let mut b = aws_sdk_sqs::config::Builder::from(sdk);
         if let Some(url) = endpoint {
             b = b.endpoint_url(url);
         }
-        let out = aws_sdk_sqs::Client::from_conf(b.build())
-            .create_queue()
-            .queue_name(name)
-            .attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true")
-            .attributes(
-                aws_sdk_sqs::types::QueueAttributeName::ContentBasedDeduplication,
-                "false",
-            )
+        let client = aws_sdk_sqs::Client::from_conf(b.build());
+        let retention = RETENTION.as_secs().to_string();
+        let create = |name: String| {
+            client
+                .create_queue()
+                .queue_name(name)
+                .attributes(A::FifoQueue, "true")
+                .attributes(A::ContentBasedDeduplication, "false")
+                .send()
+        };
+        let dead_url = create(dead_letter_name(name))
+            .await
+            .map_err(|e| err("creating the dead-letter queue", crate::sdk_message(&e)))?
+            .queue_url()
+            .map(str::to_owned)
+            .ok_or_else(|| err("creating the dead-letter queue", "no URL in the answer"))?;
+        client
+            .set_queue_attributes()
+            .queue_url(&dead_url)
+            .attributes(A::MessageRetentionPeriod, &retention)
             .send()
             .await
-            .map_err(|e| err("creating the queue", crate::sdk_message(&e)))?;
-        out.queue_url()
+            .map_err(|e| {
+                err(
+                    "setting the dead-letter queue's retention",
+                    crate::sdk_message(&e),
+                )
+            })?;
+        let dead_arn = client
+            .get_queue_attributes()
+            .queue_url(&dead_url)
+            .attribute_names(A::QueueArn)
+            .send()
+            .await
+            .map_err(|e| err("reading the dead-letter queue", crate::sdk_message(&e)))?
+            .attributes()
+            .and_then(|a| a.get(&A::QueueArn).cloned())
+            .ok_or_else(|| err("reading the dead-letter queue", "no ARN in the answer"))?;
+        let url = create(name.to_owned())
+            .await
+            .map_err(|e| err("creating the queue", crate::sdk_message(&e)))?
+            .queue_url()
             .map(str::to_owned)
-            .ok_or_else(|| err("creating the queue", "no URL in the answer"))
+            .ok_or_else(|| err("creating the queue", "no URL in the answer"))?;
+        let redrive = serde_json::json!({
+            "deadLetterTargetArn": dead_arn,
+            "maxReceiveCount": MAX_RECEIVES.to_string(),
+        })
+        .to_string();
+        client
+            .set_queue_attributes()
+            .queue_url(&url)
+            .attributes(A::MessageRetentionPeriod, &retention)
+            .attributes(A::RedrivePolicy, redrive)
+            .send()
+            .await
+            .map_err(|e| {
+                err(
+                    "setting the queue's retention and dead-letter queue",
+                    crate::sdk_message(&e),
+                )
+            })?;
+        Ok(url)
+    }
+
+    /// The queue's URL.
+    pub fn queue_url(&self) -> &str {
+        &self.config.queue_url
+    }
+
+    /// Notes that the message of `id` was just received.
+    fn saw(&self, id: BuildId) {
+        if let Ok(mut s) = self.sightings.lock() {
+            s.seen.insert(id, Instant::now());
+        }
     }
 
     /// Creates the index table if it is missing (for the test bed and
@@ -376,9 +473,11 @@ impl DeferralQueue for SqsDeferralQueue {
 
     async fn receive_heads(&self, max: usize) -> Result<Vec<Received>> {
         let mut heads: Vec<(i128, Received)> = Vec::new();
-        let mut keys = HashSet::new();
+        let mut keys = HashMap::new();
         let mut others = Vec::new();
         let visibility = self.config.visibility.as_secs().clamp(1, 43_200) as i32;
+        let began = Instant::now();
+        let mut took_all = false;
         let result: Result<()> = async {
             while heads.len() < max {
                 let got = self
@@ -393,11 +492,15 @@ impl DeferralQueue for SqsDeferralQueue {
                     .map_err(|e| err("receiving", crate::sdk_message(&e)))?;
                 let messages = got.messages();
                 if messages.is_empty() {
+                    took_all = true;
                     break;
                 }
                 for m in messages {
                     let receipt = m.receipt_handle().unwrap_or_default().to_owned();
                     let id = m.body().and_then(|b| BuildId::parse(b).ok());
+                    if let Some(id) = id {
+                        self.saw(id);
+                    }
                     let item = match id {
                         Some(id) => self.index_item(&entry_key(id)).await?,
                         None => None,
@@ -415,10 +518,20 @@ impl DeferralQueue for SqsDeferralQueue {
                         continue;
                     };
                     let (seq, entry) = entry_of(&item)?;
-                    if heads.len() < max && keys.insert(entry.lock_key()) {
-                        heads.push((seq, Received { entry, receipt }));
-                    } else {
-                        others.push(receipt);
+                    // The oldest of each lock key by the index: a message
+                    // sent again (`requeue_lost`) is behind newer ones of
+                    // its group in SQS's order.
+                    match keys.get(&entry.lock_key()) {
+                        None if heads.len() < max => {
+                            keys.insert(entry.lock_key(), heads.len());
+                            heads.push((seq, Received { entry, receipt }));
+                        }
+                        Some(&i) if seq < heads[i].0 => {
+                            let (_, newer) =
+                                std::mem::replace(&mut heads[i], (seq, Received { entry, receipt }));
+                            others.push(newer.receipt);
+                        }
+                        _ => others.push(receipt),
                     }
                 }
             }
@@ -440,6 +553,9 @@ impl DeferralQueue for SqsDeferralQueue {
                 .await;
         }
         result?;
+        if took_all && let Ok(mut s) = self.sightings.lock() {
+            s.full_pass = Some(began);
+        }
         heads.sort_by_key(|(seq, _)| *seq);
         Ok(heads.into_iter().map(|(_, h)| h).collect())
     }
@@ -465,6 +581,57 @@ impl DeferralQueue for SqsDeferralQueue {
             .await
             .map_err(|e| err("releasing", crate::sdk_message(&e)))?;
         Ok(())
+    }
+
+    async fn requeue_lost(&self) -> Result<Vec<BuildId>> {
+        let entries = self.list().await?;
+        let now = Instant::now();
+        // A taker's hold on a message lapses after the visibility timeout;
+        // a push sends its message right after indexing it.
+        let grace = self.config.visibility * 2;
+        let lost: Vec<DeferredEntry> = {
+            let Ok(mut s) = self.sightings.lock() else {
+                return Ok(Vec::new());
+            };
+            let waiting: HashSet<BuildId> = entries.iter().map(|e| e.build_id).collect();
+            s.seen.retain(|id, _| waiting.contains(id));
+            let full_pass = s.full_pass;
+            let mut keys = HashSet::new();
+            let mut lost = Vec::new();
+            for e in &entries {
+                // Only the oldest of a lock key is always on offer: SQS
+                // holds the rest of its group back behind it.
+                let oldest = keys.insert(e.lock_key());
+                let seen = *s.seen.entry(e.build_id).or_insert(now);
+                if oldest && full_pass.is_some_and(|pass| pass > seen + grace) {
+                    lost.push(e.clone());
+                }
+            }
+            lost
+        };
+        let mut sent = Vec::new();
+        for e in lost {
+            // A deduplication id of its own: SQS drops a message whose id
+            // it saw in the last five minutes, even if that one is gone.
+            let dedup = format!(
+                "{}-{}",
+                e.build_id.0.simple(),
+                OffsetDateTime::now_utc().unix_timestamp_nanos()
+            );
+            self.sqs
+                .send_message()
+                .queue_url(&self.config.queue_url)
+                .message_body(e.build_id.to_string())
+                .message_group_id(group_of(&e))
+                .message_deduplication_id(dedup)
+                .send()
+                .await
+                .map_err(|err_| err("sending a lost entry again", crate::sdk_message(&err_)))?;
+            self.saw(e.build_id);
+            tracing::warn!(build_id = %e.build_id, "the queue had lost the message of a deferred build; sent it again");
+            sent.push(e.build_id);
+        }
+        Ok(sent)
     }
 
     async fn is_open(&self) -> Result<bool> {

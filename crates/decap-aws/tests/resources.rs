@@ -109,8 +109,23 @@ async fn everything_is_created_and_deleted_idempotently() {
         .await
         .unwrap();
 
+    // The queue and its dead-letter queue.
+    let sqs = aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::config::Builder::from(&sdk)
+            .endpoint_url(r.sqs_endpoint.clone().unwrap())
+            .build(),
+    );
+    let dead = format!("res-{tag}-dead.fifo");
+    assert!(sqs.get_queue_url().queue_name(&dead).send().await.is_ok());
+
     resources::delete(&sdk, &r).await.unwrap();
     resources::delete(&sdk, &r).await.unwrap();
+    for name in [r.queue_name.as_str(), dead.as_str()] {
+        assert!(
+            sqs.get_queue_url().queue_name(name).send().await.is_err(),
+            "{name} is deleted"
+        );
+    }
     assert!(
         s3.head_bucket()
             .bucket(&r.s3.logs_bucket)

@@ -324,6 +324,16 @@ pub trait DeferralQueue: Send + Sync {
     async fn is_open(&self) -> Result<bool>;
     /// Opens or closes the queue.
     async fn set_open(&self, open: bool) -> Result<()>;
+    /// Sends again the entries still waiting whose message the queue has
+    /// lost (on SQS: past its retention, moved to the dead-letter queue,
+    /// deleted by hand), so that no deferred build waits forever; answers
+    /// them. An entry counts as lost once a [`DeferralQueue::receive_heads`]
+    /// that took every message on offer, begun well after any taker's hold
+    /// on it lapsed, did not see it although it was the oldest of its lock
+    /// key. A queue whose entries are its messages (SQLite) loses none.
+    async fn requeue_lost(&self) -> Result<Vec<BuildId>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Which blob of a build.

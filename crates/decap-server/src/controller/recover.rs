@@ -140,6 +140,8 @@ impl Controller {
                 s.key_added(entry.lock_key());
             }
         }
+        // An entry the queue still lists whose message it lost (SQS).
+        self.ports.queue.requeue_lost().await?;
         Ok(())
     }
 }
