@@ -147,16 +147,61 @@ pub struct DynamoDbBuildStore {
     config: DynamoDbConfig,
 }
 
+/// A build's item: its keys, the whole record (`record`, what Decap reads
+/// back), and what an operator reads with awscli as attributes of their
+/// own: status, exit code, times (ISO 8601, and epoch seconds), duration,
+/// commit, trigger, stage and message.
 fn build_item(b: &Build) -> Result<HashMap<String, AttributeValue>> {
     let record = serde_json::to_string(b).map_err(|e| Error::backend("dynamodb", e))?;
-    Ok(HashMap::from([
+    let mut item = HashMap::from([
         ("build-id".to_owned(), s(b.id.to_string())),
         ("project-key".to_owned(), s(b.project.to_string())),
         ("build-start-time".to_owned(), n(nanos(b.queued_at))),
         ("build-status".to_owned(), s(b.status.as_str())),
         ("branch".to_owned(), s(&b.branch)),
+        ("trigger".to_owned(), s(b.trigger.as_str())),
         ("record".to_owned(), s(record)),
-    ]))
+    ]);
+    let times = [
+        ("queued-at", Some(b.queued_at)),
+        ("started-at", b.start_time),
+        ("ended-at", b.end_time),
+    ];
+    for (name, t) in times {
+        let Some(t) = t else { continue };
+        if let Ok(text) = t.format(&time::format_description::well_known::Rfc3339) {
+            item.insert(name.to_owned(), s(text));
+        }
+        let millis = t.unix_timestamp_nanos() / 1_000_000;
+        item.insert(
+            format!("{name}-epoch"),
+            AttributeValue::N(format!(
+                "{}.{:03}",
+                millis.div_euclid(1000),
+                millis.rem_euclid(1000)
+            )),
+        );
+    }
+    if let (Some(start), Some(end)) = (b.start_time, b.end_time) {
+        item.insert(
+            "duration-ms".to_owned(),
+            n((end - start).whole_milliseconds().max(0)),
+        );
+    }
+    if let Some(code) = b.exit_code {
+        item.insert("exit-code".to_owned(), n(i128::from(code)));
+    }
+    if let Some(commit) = b.commit.as_deref().filter(|c| !c.is_empty()) {
+        item.insert("commit".to_owned(), s(commit));
+    }
+    if let Some(stage) = &b.stage {
+        item.insert("stage".to_owned(), s(&stage.name));
+        item.insert("attempt".to_owned(), n(i128::from(stage.attempt)));
+    }
+    if let Some(m) = b.message.as_deref().filter(|m| !m.is_empty()) {
+        item.insert("message".to_owned(), s(m));
+    }
+    Ok(item)
 }
 
 fn item_build(item: &HashMap<String, AttributeValue>) -> Result<Build> {
@@ -337,25 +382,48 @@ impl DynamoDbBuildStore {
         }
     }
 
-    /// Every build, every page (listing without a project).
-    async fn scan_all(&self) -> Result<Vec<Build>> {
+    /// Up to `want` builds of `status` that `q` keeps, newest first (by
+    /// id, which is time-ordered), older than `below`: the status index
+    /// read a page at a time, never the table.
+    async fn query_status_page(
+        &self,
+        q: &BuildQuery,
+        status: BuildStatus,
+        want: usize,
+        below: Option<BuildId>,
+    ) -> Result<Vec<Build>> {
         let mut out = Vec::new();
         let mut start = None;
         loop {
-            let page = self
+            let mut req = self
                 .client
-                .scan()
+                .query()
                 .table_name(&self.config.builds_table)
-                .set_exclusive_start_key(start.take())
+                .index_name(STATUS_INDEX)
+                .scan_index_forward(false)
+                .limit(want.clamp(1, MAX_PAGE) as i32)
+                .expression_attribute_names("#st", "build-status")
+                .expression_attribute_values(":st", s(status.as_str()))
+                .set_exclusive_start_key(start.take());
+            req = match below {
+                Some(id) => req
+                    .key_condition_expression("#st = :st AND #id < :below")
+                    .expression_attribute_names("#id", "build-id")
+                    .expression_attribute_values(":below", s(id.to_string())),
+                None => req.key_condition_expression("#st = :st"),
+            };
+            let page = req
                 .send()
                 .await
-                .map_err(|e| ddb_err("scanning builds", e))?;
+                .map_err(|e| ddb_err("querying builds by status", e))?;
             for item in page.items() {
-                // Pipeline runs and stage claims share the table.
-                if get_s(item, "build-id").is_ok_and(crate::runs::not_a_build) {
-                    continue;
+                let b = item_build(item)?;
+                if keep(q, &b) {
+                    out.push(b);
+                    if out.len() >= want {
+                        return Ok(out);
+                    }
                 }
-                out.push(item_build(item)?);
             }
             match page.last_evaluated_key() {
                 Some(k) if !k.is_empty() => start = Some(k.clone()),
@@ -535,16 +603,23 @@ impl BuildStore for DynamoDbBuildStore {
                 self.query_project(q, limit + 1, start).await?
             }
             None => {
-                let mut all: Vec<Build> = self
-                    .scan_all()
-                    .await?
-                    .into_iter()
-                    .filter(|b| keep(q, b))
-                    .collect();
-                all.sort_by_key(|b| std::cmp::Reverse((nanos(b.queued_at), b.id)));
-                if let Some((t, id)) = cursor {
-                    all.retain(|b| (nanos(b.queued_at), b.id) < (t, id));
-                }
+                // Every build has a status: the status index, one query
+                // per status asked for (each read only as far as a page
+                // needs), merged newest first by id.
+                let statuses = if q.statuses.is_empty() {
+                    BuildStatus::ALL.to_vec()
+                } else {
+                    q.statuses.clone()
+                };
+                let below = cursor.map(|(_, id)| id);
+                let pages = futures::future::try_join_all(
+                    statuses
+                        .iter()
+                        .map(|st| self.query_status_page(q, *st, limit + 1, below)),
+                )
+                .await?;
+                let mut all: Vec<Build> = pages.into_iter().flatten().collect();
+                all.sort_by_key(|b| std::cmp::Reverse(b.id));
                 all.truncate(limit + 1);
                 all
             }

@@ -20,11 +20,6 @@ use uuid::Uuid;
 use crate::attrs::{get_s, n, s};
 use crate::dynamodb::{DynamoDbConfig, PROJECT_INDEX, client, ddb_err, nanos, require_table};
 
-/// Whether an item of the build records' table is a run or a claim.
-pub(crate) fn not_a_build(id: &str) -> bool {
-    id.starts_with("run#") || id.starts_with("claim#")
-}
-
 fn run_key(id: Uuid) -> String {
     format!("run#{id}")
 }

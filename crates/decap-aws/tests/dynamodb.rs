@@ -117,3 +117,68 @@ async fn a_missing_table_is_a_clear_error_at_start_up() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_build_item_reads_with_awscli_attribute_by_attribute() {
+    use decap_core::build::{Build, BuildStatus, Trigger};
+    use decap_core::ports::BuildStore;
+    let (sdk, config) = tables().await;
+    let table = config.builds_table.clone();
+    let store = DynamoDbBuildStore::connect(&sdk, config).await.unwrap();
+    let t0 = time::macros::datetime!(2026-11-29 10:00:00.250 UTC);
+    let mut b = Build::new(
+        decap_core::ProjectKey::new("acme", "widgets").unwrap(),
+        &decap_core::refs::GitRef::branch("main").unwrap(),
+        Some("0123abcd".into()),
+        Trigger::Webhook,
+        t0,
+    );
+    store.insert(&b).await.unwrap();
+    let queued = b.status;
+    b.transition(BuildStatus::Running, t0 + time::Duration::seconds(2))
+        .unwrap();
+    store.update(&b, queued).await.unwrap();
+    b.exit_code = Some(3);
+    b.message = Some("exited with code 3".into());
+    b.transition(BuildStatus::Failed, t0 + time::Duration::milliseconds(4500))
+        .unwrap();
+    store.update(&b, BuildStatus::Running).await.unwrap();
+    // As `aws dynamodb get-item` shows it.
+    let client = aws_sdk_dynamodb::Client::from_conf(
+        aws_sdk_dynamodb::config::Builder::from(&sdk)
+            .endpoint_url(endpoint())
+            .build(),
+    );
+    let item = client
+        .get_item()
+        .table_name(&table)
+        .key(
+            "build-id",
+            aws_sdk_dynamodb::types::AttributeValue::S(b.id.to_string()),
+        )
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    let text = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
+    let number = |k: &str| item.get(k).and_then(|v| v.as_n().ok()).cloned();
+    assert_eq!(text("build-status").as_deref(), Some("failed"));
+    assert_eq!(number("exit-code").as_deref(), Some("3"));
+    assert_eq!(
+        text("queued-at").as_deref(),
+        Some("2026-11-29T10:00:00.25Z")
+    );
+    assert_eq!(
+        text("started-at").as_deref(),
+        Some("2026-11-29T10:00:02.25Z")
+    );
+    assert_eq!(text("ended-at").as_deref(), Some("2026-11-29T10:00:04.75Z"));
+    assert_eq!(number("started-at-epoch").as_deref(), Some("1795946402.25"));
+    assert_eq!(number("duration-ms").as_deref(), Some("2500"));
+    assert_eq!(text("commit").as_deref(), Some("0123abcd"));
+    assert_eq!(text("trigger").as_deref(), Some("webhook"));
+    assert_eq!(text("message").as_deref(), Some("exited with code 3"));
+    // And Decap reads it back whole.
+    assert_eq!(store.get(b.id).await.unwrap().unwrap(), b);
+}
