@@ -62,6 +62,15 @@ pub fn write_project(root: &Path, key: &str, descriptor: &str, script: &str) -> 
 /// Starts `decap serve` on a free port over the scripts `setup` writes,
 /// with `extra` flags.
 pub fn start(setup: impl FnOnce(&Path) -> Result<()>, extra: &[&str]) -> Result<Server> {
+    start_with_env(setup, extra, &[])
+}
+
+/// [`start`] with variables of its own in the server's environment.
+pub fn start_with_env(
+    setup: impl FnOnce(&Path) -> Result<()>,
+    extra: &[&str],
+    vars: &[(&str, &str)],
+) -> Result<Server> {
     let dir = tempfile::tempdir()?;
     let scripts = dir.path().join("scripts");
     std::fs::create_dir_all(&scripts)?;
@@ -80,6 +89,7 @@ pub fn start(setup: impl FnOnce(&Path) -> Result<()>, extra: &[&str]) -> Result<
         .arg("--scripts")
         .arg(&scripts)
         .args(extra)
+        .envs(vars.iter().copied())
         .env("DECAP_GITHUB_WEBHOOK_SECRET", SECRET)
         .env("DECAP_API_TOKEN", TOKEN)
         .stdout(Stdio::piped())

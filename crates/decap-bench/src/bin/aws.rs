@@ -2,13 +2,14 @@
 //! acquire/release latency on DynamoDB Local; 10,000 deferred builds
 //! enqueued and drained in FIFO order per branch on ElasticMQ, none lost or
 //! duplicated; bctool uploading a 1 GiB artifact to the S3 server against
-//! `aws s3 cp` of the same file, with both peak RSSs.
+//! `aws s3 cp` of the same file, with both peak RSSs; the dashboard of a
+//! `decap serve` on DynamoDB Local holding 10,000 builds.
 //!
 //! ```sh
 //! for s in minio dynamodb elasticmq; do eval "$(tests/bed/$s.sh start)"; done
 //! cargo build --release -p decap-bench -p decap
 //! target/release/decap-bench-aws          # all three
-//! target/release/decap-bench-aws locks    # one of them: locks, queue, upload
+//! target/release/decap-bench-aws locks    # one of them: locks, queue, upload, dashboard
 //! ```
 //!
 //! `upload` needs the AWS CLI: `aws` on the PATH, or `DECAP_BENCH_AWS_CLI`
@@ -27,6 +28,7 @@ use decap_aws::{
 use decap_core::build::BuildId;
 use decap_core::names::{LockKey, ProjectKey};
 use decap_core::ports::{DeferralQueue, DeferredEntry, LockStore};
+use futures::{StreamExt as _, TryStreamExt as _};
 use time::OffsetDateTime;
 
 fn env(name: &str) -> Result<String> {
@@ -247,10 +249,13 @@ async fn main() -> Result<()> {
     if wants("upload") {
         upload(&sdk, &tag).await?;
     }
-    if !wants("locks") && !wants("queue") {
+    if !wants("locks") && !wants("queue") && !wants("dashboard") {
         return Ok(());
     }
     let ddb = env("DECAP_TEST_DYNAMODB_ENDPOINT")?;
+    if wants("dashboard") {
+        dashboard(&sdk, &ddb, &tag).await?;
+    }
 
     if wants("locks") {
         locks(&sdk, &ddb, &tag).await?;
@@ -388,5 +393,98 @@ async fn queue(sdk: &aws_config::SdkConfig, ddb: &str, sqs: &str, tag: &str) -> 
     if !in_order || all.len() != total || duplicates > 0 {
         bail!("the queue lost, duplicated or reordered builds");
     }
+    Ok(())
+}
+
+/// The dashboard of a `decap serve` whose build records are on DynamoDB
+/// Local, holding 10,000 ended builds of 20 projects: 200 page loads.
+async fn dashboard(sdk: &aws_config::SdkConfig, ddb: &str, tag: &str) -> Result<()> {
+    use decap_core::build::{Build, BuildStatus, Trigger};
+    use decap_core::ports::BuildStore;
+    let tables = DynamoDbConfig {
+        builds_table: format!("bench-dash-builds-{tag}"),
+        deliveries_table: format!("bench-dash-deliveries-{tag}"),
+        locks_table: format!("bench-dash-locks-{tag}"),
+        endpoint_url: Some(ddb.to_owned()),
+    };
+    DynamoDbBuildStore::create_tables(sdk, &tables).await?;
+    let store = Arc::new(DynamoDbBuildStore::connect(sdk, tables.clone()).await?);
+    let t0 = OffsetDateTime::now_utc() - time::Duration::days(10);
+    let started = Instant::now();
+    let total = 10_000usize;
+    futures::stream::iter(0..total)
+        .map(|i| {
+            let store = store.clone();
+            async move {
+                let project = ProjectKey::new("bench", &format!("app{}", i % 20))?;
+                let at = t0 + time::Duration::seconds(i as i64 * 60);
+                let mut b = Build::new(
+                    project,
+                    &decap_core::refs::GitRef::branch(&format!("b{}", i % 50))?,
+                    Some(format!("{i:040x}")),
+                    Trigger::Webhook,
+                    at,
+                );
+                b.transition(BuildStatus::Running, at + time::Duration::seconds(1))?;
+                let end = if i % 7 == 0 {
+                    BuildStatus::Failed
+                } else {
+                    BuildStatus::Succeeded
+                };
+                b.exit_code = Some(i32::from(end == BuildStatus::Failed));
+                b.transition(end, at + time::Duration::seconds(30 + (i % 40) as i64))?;
+                store.insert(&b).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await?;
+    println!(
+        "stored {total} ended builds of 20 projects in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let server = decap_bench::start_with_env(
+        |scripts| {
+            decap_bench::write_project(scripts, "bench/app0", r#"{"buildImage": "x"}"#, "echo hi\n")
+        },
+        &[
+            "--build-store",
+            "dynamodb",
+            "--aws-region",
+            "us-east-1",
+            "--dynamodb-endpoint",
+            ddb,
+            "--dynamodb-builds-table",
+            &tables.builds_table,
+            "--dynamodb-deliveries-table",
+            &tables.deliveries_table,
+            "--dynamodb-locks-table",
+            &tables.locks_table,
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", "decaptest"),
+            ("AWS_SECRET_ACCESS_KEY", "decaptestsecret"),
+        ],
+    )?;
+    let http = reqwest::Client::new();
+    let mut ms = Vec::new();
+    for round in 0..240 {
+        let t = Instant::now();
+        let r = http.get(format!("{}/", server.url)).send().await?;
+        let status = r.status();
+        let body = r.text().await?;
+        if !status.is_success() || !body.contains("bench/app") {
+            bail!(
+                "the dashboard answered {status}: {}",
+                &body[..body.len().min(300)]
+            );
+        }
+        // The first 40 warm DynamoDB Local's JIT and are not counted.
+        if round >= 40 {
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    summary("dashboard (GET /) over 10,000 builds on DynamoDB Local", ms);
     Ok(())
 }
