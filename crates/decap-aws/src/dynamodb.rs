@@ -136,7 +136,7 @@ pub(crate) fn nanos(t: OffsetDateTime) -> i128 {
     t.unix_timestamp_nanos()
 }
 
-fn from_nanos(n: i128) -> OffsetDateTime {
+pub(crate) fn from_nanos(n: i128) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(n).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 

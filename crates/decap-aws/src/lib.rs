@@ -31,6 +31,7 @@ mod attrs;
 pub mod details;
 pub mod direct;
 mod dynamodb;
+mod hub;
 pub mod iam;
 mod ledger;
 pub mod resources;
@@ -60,6 +61,7 @@ where
     }
 }
 pub use dynamodb::{DynamoDbBuildStore, DynamoDbConfig, DynamoDbLockStore};
+pub use hub::DynamoDbStatusHub;
 pub use ledger::DynamoDbStatusLedger;
 pub use runs::DynamoDbRunStore;
 pub use s3::{PART_BYTES, PARTS_IN_FLIGHT, S3BlobStore, S3Config};

@@ -27,6 +27,8 @@ pub struct Resources {
     pub deferred_table: String,
     /// What Decap told GitHub, shared by its replicas.
     pub ledger_table: String,
+    /// The CI status hub's records, shared by the replicas.
+    pub hub_table: String,
     /// The FIFO queue's name (ends in `.fifo`).
     pub queue_name: String,
     /// An SQS endpoint instead of AWS.
@@ -135,6 +137,8 @@ pub async fn create(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<Create
         r.dynamodb.endpoint_url.as_deref(),
     )
     .await?;
+    crate::DynamoDbStatusHub::create_table(sdk, &r.hub_table, r.dynamodb.endpoint_url.as_deref())
+        .await?;
     let ddb = ddb_client(sdk, r.dynamodb.endpoint_url.as_deref());
     // Tables being created answer "in use" to a TTL change for a moment.
     let mut tries = 0;
@@ -232,6 +236,7 @@ pub async fn delete(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<()> {
         &r.dynamodb.locks_table,
         &r.deferred_table,
         &r.ledger_table,
+        &r.hub_table,
     ] {
         match ddb.delete_table().table_name(table).send().await {
             Ok(_) => {}
@@ -353,6 +358,7 @@ pub fn policy(account: &str, region: &str, r: &Resources) -> Result<serde_json::
         &r.dynamodb.locks_table,
         &r.deferred_table,
         &r.ledger_table,
+        &r.hub_table,
     ]
     .iter()
     .flat_map(|t| [table(t), format!("{}/index/*", table(t))])

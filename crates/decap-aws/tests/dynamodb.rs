@@ -182,3 +182,22 @@ async fn a_build_item_reads_with_awscli_attribute_by_attribute() {
     // And Decap reads it back whole.
     assert_eq!(store.get(b.id).await.unwrap().unwrap(), b);
 }
+
+#[tokio::test]
+async fn dynamodb_status_hub_keeps_the_contract() {
+    let sdk = sdk().await;
+    let table = format!(
+        "hub-{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    decap_aws::DynamoDbStatusHub::create_table(&sdk, &table, Some(&endpoint()))
+        .await
+        .unwrap();
+    let hub = decap_aws::DynamoDbStatusHub::connect(&sdk, &table, Some(&endpoint()))
+        .await
+        .unwrap();
+    decap_contract_tests::status_hub_suite(Arc::new(hub)).await;
+}

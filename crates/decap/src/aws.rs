@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use decap_core::ports::{BlobStore, BuildStore, DeferralQueue, LockStore, RunStore, StatusLedger};
+use decap_core::ports::{
+    BlobStore, BuildStore, DeferralQueue, LockStore, RunStore, StatusHub, StatusLedger,
+};
 
 use crate::{AwsResourcesArgs, StorageArgs};
 
@@ -109,6 +111,20 @@ mod imp {
             ))
         }
 
+        /// The CI status hub's records, in DynamoDB (shared by the
+        /// replicas).
+        pub(crate) async fn hub(&self, st: &StorageArgs) -> Result<Arc<dyn StatusHub>> {
+            Ok(Arc::new(
+                decap_aws::DynamoDbStatusHub::connect(
+                    &self.sdk,
+                    &st.dynamodb_hub_table,
+                    st.dynamodb_endpoint.as_deref(),
+                )
+                .await
+                .context("DynamoDB status hub")?,
+            ))
+        }
+
         /// bctool's settings for its direct path, or none.
         pub(crate) fn bctool_env(
             st: &StorageArgs,
@@ -195,6 +211,7 @@ mod imp {
             dynamodb: st.dynamodb(),
             deferred_table: st.dynamodb_deferred_table.clone(),
             ledger_table: st.dynamodb_ledger_table.clone(),
+            hub_table: st.dynamodb_hub_table.clone(),
             queue_name: args.sqs_queue_name.clone(),
             sqs_endpoint: st.sqs_endpoint.clone(),
             log_retention_days: args.log_retention_days,
@@ -322,6 +339,10 @@ mod imp {
         }
 
         pub(crate) async fn ledger(&self, _: &StorageArgs) -> Result<Arc<dyn StatusLedger>> {
+            match *self {}
+        }
+
+        pub(crate) async fn hub(&self, _: &StorageArgs) -> Result<Arc<dyn StatusHub>> {
             match *self {}
         }
 

@@ -306,6 +306,14 @@ struct StorageArgs {
         default_value = "decap-status-ledger"
     )]
     dynamodb_ledger_table: String,
+    /// The DynamoDB table of the CI status hub's records (used with
+    /// `--build-store dynamodb`, so that replicas share them).
+    #[arg(
+        long,
+        env = "DECAP_DYNAMODB_HUB_TABLE",
+        default_value = "decap-status-hub"
+    )]
+    dynamodb_hub_table: String,
     /// The AWS region (default: the SDK's, from AWS_REGION or the profile).
     #[arg(long, env = "DECAP_AWS_REGION")]
     aws_region: Option<String>,
@@ -1245,6 +1253,11 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         decap_embedded::FileDetailStore::new(data_dir.join("details")),
     );
     let details_sweeper = details.clone();
+    // Shared by the replicas with the DynamoDB build store.
+    let hub_store: Arc<dyn decap_core::ports::StatusHub> = match (st.build_store, &aws) {
+        (TableBackend::Dynamodb, Some(aws)) => aws.hub(st).await?,
+        _ => Arc::new(decap_embedded::SqliteStatusHub::new(db.clone())),
+    };
     let server = Arc::new(Server {
         controller: controller.clone(),
         auth: AuthConfig {
@@ -1259,7 +1272,7 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         },
         set_log_level: Some(set_level),
         hub: Some(Arc::new(decap_server::hub::Hub::new(
-            Arc::new(decap_embedded::SqliteStatusHub::new(db.clone())),
+            hub_store,
             decap_server::hub::HubConfig {
                 building_timeout: Duration::from_secs(args.hub_building_timeout_mins.max(1) * 60),
                 webhooks: args.hub_webhook.clone(),

@@ -756,6 +756,53 @@ async fn only_the_leader_launches_and_another_takes_over_when_it_stops_or_dies()
         .unwrap();
     assert!(log.contains("built via-follower"), "{log}");
 
+    // Another CI server reports to one replica; the other shows it, and a
+    // lock taken through one holds through the other.
+    let report = serde_json::json!({
+        "name": "tests",
+        "repository": "git@github.com:acme/ha.git",
+        "revision": "abcd1234",
+        "status_url": "https://ci.example.com/1",
+        "status": "successful",
+    });
+    let r = first
+        .api()
+        .http
+        .post(format!("{}/api/build_status", first.url))
+        .bearer_auth(common::TOKEN)
+        .json(&report)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let hub = second.api().json("/api/v1/hub").await;
+    assert_eq!(
+        hub["projects"][0]["latestRevisions"][0]["hash"], "abcd1234",
+        "{hub}"
+    );
+    let lock = |api: common::Api, revision: &'static str| async move {
+        let r = api
+            .http
+            .post(format!("{}/api/build/lock", api.base))
+            .bearer_auth(common::TOKEN)
+            .json(&serde_json::json!({
+                "name": "deploy",
+                "repository": "git@github.com:acme/ha.git",
+                "revision": revision,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        r.json::<serde_json::Value>().await.unwrap()["locked_by_revision"].clone()
+    };
+    assert_eq!(lock(first.api(), "abcd1234").await, "abcd1234");
+    assert_eq!(
+        lock(second.api(), "ef015678").await,
+        "abcd1234",
+        "the lock taken through the other replica holds"
+    );
+
     // The leader stops (a rolling update): it lets go of the Lease as it
     // stops, so the other takes over without waiting for it to lapse.
     drop(first);

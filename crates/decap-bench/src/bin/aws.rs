@@ -408,6 +408,8 @@ async fn dashboard(sdk: &aws_config::SdkConfig, ddb: &str, tag: &str) -> Result<
         endpoint_url: Some(ddb.to_owned()),
     };
     DynamoDbBuildStore::create_tables(sdk, &tables).await?;
+    let hub_table = format!("bench-dash-hub-{tag}");
+    decap_aws::DynamoDbStatusHub::create_table(sdk, &hub_table, Some(ddb)).await?;
     let store = Arc::new(DynamoDbBuildStore::connect(sdk, tables.clone()).await?);
     let t0 = OffsetDateTime::now_utc() - time::Duration::days(10);
     let started = Instant::now();
@@ -461,6 +463,8 @@ async fn dashboard(sdk: &aws_config::SdkConfig, ddb: &str, tag: &str) -> Result<
             &tables.deliveries_table,
             "--dynamodb-locks-table",
             &tables.locks_table,
+            "--dynamodb-hub-table",
+            &hub_table,
         ],
         &[
             ("AWS_ACCESS_KEY_ID", "decaptest"),

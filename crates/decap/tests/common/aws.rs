@@ -78,6 +78,10 @@ impl World {
         decap_aws::DynamoDbBuildStore::create_tables(&sdk, &tables)
             .await
             .unwrap();
+        let hub_table = format!("e2e-hub-{tag}");
+        decap_aws::DynamoDbStatusHub::create_table(&sdk, &hub_table, Some(&ddb))
+            .await
+            .unwrap();
         let sqs = env("DECAP_TEST_SQS_ENDPOINT");
         let queue_url =
             decap_aws::SqsDeferralQueue::create_queue(&sdk, Some(&sqs), &format!("e2e-{tag}.fifo"))
@@ -109,6 +113,8 @@ impl World {
             tables.deliveries_table.clone(),
             "--dynamodb-locks-table".into(),
             tables.locks_table.clone(),
+            "--dynamodb-hub-table".into(),
+            hub_table,
             "--deferral-queue".into(),
             "sqs".into(),
             "--sqs-endpoint".into(),
