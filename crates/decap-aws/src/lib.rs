@@ -37,6 +37,7 @@ mod ledger;
 pub mod resources;
 mod runs;
 mod s3;
+mod sessions;
 mod sqs;
 
 pub use direct::{DirectConfig, DirectStores};
@@ -64,5 +65,6 @@ pub use dynamodb::{DynamoDbBuildStore, DynamoDbConfig, DynamoDbLockStore};
 pub use hub::DynamoDbStatusHub;
 pub use ledger::DynamoDbStatusLedger;
 pub use runs::DynamoDbRunStore;
-pub use s3::{PART_BYTES, PARTS_IN_FLIGHT, S3BlobStore, S3Config};
+pub use s3::{PART_BYTES, PARTS_IN_FLIGHT, S3BlobStore, S3Config, S3DetailStore};
+pub use sessions::{DynamoDbSessionStore, SESSION_TTL_ATTRIBUTE};
 pub use sqs::{SqsConfig, SqsDeferralQueue};

@@ -29,6 +29,8 @@ pub struct Resources {
     pub ledger_table: String,
     /// The CI status hub's records, shared by the replicas.
     pub hub_table: String,
+    /// The web UI's login sessions, shared by the replicas.
+    pub sessions_table: String,
     /// The FIFO queue's name (ends in `.fifo`).
     pub queue_name: String,
     /// An SQS endpoint instead of AWS.
@@ -139,36 +141,18 @@ pub async fn create(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<Create
     .await?;
     crate::DynamoDbStatusHub::create_table(sdk, &r.hub_table, r.dynamodb.endpoint_url.as_deref())
         .await?;
+    crate::DynamoDbSessionStore::create_table(
+        sdk,
+        &r.sessions_table,
+        r.dynamodb.endpoint_url.as_deref(),
+    )
+    .await?;
     let ddb = ddb_client(sdk, r.dynamodb.endpoint_url.as_deref());
-    // Tables being created answer "in use" to a TTL change for a moment.
-    let mut tries = 0;
-    loop {
-        let ttl = ddb
-            .update_time_to_live()
-            .table_name(&r.dynamodb.deliveries_table)
-            .time_to_live_specification(
-                TimeToLiveSpecification::builder()
-                    .attribute_name(DELIVERY_TTL_ATTRIBUTE)
-                    .enabled(true)
-                    .build()
-                    .map_err(|e| fail("TTL", e))?,
-            )
-            .send()
-            .await;
-        match ttl {
-            Ok(_) => break,
-            Err(e) => {
-                let text = crate::sdk_message(&e);
-                if text.contains("already enabled") {
-                    break;
-                }
-                tries += 1;
-                if tries > 20 {
-                    return Err(fail("enabling the deliveries' TTL", text));
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
+    for (table, attribute) in [
+        (&r.dynamodb.deliveries_table, DELIVERY_TTL_ATTRIBUTE),
+        (&r.sessions_table, crate::SESSION_TTL_ATTRIBUTE),
+    ] {
+        enable_ttl(&ddb, table, attribute).await?;
     }
     SqsDeferralQueue::create_index_table(
         sdk,
@@ -237,6 +221,7 @@ pub async fn delete(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<()> {
         &r.deferred_table,
         &r.ledger_table,
         &r.hub_table,
+        &r.sessions_table,
     ] {
         match ddb.delete_table().table_name(table).send().await {
             Ok(_) => {}
@@ -359,6 +344,7 @@ pub fn policy(account: &str, region: &str, r: &Resources) -> Result<serde_json::
         &r.deferred_table,
         &r.ledger_table,
         &r.hub_table,
+        &r.sessions_table,
     ]
     .iter()
     .flat_map(|t| [table(t), format!("{}/index/*", table(t))])
@@ -404,4 +390,38 @@ pub fn policy(account: &str, region: &str, r: &Resources) -> Result<serde_json::
             },
         ],
     }))
+}
+
+/// Turns on a table's time to live by `attribute` (a table being created
+/// answers "in use" for a moment: tried again for up to ten seconds).
+async fn enable_ttl(ddb: &aws_sdk_dynamodb::Client, table: &str, attribute: &str) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        let ttl = ddb
+            .update_time_to_live()
+            .table_name(table)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder()
+                    .attribute_name(attribute)
+                    .enabled(true)
+                    .build()
+                    .map_err(|e| fail("TTL", e))?,
+            )
+            .send()
+            .await;
+        match ttl {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                let text = crate::sdk_message(&e);
+                if text.contains("already enabled") {
+                    return Ok(());
+                }
+                tries += 1;
+                if tries > 20 {
+                    return Err(fail(&format!("enabling the time to live of {table}"), text));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
 }

@@ -122,6 +122,64 @@ impl S3BlobStore {
         &self.client
     }
 
+    /// Stores an object from a stream (one `PutObject`, or a multipart
+    /// upload past [`PART_BYTES`]); returns its size.
+    pub(crate) async fn put_at(
+        &self,
+        bucket: &str,
+        key: &str,
+        mut data: ByteStream,
+    ) -> Result<u64> {
+        let key = key.to_owned();
+        let mut parts = Parts::new(&mut data);
+        let first = parts.next().await?;
+        if parts.ended {
+            let len = first.len() as u64;
+            self.client
+                .put_object()
+                .bucket(bucket)
+                .key(&key)
+                .body(S3Bytes::from(first))
+                .send()
+                .await
+                .map_err(|e| s3_err(&format!("storing {key}"), e))?;
+            return Ok(len);
+        }
+        self.multipart(bucket, &key, first, &mut parts).await
+    }
+
+    /// Reads an object, with its size; `None` when there is none.
+    pub(crate) async fn get_at(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<(u64, ByteStream)>> {
+        let key = key.to_owned();
+        let object = match self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(s3_err(&format!("reading {key}"), e)),
+        };
+        let size = object.content_length().unwrap_or(0).max(0) as u64;
+        let reader = object.body.into_async_read();
+        Ok(Some((
+            size,
+            Box::pin(tokio_util::io::ReaderStream::with_capacity(
+                reader,
+                64 * 1024,
+            )),
+        )))
+    }
+
     fn location(&self, build: BuildId, kind: BlobKind) -> (&str, String) {
         let bucket = match kind {
             BlobKind::LogGz => &self.config.logs_bucket,
@@ -321,50 +379,14 @@ impl<'a> Parts<'a> {
 
 #[async_trait]
 impl BlobStore for S3BlobStore {
-    async fn put(&self, build: BuildId, kind: BlobKind, mut data: ByteStream) -> Result<u64> {
+    async fn put(&self, build: BuildId, kind: BlobKind, data: ByteStream) -> Result<u64> {
         let (bucket, key) = self.location(build, kind);
-        let mut parts = Parts::new(&mut data);
-        let first = parts.next().await?;
-        if parts.ended {
-            let len = first.len() as u64;
-            self.client
-                .put_object()
-                .bucket(bucket)
-                .key(&key)
-                .body(S3Bytes::from(first))
-                .send()
-                .await
-                .map_err(|e| s3_err(&format!("storing {key}"), e))?;
-            return Ok(len);
-        }
-        self.multipart(bucket, &key, first, &mut parts).await
+        self.put_at(bucket, &key, data).await
     }
 
     async fn get(&self, build: BuildId, kind: BlobKind) -> Result<Option<(u64, ByteStream)>> {
         let (bucket, key) = self.location(build, kind);
-        let object = match self
-            .client
-            .get_object()
-            .bucket(bucket)
-            .key(&key)
-            .send()
-            .await
-        {
-            Ok(o) => o,
-            Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => {
-                return Ok(None);
-            }
-            Err(e) => return Err(s3_err(&format!("reading {key}"), e)),
-        };
-        let size = object.content_length().unwrap_or(0).max(0) as u64;
-        let reader = object.body.into_async_read();
-        Ok(Some((
-            size,
-            Box::pin(tokio_util::io::ReaderStream::with_capacity(
-                reader,
-                64 * 1024,
-            )),
-        )))
+        self.get_at(bucket, &key).await
     }
 
     async fn presigned_url(
@@ -409,5 +431,163 @@ impl BlobStore for S3BlobStore {
             .await
             .map_err(|e| s3_err(&format!("deleting {key}"), e))?;
         Ok(true)
+    }
+}
+
+/// The file beside a commit's detail files holding their expiry (unix
+/// seconds); no detail file can be named so.
+const DETAILS_EXPIRES: &str = ".decap-expires";
+
+/// [`DetailStore`](decap_core::ports::DetailStore) in the artifacts bucket,
+/// shared by the replicas: `{prefix}details/<owner>/<repo>/<commit>/<file>`,
+/// the commit's expiry in `…/<commit>/.decap-expires`.
+#[derive(Clone)]
+pub struct S3DetailStore {
+    blobs: S3BlobStore,
+    root: String,
+}
+
+impl S3DetailStore {
+    /// Detail files beside `blobs`' artifacts.
+    pub fn new(blobs: S3BlobStore) -> Self {
+        let root = format!("{}details/", blobs.config.key_prefix);
+        S3DetailStore { blobs, root }
+    }
+
+    fn bucket(&self) -> &str {
+        &self.blobs.config.artifacts_bucket
+    }
+
+    fn commit_key(&self, p: &decap_core::ports::DetailPath) -> String {
+        // Every part was checked by DetailPath::new: plain names only.
+        format!("{}{}/{}/{}/", self.root, p.owner, p.repo, p.commit)
+    }
+
+    /// The expiry of the commit whose files are under `commit_key`.
+    async fn expires(&self, commit_key: &str) -> Result<Option<i64>> {
+        let key = format!("{commit_key}{DETAILS_EXPIRES}");
+        let Some((_, mut body)) = self.blobs.get_at(self.bucket(), &key).await? else {
+            return Ok(None);
+        };
+        let mut text = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| Error::backend("s3", format!("reading {key}: {e}")))?;
+            if text.len() + chunk.len() > 64 {
+                return Ok(None);
+            }
+            text.extend_from_slice(&chunk);
+        }
+        Ok(std::str::from_utf8(&text)
+            .ok()
+            .and_then(|t| t.trim().parse().ok()))
+    }
+
+    /// Every key under `prefix`.
+    async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .blobs
+                .client
+                .list_objects_v2()
+                .bucket(self.bucket())
+                .prefix(prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| s3_err(&format!("listing {prefix}"), e))?;
+            out.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned)),
+            );
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl decap_core::ports::DetailStore for S3DetailStore {
+    async fn put(
+        &self,
+        path: &decap_core::ports::DetailPath,
+        data: ByteStream,
+        expires_at: time::OffsetDateTime,
+    ) -> Result<u64> {
+        let commit = self.commit_key(path);
+        let size = self
+            .blobs
+            .put_at(self.bucket(), &format!("{commit}{}", path.file), data)
+            .await?;
+        let until = expires_at.unix_timestamp();
+        if self.expires(&commit).await?.is_none_or(|e| e < until) {
+            self.blobs
+                .client
+                .put_object()
+                .bucket(self.bucket())
+                .key(format!("{commit}{DETAILS_EXPIRES}"))
+                .body(S3Bytes::from(until.to_string().into_bytes()))
+                .send()
+                .await
+                .map_err(|e| s3_err("storing a detail file's expiry", e))?;
+        }
+        Ok(size)
+    }
+
+    async fn get(
+        &self,
+        path: &decap_core::ports::DetailPath,
+        now: time::OffsetDateTime,
+    ) -> Result<Option<(u64, ByteStream)>> {
+        let commit = self.commit_key(path);
+        match self.expires(&commit).await? {
+            Some(until) if until > now.unix_timestamp() => {
+                self.blobs
+                    .get_at(self.bucket(), &format!("{commit}{}", path.file))
+                    .await
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn sweep(&self, now: time::OffsetDateTime) -> Result<usize> {
+        let mut removed = 0;
+        let markers: Vec<String> = self
+            .keys(&self.root)
+            .await?
+            .into_iter()
+            .filter(|k| k.ends_with(&format!("/{DETAILS_EXPIRES}")))
+            .collect();
+        for marker in markers {
+            let commit = marker.trim_end_matches(DETAILS_EXPIRES).to_owned();
+            if self
+                .expires(&commit)
+                .await?
+                .is_some_and(|until| until > now.unix_timestamp())
+            {
+                continue;
+            }
+            // The files first, the expiry last: a sweep stopped midway
+            // leaves the commit still to sweep.
+            let mut files = self.keys(&commit).await?;
+            files.retain(|k| k != &marker);
+            files.push(marker);
+            for key in files {
+                self.blobs
+                    .client
+                    .delete_object()
+                    .bucket(self.bucket())
+                    .key(&key)
+                    .send()
+                    .await
+                    .map_err(|e| s3_err(&format!("removing {key}"), e))?;
+            }
+            removed += 1;
+        }
+        Ok(removed)
     }
 }

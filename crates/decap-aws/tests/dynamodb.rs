@@ -201,3 +201,22 @@ async fn dynamodb_status_hub_keeps_the_contract() {
         .unwrap();
     decap_contract_tests::status_hub_suite(Arc::new(hub)).await;
 }
+
+#[tokio::test]
+async fn dynamodb_session_store_keeps_the_contract() {
+    let sdk = sdk().await;
+    let table = format!(
+        "sessions-{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    decap_aws::DynamoDbSessionStore::create_table(&sdk, &table, Some(&endpoint()))
+        .await
+        .unwrap();
+    let store = decap_aws::DynamoDbSessionStore::connect(&sdk, &table, Some(&endpoint()))
+        .await
+        .unwrap();
+    decap_contract_tests::session_store_suite(Arc::new(store)).await;
+}

@@ -72,6 +72,14 @@ async fn s3_blob_store_keeps_the_contract() {
 }
 
 #[tokio::test]
+async fn s3_detail_store_keeps_the_contract() {
+    decap_contract_tests::detail_store_suite(Arc::new(decap_aws::S3DetailStore::new(
+        store().await,
+    )))
+    .await;
+}
+
+#[tokio::test]
 async fn large_blobs_upload_in_parts_and_read_back_whole() {
     let store = store().await;
     let id = BuildId::new();

@@ -1520,3 +1520,53 @@ pub async fn run_store_suite(
         "runs are not builds"
     );
 }
+
+/// The [`SessionStore`](decap_core::ports::SessionStore) contract: a
+/// session is found by its key until it ends, replaced by a second `put`,
+/// gone once removed; keys are apart.
+pub async fn session_store_suite(store: Arc<dyn decap_core::ports::SessionStore>) {
+    use decap_core::ports::StoredSession;
+    let t0 = OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    let token = StoredSession {
+        github_login: None,
+        can_build: true,
+        can_unlock: true,
+        expires_at: t0 + hour * 12,
+    };
+    let octocat = StoredSession {
+        github_login: Some("octocat".into()),
+        can_build: true,
+        can_unlock: false,
+        expires_at: t0 + hour,
+    };
+    let (a, b) = ("a".repeat(64), "b".repeat(64));
+    assert_eq!(store.get(&a, t0).await.expect("get"), None);
+    store.put(&a, &token).await.expect("put");
+    store.put(&b, &octocat).await.expect("put");
+    assert_eq!(store.get(&a, t0).await.expect("get"), Some(token.clone()));
+    assert_eq!(store.get(&b, t0).await.expect("get"), Some(octocat.clone()));
+    assert_eq!(
+        store.get(&b, t0 + hour * 2).await.expect("get"),
+        None,
+        "an ended session is not found"
+    );
+    assert_eq!(
+        store.get(&a, t0 + hour * 2).await.expect("get"),
+        Some(token.clone())
+    );
+    let fewer = StoredSession {
+        can_unlock: false,
+        ..token.clone()
+    };
+    store.put(&a, &fewer).await.expect("put");
+    assert_eq!(store.get(&a, t0).await.expect("get"), Some(fewer));
+    store.remove(&a).await.expect("remove");
+    assert_eq!(store.get(&a, t0).await.expect("get"), None, "logged out");
+    store.remove(&a).await.expect("removing again is no error");
+    assert_eq!(
+        store.get(&b, t0).await.expect("get"),
+        Some(octocat),
+        "keys are apart"
+    );
+}

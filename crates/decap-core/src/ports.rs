@@ -793,3 +793,34 @@ pub trait SecretStore: Send + Sync {
         project: &ProjectKey,
     ) -> Result<Vec<(String, crate::secrets::SecretValue)>>;
 }
+
+/// A login session of the web UI, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSession {
+    /// The GitHub login, when it logged in with GitHub; none for the API
+    /// token.
+    pub github_login: Option<String>,
+    /// May build, rerun and cancel.
+    pub can_build: bool,
+    /// May also unlock and run the queue.
+    pub can_unlock: bool,
+    /// When it ends.
+    pub expires_at: OffsetDateTime,
+}
+
+/// The web UI's login sessions, by key: the SHA-256 of the session's id in
+/// hex (the id itself, what the browser's cookie holds, is never stored).
+///
+/// Contract: once `put` returns, every `get` of the key (from any replica,
+/// for a shared adapter) answers the session until its `expires_at`, and
+/// nothing after; `put` of a key replaces its session; `remove` ends it
+/// (removing a missing key is no error); keys are apart.
+#[async_trait]
+pub trait SessionStore: Send + Sync {
+    /// Stores a session.
+    async fn put(&self, key: &str, session: &StoredSession) -> Result<()>;
+    /// The session of `key`, unless unknown or ended by `now`.
+    async fn get(&self, key: &str, now: OffsetDateTime) -> Result<Option<StoredSession>>;
+    /// Ends a session.
+    async fn remove(&self, key: &str) -> Result<()>;
+}

@@ -215,10 +215,22 @@ pub async fn callback(
     };
     let (can_build, can_unlock) = gh.rights(&login);
     // A fresh id at each login, whatever session the browser had.
-    app.sessions.end(&headers);
-    let id = app
+    app.sessions.end(&headers).await;
+    let id = match app
         .sessions
-        .start(Holder::GitHub(login.clone()), can_build, can_unlock);
+        .start(Holder::GitHub(login.clone()), can_build, can_unlock)
+        .await
+    {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot store a login session");
+            return crate::ui::error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Cannot log in now",
+                "Decap cannot store login sessions at the moment; try again shortly.",
+            );
+        }
+    };
     tracing::info!(login = %login, "logged in with GitHub");
     // Lax: the cookie must come along on this redirect, which GitHub's
     // (another site's) redirect to us started.

@@ -1,5 +1,5 @@
-//! Who is logged in to the web UI: one in-memory store for both ways of
-//! logging in, the API token (`POST /login`) and GitHub (`/login/github`).
+//! Who is logged in to the web UI: one store for both ways of logging in,
+//! the API token (`POST /login`) and GitHub (`/login/github`).
 //!
 //! * The browser holds a random session id in [`COOKIE`], never a
 //!   credential: two version-4 UUIDs from the operating system's random
@@ -8,24 +8,30 @@
 //! * A session ends [`TTL`] (12 hours) after logging in, however active it
 //!   is: a fixed lifetime, the same as the cookie's `Max-Age`, so a copied
 //!   cookie is good for a working day at most.
-//! * Logging out ends the session here, not only in the browser.
-//! * Sessions live in memory: a restart logs everyone out, and so does a
-//!   changed API token (which takes a restart).
-//! * At most [`MAX_SESSIONS`] are kept; past that, the one closest to its
-//!   end goes first.
+//! * Logging out ends the session in the store, not only in the browser.
+//! * Sessions live in a [`SessionStore`]: in memory by default (a restart
+//!   logs everyone out, and so does a changed API token, which takes a
+//!   restart; at most [`MAX_SESSIONS`] are kept, past that the one closest
+//!   to its end goes first), or in DynamoDB beside the build records, so
+//!   that every replica knows every login.
+//! * A store that cannot be read logs no one in (and says why in the
+//!   server's log); one that cannot be written refuses the login.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use async_trait::async_trait;
 use axum::http::{HeaderMap, header};
+use decap_core::ports::{SessionStore, StoredSession};
 use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
 
 /// The session cookie.
 pub const COOKIE: &str = "decap_session";
 /// How long a session lasts after logging in.
 pub const TTL: Duration = Duration::from_secs(12 * 3600);
-/// The most sessions kept at once.
+/// The most sessions the in-memory store keeps at once.
 pub const MAX_SESSIONS: usize = 10_000;
 
 /// How a session logged in.
@@ -47,7 +53,7 @@ pub struct Session {
     /// May also unlock and run the queue.
     pub can_unlock: bool,
     /// When it ends.
-    pub expires: Instant,
+    pub expires: OffsetDateTime,
 }
 
 impl Session {
@@ -60,10 +66,87 @@ impl Session {
     }
 }
 
-/// The live sessions, by the SHA-256 of their ids.
+impl From<StoredSession> for Session {
+    fn from(s: StoredSession) -> Self {
+        Session {
+            holder: s.github_login.map_or(Holder::ApiToken, Holder::GitHub),
+            can_build: s.can_build,
+            can_unlock: s.can_unlock,
+            expires: s.expires_at,
+        }
+    }
+}
+
+/// [`SessionStore`] in this process's memory.
 #[derive(Debug, Default)]
+pub struct MemorySessionStore {
+    live: Mutex<HashMap<String, StoredSession>>,
+}
+
+impl MemorySessionStore {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, StoredSession>> {
+        // The map stays consistent whatever panicked while holding it.
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many sessions are live at `now`.
+    pub fn len(&self, now: OffsetDateTime) -> usize {
+        self.live().values().filter(|s| s.expires_at > now).count()
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemorySessionStore {
+    async fn put(&self, key: &str, session: &StoredSession) -> decap_core::Result<()> {
+        let now = OffsetDateTime::now_utc();
+        let mut live = self.live();
+        live.retain(|_, s| s.expires_at > now);
+        while live.len() >= MAX_SESSIONS && !live.contains_key(key) {
+            let Some(first) = live
+                .iter()
+                .min_by_key(|(_, s)| s.expires_at)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            live.remove(&first);
+        }
+        live.insert(key.to_owned(), session.clone());
+        Ok(())
+    }
+
+    async fn get(
+        &self,
+        key: &str,
+        now: OffsetDateTime,
+    ) -> decap_core::Result<Option<StoredSession>> {
+        // Ended sessions go at the next login (`put`).
+        Ok(self.live().get(key).filter(|s| s.expires_at > now).cloned())
+    }
+
+    async fn remove(&self, key: &str) -> decap_core::Result<()> {
+        self.live().remove(key);
+        Ok(())
+    }
+}
+
+/// The live sessions, in a store keyed by the SHA-256 of their ids.
+#[derive(Clone)]
 pub struct Sessions {
-    live: Mutex<HashMap<[u8; 32], Session>>,
+    store: Arc<dyn SessionStore>,
+}
+
+impl Default for Sessions {
+    /// In memory.
+    fn default() -> Self {
+        Sessions::new(Arc::new(MemorySessionStore::default()))
+    }
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sessions")
+    }
 }
 
 /// A fresh random id (244 bits from the operating system), as 64 hex digits.
@@ -73,8 +156,9 @@ pub(crate) fn random_id() -> String {
     format!("{a}{b}")
 }
 
-fn key(id: &str) -> [u8; 32] {
-    Sha256::digest(id.as_bytes()).into()
+/// What the store keys a session by: the SHA-256 of its id, in hex.
+fn key(id: &str) -> String {
+    hex::encode(Sha256::digest(id.as_bytes()))
 }
 
 /// A cookie's value from the request.
@@ -102,63 +186,55 @@ pub fn set_cookie(id: &str, same_site: &str, secure: bool) -> String {
 }
 
 impl Sessions {
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Session>> {
-        // The map stays consistent whatever panicked while holding it.
-        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Sessions in `store`.
+    pub fn new(store: Arc<dyn SessionStore>) -> Self {
+        Sessions { store }
     }
 
     /// Starts a session; answers its id, for the cookie.
-    pub fn start(&self, holder: Holder, can_build: bool, can_unlock: bool) -> String {
+    pub async fn start(
+        &self,
+        holder: Holder,
+        can_build: bool,
+        can_unlock: bool,
+    ) -> decap_core::Result<String> {
         let id = random_id();
-        let now = Instant::now();
-        let mut live = self.live();
-        live.retain(|_, s| s.expires > now);
-        while live.len() >= MAX_SESSIONS {
-            let Some(first) = live.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| *k) else {
-                break;
-            };
-            live.remove(&first);
-        }
-        live.insert(
-            key(&id),
-            Session {
-                holder,
-                can_build,
-                can_unlock,
-                expires: now + TTL,
+        let session = StoredSession {
+            github_login: match holder {
+                Holder::ApiToken => None,
+                Holder::GitHub(login) => Some(login),
             },
-        );
-        id
+            can_build,
+            can_unlock,
+            expires_at: OffsetDateTime::now_utc() + TTL,
+        };
+        self.store.put(&key(&id), &session).await?;
+        Ok(id)
     }
 
     /// The live session whose id the request's cookie holds.
-    pub fn get(&self, headers: &HeaderMap) -> Option<Session> {
-        let k = key(&cookie(headers, COOKIE)?);
-        let mut live = self.live();
-        let session = live.get(&k)?;
-        if session.expires > Instant::now() {
-            return Some(session.clone());
+    pub async fn get(&self, headers: &HeaderMap) -> Option<Session> {
+        let id = cookie(headers, COOKIE)?;
+        // Only ids this server could have made are looked up.
+        if id.len() != 64 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return None;
         }
-        live.remove(&k);
-        None
+        match self.store.get(&key(&id), OffsetDateTime::now_utc()).await {
+            Ok(s) => s.map(Session::from),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the login sessions: treating the request as logged out");
+                None
+            }
+        }
     }
 
     /// Ends the session the request's cookie names, if any.
-    pub fn end(&self, headers: &HeaderMap) {
-        if let Some(id) = cookie(headers, COOKIE) {
-            self.live().remove(&key(&id));
+    pub async fn end(&self, headers: &HeaderMap) {
+        if let Some(id) = cookie(headers, COOKIE)
+            && let Err(e) = self.store.remove(&key(&id)).await
+        {
+            tracing::warn!(error = %e, "cannot end a login session in its store");
         }
-    }
-
-    /// How many sessions are live.
-    pub fn len(&self) -> usize {
-        let now = Instant::now();
-        self.live().values().filter(|s| s.expires > now).count()
-    }
-
-    /// Whether no session is live.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -176,49 +252,74 @@ mod tests {
         h
     }
 
-    #[test]
-    fn a_session_is_found_by_its_id_only_until_it_ends() {
-        let sessions = Sessions::default();
-        let id = sessions.start(Holder::ApiToken, true, true);
+    #[tokio::test]
+    async fn a_session_is_found_by_its_id_only_until_it_ends() {
+        let store = Arc::new(MemorySessionStore::default());
+        let sessions = Sessions::new(store.clone());
+        let id = sessions.start(Holder::ApiToken, true, true).await.unwrap();
         assert_eq!(id.len(), 64);
         assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
         let h = with_cookie(&format!("other=1; {COOKIE}={id}"));
-        let s = sessions.get(&h).unwrap();
+        let s = sessions.get(&h).await.unwrap();
         assert_eq!(s.holder, Holder::ApiToken);
         assert!(s.can_unlock);
         assert!(
             sessions
                 .get(&with_cookie(&format!("{COOKIE}={}", random_id())))
+                .await
                 .is_none()
         );
-        assert!(sessions.get(&with_cookie(&format!("{COOKIE}=x"))).is_none());
+        assert!(
+            sessions
+                .get(&with_cookie(&format!("{COOKIE}=x")))
+                .await
+                .is_none()
+        );
         // Ids are not kept, only their hashes.
-        assert!(!format!("{:?}", sessions).contains(&id));
-        sessions.end(&h);
-        assert!(sessions.get(&h).is_none());
-        assert!(sessions.is_empty());
+        assert!(!format!("{:?}", store).contains(&id));
+        sessions.end(&h).await;
+        assert!(sessions.get(&h).await.is_none());
+        assert_eq!(store.len(OffsetDateTime::now_utc()), 0);
     }
 
-    #[test]
-    fn ids_differ_and_expired_sessions_are_gone() {
-        let sessions = Sessions::default();
-        let a = sessions.start(Holder::GitHub("octocat".into()), false, false);
-        let b = sessions.start(Holder::GitHub("octocat".into()), false, false);
+    #[tokio::test]
+    async fn ids_differ_and_ended_sessions_are_gone() {
+        let store = Arc::new(MemorySessionStore::default());
+        let sessions = Sessions::new(store.clone());
+        let a = sessions
+            .start(Holder::GitHub("octocat".into()), false, false)
+            .await
+            .unwrap();
+        let b = sessions
+            .start(Holder::GitHub("octocat".into()), false, false)
+            .await
+            .unwrap();
         assert_ne!(a, b);
-        assert_eq!(sessions.len(), 2);
-        if let Some(s) = sessions.live().get_mut(&key(&a)) {
-            s.expires = Instant::now() - Duration::from_secs(1);
+        let now = OffsetDateTime::now_utc();
+        assert_eq!(store.len(now), 2);
+        if let Some(s) = store.live().get_mut(&key(&a)) {
+            s.expires_at = now - time::Duration::seconds(1);
         }
         assert!(
             sessions
                 .get(&with_cookie(&format!("{COOKIE}={a}")))
+                .await
                 .is_none()
         );
         let b = sessions
             .get(&with_cookie(&format!("{COOKIE}={b}")))
+            .await
             .unwrap();
         assert_eq!(b.github_login(), Some("octocat"));
-        assert_eq!(sessions.len(), 1);
+        assert_eq!(store.len(now), 1);
+        // The ended one goes at the next login.
+        sessions.start(Holder::ApiToken, true, true).await.unwrap();
+        assert!(!store.live().contains_key(&key(&a)));
+    }
+
+    #[tokio::test]
+    async fn the_memory_store_keeps_the_contract() {
+        decap_contract_tests::session_store_suite(Arc::new(MemorySessionStore::default())).await;
     }
 
     #[test]

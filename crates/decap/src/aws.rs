@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use decap_core::ports::{
-    BlobStore, BuildStore, DeferralQueue, LockStore, RunStore, StatusHub, StatusLedger,
+    BlobStore, BuildStore, DeferralQueue, DetailStore, LockStore, RunStore, SessionStore,
+    StatusHub, StatusLedger,
 };
 
 use crate::{AwsResourcesArgs, StorageArgs};
@@ -49,6 +50,15 @@ mod imp {
                     .await
                     .context("S3 blob store")?,
             ))
+        }
+
+        /// Detail files of CI runs beside the artifacts in S3 (shared by
+        /// the replicas; the buckets were checked by [`Aws::blobs`]).
+        pub(crate) fn details(&self, st: &StorageArgs) -> Arc<dyn DetailStore> {
+            Arc::new(decap_aws::S3DetailStore::new(decap_aws::S3BlobStore::new(
+                &self.sdk,
+                st.s3(),
+            )))
         }
 
         /// The DynamoDB build store (its tables checked).
@@ -122,6 +132,20 @@ mod imp {
                 )
                 .await
                 .context("DynamoDB status hub")?,
+            ))
+        }
+
+        /// The web UI's login sessions, in DynamoDB (shared by the
+        /// replicas).
+        pub(crate) async fn sessions(&self, st: &StorageArgs) -> Result<Arc<dyn SessionStore>> {
+            Ok(Arc::new(
+                decap_aws::DynamoDbSessionStore::connect(
+                    &self.sdk,
+                    &st.dynamodb_sessions_table,
+                    st.dynamodb_endpoint.as_deref(),
+                )
+                .await
+                .context("DynamoDB login sessions")?,
             ))
         }
 
@@ -212,6 +236,7 @@ mod imp {
             deferred_table: st.dynamodb_deferred_table.clone(),
             ledger_table: st.dynamodb_ledger_table.clone(),
             hub_table: st.dynamodb_hub_table.clone(),
+            sessions_table: st.dynamodb_sessions_table.clone(),
             queue_name: args.sqs_queue_name.clone(),
             sqs_endpoint: st.sqs_endpoint.clone(),
             log_retention_days: args.log_retention_days,
@@ -322,6 +347,10 @@ mod imp {
             match *self {}
         }
 
+        pub(crate) fn details(&self, _: &StorageArgs) -> Arc<dyn DetailStore> {
+            match *self {}
+        }
+
         pub(crate) async fn builds(&self, _: &StorageArgs) -> Result<Arc<dyn BuildStore>> {
             match *self {}
         }
@@ -343,6 +372,10 @@ mod imp {
         }
 
         pub(crate) async fn hub(&self, _: &StorageArgs) -> Result<Arc<dyn StatusHub>> {
+            match *self {}
+        }
+
+        pub(crate) async fn sessions(&self, _: &StorageArgs) -> Result<Arc<dyn SessionStore>> {
             match *self {}
         }
 

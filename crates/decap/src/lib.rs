@@ -314,6 +314,14 @@ struct StorageArgs {
         default_value = "decap-status-hub"
     )]
     dynamodb_hub_table: String,
+    /// The DynamoDB table of the web UI's login sessions (used with
+    /// `--build-store dynamodb`, so that every replica knows every login).
+    #[arg(
+        long,
+        env = "DECAP_DYNAMODB_SESSIONS_TABLE",
+        default_value = "decap-sessions"
+    )]
+    dynamodb_sessions_table: String,
     /// The AWS region (default: the SDK's, from AWS_REGION or the profile).
     #[arg(long, env = "DECAP_AWS_REGION")]
     aws_region: Option<String>,
@@ -1249,14 +1257,25 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
     if api_token.is_none() && !args.insecure_local {
         tracing::warn!("no DECAP_API_TOKEN and no --insecure-local: the API is read-only");
     }
-    let details: Arc<dyn decap_core::ports::DetailStore> = Arc::new(
-        decap_embedded::FileDetailStore::new(data_dir.join("details")),
-    );
+    // Beside the artifacts in S3 (shared by the replicas), else in the
+    // data dir.
+    let details: Arc<dyn decap_core::ports::DetailStore> = match (st.blob_store, &aws) {
+        (BlobBackend::S3, Some(aws)) => aws.details(st),
+        _ => Arc::new(decap_embedded::FileDetailStore::new(
+            data_dir.join("details"),
+        )),
+    };
     let details_sweeper = details.clone();
     // Shared by the replicas with the DynamoDB build store.
     let hub_store: Arc<dyn decap_core::ports::StatusHub> = match (st.build_store, &aws) {
         (TableBackend::Dynamodb, Some(aws)) => aws.hub(st).await?,
         _ => Arc::new(decap_embedded::SqliteStatusHub::new(db.clone())),
+    };
+    let sessions = match (st.build_store, &aws) {
+        (TableBackend::Dynamodb, Some(aws)) => {
+            decap_server::session::Sessions::new(aws.sessions(st).await?)
+        }
+        _ => decap_server::session::Sessions::default(),
     };
     let server = Arc::new(Server {
         controller: controller.clone(),
@@ -1283,7 +1302,7 @@ async fn serve(args: ServeArgs, inherited: handoff::Inherited) -> Result<()> {
         github_refs,
         details: Some(details.clone()),
         oauth: oauth_config(&args).map(|c| Arc::new(decap_server::oauth::GitHubLogin::new(c))),
-        sessions: Default::default(),
+        sessions,
         secrets: Some(secrets.clone()),
     });
 

@@ -803,6 +803,60 @@ async fn only_the_leader_launches_and_another_takes_over_when_it_stops_or_dies()
         "the lock taken through the other replica holds"
     );
 
+    // A login on one replica is known to the other, and so is its logout.
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = browser
+        .post(format!("{}/login", first.url))
+        .form(&[("token", common::TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    let cookie = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("decap_session="))
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    let page = |url: String| {
+        let (browser, cookie) = (browser.clone(), cookie.clone());
+        async move {
+            browser
+                .get(url)
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        page(format!("{}/queue", second.url))
+            .await
+            .contains("Log out"),
+        "logged in through the other replica"
+    );
+    let r = browser
+        .post(format!("{}/logout", second.url))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_redirection(), "{}", r.status());
+    assert!(
+        !page(format!("{}/queue", first.url))
+            .await
+            .contains("Log out"),
+        "logged out through the other replica"
+    );
+
     // The leader stops (a rolling update): it lets go of the Lease as it
     // stops, so the other takes over without waiting for it to lapse.
     drop(first);

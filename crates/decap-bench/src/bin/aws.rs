@@ -410,6 +410,8 @@ async fn dashboard(sdk: &aws_config::SdkConfig, ddb: &str, tag: &str) -> Result<
     DynamoDbBuildStore::create_tables(sdk, &tables).await?;
     let hub_table = format!("bench-dash-hub-{tag}");
     decap_aws::DynamoDbStatusHub::create_table(sdk, &hub_table, Some(ddb)).await?;
+    let sessions_table = format!("bench-dash-sessions-{tag}");
+    decap_aws::DynamoDbSessionStore::create_table(sdk, &sessions_table, Some(ddb)).await?;
     let store = Arc::new(DynamoDbBuildStore::connect(sdk, tables.clone()).await?);
     let t0 = OffsetDateTime::now_utc() - time::Duration::days(10);
     let started = Instant::now();
@@ -465,6 +467,8 @@ async fn dashboard(sdk: &aws_config::SdkConfig, ddb: &str, tag: &str) -> Result<
             &tables.locks_table,
             "--dynamodb-hub-table",
             &hub_table,
+            "--dynamodb-sessions-table",
+            &sessions_table,
         ],
         &[
             ("AWS_ACCESS_KEY_ID", "decaptest"),

@@ -26,7 +26,7 @@ pub async fn build_branch(
     ci: Peer,
     Form(form): Form<BuildForm>,
 ) -> Response {
-    if let Some(r) = refuse_action(&app, &headers, ci.0) {
+    if let Some(r) = refuse_action(&app, &headers, ci.0).await {
         return r;
     }
     let key = match ProjectKey::new(&team, &project) {
@@ -61,7 +61,7 @@ pub async fn subscribe(
     headers: HeaderMap,
     ci: Peer,
 ) -> Response {
-    if let Some(r) = refuse_action(&app, &headers, ci.0) {
+    if let Some(r) = refuse_action(&app, &headers, ci.0).await {
         return r;
     }
     match crate::github::subscribe(&app, &team, &project).await {
@@ -86,7 +86,7 @@ where
     F: FnOnce(std::sync::Arc<crate::Controller>, BuildId) -> Fut,
     Fut: std::future::Future<Output = decap_core::Result<String>>,
 {
-    if let Some(r) = refuse_action(app, headers, ci.0) {
+    if let Some(r) = refuse_action(app, headers, ci.0).await {
         return r;
     }
     let Ok(id) = BuildId::parse(id) else {
@@ -109,7 +109,7 @@ where
     F: FnOnce(std::sync::Arc<crate::Controller>) -> Fut,
     Fut: std::future::Future<Output = decap_core::Result<String>>,
 {
-    if let Some(r) = refuse_action(app, headers, ci.0) {
+    if let Some(r) = refuse_action(app, headers, ci.0).await {
         return r;
     }
     match act(app.controller.clone()).await {
@@ -172,7 +172,7 @@ pub async fn unlock(
     ci: Peer,
     Form(form): Form<UnlockForm>,
 ) -> Response {
-    if let Some(r) = refuse_unlock(&app, &headers, ci.0) {
+    if let Some(r) = refuse_unlock(&app, &headers, ci.0).await {
         return r;
     }
     let key = match LockKey::parse(&form.key) {
@@ -199,7 +199,7 @@ pub async fn set_queue(
     ci: Peer,
     Form(form): Form<QueueForm>,
 ) -> Response {
-    if let Some(r) = refuse_unlock(&app, &headers, ci.0) {
+    if let Some(r) = refuse_unlock(&app, &headers, ci.0).await {
         return r;
     }
     let open = match form.state.as_str() {

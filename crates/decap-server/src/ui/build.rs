@@ -103,7 +103,7 @@ pub async fn build(
         (Vec::new(), String::new())
     };
     render(&BuildPage {
-        viewer: viewer(&app, &headers, ci.0),
+        viewer: viewer(&app, &headers, ci.0).await,
         b: row(&b),
         git_ref: b.git_ref.clone(),
         full_commit: b.commit.clone().unwrap_or_default(),

@@ -198,7 +198,7 @@ pub async fn dashboard(State(app): State<AppState>, headers: HeaderMap, ci: Peer
         })
         .collect();
     render(&Dashboard {
-        viewer: viewer(&app, &headers, ci.0),
+        viewer: viewer(&app, &headers, ci.0).await,
         running: running_rows,
         waiting,
         latest,

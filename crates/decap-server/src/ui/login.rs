@@ -1,6 +1,6 @@
 //! Signing in and out.
 
-use super::{OLD_TOKEN_COOKIE, Peer, Viewer, render, viewer};
+use super::{OLD_TOKEN_COOKIE, Peer, Viewer, error_page, render, viewer};
 use crate::AppState;
 use askama::Template;
 use axum::Form;
@@ -21,14 +21,14 @@ struct LoginPage {
     local_note: String,
 }
 
-fn login_page(
+async fn login_page(
     app: &AppState,
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
     error: &str,
 ) -> Response {
     render(&LoginPage {
-        viewer: viewer(app, headers, peer),
+        viewer: viewer(app, headers, peer).await,
         error: error.to_owned(),
         configured: app.auth.api_token.is_some(),
         github: app.oauth.is_some(),
@@ -42,7 +42,7 @@ fn login_page(
 
 /// `GET /login`.
 pub async fn login_form(State(app): State<AppState>, headers: HeaderMap, ci: Peer) -> Response {
-    login_page(&app, &headers, ci.0, "")
+    login_page(&app, &headers, ci.0, "").await
 }
 
 /// The login form.
@@ -69,15 +69,27 @@ pub async fn login(
     Form(form): Form<LoginForm>,
 ) -> Response {
     if !app.auth.token_matches(form.token.trim()) {
-        let mut r = login_page(&app, &headers, ci.0, "That is not the API token.");
+        let mut r = login_page(&app, &headers, ci.0, "That is not the API token.").await;
         *r.status_mut() = StatusCode::UNAUTHORIZED;
         return r;
     }
     // A fresh id at each login, whatever session the browser had.
-    app.sessions.end(&headers);
-    let id = app
+    app.sessions.end(&headers).await;
+    let id = match app
         .sessions
-        .start(crate::session::Holder::ApiToken, true, true);
+        .start(crate::session::Holder::ApiToken, true, true)
+        .await
+    {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot store a login session");
+            return error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Cannot log in now",
+                "Decap cannot store login sessions at the moment; try again shortly.",
+            );
+        }
+    };
     let secure = app.controller.config.public_url.starts_with("https://");
     let mut r = Redirect::to("/").into_response();
     if let Ok(v) = HeaderValue::from_str(&crate::session::set_cookie(&id, "Strict", secure)) {
@@ -89,7 +101,7 @@ pub async fn login(
 
 /// `POST /logout` — ends the session, here and in the browser.
 pub async fn logout(State(app): State<AppState>, headers: HeaderMap) -> Response {
-    app.sessions.end(&headers);
+    app.sessions.end(&headers).await;
     let mut r = Redirect::to("/").into_response();
     clear_cookie(&mut r, crate::session::COOKIE, "Lax");
     clear_cookie(&mut r, OLD_TOKEN_COOKIE, "Strict");

@@ -215,7 +215,7 @@ pub async fn guard_reads(
         .is_some_and(|t| app.auth.token_matches(t.trim()));
     let peer = crate::auth::peer(&req);
     let open = open || path.starts_with("/login/github");
-    let v = viewer(&app, headers, peer);
+    let v = viewer(&app, headers, peer).await;
     if open || bearer || v.can_act || v.logged_in {
         return next.run(req).await;
     }
@@ -252,9 +252,9 @@ pub struct Viewer {
     pub version: String,
 }
 
-fn viewer(app: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> Viewer {
+async fn viewer(app: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> Viewer {
     let local = app.auth.is_local(headers, peer);
-    let session = app.sessions.get(headers);
+    let session = app.sessions.get(headers).await;
     let (can_build, can_unlock) = session
         .as_ref()
         .map_or((false, false), |s| (s.can_build, s.can_unlock));
@@ -274,15 +274,15 @@ fn viewer(app: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> View
 
 /// Checks an action on locks or the queue: [`refuse_action`], then the
 /// right to unlock.
-fn refuse_unlock(
+async fn refuse_unlock(
     app: &AppState,
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
 ) -> Option<Response> {
-    if let Some(r) = refuse_action(app, headers, peer) {
+    if let Some(r) = refuse_action(app, headers, peer).await {
         return Some(r);
     }
-    (!viewer(app, headers, peer).can_unlock).then(|| {
+    (!viewer(app, headers, peer).await.can_unlock).then(|| {
         error_page(
             StatusCode::FORBIDDEN,
             "Not allowed",
@@ -294,7 +294,7 @@ fn refuse_unlock(
 /// Checks an action: a login session (or this machine's own browser under
 /// `--insecure-local`) and a same-site `Origin` when the browser sends one;
 /// the answer to give when refused.
-fn refuse_action(
+async fn refuse_action(
     app: &AppState,
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
@@ -316,7 +316,7 @@ fn refuse_action(
             ));
         }
     }
-    if viewer(app, headers, peer).can_act {
+    if viewer(app, headers, peer).await.can_act {
         None
     } else {
         Some(Redirect::to("/login").into_response())

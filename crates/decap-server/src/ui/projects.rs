@@ -75,7 +75,7 @@ pub async fn projects(State(app): State<AppState>, headers: HeaderMap, ci: Peer)
         }
     }
     render(&Projects {
-        viewer: viewer(&app, &headers, ci.0),
+        viewer: viewer(&app, &headers, ci.0).await,
         teams,
         scripts_commit: catalog.commit.clone(),
     })
@@ -285,7 +285,7 @@ pub async fn project(
         language: language.map(|l| l.name().to_owned()).unwrap_or_default(),
         phases_from,
         phases,
-        viewer: viewer(&app, &headers, ci.0),
+        viewer: viewer(&app, &headers, ci.0).await,
         team: key.team.clone(),
         project: key.project.clone(),
         description: d
@@ -381,7 +381,7 @@ pub async fn refs_fragment(
     headers: HeaderMap,
     ci: Peer,
 ) -> Response {
-    let can_act = viewer(&app, &headers, ci.0).can_act;
+    let can_act = viewer(&app, &headers, ci.0).await.can_act;
     // The branches built lately are on the page already, each with its
     // Build button: the repository adds the others.
     let shown = match ProjectKey::new(&team, &project) {

@@ -50,7 +50,7 @@ pub async fn queue(State(app): State<AppState>, headers: HeaderMap, ci: Peer) ->
         Err(e) => return core_error_page(e),
     };
     render(&QueuePage {
-        viewer: viewer(&app, &headers, ci.0),
+        viewer: viewer(&app, &headers, ci.0).await,
         open: app.controller.queue_open().await,
         waiting,
         locks,

@@ -82,6 +82,10 @@ impl World {
         decap_aws::DynamoDbStatusHub::create_table(&sdk, &hub_table, Some(&ddb))
             .await
             .unwrap();
+        let sessions_table = format!("e2e-sessions-{tag}");
+        decap_aws::DynamoDbSessionStore::create_table(&sdk, &sessions_table, Some(&ddb))
+            .await
+            .unwrap();
         let sqs = env("DECAP_TEST_SQS_ENDPOINT");
         let queue_url =
             decap_aws::SqsDeferralQueue::create_queue(&sdk, Some(&sqs), &format!("e2e-{tag}.fifo"))
@@ -115,6 +119,8 @@ impl World {
             tables.locks_table.clone(),
             "--dynamodb-hub-table".into(),
             hub_table,
+            "--dynamodb-sessions-table".into(),
+            sessions_table,
             "--deferral-queue".into(),
             "sqs".into(),
             "--sqs-endpoint".into(),
