@@ -91,6 +91,20 @@ async fn ended(c: &Controller, id: BuildId) -> Build {
     until(c, id, "ended", |b| b.status.is_final()).await
 }
 
+/// Waits until no lock is held, or fails after 10 s: a build's end is
+/// stored first and its lock released right after.
+async fn all_released(c: &Controller) {
+    let start = std::time::Instant::now();
+    while !locks(c).await.is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "locks still held: {:?}",
+            locks(c).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn locks(c: &Controller) -> Vec<String> {
     c.ports
         .locks
@@ -122,7 +136,7 @@ async fn a_build_holds_its_lock_and_place_until_it_ends_then_the_next_runs() {
         "the second build ran only once the first had ended: {first:?} {second:?}"
     );
     assert_eq!(second.message, None, "no longer says why it waited");
-    assert!(locks(c).await.is_empty());
+    all_released(c).await;
     assert_eq!(c.waiting_count().await, 0);
     assert!(c.ports.queue.list().await.unwrap().is_empty());
 }
@@ -156,7 +170,7 @@ async fn a_result_reported_while_the_script_goes_on_is_taken_once_it_is_stopped(
     assert_eq!(done.status, BuildStatus::Succeeded, "{done:?}");
     assert_eq!(done.message.as_deref(), Some("done"));
     assert!(!c.ports.executor.live().await.unwrap().contains(&b.id));
-    assert!(locks(c).await.is_empty());
+    all_released(c).await;
 }
 
 #[tokio::test]
@@ -291,7 +305,7 @@ async fn a_build_whose_end_never_arrives_ends_when_its_environment_is_seen_gone(
     // The room it held went to the next build, which ends the same way.
     let second = ended(c, builds[1].id).await;
     assert_eq!(second.status, BuildStatus::Succeeded, "{second:?}");
-    assert!(locks(c).await.is_empty());
+    all_released(c).await;
 }
 
 #[tokio::test]
