@@ -62,11 +62,56 @@ where
 }
 
 pub(crate) fn client(sdk: &aws_config::SdkConfig, config: &DynamoDbConfig) -> Client {
+    client_at(sdk, config.endpoint_url.as_deref())
+}
+
+/// A DynamoDB client, of `endpoint` when given (DynamoDB Local).
+pub(crate) fn client_at(sdk: &aws_config::SdkConfig, endpoint: Option<&str>) -> Client {
     let mut builder = aws_sdk_dynamodb::config::Builder::from(sdk);
-    if let Some(url) = &config.endpoint_url {
+    if let Some(url) = endpoint {
         builder = builder.endpoint_url(url);
     }
     Client::from_conf(builder.build())
+}
+
+/// An attribute of a table's keys.
+pub(crate) fn key_attribute(name: &str, kind: ScalarAttributeType) -> Result<AttributeDefinition> {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(kind)
+        .build()
+        .map_err(|e| Error::backend("dynamodb", e))
+}
+
+/// One element of a key schema.
+pub(crate) fn key_element(name: &str, kind: KeyType) -> Result<KeySchemaElement> {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(kind)
+        .build()
+        .map_err(|e| Error::backend("dynamodb", e))
+}
+
+/// Sends a `CreateTable`; a table that exists already is no error.
+pub(crate) async fn create_table(
+    request: aws_sdk_dynamodb::operation::create_table::builders::CreateTableFluentBuilder,
+    table: &str,
+) -> Result<()> {
+    match request
+        .table_name(table)
+        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_resource_in_use_exception()) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(ddb_err(&format!("creating table {table}"), e)),
+    }
 }
 
 /// Creates a pay-per-request table keyed by one string attribute, unless it
@@ -77,38 +122,11 @@ pub(crate) async fn create_key_table(
     table: &str,
     hash: &str,
 ) -> Result<()> {
-    let mut b = aws_sdk_dynamodb::config::Builder::from(sdk);
-    if let Some(url) = endpoint {
-        b = b.endpoint_url(url);
-    }
-    let request = Client::from_conf(b.build())
+    let request = client_at(sdk, endpoint)
         .create_table()
-        .table_name(table)
-        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name(hash)
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .map_err(|e| Error::backend("dynamodb", e))?,
-        )
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name(hash)
-                .key_type(KeyType::Hash)
-                .build()
-                .map_err(|e| Error::backend("dynamodb", e))?,
-        );
-    match request.send().await {
-        Ok(_) => Ok(()),
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|s| s.is_resource_in_use_exception()) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(ddb_err(&format!("creating table {table}"), e)),
-    }
+        .attribute_definitions(key_attribute(hash, ScalarAttributeType::S)?)
+        .key_schema(key_element(hash, KeyType::Hash)?);
+    create_table(request, table).await
 }
 
 /// Checks that a table exists, so that a missing one is a clear error at start-up.
@@ -235,20 +253,8 @@ impl DynamoDbBuildStore {
     /// and `aws-resources/`).
     pub async fn create_tables(sdk: &aws_config::SdkConfig, config: &DynamoDbConfig) -> Result<()> {
         let client = client(sdk, config);
-        let key = |name: &str, kind: KeyType| {
-            KeySchemaElement::builder()
-                .attribute_name(name)
-                .key_type(kind)
-                .build()
-                .map_err(|e| Error::backend("dynamodb", e))
-        };
-        let attr = |name: &str, kind: ScalarAttributeType| {
-            AttributeDefinition::builder()
-                .attribute_name(name)
-                .attribute_type(kind)
-                .build()
-                .map_err(|e| Error::backend("dynamodb", e))
-        };
+        let key = key_element;
+        let attr = key_attribute;
         let all = Projection::builder()
             .projection_type(ProjectionType::All)
             .build();
@@ -263,8 +269,6 @@ impl DynamoDbBuildStore {
         };
         let builds = client
             .create_table()
-            .table_name(&config.builds_table)
-            .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
             .attribute_definitions(attr("build-id", ScalarAttributeType::S)?)
             .attribute_definitions(attr("project-key", ScalarAttributeType::S)?)
             .attribute_definitions(attr("build-start-time", ScalarAttributeType::N)?)
@@ -272,13 +276,7 @@ impl DynamoDbBuildStore {
             .key_schema(key("build-id", KeyType::Hash)?)
             .global_secondary_indexes(index(PROJECT_INDEX, "project-key", "build-start-time")?)
             .global_secondary_indexes(index(STATUS_INDEX, "build-status", "build-id")?);
-        match builds.send().await {
-            Ok(_) => {}
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_resource_in_use_exception()) => {}
-            Err(e) => return Err(ddb_err("creating a table", e)),
-        }
+        create_table(builds, &config.builds_table).await?;
         let endpoint = config.endpoint_url.as_deref();
         create_key_table(sdk, endpoint, &config.deliveries_table, "delivery-id").await?;
         create_key_table(sdk, endpoint, &config.locks_table, "lock-key").await

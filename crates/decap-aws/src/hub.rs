@@ -15,17 +15,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, KeySchemaElement, KeyType, ReturnValue,
-    ScalarAttributeType,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, KeyType, ReturnValue, ScalarAttributeType};
+use decap_core::Result;
 use decap_core::hub::{ExternalBuild, Reported};
 use decap_core::ports::StatusHub;
-use decap_core::{Error, Result};
 use time::OffsetDateTime;
 
 use crate::attrs::{get_n, get_s, n, s};
-use crate::dynamodb::{ddb_err, from_nanos, nanos, require_table};
+use crate::dynamodb::{
+    client_at, create_table, ddb_err, from_nanos, key_attribute, key_element, nanos, require_table,
+};
 
 const PROJECT: &str = "project";
 const ITEM: &str = "item";
@@ -38,14 +37,6 @@ const PROJECTS: &str = "#projects";
 pub struct DynamoDbStatusHub {
     client: Client,
     table: String,
-}
-
-fn client(sdk: &aws_config::SdkConfig, endpoint: Option<&str>) -> Client {
-    let mut b = aws_sdk_dynamodb::config::Builder::from(sdk);
-    if let Some(url) = endpoint {
-        b = b.endpoint_url(url);
-    }
-    Client::from_conf(b.build())
 }
 
 fn key(project: &str, item: String) -> HashMap<String, AttributeValue> {
@@ -72,7 +63,7 @@ impl DynamoDbStatusHub {
         table: &str,
         endpoint: Option<&str>,
     ) -> Result<Self> {
-        let client = client(sdk, endpoint);
+        let client = client_at(sdk, endpoint);
         require_table(&client, table).await?;
         Ok(DynamoDbStatusHub {
             client,
@@ -87,40 +78,13 @@ impl DynamoDbStatusHub {
         table: &str,
         endpoint: Option<&str>,
     ) -> Result<()> {
-        let attr = |name: &str| {
-            AttributeDefinition::builder()
-                .attribute_name(name)
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .map_err(|e| Error::backend("dynamodb", e))
-        };
-        let key = |name: &str, kind: KeyType| {
-            KeySchemaElement::builder()
-                .attribute_name(name)
-                .key_type(kind)
-                .build()
-                .map_err(|e| Error::backend("dynamodb", e))
-        };
-        let created = client(sdk, endpoint)
+        let request = client_at(sdk, endpoint)
             .create_table()
-            .table_name(table)
-            .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
-            .attribute_definitions(attr(PROJECT)?)
-            .attribute_definitions(attr(ITEM)?)
-            .key_schema(key(PROJECT, KeyType::Hash)?)
-            .key_schema(key(ITEM, KeyType::Range)?)
-            .send()
-            .await;
-        match created {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_resource_in_use_exception()) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(ddb_err(&format!("creating table {table}"), e)),
-        }
+            .attribute_definitions(key_attribute(PROJECT, ScalarAttributeType::S)?)
+            .attribute_definitions(key_attribute(ITEM, ScalarAttributeType::S)?)
+            .key_schema(key_element(PROJECT, KeyType::Hash)?)
+            .key_schema(key_element(ITEM, KeyType::Range)?);
+        create_table(request, table).await
     }
 
     /// Every item of a partition whose sort key begins with `prefix`, in

@@ -8,7 +8,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use decap_core::ports::{CommitState, StatusLedger};
 use decap_core::{Error, Result};
 
-use crate::dynamodb::{create_key_table, ddb_err, require_table};
+use crate::dynamodb::{client_at, create_key_table, ddb_err, require_table};
 
 const KEY: &str = "ledger-key";
 const STATE: &str = "state";
@@ -20,14 +20,6 @@ pub struct DynamoDbStatusLedger {
     table: String,
 }
 
-fn client(sdk: &aws_config::SdkConfig, endpoint: Option<&str>) -> Client {
-    let mut b = aws_sdk_dynamodb::config::Builder::from(sdk);
-    if let Some(url) = endpoint {
-        b = b.endpoint_url(url);
-    }
-    Client::from_conf(b.build())
-}
-
 impl DynamoDbStatusLedger {
     /// The ledger in `table`, checked to exist.
     pub async fn connect(
@@ -35,7 +27,7 @@ impl DynamoDbStatusLedger {
         table: &str,
         endpoint: Option<&str>,
     ) -> Result<Self> {
-        let client = client(sdk, endpoint);
+        let client = client_at(sdk, endpoint);
         require_table(&client, table).await?;
         Ok(DynamoDbStatusLedger {
             client,

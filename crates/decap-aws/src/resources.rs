@@ -54,14 +54,6 @@ fn s3_client(sdk: &aws_config::SdkConfig, cfg: &S3Config) -> aws_sdk_s3::Client 
     aws_sdk_s3::Client::from_conf(b.build())
 }
 
-fn ddb_client(sdk: &aws_config::SdkConfig, endpoint: Option<&str>) -> aws_sdk_dynamodb::Client {
-    let mut b = aws_sdk_dynamodb::config::Builder::from(sdk);
-    if let Some(url) = endpoint {
-        b = b.endpoint_url(url);
-    }
-    aws_sdk_dynamodb::Client::from_conf(b.build())
-}
-
 fn sqs_client(sdk: &aws_config::SdkConfig, endpoint: Option<&str>) -> aws_sdk_sqs::Client {
     let mut b = aws_sdk_sqs::config::Builder::from(sdk);
     if let Some(url) = endpoint {
@@ -147,7 +139,7 @@ pub async fn create(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<Create
         r.dynamodb.endpoint_url.as_deref(),
     )
     .await?;
-    let ddb = ddb_client(sdk, r.dynamodb.endpoint_url.as_deref());
+    let ddb = crate::dynamodb::client_at(sdk, r.dynamodb.endpoint_url.as_deref());
     for (table, attribute) in [
         (&r.dynamodb.deliveries_table, DELIVERY_TTL_ATTRIBUTE),
         (&r.sessions_table, crate::SESSION_TTL_ATTRIBUTE),
@@ -213,7 +205,7 @@ pub async fn delete(sdk: &aws_config::SdkConfig, r: &Resources) -> Result<()> {
             }
         }
     }
-    let ddb = ddb_client(sdk, r.dynamodb.endpoint_url.as_deref());
+    let ddb = crate::dynamodb::client_at(sdk, r.dynamodb.endpoint_url.as_deref());
     for table in [
         &r.dynamodb.builds_table,
         &r.dynamodb.deliveries_table,

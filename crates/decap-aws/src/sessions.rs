@@ -12,7 +12,7 @@ use decap_core::{Error, Result};
 use time::OffsetDateTime;
 
 use crate::attrs::{get_n, get_s, n, s};
-use crate::dynamodb::{create_key_table, ddb_err, from_nanos, nanos, require_table};
+use crate::dynamodb::{client_at, create_key_table, ddb_err, from_nanos, nanos, require_table};
 
 const KEY: &str = "session-key";
 /// The attribute DynamoDB's time to live reads (epoch seconds).
@@ -23,14 +23,6 @@ pub const SESSION_TTL_ATTRIBUTE: &str = "expires-at-epoch";
 pub struct DynamoDbSessionStore {
     client: Client,
     table: String,
-}
-
-fn client(sdk: &aws_config::SdkConfig, endpoint: Option<&str>) -> Client {
-    let mut b = aws_sdk_dynamodb::config::Builder::from(sdk);
-    if let Some(url) = endpoint {
-        b = b.endpoint_url(url);
-    }
-    Client::from_conf(b.build())
 }
 
 fn flag(item: &std::collections::HashMap<String, AttributeValue>, name: &str) -> bool {
@@ -47,7 +39,7 @@ impl DynamoDbSessionStore {
         table: &str,
         endpoint: Option<&str>,
     ) -> Result<Self> {
-        let client = client(sdk, endpoint);
+        let client = client_at(sdk, endpoint);
         require_table(&client, table).await?;
         Ok(DynamoDbSessionStore {
             client,
