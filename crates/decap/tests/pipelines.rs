@@ -308,9 +308,10 @@ async fn a_stage_that_ended_before_a_stop_starts_the_next_once() {
         .await
         .unwrap();
     let (one, two) = tokio::join!(c.advance_run(copy.id), c.advance_run(copy.id));
-    assert_eq!(
-        one.unwrap().len() + two.unwrap().len(),
-        1,
+    // At most one of the two starts it (the start's look at recent runs
+    // may have been first); the run shows it started once.
+    assert!(
+        one.unwrap().len() + two.unwrap().len() <= 1,
         "the next stage starts once"
     );
     let v = until(c, copy.id, "waiting").await;
@@ -436,9 +437,11 @@ async fn a_stage_whose_script_is_missing_at_its_pinned_commit_errors_saying_so()
     def.stages[1].script = "gone.sh".into();
     let run = decap_core::pipeline::PipelineRun::new(&template, "sha256:gone".into(), def);
     stored_with_first_stage_ended(c, &run).await;
-    assert_eq!(c.advance_run(run.id).await.unwrap().len(), 1);
+    // Started here, or already by the start's look at recent runs.
+    assert!(c.advance_run(run.id).await.unwrap().len() <= 1);
     let v = until(c, run.id, "errored").await;
     assert_eq!(statuses(&v), ["succeeded", "errored", "pending"]);
+    assert_eq!(v.plan.stages[1].attempts.len(), 1, "started once");
     let message = v.plan.stages[1].attempts[0]
         .message
         .clone()
