@@ -762,19 +762,23 @@ async fn a_deferred_build_of_a_project_that_left_the_build_scripts_ends_errored_
             .contains("no longer in the build scripts"),
         "{b}"
     );
-    assert!(
+    // Its queue entry goes right after its end is stored.
+    eventually("the queue to let it go", MINUTE, || async {
         api.json("/api/v1/deferred").await["deferred"]
             .as_array()
             .unwrap()
             .is_empty()
-    );
-    assert!(
+            .then_some(())
+    })
+    .await;
+    eventually("no lock left behind", MINUTE, || async {
         api.json("/api/v1/locks").await["locks"]
             .as_array()
             .unwrap()
-            .is_empty(),
-        "no lock left behind"
-    );
+            .is_empty()
+            .then_some(())
+    })
+    .await;
 }
 
 /// A receiver of project status webhooks: records each post's `payload`
