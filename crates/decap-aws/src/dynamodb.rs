@@ -129,6 +129,17 @@ pub(crate) async fn create_key_table(
     create_table(request, table).await
 }
 
+/// A client of `endpoint` (when given) for `table`, checked to exist.
+pub(crate) async fn connect_table(
+    sdk: &aws_config::SdkConfig,
+    table: &str,
+    endpoint: Option<&str>,
+) -> Result<Client> {
+    let client = client_at(sdk, endpoint);
+    require_table(&client, table).await?;
+    Ok(client)
+}
+
 /// Checks that a table exists, so that a missing one is a clear error at start-up.
 pub(crate) async fn require_table(client: &Client, table: &str) -> Result<()> {
     client

@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 
 use crate::attrs::{get_n, get_s, n, s};
 use crate::dynamodb::{
-    client_at, create_table, ddb_err, from_nanos, key_attribute, key_element, nanos, require_table,
+    client_at, connect_table, create_table, ddb_err, from_nanos, key_attribute, key_element, nanos,
 };
 
 const PROJECT: &str = "project";
@@ -63,10 +63,8 @@ impl DynamoDbStatusHub {
         table: &str,
         endpoint: Option<&str>,
     ) -> Result<Self> {
-        let client = client_at(sdk, endpoint);
-        require_table(&client, table).await?;
         Ok(DynamoDbStatusHub {
-            client,
+            client: connect_table(sdk, table, endpoint).await?,
             table: table.to_owned(),
         })
     }

@@ -8,7 +8,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use decap_core::ports::{CommitState, StatusLedger};
 use decap_core::{Error, Result};
 
-use crate::dynamodb::{client_at, create_key_table, ddb_err, require_table};
+use crate::dynamodb::{connect_table, create_key_table, ddb_err};
 
 const KEY: &str = "ledger-key";
 const STATE: &str = "state";
@@ -27,10 +27,8 @@ impl DynamoDbStatusLedger {
         table: &str,
         endpoint: Option<&str>,
     ) -> Result<Self> {
-        let client = client_at(sdk, endpoint);
-        require_table(&client, table).await?;
         Ok(DynamoDbStatusLedger {
-            client,
+            client: connect_table(sdk, table, endpoint).await?,
             table: table.to_owned(),
         })
     }

@@ -12,7 +12,7 @@ use decap_core::{Error, Result};
 use time::OffsetDateTime;
 
 use crate::attrs::{get_n, get_s, n, s};
-use crate::dynamodb::{client_at, create_key_table, ddb_err, from_nanos, nanos, require_table};
+use crate::dynamodb::{connect_table, create_key_table, ddb_err, from_nanos, nanos};
 
 const KEY: &str = "session-key";
 /// The attribute DynamoDB's time to live reads (epoch seconds).
@@ -39,10 +39,8 @@ impl DynamoDbSessionStore {
         table: &str,
         endpoint: Option<&str>,
     ) -> Result<Self> {
-        let client = client_at(sdk, endpoint);
-        require_table(&client, table).await?;
         Ok(DynamoDbSessionStore {
-            client,
+            client: connect_table(sdk, table, endpoint).await?,
             table: table.to_owned(),
         })
     }
