@@ -124,6 +124,24 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+/// Asks for `branches` of `project` (`team/name`) with the API token; the
+/// answer.
+pub async fn request(
+    http: &reqwest::Client,
+    url: &str,
+    project: &str,
+    branches: &[String],
+) -> Result<serde_json::Value> {
+    let q: Vec<String> = branches.iter().map(|b| format!("branch={b}")).collect();
+    Ok(http
+        .post(format!("{url}/api/v1/builds/{project}?{}", q.join("&")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
 /// Requests manual builds of `branches` of `project` (`team/name`) with the
 /// API token; returns their ids.
 pub async fn request_builds(
@@ -132,14 +150,7 @@ pub async fn request_builds(
     project: &str,
     branches: &[String],
 ) -> Result<Vec<String>> {
-    let q: Vec<String> = branches.iter().map(|b| format!("branch={b}")).collect();
-    let v: serde_json::Value = http
-        .post(format!("{url}/api/v1/builds/{project}?{}", q.join("&")))
-        .bearer_auth(TOKEN)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let v = request(http, url, project, branches).await?;
     let ids: Vec<String> = v["builds"]
         .as_array()
         .with_context(|| format!("no builds in the answer: {v}"))?

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use decap_bench::{TOKEN, start, write_project};
+use decap_bench::{start, write_project};
 
 use crate::summary;
 
@@ -35,14 +35,7 @@ async fn request_runs(
     project: &str,
     branches: &[String],
 ) -> Result<Vec<String>> {
-    let q: Vec<String> = branches.iter().map(|b| format!("branch={b}")).collect();
-    let v: serde_json::Value = http
-        .post(format!("{url}/api/v1/builds/{project}?{}", q.join("&")))
-        .bearer_auth(TOKEN)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let v = decap_bench::request(http, url, project, branches).await?;
     let runs: Vec<String> = v["pipelineRuns"]
         .as_array()
         .map(|a| {
