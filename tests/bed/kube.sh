@@ -9,8 +9,12 @@
 #                               certificate) and DECAP_TEST_KUBE_SERVER
 #   tests/bed/kube.sh stop
 #
-# No scheduler, controller manager or kubelet runs: the tests run their own
-# test node (`decap-test-node`), which binds pods to itself and runs them.
+# No scheduler, controller manager or kubelet runs here: most tests run their
+# own test node (`decap-test-node`), which binds pods to itself and runs
+# them; tests/bed/node.sh adds a real node, and then the rest of a cluster.
+# The API server listens on every address and advertises the machine's
+# first one, so that pods on the real node reach it through the
+# `kubernetes` Service (10.0.0.1); clients here use loopback.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 NAME=kube
@@ -65,7 +69,7 @@ certs() {
         openssl x509 -req -in "$d/$1.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
             -days 2 -extfile "$d/$1.ext" -out "$d/$1.crt" 2>/dev/null
     }
-    cert apiserver "/CN=kube-apiserver" serverAuth "IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes.default.svc"
+    cert apiserver "/CN=kube-apiserver" serverAuth "IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes.default.svc,IP:$2"
     cert admin "/O=system:masters/CN=decap-test-admin" clientAuth
     openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
     openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
@@ -75,7 +79,9 @@ start() {
     install
     rm -rf "$STATE"
     mkdir -p "$STATE/etcd" "$STATE/pki"
-    certs "$STATE/pki"
+    local ip
+    ip=$(hostname -I | awk '{print $1}')
+    certs "$STATE/pki" "$ip"
     local etcd_port peer_port port
     etcd_port=$(free_port)
     peer_port=$(free_port)
@@ -88,7 +94,7 @@ start() {
     echo $! > "$STATE/etcd.pid"
     local pki="$STATE/pki"
     "$APISERVER" --etcd-servers "http://127.0.0.1:$etcd_port" \
-        --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$port" \
+        --bind-address 0.0.0.0 --advertise-address "$ip" --secure-port "$port" \
         --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
         --client-ca-file "$pki/ca.crt" \
         --service-account-issuer https://kubernetes.default.svc --api-audiences https://kubernetes.default.svc \

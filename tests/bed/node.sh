@@ -12,7 +12,20 @@
 #                               `export` lines for DECAP_TEST_REAL_NODE (the
 #                               Node's name) and DECAP_TEST_NODE_IMAGE (an image
 #                               the node has)
-#   tests/bed/node.sh stop      stops both and undoes what the kubelet changed
+#   tests/bed/node.sh cluster   after start: the rest of a cluster for the
+#                               node (kube-scheduler, kube-controller-manager,
+#                               kube-proxy in iptables mode); prints `export`
+#                               lines for KUBECTL and DECAP_TEST_NODE_IP. Kept
+#                               apart from start: the other tests' stand-in
+#                               nodes bind their pods themselves, and a
+#                               scheduler would race them.
+#   tests/bed/node.sh image DIR builds Decap's controller image from
+#                               deploy/Dockerfile with the binaries in DIR
+#                               (decap, bctool, decapctl) and imports it and
+#                               the base build image into the node; prints
+#                               `export` lines for DECAP_TEST_DECAP_IMAGE and
+#                               DECAP_TEST_NODE_BUILD_IMAGE
+#   tests/bed/node.sh stop      stops all and undoes what they changed
 #
 # Needs root. Settings that this kind of machine needs are explained where
 # they are set.
@@ -21,12 +34,24 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 NAME=node
 . "$HERE/lib.sh"
 KUBELET="$CACHE/bin/kubelet-$K8S_VERSION"
+SCHEDULER="$CACHE/bin/kube-scheduler-$K8S_VERSION"
+CONTROLLER_MANAGER="$CACHE/bin/kube-controller-manager-$K8S_VERSION"
+PROXY="$CACHE/bin/kube-proxy-$K8S_VERSION"
+KUBECTL="$CACHE/bin/kubectl-$K8S_VERSION"
+DECAP_IMAGE="localhost/decap:test"
+# The base build image under a tag that is not `latest` (which the kubelet
+# would try to pull).
+BUILD_IMAGE="localhost/decap-build-base:node"
 PAUSE_IMAGE="localhost/decap-pause:1"
 NODE_IMAGE="localhost/decap-debian:bookworm"
 STATE="${DECAP_TEST_BED_DIR:-$CACHE/run}/node"
 
 install_kubelet() {
     k8s_build kubelet "$KUBELET"
+    k8s_build kube-scheduler "$SCHEDULER"
+    k8s_build kube-controller-manager "$CONTROLLER_MANAGER"
+    k8s_build kube-proxy "$PROXY"
+    k8s_build kubectl "$KUBECTL"
 }
 
 install_packages() {
@@ -199,9 +224,87 @@ YAML
         "DECAP_TEST_NODE_IMAGE=$NODE_IMAGE"
 }
 
+# The rest of a cluster, all with the admin's credentials (a test bed):
+# pods of Deployments are made and scheduled, Services reach their pods
+# (the API server's own too, from pods), namespaces are emptied when
+# deleted. kube-proxy's masquerading of all Service traffic lets a pod
+# reach a Service whose endpoint is on its own bridge without the
+# br_netfilter module.
+cluster() {
+    [ -f "$STATE/pid" ] || { say "start the node first"; exit 1; }
+    local kc=$DECAP_TEST_KUBECONFIG pki node ip
+    pki=$(dirname "$kc")/pki
+    node=$(hostname)
+    ip=$(hostname -I | awk '{print $1}')
+    "$SCHEDULER" --kubeconfig "$kc" --authentication-kubeconfig "$kc" --authorization-kubeconfig "$kc" \
+        --leader-elect=false --secure-port 0 > "$STATE/kube-scheduler.log" 2>&1 &
+    echo $! > "$STATE/scheduler.pid"
+    "$CONTROLLER_MANAGER" --kubeconfig "$kc" --leader-elect=false --secure-port 0 \
+        --root-ca-file "$pki/ca.crt" --service-account-private-key-file "$pki/sa.key" \
+        --use-service-account-credentials=false --controllers '*,-nodeipam,-cloud-node-lifecycle' \
+        > "$STATE/kube-controller-manager.log" 2>&1 &
+    echo $! > "$STATE/controller-manager.pid"
+    echo "net/ipv4/conf/all/route_localnet $(cat /proc/sys/net/ipv4/conf/all/route_localnet)" >> "$STATE/sysctls"
+    "$PROXY" --kubeconfig "$kc" --hostname-override "$node" --proxy-mode iptables --masquerade-all \
+        --cluster-cidr 10.244.0.0/24 --conntrack-max-per-core 0 --iptables-localhost-nodeports=false \
+        --nodeport-addresses primary \
+        --healthz-bind-address "127.0.0.1:$(free_port)" --metrics-bind-address "127.0.0.1:$(free_port)" \
+        > "$STATE/kube-proxy.log" 2>&1 &
+    echo $! > "$STATE/proxy.pid"
+    # Ready once the API server's own Service is forwarded.
+    for _ in $(seq 1 300); do
+        if iptables -t nat -S KUBE-SERVICES 2>/dev/null | grep -q 10.0.0.1/32; then
+            printf 'export %s\n' "KUBECTL=$KUBECTL" "DECAP_TEST_NODE_IP=$ip"
+            return 0
+        fi
+        sleep 0.1
+    done
+    say "kube-proxy did not forward the kubernetes Service in 30 s"
+    tail -n 30 "$STATE/kube-proxy.log" >&2
+    exit 1
+}
+
+# Decap's controller image as a user builds it, with binaries made here
+# instead of by the Rust image's compiler (no registry is reached): the
+# runtime is the debootstrap base (Debian bookworm, so the host's glibc
+# binaries run in it); stripped, as a release's would be.
+image() {
+    local bins=${1:?usage: node.sh image DIR}
+    [ -S "$STATE/containerd.sock" ] || { say "start the node first"; exit 1; }
+    local ctx
+    ctx=$(mktemp -d)
+    mkdir "$ctx/dist"
+    local b
+    for b in decap bctool decapctl; do
+        strip -o "$ctx/dist/$b" "$bins/$b"
+    done
+    podman build -q --network host -f "$HERE/../../deploy/Dockerfile" \
+        --build-arg BINARIES=prebuilt --build-arg BASE="$NODE_IMAGE" \
+        --build-arg DECAP_GIT_COMMIT="$(git -C "$HERE" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)" \
+        -t "$DECAP_IMAGE" "$ctx" >/dev/null
+    rm -rf "$ctx"
+    podman tag localhost/decap-build-base:latest "$BUILD_IMAGE"
+    local img
+    for img in "$DECAP_IMAGE" "$BUILD_IMAGE"; do
+        podman save -q "$img" -o "$STATE/images/x.tar"
+        ctr -a "$STATE/containerd.sock" -n k8s.io images import --no-unpack "$STATE/images/x.tar" >/dev/null
+        rm -f "$STATE/images/x.tar"
+    done
+    printf 'export %s\n' "DECAP_TEST_DECAP_IMAGE=$DECAP_IMAGE" "DECAP_TEST_NODE_BUILD_IMAGE=$BUILD_IMAGE"
+}
+
 stop() {
     [ -d "$STATE" ] || return 0
     local f
+    for f in "$STATE/proxy.pid" "$STATE/controller-manager.pid" "$STATE/scheduler.pid"; do
+        if [ -f "$f" ]; then
+            kill "$(cat "$f")" 2>/dev/null || true
+            rm -f "$f"
+        fi
+    done
+    if [ -f "$STATE/kube-proxy.log" ]; then
+        "$PROXY" --cleanup > /dev/null 2>&1 || true
+    fi
     for f in "$STATE/pid" "$STATE/containerd.pid"; do
         if [ -f "$f" ]; then
             kill "$(cat "$f")" 2>/dev/null || true
@@ -251,4 +354,8 @@ stop() {
     rm -rf "$STATE"
 }
 
-dispatch "$@"
+case "${1:-}" in
+    cluster) cluster ;;
+    image) shift; image "$@" ;;
+    *) dispatch "$@" ;;
+esac

@@ -287,7 +287,16 @@ pub async fn readyz(State(app): State<AppState>) -> ApiResult<&'static str> {
             "stopping: Decap is restarting or being upgraded",
         ));
     }
-    app.controller.ports.builds.count_by_status().await?;
+    // The build store answers: one build asked for (counting them all
+    // would read a whole index of a shared store on every probe).
+    app.controller
+        .ports
+        .builds
+        .list(&decap_core::ports::BuildQuery {
+            limit: 1,
+            ..Default::default()
+        })
+        .await?;
     if app.controller.ports.executor.sandbox() == "none" {
         return Ok(
             "ready; builds run with no sandbox (--sandbox none): they act as Decap's own user and see the host\n",
