@@ -556,6 +556,41 @@ pub struct BuildResult {
     /// How each phase of a preset build went (`bctool phases`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<decap_core::preset::PhaseRecord>,
+    /// Whether the build was stopped from outside (bctool was sent TERM or
+    /// INT, as a pod deleted or drained is, or lost the process that
+    /// started it) rather than ended by its script: it ends `errored`, not
+    /// `failed`, since its code did not fail.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
+}
+
+impl BuildResult {
+    /// How the build ended, as the record keeps it: its status from the
+    /// exit code (timed out, or errored when stopped from outside), the
+    /// limit it hit named, its phases.
+    pub fn outcome(&self) -> decap_core::build::Outcome {
+        let limits: Vec<decap_core::limits::LimitHit> = self
+            .memory_limit_hit
+            .map(decap_core::limits::LimitHit::Memory)
+            .into_iter()
+            .collect();
+        let mut outcome = decap_core::lifecycle::with_limits(
+            decap_core::lifecycle::outcome_of_result(
+                self.exit_code,
+                self.timed_out,
+                self.message.clone(),
+            ),
+            &limits,
+        );
+        if self.stopped
+            && !self.timed_out
+            && outcome.status != decap_core::build::BuildStatus::Succeeded
+        {
+            outcome.status = decap_core::build::BuildStatus::Errored;
+        }
+        outcome.phases = decap_core::preset::bounded(self.phases.clone());
+        outcome
+    }
 }
 
 /// The name of the header bctool sends to resume a live log stream.

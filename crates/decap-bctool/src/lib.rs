@@ -427,6 +427,7 @@ pub async fn main(cli: Cli) -> Result<i32> {
                 message,
                 memory_limit_hit: None,
                 phases: Vec::new(),
+                stopped: false,
             };
             connect.await?.record_result(&id, &result).await?;
             Ok(0)
@@ -553,20 +554,7 @@ impl Shipper {
             return Ok(());
         };
         let build = BuildId::parse(id)?;
-        let limits: Vec<decap_core::limits::LimitHit> = result
-            .memory_limit_hit
-            .map(decap_core::limits::LimitHit::Memory)
-            .into_iter()
-            .collect();
-        let mut outcome = lifecycle::with_limits(
-            lifecycle::outcome_of_result(
-                result.exit_code,
-                result.timed_out,
-                result.message.clone(),
-            ),
-            &limits,
-        );
-        outcome.phases = decap_core::preset::bounded(result.phases.clone());
+        let outcome = result.outcome();
         for _ in 0..5 {
             let Some(b) = retry_direct(|| d.builds.get(build)).await? else {
                 bail!("build {id} is not in the build store");
@@ -1059,6 +1047,7 @@ async fn run_prepared(
                 args.artifacts_dir.as_deref(),
                 127,
                 false,
+                false,
                 vec![note.trim().to_owned()],
                 None,
                 Vec::new(),
@@ -1168,19 +1157,23 @@ async fn run_prepared(
     };
     let mut notes = Vec::new();
     let mut timed_out = false;
+    let mut stopped = true;
     let status = tokio::select! {
-        s = child.wait() => s?,
+        s = child.wait() => {
+            stopped = false;
+            s?
+        }
         () = tokio::time::sleep(timeout) => {
             timed_out = true;
             notes.push(format!("the build ran past its timeout of {}s and was stopped", timeout.as_secs()));
             stop(&mut child, pgid, grace).await?
         }
         _ = term.recv() => {
-            notes.push("stopped by a TERM signal".into());
+            notes.push("stopped from outside by a TERM signal (a cancel, a deleted pod or a drained node)".into());
             stop(&mut child, pgid, grace).await?
         }
         _ = int.recv() => {
-            notes.push("stopped by an INT signal".into());
+            notes.push("stopped from outside by an INT signal".into());
             stop(&mut child, pgid, grace).await?
         }
         () = parent_gone => {
@@ -1217,6 +1210,7 @@ async fn run_prepared(
         args.artifacts_dir.as_deref(),
         exit_code,
         timed_out,
+        stopped,
         notes,
         streamer,
         phases,
@@ -1323,6 +1317,7 @@ async fn finish(
     artifacts_dir: Option<&Path>,
     exit_code: i32,
     timed_out: bool,
+    stopped: bool,
     mut notes: Vec<String>,
     streamer: Option<tokio::task::JoinHandle<()>>,
     phases: Vec<decap_core::preset::PhaseRecord>,
@@ -1361,6 +1356,7 @@ async fn finish(
         message: (!notes.is_empty()).then(|| notes.join("; ")),
         memory_limit_hit: memory_limit_hit(),
         phases,
+        stopped,
     };
     if let Err(e) = shipper.record_result(id, &result).await {
         note!("bctool: recording the result failed: {e:#}");

@@ -9,7 +9,7 @@ use decap_core::build::BuildId;
 use decap_core::ports::{EnvironmentExit, Executor, ExecutorEvents, LaunchSpec};
 use decap_core::{Error, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus, Secret};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
@@ -60,7 +60,7 @@ pub fn ended(pod: &Pod) -> Option<String> {
         .and_then(|s| s.terminated.as_ref());
     let phase = status.phase.as_deref().unwrap_or("");
     if terminated.is_none() && !matches!(phase, "Succeeded" | "Failed") {
-        return None;
+        return unstartable(status);
     }
     let pod_reason = status.reason.as_deref().unwrap_or("");
     let pod_message = status.message.as_deref().unwrap_or("");
@@ -114,6 +114,39 @@ pub fn ended(pod: &Pod) -> Option<String> {
         }
     };
     Some(reason)
+}
+
+/// Why a pod that has not ended can never start, if so: a container whose
+/// image cannot be pulled (the kubelet would retry with a growing back-off
+/// until the build's deadline; the build ends now, naming the image).
+fn unstartable(status: &PodStatus) -> Option<String> {
+    const NEVER: [&str; 4] = [
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+    ];
+    let all = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten());
+    all.into_iter().find_map(|c| {
+        let waiting = c.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.as_deref()?;
+        NEVER.contains(&reason).then(|| {
+            format!(
+                "the build pod cannot start: the image {:?} of container {} cannot be pulled ({reason}){}",
+                c.image,
+                c.name,
+                waiting
+                    .message
+                    .as_deref()
+                    .map(|m| format!(": {}", m.trim()))
+                    .unwrap_or_default()
+            )
+        })
+    })
 }
 
 /// [`Executor`] that runs each build as one pod in the build namespace.
@@ -599,6 +632,37 @@ mod tests {
             let why = ended(&pod(status.clone())).unwrap_or_default();
             assert!(why.contains(want), "{status}: {why:?} lacks {want:?}");
         }
+    }
+
+    #[test]
+    fn a_pod_whose_image_cannot_be_pulled_has_ended_naming_it() {
+        for reason in ["ErrImagePull", "ImagePullBackOff", "InvalidImageName"] {
+            let why = ended(&pod(serde_json::json!({"phase": "Pending", "containerStatuses": [{
+                "name": "build", "image": "registry.example/nope:1", "imageID": "", "ready": false,
+                "restartCount": 0,
+                "state": {"waiting": {"reason": reason, "message": "not found"}}
+            }]})))
+            .unwrap_or_default();
+            assert!(
+                why.contains(&format!("\"registry.example/nope:1\" of container build cannot be pulled ({reason}): not found")),
+                "{why}"
+            );
+        }
+        // A sidecar's image too; other waits are not ends.
+        let sidecar = ended(&pod(
+            serde_json::json!({"phase": "Pending", "initContainerStatuses": [{
+                "name": "db", "image": "db:9", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ErrImagePull"}}
+            }]}),
+        ));
+        assert!(sidecar.is_some_and(|w| w.contains("container db")));
+        let creating = ended(&pod(
+            serde_json::json!({"phase": "Pending", "containerStatuses": [{
+                "name": "build", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ContainerCreating"}}
+            }]}),
+        ));
+        assert_eq!(creating, None);
     }
 
     #[test]

@@ -274,6 +274,10 @@ fn build_env(spec: &LaunchSpec) -> Vec<EnvVar> {
         ),
         env("DECAP_BUILD_SCRIPTS", SCRIPTS_DIR),
         env("DECAP_CREDENTIALS_DIR", CREDENTIALS_DIR),
+        // The build container always has a memory limit, so a memory
+        // cgroup of its own: bctool reads from it whether a process was
+        // killed for memory, and names the limit.
+        env("DECAP_BCTOOL_CGROUP_MEMORY", "1"),
     ]);
     vars.extend(
         spec.bctool_env

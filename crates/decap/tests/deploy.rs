@@ -522,3 +522,155 @@ async fn deployed_as_shipped_two_replicas_build_a_webhook_in_a_pod_and_share_the
     ]);
     assert!(logs.contains(&id), "{logs}");
 }
+
+/// A build namespace with the build service account, restricted as the
+/// shipped `decap` namespace's pods are.
+async fn build_namespace(client: &Client) -> String {
+    use decap_kube::k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+    use decap_kube::kube::api::PostParams;
+    let ns = format!("ends-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut n = Namespace::default();
+    n.metadata.name = Some(ns.clone());
+    n.metadata.labels = Some(
+        [(
+            "pod-security.kubernetes.io/enforce".to_owned(),
+            "restricted".to_owned(),
+        )]
+        .into(),
+    );
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &n)
+        .await
+        .unwrap();
+    let mut sa = ServiceAccount::default();
+    sa.metadata.name = Some("decap-build".into());
+    sa.automount_service_account_token = Some(false);
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    ns
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the bed's whole cluster: tests/run runs it after the other tests"]
+async fn real_pods_end_by_their_memory_limit_timeout_deletion_or_missing_image_each_named() {
+    use decap_kube::kube::api::DeleteParams;
+    let client = admin().await;
+    let ns = build_namespace(&client).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().join("scripts");
+    let image = env("DECAP_TEST_NODE_BUILD_IMAGE");
+    project(
+        &scripts,
+        "acme/oom",
+        &format!(r#"{{"buildImage": "{image}", "resources": {{"memory": "48Mi"}}}}"#),
+        "set -e\necho started\nhead -c 400000000 /dev/zero | tail\necho survived\n",
+    );
+    project(
+        &scripts,
+        "acme/slow",
+        &format!(r#"{{"buildImage": "{image}", "buildTimeoutSeconds": 3}}"#),
+        "echo started\nsleep 300\n",
+    );
+    project(
+        &scripts,
+        "acme/deleted",
+        &format!(r#"{{"buildImage": "{image}"}}"#),
+        "echo started\nsleep 300\n",
+    );
+    project(
+        &scripts,
+        "acme/noimage",
+        r#"{"buildImage": "localhost/decap-no-such-image:1"}"#,
+        "echo never\n",
+    );
+    // Decap on the host; build pods reach it through a relay on the node's
+    // address.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let builds_url = relay(&format!("http://127.0.0.1:{port}")).await;
+    let listen = format!("127.0.0.1:{port}");
+    let kubeconfig = env("DECAP_TEST_KUBECONFIG");
+    let bctool_image = env("DECAP_TEST_DECAP_IMAGE");
+    let decap = common::Decap::start_with_env(
+        &dir.path().join("data"),
+        &scripts,
+        &[
+            "--executor",
+            "kubernetes",
+            "--kubeconfig",
+            &kubeconfig,
+            "--kube-namespace",
+            &ns,
+            "--kube-bctool-image",
+            &bctool_image,
+            "--builds-url",
+            &builds_url,
+            "--kube-finished-pod-ttl-secs",
+            "1",
+        ],
+        &[("DECAP_LISTEN", listen.as_str())],
+    );
+    let api = decap.api();
+    let ids: Vec<String> = ["acme/oom", "acme/slow", "acme/deleted", "acme/noimage"]
+        .iter()
+        .map(|p| async { api.request(p, &["main"]).await.remove(0) })
+        .collect::<futures::future::JoinAll<_>>()
+        .await;
+    let [oom, slow, deleted, noimage] = [&ids[0], &ids[1], &ids[2], &ids[3]];
+
+    // A pod deleted by hand while it builds.
+    eventually("the build to start in its pod", MINUTE, || {
+        let (api, id) = (api.clone(), deleted.clone());
+        async move { api.log(&id).await.contains("started").then_some(()) }
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let dp = DeleteParams {
+        grace_period_seconds: Some(1),
+        ..DeleteParams::default()
+    };
+    pods.delete(deleted, &dp).await.unwrap();
+
+    let b = api.finished(noimage, MINUTE).await;
+    assert_eq!(b["status"], "errored", "{b}");
+    let why = b["message"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("\"localhost/decap-no-such-image:1\" of container build cannot be pulled"),
+        "{b}"
+    );
+    let b = api.finished(deleted, MINUTE).await;
+    assert_eq!(b["status"], "errored", "{b}");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("deleted"),
+        "{b}"
+    );
+    let b = api.finished(slow, MINUTE).await;
+    assert_eq!(b["status"], "timed_out", "{b}");
+    let b = api.finished(oom, MINUTE).await;
+    let log = api.log(oom).await;
+    assert_eq!(b["status"], "failed", "{b} {log}");
+    assert!(!log.contains("survived"), "{log}");
+    let why = b["message"].as_str().unwrap_or_default();
+    assert!(why.contains("memory"), "{b} {log}");
+
+    // Every pod goes, and every lock.
+    eventually("the build pods to be deleted", MINUTE, || {
+        let pods = pods.clone();
+        async move {
+            let left = pods.list(&ListParams::default()).await.unwrap().items;
+            left.is_empty().then_some(())
+        }
+    })
+    .await;
+    let locks = api.json("/api/v1/locks").await;
+    assert!(locks["locks"].as_array().unwrap().is_empty(), "{locks}");
+    let _ = Api::<decap_kube::k8s_openapi::api::core::v1::Namespace>::all(client)
+        .delete(&ns, &DeleteParams::default())
+        .await;
+}

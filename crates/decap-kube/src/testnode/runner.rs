@@ -623,6 +623,11 @@ impl Runner {
         ];
         let mut vars: HashMap<String, String> = HashMap::new();
         for e in c.env.iter().flatten() {
+            // A container here has no memory cgroup of its own: bctool
+            // would read the host's.
+            if e.name == "DECAP_BCTOOL_CGROUP_MEMORY" {
+                continue;
+            }
             let value = if let Some(v) = &e.value {
                 Some(expand(v, &vars))
             } else if let Some(r) = e

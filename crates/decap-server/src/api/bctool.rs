@@ -60,20 +60,7 @@ pub async fn put_result(
     // outcome meanwhile. In a task of its own, so that the answer reaching
     // a client that went away (bctool exits at once) cancels nothing.
     let controller = app.controller.clone();
-    let limits: Vec<decap_core::limits::LimitHit> = result
-        .memory_limit_hit
-        .map(decap_core::limits::LimitHit::Memory)
-        .into_iter()
-        .collect();
-    let mut outcome = decap_core::lifecycle::with_limits(
-        decap_core::lifecycle::outcome_of_result(
-            result.exit_code,
-            result.timed_out,
-            result.message,
-        ),
-        &limits,
-    );
-    outcome.phases = decap_core::preset::bounded(result.phases);
+    let outcome = result.outcome();
     let now = tokio::spawn(async move { controller.report(b.id, outcome).await })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
