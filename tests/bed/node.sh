@@ -23,7 +23,9 @@
 #                               deploy/Dockerfile with the binaries in DIR
 #                               (decap, bctool, decapctl) and imports it and
 #                               the base build image into the node; prints
-#                               `export` lines for DECAP_TEST_DECAP_IMAGE and
+#                               `export` lines for DECAP_TEST_DECAP_IMAGE (and
+#                               DECAP_TEST_DECAP_NEXT_IMAGE, the same image
+#                               under another tag, for a rolling update) and
 #                               DECAP_TEST_NODE_BUILD_IMAGE
 #   tests/bed/node.sh stop      stops all and undoes what they changed
 #
@@ -290,7 +292,11 @@ image() {
         ctr -a "$STATE/containerd.sock" -n k8s.io images import --no-unpack "$STATE/images/x.tar" >/dev/null
         rm -f "$STATE/images/x.tar"
     done
-    printf 'export %s\n' "DECAP_TEST_DECAP_IMAGE=$DECAP_IMAGE" "DECAP_TEST_NODE_BUILD_IMAGE=$BUILD_IMAGE"
+    # The same image under a second name: what a rolling update changes
+    # the Deployment to.
+    ctr -a "$STATE/containerd.sock" -n k8s.io images tag --force "$DECAP_IMAGE" "$DECAP_IMAGE-next" >/dev/null
+    printf 'export %s\n' "DECAP_TEST_DECAP_IMAGE=$DECAP_IMAGE" "DECAP_TEST_DECAP_NEXT_IMAGE=$DECAP_IMAGE-next" \
+        "DECAP_TEST_NODE_BUILD_IMAGE=$BUILD_IMAGE"
 }
 
 stop() {

@@ -370,12 +370,21 @@ async fn deployed_as_shipped_two_replicas_build_a_webhook_in_a_pod_and_share_the
         ),
     )
     .unwrap();
+    project(
+        &scripts,
+        "acme/roll",
+        &format!(r#"{{"buildImage": "{build_image}", "managedRefRegex": "roll/.*"}}"#),
+        "echo rolled\n",
+    );
     git(&scripts, &["init", "-q", "-b", "main"]);
     git(&scripts, &["add", "."]);
     git(&scripts, &["commit", "-q", "-m", "scripts"]);
     let daemon = GitDaemon::start(&dir.path().join("repos"), "scripts");
 
-    let settings = settings(&world.args).await;
+    let mut settings = settings(&world.args).await;
+    // Two builds at once: the rolling update below makes hundreds, which
+    // wait their turn in the queue rather than crowd one small node.
+    settings.push(("DECAP_MAX_BUILDS".into(), "2".into()));
     let overlay = overlay(
         &dir.path().join("overlay"),
         &env("DECAP_TEST_DECAP_IMAGE"),
@@ -402,14 +411,30 @@ async fn deployed_as_shipped_two_replicas_build_a_webhook_in_a_pod_and_share_the
     // A signed push through the Service, once kube-proxy forwards it to
     // the Ready replicas (a moment after they are Ready).
     let service = api(format!("http://{SERVICE_IP}"));
-    eventually("the Service to answer", MINUTE, || {
-        let http = service.http.clone();
-        async move {
-            let r = http.get(format!("http://{SERVICE_IP}/readyz")).send().await;
-            r.ok()?.status().is_success().then_some(())
+    let mut answered = false;
+    for _ in 0..300 {
+        let r = service
+            .http
+            .get(format!("http://{SERVICE_IP}/readyz"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status().is_success()) {
+            answered = true;
+            break;
         }
-    })
-    .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        answered,
+        "the Service did not answer in a minute:\n{}\n{}",
+        kubectl(&["get", "pods,endpointslices,services", "-A", "-o", "wide"]),
+        std::process::Command::new("iptables")
+            .args(["-t", "nat", "-S"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    );
     let body = push_payload("acme", "widgets", "refs/heads/feature/deploy", SHA);
     let resp = service.webhook("push", "deploy-1", &body).await;
     assert_eq!(resp.status(), 202);
@@ -521,6 +546,152 @@ async fn deployed_as_shipped_two_replicas_build_a_webhook_in_a_pod_and_share_the
         "--prefix",
     ]);
     assert!(logs.contains(&id), "{logs}");
+
+    rolling_update_drops_nothing(&world).await;
+}
+
+/// The Deployment's image changes while signed webhooks arrive through the
+/// Service at 20 a second, each a new connection as GitHub's are: every
+/// one is answered 2xx, and each makes exactly one build.
+async fn rolling_update_drops_nothing(world: &common::aws::World) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut sent = Vec::new();
+            let mut n = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                tick.tick().await;
+                n += 1;
+                let http = http.clone();
+                sent.push(tokio::spawn(async move {
+                    let body = push_payload("acme", "roll", &format!("refs/heads/roll/{n}"), SHA);
+                    let answer = http
+                        .post(format!("http://{SERVICE_IP}/hooks/github"))
+                        .header("x-github-event", "push")
+                        .header("x-github-delivery", format!("roll-{n}"))
+                        .header("x-hub-signature-256", common::sign(common::SECRET, &body))
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await;
+                    match answer {
+                        Ok(r) if r.status().is_success() => {
+                            let v: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
+                            Ok(v["builds"][0].as_str().unwrap_or_default().to_owned())
+                        }
+                        Ok(r) => Err(format!("webhook {n}: {}", r.status())),
+                        Err(e) => Err(format!("webhook {n}: {e}")),
+                    }
+                }));
+            }
+            let mut out = Vec::new();
+            for s in sent {
+                out.push(s.await.unwrap());
+            }
+            out
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kubectl(&[
+        "-n",
+        "decap-system",
+        "set",
+        "image",
+        "deployment/decap",
+        &format!("decap={}", env("DECAP_TEST_DECAP_NEXT_IMAGE")),
+    ]);
+    let rollout = kubectl(&[
+        "-n",
+        "decap-system",
+        "rollout",
+        "status",
+        "deployment/decap",
+        "--timeout=300s",
+    ]);
+    assert!(rollout.contains("successfully rolled out"), "{rollout}");
+    // The rollout is done before the old pods are gone (each waits out its
+    // preStop, then drains): the webhooks go on until they are, and a
+    // little after.
+    let client = admin().await;
+    let pods: Api<Pod> = Api::namespaced(client, "decap-system");
+    let next = env("DECAP_TEST_DECAP_NEXT_IMAGE");
+    eventually("the old replicas to be gone", 2 * MINUTE, || {
+        let (pods, next) = (pods.clone(), next.clone());
+        async move {
+            let list = pods
+                .list(&ListParams::default().labels("app.kubernetes.io/component=controller"))
+                .await
+                .ok()?;
+            list.items
+                .iter()
+                .all(|p| {
+                    p.spec
+                        .as_ref()
+                        .is_some_and(|s| s.containers[0].image.as_deref() == Some(next.as_str()))
+                })
+                .then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    let answers = sender.await.unwrap();
+    let failed: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    let ids: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().ok()).collect();
+    eprintln!(
+        "rolling update: {} webhooks sent, {} answered 2xx, {} refused or failed",
+        answers.len(),
+        ids.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(
+        answers.len() >= 200,
+        "only {} webhooks were sent",
+        answers.len()
+    );
+    let unique: std::collections::HashSet<&&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "a webhook's build id came twice");
+
+    // Exactly one build per webhook in the shared store, none errored by
+    // the rollout.
+    let store = decap_aws::DynamoDbBuildStore::connect(&world.sdk, world.tables.clone())
+        .await
+        .unwrap();
+    let mut builds = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store
+            .list(&decap_core::ports::BuildQuery {
+                project: Some(decap_core::names::ProjectKey::parse("acme/roll").unwrap()),
+                limit: 500,
+                cursor,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        builds.extend(page.builds);
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(builds.len(), ids.len(), "one build per webhook");
+    let errored: Vec<String> = builds
+        .iter()
+        .filter(|b| b.status.as_str() == "errored")
+        .map(|b| format!("{} {:?}", b.id, b.message))
+        .collect();
+    assert!(errored.is_empty(), "{errored:?}");
 }
 
 /// A build namespace with the build service account, restricted as the
@@ -558,6 +729,7 @@ async fn real_pods_end_by_their_memory_limit_timeout_deletion_or_missing_image_e
     use decap_kube::kube::api::DeleteParams;
     let client = admin().await;
     let ns = build_namespace(&client).await;
+    let _gone = NamespaceGuard(ns.clone());
     let dir = tempfile::tempdir().unwrap();
     let scripts = dir.path().join("scripts");
     let image = env("DECAP_TEST_NODE_BUILD_IMAGE");
@@ -670,7 +842,18 @@ async fn real_pods_end_by_their_memory_limit_timeout_deletion_or_missing_image_e
     .await;
     let locks = api.json("/api/v1/locks").await;
     assert!(locks["locks"].as_array().unwrap().is_empty(), "{locks}");
-    let _ = Api::<decap_kube::k8s_openapi::api::core::v1::Namespace>::all(client)
-        .delete(&ns, &DeleteParams::default())
-        .await;
+}
+
+/// A namespace deleted (with its pods) when dropped, also when the test
+/// fails.
+struct NamespaceGuard(String);
+
+impl Drop for NamespaceGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(env("KUBECTL"))
+            .arg("--kubeconfig")
+            .arg(env("DECAP_TEST_KUBECONFIG"))
+            .args(["delete", "namespace", &self.0, "--wait=false"])
+            .output();
+    }
 }
