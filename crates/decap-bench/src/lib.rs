@@ -82,8 +82,15 @@ pub fn start_with_env(
             decap.display()
         );
     }
+    // Loopback unless the caller says where.
+    let listen: &[&str] = if extra.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
     let mut child = Command::new(decap)
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "warn"])
+        .args(["serve", "--log-level", "warn"])
+        .args(listen)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .arg("--scripts")
