@@ -407,6 +407,13 @@ async fn register_node(client: &kube::Client, name: &str) -> Result<(), kube::Er
                 ])),
                 ..ObjectMeta::default()
             },
+            // A scheduler, where one runs, places nothing here: this node
+            // binds the pods of its namespaces itself, and outlives its
+            // test as an object.
+            spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+                unschedulable: Some(true),
+                ..Default::default()
+            }),
             ..Node::default()
         };
         match api.create(&PostParams::default(), &node).await {

@@ -410,7 +410,16 @@ async fn deployed_as_shipped_two_replicas_build_a_webhook_in_a_pod_and_share_the
 
     // A signed push through the Service, once kube-proxy forwards it to
     // the Ready replicas (a moment after they are Ready).
-    let service = api(format!("http://{SERVICE_IP}"));
+    // A new connection each time, as GitHub's deliveries are: a pooled one
+    // made before kube-proxy forwards the address would stay with whatever
+    // answered it then (here, the machine's own network answers 404).
+    let service = common::Api {
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap(),
+        base: format!("http://{SERVICE_IP}"),
+    };
     let mut answered = false;
     for _ in 0..300 {
         let r = service
