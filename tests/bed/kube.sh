@@ -128,9 +128,17 @@ EOF
 
 stop() {
     local f
+    # The API server first (it drains for a few seconds), then etcd; each
+    # waited for, and killed if it lingers, so that nothing of the run
+    # outlives its stop.
     for f in "$STATE/pid" "$STATE/etcd.pid"; do
         if [ -f "$f" ]; then
             kill "$(cat "$f")" 2>/dev/null || true
+            for _ in $(seq 1 100); do
+                kill -0 "$(cat "$f")" 2>/dev/null || break
+                sleep 0.1
+            done
+            kill -9 "$(cat "$f")" 2>/dev/null || true
             rm -f "$f"
         fi
     done
