@@ -50,15 +50,17 @@ async fn admin() -> Client {
     decap_kube::client(Some(&kubeconfig)).await.unwrap()
 }
 
+/// `kubectl` with the bed's admin credentials, to be given its arguments.
+fn kubectl_command() -> Command {
+    let mut c = Command::new(env("KUBECTL"));
+    c.arg("--kubeconfig").arg(env("DECAP_TEST_KUBECONFIG"));
+    c
+}
+
 /// `kubectl` with the bed's admin credentials; its output, or a panic
 /// with what it said.
 fn kubectl(args: &[&str]) -> String {
-    let out = Command::new(env("KUBECTL"))
-        .arg("--kubeconfig")
-        .arg(env("DECAP_TEST_KUBECONFIG"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = kubectl_command().args(args).output().unwrap();
     assert!(
         out.status.success(),
         "kubectl {args:?}: {}{}",
@@ -327,9 +329,7 @@ struct Deployed(PathBuf);
 
 impl Drop for Deployed {
     fn drop(&mut self) {
-        let _ = Command::new(env("KUBECTL"))
-            .arg("--kubeconfig")
-            .arg(env("DECAP_TEST_KUBECONFIG"))
+        let _ = kubectl_command()
             .args(["delete", "-k"])
             .arg(&self.0)
             .args(["--wait=true", "--timeout=120s", "--ignore-not-found"])
@@ -490,9 +490,7 @@ async fn deployed_as_shipped_two_replicas_build_a_webhook_in_a_pod_and_share_the
     let console = eventually("the build's console through kubectl logs", MINUTE, || {
         let id = id.clone();
         async move {
-            let out = Command::new(env("KUBECTL"))
-                .arg("--kubeconfig")
-                .arg(env("DECAP_TEST_KUBECONFIG"))
+            let out = kubectl_command()
                 .args(["-n", "decap", "logs", &id, "-c", "build"])
                 .output()
                 .unwrap();
@@ -859,9 +857,7 @@ struct NamespaceGuard(String);
 
 impl Drop for NamespaceGuard {
     fn drop(&mut self) {
-        let _ = Command::new(env("KUBECTL"))
-            .arg("--kubeconfig")
-            .arg(env("DECAP_TEST_KUBECONFIG"))
+        let _ = kubectl_command()
             .args(["delete", "namespace", &self.0, "--wait=false"])
             .output();
     }

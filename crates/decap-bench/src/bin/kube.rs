@@ -74,30 +74,35 @@ struct Cli {
     node_burst: usize,
 }
 
-fn start(kubeconfig: &Path, ns: &str, cap: usize) -> Result<Server> {
+/// `decap serve` with the Kubernetes executor in `ns`, a cap of `cap`
+/// builds, a project `bench/kube` of `descriptor` running `script`, and
+/// more flags.
+fn start(
+    kubeconfig: &Path,
+    ns: &str,
+    cap: usize,
+    descriptor: &str,
+    script: &str,
+    extra: &[&str],
+) -> Result<Server> {
     let cap = cap.to_string();
     let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+    let mut args = vec![
+        "--executor",
+        "kubernetes",
+        "--kube-namespace",
+        ns,
+        "--kubeconfig",
+        &kubeconfig,
+        "--max-builds",
+        &cap,
+        "--max-builds-per-project",
+        &cap,
+    ];
+    args.extend_from_slice(extra);
     decap_bench::start(
-        |scripts| {
-            write_project(
-                scripts,
-                "bench/kube",
-                r#"{"buildImage": "debian:bookworm-slim"}"#,
-                "echo hello\n",
-            )
-        },
-        &[
-            "--executor",
-            "kubernetes",
-            "--kube-namespace",
-            ns,
-            "--kubeconfig",
-            &kubeconfig,
-            "--max-builds",
-            &cap,
-            "--max-builds-per-project",
-            &cap,
-        ],
+        |scripts| write_project(scripts, "bench/kube", descriptor, script),
+        &args,
     )
 }
 
@@ -277,30 +282,19 @@ async fn wait_running(runs: &Arc<Mutex<Runs>>, ids: &[String], limit: Duration) 
 /// whichever node takes the pods of `ns`.
 async fn on_node(cli: &Cli, client: &Client, label: &str, ns: &str, extra: &[&str]) -> Result<()> {
     let runs = watch_running(client.clone(), ns);
-    let cap = cli.node_burst.to_string();
-    let kubeconfig = cli.kubeconfig.to_string_lossy().into_owned();
     let image = cli.build_image.clone().unwrap_or_default();
     let listen = format!("{}:0", cli.node_ip.clone().unwrap_or_default());
-    let mut args = vec![
-        "--executor",
-        "kubernetes",
-        "--kube-namespace",
-        ns,
-        "--kubeconfig",
-        &kubeconfig,
-        "--max-builds",
-        &cap,
-        "--max-builds-per-project",
-        &cap,
-        "--listen",
-        &listen,
-        "--kube-finished-pod-ttl-secs",
-        "1",
-    ];
+    let mut args = vec!["--listen", &listen, "--kube-finished-pod-ttl-secs", "1"];
     args.extend_from_slice(extra);
-    let descriptor = format!(r#"{{"buildImage": "{image}"}}"#);
     // Each build runs a moment, so that it is seen running.
-    let server = start_node_server(&descriptor, &args)?;
+    let server = start(
+        &cli.kubeconfig,
+        ns,
+        cli.node_burst,
+        &format!(r#"{{"buildImage": "{image}"}}"#),
+        "echo hello\nsleep 2\n",
+        &args,
+    )?;
     let http = reqwest::Client::new();
     let mut ms = Vec::new();
     for i in 0..cli.node_sequential {
@@ -348,9 +342,10 @@ async fn on_node(cli: &Cli, client: &Client, label: &str, ns: &str, extra: &[&st
         (last.context("no pods")?, r.peak)
     };
     println!(
-        "{label}: {} builds at once: all running {:.2} s after the first was asked for; at most {peak} running at once (cap {cap})",
+        "{label}: {} builds at once: all running {:.2} s after the first was asked for; at most {peak} running at once (cap {})",
         cli.node_burst,
         last.duration_since(start_burst).as_secs_f64(),
+        cli.node_burst,
     );
     // Every build ends, so the node is quiet for what follows.
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
@@ -364,13 +359,6 @@ async fn on_node(cli: &Cli, client: &Client, label: &str, ns: &str, extra: &[&st
     }
     drop(server);
     Ok(())
-}
-
-fn start_node_server(descriptor: &str, args: &[&str]) -> Result<Server> {
-    decap_bench::start(
-        |scripts| write_project(scripts, "bench/kube", descriptor, "echo hello\nsleep 2\n"),
-        args,
-    )
 }
 
 /// The stand-in node and the real node, one after the other in one run.
@@ -457,7 +445,14 @@ async fn main() -> Result<()> {
     namespace(&client, &ns).await?;
     let seen = watch_pods(client.clone(), &ns);
     let total = cli.sequential + cli.burst + cli.tracked;
-    let server = start(&cli.kubeconfig, &ns, total)?;
+    let server = start(
+        &cli.kubeconfig,
+        &ns,
+        total,
+        r#"{"buildImage": "debian:bookworm-slim"}"#,
+        "echo hello\n",
+        &[],
+    )?;
     let http = reqwest::Client::new();
     let mut count = 0usize;
 
