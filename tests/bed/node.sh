@@ -139,6 +139,17 @@ print(c)
 ' "$STATE" "$PAUSE_IMAGE"
 }
 
+# import_images IMAGE...: copies images from Podman into containerd's
+# k8s.io namespace (no registry is reached).
+import_images() {
+    local img
+    for img in "$@"; do
+        podman save -q "$img" -o "$STATE/images/x.tar"
+        ctr -a "$STATE/containerd.sock" -n k8s.io images import --no-unpack "$STATE/images/x.tar" >/dev/null
+        rm -f "$STATE/images/x.tar"
+    done
+}
+
 kube_curl() {
     local kc=$DECAP_TEST_KUBECONFIG pki
     pki=$(dirname "$kc")/pki
@@ -183,12 +194,7 @@ JSON
         [ -S "$STATE/containerd.sock" ] && break
         sleep 0.1
     done
-    local img
-    for img in "$PAUSE_IMAGE" "$NODE_IMAGE"; do
-        podman save -q "$img" -o "$STATE/images/x.tar"
-        ctr -a "$STATE/containerd.sock" -n k8s.io images import --no-unpack "$STATE/images/x.tar" >/dev/null
-        rm -f "$STATE/images/x.tar"
-    done
+    import_images "$PAUSE_IMAGE" "$NODE_IMAGE"
     cat > "$STATE/kubelet.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -286,12 +292,7 @@ image() {
         -t "$DECAP_IMAGE" "$ctx" >/dev/null
     rm -rf "$ctx"
     podman tag localhost/decap-build-base:latest "$BUILD_IMAGE"
-    local img
-    for img in "$DECAP_IMAGE" "$BUILD_IMAGE"; do
-        podman save -q "$img" -o "$STATE/images/x.tar"
-        ctr -a "$STATE/containerd.sock" -n k8s.io images import --no-unpack "$STATE/images/x.tar" >/dev/null
-        rm -f "$STATE/images/x.tar"
-    done
+    import_images "$DECAP_IMAGE" "$BUILD_IMAGE"
     # The same image under a second name: what a rolling update changes
     # the Deployment to.
     ctr -a "$STATE/containerd.sock" -n k8s.io images tag --force "$DECAP_IMAGE" "$DECAP_IMAGE-next" >/dev/null

@@ -1157,12 +1157,11 @@ async fn run_prepared(
     };
     let mut notes = Vec::new();
     let mut timed_out = false;
-    let mut stopped = true;
+    // Stopped from outside (a signal, or the parent gone), not by the
+    // script's own end or its timeout.
+    let mut stopped = false;
     let status = tokio::select! {
-        s = child.wait() => {
-            stopped = false;
-            s?
-        }
+        s = child.wait() => s?,
         () = tokio::time::sleep(timeout) => {
             timed_out = true;
             notes.push(format!("the build ran past its timeout of {}s and was stopped", timeout.as_secs()));
@@ -1170,14 +1169,17 @@ async fn run_prepared(
         }
         _ = term.recv() => {
             notes.push("stopped from outside by a TERM signal (a cancel, a deleted pod or a drained node)".into());
+            stopped = true;
             stop(&mut child, pgid, grace).await?
         }
         _ = int.recv() => {
             notes.push("stopped from outside by an INT signal".into());
+            stopped = true;
             stop(&mut child, pgid, grace).await?
         }
         () = parent_gone => {
             notes.push("the process that started bctool died; the build was stopped".into());
+            stopped = true;
             stop(&mut child, pgid, grace).await?
         }
     };
